@@ -1,0 +1,229 @@
+//! The process inbox: one `!` channel per process, read by one loop that demultiplexes each
+//! message into the bounded buffer of the local channel it names.
+//!
+//! Every reply channel of an interface server is a local channel of its inbox, so one blocking
+//! pop (in batches) serves every connection, and a group message naming several local channels
+//! arrives once and is handed to each of them sharing the same bytes. A full local buffer drops
+//! the newest message and counts it (per channel and in the layer metrics); a message for a
+//! local channel nobody holds is dropped and counted too.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use switchyard_routing::names;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::LayerMetrics;
+use super::{Envelope, Layer, LayerError, random_local_part};
+
+/// How long one pop blocks; the loop notices shutdown between pops.
+const POP_BLOCK: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+struct Slot {
+    tx: mpsc::Sender<Envelope>,
+    dropped: Arc<AtomicU64>,
+    overflow: Arc<Notify>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    layer: Layer,
+    slots: DashMap<String, Slot>,
+    stop: CancellationToken,
+    pump: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A process's inbox and its receive loop. Clones share them; the loop runs until
+/// [`ProcessInbox::shutdown`].
+#[derive(Debug, Clone)]
+pub struct ProcessInbox {
+    inner: Arc<Inner>,
+}
+
+impl ProcessInbox {
+    pub(crate) async fn start(layer: Layer, prefix: &str) -> Result<Self, LayerError> {
+        let name = format!("{prefix}.{}!", random_local_part());
+        names::validate_receive_channel(&name)?;
+        let mut receiver = layer.receiver().await?;
+        let inner = Arc::new(Inner {
+            name,
+            layer,
+            slots: DashMap::new(),
+            stop: CancellationToken::new(),
+            pump: Mutex::new(None),
+        });
+        let pump_inner = Arc::clone(&inner);
+        let handle = tokio::spawn(async move {
+            let batch = pump_inner.layer.settings().inbox_batch;
+            let mut failures = 0u32;
+            // Checked between pops only: dropping a pop in flight would lose what it pops.
+            while !pump_inner.stop.is_cancelled() {
+                match receiver
+                    .receive_batch(&pump_inner.name, POP_BLOCK, batch)
+                    .await
+                {
+                    Ok(envelopes) => {
+                        failures = 0;
+                        for e in envelopes {
+                            pump_inner.deliver(e);
+                        }
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures == 1 || failures.is_power_of_two() {
+                            tracing::warn!(inbox = %pump_inner.name, error = %e, failures, "inbox receive failed; retrying");
+                        }
+                    }
+                }
+            }
+        });
+        if let Ok(mut slot) = inner.pump.lock() {
+            *slot = Some(handle);
+        }
+        Ok(ProcessInbox { inner })
+    }
+
+    /// The inbox name (ends with `!`).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The layer the inbox reads from.
+    pub fn layer(&self) -> &Layer {
+        &self.inner.layer
+    }
+
+    /// A new local channel with the layer's default buffer.
+    pub fn new_channel(&self) -> LocalChannel {
+        self.channel_with_buffer(self.inner.layer.settings().local_buffer())
+    }
+
+    /// A new local channel (`{inbox}{random}`) buffering at most `buffer` messages.
+    pub fn channel_with_buffer(&self, buffer: usize) -> LocalChannel {
+        let name = format!("{}{}", self.inner.name, random_local_part());
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let overflow = Arc::new(Notify::new());
+        self.inner.slots.insert(
+            name.clone(),
+            Slot {
+                tx,
+                dropped: Arc::clone(&dropped),
+                overflow: Arc::clone(&overflow),
+            },
+        );
+        LocalChannel {
+            name,
+            rx,
+            dropped,
+            overflow,
+            inbox: Arc::clone(&self.inner),
+        }
+    }
+
+    /// Local channels currently held.
+    pub fn local_channels(&self) -> usize {
+        self.inner.slots.len()
+    }
+
+    /// Stops the receive loop (between pops) and waits for it, at most `grace`.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.stop.cancel();
+        let handle = self.inner.pump.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let abort = handle.abort_handle();
+            if tokio::time::timeout(grace, handle).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn deliver(&self, envelope: Envelope) {
+        let metrics = self.layer.metrics();
+        // Clone what is needed out of the map and let the guard go before anything else.
+        let slot = self.slots.get(&envelope.channel).map(|s| {
+            (
+                s.tx.clone(),
+                Arc::clone(&s.dropped),
+                Arc::clone(&s.overflow),
+            )
+        });
+        let Some((tx, dropped, overflow)) = slot else {
+            LayerMetrics::add(&metrics.local_unknown, 1);
+            tracing::debug!(channel = %envelope.channel, "message for an unknown local channel dropped");
+            return;
+        };
+        match tx.try_send(envelope) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(e)) => {
+                LayerMetrics::add(&metrics.local_full, 1);
+                dropped.fetch_add(1, Ordering::Relaxed);
+                overflow.notify_one();
+                tracing::debug!(channel = %e.channel, "local channel buffer full; message dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                LayerMetrics::add(&metrics.local_unknown, 1);
+            }
+        }
+    }
+}
+
+/// One local channel of a process inbox: its name (to hand out as a reply channel) and its
+/// bounded buffer. Dropping it unregisters the name; later messages for it are counted and dropped.
+#[derive(Debug)]
+pub struct LocalChannel {
+    name: String,
+    rx: mpsc::Receiver<Envelope>,
+    dropped: Arc<AtomicU64>,
+    overflow: Arc<Notify>,
+    inbox: Arc<Inner>,
+}
+
+impl LocalChannel {
+    /// The full channel name (`{inbox}{random}`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The next message, or `None` once the inbox is gone.
+    pub async fn recv(&mut self) -> Option<Envelope> {
+        self.rx.recv().await
+    }
+
+    /// The next message if one is buffered.
+    pub fn try_recv(&mut self) -> Option<Envelope> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Waits for the next message at most `timeout`.
+    pub async fn recv_timeout(&mut self, timeout: Duration) -> Option<Envelope> {
+        tokio::time::timeout(timeout, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Messages dropped because this channel's buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when a message is dropped because the buffer is full (for a slow-client policy).
+    pub async fn overflowed(&self) {
+        self.overflow.notified().await;
+    }
+}
+
+impl Drop for LocalChannel {
+    fn drop(&mut self) {
+        self.inbox.slots.remove(&self.name);
+    }
+}

@@ -1,0 +1,354 @@
+//! The in-memory backend: one process, same semantics as Redis (expiry at receive, capacity per
+//! channel or per inbox, group expiry, group send that never fails), for `dev` and tests.
+//!
+//! State is one `Mutex` (a receive over several channels and a capacity check need one consistent
+//! view) plus a `Notify` that wakes receivers; the lock is never held across an await. Messages
+//! are stored as the same encoded bytes the Redis backend stores, so a send copies the message.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::seq::SliceRandom;
+use switchyard_routing::names::non_local_name;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::metrics::LayerMetrics;
+use super::settings::CapacityRules;
+use super::{Envelope, GroupSendReport, LayerError, LayerSettings, envelopes_for, wire};
+
+#[derive(Debug)]
+struct Stored {
+    at: Instant,
+    payload: Bytes,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    channels: HashMap<String, VecDeque<Stored>>,
+    groups: HashMap<String, HashMap<String, Instant>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    settings: LayerSettings,
+    rules: CapacityRules,
+    metrics: Arc<LayerMetrics>,
+    state: Mutex<State>,
+    notify: Notify,
+}
+
+/// The in-memory channel layer. Clones share one state.
+#[derive(Debug, Clone)]
+pub struct MemoryLayer {
+    shared: Arc<Shared>,
+}
+
+impl MemoryLayer {
+    /// A new, empty layer.
+    pub fn new(settings: LayerSettings) -> Result<Self, LayerError> {
+        let rules = settings.compile()?;
+        Ok(MemoryLayer {
+            shared: Arc::new(Shared {
+                settings,
+                rules,
+                metrics: Arc::default(),
+                state: Mutex::new(State::default()),
+                notify: Notify::new(),
+            }),
+        })
+    }
+
+    pub(crate) fn settings(&self) -> &LayerSettings {
+        &self.shared.settings
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<LayerMetrics> {
+        &self.shared.metrics
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        "memory://".to_owned()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Drops expired messages at the front of a queue, counting them.
+    fn trim_expired(&self, queue: &mut VecDeque<Stored>, now: Instant) {
+        let expiry = self.shared.settings.expiry;
+        let mut dropped = 0;
+        while queue
+            .front()
+            .is_some_and(|m| now.duration_since(m.at) >= expiry)
+        {
+            queue.pop_front();
+            dropped += 1;
+        }
+        if dropped > 0 {
+            LayerMetrics::add(&self.shared.metrics.expired, dropped);
+        }
+    }
+
+    pub(crate) async fn send_encoded(
+        &self,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<(), LayerError> {
+        let key = non_local_name(channel);
+        let stored = if key.len() == channel.len() {
+            Bytes::copy_from_slice(payload)
+        } else {
+            Bytes::from(wire::with_targets(payload, &[channel], 0)?)
+        };
+        let capacity = self.shared.rules.capacity(channel);
+        {
+            let now = Instant::now();
+            let mut state = self.lock();
+            let queue = state.channels.entry(key.to_owned()).or_default();
+            self.trim_expired(queue, now);
+            if queue.len() >= capacity {
+                drop(state);
+                LayerMetrics::add(&self.shared.metrics.channel_full, 1);
+                return Err(LayerError::ChannelFull {
+                    channel: channel.to_owned(),
+                    capacity,
+                });
+            }
+            queue.push_back(Stored {
+                at: now,
+                payload: stored,
+            });
+        }
+        LayerMetrics::add(&self.shared.metrics.sent, 1);
+        self.shared.notify.notify_waiters();
+        Ok(())
+    }
+
+    pub(crate) async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        let now = Instant::now();
+        self.lock()
+            .groups
+            .entry(group.to_owned())
+            .or_default()
+            .insert(channel.to_owned(), now);
+        Ok(())
+    }
+
+    pub(crate) async fn group_discard(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        let mut state = self.lock();
+        if let Some(members) = state.groups.get_mut(group) {
+            members.remove(channel);
+            if members.is_empty() {
+                state.groups.remove(group);
+            }
+        }
+        Ok(())
+    }
+
+    fn live_members(&self, state: &mut State, group: &str) -> Vec<String> {
+        let now = Instant::now();
+        let group_expiry = self.shared.settings.group_expiry;
+        let Some(members) = state.groups.get_mut(group) else {
+            return Vec::new();
+        };
+        members.retain(|_, added| now.duration_since(*added) < group_expiry);
+        let mut names: Vec<String> = members.keys().cloned().collect();
+        if members.is_empty() {
+            state.groups.remove(group);
+        }
+        names.sort_unstable();
+        names
+    }
+
+    pub(crate) async fn group_channels(&self, group: &str) -> Result<Vec<String>, LayerError> {
+        let mut state = self.lock();
+        Ok(self.live_members(&mut state, group))
+    }
+
+    pub(crate) async fn group_send_encoded(
+        &self,
+        group: &str,
+        payload: &[u8],
+    ) -> Result<GroupSendReport, LayerError> {
+        let mut state = self.lock();
+        let members = self.live_members(&mut state, group);
+        let mut by_key: Vec<(&str, Vec<&str>)> = Vec::new();
+        for m in &members {
+            let key = non_local_name(m);
+            match by_key.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, list)) => list.push(m),
+                None => by_key.push((key, vec![m])),
+            }
+        }
+        let now = Instant::now();
+        let mut report = GroupSendReport {
+            members: members.len(),
+            full: 0,
+        };
+        let mut written = 0;
+        for (key, targets) in by_key {
+            let stored = Bytes::from(wire::with_targets(payload, &targets, 0)?);
+            let capacity = self.shared.rules.capacity(targets[0]);
+            let queue = state.channels.entry(key.to_owned()).or_default();
+            self.trim_expired(queue, now);
+            if queue.len() >= capacity {
+                report.full += targets.len();
+            } else {
+                queue.push_back(Stored {
+                    at: now,
+                    payload: stored,
+                });
+                written += 1;
+            }
+        }
+        drop(state);
+        let m = &self.shared.metrics;
+        LayerMetrics::add(&m.group_sends, 1);
+        LayerMetrics::add(&m.sent, written);
+        LayerMetrics::add(&m.group_member_full, report.full as u64);
+        if written > 0 {
+            self.shared.notify.notify_waiters();
+        }
+        Ok(report)
+    }
+
+    pub(crate) async fn flush(&self) -> Result<(), LayerError> {
+        let mut state = self.lock();
+        state.channels.clear();
+        state.groups.clear();
+        Ok(())
+    }
+
+    pub(crate) async fn channel_depth(&self, channel: &str) -> Result<usize, LayerError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        Ok(match state.channels.get_mut(non_local_name(channel)) {
+            Some(q) => {
+                self.trim_expired(q, now);
+                q.len()
+            }
+            None => 0,
+        })
+    }
+
+    pub(crate) fn receiver(&self) -> MemoryReceiver {
+        MemoryReceiver {
+            layer: self.clone(),
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Pops up to `max` stored messages from the first non-empty channel (in random order).
+    fn pop(&self, channels: &[String], max: usize) -> Option<(String, Vec<Stored>)> {
+        let now = Instant::now();
+        let mut order: Vec<&String> = channels.iter().collect();
+        order.shuffle(&mut rand::rng());
+        let mut state = self.lock();
+        for ch in order {
+            let Some(queue) = state.channels.get_mut(ch.as_str()) else {
+                continue;
+            };
+            self.trim_expired(queue, now);
+            if queue.is_empty() {
+                continue;
+            }
+            let n = max.min(queue.len());
+            let taken: Vec<Stored> = queue.drain(..n).collect();
+            if queue.is_empty() {
+                state.channels.remove(ch.as_str());
+            }
+            return Some((ch.clone(), taken));
+        }
+        None
+    }
+}
+
+/// The receiving half of the in-memory layer.
+#[derive(Debug)]
+pub struct MemoryReceiver {
+    layer: MemoryLayer,
+    /// Further targets of a group message already popped (they share its bytes).
+    pending: VecDeque<Envelope>,
+}
+
+impl MemoryReceiver {
+    fn take_pending(&mut self, channels: &[String]) -> Option<Envelope> {
+        let i = self.pending.iter().position(|e| {
+            channels
+                .iter()
+                .any(|c| c == non_local_name(&e.channel) || *c == e.channel)
+        })?;
+        self.pending.remove(i)
+    }
+
+    fn unpack(&self, read_from: &str, stored: Vec<Stored>, out: &mut Vec<Envelope>) {
+        let metrics = &self.layer.shared.metrics;
+        for s in stored {
+            if let Err(e) = envelopes_for(read_from, s.payload, out) {
+                LayerMetrics::add(&metrics.garbage, 1);
+                tracing::warn!(channel = read_from, error = %e, "dropped an undecodable message");
+            }
+        }
+        LayerMetrics::add(&metrics.received, out.len() as u64);
+    }
+
+    async fn wait(&mut self, channels: &[String], timeout: Duration, max: usize) -> Vec<Envelope> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.layer.shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some((read_from, stored)) = self.layer.pop(channels, max) {
+                let mut out = Vec::with_capacity(stored.len());
+                self.unpack(&read_from, stored, &mut out);
+                if !out.is_empty() {
+                    return out;
+                }
+                continue;
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(deadline) => return Vec::new(),
+            }
+        }
+    }
+
+    pub(crate) async fn receive(
+        &mut self,
+        channels: &[String],
+        timeout: Duration,
+    ) -> Result<Option<Envelope>, LayerError> {
+        if let Some(e) = self.take_pending(channels) {
+            return Ok(Some(e));
+        }
+        let mut got = self.wait(channels, timeout, 1).await.into_iter();
+        let first = got.next();
+        self.pending.extend(got);
+        Ok(first)
+    }
+
+    pub(crate) async fn receive_batch(
+        &mut self,
+        channel: &str,
+        timeout: Duration,
+        max: usize,
+    ) -> Result<Vec<Envelope>, LayerError> {
+        let channels = [channel.to_owned()];
+        let mut out: Vec<Envelope> = Vec::new();
+        while let Some(e) = self.take_pending(&channels) {
+            out.push(e);
+        }
+        if !out.is_empty() {
+            return Ok(out);
+        }
+        Ok(self.wait(&channels, timeout, max).await)
+    }
+}

@@ -1,0 +1,361 @@
+//! The channel layer: named FIFO channels with expiry and capacity, groups, and process inboxes,
+//! over two backends (in-memory for `dev` and tests, Redis for production).
+//!
+//! [`Layer`] is the cheap-to-clone sending half (send, groups, flush); [`Receiver`] is the
+//! receiving half, one blocking receive at a time (`&mut self`), with its own connection on Redis.
+//! [`ProcessInbox`] is the one receive loop of a process on its `!` inbox, demultiplexing messages
+//! into bounded per-local-channel buffers. Both backends store the same bytes (msgpack maps, with
+//! `__asgi_channel__` for `!` targets; see [`wire`]), so they share the codec and its tests.
+
+mod inbox;
+pub mod memory;
+pub mod metrics;
+pub mod redis;
+mod settings;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use switchyard_routing::Map;
+use switchyard_routing::codec::{self, CodecError};
+use switchyard_routing::names::{self, NameError};
+use thiserror::Error;
+
+pub use inbox::{LocalChannel, ProcessInbox};
+pub use memory::MemoryLayer;
+pub use metrics::{LayerMetrics, MetricsSnapshot};
+pub use redis::RedisLayer;
+pub use settings::{LayerSettings, glob_matches, parse_channel_capacity};
+
+/// What a channel-layer operation can fail with.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum LayerError {
+    /// A channel or group name outside the grammar.
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    /// The channel (or, for `!` channels, its process inbox) holds `capacity` messages already.
+    #[error("channel {channel:?} is full ({capacity} messages waiting)")]
+    ChannelFull {
+        /// The channel sent to.
+        channel: String,
+        /// Its capacity.
+        capacity: usize,
+    },
+    /// The message could not be encoded or decoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The backend cannot be reached now (Redis down or restarting); the operation was not done.
+    #[error("channel layer unavailable: {0}")]
+    Unavailable(String),
+    /// The backend answered something unexpected.
+    #[error("channel layer protocol error: {0}")]
+    Protocol(String),
+    /// A layer URL or setting that makes no sense.
+    #[error("invalid channel layer configuration: {0}")]
+    Config(String),
+}
+
+impl LayerError {
+    /// True for `ChannelFull`.
+    pub fn is_full(&self) -> bool {
+        matches!(self, LayerError::ChannelFull { .. })
+    }
+    /// True when the backend was unreachable.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, LayerError::Unavailable(_))
+    }
+}
+
+/// One message as read from a channel: the full channel name it was sent to, and its stored bytes
+/// (a msgpack map, shared cheaply between the targets of a group message).
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// The full channel name (for `!` messages, including the local part).
+    pub channel: String,
+    /// The msgpack map as stored.
+    pub payload: Bytes,
+}
+
+impl Envelope {
+    /// Decodes into a typed message.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
+        wire::decode(&self.payload)
+    }
+    /// Decodes into a map, without the layer's `__asgi_channel__` key.
+    pub fn to_map(&self) -> Result<Map, CodecError> {
+        wire::decode_map(&self.payload)
+    }
+    /// The message as JSON (for logs and the CLI).
+    pub fn to_json(&self) -> Result<String, CodecError> {
+        codec::to_json(&self.to_map()?)
+    }
+}
+
+/// What a group send did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupSendReport {
+    /// Member channels the group had (after expiry).
+    pub members: usize,
+    /// Members that missed the message because their channel (or inbox) was full.
+    pub full: usize,
+}
+
+/// A channel layer: memory or Redis, chosen by URL.
+#[derive(Clone, Debug)]
+pub enum Layer {
+    /// One process, in memory.
+    Memory(MemoryLayer),
+    /// Redis (one or several shards).
+    Redis(RedisLayer),
+}
+
+/// Dispatches a call to the backend.
+macro_rules! backend {
+    ($self:expr, $layer:ident => $call:expr) => {
+        match $self {
+            Layer::Memory($layer) => $call,
+            Layer::Redis($layer) => $call,
+        }
+    };
+}
+
+impl Layer {
+    /// Opens a layer from a URL: `memory://`, `redis://host:port/db`, `rediss://…`, `unix:///path`,
+    /// or several comma-separated Redis URLs (shards).
+    pub async fn from_url(url: &str, settings: LayerSettings) -> Result<Layer, LayerError> {
+        let url = url.trim();
+        if url == "memory://" || url == "memory" {
+            return Ok(Layer::Memory(MemoryLayer::new(settings)?));
+        }
+        let urls: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Err(LayerError::Config("empty channel layer URL".into()));
+        }
+        for u in &urls {
+            if !(u.starts_with("redis://")
+                || u.starts_with("rediss://")
+                || u.starts_with("unix://")
+                || u.starts_with("redis+unix://"))
+            {
+                return Err(LayerError::Config(format!(
+                    "unsupported channel layer URL {u:?}: use memory://, redis://host:port/db, rediss://…, unix:///path, or several redis URLs separated by commas"
+                )));
+            }
+        }
+        Ok(Layer::Redis(RedisLayer::connect(&urls, settings).await?))
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &LayerSettings {
+        backend!(self, l => l.settings())
+    }
+
+    /// Counters: sends, refusals, drops, expiries, reconnects.
+    pub fn metrics(&self) -> &Arc<LayerMetrics> {
+        backend!(self, l => l.metrics())
+    }
+
+    /// A short description for logs (`memory://` or the Redis addresses, without passwords).
+    pub fn describe(&self) -> String {
+        backend!(self, l => l.describe())
+    }
+
+    /// Sends a message (anything that serializes to a map) to a channel.
+    pub async fn send<M: Serialize + ?Sized>(
+        &self,
+        channel: &str,
+        message: &M,
+    ) -> Result<(), LayerError> {
+        let payload = codec::to_msgpack(message)?;
+        self.send_encoded(channel, &payload).await
+    }
+
+    /// Sends an already msgpack-encoded map.
+    pub async fn send_encoded(&self, channel: &str, payload: &[u8]) -> Result<(), LayerError> {
+        names::validate_channel(channel)?;
+        wire::check_is_map(payload)?;
+        backend!(self, l => l.send_encoded(channel, payload).await)
+    }
+
+    /// Adds a channel to a group (idempotent; renews its membership).
+    pub async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        names::validate_group(group)?;
+        names::validate_channel(channel)?;
+        backend!(self, l => l.group_add(group, channel).await)
+    }
+
+    /// Removes a channel from a group (no-op when absent).
+    pub async fn group_discard(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        names::validate_group(group)?;
+        names::validate_channel(channel)?;
+        backend!(self, l => l.group_discard(group, channel).await)
+    }
+
+    /// The group's current members (expired memberships left out).
+    pub async fn group_channels(&self, group: &str) -> Result<Vec<String>, LayerError> {
+        names::validate_group(group)?;
+        backend!(self, l => l.group_channels(group).await)
+    }
+
+    /// Sends a message to every member of a group. Never fails because a member is full: that
+    /// member misses the message, and it is counted in the report and the metrics.
+    pub async fn group_send<M: Serialize + ?Sized>(
+        &self,
+        group: &str,
+        message: &M,
+    ) -> Result<GroupSendReport, LayerError> {
+        let payload = codec::to_msgpack(message)?;
+        self.group_send_encoded(group, &payload).await
+    }
+
+    /// Group send of an already msgpack-encoded map.
+    pub async fn group_send_encoded(
+        &self,
+        group: &str,
+        payload: &[u8],
+    ) -> Result<GroupSendReport, LayerError> {
+        names::validate_group(group)?;
+        wire::check_is_map(payload)?;
+        backend!(self, l => l.group_send_encoded(group, payload).await)
+    }
+
+    /// A new single-reader channel name: `pattern` must end with `?`, and a random part is added.
+    /// Process-local (`!`) names are minted by a [`ProcessInbox`], which owns their inbox.
+    pub fn new_channel(&self, pattern: &str) -> Result<String, LayerError> {
+        if !pattern.ends_with('?') || pattern.matches('?').count() != 1 || pattern.contains('!') {
+            return Err(NameError::BadPattern(pattern.to_owned()).into());
+        }
+        let name = format!("{pattern}{}", random_local_part());
+        names::validate_channel(&name)?;
+        Ok(name)
+    }
+
+    /// A receiver: one blocking receive at a time, with its own connection on Redis.
+    pub async fn receiver(&self) -> Result<Receiver, LayerError> {
+        Ok(match self {
+            Layer::Memory(l) => Receiver::Memory(l.receiver()),
+            Layer::Redis(l) => Receiver::Redis(l.receiver()),
+        })
+    }
+
+    /// Starts this process's inbox: a `!` channel named `{prefix}.{random}!`, read by one loop
+    /// that hands each message to the local channel it names.
+    pub async fn inbox(&self, prefix: &str) -> Result<ProcessInbox, LayerError> {
+        ProcessInbox::start(self.clone(), prefix).await
+    }
+
+    /// Empties the layer: every channel and group under the prefix (SCAN + UNLINK on Redis).
+    pub async fn flush(&self) -> Result<(), LayerError> {
+        backend!(self, l => l.flush().await)
+    }
+
+    /// Messages waiting on a channel (for `!` channels: on their inbox), expired ones excluded.
+    pub async fn channel_depth(&self, channel: &str) -> Result<usize, LayerError> {
+        names::validate_channel(channel)?;
+        backend!(self, l => l.channel_depth(channel).await)
+    }
+}
+
+/// The receiving half of a layer.
+#[derive(Debug)]
+pub enum Receiver {
+    /// In-memory.
+    Memory(memory::MemoryReceiver),
+    /// Redis, with its own connection per shard.
+    Redis(redis::RedisReceiver),
+}
+
+impl Receiver {
+    /// Waits up to `timeout` for one message on any of `channels` (normal names, `?` names, or
+    /// `!` inboxes ending at the `!`), in a random order across channels so none starves.
+    /// `Ok(None)` when nothing arrived in time.
+    pub async fn receive(
+        &mut self,
+        channels: &[String],
+        timeout: Duration,
+    ) -> Result<Option<Envelope>, LayerError> {
+        for c in channels {
+            names::validate_receive_channel(c)?;
+        }
+        if channels.is_empty() {
+            return Err(LayerError::Config(
+                "receive needs at least one channel".into(),
+            ));
+        }
+        match self {
+            Receiver::Memory(r) => r.receive(channels, timeout).await,
+            Receiver::Redis(r) => r.receive(channels, timeout).await,
+        }
+    }
+
+    /// Waits up to `timeout` for messages on one channel (typically a process inbox) and returns
+    /// every message then available, up to `max`. A group message naming several local channels
+    /// counts once and comes back once per target, sharing its bytes.
+    pub async fn receive_batch(
+        &mut self,
+        channel: &str,
+        timeout: Duration,
+        max: usize,
+    ) -> Result<Vec<Envelope>, LayerError> {
+        names::validate_receive_channel(channel)?;
+        match self {
+            Receiver::Memory(r) => r.receive_batch(channel, timeout, max.max(1)).await,
+            Receiver::Redis(r) => r.receive_batch(channel, timeout, max.max(1)).await,
+        }
+    }
+}
+
+/// A random, unguessable local part: a uuid v4 in hex.
+pub(crate) fn random_local_part() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Turns one stored payload read from `read_from` into envelopes, one per target.
+pub(crate) fn envelopes_for(
+    read_from: &str,
+    payload: Bytes,
+    out: &mut Vec<Envelope>,
+) -> Result<(), CodecError> {
+    match wire::read_targets(&payload)? {
+        wire::Targets::Unnamed => out.push(Envelope {
+            channel: read_from.to_owned(),
+            payload,
+        }),
+        wire::Targets::One(name) => out.push(Envelope {
+            channel: name,
+            payload,
+        }),
+        wire::Targets::Many(list) => {
+            if list.is_empty() {
+                out.push(Envelope {
+                    channel: read_from.to_owned(),
+                    payload,
+                });
+                return Ok(());
+            }
+            for name in list {
+                out.push(Envelope {
+                    channel: name,
+                    payload: payload.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Seconds since the Unix epoch, as channels_redis scores messages.
+pub(crate) fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}

@@ -1,0 +1,785 @@
+//! The Redis backend, wire-compatible with Python's channels_redis 4.x.
+//!
+//! A channel is the sorted set `{prefix}{non-local name}`; a member is 12 random bytes followed by
+//! the msgpack map, scored by send time in seconds; a group is the sorted set
+//! `{prefix}:group:{name}` of channel names scored by add time. Where channels_redis is slow or
+//! wrong we keep the format and do better: a send is one atomic Lua script touching one key (trim
+//! expired, check capacity, add, expire); expiry is checked again at receive; `!` channels are
+//! sharded by their non-local name on send and receive alike (channels_redis#221 loses them);
+//! flush uses SCAN; a group send writes one message per inbox key, each with the same one-key
+//! script, so the model stays groupable by hash slot for Redis Cluster.
+//!
+//! Sends and group operations share one auto-reconnecting multiplexed connection per shard, each
+//! command bounded by `command_timeout` so an outage fails fast. Blocking pops run on a dedicated
+//! connection per receiver and shard with no client-side response timeout (a timed-out or
+//! cancelled BZPOPMIN loses the message it later pops; see reference/anchors-rust.md §1.5).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::RngCore;
+use rand::seq::SliceRandom;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, RedisError, Script};
+use switchyard_routing::names::non_local_name;
+use tokio::time::Instant;
+
+use super::metrics::LayerMetrics;
+use super::settings::CapacityRules;
+use super::{Envelope, GroupSendReport, LayerError, LayerSettings, envelopes_for, now_secs, wire};
+
+/// KEYS[1] channel key; ARGV: member, now (s), expiry (s, float), capacity, expiry (s, integer).
+/// Returns 1 when added, 0 when the channel is full.
+const SEND_SCRIPT: &str = r"
+local now = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+";
+
+/// One Redis server of the shard ring.
+struct Shard {
+    /// Address for logs and errors (no password).
+    addr: String,
+    client: Client,
+    conn: ConnectionManager,
+    /// False after a failed command, until one succeeds (to count reconnects once).
+    healthy: AtomicBool,
+}
+
+struct Inner {
+    settings: LayerSettings,
+    rules: CapacityRules,
+    metrics: Arc<LayerMetrics>,
+    shards: Vec<Shard>,
+    send_script: Script,
+}
+
+/// The Redis channel layer. Clones share connections.
+#[derive(Clone)]
+pub struct RedisLayer {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RedisLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLayer")
+            .field("shards", &self.describe())
+            .finish()
+    }
+}
+
+/// channels_redis' ring: `crc32(name) & 0xFFF` over 4096 slots split evenly between shards.
+pub fn consistent_hash(name: &str, ring_size: usize) -> usize {
+    if ring_size <= 1 {
+        return 0;
+    }
+    let bigval = crc32fast::hash(name.as_bytes()) & 0xFFF;
+    let ring_divisor = 4096.0 / ring_size as f64;
+    ((f64::from(bigval) / ring_divisor) as usize).min(ring_size - 1)
+}
+
+fn expiry_args(settings: &LayerSettings) -> (f64, u64) {
+    let secs = settings.expiry.as_secs_f64();
+    (secs, settings.expiry.as_secs_f64().ceil().max(1.0) as u64)
+}
+
+fn is_outage(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+}
+
+impl RedisLayer {
+    /// Connects to every shard (one URL each) and checks each answers PING.
+    pub async fn connect(urls: &[&str], settings: LayerSettings) -> Result<Self, LayerError> {
+        let rules = settings.compile()?;
+        let mut shards = Vec::with_capacity(urls.len());
+        for url in urls {
+            let client = Client::open(*url)
+                .map_err(|e| LayerError::Config(format!("invalid Redis URL {url:?}: {e}")))?;
+            let addr = client.get_connection_info().addr().to_string();
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(settings.command_timeout.min(Duration::from_secs(1))))
+                .set_response_timeout(Some(settings.command_timeout))
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(50))
+                .set_max_delay(Duration::from_secs(1));
+            let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+                .map_err(|e| LayerError::Config(format!("cannot set up Redis at {addr}: {e}")))?;
+            shards.push(Shard {
+                addr,
+                client,
+                conn,
+                healthy: AtomicBool::new(true),
+            });
+        }
+        let layer = RedisLayer {
+            inner: Arc::new(Inner {
+                settings,
+                rules,
+                metrics: Arc::default(),
+                shards,
+                send_script: Script::new(SEND_SCRIPT),
+            }),
+        };
+        for i in 0..layer.inner.shards.len() {
+            let mut conn = layer.inner.shards[i].conn.clone();
+            let ping = redis::cmd("PING");
+            layer
+                .run(
+                    i,
+                    async move { ping.query_async::<String>(&mut conn).await },
+                )
+                .await?;
+        }
+        Ok(layer)
+    }
+
+    pub(crate) fn settings(&self) -> &LayerSettings {
+        &self.inner.settings
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<LayerMetrics> {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        let addrs: Vec<&str> = self.inner.shards.iter().map(|s| s.addr.as_str()).collect();
+        format!("redis {}", addrs.join(","))
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.inner.shards.len()
+    }
+
+    /// The shard a channel (by its non-local name) or group lives on.
+    pub fn shard_of(&self, name: &str) -> usize {
+        consistent_hash(non_local_name(name), self.inner.shards.len())
+    }
+
+    fn channel_key(&self, channel: &str) -> String {
+        format!("{}{}", self.inner.settings.prefix, non_local_name(channel))
+    }
+
+    fn group_key(&self, group: &str) -> String {
+        format!("{}:group:{}", self.inner.settings.prefix, group)
+    }
+
+    /// Runs one command future on shard `i` with the command timeout, mapping failures.
+    async fn run<T, F>(&self, i: usize, fut: F) -> Result<T, LayerError>
+    where
+        F: Future<Output = Result<T, RedisError>>,
+    {
+        let shard = &self.inner.shards[i];
+        let result = match tokio::time::timeout(self.inner.settings.command_timeout, fut).await {
+            Ok(r) => r.map_err(|e| {
+                if is_outage(&e) {
+                    LayerError::Unavailable(format!("Redis at {}: {e}", shard.addr))
+                } else {
+                    LayerError::Protocol(format!("Redis at {}: {e}", shard.addr))
+                }
+            }),
+            Err(_) => Err(LayerError::Unavailable(format!(
+                "Redis at {} did not answer within {:?}",
+                shard.addr, self.inner.settings.command_timeout
+            ))),
+        };
+        match &result {
+            Err(LayerError::Unavailable(msg)) => {
+                LayerMetrics::add(&self.inner.metrics.unavailable, 1);
+                if shard.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(redis = %shard.addr, error = %msg, "lost the Redis connection; retrying on next use");
+                }
+            }
+            _ => {
+                if !shard.healthy.swap(true, Ordering::Relaxed) {
+                    LayerMetrics::add(&self.inner.metrics.reconnects, 1);
+                    tracing::info!(redis = %shard.addr, "Redis connection restored");
+                }
+            }
+        }
+        result
+    }
+
+    fn member(&self, payload: &[u8], targets: &[&str]) -> Result<Vec<u8>, LayerError> {
+        let mut member = wire::with_targets(payload, targets, wire::RANDOM_PREFIX_LEN)?;
+        rand::rng().fill_bytes(&mut member[..wire::RANDOM_PREFIX_LEN]);
+        Ok(member)
+    }
+
+    pub(crate) async fn send_encoded(
+        &self,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<(), LayerError> {
+        let targets: &[&str] = if non_local_name(channel).len() == channel.len() {
+            &[]
+        } else {
+            &[channel]
+        };
+        let member = self.member(payload, targets)?;
+        let key = self.channel_key(channel);
+        let capacity = self.inner.rules.capacity(channel);
+        let (expiry, expiry_int) = expiry_args(&self.inner.settings);
+        let shard = self.shard_of(channel);
+        let mut conn = self.inner.shards[shard].conn.clone();
+        let script = &self.inner.send_script;
+        let added: i64 = self
+            .run(shard, async move {
+                script
+                    .key(&key)
+                    .arg(member)
+                    .arg(format!("{:.6}", now_secs()))
+                    .arg(expiry)
+                    .arg(capacity)
+                    .arg(expiry_int)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        if added == 1 {
+            LayerMetrics::add(&self.inner.metrics.sent, 1);
+            Ok(())
+        } else {
+            LayerMetrics::add(&self.inner.metrics.channel_full, 1);
+            Err(LayerError::ChannelFull {
+                channel: channel.to_owned(),
+                capacity,
+            })
+        }
+    }
+
+    pub(crate) async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        let key = self.group_key(group);
+        let shard = self.shard_of(group);
+        let mut conn = self.inner.shards[shard].conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("ZADD")
+            .arg(&key)
+            .arg(format!("{:.6}", now_secs()))
+            .arg(channel)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(self.inner.settings.group_expiry.as_secs().max(1))
+            .ignore();
+        self.run(
+            shard,
+            async move { pipe.query_async::<()>(&mut conn).await },
+        )
+        .await
+    }
+
+    pub(crate) async fn group_discard(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        let key = self.group_key(group);
+        let shard = self.shard_of(group);
+        let mut conn = self.inner.shards[shard].conn.clone();
+        let cmd = redis::cmd("ZREM").arg(&key).arg(channel).to_owned();
+        self.run(
+            shard,
+            async move { cmd.query_async::<i64>(&mut conn).await },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub(crate) async fn group_channels(&self, group: &str) -> Result<Vec<String>, LayerError> {
+        let key = self.group_key(group);
+        let shard = self.shard_of(group);
+        let mut conn = self.inner.shards[shard].conn.clone();
+        let cutoff = now_secs() - self.inner.settings.group_expiry.as_secs_f64();
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(format!("{cutoff:.6}"))
+            .ignore()
+            .cmd("ZRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(-1);
+        let (members,): (Vec<String>,) = self
+            .run(shard, async move { pipe.query_async(&mut conn).await })
+            .await?;
+        Ok(members)
+    }
+
+    pub(crate) async fn group_send_encoded(
+        &self,
+        group: &str,
+        payload: &[u8],
+    ) -> Result<GroupSendReport, LayerError> {
+        let members = self.group_channels(group).await?;
+        // One message per Redis key: every member behind one inbox shares it (`__asgi_channel__`
+        // is then a list), so the cost grows with the number of inboxes, not members.
+        let mut by_key: Vec<(&str, Vec<&str>)> = Vec::new();
+        for m in &members {
+            let key = non_local_name(m);
+            match by_key.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, list)) => list.push(m),
+                None => by_key.push((key, vec![m])),
+            }
+        }
+        let (expiry, expiry_int) = expiry_args(&self.inner.settings);
+        let now = format!("{:.6}", now_secs());
+        let shard_count = self.inner.shards.len();
+        let mut pipes: Vec<(redis::Pipeline, Vec<usize>)> = (0..shard_count)
+            .map(|_| (redis::pipe(), Vec::new()))
+            .collect();
+        for (key, targets) in &by_key {
+            let shard = consistent_hash(key, shard_count);
+            let member = self.member(payload, targets)?;
+            let (pipe, counts) = &mut pipes[shard];
+            pipe.cmd("EVAL")
+                .arg(SEND_SCRIPT)
+                .arg(1)
+                .arg(format!("{}{}", self.inner.settings.prefix, key))
+                .arg(member)
+                .arg(&now)
+                .arg(expiry)
+                .arg(self.inner.rules.capacity(targets[0]))
+                .arg(expiry_int);
+            counts.push(targets.len());
+        }
+        let mut report = GroupSendReport {
+            members: members.len(),
+            full: 0,
+        };
+        let mut written = 0u64;
+        let mut first_error = None;
+        for (shard, (pipe, counts)) in pipes.into_iter().enumerate() {
+            if counts.is_empty() {
+                continue;
+            }
+            let mut conn = self.inner.shards[shard].conn.clone();
+            match self
+                .run(shard, async move {
+                    pipe.query_async::<Vec<i64>>(&mut conn).await
+                })
+                .await
+            {
+                Ok(added) => {
+                    for (ok, n) in added.iter().zip(&counts) {
+                        if *ok == 1 {
+                            written += 1;
+                        } else {
+                            report.full += n;
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Members on an unreachable shard miss the message, like full ones; the
+                    // caller still learns of it when no shard could be written.
+                    report.full += counts.iter().sum::<usize>();
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let m = &self.inner.metrics;
+        LayerMetrics::add(&m.group_sends, 1);
+        LayerMetrics::add(&m.sent, written);
+        LayerMetrics::add(&m.group_member_full, report.full as u64);
+        match first_error {
+            Some(e) if written == 0 => Err(e),
+            _ => Ok(report),
+        }
+    }
+
+    pub(crate) async fn flush(&self) -> Result<(), LayerError> {
+        let pattern = format!("{}*", self.inner.settings.prefix);
+        for shard in 0..self.inner.shards.len() {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut conn = self.inner.shards[shard].conn.clone();
+                let scan = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .to_owned();
+                let (next, keys): (u64, Vec<Vec<u8>>) = self
+                    .run(shard, async move { scan.query_async(&mut conn).await })
+                    .await?;
+                if !keys.is_empty() {
+                    let mut conn = self.inner.shards[shard].conn.clone();
+                    let unlink = redis::cmd("UNLINK").arg(keys).to_owned();
+                    self.run(
+                        shard,
+                        async move { unlink.query_async::<i64>(&mut conn).await },
+                    )
+                    .await?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn channel_depth(&self, channel: &str) -> Result<usize, LayerError> {
+        let key = self.channel_key(channel);
+        let shard = self.shard_of(channel);
+        let mut conn = self.inner.shards[shard].conn.clone();
+        let cutoff = now_secs() - self.inner.settings.expiry.as_secs_f64();
+        let cmd = redis::cmd("ZCOUNT")
+            .arg(&key)
+            .arg(format!("({cutoff:.6}"))
+            .arg("+inf")
+            .to_owned();
+        self.run(
+            shard,
+            async move { cmd.query_async::<usize>(&mut conn).await },
+        )
+        .await
+    }
+
+    pub(crate) fn receiver(&self) -> RedisReceiver {
+        RedisReceiver {
+            layer: self.clone(),
+            conns: (0..self.inner.shards.len()).map(|_| None).collect(),
+            backoff: Duration::ZERO,
+            pending: VecDeque::new(),
+            next_shard: 0,
+        }
+    }
+}
+
+/// The receiving half: one dedicated connection per shard, opened on first use and reopened
+/// with backoff after a failure. Never put a receive in a `select!` that can drop it mid-pop.
+pub struct RedisReceiver {
+    layer: RedisLayer,
+    conns: Vec<Option<MultiplexedConnection>>,
+    backoff: Duration,
+    pending: VecDeque<Envelope>,
+    next_shard: usize,
+}
+
+impl fmt::Debug for RedisReceiver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisReceiver")
+            .field("layer", &self.layer.describe())
+            .finish()
+    }
+}
+
+/// A popped member: key it came from, bytes, score.
+type Popped = (String, Vec<u8>, f64);
+
+impl RedisReceiver {
+    async fn conn(&mut self, shard: usize) -> Result<MultiplexedConnection, LayerError> {
+        if let Some(c) = &self.conns[shard] {
+            return Ok(c.clone());
+        }
+        let s = &self.layer.inner.shards[shard];
+        // No response timeout: a blocking pop must never be cut short by the client.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(None);
+        match s
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(c) => {
+                if !self.backoff.is_zero() {
+                    LayerMetrics::add(&self.layer.inner.metrics.reconnects, 1);
+                    tracing::info!(redis = %s.addr, "receiver reconnected to Redis");
+                }
+                self.backoff = Duration::ZERO;
+                self.conns[shard] = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => Err(self.failed(shard, &e)),
+        }
+    }
+
+    fn failed(&mut self, shard: usize, e: &RedisError) -> LayerError {
+        self.conns[shard] = None;
+        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
+        LayerMetrics::add(&self.layer.inner.metrics.unavailable, 1);
+        let addr = &self.layer.inner.shards[shard].addr;
+        if is_outage(e) {
+            LayerError::Unavailable(format!("Redis at {addr}: {e}"))
+        } else {
+            LayerError::Protocol(format!("Redis at {addr}: {e}"))
+        }
+    }
+
+    /// After a failure, waits out the backoff (bounded by the caller's deadline).
+    async fn pause_after_failure(&self, deadline: Instant) {
+        let wake = (Instant::now() + self.backoff).min(deadline);
+        tokio::time::sleep_until(wake).await;
+    }
+
+    /// One BZPOPMIN over `keys` on `shard`, blocking at most `block`.
+    async fn bzpopmin(
+        &mut self,
+        shard: usize,
+        keys: &[String],
+        block: Duration,
+    ) -> Result<Option<Popped>, LayerError> {
+        let mut conn = self.conn(shard).await?;
+        // Redis treats 0 as "forever"; never ask for less than a millisecond.
+        let secs = block.as_secs_f64().max(0.001);
+        let result: Result<Option<(String, Vec<u8>, f64)>, RedisError> = redis::cmd("BZPOPMIN")
+            .arg(keys)
+            .arg(format!("{secs:.3}"))
+            .query_async(&mut conn)
+            .await;
+        result.map_err(|e| self.failed(shard, &e))
+    }
+
+    /// ZPOPMIN `count` more from `key` (non-blocking).
+    async fn zpopmin(
+        &mut self,
+        shard: usize,
+        key: &str,
+        count: usize,
+    ) -> Result<Vec<(Vec<u8>, f64)>, LayerError> {
+        let mut conn = self.conn(shard).await?;
+        let result: Result<redis::Value, RedisError> = redis::cmd("ZPOPMIN")
+            .arg(key)
+            .arg(count)
+            .query_async(&mut conn)
+            .await;
+        let value = result.map_err(|e| self.failed(shard, &e))?;
+        Ok(parse_zpop(value))
+    }
+
+    /// Turns popped members into envelopes, dropping expired and undecodable ones (counted).
+    fn unpack(&self, key: &str, members: Vec<(Vec<u8>, f64)>, out: &mut Vec<Envelope>) {
+        let prefix_len = self.layer.inner.settings.prefix.len();
+        let read_from = key.get(prefix_len..).unwrap_or(key);
+        let expiry = self.layer.inner.settings.expiry.as_secs_f64();
+        let now = now_secs();
+        let metrics = &self.layer.inner.metrics;
+        let before = out.len();
+        for (member, score) in members {
+            if now - score >= expiry {
+                LayerMetrics::add(&metrics.expired, 1);
+                continue;
+            }
+            if member.len() < wire::RANDOM_PREFIX_LEN {
+                LayerMetrics::add(&metrics.garbage, 1);
+                tracing::warn!(
+                    channel = read_from,
+                    "dropped a message shorter than its random prefix"
+                );
+                continue;
+            }
+            let payload = Bytes::from(member).slice(wire::RANDOM_PREFIX_LEN..);
+            if let Err(e) = envelopes_for(read_from, payload, out) {
+                LayerMetrics::add(&metrics.garbage, 1);
+                tracing::warn!(channel = read_from, error = %e, "dropped an undecodable message");
+            }
+        }
+        LayerMetrics::add(&metrics.received, (out.len() - before) as u64);
+    }
+
+    fn take_pending(&mut self, channels: &[String]) -> Option<Envelope> {
+        let i = self.pending.iter().position(|e| {
+            channels
+                .iter()
+                .any(|c| c == non_local_name(&e.channel) || *c == e.channel)
+        })?;
+        self.pending.remove(i)
+    }
+
+    pub(crate) async fn receive(
+        &mut self,
+        channels: &[String],
+        timeout: Duration,
+    ) -> Result<Option<Envelope>, LayerError> {
+        if let Some(e) = self.take_pending(channels) {
+            return Ok(Some(e));
+        }
+        let prefix = &self.layer.inner.settings.prefix;
+        let shard_count = self.layer.inner.shards.len();
+        let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); shard_count];
+        for c in channels {
+            by_shard[self.layer.shard_of(c)].push(format!("{prefix}{c}"));
+        }
+        let busy: Vec<usize> = (0..shard_count)
+            .filter(|s| !by_shard[*s].is_empty())
+            .collect();
+        let deadline = Instant::now() + timeout;
+        // With channels on several shards no single BZPOPMIN covers them all: take turns in
+        // short slices. On one shard (the usual case) the pop blocks for the whole timeout.
+        let slice = if busy.len() > 1 {
+            Duration::from_millis(50)
+        } else {
+            timeout
+        };
+        loop {
+            let now = Instant::now();
+            if now >= deadline && !timeout.is_zero() {
+                return Ok(None);
+            }
+            let shard = busy[self.next_shard % busy.len()];
+            self.next_shard = self.next_shard.wrapping_add(1);
+            let keys = {
+                let mut keys = by_shard[shard].clone();
+                keys.shuffle(&mut rand::rng());
+                keys
+            };
+            let block = slice.min(deadline.saturating_duration_since(now));
+            match self.bzpopmin(shard, &keys, block).await {
+                Ok(Some((key, member, score))) => {
+                    let mut out = Vec::with_capacity(1);
+                    self.unpack(&key, vec![(member, score)], &mut out);
+                    let mut got = out.into_iter();
+                    if let Some(first) = got.next() {
+                        self.pending.extend(got);
+                        return Ok(Some(first));
+                    }
+                }
+                Ok(None) => {
+                    if timeout.is_zero() {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => {
+                    self.pause_after_failure(deadline).await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn receive_batch(
+        &mut self,
+        channel: &str,
+        timeout: Duration,
+        max: usize,
+    ) -> Result<Vec<Envelope>, LayerError> {
+        let channels = [channel.to_owned()];
+        let mut out = Vec::new();
+        while let Some(e) = self.take_pending(&channels) {
+            out.push(e);
+        }
+        if !out.is_empty() {
+            return Ok(out);
+        }
+        let key = format!("{}{channel}", self.layer.inner.settings.prefix);
+        let shard = self.layer.shard_of(channel);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let block = deadline.saturating_duration_since(Instant::now());
+            let first = match self
+                .bzpopmin(shard, std::slice::from_ref(&key), block)
+                .await
+            {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(out),
+                Err(e) => {
+                    self.pause_after_failure(deadline).await;
+                    return Err(e);
+                }
+            };
+            let mut members = vec![(first.1, first.2)];
+            if max > 1 {
+                match self.zpopmin(shard, &key, max - 1).await {
+                    Ok(more) => members.extend(more),
+                    Err(e) => {
+                        // Keep what was popped; the next call reconnects.
+                        tracing::warn!(error = %e, "batch pop failed after the first message");
+                    }
+                }
+            }
+            self.unpack(&key, members, &mut out);
+            if !out.is_empty() || Instant::now() >= deadline {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// ZPOPMIN answers a flat `[member, score, …]` (RESP2) or `[[member, score], …]` (RESP3).
+fn parse_zpop(value: redis::Value) -> Vec<(Vec<u8>, f64)> {
+    use redis::Value as V;
+    fn score(v: &V) -> Option<f64> {
+        match v {
+            V::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+            V::Double(d) => Some(*d),
+            V::Int(i) => Some(*i as f64),
+            _ => None,
+        }
+    }
+    fn member(v: V) -> Option<Vec<u8>> {
+        match v {
+            V::BulkString(b) => Some(b),
+            _ => None,
+        }
+    }
+    let V::Array(items) = value else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(items.len() / 2);
+    let mut iter = items.into_iter();
+    while let Some(item) = iter.next() {
+        match item {
+            V::Array(pair) if pair.len() == 2 => {
+                let mut p = pair.into_iter();
+                if let (Some(m), Some(s)) = (p.next(), p.next())
+                    && let (Some(s), Some(m)) = (score(&s), member(m))
+                {
+                    out.push((m, s));
+                }
+            }
+            m => {
+                if let Some(s) = iter.next()
+                    && let (Some(s), Some(m)) = (score(&s), member(m))
+                {
+                    out.push((m, s));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_matches_channels_redis() {
+        // Values from Python: binascii.crc32(b"...") & 0xFFF, then int(bigval / (4096 / n)).
+        assert_eq!(consistent_hash("anything", 1), 0);
+        let h = crc32fast::hash(b"specific.abc!") & 0xFFF;
+        assert_eq!(consistent_hash("specific.abc!", 2), (h / 2048) as usize);
+        assert!((0..3).contains(&consistent_hash("x", 3)));
+    }
+
+    #[test]
+    fn parses_both_zpop_shapes() {
+        use redis::Value as V;
+        let flat = V::Array(vec![
+            V::BulkString(b"a".to_vec()),
+            V::BulkString(b"1.5".to_vec()),
+        ]);
+        let nested = V::Array(vec![V::Array(vec![
+            V::BulkString(b"b".to_vec()),
+            V::Double(2.0),
+        ])]);
+        assert_eq!(parse_zpop(flat), vec![(b"a".to_vec(), 1.5)]);
+        assert_eq!(parse_zpop(nested), vec![(b"b".to_vec(), 2.0)]);
+        assert_eq!(parse_zpop(V::Nil), vec![]);
+    }
+}

@@ -1,0 +1,209 @@
+//! Channel-layer settings: one struct that the CLI fills from flags and environment, plus the
+//! compiled per-channel capacity rules (globs, first match wins, as asgiref's `channel_capacity`).
+
+use std::time::Duration;
+
+use regex::Regex;
+
+use super::LayerError;
+
+/// Everything a channel layer can be tuned by. [`Default`] gives the ASGI 1.0 defaults.
+#[derive(Debug, Clone)]
+pub struct LayerSettings {
+    /// Key prefix in Redis (`asgi`, as channels_redis); also namespaces the in-memory layer's inbox
+    /// names.
+    pub prefix: String,
+    /// A message older than this is never delivered (60 s).
+    pub expiry: Duration,
+    /// Group membership lapses this long after the last `group_add` (86400 s).
+    pub group_expiry: Duration,
+    /// Messages a channel holds before `send` fails with `ChannelFull` (100).
+    pub capacity: usize,
+    /// Per-channel capacity overrides: `(glob, capacity)`, first match wins (`*`, `?`, `[...]`).
+    pub channel_capacity: Vec<(String, usize)>,
+    /// Messages buffered per local (`!`) channel in a process inbox before newer ones are dropped
+    /// and counted (defaults to `capacity`).
+    pub local_buffer: Option<usize>,
+    /// Messages popped at once from a process inbox (64).
+    pub inbox_batch: usize,
+    /// Bound on every non-blocking Redis command, so that sends during an outage fail fast (2 s).
+    pub command_timeout: Duration,
+}
+
+impl Default for LayerSettings {
+    fn default() -> Self {
+        LayerSettings {
+            prefix: "asgi".to_owned(),
+            expiry: Duration::from_secs(60),
+            group_expiry: Duration::from_secs(86_400),
+            capacity: 100,
+            channel_capacity: Vec::new(),
+            local_buffer: None,
+            inbox_batch: 64,
+            command_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl LayerSettings {
+    /// Checks the numbers and compiles the capacity globs.
+    pub(crate) fn compile(&self) -> Result<CapacityRules, LayerError> {
+        if self.capacity == 0 {
+            return Err(LayerError::Config("capacity must be at least 1".into()));
+        }
+        if self.expiry.is_zero() {
+            return Err(LayerError::Config("expiry must be positive".into()));
+        }
+        if self.group_expiry.is_zero() {
+            return Err(LayerError::Config("group expiry must be positive".into()));
+        }
+        if self.inbox_batch == 0 {
+            return Err(LayerError::Config("inbox batch must be at least 1".into()));
+        }
+        if self.prefix.is_empty() || self.prefix.contains(['*', '?', '[', ']']) {
+            return Err(LayerError::Config(format!(
+                "prefix {:?} must be non-empty and free of glob characters",
+                self.prefix
+            )));
+        }
+        let mut rules = Vec::with_capacity(self.channel_capacity.len());
+        for (glob, cap) in &self.channel_capacity {
+            if *cap == 0 {
+                return Err(LayerError::Config(format!(
+                    "capacity for {glob:?} must be at least 1"
+                )));
+            }
+            let re = Regex::new(&glob_to_regex(glob))
+                .map_err(|e| LayerError::Config(format!("invalid capacity glob {glob:?}: {e}")))?;
+            rules.push((re, *cap));
+        }
+        Ok(CapacityRules {
+            default: self.capacity,
+            rules,
+        })
+    }
+
+    /// The per-local-channel buffer size.
+    pub fn local_buffer(&self) -> usize {
+        self.local_buffer.unwrap_or(self.capacity).max(1)
+    }
+}
+
+/// Parses `glob=N,glob=N` (the `--channel-capacity` flag).
+pub fn parse_channel_capacity(spec: &str) -> Result<Vec<(String, usize)>, LayerError> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|item| {
+            let (glob, n) = item.rsplit_once('=').ok_or_else(|| {
+                LayerError::Config(format!(
+                    "channel capacity {item:?} must look like GLOB=NUMBER"
+                ))
+            })?;
+            let n: usize = n.trim().parse().map_err(|_| {
+                LayerError::Config(format!("channel capacity {item:?}: {n:?} is not a number"))
+            })?;
+            Ok((glob.trim().to_owned(), n))
+        })
+        .collect()
+}
+
+/// fnmatch-style glob to an anchored regex.
+pub(crate) fn glob_to_regex(glob: &str) -> String {
+    let mut re = String::with_capacity(glob.len() + 8);
+    re.push('^');
+    let mut chars = glob.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' => re.push_str(".*"),
+            '?' => re.push('.'),
+            '[' => {
+                let mut class = String::new();
+                let mut closed = false;
+                for d in chars.by_ref() {
+                    if d == ']' && !class.is_empty() {
+                        closed = true;
+                        break;
+                    }
+                    class.push(d);
+                }
+                if closed {
+                    re.push('[');
+                    if let Some(rest) = class.strip_prefix('!') {
+                        re.push('^');
+                        re.push_str(&rest.replace('\\', "\\\\"));
+                    } else {
+                        re.push_str(&class.replace('\\', "\\\\"));
+                    }
+                    re.push(']');
+                } else {
+                    re.push_str(&regex::escape(&format!("[{class}")));
+                }
+            }
+            other => re.push_str(&regex::escape(&other.to_string())),
+        }
+    }
+    re.push('$');
+    re
+}
+
+/// True when `name` matches the fnmatch-style `glob`.
+pub fn glob_matches(glob: &str, name: &str) -> bool {
+    Regex::new(&glob_to_regex(glob)).is_ok_and(|re| re.is_match(name))
+}
+
+/// Compiled capacity rules.
+#[derive(Debug, Clone)]
+pub(crate) struct CapacityRules {
+    default: usize,
+    rules: Vec<(Regex, usize)>,
+}
+
+impl CapacityRules {
+    /// Capacity of `channel` (matched on the full name, as asgiref does).
+    pub(crate) fn capacity(&self, channel: &str) -> usize {
+        self.rules
+            .iter()
+            .find(|(re, _)| re.is_match(channel))
+            .map_or(self.default, |(_, cap)| *cap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_first_match_wins() {
+        let s = LayerSettings {
+            channel_capacity: vec![
+                ("http.*".into(), 5),
+                ("http.request".into(), 9),
+                ("ws.[!a]x".into(), 3),
+            ],
+            ..Default::default()
+        };
+        let rules = s.compile().expect("compiles");
+        assert_eq!(rules.capacity("http.request"), 5);
+        assert_eq!(rules.capacity("websocket.receive"), 100);
+        assert_eq!(rules.capacity("ws.bx"), 3);
+        assert_eq!(rules.capacity("ws.ax"), 100);
+        assert!(glob_matches("a?c", "abc"));
+        assert!(!glob_matches("a.c", "abc"));
+    }
+
+    #[test]
+    fn parses_capacity_flag_and_refuses_nonsense() {
+        assert_eq!(
+            parse_channel_capacity("http.*=50, tasks=1000").expect("parses"),
+            vec![("http.*".to_owned(), 50), ("tasks".to_owned(), 1000)]
+        );
+        assert!(parse_channel_capacity("http.*").is_err());
+        assert!(parse_channel_capacity("x=ten").is_err());
+        let zero = LayerSettings {
+            capacity: 0,
+            ..Default::default()
+        };
+        assert!(zero.compile().is_err());
+    }
+}

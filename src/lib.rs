@@ -1,0 +1,12 @@
+//! Switchyard: a channel-layer realtime server in the shape of Django Channels 1.x (daphne +
+//! asgi_redis + runworker), in Rust.
+//!
+//! This crate is the framework: the channel layer ([`layer`]: in-memory and Redis backends,
+//! process inboxes) and, in their own modules, the interface server, the worker runtime and the
+//! CLI. The IO-free application API (messages, codecs, names, router, consumers) lives in
+//! [`switchyard_routing`], re-exported here as [`routing`].
+
+pub mod layer;
+
+pub use switchyard_routing as routing;
+pub use switchyard_routing::{ByteString, Map, Value, asgi, codec, names};
