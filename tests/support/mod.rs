@@ -17,7 +17,11 @@ pub struct RedisServer {
 
 /// A free TCP port on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn redis_bin() -> String {
@@ -27,7 +31,10 @@ fn redis_bin() -> String {
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING.
     pub fn start() -> Self {
-        let mut server = RedisServer { child: None, port: free_port() };
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+        };
         server.spawn();
         server
     }
@@ -50,7 +57,10 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start {}: {e} (install it: apt-get install -y redis-server)", redis_bin())
+                panic!(
+                    "cannot start {}: {e} (install it: apt-get install -y redis-server)",
+                    redis_bin()
+                )
             });
         self.child = Some(child);
         self.wait_ready();
@@ -70,7 +80,10 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("redis-server on port {} did not answer PING within 10 s", self.port);
+        panic!(
+            "redis-server on port {} did not answer PING within 10 s",
+            self.port
+        );
     }
 
     /// The port.
@@ -145,11 +158,17 @@ impl Fixture {
     /// A layer on `backend` with `settings` (a fresh redis-server for Redis).
     pub async fn new(backend: Backend, settings: LayerSettings) -> Fixture {
         match backend {
-            Backend::Memory => Fixture { layer: Layer::from_url("memory://", settings).await.unwrap(), redis: None },
+            Backend::Memory => Fixture {
+                layer: Layer::from_url("memory://", settings).await.unwrap(),
+                redis: None,
+            },
             Backend::Redis => {
                 let redis = RedisServer::start();
                 let layer = Layer::from_url(&redis.url(), settings).await.unwrap();
-                Fixture { layer, redis: Some(redis) }
+                Fixture {
+                    layer,
+                    redis: Some(redis),
+                }
             }
         }
     }
@@ -167,7 +186,10 @@ impl Fixture {
 pub async fn eventually<F: FnMut() -> bool>(limit: Duration, what: &str, mut cond: F) {
     let deadline = tokio::time::Instant::now() + limit;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -1,0 +1,387 @@
+//! Redis-only channel-layer tests: the three blocking-pop traps of reference/anchors-rust.md §1.5
+//! as regression tests, sharding over two redis-servers, expiry enforced at receive, garbage in
+//! Redis, the stored wire format, and Redis stopped and restarted under a live layer.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use switchyard::layer::redis::consistent_hash;
+use switchyard::layer::{Layer, LayerSettings};
+use switchyard::{ByteString, Map, codec};
+
+use support::{RedisServer, eventually};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn msg(text: &str) -> Map {
+    Map::new().with("text", text)
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+async fn layer_on(servers: &[&RedisServer], settings: LayerSettings) -> Layer {
+    let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
+    Layer::from_url(&urls.join(","), settings).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap1_a_blocked_pop_does_not_hold_up_sends() {
+    let redis = RedisServer::start();
+    let layer = layer_on(&[&redis], LayerSettings::default()).await;
+    let blocked_layer = layer.clone();
+    let blocked = tokio::spawn(async move {
+        let mut rx = blocked_layer.receiver().await.unwrap();
+        rx.receive(&["never.sent".to_owned()], Duration::from_secs(4))
+            .await
+            .unwrap()
+    });
+    // Give the pop time to reach Redis; the point is what happens while it blocks.
+    eventually(WAIT, "the pop to be blocked in Redis", || {
+        redis
+            .cmd::<String>(&[b"CLIENT", b"LIST"])
+            .contains("cmd=bzpopmin")
+    })
+    .await;
+    // Sends and a full round trip on other channels complete while the pop is still blocked.
+    layer.send("side", &msg("through")).await.unwrap();
+    let mut rx = layer.receiver().await.unwrap();
+    let got = rx
+        .receive(&["side".to_owned()], WAIT)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.to_map().unwrap(), msg("through"));
+    assert!(
+        !blocked.is_finished(),
+        "the blocked pop is still waiting: nothing queued behind it"
+    );
+    layer.send("never.sent", &msg("wakes it")).await.unwrap();
+    assert_eq!(
+        blocked.await.unwrap().unwrap().to_map().unwrap(),
+        msg("wakes it")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap2_a_pop_longer_than_the_client_default_timeout_is_not_cut_short() {
+    let redis = RedisServer::start();
+    let layer = layer_on(&[&redis], LayerSettings::default()).await;
+    let mut rx = layer.receiver().await.unwrap();
+    let started = Instant::now();
+    // redis-rs 1.x cuts responses at 500 ms by default; a 1.5 s pop must run its course.
+    let got = rx
+        .receive(&["empty".to_owned()], Duration::from_millis(1500))
+        .await;
+    assert!(matches!(got, Ok(None)), "{got:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "returned after {:?}",
+        started.elapsed()
+    );
+    layer.send("empty", &msg("after")).await.unwrap();
+    assert_eq!(
+        rx.receive(&["empty".to_owned()], WAIT)
+            .await
+            .unwrap()
+            .unwrap()
+            .to_map()
+            .unwrap(),
+        msg("after")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap3_messages_sent_after_timed_out_pops_are_never_lost() {
+    let redis = RedisServer::start();
+    let layer = layer_on(&[&redis], LayerSettings::default()).await;
+    let mut rx = layer.receiver().await.unwrap();
+    let chans = vec!["t3".to_owned()];
+    for i in 0..10 {
+        assert!(
+            rx.receive(&chans, Duration::from_millis(20))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        layer.send("t3", &msg(&i.to_string())).await.unwrap();
+        // With a client-side timeout the server would still be popping for the old request, and
+        // this message would vanish into a reply nobody reads.
+        let zcard: i64 = redis.cmd(&[b"ZCARD", b"asgit3"]);
+        assert_eq!(
+            zcard, 1,
+            "message {i} is still stored after the timed-out pop"
+        );
+        let got = rx.receive(&chans, WAIT).await.unwrap().unwrap();
+        assert_eq!(got.to_map().unwrap(), msg(&i.to_string()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_sends_to_process_local_channels_are_never_lost_across_shards() {
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let layer = layer_on(&[&a, &b], LayerSettings::default()).await;
+    let mut on_each = [0, 0];
+    for i in 0..40 {
+        let inbox = format!("specific.{i}!");
+        let full = format!("{inbox}{}", "f".repeat(i % 7 + 1));
+        layer.send(&full, &msg(&full)).await.unwrap();
+        // Stored on the shard of the non-local name, where its reader looks.
+        let shard = consistent_hash(&inbox, 2);
+        on_each[shard] += 1;
+        let key = format!("asgi{inbox}");
+        let on: [i64; 2] = [
+            a.cmd(&[b"ZCARD", key.as_bytes()]),
+            b.cmd(&[b"ZCARD", key.as_bytes()]),
+        ];
+        assert_eq!(on[shard], 1, "{full} stored on shard {shard}");
+        assert_eq!(on[1 - shard], 0);
+        let mut rx = layer.receiver().await.unwrap();
+        let got = rx.receive(&[inbox], WAIT).await.unwrap().unwrap();
+        assert_eq!(got.channel, full);
+    }
+    assert!(
+        on_each[0] > 0 && on_each[1] > 0,
+        "both shards used: {on_each:?}"
+    );
+
+    // A process inbox on two shards: 100 local channels, every message arrives.
+    let inbox = layer.inbox("daphne.response").await.unwrap();
+    let mut locals: Vec<_> = (0..100).map(|_| inbox.new_channel()).collect();
+    let sender = layer_on(&[&a, &b], LayerSettings::default()).await;
+    for l in &locals {
+        sender.send(l.name(), &msg(l.name())).await.unwrap();
+    }
+    for l in &mut locals {
+        let got = l.recv_timeout(WAIT).await.expect("delivered");
+        assert_eq!(got.to_map().unwrap(), msg(l.name()));
+    }
+    inbox.shutdown(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_receive_covers_channels_on_both_shards() {
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let layer = layer_on(&[&a, &b], LayerSettings::default()).await;
+    let names: Vec<String> = (0..12).map(|i| format!("tasks.{i}")).collect();
+    let shards: Vec<usize> = names.iter().map(|n| consistent_hash(n, 2)).collect();
+    assert!(shards.contains(&0) && shards.contains(&1));
+    for n in &names {
+        layer.send(n, &msg(n)).await.unwrap();
+    }
+    let mut rx = layer.receiver().await.unwrap();
+    let mut seen: Vec<String> = Vec::new();
+    for _ in 0..names.len() {
+        seen.push(rx.receive(&names, WAIT).await.unwrap().unwrap().channel);
+    }
+    seen.sort();
+    let mut expected = names.clone();
+    expected.sort();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_is_enforced_at_receive_not_only_at_send() {
+    let redis = RedisServer::start();
+    let layer = layer_on(
+        &[&redis],
+        LayerSettings {
+            expiry: Duration::from_secs(60),
+            ..Default::default()
+        },
+    )
+    .await;
+    // A sender that never trims (an old channels_redis, or a send long ago): a 2-minute-old member.
+    let stale = [&[0u8; 12][..], &codec::to_msgpack(&msg("stale")).unwrap()].concat();
+    let old = format!("{}", now_secs() - 120.0);
+    redis.cmd::<i64>(&[b"ZADD", b"asgiexp", old.as_bytes(), &stale]);
+    let mut rx = layer.receiver().await.unwrap();
+    assert!(
+        rx.receive(&["exp".to_owned()], Duration::from_millis(200))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(layer.metrics().snapshot().expired, 1);
+    layer.send("exp", &msg("fresh")).await.unwrap();
+    assert_eq!(
+        rx.receive(&["exp".to_owned()], WAIT)
+            .await
+            .unwrap()
+            .unwrap()
+            .to_map()
+            .unwrap(),
+        msg("fresh")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_redis_is_dropped_counted_and_does_not_block_the_channel() {
+    let redis = RedisServer::start();
+    let layer = layer_on(&[&redis], LayerSettings::default()).await;
+    let now = format!("{}", now_secs());
+    let not_a_map = [&[1u8; 12][..], &codec::to_msgpack(&vec![1, 2, 3]).unwrap()].concat();
+    for junk in [
+        &b"short"[..],
+        &[b"123456789012".as_slice(), b"\xc1\xc1\xc1"].concat(),
+        &not_a_map,
+    ] {
+        redis.cmd::<i64>(&[b"ZADD", b"asgijunk", now.as_bytes(), junk]);
+    }
+    layer.send("junk", &msg("good")).await.unwrap();
+    let mut rx = layer.receiver().await.unwrap();
+    let got = rx
+        .receive(&["junk".to_owned()], WAIT)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.to_map().unwrap(), msg("good"));
+    assert_eq!(layer.metrics().snapshot().garbage, 3);
+    // Garbage in an inbox does not stop its loop either.
+    let inbox = layer.inbox("gi").await.unwrap();
+    let mut local = inbox.new_channel();
+    let key = format!("asgi{}", inbox.name());
+    redis.cmd::<i64>(&[b"ZADD", key.as_bytes(), now.as_bytes(), b"123456789012\xff"]);
+    layer.send(local.name(), &msg("still flows")).await.unwrap();
+    assert_eq!(
+        local.recv_timeout(WAIT).await.unwrap().to_map().unwrap(),
+        msg("still flows")
+    );
+    inbox.shutdown(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_format_is_channels_redis_4() {
+    let redis = RedisServer::start();
+    let layer = layer_on(&[&redis], LayerSettings::default()).await;
+    let m = Map::new()
+        .with("type", "a.b")
+        .with("n", 1)
+        .with("b", ByteString::from(b"\x00\x01"));
+    layer.send("normal.chan", &m).await.unwrap();
+    let stored: Vec<(Vec<u8>, f64)> =
+        redis.cmd(&[b"ZRANGE", b"asginormal.chan", b"0", b"-1", b"WITHSCORES"]);
+    assert_eq!(stored.len(), 1);
+    let (member, score) = &stored[0];
+    assert_eq!(
+        &member[12..],
+        b"\x83\xa4type\xa3a.b\xa1n\x01\xa1b\xc4\x02\x00\x01"
+    );
+    assert!(
+        (now_secs() - score).abs() < 5.0,
+        "scored by send time in seconds"
+    );
+    let ttl: i64 = redis.cmd(&[b"TTL", b"asginormal.chan"]);
+    assert!(
+        (1..=60).contains(&ttl),
+        "channel key expires with the message expiry: {ttl}"
+    );
+
+    layer.send("specific.abc!xyz", &msg("hi")).await.unwrap();
+    let stored: Vec<Vec<u8>> = redis.cmd(&[b"ZRANGE", b"asgispecific.abc!", b"0", b"-1"]);
+    assert_eq!(
+        &stored[0][12..],
+        b"\x82\xa4text\xa2hi\xb0__asgi_channel__\xb0specific.abc!xyz"
+    );
+
+    layer.group_add("room", "specific.abc!xyz").await.unwrap();
+    let members: Vec<String> = redis.cmd(&[b"ZRANGE", b"asgi:group:room", b"0", b"-1"]);
+    assert_eq!(members, ["specific.abc!xyz"]);
+    let ttl: i64 = redis.cmd(&[b"TTL", b"asgi:group:room"]);
+    assert!((86_300..=86_400).contains(&ttl), "{ttl}");
+
+    // flush removes our prefix and nothing else.
+    redis.cmd::<String>(&[b"SET", b"other:key", b"kept"]);
+    layer.flush().await.unwrap();
+    let keys: Vec<String> = redis.cmd(&[b"KEYS", b"*"]);
+    assert_eq!(keys, ["other:key"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_and_restarted_under_a_live_layer() {
+    let mut redis = RedisServer::start();
+    let settings = LayerSettings {
+        command_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let layer = layer_on(&[&redis], settings.clone()).await;
+    let inbox = layer.inbox("restart").await.unwrap();
+    let mut local = inbox.new_channel();
+    layer.send(local.name(), &msg("before")).await.unwrap();
+    assert_eq!(
+        local.recv_timeout(WAIT).await.unwrap().to_map().unwrap(),
+        msg("before")
+    );
+
+    redis.stop();
+    // Sends during the outage fail fast with a clear error instead of hanging.
+    let started = Instant::now();
+    let err = tokio::time::timeout(WAIT, layer.send("anything", &msg("x")))
+        .await
+        .expect("no hang")
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("127.0.0.1:{}", redis.port())),
+        "{err}"
+    );
+    assert!(started.elapsed() < WAIT);
+    let err = tokio::time::timeout(WAIT, layer.group_send("g", &msg("x")))
+        .await
+        .expect("no hang")
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    let mut rx = layer.receiver().await.unwrap();
+    let err = tokio::time::timeout(
+        WAIT,
+        rx.receive(&["q".to_owned()], Duration::from_millis(300)),
+    )
+    .await
+    .expect("no hang")
+    .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+
+    redis.restart();
+    // The shared connection comes back on its own; retry until the first send gets through.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match layer.send(local.name(), &msg("after")).await {
+            Ok(()) => break,
+            Err(e) if e.is_unavailable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("layer did not recover after the restart: {e}"),
+        }
+    }
+    // The inbox loop reconnected too and delivers to the same local channel.
+    assert_eq!(
+        local
+            .recv_timeout(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .to_map()
+            .unwrap(),
+        msg("after")
+    );
+    layer.send("q", &msg("q")).await.unwrap();
+    assert_eq!(
+        rx.receive(&["q".to_owned()], WAIT)
+            .await
+            .unwrap()
+            .unwrap()
+            .to_map()
+            .unwrap(),
+        msg("q")
+    );
+    let snap = layer.metrics().snapshot();
+    assert!(snap.reconnects >= 1, "{snap:?}");
+    assert!(snap.unavailable >= 3, "{snap:?}");
+    inbox.shutdown(WAIT).await;
+}
