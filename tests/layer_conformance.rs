@@ -514,6 +514,21 @@ async fn inbox_demultiplexes(b: Backend) {
     inbox.shutdown(WAIT).await;
 }
 
+async fn overview_lists_channels_and_groups(b: Backend) {
+    let f = Fixture::new(b, LayerSettings::default()).await;
+    f.layer.send("ov.a", &msg("1")).await.unwrap();
+    f.layer.send("ov.a", &msg("2")).await.unwrap();
+    f.layer.send("ov.inbox!x", &msg("3")).await.unwrap();
+    f.layer.group_add("ov-room", "ov.a").await.unwrap();
+    f.layer.group_add("ov-room", "ov.inbox!x").await.unwrap();
+    let o = f.layer.overview().await.unwrap();
+    assert_eq!(
+        o.channels,
+        [("ov.a".to_owned(), 2), ("ov.inbox!".to_owned(), 1)]
+    );
+    assert_eq!(o.groups, [("ov-room".to_owned(), 2)]);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -557,4 +572,5 @@ conformance!(
     receive_several_channels_and_timeout,
     no_channel_starves,
     inbox_demultiplexes,
+    overview_lists_channels_and_groups,
 );

@@ -239,6 +239,33 @@ impl MemoryLayer {
         })
     }
 
+    pub(crate) async fn overview(&self) -> Result<super::Overview, LayerError> {
+        let now = Instant::now();
+        let group_expiry = self.shared.settings.group_expiry;
+        let mut state = self.lock();
+        let mut channels = Vec::new();
+        for (name, queue) in state.channels.iter_mut() {
+            self.trim_expired(queue, now);
+            if !queue.is_empty() {
+                channels.push((name.clone(), queue.len()));
+            }
+        }
+        let groups = state
+            .groups
+            .iter()
+            .map(|(g, m)| {
+                (
+                    g.clone(),
+                    m.values()
+                        .filter(|at| now.duration_since(**at) < group_expiry)
+                        .count(),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        Ok(super::Overview { channels, groups })
+    }
+
     pub(crate) fn receiver(&self) -> MemoryReceiver {
         MemoryReceiver {
             layer: self.clone(),

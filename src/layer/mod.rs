@@ -105,6 +105,15 @@ pub struct GroupSendReport {
     pub full: usize,
 }
 
+/// Every channel and group the layer holds now, for `switchyard stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Overview {
+    /// `(channel, waiting messages)`, expired ones excluded; process inboxes end with `!`.
+    pub channels: Vec<(String, usize)>,
+    /// `(group, members)`, expired memberships excluded.
+    pub groups: Vec<(String, usize)>,
+}
+
 /// A channel layer: memory or Redis, chosen by URL.
 #[derive(Clone, Debug)]
 pub enum Layer {
@@ -256,6 +265,14 @@ impl Layer {
     /// Empties the layer: every channel and group under the prefix (SCAN + UNLINK on Redis).
     pub async fn flush(&self) -> Result<(), LayerError> {
         backend!(self, l => l.flush().await)
+    }
+
+    /// Every channel and group under the prefix with its depth or size, sorted by name.
+    pub async fn overview(&self) -> Result<Overview, LayerError> {
+        let mut o = backend!(self, l => l.overview().await)?;
+        o.channels.sort();
+        o.groups.sort();
+        Ok(o)
     }
 
     /// Messages waiting on a channel (for `!` channels: on their inbox), expired ones excluded.

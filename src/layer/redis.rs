@@ -401,35 +401,93 @@ impl RedisLayer {
     pub(crate) async fn flush(&self) -> Result<(), LayerError> {
         let pattern = format!("{}*", self.inner.settings.prefix);
         for shard in 0..self.inner.shards.len() {
-            let mut cursor: u64 = 0;
-            loop {
+            let keys = self.scan(shard, &pattern).await?;
+            for batch in keys.chunks(1000) {
                 let mut conn = self.inner.shards[shard].conn.clone();
-                let scan = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .to_owned();
-                let (next, keys): (u64, Vec<Vec<u8>>) = self
-                    .run(shard, async move { scan.query_async(&mut conn).await })
-                    .await?;
-                if !keys.is_empty() {
-                    let mut conn = self.inner.shards[shard].conn.clone();
-                    let unlink = redis::cmd("UNLINK").arg(keys).to_owned();
-                    self.run(
-                        shard,
-                        async move { unlink.query_async::<i64>(&mut conn).await },
-                    )
-                    .await?;
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
+                let unlink = redis::cmd("UNLINK").arg(batch).to_owned();
+                self.run(
+                    shard,
+                    async move { unlink.query_async::<i64>(&mut conn).await },
+                )
+                .await?;
             }
         }
         Ok(())
+    }
+
+    /// Keys under the prefix on one shard (SCAN, never KEYS).
+    async fn scan(&self, shard: usize, pattern: &str) -> Result<Vec<Vec<u8>>, LayerError> {
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let mut conn = self.inner.shards[shard].conn.clone();
+            let scan = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .to_owned();
+            let (next, keys): (u64, Vec<Vec<u8>>) = self
+                .run(shard, async move { scan.query_async(&mut conn).await })
+                .await?;
+            out.extend(keys);
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    pub(crate) async fn overview(&self) -> Result<super::Overview, LayerError> {
+        let prefix = &self.inner.settings.prefix;
+        let group_prefix = format!("{prefix}:group:");
+        let channel_cutoff = format!(
+            "({:.6}",
+            now_secs() - self.inner.settings.expiry.as_secs_f64()
+        );
+        let group_cutoff = format!(
+            "({:.6}",
+            now_secs() - self.inner.settings.group_expiry.as_secs_f64()
+        );
+        let mut overview = super::Overview::default();
+        for shard in 0..self.inner.shards.len() {
+            let keys = self.scan(shard, &format!("{prefix}*")).await?;
+            let keys: Vec<String> = keys
+                .into_iter()
+                .filter_map(|k| String::from_utf8(k).ok())
+                .filter(|k| !k.ends_with("$inflight"))
+                .collect();
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                let cutoff = if k.starts_with(&group_prefix) {
+                    &group_cutoff
+                } else {
+                    &channel_cutoff
+                };
+                pipe.cmd("ZCOUNT").arg(k).arg(cutoff).arg("+inf");
+            }
+            let mut conn = self.inner.shards[shard].conn.clone();
+            // Keys of another type under the prefix answer WRONGTYPE; skip them rather than fail.
+            let counts: Vec<redis::Value> = self
+                .run(shard, async move { pipe.query_async(&mut conn).await })
+                .await
+                .unwrap_or_default();
+            for (k, count) in keys.iter().zip(counts) {
+                let redis::Value::Int(n) = count else {
+                    continue;
+                };
+                if n <= 0 {
+                    continue;
+                }
+                if let Some(g) = k.strip_prefix(&group_prefix) {
+                    overview.groups.push((g.to_owned(), n as usize));
+                } else if let Some(c) = k.strip_prefix(prefix.as_str()) {
+                    overview.channels.push((c.to_owned(), n as usize));
+                }
+            }
+        }
+        Ok(overview)
     }
 
     pub(crate) async fn channel_depth(&self, channel: &str) -> Result<usize, LayerError> {
