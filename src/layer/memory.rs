@@ -247,21 +247,19 @@ impl MemoryLayer {
         for (name, queue) in state.channels.iter_mut() {
             self.trim_expired(queue, now);
             if !queue.is_empty() {
-                channels.push((name.clone(), queue.len()));
+                channels.push(super::Count::new(name.clone(), queue.len()));
             }
         }
         let groups = state
             .groups
             .iter()
             .map(|(g, m)| {
-                (
-                    g.clone(),
-                    m.values()
-                        .filter(|at| now.duration_since(**at) < group_expiry)
-                        .count(),
-                )
+                let live = m
+                    .values()
+                    .filter(|at| now.duration_since(**at) < group_expiry);
+                super::Count::new(g.clone(), live.count())
             })
-            .filter(|(_, n)| *n > 0)
+            .filter(|c| c.count > 0)
             .collect();
         Ok(super::Overview { channels, groups })
     }

@@ -108,10 +108,28 @@ pub struct GroupSendReport {
 /// Every channel and group the layer holds now, for `switchyard stats`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Overview {
-    /// `(channel, waiting messages)`, expired ones excluded; process inboxes end with `!`.
-    pub channels: Vec<(String, usize)>,
-    /// `(group, members)`, expired memberships excluded.
-    pub groups: Vec<(String, usize)>,
+    /// Channels with waiting messages (expired ones excluded); process inboxes end with `!`.
+    pub channels: Vec<Count>,
+    /// Groups with their live members.
+    pub groups: Vec<Count>,
+}
+
+/// A name and how many messages (channel) or members (group) it has.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Count {
+    /// The channel or group name.
+    pub name: String,
+    /// Messages waiting, or members.
+    pub count: usize,
+}
+
+impl Count {
+    pub(crate) fn new(name: impl Into<String>, count: usize) -> Self {
+        Count {
+            name: name.into(),
+            count,
+        }
+    }
 }
 
 /// A channel layer: memory or Redis, chosen by URL.

@@ -481,9 +481,9 @@ impl RedisLayer {
                     continue;
                 }
                 if let Some(g) = k.strip_prefix(&group_prefix) {
-                    overview.groups.push((g.to_owned(), n as usize));
+                    overview.groups.push(super::Count::new(g, n as usize));
                 } else if let Some(c) = k.strip_prefix(prefix.as_str()) {
-                    overview.channels.push((c.to_owned(), n as usize));
+                    overview.channels.push(super::Count::new(c, n as usize));
                 }
             }
         }

@@ -1,1 +1,60 @@
-pub fn main() {}
+//! The `switchyard` binary: parses the command line and runs the chosen role.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchyard_workers::cli::{self, FlushArgs, LogArgs, SendArgs, StatsArgs};
+
+/// Switchyard: a channel-layer realtime server (interface server, Redis channel layer, workers).
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Switchyard: a channel-layer realtime server (interface server, Redis channel layer, workers)",
+    long_about = None
+)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send one message (JSON) to a channel or a group.
+    Send(SendArgs),
+    /// Delete every channel and group under the prefix.
+    Flush(FlushArgs),
+    /// Show channel depths, process inbox depths and group sizes.
+    Stats(StatsArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli.log.init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("switchyard: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Send(args) => cli::send(args).await,
+            Command::Flush(args) => cli::flush(args).await,
+            Command::Stats(args) => cli::stats(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: {e:#}");
+            cli::exit_code_for(&e)
+        }
+    }
+}
