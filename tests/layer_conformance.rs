@@ -521,6 +521,15 @@ async fn overview_lists_channels_and_groups(b: Backend) {
     f.layer.send("ov.inbox!x", &msg("3")).await.unwrap();
     f.layer.group_add("ov-room", "ov.a").await.unwrap();
     f.layer.group_add("ov-room", "ov.inbox!x").await.unwrap();
+    // App data under the prefix is not a channel.
+    f.layer
+        .list_push("ov-history", b"x", 5, Duration::from_secs(60))
+        .await
+        .unwrap();
+    f.layer
+        .index_touch("ov-index", "x", Duration::from_secs(60))
+        .await
+        .unwrap();
     let o = f.layer.overview().await.unwrap();
     let channels: Vec<(&str, usize)> = o
         .channels
@@ -534,6 +543,69 @@ async fn overview_lists_channels_and_groups(b: Backend) {
         .collect();
     assert_eq!(channels, [("ov.a", 2), ("ov.inbox!", 1)]);
     assert_eq!(groups, [("ov-room", 2)]);
+}
+
+async fn app_lists_and_indexes(b: Backend) {
+    let f = Fixture::new(b, LayerSettings::default()).await;
+    let day = Duration::from_secs(86_400);
+    for i in 0..7 {
+        f.layer
+            .list_push("chat-history.lobby", format!("m{i}").as_bytes(), 5, day)
+            .await
+            .unwrap();
+    }
+    let items: Vec<Vec<u8>> = f
+        .layer
+        .list_items("chat-history.lobby")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.to_vec())
+        .collect();
+    assert_eq!(
+        items,
+        [b"m2", b"m3", b"m4", b"m5", b"m6"].map(|b| b.to_vec()),
+        "newest kept, oldest first"
+    );
+    assert!(
+        f.layer
+            .list_items("chat-history.none")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for room in ["a", "b", "c", "a"] {
+        f.layer.index_touch("chat-rooms", room, day).await.unwrap();
+        // Recency is by touch time; let the clock move between touches.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        f.layer.index_recent("chat-rooms", 10).await.unwrap(),
+        ["a", "c", "b"]
+    );
+    assert_eq!(f.layer.index_recent("chat-rooms", 1).await.unwrap(), ["a"]);
+    assert!(matches!(
+        f.layer
+            .list_push("bad key", b"x", 5, day)
+            .await
+            .unwrap_err(),
+        LayerError::InvalidName(_)
+    ));
+    f.layer.flush().await.unwrap();
+    assert!(
+        f.layer
+            .list_items("chat-history.lobby")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        f.layer
+            .index_recent("chat-rooms", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 macro_rules! conformance {
@@ -580,4 +652,5 @@ conformance!(
     no_channel_starves,
     inbox_demultiplexes,
     overview_lists_channels_and_groups,
+    app_lists_and_indexes,
 );

@@ -29,6 +29,9 @@ struct Stored {
 struct State {
     channels: HashMap<String, VecDeque<Stored>>,
     groups: HashMap<String, HashMap<String, Instant>>,
+    /// App data: capped lists and recency indexes, with the instant they lapse.
+    lists: HashMap<String, (VecDeque<Bytes>, Instant)>,
+    indexes: HashMap<String, (HashMap<String, Instant>, Instant)>,
 }
 
 #[derive(Debug)]
@@ -224,7 +227,84 @@ impl MemoryLayer {
         let mut state = self.lock();
         state.channels.clear();
         state.groups.clear();
+        state.lists.clear();
+        state.indexes.clear();
         Ok(())
+    }
+
+    pub(crate) async fn list_push(
+        &self,
+        key: &str,
+        item: &[u8],
+        keep: usize,
+        ttl: Duration,
+    ) -> Result<(), LayerError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let entry = state
+            .lists
+            .entry(key.to_owned())
+            .or_insert_with(|| (VecDeque::new(), now));
+        if entry.1 <= now {
+            entry.0.clear();
+        }
+        entry.0.push_back(Bytes::copy_from_slice(item));
+        while entry.0.len() > keep {
+            entry.0.pop_front();
+        }
+        entry.1 = now + ttl;
+        Ok(())
+    }
+
+    pub(crate) async fn list_items(&self, key: &str) -> Result<Vec<Bytes>, LayerError> {
+        let now = Instant::now();
+        let state = self.lock();
+        Ok(match state.lists.get(key) {
+            Some((items, lapses)) if *lapses > now => items.iter().cloned().collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    pub(crate) async fn index_touch(
+        &self,
+        key: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> Result<(), LayerError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let entry = state
+            .indexes
+            .entry(key.to_owned())
+            .or_insert_with(|| (HashMap::new(), now));
+        if entry.1 <= now {
+            entry.0.clear();
+        }
+        entry.0.insert(member.to_owned(), now);
+        entry.1 = now + ttl;
+        Ok(())
+    }
+
+    pub(crate) async fn index_recent(
+        &self,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, LayerError> {
+        let now = Instant::now();
+        let state = self.lock();
+        let Some((members, lapses)) = state.indexes.get(key) else {
+            return Ok(Vec::new());
+        };
+        if *lapses <= now {
+            return Ok(Vec::new());
+        }
+        let mut by_recency: Vec<(&String, &Instant)> = members.iter().collect();
+        by_recency.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+        Ok(by_recency
+            .into_iter()
+            .take(limit)
+            .map(|(m, _)| m.clone())
+            .collect())
     }
 
     pub(crate) async fn channel_depth(&self, channel: &str) -> Result<usize, LayerError> {

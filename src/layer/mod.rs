@@ -293,6 +293,43 @@ impl Layer {
         Ok(o)
     }
 
+    /// Appends `item` to the capped list `key` (app data such as a chat room's history), keeping
+    /// the newest `keep` items; the list lapses `ttl` after its last append.
+    pub async fn list_push(
+        &self,
+        key: &str,
+        item: &[u8],
+        keep: usize,
+        ttl: Duration,
+    ) -> Result<(), LayerError> {
+        names::validate_group(key)?;
+        backend!(self, l => l.list_push(key, item, keep.max(1), ttl).await)
+    }
+
+    /// The items of list `key`, oldest first.
+    pub async fn list_items(&self, key: &str) -> Result<Vec<Bytes>, LayerError> {
+        names::validate_group(key)?;
+        backend!(self, l => l.list_items(key).await)
+    }
+
+    /// Marks `member` of index `key` as active now (app data such as the list of chat rooms);
+    /// the index lapses `ttl` after its last touch.
+    pub async fn index_touch(
+        &self,
+        key: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> Result<(), LayerError> {
+        names::validate_group(key)?;
+        backend!(self, l => l.index_touch(key, member, ttl).await)
+    }
+
+    /// Up to `limit` members of index `key`, most recently touched first.
+    pub async fn index_recent(&self, key: &str, limit: usize) -> Result<Vec<String>, LayerError> {
+        names::validate_group(key)?;
+        backend!(self, l => l.index_recent(key, limit).await)
+    }
+
     /// Messages waiting on a channel (for `!` channels: on their inbox), expired ones excluded.
     pub async fn channel_depth(&self, channel: &str) -> Result<usize, LayerError> {
         names::validate_channel(channel)?;

@@ -453,10 +453,13 @@ impl RedisLayer {
         let mut overview = super::Overview::default();
         for shard in 0..self.inner.shards.len() {
             let keys = self.scan(shard, &format!("{prefix}*")).await?;
+            // Channel names cannot contain ':', so `{prefix}:…` keys are groups or app data.
+            let app_data = format!("{prefix}:");
             let keys: Vec<String> = keys
                 .into_iter()
                 .filter_map(|k| String::from_utf8(k).ok())
                 .filter(|k| !k.ends_with("$inflight"))
+                .filter(|k| k.starts_with(&group_prefix) || !k.starts_with(&app_data))
                 .collect();
             let mut pipe = redis::pipe();
             for k in &keys {
@@ -468,11 +471,9 @@ impl RedisLayer {
                 pipe.cmd("ZCOUNT").arg(k).arg(cutoff).arg("+inf");
             }
             let mut conn = self.inner.shards[shard].conn.clone();
-            // Keys of another type under the prefix answer WRONGTYPE; skip them rather than fail.
             let counts: Vec<redis::Value> = self
                 .run(shard, async move { pipe.query_async(&mut conn).await })
-                .await
-                .unwrap_or_default();
+                .await?;
             for (k, count) in keys.iter().zip(counts) {
                 let redis::Value::Int(n) = count else {
                     continue;
@@ -488,6 +489,100 @@ impl RedisLayer {
             }
         }
         Ok(overview)
+    }
+
+    fn data_key(&self, kind: &str, key: &str) -> String {
+        format!("{}:{kind}:{key}", self.inner.settings.prefix)
+    }
+
+    pub(crate) async fn list_push(
+        &self,
+        key: &str,
+        item: &[u8],
+        keep: usize,
+        ttl: Duration,
+    ) -> Result<(), LayerError> {
+        let key = self.data_key("list", key);
+        let shard = consistent_hash(&key, self.inner.shards.len());
+        let mut conn = self.inner.shards[shard].conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("RPUSH")
+            .arg(&key)
+            .arg(item)
+            .ignore()
+            .cmd("LTRIM")
+            .arg(&key)
+            .arg(-(keep as i64))
+            .arg(-1)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(ttl.as_secs().max(1))
+            .ignore();
+        self.run(
+            shard,
+            async move { pipe.query_async::<()>(&mut conn).await },
+        )
+        .await
+    }
+
+    pub(crate) async fn list_items(&self, key: &str) -> Result<Vec<Bytes>, LayerError> {
+        let key = self.data_key("list", key);
+        let shard = consistent_hash(&key, self.inner.shards.len());
+        let mut conn = self.inner.shards[shard].conn.clone();
+        let cmd = redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).to_owned();
+        let items: Vec<Vec<u8>> = self
+            .run(shard, async move { cmd.query_async(&mut conn).await })
+            .await?;
+        Ok(items.into_iter().map(Bytes::from).collect())
+    }
+
+    pub(crate) async fn index_touch(
+        &self,
+        key: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> Result<(), LayerError> {
+        let key = self.data_key("index", key);
+        let shard = consistent_hash(&key, self.inner.shards.len());
+        let mut conn = self.inner.shards[shard].conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("ZADD")
+            .arg(&key)
+            .arg(format!("{:.6}", now_secs()))
+            .arg(member)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(ttl.as_secs().max(1))
+            .ignore();
+        self.run(
+            shard,
+            async move { pipe.query_async::<()>(&mut conn).await },
+        )
+        .await
+    }
+
+    pub(crate) async fn index_recent(
+        &self,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, LayerError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.data_key("index", key);
+        let shard = consistent_hash(&key, self.inner.shards.len());
+        let mut conn = self.inner.shards[shard].conn.clone();
+        let cmd = redis::cmd("ZREVRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(limit - 1)
+            .to_owned();
+        self.run(shard, async move { cmd.query_async(&mut conn).await })
+            .await
     }
 
     pub(crate) async fn channel_depth(&self, channel: &str) -> Result<usize, LayerError> {
