@@ -1,0 +1,55 @@
+// Opens the chat room in two headless Chromium pages against a running Switchyard, sends a
+// message (with characters that must not be interpreted as HTML) from one page, checks it shows
+// in the other as text, and saves a screenshot.
+// Usage: node chat.mjs BASE_URL SCREENSHOT_PATH
+import { chromium } from "playwright-core";
+
+const [base, screenshot] = process.argv.slice(2);
+if (!base || !screenshot) {
+  console.error("usage: node chat.mjs BASE_URL SCREENSHOT_PATH");
+  process.exit(2);
+}
+const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
+const room = "browser-" + Math.random().toString(36).slice(2, 8);
+const text = `hello <b>bold</b> & "quotes" ${Date.now()}`;
+const timeout = 15000;
+
+const browser = await chromium.launch({
+  executablePath,
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+         "--disable-quic", "--disable-component-update", "--disable-sync"],
+});
+let failed = false;
+try {
+  const context = await browser.newContext({ viewport: { width: 900, height: 700 } });
+  const alice = await context.newPage();
+  const bob = await context.newPage();
+  for (const page of [alice, bob]) {
+    page.on("pageerror", (e) => { console.error("page error:", e.message); failed = true; });
+    await page.goto(`${base}/chat/${room}/`, { timeout });
+    await page.waitForSelector("#status.online", { timeout });
+  }
+  await alice.fill("#handle", "alice");
+  await alice.fill("#message", text);
+  await alice.click("#send-button");
+  // Bob sees Alice's message, as text (no <b> element created from what she typed).
+  const body = bob.locator("#log .msg .body", { hasText: text });
+  await body.waitFor({ timeout });
+  const shown = await body.textContent();
+  if (shown !== text) throw new Error(`bob saw ${JSON.stringify(shown)}, expected ${JSON.stringify(text)}`);
+  if (await bob.locator("#log b").count() !== 0) throw new Error("user text was rendered as HTML");
+  const handle = await bob.locator("#log .msg", { hasText: text }).locator(".handle").textContent();
+  if (handle !== "alice") throw new Error(`handle shown as ${JSON.stringify(handle)}`);
+  // A late joiner gets the room's history.
+  const carol = await context.newPage();
+  await carol.goto(`${base}/chat/${room}/`, { timeout });
+  await carol.locator("#log .msg .body", { hasText: text }).waitFor({ timeout });
+  await bob.screenshot({ path: screenshot, fullPage: true });
+  console.log(JSON.stringify({ ok: !failed, room, screenshot }));
+} catch (e) {
+  console.error("browser test failed:", e.message);
+  failed = true;
+} finally {
+  await browser.close();
+}
+process.exit(failed ? 1 : 0);
