@@ -38,6 +38,7 @@ struct Shared {
     metrics: Arc<LayerMetrics>,
     state: Mutex<State>,
     notify: Notify,
+    connections: super::session::MemoryConnections,
 }
 
 /// The in-memory channel layer. Clones share one state.
@@ -57,6 +58,7 @@ impl MemoryLayer {
                 metrics: Arc::default(),
                 state: Mutex::new(State::default()),
                 notify: Notify::new(),
+                connections: Default::default(),
             }),
         })
     }
@@ -71,6 +73,11 @@ impl MemoryLayer {
 
     pub(crate) fn describe(&self) -> String {
         "memory://".to_owned()
+    }
+
+    /// Per-connection state (channel sessions, ordering), kept beside the channels.
+    pub(crate) fn connections(&self) -> &super::session::MemoryConnections {
+        &self.shared.connections
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -224,6 +231,8 @@ impl MemoryLayer {
         let mut state = self.lock();
         state.channels.clear();
         state.groups.clear();
+        drop(state);
+        self.shared.connections.clear();
         Ok(())
     }
 
