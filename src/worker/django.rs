@@ -104,6 +104,11 @@ impl DjangoSessions {
         Ok(DjangoSessions { config, conn })
     }
 
+    /// The cookie carrying the session key.
+    pub fn cookie_name(&self) -> &str {
+        &self.config.cookie_name
+    }
+
     /// The session of the connection `message` belongs to (anonymous when there is none).
     pub async fn load(&self, message: &Message) -> HttpSession {
         match session_key_of(message, &self.config.cookie_name) {

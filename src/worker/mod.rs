@@ -31,6 +31,9 @@ pub use metrics::{LATENCY_BUCKETS_MS, WorkerMetrics, WorkerMetricsSnapshot};
 /// `ConsumeLater` requeues per message before it is dropped (Channels' `message_retries`).
 pub const MAX_RETRIES: u32 = 10;
 
+/// Channel-session key remembering the connection's web-session key.
+pub const HTTP_SESSION_KEY: &str = "_http_session_key";
+
 /// How long a send from a consumer's outbox retries a full channel before giving up.
 const FULL_RETRY_FOR: Duration = Duration::from_secs(2);
 
@@ -282,10 +285,7 @@ impl Worker {
             }
         }
         if resolved.options.http_session {
-            let session = match &self.http_sessions {
-                Some(s) => s.load(message).await,
-                None => switchyard_routing::HttpSession::anonymous(),
-            };
+            let session = self.http_session(message, &ctx, resolved.options).await;
             ctx = ctx.with_http_session(session);
         }
         let task = tokio::spawn(resolved.handler.call(message.clone(), ctx.clone()));
@@ -327,6 +327,34 @@ impl Worker {
                 true
             }
         }
+    }
+
+    /// The web session: from the message's cookie or `session_key` parameter, else (for frames
+    /// and disconnects, which carry no headers) from the key remembered in the channel session
+    /// at connect, as Channels' `channel_session_user_from_http` does.
+    async fn http_session(
+        &self,
+        message: &Message,
+        ctx: &Ctx,
+        options: switchyard_routing::RouteOptions,
+    ) -> switchyard_routing::HttpSession {
+        let Some(sessions) = &self.http_sessions else {
+            return switchyard_routing::HttpSession::anonymous();
+        };
+        let from_message = django::session_key_of(message, sessions.cookie_name());
+        let key = from_message.clone().or_else(|| {
+            ctx.session_get(HTTP_SESSION_KEY)
+                .and_then(|v| v.as_str().map(str::to_owned))
+        });
+        let Some(key) = key else {
+            return switchyard_routing::HttpSession::anonymous();
+        };
+        let session = sessions.load_key(&key).await;
+        if options.channel_session && from_message.is_some() && session.session_key.is_some() {
+            // Remembered only if the consumer succeeds, like any session write.
+            let _ = ctx.session_set(HTTP_SESSION_KEY, key);
+        }
+        session
     }
 
     async fn reply_close(&self, message: &Message, reply: Option<&str>, code: Option<u16>) {
