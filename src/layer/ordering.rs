@@ -112,7 +112,11 @@ impl Layer {
         match self {
             Layer::Memory(l) => {
                 let expiry = l.settings().group_expiry;
+                let sweep = l.connections().sweep_due();
                 let mut map = l.connections().lock();
+                if sweep {
+                    MemoryConnections::sweep(&mut map, expiry);
+                }
                 let c = MemoryConnections::entry(&mut map, reply_channel, expiry);
                 Ok(if order < c.next_order || c.parked.contains_key(&order) {
                     Gate::Stale

@@ -32,7 +32,12 @@ pub(crate) struct Connection {
 #[derive(Debug, Default)]
 pub struct MemoryConnections {
     inner: Mutex<HashMap<String, Connection>>,
+    writes: std::sync::atomic::AtomicU64,
 }
+
+/// Every this many writes, expired connections are swept out (connections that never
+/// disconnected cleanly would otherwise stay in memory).
+const SWEEP_EVERY: u64 = 4096;
 
 impl MemoryConnections {
     pub(crate) fn lock(&self) -> MutexGuard<'_, HashMap<String, Connection>> {
@@ -44,6 +49,18 @@ impl MemoryConnections {
     }
 
     /// The live entry of `reply`, dropping it first when it expired.
+    pub(crate) fn sweep_due(&self) -> bool {
+        let n = self
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        n % SWEEP_EVERY == SWEEP_EVERY - 1
+    }
+
+    pub(crate) fn sweep(map: &mut HashMap<String, Connection>, expiry: std::time::Duration) {
+        let now = Instant::now();
+        map.retain(|_, c| c.touched.is_some_and(|t| now.duration_since(t) < expiry));
+    }
+
     pub(crate) fn entry<'a>(
         map: &'a mut HashMap<String, Connection>,
         reply: &str,
@@ -121,7 +138,11 @@ impl Layer {
         match self {
             Layer::Memory(l) => {
                 let expiry = l.settings().group_expiry;
+                let sweep = l.connections().sweep_due();
                 let mut map = l.connections().lock();
+                if sweep {
+                    MemoryConnections::sweep(&mut map, expiry);
+                }
                 MemoryConnections::entry(&mut map, reply_channel, expiry)
                     .session
                     .insert(key, value.clone());
