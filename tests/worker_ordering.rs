@@ -187,3 +187,93 @@ async fn every_connection_in_order_memory() {
 async fn every_connection_in_order_redis() {
     every_connection_in_order(Backend::Redis).await;
 }
+
+/// A strict-ordering consumer that gives up on frame 1 (ConsumeLater until the retries run out)
+/// must not stall the connection: frame 2 runs after frame 1 is dropped, and frames requeued
+/// with ConsumeLater keep their turn.
+struct Stubborn {
+    log: Log,
+}
+
+impl WebsocketConsumer for Stubborn {
+    fn strict_ordering(&self) -> bool {
+        true
+    }
+    async fn receive(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        match (m.text(), m.retries()) {
+            (Some("never"), _) => return Err(ConsumerError::ConsumeLater),
+            (Some("twice"), r) if r < 2 => return Err(ConsumerError::ConsumeLater),
+            _ => {}
+        }
+        let reply = m.reply_channel().unwrap_or_default().to_owned();
+        self.log
+            .lock()
+            .unwrap()
+            .entry(reply)
+            .or_default()
+            .push(m.order().unwrap_or(u64::MAX));
+        ctx.send_text(format!("ran {}", m.order().unwrap_or(u64::MAX)))
+    }
+}
+
+async fn gave_up_message_does_not_stall(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let log: Log = Arc::default();
+    let router = Arc::new(Router::new([route_class(Stubborn { log: log.clone() })]).unwrap());
+    let token = CancellationToken::new();
+    let worker = Worker::new(fx.layer.clone(), router)
+        .concurrency(3)
+        .max_retries(2)
+        .receive_timeout(Duration::from_millis(200));
+    let metrics = worker.metrics();
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let inbox = fx.layer.inbox("test.stubborn").await.unwrap();
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    fx.layer
+        .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
+        .await
+        .unwrap();
+    for (order, t) in [(3, "ok"), (2, "twice"), (1, "never")] {
+        fx.layer
+            .send(
+                "websocket.receive",
+                &WebsocketReceive::text(&reply, "/", t, order),
+            )
+            .await
+            .unwrap();
+    }
+    let mut texts = Vec::new();
+    for _ in 0..3 {
+        let m = ch
+            .recv_timeout(Duration::from_secs(10))
+            .await
+            .expect("a reply")
+            .to_map()
+            .unwrap();
+        texts.push(m);
+    }
+    assert_eq!(texts[0], Map::new().with("accept", true));
+    assert_eq!(texts[1], Map::new().with("text", "ran 2"));
+    assert_eq!(texts[2], Map::new().with("text", "ran 3"));
+    assert_eq!(log.lock().unwrap()[&reply], [2, 3]);
+    let s = metrics.snapshot();
+    assert_eq!(s.dropped, 1, "frame 1 given up");
+    assert_eq!(s.requeued, 2 + 2);
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn gave_up_message_does_not_stall_memory() {
+    gave_up_message_does_not_stall(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn gave_up_message_does_not_stall_redis() {
+    gave_up_message_does_not_stall(Backend::Redis).await;
+}

@@ -268,7 +268,7 @@ impl Worker {
     }
 
     /// Runs the consumer and applies its outcome. False when the message was requeued (its turn
-    /// is not over).
+    /// is not over); true when it ran, failed, or was given up.
     async fn run_consumer(&self, message: &Message, resolved: Resolved) -> bool {
         let mut ctx = Ctx::new(message, resolved.kwargs);
         let reply = message.reply_channel().map(str::to_owned);
@@ -279,8 +279,7 @@ impl Worker {
                 Ok(s) => ctx = ctx.with_session(s),
                 Err(e) => {
                     tracing::warn!(channel = %message.channel, error = %e, "channel session unavailable; requeueing");
-                    self.requeue(message).await;
-                    return false;
+                    return self.requeue(message).await;
                 }
             }
         }
@@ -310,7 +309,8 @@ impl Worker {
                     .await;
                 true
             }
-            Ok(Err(ConsumerError::ConsumeLater)) => !self.requeue(message).await,
+            // Requeued: its turn is not over. Given up: it is, so its successors can run.
+            Ok(Err(ConsumerError::ConsumeLater)) => self.requeue(message).await,
             Ok(Err(e)) => {
                 WorkerMetrics::add(&self.metrics.errors, 1);
                 tracing::error!(channel = %message.channel, route, reply_channel = ?reply, error = %e, "consumer failed; its sends were discarded");
