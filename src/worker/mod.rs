@@ -156,9 +156,13 @@ impl Worker {
         );
         let channels: Arc<[String]> = channels.into();
         let this = Arc::new(self);
+        // Every receiver first, so a failure leaves no loop running behind the error.
+        let mut receivers = Vec::with_capacity(this.concurrency);
+        for _ in 0..this.concurrency {
+            receivers.push(this.layer.receiver().await?);
+        }
         let mut loops = Vec::with_capacity(this.concurrency);
-        for i in 0..this.concurrency {
-            let receiver = this.layer.receiver().await?;
+        for (i, receiver) in receivers.into_iter().enumerate() {
             let this = this.clone();
             let channels = channels.clone();
             let shutdown = shutdown.clone();
