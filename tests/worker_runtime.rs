@@ -549,3 +549,42 @@ async fn bad_names_are_errors_not_panics() {
         .unwrap_err();
     assert!(matches!(err, WorkerError::Config(_)));
 }
+
+#[tokio::test]
+async fn worker_rides_out_a_redis_restart() {
+    let mut fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
+    let running = start(Worker::new(fx.layer.clone(), Arc::new(basic_router())).concurrency(2));
+    let inbox = inbox(&fx.layer).await;
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    fx.layer
+        .send(
+            "websocket.receive",
+            &WebsocketReceive::text(&reply, "/echo/", "before", 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next(&mut ch).await, text("echo:before"));
+
+    fx.redis.as_mut().unwrap().restart();
+    // Sends fail fast while the layer reconnects; retry until one is accepted.
+    let mut sent = false;
+    for _ in 0..200 {
+        if fx
+            .layer
+            .send(
+                "websocket.receive",
+                &WebsocketReceive::text(&reply, "/echo/", "after", 2),
+            )
+            .await
+            .is_ok()
+        {
+            sent = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sent, "the layer reconnected within 10 s");
+    assert_eq!(next(&mut ch).await, text("echo:after"));
+    running.stop().await;
+}
