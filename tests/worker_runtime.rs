@@ -588,3 +588,70 @@ async fn worker_rides_out_a_redis_restart() {
     assert_eq!(next(&mut ch).await, text("echo:after"));
     running.stop().await;
 }
+
+#[tokio::test]
+async fn redis_layout_of_sessions_and_ordering() {
+    let fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
+    let redis = fx.redis.as_ref().unwrap();
+    let reply = "daphne.response.abc!xyz";
+    fx.layer
+        .session_set(reply, "count", &Value::Int(6))
+        .await
+        .unwrap();
+    let key = format!("asgi:session:{reply}");
+    let stored: Vec<u8> = redis.cmd(&[b"HGET", key.as_bytes(), b"count"]);
+    assert_eq!(stored, [0x06], "the value is msgpack");
+    let ttl: i64 = redis.cmd(&[b"TTL", key.as_bytes()]);
+    assert!(
+        (86_000..=86_400).contains(&ttl),
+        "expires with the group expiry: {ttl}"
+    );
+
+    use switchyard::layer::Gate;
+    assert_eq!(
+        fx.layer
+            .ordering_gate(reply, 2, "websocket.receive", b"\x81\xa1k\x01")
+            .await
+            .unwrap(),
+        Gate::Parked
+    );
+    let okey = format!("asgi:order:{reply}");
+    let parked: Vec<u8> = redis.cmd(&[b"HGET", okey.as_bytes(), b"p:2"]);
+    assert_eq!(parked, b"websocket.receive\x00\x81\xa1k\x01");
+    assert_eq!(
+        fx.layer
+            .ordering_gate(reply, 0, "websocket.connect", b"\x80")
+            .await
+            .unwrap(),
+        Gate::Run
+    );
+    assert_eq!(fx.layer.ordering_done(reply, 0, false).await.unwrap(), None);
+    assert_eq!(
+        fx.layer
+            .ordering_gate(reply, 1, "websocket.receive", b"\x80")
+            .await
+            .unwrap(),
+        Gate::Run
+    );
+    let resumed = fx
+        .layer
+        .ordering_done(reply, 1, false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resumed.0, "websocket.receive");
+    assert_eq!(&resumed.1[..], b"\x81\xa1k\x01");
+    assert_eq!(
+        fx.layer
+            .ordering_gate(reply, 2, "websocket.receive", b"\x80")
+            .await
+            .unwrap(),
+        Gate::Run
+    );
+    assert_eq!(fx.layer.ordering_done(reply, 2, true).await.unwrap(), None);
+    let exists: i64 = redis.cmd(&[b"EXISTS", okey.as_bytes()]);
+    assert_eq!(exists, 0, "the ordering state goes with the disconnect");
+    fx.layer.flush().await.unwrap();
+    let exists: i64 = redis.cmd(&[b"EXISTS", key.as_bytes()]);
+    assert_eq!(exists, 0, "flush removes sessions");
+}
