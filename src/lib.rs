@@ -8,6 +8,7 @@
 
 pub mod layer;
 pub mod prometheus;
+pub mod worker;
 
 pub use switchyard_routing as routing;
 pub use switchyard_routing::{ByteString, Map, Value, asgi, codec, names};

@@ -41,6 +41,7 @@ struct Shared {
     metrics: Arc<LayerMetrics>,
     state: Mutex<State>,
     notify: Notify,
+    connections: super::session::MemoryConnections,
 }
 
 /// The in-memory channel layer. Clones share one state.
@@ -60,6 +61,7 @@ impl MemoryLayer {
                 metrics: Arc::default(),
                 state: Mutex::new(State::default()),
                 notify: Notify::new(),
+                connections: Default::default(),
             }),
         })
     }
@@ -74,6 +76,11 @@ impl MemoryLayer {
 
     pub(crate) fn describe(&self) -> String {
         "memory://".to_owned()
+    }
+
+    /// Per-connection state (channel sessions, ordering), kept beside the channels.
+    pub(crate) fn connections(&self) -> &super::session::MemoryConnections {
+        &self.shared.connections
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -229,6 +236,8 @@ impl MemoryLayer {
         state.groups.clear();
         state.lists.clear();
         state.indexes.clear();
+        drop(state);
+        self.shared.connections.clear();
         Ok(())
     }
 

@@ -10,7 +10,9 @@
 mod inbox;
 pub mod memory;
 pub mod metrics;
+mod ordering;
 pub mod redis;
+mod session;
 mod settings;
 pub mod wire;
 
@@ -28,7 +30,9 @@ use thiserror::Error;
 pub use inbox::{LocalChannel, ProcessInbox};
 pub use memory::MemoryLayer;
 pub use metrics::{LayerMetrics, MetricsSnapshot};
+pub use ordering::Gate;
 pub use redis::RedisLayer;
+pub use session::MemoryConnections;
 pub use settings::{LayerSettings, glob_matches, parse_channel_capacity};
 
 /// What a channel-layer operation can fail with.

@@ -177,8 +177,15 @@ impl RedisLayer {
         format!("{}:group:{}", self.inner.settings.prefix, group)
     }
 
+    /// The shard holding `name` (by its non-local name) and its shared connection, for the
+    /// per-connection state kept beside the channels (sessions, ordering).
+    pub(crate) fn conn_for(&self, name: &str) -> (usize, ConnectionManager) {
+        let shard = self.shard_of(name);
+        (shard, self.inner.shards[shard].conn.clone())
+    }
+
     /// Runs one command future on shard `i` with the command timeout, mapping failures.
-    async fn run<T, F>(&self, i: usize, fut: F) -> Result<T, LayerError>
+    pub(crate) async fn run<T, F>(&self, i: usize, fut: F) -> Result<T, LayerError>
     where
         F: Future<Output = Result<T, RedisError>>,
     {

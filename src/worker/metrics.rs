@@ -1,0 +1,111 @@
+//! Worker counters, lock-free, for logs and for the CLI to export: messages consumed, consumer
+//! errors and panics, requeues, drops, strict-ordering parks, and a latency histogram.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (inclusive, milliseconds) of the latency buckets; one more bucket holds the rest.
+pub const LATENCY_BUCKETS_MS: [u64; 9] = [1, 2, 5, 10, 25, 50, 100, 500, 1000];
+
+/// Counters of one worker (all its loops).
+#[derive(Debug, Default)]
+pub struct WorkerMetrics {
+    /// Messages whose consumer ran to `Ok` (or to `DenyConnection` / `Close`).
+    pub consumed: AtomicU64,
+    /// Consumers that returned an error (other than the control errors).
+    pub errors: AtomicU64,
+    /// Consumers that panicked.
+    pub panics: AtomicU64,
+    /// `ConsumeLater` requeues.
+    pub requeued: AtomicU64,
+    /// Messages given up: retries exhausted, undecodable, or an action that could not be applied.
+    pub dropped: AtomicU64,
+    /// Messages no route matched.
+    pub unrouted: AtomicU64,
+    /// Messages parked by strict ordering.
+    pub parked: AtomicU64,
+    /// Duplicates refused by strict ordering.
+    pub duplicates: AtomicU64,
+    /// Sum of handling times, microseconds.
+    pub latency_sum_us: AtomicU64,
+    /// Handling-time histogram (see [`LATENCY_BUCKETS_MS`]; the last bucket is "slower").
+    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerMetricsSnapshot {
+    /// See [`WorkerMetrics::consumed`].
+    pub consumed: u64,
+    /// See [`WorkerMetrics::errors`].
+    pub errors: u64,
+    /// See [`WorkerMetrics::panics`].
+    pub panics: u64,
+    /// See [`WorkerMetrics::requeued`].
+    pub requeued: u64,
+    /// See [`WorkerMetrics::dropped`].
+    pub dropped: u64,
+    /// See [`WorkerMetrics::unrouted`].
+    pub unrouted: u64,
+    /// See [`WorkerMetrics::parked`].
+    pub parked: u64,
+    /// See [`WorkerMetrics::duplicates`].
+    pub duplicates: u64,
+    /// See [`WorkerMetrics::latency_sum_us`].
+    pub latency_sum_us: u64,
+    /// See [`WorkerMetrics::latency_buckets`].
+    pub latency_buckets: Vec<u64>,
+}
+
+impl WorkerMetrics {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn observe(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        Self::add(&self.latency_sum_us, us);
+        let ms = us / 1000;
+        let i = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|b| ms < *b || (ms == *b && us % 1000 == 0))
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        Self::add(&self.latency_buckets[i], 1);
+    }
+
+    /// Reads every counter.
+    pub fn snapshot(&self) -> WorkerMetricsSnapshot {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        WorkerMetricsSnapshot {
+            consumed: r(&self.consumed),
+            errors: r(&self.errors),
+            panics: r(&self.panics),
+            requeued: r(&self.requeued),
+            dropped: r(&self.dropped),
+            unrouted: r(&self.unrouted),
+            parked: r(&self.parked),
+            duplicates: r(&self.duplicates),
+            latency_sum_us: r(&self.latency_sum_us),
+            latency_buckets: self.latency_buckets.iter().map(r).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets() {
+        let m = WorkerMetrics::default();
+        m.observe(Duration::from_micros(300));
+        m.observe(Duration::from_millis(1));
+        m.observe(Duration::from_micros(1500));
+        m.observe(Duration::from_secs(3));
+        let s = m.snapshot();
+        assert_eq!(s.latency_buckets[0], 2);
+        assert_eq!(s.latency_buckets[1], 1);
+        assert_eq!(s.latency_buckets[LATENCY_BUCKETS_MS.len()], 1);
+        assert_eq!(s.latency_sum_us, 300 + 1000 + 1500 + 3_000_000);
+    }
+}

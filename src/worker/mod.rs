@@ -1,0 +1,486 @@
+//! The worker runtime (`runworker`): N independent consumer loops per process, each with its own
+//! layer [`Receiver`](crate::layer::Receiver), receiving from the channels the router listens on
+//! (filtered by `--only-channels` / `--exclude-channels` globs), running the routed consumer in
+//! its own task, and applying what it queued only after it returned `Ok`.
+//!
+//! A loop checks the shutdown token between receives, never during one (a cancelled blocking pop
+//! loses its message on Redis), so a graceful stop finishes the message in hand. A consumer that
+//! errors or panics is logged with its channel and route and the loop goes on. Control errors:
+//! `DenyConnection` replies `{"close": true}`, `Close(code)` replies `{"close": code}`,
+//! `ConsumeLater` requeues with `__retries__` counted, at most [`MAX_RETRIES`] times. Strict
+//! ordering and channel sessions are kept in the layer, so any worker can take any message.
+
+pub mod django;
+mod metrics;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use switchyard_routing::asgi::{WEBSOCKET_DISCONNECT, WebsocketSend};
+use switchyard_routing::codec;
+use switchyard_routing::{Action, ConsumerError, Ctx, Map, Message, Resolved, Router, Value};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+use crate::layer::{Envelope, Gate, Layer, LayerError, glob_matches};
+
+pub use django::{DjangoSessionConfig, DjangoSessions};
+pub use metrics::{LATENCY_BUCKETS_MS, WorkerMetrics, WorkerMetricsSnapshot};
+
+/// `ConsumeLater` requeues per message before it is dropped (Channels' `message_retries`).
+pub const MAX_RETRIES: u32 = 10;
+
+/// Channel-session key remembering the connection's web-session key.
+pub const HTTP_SESSION_KEY: &str = "_http_session_key";
+
+/// How long a send from a consumer's outbox retries a full channel before giving up.
+const FULL_RETRY_FOR: Duration = Duration::from_secs(2);
+
+/// Why a worker could not run.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// After the channel filters, nothing is left to listen on.
+    #[error("the worker has no channels to listen on (router: {router:?}; after filters: none)")]
+    NoChannels {
+        /// The router's channels.
+        router: Vec<String>,
+    },
+    /// The layer failed in a way the worker cannot ride out (e.g. no receiver).
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    /// A setting that makes no sense.
+    #[error("invalid worker configuration: {0}")]
+    Config(String),
+}
+
+/// A worker: a layer, a router and how to run them.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    layer: Layer,
+    router: Arc<Router>,
+    concurrency: usize,
+    only: Vec<String>,
+    exclude: Vec<String>,
+    receive_timeout: Duration,
+    max_retries: u32,
+    metrics: Arc<WorkerMetrics>,
+    http_sessions: Option<Arc<DjangoSessions>>,
+}
+
+impl Worker {
+    /// A worker with one loop, listening on every channel of the router.
+    pub fn new(layer: Layer, router: Arc<Router>) -> Self {
+        Worker {
+            layer,
+            router,
+            concurrency: 1,
+            only: Vec::new(),
+            exclude: Vec::new(),
+            receive_timeout: Duration::from_secs(1),
+            max_retries: MAX_RETRIES,
+            metrics: Arc::default(),
+            http_sessions: None,
+        }
+    }
+
+    /// Number of concurrent consumer loops (each runs one message at a time).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// Listen only on the router's channels matching one of these globs.
+    pub fn only_channels<S: AsRef<str>>(mut self, globs: &[S]) -> Self {
+        self.only = globs.iter().map(|g| g.as_ref().to_owned()).collect();
+        self
+    }
+
+    /// Do not listen on channels matching one of these globs.
+    pub fn exclude_channels<S: AsRef<str>>(mut self, globs: &[S]) -> Self {
+        self.exclude = globs.iter().map(|g| g.as_ref().to_owned()).collect();
+        self
+    }
+
+    /// How long one receive blocks before the loop checks for shutdown (1 s).
+    pub fn receive_timeout(mut self, timeout: Duration) -> Self {
+        self.receive_timeout = timeout;
+        self
+    }
+
+    /// `ConsumeLater` requeues per message before it is dropped (10).
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// Reads web sessions (Django's, in Redis) for routes that ask for them.
+    pub fn http_sessions(mut self, sessions: DjangoSessions) -> Self {
+        self.http_sessions = Some(Arc::new(sessions));
+        self
+    }
+
+    /// The worker's counters.
+    pub fn metrics(&self) -> Arc<WorkerMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The channels this worker listens on: the router's, filtered by the globs.
+    pub fn channels(&self) -> Vec<String> {
+        self.router
+            .channels()
+            .iter()
+            .filter(|c| self.only.is_empty() || self.only.iter().any(|g| glob_matches(g, c)))
+            .filter(|c| !self.exclude.iter().any(|g| glob_matches(g, c)))
+            .cloned()
+            .collect()
+    }
+
+    /// Runs until `shutdown` is cancelled, then finishes the messages in hand and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        if self.concurrency == 0 {
+            return Err(WorkerError::Config("concurrency must be at least 1".into()));
+        }
+        let channels = self.channels();
+        if channels.is_empty() {
+            return Err(WorkerError::NoChannels {
+                router: self.router.channels().to_vec(),
+            });
+        }
+        tracing::info!(
+            layer = %self.layer.describe(),
+            concurrency = self.concurrency,
+            channels = ?channels,
+            "worker listening"
+        );
+        let channels: Arc<[String]> = channels.into();
+        let this = Arc::new(self);
+        // Every receiver first, so a failure leaves no loop running behind the error.
+        let mut receivers = Vec::with_capacity(this.concurrency);
+        for _ in 0..this.concurrency {
+            receivers.push(this.layer.receiver().await?);
+        }
+        let mut loops = Vec::with_capacity(this.concurrency);
+        for (i, receiver) in receivers.into_iter().enumerate() {
+            let this = this.clone();
+            let channels = channels.clone();
+            let shutdown = shutdown.clone();
+            loops.push(tokio::spawn(async move {
+                this.consume_loop(i, receiver, &channels, &shutdown).await;
+            }));
+        }
+        for l in loops {
+            if let Err(e) = l.await {
+                tracing::error!(error = %e, "a worker loop ended abnormally");
+            }
+        }
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    async fn consume_loop(
+        &self,
+        index: usize,
+        mut receiver: crate::layer::Receiver,
+        channels: &[String],
+        shutdown: &CancellationToken,
+    ) {
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            match receiver.receive(channels, self.receive_timeout).await {
+                Ok(Some(envelope)) => {
+                    failures = 0;
+                    self.handle(envelope).await;
+                }
+                Ok(None) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(20) {
+                        tracing::warn!(worker_loop = index, error = %e, "receive failed; retrying");
+                    }
+                    let pause = Duration::from_millis(50 * u64::from(failures.min(20)));
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    /// Runs one message through routing, ordering, the consumer and its outbox.
+    pub async fn handle(&self, envelope: Envelope) {
+        let started = Instant::now();
+        let message = match Message::from_payload(envelope.channel.clone(), envelope.payload) {
+            Ok(m) => m,
+            Err(e) => {
+                WorkerMetrics::add(&self.metrics.dropped, 1);
+                tracing::error!(channel = %envelope.channel, error = %e, "dropped an undecodable message");
+                return;
+            }
+        };
+        let Some(resolved) = self.router.resolve(&message) else {
+            WorkerMetrics::add(&self.metrics.unrouted, 1);
+            tracing::warn!(channel = %message.channel, path = ?message.path(), "no route for message; dropped");
+            return;
+        };
+        let ordered = match (
+            resolved.options.strict_ordering,
+            message.reply_channel(),
+            message.order(),
+        ) {
+            (true, Some(reply), Some(order)) => Some((reply.to_owned(), order)),
+            _ => None,
+        };
+        if let Some((reply, order)) = &ordered {
+            match self
+                .layer
+                .ordering_gate(reply, *order, &message.channel, &message.payload)
+                .await
+            {
+                Ok(Gate::Run) => {}
+                Ok(Gate::Parked) => {
+                    WorkerMetrics::add(&self.metrics.parked, 1);
+                    tracing::debug!(channel = %message.channel, reply_channel = %reply, order, "parked until its predecessors have run");
+                    return;
+                }
+                Ok(Gate::Stale) => {
+                    WorkerMetrics::add(&self.metrics.duplicates, 1);
+                    tracing::warn!(channel = %message.channel, reply_channel = %reply, order, "message already run (duplicate order); dropped");
+                    return;
+                }
+                Err(e) => {
+                    // Without the gate we cannot keep order; requeue rather than run out of turn.
+                    tracing::warn!(channel = %message.channel, error = %e, "ordering gate unavailable; requeueing");
+                    self.requeue(&message).await;
+                    return;
+                }
+            }
+        }
+        let finished = self.run_consumer(&message, resolved).await;
+        if let Some((reply, order)) = ordered
+            && finished
+        {
+            let last = message.channel == WEBSOCKET_DISCONNECT;
+            match self.layer.ordering_done(&reply, order, last).await {
+                Ok(Some((channel, payload))) => self.resume(&channel, &payload).await,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(reply_channel = %reply, order, error = %e, "could not record the message as run; the connection's later messages stay parked");
+                }
+            }
+        }
+        self.metrics.observe(started.elapsed());
+    }
+
+    /// Runs the consumer and applies its outcome. False when the message was requeued (its turn
+    /// is not over); true when it ran, failed, or was given up.
+    async fn run_consumer(&self, message: &Message, resolved: Resolved) -> bool {
+        let mut ctx = Ctx::new(message, resolved.kwargs);
+        let reply = message.reply_channel().map(str::to_owned);
+        if resolved.options.channel_session
+            && let Some(reply) = &reply
+        {
+            match self.layer.session_get(reply).await {
+                Ok(s) => ctx = ctx.with_session(s),
+                Err(e) => {
+                    tracing::warn!(channel = %message.channel, error = %e, "channel session unavailable; requeueing");
+                    return self.requeue(message).await;
+                }
+            }
+        }
+        if resolved.options.http_session {
+            let session = self.http_session(message, &ctx, resolved.options).await;
+            ctx = ctx.with_http_session(session);
+        }
+        let task = tokio::spawn(resolved.handler.call(message.clone(), ctx.clone()));
+        let outcome = task.await;
+        let route = &*resolved.route;
+        match outcome {
+            Ok(Ok(())) => {
+                WorkerMetrics::add(&self.metrics.consumed, 1);
+                for action in ctx.take_actions() {
+                    self.apply(message, action).await;
+                }
+                true
+            }
+            Ok(Err(ConsumerError::DenyConnection)) => {
+                WorkerMetrics::add(&self.metrics.consumed, 1);
+                self.reply_close(message, reply.as_deref(), None).await;
+                true
+            }
+            Ok(Err(ConsumerError::Close(code))) => {
+                WorkerMetrics::add(&self.metrics.consumed, 1);
+                self.reply_close(message, reply.as_deref(), Some(code))
+                    .await;
+                true
+            }
+            // Requeued: its turn is not over. Given up: it is, so its successors can run.
+            Ok(Err(ConsumerError::ConsumeLater)) => self.requeue(message).await,
+            Ok(Err(e)) => {
+                WorkerMetrics::add(&self.metrics.errors, 1);
+                tracing::error!(channel = %message.channel, route, reply_channel = ?reply, error = %e, "consumer failed; its sends were discarded");
+                true
+            }
+            Err(join) => {
+                WorkerMetrics::add(&self.metrics.panics, 1);
+                let what = if join.is_panic() {
+                    panic_text(join.into_panic())
+                } else {
+                    "cancelled".to_owned()
+                };
+                tracing::error!(channel = %message.channel, route, reply_channel = ?reply, panic = %what, "consumer panicked; its sends were discarded");
+                true
+            }
+        }
+    }
+
+    /// The web session: from the message's cookie or `session_key` parameter, else (for frames
+    /// and disconnects, which carry no headers) from the key remembered in the channel session
+    /// at connect, as Channels' `channel_session_user_from_http` does.
+    async fn http_session(
+        &self,
+        message: &Message,
+        ctx: &Ctx,
+        options: switchyard_routing::RouteOptions,
+    ) -> switchyard_routing::HttpSession {
+        let Some(sessions) = &self.http_sessions else {
+            return switchyard_routing::HttpSession::anonymous();
+        };
+        let from_message = django::session_key_of(message, sessions.cookie_name());
+        let key = from_message.clone().or_else(|| {
+            ctx.session_get(HTTP_SESSION_KEY)
+                .and_then(|v| v.as_str().map(str::to_owned))
+        });
+        let Some(key) = key else {
+            return switchyard_routing::HttpSession::anonymous();
+        };
+        let session = sessions.load_key(&key).await;
+        if options.channel_session && from_message.is_some() && session.session_key.is_some() {
+            // Remembered only if the consumer succeeds, like any session write.
+            let _ = ctx.session_set(HTTP_SESSION_KEY, key);
+        }
+        session
+    }
+
+    async fn reply_close(&self, message: &Message, reply: Option<&str>, code: Option<u16>) {
+        let Some(reply) = reply else {
+            tracing::warn!(channel = %message.channel, "consumer closed a connection, but the message has no reply_channel");
+            return;
+        };
+        match codec::to_msgpack(&WebsocketSend::close(code)) {
+            Ok(p) => self.send_with_retry(message, reply, &p).await,
+            Err(e) => tracing::error!(error = %e, "cannot encode a close reply"),
+        }
+    }
+
+    /// Requeues a `ConsumeLater` message; true when it was given up instead (retries exhausted).
+    async fn requeue(&self, message: &Message) -> bool {
+        let retries = message.retries();
+        if retries >= self.max_retries {
+            WorkerMetrics::add(&self.metrics.dropped, 1);
+            tracing::error!(channel = %message.channel, reply_channel = ?message.reply_channel(), retries, "message requeued too many times; dropped");
+            return true;
+        }
+        let mut content: Map = message.content.clone();
+        content.insert("__retries__", Value::Int(i64::from(retries) + 1));
+        let payload = match codec::to_msgpack(&content) {
+            Ok(p) => p,
+            Err(e) => {
+                WorkerMetrics::add(&self.metrics.dropped, 1);
+                tracing::error!(channel = %message.channel, error = %e, "cannot re-encode a message to requeue; dropped");
+                return true;
+            }
+        };
+        WorkerMetrics::add(&self.metrics.requeued, 1);
+        match self.layer.send_encoded(&message.channel, &payload).await {
+            Ok(()) => false,
+            Err(e) => {
+                WorkerMetrics::add(&self.metrics.dropped, 1);
+                tracing::error!(channel = %message.channel, error = %e, "cannot requeue a message; dropped");
+                true
+            }
+        }
+    }
+
+    /// Sends a parked message back to its channel, where it passes the ordering gate.
+    async fn resume(&self, channel: &str, payload: &Bytes) {
+        let mut waited = Duration::ZERO;
+        loop {
+            match self.layer.send_encoded(channel, payload).await {
+                Ok(()) => return,
+                Err(e) if (e.is_full() || e.is_unavailable()) && waited < FULL_RETRY_FOR * 5 => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    waited += Duration::from_millis(20);
+                }
+                Err(e) => {
+                    WorkerMetrics::add(&self.metrics.dropped, 1);
+                    tracing::error!(channel, error = %e, "could not resume a parked message; lost");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn send_with_retry(&self, message: &Message, channel: &str, payload: &[u8]) {
+        let mut waited = Duration::ZERO;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match self.layer.send_encoded(channel, payload).await {
+                Ok(()) => return,
+                Err(e) if e.is_full() && waited < FULL_RETRY_FOR => {
+                    tokio::time::sleep(pause).await;
+                    waited += pause;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                Err(e) => {
+                    WorkerMetrics::add(&self.metrics.dropped, 1);
+                    tracing::error!(from = %message.channel, to = channel, error = %e, "a consumer's send failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn apply(&self, message: &Message, action: Action) {
+        let result = match action {
+            Action::Send { channel, payload } => {
+                self.send_with_retry(message, &channel, &payload).await;
+                Ok(())
+            }
+            Action::GroupAdd { group, channel } => self.layer.group_add(&group, &channel).await,
+            Action::GroupDiscard { group, channel } => {
+                self.layer.group_discard(&group, &channel).await
+            }
+            Action::GroupSend { group, payload } => self
+                .layer
+                .group_send_encoded(&group, &payload)
+                .await
+                .map(|_| ()),
+            Action::SessionSet {
+                reply_channel,
+                key,
+                value,
+            } => self.layer.session_set(&reply_channel, &key, &value).await,
+            Action::SessionDelete { reply_channel, key } => {
+                self.layer.session_delete(&reply_channel, &key).await
+            }
+            other => {
+                tracing::warn!(action = ?other, "unknown consumer action ignored");
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            WorkerMetrics::add(&self.metrics.dropped, 1);
+            tracing::error!(channel = %message.channel, error = %e, "a consumer's action failed");
+        }
+    }
+}
+
+fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic".to_owned()
+    }
+}

@@ -1,0 +1,279 @@
+//! Strict ordering per connection across workers: 3 workers (separate layer connections, as
+//! separate processes would have), 100 connections, each connection's connect / frames /
+//! disconnect sent in a shuffled order and consumed with shuffled delays. Every connection's
+//! messages must run in order, none lost, none twice.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use support::{Backend, Fixture, eventually};
+use switchyard::layer::LayerSettings;
+use switchyard::routing::asgi::{WebsocketConnect, WebsocketDisconnect, WebsocketReceive};
+use switchyard::routing::{
+    ConsumerError, Ctx, Map, Message, Router, WebsocketConsumer, route_class,
+};
+use switchyard::worker::Worker;
+use tokio_util::sync::CancellationToken;
+
+const CONNECTIONS: usize = 100;
+const FRAMES: u64 = 8;
+const WORKERS: usize = 3;
+
+type Log = Arc<Mutex<HashMap<String, Vec<u64>>>>;
+
+struct Ordered {
+    log: Log,
+}
+
+impl Ordered {
+    async fn record(&self, m: &Message) -> Result<(), ConsumerError> {
+        let reply = m.reply_channel().unwrap_or_default().to_owned();
+        let order = m.order().unwrap_or(u64::MAX);
+        // Shuffled work: 0–3 ms, so workers overtake each other.
+        let delay = rand::rng().random_range(0..3000);
+        tokio::time::sleep(Duration::from_micros(delay)).await;
+        self.log
+            .lock()
+            .unwrap()
+            .entry(reply)
+            .or_default()
+            .push(order);
+        Ok(())
+    }
+}
+
+impl WebsocketConsumer for Ordered {
+    fn strict_ordering(&self) -> bool {
+        true
+    }
+    async fn connect(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        self.record(m).await?;
+        ctx.accept()
+    }
+    async fn receive(&self, m: &Message, _ctx: &Ctx) -> Result<(), ConsumerError> {
+        self.record(m).await
+    }
+    async fn disconnect(&self, m: &Message, _ctx: &Ctx) -> Result<(), ConsumerError> {
+        self.record(m).await
+    }
+}
+
+async fn every_connection_in_order(backend: Backend) {
+    let settings = LayerSettings {
+        capacity: 10_000,
+        ..LayerSettings::default()
+    };
+    let fx = Fixture::new(backend, settings.clone()).await;
+    let log: Log = Arc::default();
+    let router = Arc::new(
+        Router::new([route_class(Ordered { log: log.clone() }).path("^/ordered/")]).unwrap(),
+    );
+    let token = CancellationToken::new();
+    let mut handles = Vec::new();
+    let mut metrics = Vec::new();
+    for _ in 0..WORKERS {
+        let layer = fx.peer(settings.clone()).await;
+        let worker = Worker::new(layer, router.clone())
+            .concurrency(2)
+            .receive_timeout(Duration::from_millis(200));
+        metrics.push(worker.metrics());
+        handles.push(tokio::spawn(worker.run(token.clone())));
+    }
+
+    // Every message of every connection, shuffled (a frame may reach the layer before the
+    // connect; the gate parks it).
+    let mut sends: Vec<(&'static str, Map, String)> = Vec::new();
+    let to_map = |v: &dyn erased::Ser| v.map();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for c in 0..CONNECTIONS {
+        let reply = format!("test.ordering!conn{c}");
+        sends.push((
+            "websocket.connect",
+            to_map(&WebsocketConnect::new(&reply, "/ordered/")),
+            reply.clone(),
+        ));
+        for i in 1..=FRAMES {
+            sends.push((
+                "websocket.receive",
+                to_map(&WebsocketReceive::text(
+                    &reply,
+                    "/ordered/",
+                    format!("f{i}"),
+                    i,
+                )),
+                reply.clone(),
+            ));
+        }
+        sends.push((
+            "websocket.disconnect",
+            to_map(&WebsocketDisconnect::new(
+                &reply,
+                "/ordered/",
+                1000,
+                FRAMES + 1,
+            )),
+            reply.clone(),
+        ));
+    }
+    sends.shuffle(&mut rng);
+    let total = sends.len();
+    for (channel, m, _) in &sends {
+        fx.layer.send(channel, m).await.unwrap();
+    }
+
+    let l = log.clone();
+    eventually(Duration::from_secs(60), "every message consumed", || {
+        l.lock().unwrap().values().map(Vec::len).sum::<usize>() >= total
+    })
+    .await;
+    // Anything consumed twice would show up now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel();
+    for h in handles {
+        tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
+    let log = log.lock().unwrap();
+    assert_eq!(log.len(), CONNECTIONS);
+    let want: Vec<u64> = (0..=FRAMES + 1).collect();
+    for (reply, orders) in log.iter() {
+        assert_eq!(
+            orders, &want,
+            "connection {reply} ran out of order, lost or twice"
+        );
+    }
+    let parked: u64 = metrics.iter().map(|m| m.snapshot().parked).sum();
+    let consumed: Vec<u64> = metrics.iter().map(|m| m.snapshot().consumed).collect();
+    assert!(
+        parked > 0,
+        "the shuffle parked messages (the gate was exercised)"
+    );
+    assert!(
+        consumed.iter().all(|c| *c > 0),
+        "every worker took messages: {consumed:?}"
+    );
+    assert_eq!(consumed.iter().sum::<u64>() as usize, total);
+    eprintln!("ordering ({backend:?}): {total} messages, {parked} parked, per worker {consumed:?}");
+}
+
+mod erased {
+    use switchyard::routing::{Map, codec};
+    pub trait Ser {
+        fn map(&self) -> Map;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn map(&self) -> Map {
+            codec::from_msgpack(&codec::to_msgpack(self).unwrap()).unwrap()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_in_order_memory() {
+    every_connection_in_order(Backend::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_in_order_redis() {
+    every_connection_in_order(Backend::Redis).await;
+}
+
+/// A strict-ordering consumer that gives up on frame 1 (ConsumeLater until the retries run out)
+/// must not stall the connection: frame 2 runs after frame 1 is dropped, and frames requeued
+/// with ConsumeLater keep their turn.
+struct Stubborn {
+    log: Log,
+}
+
+impl WebsocketConsumer for Stubborn {
+    fn strict_ordering(&self) -> bool {
+        true
+    }
+    async fn receive(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        match (m.text(), m.retries()) {
+            (Some("never"), _) => return Err(ConsumerError::ConsumeLater),
+            (Some("twice"), r) if r < 2 => return Err(ConsumerError::ConsumeLater),
+            _ => {}
+        }
+        let reply = m.reply_channel().unwrap_or_default().to_owned();
+        self.log
+            .lock()
+            .unwrap()
+            .entry(reply)
+            .or_default()
+            .push(m.order().unwrap_or(u64::MAX));
+        ctx.send_text(format!("ran {}", m.order().unwrap_or(u64::MAX)))
+    }
+}
+
+async fn gave_up_message_does_not_stall(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let log: Log = Arc::default();
+    let router = Arc::new(Router::new([route_class(Stubborn { log: log.clone() })]).unwrap());
+    let token = CancellationToken::new();
+    let worker = Worker::new(fx.layer.clone(), router)
+        .concurrency(3)
+        .max_retries(2)
+        .receive_timeout(Duration::from_millis(200));
+    let metrics = worker.metrics();
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let inbox = fx.layer.inbox("test.stubborn").await.unwrap();
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    fx.layer
+        .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
+        .await
+        .unwrap();
+    for (order, t) in [(3, "ok"), (2, "twice"), (1, "never")] {
+        fx.layer
+            .send(
+                "websocket.receive",
+                &WebsocketReceive::text(&reply, "/", t, order),
+            )
+            .await
+            .unwrap();
+    }
+    let mut texts = Vec::new();
+    for _ in 0..3 {
+        let m = ch
+            .recv_timeout(Duration::from_secs(10))
+            .await
+            .expect("a reply")
+            .to_map()
+            .unwrap();
+        texts.push(m);
+    }
+    assert_eq!(texts[0], Map::new().with("accept", true));
+    assert_eq!(texts[1], Map::new().with("text", "ran 2"));
+    assert_eq!(texts[2], Map::new().with("text", "ran 3"));
+    assert_eq!(log.lock().unwrap()[&reply], [2, 3]);
+    let s = metrics.snapshot();
+    assert_eq!(s.dropped, 1, "frame 1 given up");
+    assert_eq!(s.requeued, 2 + 2);
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn gave_up_message_does_not_stall_memory() {
+    gave_up_message_does_not_stall(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn gave_up_message_does_not_stall_redis() {
+    gave_up_message_does_not_stall(Backend::Redis).await;
+}

@@ -1,0 +1,657 @@
+//! The worker runtime against both layers, with real worker tasks: replies, deny/close,
+//! consumer atomicity on error and panic, ConsumeLater (bounded), channel globs, a slow consumer
+//! not delaying others, graceful stop finishing the message in hand, channel sessions shared by
+//! several workers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use support::{Backend, Fixture, eventually};
+use switchyard::layer::{Layer, LayerSettings, LocalChannel, ProcessInbox};
+use switchyard::routing::asgi::{WebsocketConnect, WebsocketDisconnect, WebsocketReceive};
+use switchyard::routing::{
+    ConsumerError, Ctx, Map, Message, Router, Value, WebsocketConsumer, route, route_class,
+};
+use switchyard::worker::{Worker, WorkerError, WorkerMetrics};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Running {
+    token: CancellationToken,
+    handle: JoinHandle<Result<(), WorkerError>>,
+    metrics: Arc<WorkerMetrics>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("worker stops within 10 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn start(worker: Worker) -> Running {
+    let worker = worker.receive_timeout(Duration::from_millis(200));
+    let token = CancellationToken::new();
+    let metrics = worker.metrics();
+    let handle = tokio::spawn(worker.run(token.clone()));
+    Running {
+        token,
+        handle,
+        metrics,
+    }
+}
+
+async fn next(ch: &mut LocalChannel) -> Map {
+    ch.recv_timeout(WAIT)
+        .await
+        .expect("a reply within 10 s")
+        .to_map()
+        .unwrap()
+}
+
+fn text(t: &str) -> Map {
+    Map::new().with("text", t)
+}
+
+async fn connect(m: Message, ctx: Ctx) -> Result<(), ConsumerError> {
+    match m.path() {
+        Some("/deny/") => Err(ConsumerError::DenyConnection),
+        Some("/close/") => {
+            ctx.send_text("closing")?; // discarded: the consumer did not return Ok
+            Err(ConsumerError::Close(4001))
+        }
+        _ => ctx.accept(),
+    }
+}
+
+async fn echo(m: Message, ctx: Ctx) -> Result<(), ConsumerError> {
+    ctx.send_text(format!("echo:{}", m.text().unwrap_or("")))
+}
+
+async fn fail(_: Message, ctx: Ctx) -> Result<(), ConsumerError> {
+    ctx.send_text("half-done")?;
+    Err(ConsumerError::other("database is down"))
+}
+
+async fn boom(_: Message, ctx: Ctx) -> Result<(), ConsumerError> {
+    ctx.send_text("half-done")?;
+    let v: Vec<u8> = Vec::new();
+    // A consumer bug: index out of bounds.
+    let _ = v[usize::from(ctx.reply_channel().is_some())];
+    Ok(())
+}
+
+async fn later(m: Message, ctx: Ctx) -> Result<(), ConsumerError> {
+    if m.retries() < 2 {
+        return Err(ConsumerError::ConsumeLater);
+    }
+    ctx.send_text(format!("after {} retries", m.retries()))
+}
+
+async fn never(_: Message, _: Ctx) -> Result<(), ConsumerError> {
+    Err(ConsumerError::ConsumeLater)
+}
+
+fn basic_router() -> Router {
+    Router::new([
+        route("websocket.connect", connect),
+        route("websocket.receive", echo).path("^/echo/"),
+        route("websocket.receive", fail).path("^/fail/"),
+        route("websocket.receive", boom).path("^/panic/"),
+        route("websocket.receive", later).path("^/later/"),
+        route("websocket.receive", never).path("^/never/"),
+    ])
+    .unwrap()
+}
+
+async fn inbox(layer: &Layer) -> ProcessInbox {
+    layer.inbox("test.replies").await.unwrap()
+}
+
+async fn replies_and_control_errors(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let running = start(
+        Worker::new(fx.layer.clone(), Arc::new(basic_router()))
+            .concurrency(2)
+            .max_retries(3),
+    );
+    let inbox = inbox(&fx.layer).await;
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    let send = |channel: &'static str, m: Map| {
+        let layer = fx.layer.clone();
+        async move { layer.send(channel, &m).await.unwrap() }
+    };
+    let as_map = |v: &dyn erased::Ser| v.map();
+
+    send(
+        "websocket.connect",
+        as_map(&WebsocketConnect::new(&reply, "/echo/")),
+    )
+    .await;
+    assert_eq!(next(&mut ch).await, Map::new().with("accept", true));
+
+    send(
+        "websocket.connect",
+        as_map(&WebsocketConnect::new(&reply, "/deny/")),
+    )
+    .await;
+    assert_eq!(next(&mut ch).await, Map::new().with("close", true));
+
+    send(
+        "websocket.connect",
+        as_map(&WebsocketConnect::new(&reply, "/close/")),
+    )
+    .await;
+    assert_eq!(next(&mut ch).await, Map::new().with("close", 4001));
+
+    // Errors and panics discard the consumer's sends; the worker goes on.
+    send(
+        "websocket.receive",
+        as_map(&WebsocketReceive::text(&reply, "/fail/", "x", 1)),
+    )
+    .await;
+    send(
+        "websocket.receive",
+        as_map(&WebsocketReceive::text(&reply, "/panic/", "x", 2)),
+    )
+    .await;
+    send(
+        "websocket.receive",
+        as_map(&WebsocketReceive::text(&reply, "/echo/", "hi", 3)),
+    )
+    .await;
+    assert_eq!(next(&mut ch).await, text("echo:hi"));
+    let m = running.metrics.clone();
+    eventually(WAIT, "one error and one panic counted", || {
+        let s = m.snapshot();
+        s.errors == 1 && s.panics == 1
+    })
+    .await;
+
+    // ConsumeLater: requeued with __retries__ until the consumer takes it.
+    send(
+        "websocket.receive",
+        as_map(&WebsocketReceive::text(&reply, "/later/", "x", 4)),
+    )
+    .await;
+    assert_eq!(next(&mut ch).await, text("after 2 retries"));
+
+    // ...and dropped after max_retries.
+    send(
+        "websocket.receive",
+        as_map(&WebsocketReceive::text(&reply, "/never/", "x", 5)),
+    )
+    .await;
+    eventually(WAIT, "the never-consumed message dropped", || {
+        m.snapshot().dropped == 1
+    })
+    .await;
+    let s = m.snapshot();
+    assert_eq!(s.requeued, 2 + 3);
+    assert!(ch.try_recv().is_none(), "nothing else was sent");
+
+    // Messages no route matches are counted, not fatal.
+    send(
+        "websocket.receive",
+        as_map(&WebsocketReceive::text(&reply, "/nowhere/", "x", 6)),
+    )
+    .await;
+    eventually(WAIT, "unrouted counted", || m.snapshot().unrouted == 1).await;
+    send(
+        "websocket.receive",
+        as_map(&WebsocketReceive::text(&reply, "/echo/", "still", 7)),
+    )
+    .await;
+    assert_eq!(next(&mut ch).await, text("echo:still"));
+    running.stop().await;
+}
+
+/// Serializes typed messages into maps for sending.
+mod erased {
+    use switchyard::routing::{Map, codec};
+    pub trait Ser {
+        fn map(&self) -> Map;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn map(&self) -> Map {
+            codec::from_msgpack(&codec::to_msgpack(self).unwrap()).unwrap()
+        }
+    }
+}
+
+#[tokio::test]
+async fn replies_and_control_errors_memory() {
+    replies_and_control_errors(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn replies_and_control_errors_redis() {
+    replies_and_control_errors(Backend::Redis).await;
+}
+
+/// A `thumbnails` consumer that blocks until the test releases it.
+#[derive(Default)]
+struct Gate {
+    started: Notify,
+    release: Notify,
+    finished: AtomicBool,
+}
+
+fn slow_router(gate: Arc<Gate>) -> Router {
+    Router::new([
+        route("thumbnails", move |m: Message, ctx: Ctx| {
+            let gate = gate.clone();
+            async move {
+                gate.started.notify_one();
+                gate.release.notified().await;
+                gate.finished.store(true, Ordering::SeqCst);
+                let to = m.get_str("notify").unwrap_or_default().to_owned();
+                ctx.send(&to, &Map::new().with("text", "thumbnail ready"))
+            }
+        }),
+        route("websocket.receive", echo),
+    ])
+    .unwrap()
+}
+
+async fn slow_consumer_does_not_delay_others(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let gate = Arc::new(Gate::default());
+    let running =
+        start(Worker::new(fx.layer.clone(), Arc::new(slow_router(gate.clone()))).concurrency(2));
+    let inbox = inbox(&fx.layer).await;
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    fx.layer
+        .send("thumbnails", &Map::new().with("notify", reply.as_str()))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, gate.started.notified())
+        .await
+        .expect("the slow consumer starts");
+    for i in 0..5 {
+        fx.layer
+            .send(
+                "websocket.receive",
+                &WebsocketReceive::text(&reply, "/", format!("m{i}"), i),
+            )
+            .await
+            .unwrap();
+        assert_eq!(next(&mut ch).await, text(&format!("echo:m{i}")));
+    }
+    assert!(
+        !gate.finished.load(Ordering::SeqCst),
+        "the echoes were answered while the slow consumer was still running"
+    );
+    gate.release.notify_one();
+    assert_eq!(next(&mut ch).await, text("thumbnail ready"));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn slow_consumer_does_not_delay_others_memory() {
+    slow_consumer_does_not_delay_others(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn slow_consumer_does_not_delay_others_redis() {
+    slow_consumer_does_not_delay_others(Backend::Redis).await;
+}
+
+async fn graceful_stop_finishes_message_in_hand(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let gate = Arc::new(Gate::default());
+    let running = start(Worker::new(
+        fx.layer.clone(),
+        Arc::new(slow_router(gate.clone())),
+    ));
+    let inbox = inbox(&fx.layer).await;
+    let mut ch = inbox.new_channel();
+    fx.layer
+        .send("thumbnails", &Map::new().with("notify", ch.name()))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, gate.started.notified())
+        .await
+        .expect("the consumer starts");
+    running.token.cancel();
+    // The worker must still be running the message in hand.
+    tokio::task::yield_now().await;
+    assert!(!running.handle.is_finished());
+    gate.release.notify_one();
+    tokio::time::timeout(WAIT, running.handle)
+        .await
+        .expect("stops after the message in hand")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next(&mut ch).await, text("thumbnail ready"));
+    // And it took nothing else: a message sent after the stop stays queued.
+    fx.layer
+        .send("thumbnails", &Map::new().with("notify", ch.name()))
+        .await
+        .unwrap();
+    assert_eq!(fx.layer.channel_depth("thumbnails").await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn graceful_stop_finishes_message_in_hand_memory() {
+    graceful_stop_finishes_message_in_hand(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn graceful_stop_finishes_message_in_hand_redis() {
+    graceful_stop_finishes_message_in_hand(Backend::Redis).await;
+}
+
+async fn channel_globs(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let router = Arc::new(slow_router(Arc::new(Gate::default())));
+    let w = Worker::new(fx.layer.clone(), router.clone());
+    assert_eq!(w.channels(), ["thumbnails", "websocket.receive"]);
+    assert_eq!(
+        w.clone().only_channels(&["websocket.*"]).channels(),
+        ["websocket.receive"]
+    );
+    let excluding = w.clone().exclude_channels(&["thumb*"]);
+    assert_eq!(excluding.channels(), ["websocket.receive"]);
+    let err = w
+        .clone()
+        .only_channels(&["http.*"])
+        .run(CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, WorkerError::NoChannels { .. }), "{err}");
+
+    let running = start(excluding);
+    let inbox = inbox(&fx.layer).await;
+    let mut ch = inbox.new_channel();
+    fx.layer
+        .send("thumbnails", &Map::new().with("notify", ch.name()))
+        .await
+        .unwrap();
+    fx.layer
+        .send(
+            "websocket.receive",
+            &WebsocketReceive::text(ch.name(), "/", "x", 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next(&mut ch).await, text("echo:x"));
+    running.stop().await;
+    assert_eq!(
+        fx.layer.channel_depth("thumbnails").await.unwrap(),
+        1,
+        "the excluded channel was not consumed"
+    );
+}
+
+#[tokio::test]
+async fn channel_globs_memory() {
+    channel_globs(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn channel_globs_redis() {
+    channel_globs(Backend::Redis).await;
+}
+
+/// Counts frames per connection in the channel session.
+struct Counter;
+
+impl WebsocketConsumer for Counter {
+    fn channel_session(&self) -> bool {
+        true
+    }
+    async fn connect(&self, _m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        ctx.session_set("count", 0)?;
+        ctx.accept()
+    }
+    async fn receive(&self, _m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        let n = ctx
+            .session_get("count")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(-100)
+            + 1;
+        ctx.session_set("count", n)?;
+        ctx.send_text(n.to_string())
+    }
+    async fn disconnect(&self, _m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        ctx.session_delete("count")
+    }
+}
+
+async fn channel_session_is_shared_by_workers(backend: Backend) {
+    let settings = LayerSettings {
+        group_expiry: Duration::from_secs(1),
+        ..LayerSettings::default()
+    };
+    let fx = Fixture::new(backend, settings.clone()).await;
+    let router = Arc::new(Router::new([route_class(Counter)]).unwrap());
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let layer = fx.peer(settings.clone()).await;
+        workers.push(start(Worker::new(layer, router.clone())));
+    }
+    let inbox = inbox(&fx.layer).await;
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    fx.layer
+        .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut ch).await, Map::new().with("accept", true));
+    for i in 1..=6u64 {
+        fx.layer
+            .send(
+                "websocket.receive",
+                &WebsocketReceive::text(&reply, "/", "tick", i),
+            )
+            .await
+            .unwrap();
+        assert_eq!(next(&mut ch).await, text(&i.to_string()));
+    }
+    let consumed: Vec<u64> = workers
+        .iter()
+        .map(|w| w.metrics.snapshot().consumed)
+        .collect();
+    assert_eq!(consumed.iter().sum::<u64>(), 7);
+    assert_eq!(
+        fx.layer.session_get(&reply).await.unwrap(),
+        Map::new().with("count", Value::Int(6))
+    );
+    fx.layer
+        .send(
+            "websocket.disconnect",
+            &WebsocketDisconnect::new(&reply, "/", 1000, 7),
+        )
+        .await
+        .unwrap();
+    let layer = fx.layer.clone();
+    let r = reply.clone();
+    let deleted = async move {
+        for _ in 0..500 {
+            if layer.session_get(&r).await.unwrap().get("count").is_none() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    };
+    assert!(deleted.await, "disconnect deleted the key");
+
+    // A session expires with the group expiry (1 s here).
+    fx.layer
+        .session_set(&reply, "k", &Value::from("v"))
+        .await
+        .unwrap();
+    assert_eq!(
+        fx.layer.session_get(&reply).await.unwrap().get_str("k"),
+        Some("v")
+    );
+    let layer = fx.layer.clone();
+    let expired = async move {
+        for _ in 0..300 {
+            if layer.session_get(&reply).await.unwrap().is_empty() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    };
+    assert!(expired.await, "the session expired within 6 s");
+    for w in workers {
+        w.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn channel_session_is_shared_by_workers_memory() {
+    channel_session_is_shared_by_workers(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn channel_session_is_shared_by_workers_redis() {
+    channel_session_is_shared_by_workers(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn bad_names_are_errors_not_panics() {
+    let fx = Fixture::new(Backend::Memory, LayerSettings::default()).await;
+    assert!(fx.layer.session_get("bad name").await.is_err());
+    assert!(
+        fx.layer
+            .session_set("bad name", "k", &Value::Nil)
+            .await
+            .is_err()
+    );
+    assert!(
+        fx.layer
+            .ordering_gate("bad name", 0, "x", b"\x80")
+            .await
+            .is_err()
+    );
+    let err = Worker::new(fx.layer.clone(), Arc::new(basic_router()))
+        .concurrency(0)
+        .run(CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, WorkerError::Config(_)));
+}
+
+#[tokio::test]
+async fn worker_rides_out_a_redis_restart() {
+    let mut fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
+    let running = start(Worker::new(fx.layer.clone(), Arc::new(basic_router())).concurrency(2));
+    let inbox = inbox(&fx.layer).await;
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    fx.layer
+        .send(
+            "websocket.receive",
+            &WebsocketReceive::text(&reply, "/echo/", "before", 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next(&mut ch).await, text("echo:before"));
+
+    fx.redis.as_mut().unwrap().restart();
+    // Sends fail fast while the layer reconnects; retry until one is accepted.
+    let mut sent = false;
+    for _ in 0..200 {
+        if fx
+            .layer
+            .send(
+                "websocket.receive",
+                &WebsocketReceive::text(&reply, "/echo/", "after", 2),
+            )
+            .await
+            .is_ok()
+        {
+            sent = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sent, "the layer reconnected within 10 s");
+    assert_eq!(next(&mut ch).await, text("echo:after"));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn redis_layout_of_sessions_and_ordering() {
+    let fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
+    let redis = fx.redis.as_ref().unwrap();
+    let reply = "daphne.response.abc!xyz";
+    fx.layer
+        .session_set(reply, "count", &Value::Int(6))
+        .await
+        .unwrap();
+    let key = format!("asgi:session:{reply}");
+    let stored: Vec<u8> = redis.cmd(&[b"HGET", key.as_bytes(), b"count"]);
+    assert_eq!(stored, [0x06], "the value is msgpack");
+    let ttl: i64 = redis.cmd(&[b"TTL", key.as_bytes()]);
+    assert!(
+        (86_000..=86_400).contains(&ttl),
+        "expires with the group expiry: {ttl}"
+    );
+
+    use switchyard::layer::Gate;
+    assert_eq!(
+        fx.layer
+            .ordering_gate(reply, 2, "websocket.receive", b"\x81\xa1k\x01")
+            .await
+            .unwrap(),
+        Gate::Parked
+    );
+    let okey = format!("asgi:order:{reply}");
+    let parked: Vec<u8> = redis.cmd(&[b"HGET", okey.as_bytes(), b"p:2"]);
+    assert_eq!(parked, b"websocket.receive\x00\x81\xa1k\x01");
+    assert_eq!(
+        fx.layer
+            .ordering_gate(reply, 0, "websocket.connect", b"\x80")
+            .await
+            .unwrap(),
+        Gate::Run
+    );
+    assert_eq!(fx.layer.ordering_done(reply, 0, false).await.unwrap(), None);
+    assert_eq!(
+        fx.layer
+            .ordering_gate(reply, 1, "websocket.receive", b"\x80")
+            .await
+            .unwrap(),
+        Gate::Run
+    );
+    let resumed = fx
+        .layer
+        .ordering_done(reply, 1, false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resumed.0, "websocket.receive");
+    assert_eq!(&resumed.1[..], b"\x81\xa1k\x01");
+    assert_eq!(
+        fx.layer
+            .ordering_gate(reply, 2, "websocket.receive", b"\x80")
+            .await
+            .unwrap(),
+        Gate::Run
+    );
+    assert_eq!(fx.layer.ordering_done(reply, 2, true).await.unwrap(), None);
+    let exists: i64 = redis.cmd(&[b"EXISTS", okey.as_bytes()]);
+    assert_eq!(exists, 0, "the ordering state goes with the disconnect");
+    fx.layer.flush().await.unwrap();
+    let exists: i64 = redis.cmd(&[b"EXISTS", key.as_bytes()]);
+    assert_eq!(exists, 0, "flush removes sessions");
+}
