@@ -1,4 +1,5 @@
-//! The deployable Switchyard app: the command line (`cli`) and, alongside it, the reference
-//! consumers that the `switchyard` binary serves (chat rooms, echo, relay, background jobs).
+//! The deployable Switchyard app: the reference consumers and their routes (`app`), and the
+//! command line of the `switchyard` binary (`cli`).
 
+pub mod app;
 pub mod cli;

@@ -1,0 +1,216 @@
+//! Chat rooms, the classic Channels demo: a socket on `/ws/chat/<room>/` joins the group
+//! `chat-<room>`, gets the room's last 50 messages, and every `{"handle", "message"}` it sends is
+//! stamped with the server time, kept in the room's history and broadcast to the room.
+//!
+//! History and the list of active rooms live in the channel layer (Redis, or memory under `dev`)
+//! as app data, so any worker can serve any socket.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use switchyard::layer::{Layer, LayerError};
+use switchyard_routing::asgi::WebsocketSend;
+use switchyard_routing::{ConsumerError, Ctx, Kwargs, Message, WebsocketConsumer};
+
+use super::time::now_rfc3339;
+
+/// Messages kept per room.
+pub const HISTORY: usize = 50;
+/// Longest handle, in characters.
+pub const MAX_HANDLE: usize = 32;
+/// Longest message, in characters.
+pub const MAX_MESSAGE: usize = 2000;
+/// A room's history and its place in the room list lapse after this long without messages.
+const RETAIN: Duration = Duration::from_secs(7 * 86_400);
+const ROOMS_INDEX: &str = "chat-rooms";
+
+/// The group a room broadcasts to.
+pub fn group_of(room: &str) -> String {
+    format!("chat-{room}")
+}
+
+/// One chat message as stored and as sent to browsers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// Always `"message"`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The room.
+    pub room: String,
+    /// Who wrote it.
+    pub handle: String,
+    /// What they wrote (plain text; the page inserts it as text).
+    pub message: String,
+    /// Server time, RFC 3339 UTC.
+    pub ts: String,
+}
+
+/// What a browser sends.
+#[derive(Debug, Deserialize)]
+struct Incoming {
+    handle: String,
+    message: String,
+}
+
+/// Room history and the active-room list, in the channel layer.
+#[derive(Debug, Clone)]
+pub struct ChatStore {
+    layer: Layer,
+}
+
+impl ChatStore {
+    /// A store on `layer`.
+    pub fn new(layer: Layer) -> Self {
+        ChatStore { layer }
+    }
+
+    fn history_key(room: &str) -> String {
+        format!("chat-history.{room}")
+    }
+
+    /// Appends to a room's history and marks the room active.
+    pub async fn record(&self, message: &ChatMessage) -> Result<(), LayerError> {
+        let json = serde_json::to_vec(message).map_err(|e| LayerError::Protocol(e.to_string()))?;
+        self.layer
+            .list_push(&Self::history_key(&message.room), &json, HISTORY, RETAIN)
+            .await?;
+        self.layer
+            .index_touch(ROOMS_INDEX, &message.room, RETAIN)
+            .await
+    }
+
+    /// A room's last messages, oldest first (entries that do not parse are skipped).
+    pub async fn history(&self, room: &str) -> Result<Vec<ChatMessage>, LayerError> {
+        let items = self.layer.list_items(&Self::history_key(room)).await?;
+        Ok(items
+            .iter()
+            .filter_map(|b| serde_json::from_slice(b).ok())
+            .collect())
+    }
+
+    /// Marks a room active (someone joined it).
+    pub async fn touch(&self, room: &str) -> Result<(), LayerError> {
+        self.layer.index_touch(ROOMS_INDEX, room, RETAIN).await
+    }
+
+    /// The most recently active rooms.
+    pub async fn recent_rooms(&self, limit: usize) -> Result<Vec<String>, LayerError> {
+        self.layer.index_recent(ROOMS_INDEX, limit).await
+    }
+}
+
+/// The chat socket consumer.
+#[derive(Debug)]
+pub struct ChatRoom {
+    store: std::sync::Arc<ChatStore>,
+}
+
+impl ChatRoom {
+    /// A consumer keeping its data in `store`.
+    pub fn new(store: std::sync::Arc<ChatStore>) -> Self {
+        ChatRoom { store }
+    }
+}
+
+fn error_frame(ctx: &Ctx, error: &str) -> Result<(), ConsumerError> {
+    ctx.send_json(&serde_json::json!({"type": "error", "error": error}))
+}
+
+/// Checks and normalises what a browser sent: the handle trimmed, both non-empty and bounded.
+fn validate(incoming: Incoming) -> Result<(String, String), &'static str> {
+    let handle = incoming.handle.trim().to_owned();
+    if handle.is_empty() {
+        return Err("a handle is required");
+    }
+    if handle.chars().count() > MAX_HANDLE {
+        return Err("the handle is too long (32 characters at most)");
+    }
+    if incoming.message.trim().is_empty() {
+        return Err("the message is empty");
+    }
+    if incoming.message.chars().count() > MAX_MESSAGE {
+        return Err("the message is too long (2000 characters at most)");
+    }
+    Ok((handle, incoming.message))
+}
+
+impl WebsocketConsumer for ChatRoom {
+    fn groups(&self, kwargs: &Kwargs) -> Vec<String> {
+        kwargs
+            .get("room")
+            .map(|r| vec![group_of(r)])
+            .unwrap_or_default()
+    }
+
+    async fn connect(&self, _message: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        let room = ctx.kwarg("room").to_owned();
+        ctx.accept()?;
+        let history = self
+            .store
+            .history(&room)
+            .await
+            .map_err(ConsumerError::other)?;
+        self.store
+            .touch(&room)
+            .await
+            .map_err(ConsumerError::other)?;
+        ctx.send_json(&serde_json::json!({"type": "history", "room": room, "messages": history}))
+    }
+
+    async fn receive(&self, message: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        let Some(text) = message.text() else {
+            return error_frame(
+                ctx,
+                "send JSON text frames: {\"handle\": ..., \"message\": ...}",
+            );
+        };
+        let incoming: Incoming = match serde_json::from_str(text) {
+            Ok(i) => i,
+            Err(_) => {
+                return error_frame(
+                    ctx,
+                    "send JSON text frames: {\"handle\": ..., \"message\": ...}",
+                );
+            }
+        };
+        let (handle, body) = match validate(incoming) {
+            Ok(v) => v,
+            Err(e) => return error_frame(ctx, e),
+        };
+        let room = ctx.kwarg("room").to_owned();
+        let chat = ChatMessage {
+            kind: "message".into(),
+            room: room.clone(),
+            handle,
+            message: body,
+            ts: now_rfc3339(),
+        };
+        self.store
+            .record(&chat)
+            .await
+            .map_err(ConsumerError::other)?;
+        let frame = serde_json::to_string(&chat).map_err(ConsumerError::other)?;
+        ctx.group_send(&group_of(&room), &WebsocketSend::text(frame))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        let ok = |h: &str, m: &str| {
+            validate(Incoming {
+                handle: h.into(),
+                message: m.into(),
+            })
+        };
+        assert_eq!(ok("  ann ", "hi <b>"), Ok(("ann".into(), "hi <b>".into())));
+        assert!(ok("", "x").is_err());
+        assert!(ok("a", "   ").is_err());
+        assert!(ok(&"h".repeat(33), "x").is_err());
+        assert!(ok("a", &"é".repeat(2001)).is_err());
+        assert!(ok("a", &"é".repeat(2000)).is_ok());
+    }
+}
