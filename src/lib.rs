@@ -7,6 +7,7 @@
 //! [`switchyard_routing`], re-exported here as [`routing`].
 
 pub mod layer;
+pub mod server;
 
 pub use switchyard_routing as routing;
 pub use switchyard_routing::{ByteString, Map, Value, asgi, codec, names};
