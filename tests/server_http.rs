@@ -489,3 +489,87 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     );
     server.stop().await;
 }
+
+/// Collects what the access log writes.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// current_thread (the default): every server task runs on this thread, under the test's subscriber.
+#[tokio::test]
+async fn access_log_has_a_line_per_request_and_per_socket() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("switchyard::access", tracing::Level::INFO),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(move || writer.clone()),
+        );
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let mut worker = Worker::echo(&layer).await;
+    let resp = http_client()
+        .get(server.url("/logged?q=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut ws = ws_connect(&server.ws_url("/sock")).await;
+    ws.close(None).await.unwrap();
+    worker.next_on(switchyard::asgi::WEBSOCKET_DISCONNECT).await;
+    support::eventually(WAIT, "WSDISCONNECT logged", || {
+        String::from_utf8_lossy(&captured.0.lock().unwrap()).contains("WSDISCONNECT")
+    })
+    .await;
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let find = |needle: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in {log}"))
+    };
+    let get = find("GET /logged 200");
+    assert!(
+        get.contains("client=127.0.0.1:") && get.contains("duration_ms="),
+        "{get}"
+    );
+    find("WSCONNECTING /sock");
+    find("WSCONNECT /sock");
+    find("WSDISCONNECT /sock 1005");
+}
+
+#[tokio::test]
+async fn redis_down_refuses_handshakes_with_503() {
+    let mut fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
+    let server = TestServer::start(fx.layer.clone(), ServerConfig::default()).await;
+    let _worker = Worker::echo(&fx.layer).await;
+    let _ok = ws_connect(&server.ws_url("/before")).await;
+    fx.redis.as_mut().unwrap().stop();
+    let status = tokio::time::timeout(
+        Duration::from_secs(8),
+        ws_refused_status(&server.ws_url("/during")),
+    )
+    .await
+    .expect("a handshake during the outage must be answered, not hang");
+    assert_eq!(status, 503);
+}

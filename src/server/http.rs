@@ -200,9 +200,9 @@ struct LoggedPath(String);
 fn access_log(client: &str, method: &str, path: &str, status: StatusCode, started: Instant) {
     tracing::info!(
         target: ACCESS_LOG,
-        client,
-        method,
-        path,
+        client = %client,
+        method = %method,
+        path = %path,
         status = status.as_u16(),
         duration_ms = started.elapsed().as_millis() as u64,
         "{method} {path} {}",

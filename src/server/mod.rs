@@ -26,7 +26,9 @@
 //!   → close 1000; open longer than the layer's group expiry (or `websocket_lifetime`) → close 1000,
 //!   as daphne's `--websocket_timeout`; server shutdown → close 1001.
 //! - slow readers: each socket's outbound queue holds `outbound_queue` messages; on overflow the
-//!   [`SlowClientPolicy`] applies (default: close 1013), and every drop is counted.
+//!   [`SlowClientPolicy`] applies (default: close 1013), and every drop is counted; a write stalled
+//!   past `write_timeout` drops the connection. A streamed HTTP response whose chunks overflow the
+//!   queue is cut (the client sees an incomplete body, never a silently corrupted one).
 //! - `/healthz` (under `root_path` too) is answered by the server itself.
 
 mod http;
@@ -101,7 +103,9 @@ pub struct ServerConfig {
     pub outbound_queue: usize,
     /// What to do when a connection's outbound queue overflows.
     pub slow_client: SlowClientPolicy,
-    /// A write to a socket that does not complete within this long closes it (1013).
+    /// A write to a socket that does not complete within this long drops the connection (no
+    /// close frame can get through a stalled socket; counted as a slow-client close, and the
+    /// `websocket.disconnect` says 1006).
     pub write_timeout: Duration,
     /// How long a frame is retried while `websocket.receive` is full before closing with 1013.
     pub receive_full_retry: Duration,

@@ -101,3 +101,72 @@ fn decode_reply(envelope: &Envelope) -> Result<SocketReply, ReplyError> {
         close: send.close.and_then(|c| c.code()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_routing::codec;
+
+    fn envelope(channel: &str, payload: &Bytes) -> Envelope {
+        Envelope {
+            channel: channel.to_owned(),
+            payload: payload.clone(),
+        }
+    }
+
+    #[test]
+    fn shared_payload_is_decoded_once_and_its_frame_shared() {
+        let payload =
+            Bytes::from(codec::to_msgpack(&WebsocketSend::text("hi all")).expect("packs"));
+        let (a, b) = (envelope("x!a", &payload), envelope("x!b", &payload));
+        let cache = FrameCache::default();
+        let first = cache.decode(&a).expect("decodes");
+        let second = cache.decode(&b).expect("decodes");
+        let text = |r: &SocketReply| match &r.frame {
+            Some(Message::Text(t)) => t.as_str().as_ptr(),
+            other => panic!("not text: {other:?}"),
+        };
+        assert_eq!(
+            text(&first),
+            text(&second),
+            "the frame payload is shared, not rebuilt"
+        );
+        assert_eq!(first.frame, Some(Message::text("hi all")));
+    }
+
+    #[test]
+    fn unshared_payloads_are_not_cached_and_bad_replies_are_refused() {
+        let cache = FrameCache::default();
+        let own = Bytes::from(codec::to_msgpack(&WebsocketSend::close(Some(4000))).expect("packs"));
+        let only = Envelope {
+            channel: "x!a".to_owned(),
+            payload: own,
+        };
+        let reply = cache.decode(&only).expect("decodes");
+        assert_eq!(
+            (reply.close, reply.frame.is_none(), reply.accepts()),
+            (Some(4000), true, false)
+        );
+        assert!(
+            cache
+                .ring
+                .lock()
+                .expect("lock")
+                .entries
+                .iter()
+                .all(Option::is_none)
+        );
+        let mut both = WebsocketSend::text("t");
+        both.bytes = Some(b"b".to_vec().into());
+        let both = Bytes::from(codec::to_msgpack(&both).expect("packs"));
+        assert!(matches!(
+            cache.decode(&envelope("x!a", &both)),
+            Err(ReplyError::TextAndBytes)
+        ));
+        let junk = Bytes::from_static(b"\xc1");
+        assert!(matches!(
+            cache.decode(&envelope("x!a", &junk)),
+            Err(ReplyError::Undecodable(_))
+        ));
+    }
+}

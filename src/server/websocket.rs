@@ -88,9 +88,11 @@ async fn send_disconnect(shared: &Shared, message: &WebsocketDisconnect) {
 fn ws_log(client: &str, what: &str, path: &str, code: Option<u16>) {
     match code {
         Some(code) => {
-            tracing::info!(target: ACCESS_LOG, client, event = what, path, code, "{what} {path} {code}")
+            tracing::info!(target: ACCESS_LOG, client = %client, event = %what, path = %path, code, "{what} {path} {code}")
         }
-        None => tracing::info!(target: ACCESS_LOG, client, event = what, path, "{what} {path}"),
+        None => {
+            tracing::info!(target: ACCESS_LOG, client = %client, event = %what, path = %path, "{what} {path}")
+        }
     }
 }
 
