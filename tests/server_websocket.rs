@@ -584,3 +584,49 @@ async fn shutdown_closes_sockets_with_1001_and_tells_workers() {
     let server = tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
     assert_eq!(server.metrics.snapshot().open_websockets, 0);
 }
+
+#[tokio::test]
+async fn subprotocol_is_chosen_from_the_allowed_list() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            ws_protocols: vec!["chat.v2".into(), "chat.v1".into()],
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let _worker = Worker::echo(&layer).await;
+    let mut request = server.ws_url("/proto").into_client_request().unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "mqtt, chat.v1, chat.v2".parse().unwrap(),
+    );
+    let (_ws, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "chat.v1");
+    // Nothing offered that is allowed: no header.
+    let mut request = server.ws_url("/proto").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let result = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .unwrap();
+    // tungstenite's client refuses a response without the protocol it asked for; the server
+    // answered 101 without one, which is what the RFC allows.
+    assert!(
+        result.is_err()
+            || result
+                .unwrap()
+                .1
+                .headers()
+                .get("sec-websocket-protocol")
+                .is_none()
+    );
+}

@@ -115,6 +115,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Prefix of the process inbox name.
     pub inbox_prefix: String,
+    /// WebSocket subprotocols the server agrees to (daphne's `--ws-protocol`): the first one the
+    /// client offers that is listed here is echoed in `Sec-WebSocket-Protocol` (browsers fail a
+    /// handshake that offered protocols and got none back). Empty: none is ever selected.
+    pub ws_protocols: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -142,6 +146,7 @@ impl Default for ServerConfig {
             proxy_headers: false,
             shutdown_grace: Duration::from_secs(10),
             inbox_prefix: "switchyard.response".to_owned(),
+            ws_protocols: Vec::new(),
         }
     }
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
 use hyper::header::{
-    CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION,
-    UPGRADE,
+    CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, Response, StatusCode};
@@ -130,6 +130,7 @@ pub(crate) async fn handshake(
     else {
         return plain(StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key\n");
     };
+    let subprotocol = choose_subprotocol(&shared.config.ws_protocols, &req);
     let head = match RequestHead::from_parts(
         req.uri(),
         req.headers(),
@@ -240,7 +241,25 @@ pub(crate) async fn handshake(
     if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(&key)) {
         headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
     }
+    if let Some(protocol) = subprotocol {
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
     resp
+}
+
+/// The first subprotocol the client offers that the server agrees to.
+fn choose_subprotocol(allowed: &[String], req: &Request<Incoming>) -> Option<HeaderValue> {
+    if allowed.is_empty() {
+        return None;
+    }
+    req.headers()
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|offered| allowed.iter().any(|a| a == offered))
+        .and_then(|p| HeaderValue::from_str(p).ok())
 }
 
 /// Small buffers: an idle socket should cost a few KB, not tungstenite's 2 × 128 KiB defaults.
