@@ -328,12 +328,14 @@ impl Serialize for BinRef<'_> {
 }
 
 impl Socket {
+    /// The loop. Handlers run boxed: an idle socket's task then holds only the `select!` state,
+    /// not the largest handler's (a layer send is the biggest), which halves its size.
     async fn run(mut self, mut ws: Ws, first: SocketReply) {
         let metrics = Arc::clone(&self.shared.metrics);
         ServerMetrics::inc(&metrics.open_websockets);
         ServerMetrics::inc(&metrics.open_connections);
         ws_log(&self.client, "WSCONNECT", &self.path, None);
-        let mut end = self.write_replies(&mut ws, vec![first]).await;
+        let mut end = Box::pin(self.write_replies(&mut ws, vec![first])).await;
         let timer = tokio::time::sleep_until(self.next_deadline().into());
         tokio::pin!(timer);
         while end.is_none() {
@@ -347,7 +349,7 @@ impl Socket {
             };
             end = match event {
                 Event::Shutdown | Event::Outgoing(None) => Some(End::ServerClosed(1001)),
-                Event::Incoming(incoming) => self.on_incoming(incoming).await,
+                Event::Incoming(incoming) => Box::pin(self.on_incoming(incoming)).await,
                 Event::Outgoing(Some(envelope)) => {
                     let mut batch = Vec::with_capacity(4);
                     self.push_reply(&envelope, &mut batch);
@@ -359,13 +361,13 @@ impl Socket {
                     }
                     match self.check_overflow() {
                         Some(end) => Some(end),
-                        None => self.write_replies(&mut ws, batch).await,
+                        None => Box::pin(self.write_replies(&mut ws, batch)).await,
                     }
                 }
-                Event::Tick => self.on_tick(&mut ws).await,
+                Event::Tick => Box::pin(self.on_tick(&mut ws)).await,
             };
         }
-        let code = self.finish(&mut ws, end.unwrap_or(End::Dropped)).await;
+        let code = Box::pin(self.finish(&mut ws, end.unwrap_or(End::Dropped))).await;
         ws_log(&self.client, "WSDISCONNECT", &self.path, Some(code));
         ServerMetrics::dec(&metrics.open_websockets);
         ServerMetrics::dec(&metrics.open_connections);
