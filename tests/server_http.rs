@@ -575,3 +575,65 @@ async fn redis_down_refuses_handshakes_with_503() {
     .expect("a handshake during the outage must be answered, not hang");
     assert_eq!(status, 503);
 }
+
+#[tokio::test]
+async fn stalled_stream_is_cut_and_slow_body_is_408() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            http_timeout: Duration::from_millis(400),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    // Starts a streamed response and never finishes it.
+    let mut worker = Worker::spawn(&layer, &[HTTP_REQUEST, HTTP_DISCONNECT], |e| {
+        if e.channel != HTTP_REQUEST {
+            return vec![];
+        }
+        let m: HttpRequest = e.decode().unwrap();
+        let mut first = HttpResponse::new(200, vec![], &b"partial"[..]);
+        first.more_content = true;
+        vec![out(&m.reply_channel, &first)]
+    })
+    .await;
+    let got = raw_exchange(
+        server.addr,
+        b"GET /stalled HTTP/1.1\r\nhost: x\r\n\r\n",
+        WAIT,
+    )
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(raw_status(&got), Some(200), "{text}");
+    assert!(text.contains("partial"), "{text}");
+    // Chunked encoding never terminated: the client can tell the body is incomplete.
+    assert!(!text.ends_with("0\r\n\r\n"), "{text}");
+    let request: HttpRequest = worker.next_on(HTTP_REQUEST).await.decode().unwrap();
+    let gone: HttpDisconnect = worker.next_on(HTTP_DISCONNECT).await.decode().unwrap();
+    assert_eq!(gone.reply_channel, request.reply_channel);
+    assert_eq!(server.metrics.snapshot().http_aborted_streams, 1);
+
+    // A body that trickles in slower than the HTTP timeout.
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut tcp,
+        b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nonly a little",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut got),
+    )
+    .await;
+    assert_eq!(
+        raw_status(&got),
+        Some(408),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+}
