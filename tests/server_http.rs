@@ -275,6 +275,9 @@ async fn slowloris_head_is_cut_after_the_header_read_timeout() {
         "{}",
         String::from_utf8_lossy(&got)
     );
+    // A connection that says nothing at all is closed too (no idle slot hoarding).
+    let silent = raw_exchange(server.addr, b"", WAIT).await;
+    assert!(silent.is_empty() || raw_status(&silent) == Some(408));
     tokio::time::timeout(Duration::from_secs(5), async {
         while server.metrics.snapshot().open_connections > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
