@@ -28,7 +28,7 @@ wstest_py2() {
 
 WSTEST=""
 if [ ! -x "$TOOLS/venv/bin/wstest" ]; then
-  python3 -m venv "$TOOLS/venv" && "$TOOLS/venv/bin/pip" install -q autobahntestsuite || true
+  { python3 -m venv "$TOOLS/venv" && "$TOOLS/venv/bin/pip" install -q autobahntestsuite; } > reports/autobahn/pip3.log 2>&1 || true
 fi
 if [ -x "$TOOLS/venv/bin/wstest" ] && wstest_py3 --help >/dev/null 2>&1; then
   WSTEST=wstest_py3
@@ -42,7 +42,8 @@ else
     exit 2
   fi
   if ! wstest_py2 --help >/dev/null 2>&1; then
-    "$PY2" -m pip install -q --disable-pip-version-check --target "$TOOLS/py2" autobahntestsuite
+    "$PY2" -m pip install -q --disable-pip-version-check --target "$TOOLS/py2" autobahntestsuite \
+      > reports/autobahn/pip.log 2>&1 || { cat reports/autobahn/pip.log >&2; exit 2; }
   fi
   WSTEST=wstest_py2
 fi
