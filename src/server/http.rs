@@ -182,20 +182,11 @@ async fn http_request(
         }
     };
     let client = format!("{}:{}", head.client.0, head.client.1);
+    let path = head.path.clone();
     let resp = respond(&shared, parts, body, head, &method).await;
-    access_log(&client, &method, parts_path(&resp), resp.status(), started);
-    resp.map(|b| b)
+    access_log(&client, &method, &path, resp.status(), started);
+    resp
 }
-
-/// The path is logged from an extension the responder leaves on the response.
-fn parts_path(resp: &Response<Body>) -> &str {
-    resp.extensions()
-        .get::<LoggedPath>()
-        .map_or("-", |p| p.0.as_str())
-}
-
-#[derive(Clone, Debug)]
-struct LoggedPath(String);
 
 fn access_log(client: &str, method: &str, path: &str, status: StatusCode, started: Instant) {
     tracing::info!(
@@ -215,18 +206,6 @@ async fn respond(
     parts: hyper::http::request::Parts,
     body: Incoming,
     head: RequestHead,
-    method: &str,
-) -> Response<Body> {
-    let mut resp = respond_inner(shared, parts, body, &head, method).await;
-    resp.extensions_mut().insert(LoggedPath(head.path));
-    resp
-}
-
-async fn respond_inner(
-    shared: &Arc<Shared>,
-    parts: hyper::http::request::Parts,
-    body: Incoming,
-    head: &RequestHead,
     method: &str,
 ) -> Response<Body> {
     let config = &shared.config;
@@ -262,12 +241,12 @@ async fn respond_inner(
     }
     .to_owned();
     message.scheme = if head.secure { "https" } else { "http" }.to_owned();
-    message.query_string = head.query_string.clone();
+    message.query_string = head.query_string;
     message.root_path = config.root_path.clone();
-    message.headers = head.headers.clone();
+    message.headers = head.headers;
     message.body = ByteString::from(body.to_vec());
-    message.client = Some(head.client.clone());
-    message.server = Some(head.server.clone());
+    message.client = Some(head.client);
+    message.server = Some(head.server);
     if let Err(e) = shared.layer.send(HTTP_REQUEST, &message).await {
         return send_failed(shared, &e);
     }
@@ -275,7 +254,7 @@ async fn respond_inner(
     let mut guard = DisconnectGuard {
         shared: Arc::clone(shared),
         reply_channel: local.name().to_owned(),
-        path: head.path.clone(),
+        path: head.path,
         armed: true,
     };
     let deadline = tokio::time::Instant::now() + config.http_timeout;

@@ -346,7 +346,7 @@ async fn serve_connection(
 
 /// Answers a connection over `max_connections` with a bare 503 and closes it.
 async fn refuse_connection(mut tcp: TcpStream) {
-    const RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 24\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many open connections";
+    const RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 26\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many open connections\n";
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = tcp.write_all(RESPONSE).await;
         let _ = tcp.shutdown().await;
