@@ -8,6 +8,7 @@
 
 pub mod layer;
 pub mod prometheus;
+pub mod server;
 pub mod worker;
 
 pub use switchyard_routing as routing;

@@ -1,0 +1,381 @@
+//! The interface server (daphne's job): HTTP/1.1 and WebSocket on one port, translated to and
+//! from channel-layer messages. It runs no application code.
+//!
+//! Every HTTP request becomes an `http.request` message and every WebSocket a `websocket.connect`,
+//! `websocket.receive`… `websocket.disconnect` sequence, each with a reply channel that is a local
+//! channel of the server's one [`ProcessInbox`](crate::layer::ProcessInbox); whatever a worker sends
+//! there is written back to the client. hyper 1.x serves HTTP and the paused handshake (the 101
+//! waits for the worker's answer to `websocket.connect`), tokio-tungstenite runs the upgraded
+//! sockets, one task per socket owning its stream.
+//!
+//! Choices a user sees (all in [`ServerConfig`]):
+//! - request body over `max_body_size` (1 MiB) → 413; request headers over `max_header_size`
+//!   (16 KiB) or `max_headers` (100) → 431; headers not read within `header_read_timeout` (10 s)
+//!   → connection closed; malformed HTTP → 400 (hyper).
+//! - no worker reply within `http_timeout` (60 s) → 504; `http.request` refused because the layer
+//!   is full → 503 with `Retry-After: 1`; layer unreachable → 503 at once.
+//! - handshake: accept (or a frame) → 101, close or `accept: false` → 403, layer full/unreachable
+//!   → 503, no answer within `websocket_connect_timeout` (5 s) → 503 (the worker pool, not the
+//!   client, is at fault, and 503 tells a client it may retry).
+//! - frames over `ws_max_frame_size` / `ws_max_message_size` (1 MiB) → close 1009, invalid UTF-8
+//!   → 1007, protocol violations → 1002; `websocket.receive` still full after `receive_full_retry`
+//!   → 1013; a client frame arriving while the layer is unreachable is dropped and counted, and
+//!   the socket stays open.
+//! - no pong within `ping_timeout` after a ping (sent after `ping_interval` without client data)
+//!   → the connection is dropped (disconnect code 1006); `idle_timeout` without frames either way
+//!   → close 1000; open longer than the layer's group expiry (or `websocket_lifetime`) → close 1000,
+//!   as daphne's `--websocket_timeout`; server shutdown → close 1001.
+//! - slow readers: each socket's outbound queue holds `outbound_queue` messages; on overflow the
+//!   [`SlowClientPolicy`] applies (default: close 1013), and every drop is counted; a write stalled
+//!   past `write_timeout` drops the connection. A streamed HTTP response whose chunks overflow the
+//!   queue is cut (the client sees an incomplete body, never a silently corrupted one).
+//! - `/healthz` (under `root_path` too) is answered by the server itself.
+
+mod http;
+mod metrics;
+mod outbound;
+mod request;
+mod websocket;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::layer::{Layer, LayerError, ProcessInbox};
+
+pub use metrics::{ServerMetrics, ServerMetricsSnapshot};
+
+/// What the server does when a client reads too slowly to keep up with its outbound queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlowClientPolicy {
+    /// Drop the messages that do not fit (ASGI delivery is at most once) and keep the socket.
+    Drop,
+    /// Close the socket with 1013 ("try again later") at the first message that does not fit,
+    /// so the client knows it missed something and can reconnect and resynchronise.
+    #[default]
+    Close1013,
+}
+
+/// Everything the interface server can be tuned by. [`Default`] binds `127.0.0.1:8000`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (port 0 picks a free port; see [`Server::local_addr`]).
+    pub bind: SocketAddr,
+    /// The ASGI `root_path` (`SCRIPT_NAME`) put in every request and connect message.
+    pub root_path: String,
+    /// How long an HTTP request waits for the worker's response, and then for each further chunk,
+    /// before 504 (or, once streaming, before the response is cut).
+    pub http_timeout: Duration,
+    /// How long a WebSocket handshake waits for the worker's answer to `websocket.connect`.
+    pub websocket_connect_timeout: Duration,
+    /// Largest request body carried in `http.request`; larger → 413.
+    pub max_body_size: usize,
+    /// Largest request head (request line and headers) in bytes; larger → 431.
+    pub max_header_size: usize,
+    /// Most request headers; more → 431.
+    pub max_headers: usize,
+    /// Time allowed to send the whole request head (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// Largest WebSocket frame payload accepted; larger → close 1009.
+    pub ws_max_frame_size: usize,
+    /// Largest WebSocket message (all fragments) accepted; larger → close 1009.
+    pub ws_max_message_size: usize,
+    /// A ping is sent after this long without data from the client.
+    pub ping_interval: Duration,
+    /// A ping unanswered this long drops the connection.
+    pub ping_timeout: Duration,
+    /// Close (1000) a socket with no frame in either direction for this long; `None` = never.
+    pub idle_timeout: Option<Duration>,
+    /// Close (1000) a socket open this long; `None` = the layer's group expiry (DESIGN §2).
+    pub websocket_lifetime: Option<Duration>,
+    /// Open TCP connections allowed; beyond, new connections get a 503 and are closed.
+    pub max_connections: usize,
+    /// Messages buffered per connection between the inbox and the socket.
+    pub outbound_queue: usize,
+    /// What to do when a connection's outbound queue overflows.
+    pub slow_client: SlowClientPolicy,
+    /// A write to a socket that does not complete within this long drops the connection (no
+    /// close frame can get through a stalled socket; counted as a slow-client close, and the
+    /// `websocket.disconnect` says 1006).
+    pub write_timeout: Duration,
+    /// How long a frame is retried while `websocket.receive` is full before closing with 1013.
+    pub receive_full_retry: Duration,
+    /// Honour `X-Forwarded-For`, `X-Forwarded-Port` and `X-Forwarded-Proto` (behind a proxy only).
+    pub proxy_headers: bool,
+    /// On shutdown, how long in-flight HTTP responses and socket closes may take.
+    pub shutdown_grace: Duration,
+    /// Prefix of the process inbox name.
+    pub inbox_prefix: String,
+    /// WebSocket subprotocols the server agrees to (daphne's `--ws-protocol`): the first one the
+    /// client offers that is listed here is echoed in `Sec-WebSocket-Protocol` (browsers fail a
+    /// handshake that offered protocols and got none back). Empty: none is ever selected.
+    pub ws_protocols: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            root_path: String::new(),
+            http_timeout: Duration::from_secs(60),
+            websocket_connect_timeout: Duration::from_secs(5),
+            max_body_size: 1 << 20,
+            max_header_size: 16 << 10,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            ws_max_frame_size: 1 << 20,
+            ws_max_message_size: 1 << 20,
+            ping_interval: Duration::from_secs(20),
+            ping_timeout: Duration::from_secs(30),
+            idle_timeout: None,
+            websocket_lifetime: None,
+            max_connections: 10_000,
+            outbound_queue: 64,
+            slow_client: SlowClientPolicy::Close1013,
+            write_timeout: Duration::from_secs(30),
+            receive_full_retry: Duration::from_millis(500),
+            proxy_headers: false,
+            shutdown_grace: Duration::from_secs(10),
+            inbox_prefix: "switchyard.response".to_owned(),
+            ws_protocols: Vec::new(),
+        }
+    }
+}
+
+/// What the server can fail with.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The address could not be bound or read.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The layer could not start the process inbox.
+    #[error("cannot start the process inbox: {0}")]
+    Layer(#[from] LayerError),
+    /// A setting that makes no sense.
+    #[error("invalid server configuration: {0}")]
+    Config(String),
+}
+
+/// What every connection of one server shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    pub(crate) layer: Layer,
+    pub(crate) inbox: ProcessInbox,
+    pub(crate) metrics: Arc<ServerMetrics>,
+    pub(crate) frames: outbound::FrameCache,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) lifetime: Duration,
+    pub(crate) started: Instant,
+}
+
+/// A bound interface server, ready to [`serve`](Server::serve).
+#[derive(Debug)]
+pub struct Server {
+    config: ServerConfig,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    metrics: Arc<ServerMetrics>,
+}
+
+impl Server {
+    /// Checks the configuration and binds the listening socket.
+    pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        check_config(&config)?;
+        let listener =
+            TcpListener::bind(config.bind)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.bind,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+        Ok(Server {
+            config,
+            listener,
+            local_addr,
+            metrics: Arc::new(ServerMetrics::default()),
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's counters (shared: keep the `Arc` and read it while the server runs).
+    pub fn metrics(&self) -> Arc<ServerMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets in-flight HTTP responses
+    /// finish and closes every socket with 1001 (sending its `websocket.disconnect`), all within
+    /// `shutdown_grace`, and stops the inbox last.
+    pub async fn serve(self, layer: Layer, shutdown: CancellationToken) -> Result<(), ServerError> {
+        let inbox = layer.inbox(&self.config.inbox_prefix).await?;
+        let lifetime = self
+            .config
+            .websocket_lifetime
+            .unwrap_or(layer.settings().group_expiry);
+        let shared = Arc::new(Shared {
+            frames: outbound::FrameCache::default(),
+            lifetime,
+            local_addr: self.local_addr,
+            metrics: Arc::clone(&self.metrics),
+            shutdown: shutdown.clone(),
+            tracker: TaskTracker::new(),
+            started: Instant::now(),
+            config: self.config,
+            layer,
+            inbox,
+        });
+        let permits = Arc::new(Semaphore::new(shared.config.max_connections));
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(shared.config.header_read_timeout)
+            .max_header_size(shared.config.max_header_size)
+            .max_headers(shared.config.max_headers)
+            .max_buf_size(shared.config.max_header_size.max(8192) * 2)
+            .keep_alive(true);
+        tracing::info!(addr = %self.local_addr, layer = %shared.layer.describe(), inbox = %shared.inbox.name(), "interface server listening");
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            ServerMetrics::inc(&shared.metrics.connections_accepted);
+            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                ServerMetrics::inc(&shared.metrics.connections_refused);
+                ServerMetrics::inc(&shared.metrics.http_503);
+                shared.tracker.spawn(refuse_connection(tcp));
+                continue;
+            };
+            let shared = Arc::clone(&shared);
+            let builder = builder.clone();
+            shared.tracker.clone().spawn(async move {
+                ServerMetrics::inc(&shared.metrics.open_connections);
+                let permit = Arc::new(permit);
+                serve_connection(&builder, tcp, peer, &shared, &permit).await;
+                drop(permit);
+                ServerMetrics::dec(&shared.metrics.open_connections);
+            });
+        }
+        drop(self.listener);
+        tracing::info!("interface server stopping: no new connections");
+        shared.tracker.close();
+        if tokio::time::timeout(shared.config.shutdown_grace, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = shared.tracker.len(),
+                "shutdown grace elapsed with connections still open"
+            );
+        }
+        shared.inbox.shutdown(Duration::from_secs(2)).await;
+        tracing::info!("interface server stopped");
+        Ok(())
+    }
+}
+
+/// Serves one TCP connection: HTTP requests until it closes, or a handshake whose upgraded
+/// socket then runs in its own tracked task (holding a clone of `permit`).
+async fn serve_connection(
+    builder: &http1::Builder,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    permit: &Arc<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let service_shared = Arc::clone(shared);
+    let service_permit = Arc::clone(permit);
+    let service = hyper::service::service_fn(move |req| {
+        http::handle(
+            Arc::clone(&service_shared),
+            peer,
+            Arc::clone(&service_permit),
+            req,
+        )
+    });
+    let conn = builder
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shared.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Answers a connection over `max_connections` with a bare 503 and closes it.
+async fn refuse_connection(mut tcp: TcpStream) {
+    const RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 26\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many open connections\n";
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = tcp.write_all(RESPONSE).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
+}
+
+fn check_config(c: &ServerConfig) -> Result<(), ServerError> {
+    let bad = |what: &str| Err(ServerError::Config(what.to_owned()));
+    if c.max_connections == 0 {
+        return bad("max_connections must be at least 1");
+    }
+    if c.outbound_queue == 0 {
+        return bad("outbound_queue must be at least 1");
+    }
+    if c.ws_max_frame_size == 0 || c.ws_max_message_size == 0 {
+        return bad("WebSocket frame and message limits must be positive");
+    }
+    if c.ping_interval.is_zero() || c.ping_timeout.is_zero() {
+        return bad("ping interval and timeout must be positive");
+    }
+    if c.http_timeout.is_zero() || c.websocket_connect_timeout.is_zero() {
+        return bad("HTTP and WebSocket connect timeouts must be positive");
+    }
+    if c.header_read_timeout.is_zero() || c.write_timeout.is_zero() {
+        return bad("header read and write timeouts must be positive");
+    }
+    if !c.root_path.is_empty() && (!c.root_path.starts_with('/') || c.root_path.ends_with('/')) {
+        return bad("root_path must be empty or start with / and not end with /");
+    }
+    Ok(())
+}

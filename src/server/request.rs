@@ -1,0 +1,128 @@
+//! What the HTTP request head becomes in ASGI terms: the percent-decoded path, the raw query
+//! string, headers as lowercased byte pairs in order, the client and server addresses (from
+//! `X-Forwarded-*` only when the server is told it sits behind a proxy), and the scheme.
+
+use std::net::SocketAddr;
+
+use hyper::HeaderMap;
+use hyper::Uri;
+use switchyard_routing::ByteString;
+use switchyard_routing::asgi::{Header, HostPort};
+
+/// The ASGI view of a request head, shared by `http.request` and `websocket.connect`.
+#[derive(Debug)]
+pub(crate) struct RequestHead {
+    pub(crate) path: String,
+    pub(crate) query_string: ByteString,
+    pub(crate) headers: Vec<Header>,
+    pub(crate) client: HostPort,
+    pub(crate) server: HostPort,
+    /// `true` when the client reached the proxy over TLS (`X-Forwarded-Proto: https`).
+    pub(crate) secure: bool,
+}
+
+/// Why a request head cannot be translated.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HeadError {
+    /// The path does not decode to UTF-8.
+    InvalidPath,
+}
+
+impl RequestHead {
+    pub(crate) fn from_parts(
+        uri: &Uri,
+        header_map: &HeaderMap,
+        peer: SocketAddr,
+        local: SocketAddr,
+        proxy_headers: bool,
+    ) -> Result<RequestHead, HeadError> {
+        let raw_path = uri.path();
+        let path = percent_decode(raw_path.as_bytes()).ok_or(HeadError::InvalidPath)?;
+        let query_string = ByteString::from(uri.query().unwrap_or("").as_bytes());
+        let mut headers = Vec::with_capacity(header_map.len());
+        for (name, value) in header_map {
+            // Underscored names could impersonate dashed ones in CGI-style environments
+            // (CVE-2015-0219); daphne drops them, and so do we.
+            if name.as_str().contains('_') {
+                continue;
+            }
+            // `HeaderName`s are already lowercase.
+            headers.push((
+                ByteString::from(name.as_str().as_bytes()),
+                ByteString::from(value.as_bytes()),
+            ));
+        }
+        let mut client: HostPort = (peer.ip().to_string(), peer.port());
+        let mut secure = false;
+        if proxy_headers {
+            let first = |name: &str| {
+                header_map
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.split(',').next())
+                    .map(|v| v.trim().to_owned())
+                    .filter(|v| !v.is_empty())
+            };
+            if let Some(host) = first("x-forwarded-for") {
+                let port = first("x-forwarded-port")
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0);
+                client = (host, port);
+                secure = first("x-forwarded-proto").is_some_and(|p| {
+                    p.eq_ignore_ascii_case("https") || p.eq_ignore_ascii_case("wss")
+                });
+            }
+        }
+        Ok(RequestHead {
+            path,
+            query_string,
+            headers,
+            client,
+            server: (local.ip().to_string(), local.port()),
+            secure,
+        })
+    }
+}
+
+/// Decodes `%XX` escapes, then UTF-8; `None` when the bytes are not UTF-8.
+pub(crate) fn percent_decode(raw: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        if b == b'%'
+            && i + 2 < raw.len()
+            && let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2]))
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        out.push(b);
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_escapes_and_refuses_bad_utf8() {
+        assert_eq!(percent_decode(b"/a%20b/").as_deref(), Some("/a b/"));
+        assert_eq!(percent_decode(b"/caf%C3%A9").as_deref(), Some("/café"));
+        assert_eq!(percent_decode(b"/100%").as_deref(), Some("/100%"));
+        assert_eq!(percent_decode(b"/%zz%4").as_deref(), Some("/%zz%4"));
+        assert_eq!(percent_decode(b"/%ff"), None);
+    }
+}

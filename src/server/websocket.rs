@@ -1,0 +1,601 @@
+//! WebSockets: the paused handshake (the 101 waits for the worker's answer to
+//! `websocket.connect`), then one task per socket that owns its stream and loops over three
+//! sources: client frames (→ `websocket.receive` with `order` 1, 2, …), the socket's reply channel
+//! (→ frames and closes), and one timer (ping, pong timeout, idle, lifetime). Writes happen
+//! outside the `select!` (feed a batch, flush once, under a write timeout), so no send is ever
+//! lost to a cancelled branch, and the stream is read continuously so pongs and close replies go
+//! out. Whatever ends the socket, its `websocket.disconnect` carries the close code and the next
+//! order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hyper::body::Incoming;
+use hyper::header::{
+    CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
+};
+use hyper::upgrade::Upgraded;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use switchyard_routing::asgi::{
+    WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT, WEBSOCKET_RECEIVE, WebsocketConnect,
+    WebsocketDisconnect,
+};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use super::http::{ACCESS_LOG, Body, empty, plain, unavailable};
+use super::metrics::ServerMetrics;
+use super::outbound::SocketReply;
+use super::request::RequestHead;
+use super::{Shared, SlowClientPolicy};
+use crate::layer::LocalChannel;
+
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Outbound messages written per flush at most (the rest wait for the next round).
+const WRITE_BATCH: usize = 32;
+/// How long a closing socket waits for the client's close reply.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// True for a request asking to become a WebSocket.
+pub(crate) fn is_upgrade(req: &Request<Incoming>) -> bool {
+    let has_token = |name, token: &str| {
+        req.headers().get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    has_token(UPGRADE, "websocket") && has_token(CONNECTION, "upgrade")
+}
+
+/// Sends `websocket.disconnect` (code 1006, order 1) when dropped while armed: the handshake
+/// never completed after the worker was told about it (client gone, rejected, timed out).
+struct ConnectGuard {
+    shared: Arc<Shared>,
+    message: Option<WebsocketDisconnect>,
+}
+
+impl Drop for ConnectGuard {
+    fn drop(&mut self) {
+        if let Some(message) = self.message.take() {
+            let shared = Arc::clone(&self.shared);
+            if tokio::runtime::Handle::try_current().is_ok() {
+                shared.tracker.clone().spawn(async move {
+                    send_disconnect(&shared, &message).await;
+                });
+            }
+        }
+    }
+}
+
+async fn send_disconnect(shared: &Shared, message: &WebsocketDisconnect) {
+    // "If ChannelFull is raised, then give up" (ASGI 1.0).
+    if let Err(e) = shared.layer.send(WEBSOCKET_DISCONNECT, message).await {
+        tracing::debug!(error = %e, "websocket.disconnect not sent");
+    }
+}
+
+fn ws_log(client: &str, what: &str, path: &str, code: Option<u16>) {
+    match code {
+        Some(code) => {
+            tracing::info!(target: ACCESS_LOG, client = %client, event = %what, path = %path, code, "{what} {path} {code}")
+        }
+        None => {
+            tracing::info!(target: ACCESS_LOG, client = %client, event = %what, path = %path, "{what} {path}")
+        }
+    }
+}
+
+/// Runs the handshake: `websocket.connect`, wait for the worker, answer 101 / 403 / 503.
+pub(crate) async fn handshake(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    permit: Arc<OwnedSemaphorePermit>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    if req.method() != Method::GET {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "WebSocket handshake must be a GET\n",
+        );
+    }
+    if req
+        .headers()
+        .get(SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut resp = plain(
+            StatusCode::UPGRADE_REQUIRED,
+            "Unsupported WebSocket version\n",
+        );
+        resp.headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return resp;
+    }
+    let Some(key) = req
+        .headers()
+        .get(SEC_WEBSOCKET_KEY)
+        .map(|k| k.as_bytes().to_vec())
+    else {
+        return plain(StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key\n");
+    };
+    let subprotocol = choose_subprotocol(&shared.config.ws_protocols, &req);
+    let head = match RequestHead::from_parts(
+        req.uri(),
+        req.headers(),
+        peer,
+        shared.local_addr,
+        shared.config.proxy_headers,
+    ) {
+        Ok(head) => head,
+        Err(_) => return plain(StatusCode::BAD_REQUEST, "Invalid characters in path\n"),
+    };
+    let client = format!("{}:{}", head.client.0, head.client.1);
+    let path = head.path.clone();
+    let mut local = shared
+        .inbox
+        .channel_with_buffer(shared.config.outbound_queue);
+    let reply_channel = local.name().to_owned();
+    let mut connect = WebsocketConnect::new(reply_channel.clone(), path.clone());
+    connect.scheme = if head.secure { "wss" } else { "ws" }.to_owned();
+    connect.query_string = head.query_string;
+    connect.root_path = shared.config.root_path.clone();
+    connect.headers = head.headers;
+    connect.client = Some(head.client);
+    connect.server = Some(head.server);
+    ws_log(&client, "WSCONNECTING", &path, None);
+    ServerMetrics::inc(&shared.metrics.ws_connects);
+    if let Err(e) = shared.layer.send(WEBSOCKET_CONNECT, &connect).await {
+        ws_log(&client, "WSREJECT", &path, Some(503));
+        return if e.is_full() || e.is_unavailable() {
+            tracing::warn!(error = %e, "websocket.connect not sent");
+            unavailable(&shared, "Connection queue unavailable\n")
+        } else {
+            tracing::error!(error = %e, "websocket.connect not sent");
+            plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error\n")
+        };
+    }
+    drop(connect);
+    let guard = ConnectGuard {
+        shared: Arc::clone(&shared),
+        message: Some(WebsocketDisconnect::new(
+            reply_channel.clone(),
+            path.clone(),
+            1006,
+            1,
+        )),
+    };
+    let deadline = tokio::time::Instant::now() + shared.config.websocket_connect_timeout;
+    let first = loop {
+        match tokio::time::timeout_at(deadline, local.recv()).await {
+            Ok(Some(envelope)) => match shared.frames.decode(&envelope) {
+                Ok(reply) if reply.accepts() => break reply,
+                Ok(reply) if reply.accept == Some(false) || reply.close.is_some() => {
+                    ServerMetrics::inc(&shared.metrics.ws_rejected);
+                    ws_log(&client, "WSREJECT", &path, Some(403));
+                    return plain(StatusCode::FORBIDDEN, "Access denied\n");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    ServerMetrics::inc(&shared.metrics.bad_replies);
+                    tracing::warn!(channel = %reply_channel, error = %e, "socket reply ignored");
+                }
+            },
+            Ok(None) => return unavailable(&shared, "Server shutting down\n"),
+            Err(_) => {
+                ServerMetrics::inc(&shared.metrics.ws_connect_timeouts);
+                ws_log(&client, "WSREJECT", &path, Some(503));
+                return unavailable(&shared, "Worker did not answer the connection in time\n");
+            }
+        }
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    let task_shared = Arc::clone(&shared);
+    shared.tracker.spawn(async move {
+        let upgraded = match tokio::time::timeout(Duration::from_secs(10), upgrade).await {
+            Ok(Ok(upgraded)) => upgraded,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        let config = ws_config(&task_shared);
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        let mut guard = guard;
+        guard.message = None;
+        let socket = Socket {
+            shared: Arc::clone(&task_shared),
+            local,
+            path,
+            client,
+            order: 0,
+            opened: Instant::now(),
+            last_client_data: Instant::now(),
+            last_activity: Instant::now(),
+            ping_sent: None,
+            dropped_seen: 0,
+        };
+        socket.run(ws, first).await;
+        drop(permit);
+    });
+    ServerMetrics::inc(&shared.metrics.ws_accepted);
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = resp.headers_mut();
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(&key)) {
+        headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(protocol) = subprotocol {
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    resp
+}
+
+/// The first subprotocol the client offers that the server agrees to.
+fn choose_subprotocol(allowed: &[String], req: &Request<Incoming>) -> Option<HeaderValue> {
+    if allowed.is_empty() {
+        return None;
+    }
+    req.headers()
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|offered| allowed.iter().any(|a| a == offered))
+        .and_then(|p| HeaderValue::from_str(p).ok())
+}
+
+/// Small buffers: an idle socket should cost a few KB, not tungstenite's 2 × 128 KiB defaults.
+fn ws_config(shared: &Shared) -> WebSocketConfig {
+    let c = &shared.config;
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        // Must hold one whole outgoing message; workers' messages are bounded by the layer and
+        // the outbound queue, this bound only stops the buffer growing when writes stall.
+        .max_write_buffer_size((c.ws_max_message_size.saturating_mul(2)).max(16 << 20))
+        .max_frame_size(Some(c.ws_max_frame_size))
+        .max_message_size(Some(c.ws_max_message_size))
+}
+
+/// How a socket ended.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// The client sent a close frame with this code (1005 when it had none).
+    ClientClosed(u16),
+    /// We close with this code.
+    ServerClosed(u16),
+    /// The connection is gone or stuck, no close handshake (1006).
+    Dropped,
+}
+
+enum Event {
+    Shutdown,
+    Incoming(Option<Result<Message, WsError>>),
+    Outgoing(Option<crate::layer::Envelope>),
+    Tick,
+}
+
+/// One open socket.
+struct Socket {
+    shared: Arc<Shared>,
+    local: LocalChannel,
+    path: String,
+    client: String,
+    order: u64,
+    opened: Instant,
+    last_client_data: Instant,
+    last_activity: Instant,
+    ping_sent: Option<Instant>,
+    dropped_seen: u64,
+}
+
+/// `websocket.receive`, serialized straight from the frame (no owned copies before msgpack).
+#[derive(Serialize)]
+struct ReceiveRef<'a> {
+    reply_channel: &'a str,
+    path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<BinRef<'a>>,
+    order: u64,
+}
+
+struct BinRef<'a>(&'a [u8]);
+
+impl Serialize for BinRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+impl Socket {
+    /// The loop. Handlers run boxed: an idle socket's task then holds only the `select!` state,
+    /// not the largest handler's (a layer send is the biggest), which halves its size.
+    async fn run(mut self, mut ws: Ws, first: SocketReply) {
+        let metrics = Arc::clone(&self.shared.metrics);
+        ServerMetrics::inc(&metrics.open_websockets);
+        ServerMetrics::inc(&metrics.open_connections);
+        ws_log(&self.client, "WSCONNECT", &self.path, None);
+        let mut end = Box::pin(self.write_replies(&mut ws, vec![first])).await;
+        let timer = tokio::time::sleep_until(self.next_deadline().into());
+        tokio::pin!(timer);
+        while end.is_none() {
+            timer.as_mut().reset(self.next_deadline().into());
+            let event = tokio::select! {
+                biased;
+                _ = self.shared.shutdown.cancelled() => Event::Shutdown,
+                incoming = ws.next() => Event::Incoming(incoming),
+                outgoing = self.local.recv() => Event::Outgoing(outgoing),
+                _ = &mut timer => Event::Tick,
+            };
+            end = match event {
+                Event::Shutdown | Event::Outgoing(None) => Some(End::ServerClosed(1001)),
+                Event::Incoming(incoming) => Box::pin(self.on_incoming(incoming)).await,
+                Event::Outgoing(Some(envelope)) => {
+                    let mut batch = Vec::with_capacity(4);
+                    self.push_reply(&envelope, &mut batch);
+                    while batch.len() < WRITE_BATCH {
+                        match self.local.try_recv() {
+                            Some(envelope) => self.push_reply(&envelope, &mut batch),
+                            None => break,
+                        }
+                    }
+                    match self.check_overflow() {
+                        Some(end) => Some(end),
+                        None => Box::pin(self.write_replies(&mut ws, batch)).await,
+                    }
+                }
+                Event::Tick => Box::pin(self.on_tick(&mut ws)).await,
+            };
+        }
+        let code = Box::pin(self.finish(&mut ws, end.unwrap_or(End::Dropped))).await;
+        ws_log(&self.client, "WSDISCONNECT", &self.path, Some(code));
+        ServerMetrics::dec(&metrics.open_websockets);
+        ServerMetrics::dec(&metrics.open_connections);
+    }
+
+    fn push_reply(&self, envelope: &crate::layer::Envelope, batch: &mut Vec<SocketReply>) {
+        match self.shared.frames.decode(envelope) {
+            Ok(reply) => batch.push(reply),
+            Err(e) => {
+                ServerMetrics::inc(&self.shared.metrics.bad_replies);
+                tracing::warn!(channel = %envelope.channel, error = %e, "socket reply ignored");
+            }
+        }
+    }
+
+    /// Applies the slow-client policy to messages the outbound queue dropped.
+    fn check_overflow(&mut self) -> Option<End> {
+        let dropped = self.local.dropped();
+        if dropped == self.dropped_seen {
+            return None;
+        }
+        ServerMetrics::add(
+            &self.shared.metrics.slow_client_drops,
+            dropped - self.dropped_seen,
+        );
+        self.dropped_seen = dropped;
+        match self.shared.config.slow_client {
+            SlowClientPolicy::Drop => None,
+            SlowClientPolicy::Close1013 => {
+                ServerMetrics::inc(&self.shared.metrics.slow_client_closes);
+                tracing::info!(client = %self.client, path = %self.path, "slow client: outbound queue overflowed, closing with 1013");
+                Some(End::ServerClosed(1013))
+            }
+        }
+    }
+
+    /// Writes the frames of `replies` (feed each, flush once) and reports a requested close.
+    async fn write_replies(&mut self, ws: &mut Ws, replies: Vec<SocketReply>) -> Option<End> {
+        let mut close = None;
+        let mut frames = 0u64;
+        let write = async {
+            for reply in replies {
+                if let Some(frame) = reply.frame {
+                    ws.feed(frame).await?;
+                    frames += 1;
+                }
+                if let Some(code) = reply.close {
+                    close = Some(code);
+                    break;
+                }
+            }
+            ws.flush().await
+        };
+        let result = tokio::time::timeout(self.shared.config.write_timeout, write).await;
+        ServerMetrics::add(&self.shared.metrics.ws_frames_out, frames);
+        if frames > 0 {
+            self.last_activity = Instant::now();
+        }
+        match result {
+            Ok(Ok(())) => close.map(End::ServerClosed),
+            Ok(Err(WsError::WriteBufferFull(_))) => {
+                ServerMetrics::inc(&self.shared.metrics.slow_client_closes);
+                Some(End::Dropped)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(client = %self.client, error = %e, "socket write failed");
+                Some(End::Dropped)
+            }
+            Err(_) => {
+                ServerMetrics::inc(&self.shared.metrics.slow_client_closes);
+                tracing::info!(client = %self.client, path = %self.path, "slow client: write stalled past the write timeout, dropping");
+                Some(End::Dropped)
+            }
+        }
+    }
+
+    async fn on_incoming(&mut self, incoming: Option<Result<Message, WsError>>) -> Option<End> {
+        let now = Instant::now();
+        match incoming {
+            None => Some(End::Dropped),
+            Some(Ok(message)) => {
+                self.last_client_data = now;
+                self.ping_sent = None;
+                match message {
+                    Message::Text(text) => {
+                        self.last_activity = now;
+                        self.forward(Some(text.as_str()), None).await
+                    }
+                    Message::Binary(bytes) => {
+                        self.last_activity = now;
+                        self.forward(None, Some(&bytes)).await
+                    }
+                    Message::Close(frame) => {
+                        Some(End::ClientClosed(frame.map_or(1005, |f| u16::from(f.code))))
+                    }
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
+                }
+            }
+            Some(Err(e)) => {
+                let end = match &e {
+                    WsError::Capacity(_) => End::ServerClosed(1009),
+                    WsError::Utf8(_) => End::ServerClosed(1007),
+                    WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Dropped,
+                    WsError::Protocol(_) => End::ServerClosed(1002),
+                    _ => End::Dropped,
+                };
+                tracing::debug!(client = %self.client, error = %e, ?end, "socket read failed");
+                Some(end)
+            }
+        }
+    }
+
+    /// Sends one client frame as `websocket.receive`. A full layer is retried for
+    /// `receive_full_retry` (reading nothing meanwhile, so TCP pushes back), then the socket is
+    /// closed with 1013; an unreachable layer loses the frame (counted) but keeps the socket. The
+    /// `order` only advances for frames that were sent, so a consumer enforcing order never waits
+    /// for a frame that cannot come.
+    async fn forward(&mut self, text: Option<&str>, bytes: Option<&[u8]>) -> Option<End> {
+        let message = ReceiveRef {
+            reply_channel: self.local.name(),
+            path: &self.path,
+            text,
+            bytes: bytes.map(BinRef),
+            order: self.order + 1,
+        };
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match self.shared.layer.send(WEBSOCKET_RECEIVE, &message).await {
+                Ok(()) => {
+                    self.order += 1;
+                    ServerMetrics::inc(&self.shared.metrics.ws_frames_in);
+                    return None;
+                }
+                Err(e) if e.is_full() => {
+                    if started.elapsed() >= self.shared.config.receive_full_retry {
+                        ServerMetrics::inc(&self.shared.metrics.ws_receive_full_closes);
+                        tracing::warn!(client = %self.client, path = %self.path, "websocket.receive full; closing with 1013");
+                        return Some(End::ServerClosed(1013));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    ServerMetrics::inc(&self.shared.metrics.ws_frames_lost);
+                    tracing::warn!(client = %self.client, path = %self.path, error = %e, "websocket.receive not sent; frame dropped");
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let c = &self.shared.config;
+        let far = |from: Instant, d: Duration| {
+            from.checked_add(d)
+                .unwrap_or_else(|| from + Duration::from_secs(365 * 86_400))
+        };
+        let mut next = match self.ping_sent {
+            Some(sent) => far(sent, c.ping_timeout),
+            None => far(self.last_client_data, c.ping_interval),
+        };
+        if let Some(idle) = c.idle_timeout {
+            next = next.min(far(self.last_activity, idle));
+        }
+        next.min(far(self.opened, self.shared.lifetime))
+    }
+
+    async fn on_tick(&mut self, ws: &mut Ws) -> Option<End> {
+        let now = Instant::now();
+        let c = &self.shared.config;
+        if now.duration_since(self.opened) >= self.shared.lifetime {
+            return Some(End::ServerClosed(1000));
+        }
+        if c.idle_timeout
+            .is_some_and(|idle| now.duration_since(self.last_activity) >= idle)
+        {
+            return Some(End::ServerClosed(1000));
+        }
+        match self.ping_sent {
+            Some(sent) if now.duration_since(sent) >= c.ping_timeout => {
+                ServerMetrics::inc(&self.shared.metrics.ping_timeouts);
+                tracing::info!(client = %self.client, path = %self.path, "no pong within the ping timeout; dropping");
+                Some(End::Dropped)
+            }
+            None if now.duration_since(self.last_client_data) >= c.ping_interval => {
+                self.ping_sent = Some(now);
+                let ping = async {
+                    ws.feed(Message::Ping(Default::default())).await?;
+                    ws.flush().await
+                };
+                match tokio::time::timeout(c.write_timeout, ping).await {
+                    Ok(Ok(())) => None,
+                    _ => Some(End::Dropped),
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// Closes the socket as `end` says and sends `websocket.disconnect`; returns its code.
+    async fn finish(&mut self, ws: &mut Ws, end: End) -> u16 {
+        let code = match end {
+            End::ClientClosed(code) => {
+                // tungstenite queued the close reply; reading on flushes it and ends the stream.
+                let _ =
+                    tokio::time::timeout(CLOSE_WAIT, async { while ws.next().await.is_some() {} })
+                        .await;
+                code
+            }
+            End::ServerClosed(code) => {
+                let frame = CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: "".into(),
+                };
+                let _ = tokio::time::timeout(CLOSE_WAIT, async {
+                    if ws.close(Some(frame)).await.is_ok() {
+                        while ws.next().await.is_some() {}
+                    }
+                })
+                .await;
+                code
+            }
+            End::Dropped => 1006,
+        };
+        let message =
+            WebsocketDisconnect::new(self.local.name(), self.path.clone(), code, self.order + 1);
+        send_disconnect(&self.shared, &message).await;
+        code
+    }
+}

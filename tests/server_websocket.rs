@@ -1,0 +1,632 @@
+//! The interface server's WebSocket side over loopback with a real tokio-tungstenite client: the
+//! paused handshake (101 / 403 / 503), frames through the layer with their `order`, closes and
+//! disconnect codes, group fan-out, bad input (1009, 1007, 1002), slow readers, a full layer
+//! (1013), keepalive, idle and lifetime closes, Redis outages and graceful shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod server_support;
+mod support;
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use server_support::*;
+use support::{Backend, Fixture};
+use switchyard::asgi::{
+    WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT, WEBSOCKET_RECEIVE, WebsocketConnect,
+    WebsocketDisconnect, WebsocketReceive, WebsocketSend,
+};
+use switchyard::layer::{Layer, LayerSettings};
+use switchyard::server::{ServerConfig, SlowClientPolicy};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+
+async fn echo_round_trip(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let server = TestServer::start(fx.layer.clone(), ServerConfig::default()).await;
+    let mut worker = Worker::echo(&fx.layer).await;
+    let mut ws = ws_connect(&server.ws_url("/chat/l%C3%B6bby/?token=a%20b")).await;
+
+    let connect: WebsocketConnect = worker.next_on(WEBSOCKET_CONNECT).await.decode().unwrap();
+    assert_eq!(connect.path, "/chat/löbby/");
+    assert_eq!(connect.query_string.as_slice(), b"token=a%20b");
+    assert_eq!(connect.order, 0);
+    assert_eq!(connect.scheme, "ws");
+    assert!(connect.header("sec-websocket-key").is_some());
+    assert_eq!(connect.client.as_ref().unwrap().0, "127.0.0.1");
+
+    send_text(&mut ws, "héllo").await;
+    assert_eq!(next_message(&mut ws).await, Some(Message::text("héllo")));
+    ws.send(Message::binary(vec![0u8, 159, 146, 150]))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut ws).await,
+        Some(Message::binary(vec![0u8, 159, 146, 150]))
+    );
+
+    let first: WebsocketReceive = worker.next_on(WEBSOCKET_RECEIVE).await.decode().unwrap();
+    assert_eq!(
+        (first.text.as_deref(), first.bytes.as_ref(), first.order),
+        (Some("héllo"), None, 1)
+    );
+    assert_eq!(first.reply_channel, connect.reply_channel);
+    assert_eq!(first.path, "/chat/löbby/");
+    let second: WebsocketReceive = worker.next_on(WEBSOCKET_RECEIVE).await.decode().unwrap();
+    assert_eq!(second.bytes.unwrap().as_slice(), &[0u8, 159, 146, 150]);
+    assert_eq!(second.order, 2);
+
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Away,
+        reason: "bye".into(),
+    }))
+    .await
+    .unwrap();
+    let gone: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+    assert_eq!((gone.code, gone.order), (1001, 3));
+    assert_eq!(gone.reply_channel, connect.reply_channel);
+    let m = server.metrics.snapshot();
+    assert_eq!((m.ws_frames_in, m.ws_frames_out, m.ws_accepted), (2, 2, 1));
+}
+
+#[tokio::test]
+async fn websocket_echo_memory() {
+    echo_round_trip(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn websocket_echo_redis() {
+    echo_round_trip(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn handshake_rejections_timeouts_and_implicit_accept() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            websocket_connect_timeout: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let mut worker = Worker::spawn(&layer, &[WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT], |e| {
+        if e.channel != WEBSOCKET_CONNECT {
+            return vec![];
+        }
+        let m: WebsocketConnect = e.decode().unwrap();
+        let reply = match m.path.as_str() {
+            "/close" => WebsocketSend::close(None),
+            "/deny" => {
+                let mut deny = WebsocketSend::default();
+                deny.accept = Some(false);
+                deny
+            }
+            "/hello" => WebsocketSend::text("welcome"),
+            _ => return vec![],
+        };
+        vec![out(&m.reply_channel, &reply)]
+    })
+    .await;
+    assert_eq!(ws_refused_status(&server.ws_url("/close")).await, 403);
+    assert_eq!(ws_refused_status(&server.ws_url("/deny")).await, 403);
+    assert_eq!(ws_refused_status(&server.ws_url("/silent")).await, 503);
+    // A frame as the first reply accepts and is delivered.
+    let mut ws = ws_connect(&server.ws_url("/hello")).await;
+    assert_eq!(next_message(&mut ws).await, Some(Message::text("welcome")));
+    // Each refused handshake told the worker the socket is gone.
+    for _ in 0..3 {
+        let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+        assert_eq!((d.code, d.order), (1006, 1));
+    }
+    let m = server.metrics.snapshot();
+    assert_eq!((m.ws_rejected, m.ws_connect_timeouts), (2, 1));
+}
+
+#[tokio::test]
+async fn server_close_with_code_reaches_client_and_worker() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let mut worker = Worker::spawn(
+        &layer,
+        &[WEBSOCKET_CONNECT, WEBSOCKET_RECEIVE, WEBSOCKET_DISCONNECT],
+        |e| match e.channel.as_str() {
+            WEBSOCKET_CONNECT => {
+                let m: WebsocketConnect = e.decode().unwrap();
+                vec![out(&m.reply_channel, &WebsocketSend::accept())]
+            }
+            WEBSOCKET_RECEIVE => {
+                let m: WebsocketReceive = e.decode().unwrap();
+                let mut reply = WebsocketSend::text("last words");
+                reply.close = WebsocketSend::close(Some(4001)).close;
+                vec![out(&m.reply_channel, &reply)]
+            }
+            _ => vec![],
+        },
+    )
+    .await;
+    let mut ws = ws_connect(&server.ws_url("/kick")).await;
+    send_text(&mut ws, "kick me").await;
+    assert_eq!(
+        next_message(&mut ws).await,
+        Some(Message::text("last words"))
+    );
+    assert_eq!(close_code(&mut ws).await, Some(4001));
+    let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+    assert_eq!((d.code, d.order), (4001, 2));
+}
+
+async fn group_fan_out(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let server = TestServer::start(fx.layer.clone(), ServerConfig::default()).await;
+    let mut worker = Worker::echo(&fx.layer).await;
+    let mut sockets = Vec::new();
+    for i in 0..5 {
+        let ws = ws_connect(&server.ws_url(&format!("/room/{i}"))).await;
+        let c: WebsocketConnect = worker.next_on(WEBSOCKET_CONNECT).await.decode().unwrap();
+        fx.layer.group_add("room", &c.reply_channel).await.unwrap();
+        sockets.push(ws);
+    }
+    let report = fx
+        .layer
+        .group_send("room", &WebsocketSend::text("to everyone"))
+        .await
+        .unwrap();
+    assert_eq!((report.members, report.full), (5, 0));
+    for ws in &mut sockets {
+        assert_eq!(next_message(ws).await, Some(Message::text("to everyone")));
+    }
+    let report = fx
+        .layer
+        .group_send("room", &WebsocketSend::bytes(vec![1u8, 2, 3]))
+        .await
+        .unwrap();
+    assert_eq!(report.members, 5);
+    for ws in &mut sockets {
+        assert_eq!(
+            next_message(ws).await,
+            Some(Message::binary(vec![1u8, 2, 3]))
+        );
+    }
+    assert_eq!(server.metrics.snapshot().ws_frames_out, 10);
+}
+
+#[tokio::test]
+async fn group_message_reaches_every_local_socket_memory() {
+    group_fan_out(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn group_message_reaches_every_local_socket_redis() {
+    group_fan_out(Backend::Redis).await;
+}
+
+async fn bad_input_server(layer: &Layer) -> TestServer {
+    TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            ws_max_frame_size: 1024,
+            ws_max_message_size: 4096,
+            ..ServerConfig::default()
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn oversized_frames_and_messages_close_1009() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let server = bad_input_server(&layer).await;
+    let mut worker = Worker::echo(&layer).await;
+    let mut ws = ws_connect(&server.ws_url("/big")).await;
+    send_text(&mut ws, &"a".repeat(1024)).await;
+    assert_eq!(
+        next_message(&mut ws).await,
+        Some(Message::text("a".repeat(1024)))
+    );
+    ws.send(Message::binary(vec![7u8; 1025])).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(1009));
+    let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+    assert_eq!((d.code, d.order), (1009, 2));
+
+    // A message of small frames over the message limit.
+    let mut ws = ws_connect(&server.ws_url("/fragments")).await;
+    let first = Frame::message(vec![b'x'; 1000], OpCode::Data(Data::Text), false);
+    ws.send(Message::Frame(first)).await.unwrap();
+    for _ in 0..5 {
+        let more = Frame::message(vec![b'x'; 1000], OpCode::Data(Data::Continue), false);
+        if ws.send(Message::Frame(more)).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut ws).await, Some(1009));
+}
+
+#[tokio::test]
+async fn invalid_utf8_closes_1007_and_protocol_errors_1002() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let server = bad_input_server(&layer).await;
+    let mut worker = Worker::echo(&layer).await;
+    let mut ws = ws_connect(&server.ws_url("/utf8")).await;
+    let bad = Frame::message(
+        vec![0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xff],
+        OpCode::Data(Data::Text),
+        true,
+    );
+    ws.send(Message::Frame(bad)).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(1007));
+    let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+    assert_eq!((d.code, d.order), (1007, 1));
+
+    let mut ws = ws_connect(&server.ws_url("/rsv")).await;
+    let mut frame = Frame::message(b"x".to_vec(), OpCode::Data(Data::Text), true);
+    frame.header_mut().rsv1 = true;
+    ws.send(Message::Frame(frame)).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(1002));
+
+    // A continuation with no message started.
+    let mut ws = ws_connect(&server.ws_url("/continuation")).await;
+    let stray = Frame::message(b"x".to_vec(), OpCode::Data(Data::Continue), true);
+    ws.send(Message::Frame(stray)).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(1002));
+    // Nothing of the bad frames reached the worker.
+    assert_eq!(server.metrics.snapshot().ws_frames_in, 0);
+}
+
+#[tokio::test]
+async fn full_receive_channel_closes_1013() {
+    let settings = LayerSettings {
+        channel_capacity: vec![("websocket.receive".into(), 1)],
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            receive_full_retry: Duration::from_millis(100),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    // Accepts, never reads websocket.receive.
+    let mut worker = Worker::spawn(&layer, &[WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT], |e| {
+        if e.channel != WEBSOCKET_CONNECT {
+            return vec![];
+        }
+        let m: WebsocketConnect = e.decode().unwrap();
+        vec![out(&m.reply_channel, &WebsocketSend::accept())]
+    })
+    .await;
+    let mut ws = ws_connect(&server.ws_url("/busy")).await;
+    send_text(&mut ws, "fits").await;
+    send_text(&mut ws, "does not fit").await;
+    assert_eq!(close_code(&mut ws).await, Some(1013));
+    let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+    assert_eq!((d.code, d.order), (1013, 2));
+    assert_eq!(server.metrics.snapshot().ws_receive_full_closes, 1);
+    assert_eq!(layer.channel_depth(WEBSOCKET_RECEIVE).await.unwrap(), 1);
+}
+
+/// A worker that floods each accepted socket with `n` large frames.
+async fn flooding_worker(layer: &Layer, n: usize) -> Worker {
+    let flood = layer.clone();
+    Worker::spawn(
+        layer,
+        &[WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT],
+        move |e| {
+            if e.channel != WEBSOCKET_CONNECT {
+                return vec![];
+            }
+            let m: WebsocketConnect = e.decode().unwrap();
+            let layer = flood.clone();
+            let reply = m.reply_channel.clone();
+            tokio::spawn(async move {
+                let big = WebsocketSend::bytes(vec![0u8; 64 << 10]);
+                for _ in 0..n {
+                    let _ = layer.send(&reply, &big).await;
+                    tokio::task::yield_now().await;
+                }
+            });
+            vec![out(&m.reply_channel, &WebsocketSend::accept())]
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn slow_reader_is_closed_with_1013_and_counted() {
+    let settings = LayerSettings {
+        capacity: 100_000,
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            outbound_queue: 8,
+            write_timeout: Duration::from_millis(500),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let mut worker = flooding_worker(&layer, 2000).await;
+    // Connect, then never read: the kernel buffers fill, writes stall, the queue overflows.
+    let _ws = ws_connect(&server.ws_url("/slow")).await;
+    let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+    assert!(d.code == 1013 || d.code == 1006, "code {}", d.code);
+    let m = server.metrics.snapshot();
+    assert!(m.slow_client_drops > 0 || m.slow_client_closes > 0, "{m:?}");
+    assert_eq!(m.slow_client_closes, 1, "{m:?}");
+}
+
+#[tokio::test]
+async fn slow_reader_with_drop_policy_keeps_the_socket() {
+    let settings = LayerSettings {
+        capacity: 100_000,
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            outbound_queue: 4,
+            slow_client: SlowClientPolicy::Drop,
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let _worker = flooding_worker(&layer, 300).await;
+    let mut ws = ws_connect(&server.ws_url("/slow")).await;
+    // Read nothing until drops have happened, then read what is left: the socket is still open.
+    tokio::time::timeout(WAIT, async {
+        while layer.metrics().snapshot().local_full == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("no drop counted");
+    let mut got = 0;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures_util::StreamExt::next(&mut ws),
+    )
+    .await
+    {
+        if m.is_binary() {
+            got += 1;
+        }
+    }
+    let m = server.metrics.snapshot();
+    assert!(got > 0 && got < 300, "received {got}");
+    // Every message was either written or dropped and counted (by the inbox at once, by the
+    // server when the socket task next looks).
+    assert_eq!(
+        got as u64 + layer.metrics().snapshot().local_full,
+        300,
+        "{m:?}"
+    );
+    assert!(m.slow_client_drops > 0, "{m:?}");
+    assert_eq!(m.slow_client_closes, 0);
+    send_text(&mut ws, "still here").await;
+}
+
+#[tokio::test]
+async fn unanswered_pings_drop_the_connection() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            ping_interval: Duration::from_millis(200),
+            ping_timeout: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let mut worker = Worker::echo(&layer).await;
+    // A client that reads answers pings (tungstenite does it) and stays.
+    let mut alive = ws_connect(&server.ws_url("/alive")).await;
+    // A client that never reads never answers.
+    let _dead = ws_connect(&server.ws_url("/dead")).await;
+    let reader = tokio::spawn(async move {
+        let mut pings = 0;
+        let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+        while let Ok(Some(Ok(m))) =
+            tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut alive)).await
+        {
+            if m.is_ping() {
+                pings += 1;
+            }
+        }
+        (pings, alive)
+    });
+    let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+    assert_eq!(d.path, "/dead");
+    assert_eq!(d.code, 1006);
+    let (pings, mut alive) = reader.await.unwrap();
+    assert!(pings >= 2, "pings {pings}");
+    send_text(&mut alive, "still alive").await;
+    assert_eq!(
+        next_message(&mut alive).await,
+        Some(Message::text("still alive"))
+    );
+    assert_eq!(server.metrics.snapshot().ping_timeouts, 1);
+}
+
+#[tokio::test]
+async fn idle_and_lifetime_limits_close_1000() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let mut worker = Worker::echo(&layer).await;
+    let idle = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            idle_timeout: Some(Duration::from_millis(300)),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let mut ws = ws_connect(&idle.ws_url("/idle")).await;
+    assert_eq!(close_code(&mut ws).await, Some(1000));
+    let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+    assert_eq!((d.path.as_str(), d.code), ("/idle", 1000));
+
+    // Lifetime: the socket is busy, yet closed when its time is up (group expiry by default).
+    let short = LayerSettings {
+        group_expiry: Duration::from_millis(600),
+        ..LayerSettings::default()
+    };
+    let short_layer = Layer::from_url("memory://", short).await.unwrap();
+    let mut short_worker = Worker::echo(&short_layer).await;
+    let lifetime = TestServer::start(short_layer.clone(), ServerConfig::default()).await;
+    let mut ws = ws_connect(&lifetime.ws_url("/life")).await;
+    let started = tokio::time::Instant::now();
+    let code = loop {
+        send_text(&mut ws, "busy").await;
+        match next_message(&mut ws).await {
+            Some(Message::Text(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Some(Message::Close(f)) => break f.map(|f| u16::from(f.code)),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(started.elapsed() < WAIT, "lifetime never enforced");
+    };
+    assert_eq!(code, Some(1000));
+    let d: WebsocketDisconnect = short_worker
+        .next_on(WEBSOCKET_DISCONNECT)
+        .await
+        .decode()
+        .unwrap();
+    assert_eq!(d.code, 1000);
+}
+
+#[tokio::test]
+async fn sockets_survive_a_redis_outage() {
+    let mut fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
+    let server = TestServer::start(fx.layer.clone(), ServerConfig::default()).await;
+    let _worker = Worker::echo(&fx.layer).await;
+    let mut ws = ws_connect(&server.ws_url("/outage")).await;
+    send_text(&mut ws, "before").await;
+    assert_eq!(next_message(&mut ws).await, Some(Message::text("before")));
+    fx.redis.as_mut().unwrap().stop();
+    send_text(&mut ws, "during").await;
+    tokio::time::timeout(WAIT, async {
+        while server.metrics.snapshot().ws_frames_lost == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the frame sent during the outage was not counted as lost");
+    fx.redis.as_mut().unwrap().restart();
+    // Same socket, no reconnect: echoes flow again once the layer is back.
+    let mut n = 0;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            n += 1;
+            send_text(&mut ws, &format!("after {n}")).await;
+            if let Ok(Some(m)) = tokio::time::timeout(
+                Duration::from_millis(500),
+                futures_util::StreamExt::next(&mut ws),
+            )
+            .await
+            {
+                let m = m.unwrap();
+                if let Message::Text(t) = m {
+                    assert!(t.starts_with("after "), "{t}");
+                    break;
+                }
+            }
+        }
+    })
+    .await
+    .expect("socket did not recover after Redis came back");
+    assert_eq!(server.metrics.snapshot().open_websockets, 1);
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_1001_and_tells_workers() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let mut server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let mut worker = Worker::echo(&layer).await;
+    let mut a = ws_connect(&server.ws_url("/a")).await;
+    let mut b = ws_connect(&server.ws_url("/b")).await;
+    send_text(&mut a, "one").await;
+    assert_eq!(next_message(&mut a).await, Some(Message::text("one")));
+    let stopping = tokio::spawn(async move {
+        server.stop().await;
+        server
+    });
+    assert_eq!(close_code(&mut a).await, Some(1001));
+    assert_eq!(close_code(&mut b).await, Some(1001));
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+        seen.push((d.path, d.code, d.order));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [("/a".to_owned(), 1001, 2), ("/b".to_owned(), 1001, 1)]
+    );
+    let server = tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
+    assert_eq!(server.metrics.snapshot().open_websockets, 0);
+}
+
+#[tokio::test]
+async fn subprotocol_is_chosen_from_the_allowed_list() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            ws_protocols: vec!["chat.v2".into(), "chat.v1".into()],
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let _worker = Worker::echo(&layer).await;
+    let mut request = server.ws_url("/proto").into_client_request().unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "mqtt, chat.v1, chat.v2".parse().unwrap(),
+    );
+    let (_ws, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "chat.v1");
+    // Nothing offered that is allowed: no header.
+    let mut request = server.ws_url("/proto").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let result = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .unwrap();
+    // tungstenite's client refuses a response without the protocol it asked for; the server
+    // answered 101 without one, which is what the RFC allows.
+    assert!(
+        result.is_err()
+            || result
+                .unwrap()
+                .1
+                .headers()
+                .get("sec-websocket-protocol")
+                .is_none()
+    );
+}
