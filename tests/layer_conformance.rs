@@ -516,6 +516,11 @@ async fn inbox_demultiplexes(b: Backend) {
 
 async fn overview_lists_channels_and_groups(b: Backend) {
     let f = Fixture::new(b, LayerSettings::default()).await;
+    assert_eq!(
+        f.layer.overview().await.unwrap(),
+        Default::default(),
+        "an empty layer has an empty overview"
+    );
     f.layer.send("ov.a", &msg("1")).await.unwrap();
     f.layer.send("ov.a", &msg("2")).await.unwrap();
     f.layer.send("ov.inbox!x", &msg("3")).await.unwrap();

@@ -468,6 +468,9 @@ impl RedisLayer {
                 .filter(|k| !k.ends_with("$inflight"))
                 .filter(|k| k.starts_with(&group_prefix) || !k.starts_with(&app_data))
                 .collect();
+            if keys.is_empty() {
+                continue;
+            }
             let mut pipe = redis::pipe();
             for k in &keys {
                 let cutoff = if k.starts_with(&group_prefix) {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use switchyard::layer::{Layer, LayerSettings};
 
 /// A `redis-server` child process on 127.0.0.1, killed on drop.
+#[derive(Debug)]
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
@@ -149,6 +150,7 @@ pub enum Backend {
 }
 
 /// A layer and whatever keeps it alive.
+#[derive(Debug)]
 pub struct Fixture {
     pub layer: Layer,
     pub redis: Option<RedisServer>,

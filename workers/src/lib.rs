@@ -1,5 +1,6 @@
-//! The deployable Switchyard app: the reference consumers and their routes (`app`), and the
-//! command line of the `switchyard` binary (`cli`).
+//! The deployable Switchyard app: the reference consumers and their routes (`app`), the command
+//! line of the `switchyard` binary (`cli`) and its long-running roles (`roles`).
 
 pub mod app;
 pub mod cli;
+pub mod roles;

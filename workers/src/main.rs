@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use switchyard_workers::cli::{self, FlushArgs, LogArgs, SendArgs, StatsArgs};
+use switchyard_workers::roles::{self, DevArgs, ServeArgs, WorkerCommandArgs};
 
 /// Switchyard: a channel-layer realtime server (interface server, Redis channel layer, workers).
 #[derive(Debug, Parser)]
@@ -22,6 +23,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run everything in one process on the in-memory layer and serve the chat page.
+    Dev(DevArgs),
+    /// Run the interface server: HTTP and WebSocket in, channel-layer messages out.
+    Serve(ServeArgs),
+    /// Run the app's consumers on the channels its routes listen on.
+    Worker(WorkerCommandArgs),
     /// Send one message (JSON) to a channel or a group.
     Send(SendArgs),
     /// Delete every channel and group under the prefix.
@@ -45,6 +52,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
+            Command::Dev(args) => roles::dev(args).await,
+            Command::Serve(args) => roles::serve(args).await,
+            Command::Worker(args) => roles::worker(args).await,
             Command::Send(args) => cli::send(args).await,
             Command::Flush(args) => cli::flush(args).await,
             Command::Stats(args) => cli::stats(args).await,

@@ -31,19 +31,19 @@ pub fn routes(layer: Layer) -> Result<Router, RouteError> {
         // Pages and the job form, through the layer like any Channels 1 HTTP consumer.
         route(HTTP_REQUEST, pages::index)
             .path("^/$")
-            .method("^(GET|HEAD)$"),
+            .method("^(?:GET|HEAD)$"),
         route(HTTP_REQUEST, pages::chat_page)
             .path(&format!("^/chat/{ROOM_PATTERN}/$"))
-            .method("^(GET|HEAD)$"),
+            .method("^(?:GET|HEAD)$"),
         route(HTTP_REQUEST, pages::jobs_page)
             .path("^/jobs/$")
-            .method("^(GET|HEAD)$"),
+            .method("^(?:GET|HEAD)$"),
         route(HTTP_REQUEST, jobs::start)
             .path("^/jobs/$")
             .method("^POST$"),
         route(HTTP_REQUEST, pages::asset)
-            .path("^/static/(?P<file>[a-z]+\\.(css|js))$")
-            .method("^(GET|HEAD)$"),
+            .path("^/static/(?P<file>[a-z]+\\.(?:css|js))$")
+            .method("^(?:GET|HEAD)$"),
         {
             let store = Arc::clone(&store);
             route(HTTP_REQUEST, move |m: Message, ctx: Ctx| {

@@ -1,0 +1,522 @@
+//! The long-running roles of the binary: `serve` (the interface server), `worker` (the routed
+//! consumers) and `dev` (both in one process on the in-memory layer), with their flags, signal
+//! handling (SIGTERM/SIGINT stop gracefully) and Prometheus metrics on `--metrics-bind`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use switchyard::layer::Layer;
+use switchyard::prometheus::{self, Exposition, Render};
+use switchyard::server::{Server, ServerConfig, ServerMetrics, SlowClientPolicy};
+
+use switchyard::worker::{
+    DjangoSessionConfig, DjangoSessions, LATENCY_BUCKETS_MS, Worker, WorkerMetrics,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::LayerArgs;
+
+/// Default layer for `serve` and `worker`.
+pub const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379/0";
+
+/// What to do with a client too slow to read its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SlowClient {
+    /// Drop the messages that do not fit; keep the socket.
+    Drop,
+    /// Close the socket with 1013 so the client reconnects and resynchronises.
+    Close,
+}
+
+/// Interface-server flags (shared by `serve` and `dev`).
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SWITCHYARD_BIND", default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// ASGI root_path (SCRIPT_NAME) put into every request, for mounting under a prefix.
+    #[arg(long, env = "SWITCHYARD_ROOT_PATH", default_value = "")]
+    pub root_path: String,
+    /// Seconds an HTTP request waits for a worker's response before 504.
+    #[arg(long, default_value_t = 60.0)]
+    pub http_timeout: f64,
+    /// Seconds a WebSocket handshake waits for a worker's accept before 503.
+    #[arg(long, default_value_t = 5.0)]
+    pub websocket_connect_timeout: f64,
+    /// Largest request body in bytes carried in http.request; larger gets 413.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_size: usize,
+    /// Largest WebSocket message in bytes; larger closes with 1009.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub ws_max_message_size: usize,
+    /// Largest WebSocket frame in bytes; larger closes with 1009.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub ws_max_frame_size: usize,
+    /// Seconds without client data before a keepalive ping.
+    #[arg(long, default_value_t = 20.0)]
+    pub ping_interval: f64,
+    /// Seconds a ping may go unanswered before the connection is dropped.
+    #[arg(long, default_value_t = 30.0)]
+    pub ping_timeout: f64,
+    /// Close sockets with no frame either way for this many seconds (default: never).
+    #[arg(long)]
+    pub idle_timeout: Option<f64>,
+    /// Close sockets open this many seconds (default: the group expiry, so memberships never
+    /// lapse under a live socket).
+    #[arg(long)]
+    pub websocket_lifetime: Option<f64>,
+    /// Open connections allowed; more get 503.
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Messages buffered per connection on their way to the socket.
+    #[arg(long, default_value_t = 64)]
+    pub outbound_queue: usize,
+    /// What to do when a client reads too slowly for its outbound queue.
+    #[arg(long, value_enum, default_value_t = SlowClient::Close)]
+    pub slow_client: SlowClient,
+    /// Trust X-Forwarded-For/-Port/-Proto (only behind a proxy that sets them).
+    #[arg(long, env = "SWITCHYARD_PROXY_HEADERS")]
+    pub proxy_headers: bool,
+    /// WebSocket subprotocols the server may select, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub ws_protocols: Vec<String>,
+    /// Seconds in-flight responses and socket closes get on shutdown.
+    #[arg(long, default_value_t = 10.0)]
+    pub shutdown_grace: f64,
+}
+
+fn secs(name: &str, v: f64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        v.is_finite() && v > 0.0,
+        "--{name} must be a positive number of seconds, got {v}"
+    );
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl ServerArgs {
+    /// The server configuration these flags describe.
+    pub fn config(&self) -> anyhow::Result<ServerConfig> {
+        Ok(ServerConfig {
+            bind: SocketAddr::new(self.bind, self.port),
+            root_path: self.root_path.clone(),
+            http_timeout: secs("http-timeout", self.http_timeout)?,
+            websocket_connect_timeout: secs(
+                "websocket-connect-timeout",
+                self.websocket_connect_timeout,
+            )?,
+            max_body_size: self.max_body_size,
+            ws_max_message_size: self.ws_max_message_size,
+            ws_max_frame_size: self.ws_max_frame_size.min(self.ws_max_message_size),
+            ping_interval: secs("ping-interval", self.ping_interval)?,
+            ping_timeout: secs("ping-timeout", self.ping_timeout)?,
+            idle_timeout: self
+                .idle_timeout
+                .map(|v| secs("idle-timeout", v))
+                .transpose()?,
+            websocket_lifetime: self
+                .websocket_lifetime
+                .map(|v| secs("websocket-lifetime", v))
+                .transpose()?,
+            max_connections: self.max_connections,
+            outbound_queue: self.outbound_queue.max(1),
+            slow_client: match self.slow_client {
+                SlowClient::Drop => SlowClientPolicy::Drop,
+                SlowClient::Close => SlowClientPolicy::Close1013,
+            },
+            proxy_headers: self.proxy_headers,
+            ws_protocols: self.ws_protocols.clone(),
+            shutdown_grace: secs("shutdown-grace", self.shutdown_grace)?,
+            ..ServerConfig::default()
+        })
+    }
+}
+
+/// Worker flags (shared by `worker` and `dev`).
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Consumer loops in this process (each with its own receive connection).
+    #[arg(long, env = "SWITCHYARD_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: usize,
+    /// Only listen on channels matching these globs (repeatable, e.g. 'websocket.*').
+    #[arg(long = "only-channels", value_name = "GLOB")]
+    pub only_channels: Vec<String>,
+    /// Do not listen on channels matching these globs (repeatable).
+    #[arg(long = "exclude-channels", value_name = "GLOB")]
+    pub exclude_channels: Vec<String>,
+    /// Django SECRET_KEY: enables HTTP sessions (sessionid cookie → user) for consumers asking
+    /// for them.
+    #[arg(long, env = "DJANGO_SECRET_KEY", hide_env_values = true)]
+    pub django_secret_key: Option<String>,
+    /// Redis of the Django session cache (default: the channel layer's first Redis URL).
+    #[arg(long, env = "DJANGO_SESSION_REDIS")]
+    pub django_session_redis: Option<String>,
+}
+
+/// `switchyard serve`
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub layer: LayerArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100).
+    #[arg(long, env = "SWITCHYARD_METRICS_BIND")]
+    pub metrics_bind: Option<SocketAddr>,
+}
+
+/// `switchyard worker`
+#[derive(Debug, Clone, Args)]
+pub struct WorkerCommandArgs {
+    #[command(flatten)]
+    pub layer: LayerArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
+    #[arg(long, env = "SWITCHYARD_METRICS_BIND")]
+    pub metrics_bind: Option<SocketAddr>,
+}
+
+/// `switchyard dev`
+#[derive(Debug, Clone, Args)]
+pub struct DevArgs {
+    #[command(flatten)]
+    pub layer: LayerArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    /// Serve Prometheus metrics on this address.
+    #[arg(long, env = "SWITCHYARD_METRICS_BIND")]
+    pub metrics_bind: Option<SocketAddr>,
+    /// Do not try to open the chat page in a browser.
+    #[arg(long)]
+    pub no_open: bool,
+}
+
+/// Cancels the token on SIGTERM or SIGINT (a second signal exits at once).
+pub fn stop_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping gracefully (again to exit now)"),
+            _ = term.recv() => tracing::info!("SIGTERM: stopping gracefully (again to exit now)"),
+        }
+        token.cancel();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+fn server_exposition(e: &mut Exposition, m: &ServerMetrics) {
+    let s = m.snapshot();
+    e.gauge(
+        "switchyard_open_connections",
+        "TCP connections open now.",
+        s.open_connections as f64,
+    )
+    .gauge(
+        "switchyard_open_websockets",
+        "WebSockets open now.",
+        s.open_websockets as f64,
+    )
+    .counter(
+        "switchyard_connections_refused_total",
+        "Connections refused (max connections).",
+        s.connections_refused,
+    )
+    .counter_by(
+        "switchyard_server_messages_in_total",
+        "Messages the interface server put on the layer, by channel.",
+        "channel",
+        &[
+            ("http.request", s.http_requests),
+            ("websocket.connect", s.ws_connects),
+            ("websocket.receive", s.ws_frames_in),
+            ("http.disconnect", s.http_disconnects),
+        ],
+    )
+    .counter_by(
+        "switchyard_server_messages_out_total",
+        "Replies the interface server wrote to clients, by kind.",
+        "kind",
+        &[
+            ("http.response", s.http_responses),
+            ("websocket.frame", s.ws_frames_out),
+        ],
+    )
+    .counter_by(
+        "switchyard_http_errors_total",
+        "HTTP requests answered by the server itself with an error, by status.",
+        "status",
+        &[
+            ("413", s.http_413),
+            ("503", s.http_503),
+            ("504", s.http_504),
+        ],
+    )
+    .counter(
+        "switchyard_ws_frames_lost_total",
+        "Client frames dropped because the layer was unreachable.",
+        s.ws_frames_lost,
+    )
+    .counter(
+        "switchyard_ws_receive_full_closes_total",
+        "Sockets closed 1013 because websocket.receive was full.",
+        s.ws_receive_full_closes,
+    )
+    .counter(
+        "switchyard_slow_client_drops_total",
+        "Messages dropped for clients reading too slowly.",
+        s.slow_client_drops,
+    )
+    .counter(
+        "switchyard_slow_client_closes_total",
+        "Sockets closed 1013 for reading too slowly.",
+        s.slow_client_closes,
+    )
+    .counter(
+        "switchyard_ping_timeouts_total",
+        "Sockets dropped for not answering pings.",
+        s.ping_timeouts,
+    )
+    .counter(
+        "switchyard_bad_replies_total",
+        "Worker replies that could not be applied.",
+        s.bad_replies,
+    );
+}
+
+fn worker_exposition(e: &mut Exposition, m: &WorkerMetrics) {
+    let s = m.snapshot();
+    let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_MS
+        .iter()
+        .zip(&s.latency_buckets)
+        .map(|(ms, n)| (*ms as f64 / 1000.0, *n))
+        .collect();
+    // The histogram's last slot counts the slower-than-every-bucket ones: they only reach +Inf.
+    buckets.truncate(LATENCY_BUCKETS_MS.len());
+    let count: u64 = s.latency_buckets.iter().sum();
+    e.counter(
+        "switchyard_consumed_total",
+        "Messages consumed by this worker.",
+        s.consumed,
+    )
+    .counter(
+        "switchyard_consumer_errors_total",
+        "Consumers that returned an error.",
+        s.errors,
+    )
+    .counter(
+        "switchyard_consumer_panics_total",
+        "Consumers that panicked.",
+        s.panics,
+    )
+    .counter(
+        "switchyard_requeued_total",
+        "Messages requeued by ConsumeLater.",
+        s.requeued,
+    )
+    .counter(
+        "switchyard_worker_dropped_total",
+        "Messages dropped by the worker (retries exhausted).",
+        s.dropped,
+    )
+    .counter(
+        "switchyard_unrouted_total",
+        "Messages no route matched.",
+        s.unrouted,
+    )
+    .counter(
+        "switchyard_parked_total",
+        "Messages parked to wait for their predecessors (strict ordering).",
+        s.parked,
+    )
+    .histogram(
+        "switchyard_consumer_latency_seconds",
+        "Time to run a consumer and apply what it sent.",
+        &buckets,
+        s.latency_sum_us as f64 / 1e6,
+        count,
+    );
+}
+
+async fn start_metrics(
+    bind: Option<SocketAddr>,
+    layer: &Layer,
+    server: Option<Arc<ServerMetrics>>,
+    worker: Option<Arc<WorkerMetrics>>,
+    token: &CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(bind) = bind else { return Ok(()) };
+    let layer_metrics = Arc::clone(layer.metrics());
+    let render: Render = Arc::new(move || {
+        let mut e = Exposition::new();
+        e.layer(&layer_metrics.snapshot());
+        if let Some(s) = &server {
+            server_exposition(&mut e, s);
+        }
+        if let Some(w) = &worker {
+            worker_exposition(&mut e, w);
+        }
+        e.finish()
+    });
+    let addr = prometheus::spawn(bind, render, token.clone())
+        .await
+        .with_context(|| format!("cannot serve metrics on {bind}"))?;
+    tracing::info!(%addr, "Prometheus metrics on http://{addr}/metrics");
+    Ok(())
+}
+
+fn build_worker(layer: &Layer, args: &WorkerArgs) -> anyhow::Result<Worker> {
+    let router = crate::app::routes(layer.clone()).context("the app's routes are invalid")?;
+    let mut worker = Worker::new(layer.clone(), Arc::new(router))
+        .concurrency(args.concurrency.max(1))
+        .only_channels(&args.only_channels)
+        .exclude_channels(&args.exclude_channels);
+    if let Some(secret) = &args.django_secret_key {
+        let redis = match &args.django_session_redis {
+            Some(url) => url.clone(),
+            None => layer
+                .describe()
+                .strip_prefix("redis ")
+                .and_then(|addrs| addrs.split(',').next())
+                .map(|addr| format!("redis://{addr}/0"))
+                .context("--django-session-redis is needed with the in-memory layer")?,
+        };
+        worker = worker.http_sessions(DjangoSessions::new(DjangoSessionConfig::new(
+            redis,
+            secret.clone(),
+        ))?);
+    }
+    anyhow::ensure!(
+        !worker.channels().is_empty(),
+        "the channel globs leave this worker nothing to listen on (routes cover: {})",
+        crate::app::routes(layer.clone())
+            .map(|r| r.channels().join(", "))
+            .unwrap_or_default()
+    );
+    Ok(worker)
+}
+
+/// `switchyard serve`: the interface server.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let layer = args.layer.open(DEFAULT_REDIS).await?;
+    let server = Server::bind(args.server.config()?).await?;
+    let token = CancellationToken::new();
+    stop_on_signals(token.clone());
+    start_metrics(
+        args.metrics_bind,
+        &layer,
+        Some(server.metrics()),
+        None,
+        &token,
+    )
+    .await?;
+    println!(
+        "Switchyard serve: listening on http://{}/ (layer {})",
+        server.local_addr(),
+        layer.describe()
+    );
+    server.serve(layer, token).await?;
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+/// `switchyard worker`: runs the app's consumers.
+pub async fn worker(args: WorkerCommandArgs) -> anyhow::Result<()> {
+    let layer = args.layer.open(DEFAULT_REDIS).await?;
+    anyhow::ensure!(
+        !matches!(layer, Layer::Memory(_)),
+        "a worker on memory:// would share nothing with any server; use `switchyard dev`, or point --layer at Redis"
+    );
+    let worker = build_worker(&layer, &args.worker)?;
+    let token = CancellationToken::new();
+    stop_on_signals(token.clone());
+    start_metrics(
+        args.metrics_bind,
+        &layer,
+        None,
+        Some(worker.metrics()),
+        &token,
+    )
+    .await?;
+    tracing::info!(channels = ?worker.channels(), concurrency = args.worker.concurrency, layer = %layer.describe(), "worker listening");
+    worker.run(token).await?;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// `switchyard dev`: server and workers in one process, in-memory layer by default.
+pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    let layer = args.layer.open("memory://").await?;
+    let worker = build_worker(&layer, &args.worker)?;
+    let server = Server::bind(args.server.config()?).await?;
+    let token = CancellationToken::new();
+    stop_on_signals(token.clone());
+    start_metrics(
+        args.metrics_bind,
+        &layer,
+        Some(server.metrics()),
+        Some(worker.metrics()),
+        &token,
+    )
+    .await?;
+    let addr = server.local_addr();
+    let worker_token = token.clone();
+    let worker_task = tokio::spawn(async move { worker.run(worker_token).await });
+    let url = format!("http://{addr}/chat/lobby/");
+    println!(
+        "Switchyard dev: chat at {url} (layer {}); Ctrl-C stops",
+        layer.describe()
+    );
+    if !args.no_open {
+        open_browser(&url);
+    }
+    let served = server.serve(layer, token.clone()).await;
+    token.cancel();
+    let worked = worker_task.await.context("the worker task failed")?;
+    served?;
+    worked?;
+    Ok(())
+}
+
+/// Opens `url` in the desktop's browser when there is a desktop; otherwise does nothing.
+fn open_browser(url: &str) {
+    let has_display =
+        std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+    let opener = if cfg!(target_os = "macos") {
+        "open"
+    } else {
+        "xdg-open"
+    };
+    if !(has_display || cfg!(target_os = "macos")) {
+        return;
+    }
+    match std::process::Command::new(opener)
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(_) => tracing::info!(%url, "opened the chat page"),
+        Err(e) => tracing::debug!(error = %e, "could not open a browser"),
+    }
+}

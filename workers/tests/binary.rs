@@ -1,0 +1,268 @@
+//! The `switchyard` binary end to end: `serve` + `worker` on a real redis-server and `dev` on
+//! the in-memory layer, driven by real HTTP and WebSocket clients; the chat room, echo, relay and
+//! background jobs; the small commands (`send`, `stats`, `flush`) with their exit codes; and a
+//! graceful stop on SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use support::redis_support::RedisServer;
+use support::{Proc, bin};
+use tokio_tungstenite::tungstenite::Message;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(url: &str) -> Ws {
+    tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connects in time")
+        .expect("handshake")
+        .0
+}
+
+async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("open")
+            .expect("ok");
+        match msg {
+            Message::Text(t) => return t.to_string(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+async fn http(base: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status: u16 = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Exercises a running server (dev, or serve + worker) through its public surface.
+async fn exercise(base: &str, ws_base: &str) {
+    // Pages through the layer.
+    let (status, body) = http(base, "GET", "/", "").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("<title>Switchyard chat</title>"), "{body}");
+    assert_eq!(
+        http(base, "GET", "/nowhere", "").await,
+        (404, "not found\n".to_owned())
+    );
+
+    // Echo: text and binary unchanged.
+    let mut echo = connect(&format!("{ws_base}/ws/echo/")).await;
+    echo.send(Message::text("héllo")).await.unwrap();
+    assert_eq!(next_text(&mut echo).await, "héllo");
+    echo.send(Message::binary(vec![0u8, 159, 146, 150]))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(WAIT, echo.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, Message::binary(vec![0u8, 159, 146, 150]));
+
+    // An unknown socket path is refused (403).
+    let refused = tokio_tungstenite::connect_async(format!("{ws_base}/ws/nowhere/")).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("expected 403, got {other:?}"),
+    }
+
+    // Relay: every member, sender included, gets the frame unchanged.
+    let mut a = connect(&format!("{ws_base}/ws/relay/r1/")).await;
+    let mut b = connect(&format!("{ws_base}/ws/relay/r1/")).await;
+    a.send(Message::text("to everyone")).await.unwrap();
+    assert_eq!(next_text(&mut a).await, "to everyone");
+    assert_eq!(next_text(&mut b).await, "to everyone");
+
+    // Chat: history on join, broadcast with a server timestamp, bad input answered, not broadcast.
+    let mut ann = connect(&format!("{ws_base}/ws/chat/lobby/")).await;
+    let hello: serde_json::Value = serde_json::from_str(&next_text(&mut ann).await).unwrap();
+    assert_eq!(hello["type"], "history");
+    ann.send(Message::text(
+        r#"{"handle": " ann ", "message": "<script>x</script>"}"#,
+    ))
+    .await
+    .unwrap();
+    let said: serde_json::Value = serde_json::from_str(&next_text(&mut ann).await).unwrap();
+    assert_eq!(
+        (said["type"].as_str(), said["handle"].as_str()),
+        (Some("message"), Some("ann"))
+    );
+    assert_eq!(
+        said["message"], "<script>x</script>",
+        "stored and sent as text; the page escapes it"
+    );
+    assert!(said["ts"].as_str().unwrap().ends_with('Z'));
+    ann.send(Message::text("not json")).await.unwrap();
+    let err: serde_json::Value = serde_json::from_str(&next_text(&mut ann).await).unwrap();
+    assert_eq!(err["type"], "error");
+    let mut bob = connect(&format!("{ws_base}/ws/chat/lobby/")).await;
+    let history: serde_json::Value = serde_json::from_str(&next_text(&mut bob).await).unwrap();
+    let messages = history["messages"].as_array().unwrap();
+    assert_eq!(messages.last().unwrap()["message"], "<script>x</script>");
+    let (_, rooms) = http(base, "GET", "/api/rooms", "").await;
+    assert!(rooms.contains("\"lobby\""), "{rooms}");
+
+    // Background job: POST starts it on jobs.digest, the page's socket hears the result.
+    let mut page = connect(&format!("{ws_base}/ws/jobs/ticket-0001/")).await;
+    let (status, body) = http(
+        base,
+        "POST",
+        "/jobs/",
+        "ticket=ticket-0001&text=abc&rounds=1",
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let done: serde_json::Value = serde_json::from_str(&next_text(&mut page).await).unwrap();
+    assert_eq!(done["type"], "done");
+    assert_eq!(
+        done["digest"],
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    let (status, _) = http(
+        base,
+        "POST",
+        "/jobs/",
+        "ticket=ticket-0001&text=abc&rounds=0",
+    )
+    .await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_serves_everything_in_one_process() {
+    let mut dev = Proc::start(&["dev", "--port", "0", "--no-open"], true);
+    let base = dev.base.clone().unwrap();
+    exercise(&base, &dev.ws()).await;
+    assert!(dev.terminate().success(), "dev exits 0 on SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_and_worker_on_redis_and_a_django_style_broadcast() {
+    let redis = RedisServer::start();
+    let layer = format!("--layer={}", redis.url());
+    let mut worker = Proc::start(&["worker", &layer, "--concurrency", "4"], false);
+    let mut web = Proc::start(&["serve", &layer, "--port", "0"], true);
+    let base = web.base.clone().unwrap();
+    exercise(&base, &web.ws()).await;
+
+    // Anything sharing the Redis can broadcast into a room: here `switchyard send --group`, which
+    // writes exactly what channels_redis' group_send writes.
+    let mut carol = connect(&format!("{}/ws/chat/lobby/", web.ws())).await;
+    next_text(&mut carol).await; // history
+    let out = bin()
+        .args([
+            "send",
+            &layer,
+            "--group",
+            "chat-lobby",
+            r#"{"text": "from outside"}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "sent to group chat-lobby (1 members, 0 full)"
+    );
+    assert_eq!(next_text(&mut carol).await, "from outside");
+
+    assert!(web.terminate().success(), "serve exits 0 on SIGTERM");
+    assert!(worker.terminate().success(), "worker exits 0 on SIGTERM");
+}
+
+#[test]
+fn small_commands_and_their_exit_codes() {
+    let redis = RedisServer::start();
+    let layer = format!("--layer={}", redis.url());
+    let run = |args: &[&str]| bin().args(args).output().unwrap();
+
+    let out = run(&[
+        "send",
+        &layer,
+        "tasks.thumbnails",
+        r#"{"id": 7, "data": {"$bytes": "AAE="}}"#,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&["stats", &layer, "--json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"channels":[{"name":"tasks.thumbnails","count":1}],"groups":[]}"#
+    );
+    let out = run(&["stats", &layer]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("tasks.thumbnails") && table.contains("channel"),
+        "{table}"
+    );
+    assert!(run(&["flush", &layer]).status.success());
+    let out = run(&["stats", &layer, "--json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"channels":[],"groups":[]}"#
+    );
+
+    // Usage and configuration errors: 2; layer unreachable: 3; channel full: 4.
+    assert_eq!(run(&["send", &layer, "x", "[1, 2]"]).status.code(), Some(2));
+    assert_eq!(
+        run(&["send", &layer, "bad name", "{}"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        run(&["send", "--layer=ftp://x", "x", "{}"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(run(&["nonsense"]).status.code(), Some(2));
+    let dead = format!(
+        "--layer=redis://127.0.0.1:{}/0",
+        support::redis_support::free_port()
+    );
+    let out = run(&["send", &dead, "x", "{}"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("channel layer unavailable"),
+        "{out:?}"
+    );
+    assert!(
+        run(&["send", &layer, "--capacity=1", "full", "{}"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        run(&["send", &layer, "--capacity=1", "full", "{}"])
+            .status
+            .code(),
+        Some(4)
+    );
+    // A worker on the in-memory layer would share nothing with any server.
+    assert_eq!(run(&["worker", "--layer=memory://"]).status.code(), Some(1));
+}
