@@ -1,0 +1,283 @@
+//! Channel-layer micro-benchmark: send + receive throughput through the Redis backend (against a
+//! redis-server this binary starts on a free 127.0.0.1 port) and the in-memory backend.
+//!
+//! Scenarios: 1 sender + 1 receiver, and 8 senders + 8 receivers (each its own `Receiver`, each
+//! pair on its own channel), receiving one message per call; plus 8 + 8 with `receive_batch`
+//! (one blocking pop followed by a non-blocking pop of up to 64, as the process inbox reads).
+//! A fixed number of messages of about 100 bytes crosses in each scenario; the clock runs from
+//! the first send to the last receive. Prints a table and a final JSON line.
+//!
+//! Run: `cargo bench --bench layer` (release). `SWITCHYARD_BENCH_MESSAGES` changes the count
+//! (default 100000); `REDIS_SERVER_BIN` the server binary. Every wait is bounded, so a stuck
+//! scenario fails instead of hanging.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use switchyard::layer::{Layer, LayerSettings};
+use switchyard_routing::Map;
+use switchyard_routing::codec;
+
+/// Longest wait for one message before the scenario is declared stuck.
+const RECEIVE_LIMIT: Duration = Duration::from_secs(10);
+/// Longest a whole scenario may take.
+const SCENARIO_LIMIT: Duration = Duration::from_secs(180);
+/// Messages popped at once by the batch scenario (the process inbox's default).
+const BATCH: usize = 64;
+
+/// A `redis-server` child on 127.0.0.1, killed on drop (a small copy of tests/support).
+struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    fn start() -> Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let bin = std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_owned());
+        let child = Command::new(&bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {bin} (apt-get install -y redis-server)"))?;
+        let server = RedisServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                let mut buf = [0u8; 7];
+                if s.write_all(b"PING\r\n").is_ok()
+                    && s.read_exact(&mut buf).is_ok()
+                    && &buf == b"+PONG\r\n"
+                {
+                    return Ok(server);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("redis-server on port {port} did not answer PING within 10 s")
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReceiveMode {
+    /// `Receiver::receive`, one message per call.
+    Single,
+    /// `Receiver::receive_batch(.., BATCH)`.
+    Batch,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Scenario {
+    pairs: usize,
+    mode: ReceiveMode,
+}
+
+struct Outcome {
+    backend: &'static str,
+    scenario: Scenario,
+    messages: usize,
+    elapsed: Duration,
+    full_retries: u64,
+}
+
+impl Outcome {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// About 100 bytes of msgpack, like a small chat message.
+fn message(seq: usize) -> Map {
+    Map::new()
+        .with("type", "chat.message")
+        .with("room", "lobby")
+        .with("seq", seq as u64)
+        .with(
+            "text",
+            "the quick brown fox jumps over the lazy dog, 0123456789",
+        )
+}
+
+async fn run(
+    layer: &Layer,
+    backend: &'static str,
+    scenario: Scenario,
+    total: usize,
+) -> Result<Outcome> {
+    layer.flush().await?;
+    let per_pair = total / scenario.pairs;
+    let mut receivers = Vec::with_capacity(scenario.pairs);
+    for _ in 0..scenario.pairs {
+        receivers.push(layer.receiver().await?);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (pair, mut receiver) in receivers.into_iter().enumerate() {
+        let channel = format!("bench.pair{pair}");
+        let sender_layer = layer.clone();
+        let sender_channel = channel.clone();
+        let mode = scenario.mode;
+        tasks.push(tokio::spawn(async move {
+            let mut full_retries = 0u64;
+            for seq in 0..per_pair {
+                let payload = codec::to_msgpack(&message(seq))?;
+                loop {
+                    match sender_layer.send_encoded(&sender_channel, &payload).await {
+                        Ok(()) => break,
+                        // The receiver is behind: back off briefly, as an interface server would.
+                        Err(e) if e.is_full() => {
+                            full_retries += 1;
+                            tokio::time::sleep(Duration::from_micros(200)).await;
+                        }
+                        Err(e) => return Err(anyhow::Error::from(e)),
+                    }
+                }
+            }
+            Ok::<u64, anyhow::Error>(full_retries)
+        }));
+        tasks.push(tokio::spawn(async move {
+            let channels = [channel];
+            let mut got = 0usize;
+            while got < per_pair {
+                let n = match mode {
+                    ReceiveMode::Single => receiver
+                        .receive(&channels, RECEIVE_LIMIT)
+                        .await?
+                        .map_or(0, |_| 1),
+                    ReceiveMode::Batch => receiver
+                        .receive_batch(&channels[0], RECEIVE_LIMIT, BATCH)
+                        .await?
+                        .len(),
+                };
+                if n == 0 {
+                    bail!(
+                        "{}: nothing received for {RECEIVE_LIMIT:?} after {got} messages",
+                        channels[0]
+                    );
+                }
+                got += n;
+            }
+            Ok(0)
+        }));
+    }
+    let mut full_retries = 0;
+    let joined = tokio::time::timeout(SCENARIO_LIMIT, futures_util::future::join_all(tasks))
+        .await
+        .with_context(|| format!("{backend} {scenario:?} took longer than {SCENARIO_LIMIT:?}"))?;
+    for result in joined {
+        full_retries += result??;
+    }
+    Ok(Outcome {
+        backend,
+        scenario,
+        messages: per_pair * scenario.pairs,
+        elapsed: start.elapsed(),
+        full_retries,
+    })
+}
+
+fn main() -> Result<()> {
+    let total: usize = match std::env::var("SWITCHYARD_BENCH_MESSAGES") {
+        Ok(v) => v
+            .parse()
+            .context("SWITCHYARD_BENCH_MESSAGES must be a number")?,
+        Err(_) => 100_000,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let payload_bytes = codec::to_msgpack(&message(total))?.len();
+    let redis = RedisServer::start()?;
+    let scenarios = [
+        Scenario {
+            pairs: 1,
+            mode: ReceiveMode::Single,
+        },
+        Scenario {
+            pairs: 8,
+            mode: ReceiveMode::Single,
+        },
+        Scenario {
+            pairs: 8,
+            mode: ReceiveMode::Batch,
+        },
+    ];
+    let outcomes = runtime.block_on(async {
+        // Capacity above the whole run, so the figure is throughput, not backpressure.
+        let settings = LayerSettings {
+            capacity: total + 1,
+            ..LayerSettings::default()
+        };
+        let memory = Layer::from_url("memory://", settings.clone()).await?;
+        let redis_layer = Layer::from_url(&redis.url(), settings).await?;
+        let mut outcomes = Vec::new();
+        for (name, layer) in [("redis", &redis_layer), ("memory", &memory)] {
+            for scenario in scenarios {
+                let outcome = run(layer, name, scenario, total).await?;
+                eprintln!(
+                    "  {name:<6} {}x{} {:?}: {:.0} msg/s",
+                    scenario.pairs,
+                    scenario.pairs,
+                    scenario.mode,
+                    outcome.rate()
+                );
+                outcomes.push(outcome);
+            }
+        }
+        redis_layer.flush().await?;
+        Ok::<_, anyhow::Error>(outcomes)
+    })?;
+
+    println!("\nchannel layer send+receive, {total} messages of {payload_bytes} B msgpack each");
+    println!(
+        "{:<8} {:>8} {:>10} {:>10} {:>12} {:>8}",
+        "backend", "pairs", "receive", "time (ms)", "msg/s", "full"
+    );
+    for o in &outcomes {
+        println!(
+            "{:<8} {:>8} {:>10} {:>10.0} {:>12.0} {:>8}",
+            o.backend,
+            format!("{}x{}", o.scenario.pairs, o.scenario.pairs),
+            format!("{:?}", o.scenario.mode).to_lowercase(),
+            o.elapsed.as_secs_f64() * 1000.0,
+            o.rate(),
+            o.full_retries
+        );
+    }
+    let results: Vec<serde_json::Value> = outcomes
+        .iter()
+        .map(|o| {
+            serde_json::json!({
+                "backend": o.backend,
+                "senders": o.scenario.pairs,
+                "receivers": o.scenario.pairs,
+                "receive": format!("{:?}", o.scenario.mode).to_lowercase(),
+                "messages": o.messages,
+                "elapsed_ms": (o.elapsed.as_secs_f64() * 1000.0).round(),
+                "msgs_per_sec": o.rate().round(),
+            })
+        })
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({"bench": "layer", "payload_bytes": payload_bytes, "results": results})
+    );
+    Ok(())
+}
