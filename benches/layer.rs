@@ -95,6 +95,64 @@ struct Outcome {
     messages: usize,
     elapsed: Duration,
     full_retries: u64,
+    /// What redis-server did meanwhile (Redis scenarios only).
+    server: Option<ServerStats>,
+}
+
+/// redis-server's own view of a scenario: its CPU time, and per command the calls and the
+/// server-side microseconds per call (`INFO cpu`, `INFO commandstats` after `CONFIG RESETSTAT`).
+#[derive(Debug, Default)]
+struct ServerStats {
+    cpu_secs: f64,
+    commands: Vec<(String, u64, f64)>,
+}
+
+/// Reads `INFO cpu` and `INFO commandstats`; with `reset`, then zeroes the command counters.
+async fn server_stats(url: &str, reset: bool) -> Result<ServerStats> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let cpu: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await?;
+    let commandstats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await?;
+    if reset {
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(&mut conn)
+            .await?;
+    }
+    let field = |name: &str| -> f64 {
+        cpu.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let mut commands = Vec::new();
+    for line in commandstats.lines() {
+        // cmdstat_evalsha:calls=100000,usec=812345,usec_per_call=8.12,...
+        let Some((name, rest)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let value = |key: &str| {
+            rest.split(',')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        commands.push((
+            name.to_owned(),
+            value("calls") as u64,
+            value("usec_per_call"),
+        ));
+    }
+    commands.sort_by_key(|c| std::cmp::Reverse(c.1));
+    Ok(ServerStats {
+        cpu_secs: field("used_cpu_sys") + field("used_cpu_user"),
+        commands,
+    })
 }
 
 impl Outcome {
@@ -118,10 +176,15 @@ fn message(seq: usize) -> Map {
 async fn run(
     layer: &Layer,
     backend: &'static str,
+    redis_url: Option<&str>,
     scenario: Scenario,
     total: usize,
 ) -> Result<Outcome> {
     layer.flush().await?;
+    let before = match redis_url {
+        Some(url) => Some(server_stats(url, true).await?),
+        None => None,
+    };
     let per_pair = total / scenario.pairs;
     let mut receivers = Vec::with_capacity(scenario.pairs);
     for _ in 0..scenario.pairs {
@@ -181,15 +244,25 @@ async fn run(
     let joined = tokio::time::timeout(SCENARIO_LIMIT, futures_util::future::join_all(tasks))
         .await
         .with_context(|| format!("{backend} {scenario:?} took longer than {SCENARIO_LIMIT:?}"))?;
+    let elapsed = start.elapsed();
     for result in joined {
         full_retries += result??;
     }
+    let server = match (redis_url, before) {
+        (Some(url), Some(before)) => {
+            let mut after = server_stats(url, false).await?;
+            after.cpu_secs -= before.cpu_secs;
+            Some(after)
+        }
+        _ => None,
+    };
     Ok(Outcome {
         backend,
         scenario,
         messages: per_pair * scenario.pairs,
-        elapsed: start.elapsed(),
+        elapsed,
         full_retries,
+        server,
     })
 }
 
@@ -228,9 +301,13 @@ fn main() -> Result<()> {
         let memory = Layer::from_url("memory://", settings.clone()).await?;
         let redis_layer = Layer::from_url(&redis.url(), settings).await?;
         let mut outcomes = Vec::new();
-        for (name, layer) in [("redis", &redis_layer), ("memory", &memory)] {
+        let url = redis.url();
+        for (name, layer, stats_url) in [
+            ("redis", &redis_layer, Some(url.as_str())),
+            ("memory", &memory, None),
+        ] {
             for scenario in scenarios {
-                let outcome = run(layer, name, scenario, total).await?;
+                let outcome = run(layer, name, stats_url, scenario, total).await?;
                 eprintln!(
                     "  {name:<6} {}x{} {:?}: {:.0} msg/s",
                     scenario.pairs,
@@ -261,6 +338,28 @@ fn main() -> Result<()> {
             o.full_retries
         );
     }
+    println!(
+        "\nredis-server during each Redis scenario (server CPU / wall time; calls, server usec per call)"
+    );
+    for o in &outcomes {
+        let Some(server) = &o.server else { continue };
+        let commands: Vec<String> = server
+            .commands
+            .iter()
+            .filter(|(name, _, _)| name != "info" && name != "config|resetstat")
+            .map(|(name, calls, usec)| format!("{name} {calls} x {usec:.1} us"))
+            .collect();
+        println!(
+            "{}x{} {:<6} cpu {:.2} s / {:.2} s ({:.0}%): {}",
+            o.scenario.pairs,
+            o.scenario.pairs,
+            format!("{:?}", o.scenario.mode).to_lowercase(),
+            server.cpu_secs,
+            o.elapsed.as_secs_f64(),
+            100.0 * server.cpu_secs / o.elapsed.as_secs_f64(),
+            commands.join(", ")
+        );
+    }
     let results: Vec<serde_json::Value> = outcomes
         .iter()
         .map(|o| {
@@ -272,6 +371,7 @@ fn main() -> Result<()> {
                 "messages": o.messages,
                 "elapsed_ms": (o.elapsed.as_secs_f64() * 1000.0).round(),
                 "msgs_per_sec": o.rate().round(),
+                "redis_cpu_secs": o.server.as_ref().map(|s| (s.cpu_secs * 1000.0).round() / 1000.0),
             })
         })
         .collect();
