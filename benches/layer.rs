@@ -27,6 +27,9 @@ const RECEIVE_LIMIT: Duration = Duration::from_secs(10);
 const SCENARIO_LIMIT: Duration = Duration::from_secs(180);
 /// Messages popped at once by the batch scenario (the process inbox's default).
 const BATCH: usize = 64;
+/// The commands a send or receive sends over the wire (the send script's own ZADD, ZCARD, ...
+/// run inside Redis).
+const CLIENT_COMMANDS: [&str; 5] = ["evalsha", "eval", "bzpopmin", "zpopmin", "bzmpop"];
 
 /// A `redis-server` child on 127.0.0.1, killed on drop (a small copy of tests/support).
 struct RedisServer {
@@ -95,6 +98,8 @@ struct Outcome {
     messages: usize,
     elapsed: Duration,
     full_retries: u64,
+    /// CPU time (user + system) of this process over the scenario, when /proc tells it.
+    client_cpu_secs: Option<f64>,
     /// What redis-server did meanwhile (Redis scenarios only).
     server: Option<ServerStats>,
 }
@@ -155,10 +160,48 @@ async fn server_stats(url: &str, reset: bool) -> Result<ServerStats> {
     })
 }
 
+impl ServerStats {
+    /// Commands the layer issued (the benchmark's own INFO/CONFIG left out).
+    fn layer_commands(&self) -> impl Iterator<Item = &(String, u64, f64)> {
+        self.commands
+            .iter()
+            .filter(|(name, _, _)| name != "info" && name != "config|resetstat")
+    }
+}
+
 impl Outcome {
     fn rate(&self) -> f64 {
         self.messages as f64 / self.elapsed.as_secs_f64()
     }
+
+    /// CPU seconds per million messages: comparable across machines and load, unlike msg/s.
+    fn per_million(&self, cpu_secs: f64) -> f64 {
+        cpu_secs * 1e6 / self.messages as f64
+    }
+
+    /// Commands the client sent per message, i.e. round trips unless pipelined (the commands a
+    /// script runs inside Redis are counted by Redis too, but cost no round trip).
+    fn client_commands_per_message(&self) -> Option<f64> {
+        let server = self.server.as_ref()?;
+        let calls: u64 = server
+            .layer_commands()
+            .filter(|(name, _, _)| CLIENT_COMMANDS.contains(&name.as_str()))
+            .map(|c| c.1)
+            .sum();
+        Some(calls as f64 / self.messages as f64)
+    }
+}
+
+/// This process's CPU time (user + system, all threads) from /proc/self/stat, in seconds.
+/// Linux reports it in clock ticks of 1/100 s (USER_HZ), so it is coarse but fine over seconds.
+fn process_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name: state is the first, utime the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// About 100 bytes of msgpack, like a small chat message.
@@ -190,6 +233,7 @@ async fn run(
     for _ in 0..scenario.pairs {
         receivers.push(layer.receiver().await?);
     }
+    let cpu_before = process_cpu_secs();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (pair, mut receiver) in receivers.into_iter().enumerate() {
@@ -245,6 +289,10 @@ async fn run(
         .await
         .with_context(|| format!("{backend} {scenario:?} took longer than {SCENARIO_LIMIT:?}"))?;
     let elapsed = start.elapsed();
+    let client_cpu_secs = match (cpu_before, process_cpu_secs()) {
+        (Some(before), Some(after)) => Some(after - before),
+        _ => None,
+    };
     for result in joined {
         full_retries += result??;
     }
@@ -262,6 +310,7 @@ async fn run(
         messages: per_pair * scenario.pairs,
         elapsed,
         full_retries,
+        client_cpu_secs,
         server,
     })
 }
@@ -324,17 +373,30 @@ fn main() -> Result<()> {
 
     println!("\nchannel layer send+receive, {total} messages of {payload_bytes} B msgpack each");
     println!(
-        "{:<8} {:>8} {:>10} {:>10} {:>12} {:>8}",
-        "backend", "pairs", "receive", "time (ms)", "msg/s", "full"
+        "{:<8} {:>6} {:>8} {:>10} {:>10} {:>14} {:>14} {:>10} {:>6}",
+        "backend",
+        "pairs",
+        "receive",
+        "time (ms)",
+        "msg/s",
+        "client CPU-s/M",
+        "redis CPU-s/M",
+        "cmds/msg",
+        "full"
     );
+    let or_dash =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
     for o in &outcomes {
         println!(
-            "{:<8} {:>8} {:>10} {:>10.0} {:>12.0} {:>8}",
+            "{:<8} {:>6} {:>8} {:>10.0} {:>10.0} {:>14} {:>14} {:>10} {:>6}",
             o.backend,
             format!("{}x{}", o.scenario.pairs, o.scenario.pairs),
             format!("{:?}", o.scenario.mode).to_lowercase(),
             o.elapsed.as_secs_f64() * 1000.0,
             o.rate(),
+            or_dash(o.client_cpu_secs.map(|c| o.per_million(c)), 1),
+            or_dash(o.server.as_ref().map(|s| o.per_million(s.cpu_secs)), 1),
+            or_dash(o.client_commands_per_message(), 2),
             o.full_retries
         );
     }
@@ -344,9 +406,7 @@ fn main() -> Result<()> {
     for o in &outcomes {
         let Some(server) = &o.server else { continue };
         let commands: Vec<String> = server
-            .commands
-            .iter()
-            .filter(|(name, _, _)| name != "info" && name != "config|resetstat")
+            .layer_commands()
             .map(|(name, calls, usec)| format!("{name} {calls} x {usec:.1} us"))
             .collect();
         println!(
@@ -371,7 +431,9 @@ fn main() -> Result<()> {
                 "messages": o.messages,
                 "elapsed_ms": (o.elapsed.as_secs_f64() * 1000.0).round(),
                 "msgs_per_sec": o.rate().round(),
+                "client_cpu_secs": o.client_cpu_secs.map(|c| (c * 1000.0).round() / 1000.0),
                 "redis_cpu_secs": o.server.as_ref().map(|s| (s.cpu_secs * 1000.0).round() / 1000.0),
+                "client_commands_per_message": o.client_commands_per_message().map(|c| (c * 100.0).round() / 100.0),
             })
         })
         .collect();
