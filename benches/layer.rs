@@ -2,8 +2,9 @@
 //! redis-server this binary starts on a free 127.0.0.1 port) and the in-memory backend.
 //!
 //! Scenarios: 1 sender + 1 receiver, and 8 senders + 8 receivers (each its own `Receiver`, each
-//! pair on its own channel), receiving one message per call; plus 8 + 8 with `receive_batch`
-//! (one blocking pop followed by a non-blocking pop of up to 64, as the process inbox reads).
+//! pair on its own channel), receiving one message per call; 8 + 8 with `receive_batch` (one
+//! blocking pop followed by a non-blocking pop of up to 64, as the process inbox reads); and
+//! 32 + 32, to see whether more sends in flight raise the rate.
 //! A fixed number of messages of about 100 bytes crosses in each scenario; the clock runs from
 //! the first send to the last receive. Prints a table and a final JSON line.
 //!
@@ -339,6 +340,11 @@ fn main() -> Result<()> {
         Scenario {
             pairs: 8,
             mode: ReceiveMode::Batch,
+        },
+        // More senders in flight: shows whether a rate is bound by round trips or by CPU.
+        Scenario {
+            pairs: 32,
+            mode: ReceiveMode::Single,
         },
     ];
     let outcomes = runtime.block_on(async {
