@@ -534,3 +534,34 @@ async fn group_send_from_either_side_reaches_a_mixed_group() {
     assert_eq!(layer.channel_depth("worker.jobs").await.unwrap(), 0);
     inbox.shutdown(Duration::from_secs(2)).await;
 }
+
+/// A Django consumer replying straight to a socket's reply channel: Python `send` to a
+/// Switchyard local (`!`) channel lands in our inbox with `__asgi_channel__` as a string.
+#[tokio::test]
+async fn python_send_to_a_switchyard_local_channel_reaches_it() {
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    let redis = RedisServer::start();
+    let layer = switchyard(&redis).await;
+    let inbox = layer.inbox("specific").await.unwrap();
+    let mut local = inbox.new_channel();
+    let mut other = inbox.new_channel();
+    let mut peer = Peer::start(&python, &redis.url()).await;
+    let sent = chat_message("reply from python £ ✓");
+
+    peer.call(json!({"op": "send", "channel": local.name(), "message": to_peer_json(&Value::Map(sent.clone()))}))
+        .await;
+
+    let envelope = local
+        .recv_timeout(STEP)
+        .await
+        .expect("Python's direct send did not reach the local channel");
+    assert_eq!(envelope.channel, local.name());
+    assert_same_message(&envelope.to_map().unwrap(), &sent);
+    assert!(
+        other.try_recv().is_none(),
+        "delivered to the wrong local channel"
+    );
+    inbox.shutdown(Duration::from_secs(2)).await;
+}
