@@ -30,7 +30,8 @@ pub struct EchoArgs {
     /// Connections.
     #[arg(long, short = 'c', default_value_t = 1)]
     pub connections: usize,
-    /// Closed loop: messages each connection keeps outstanding.
+    /// Closed loop: messages each connection keeps outstanding (an echo missing for --drain
+    /// seconds frees its slot).
     #[arg(long, default_value_t = 1)]
     pub in_flight: usize,
     /// Open loop instead: total messages per second over all connections; latency counts from
@@ -73,6 +74,8 @@ struct Shared {
     size: usize,
     binary: bool,
     pace: Pace,
+    /// Closed loop: how long a connection waits for an echo before sending regardless.
+    reply_timeout: Duration,
 }
 
 /// What one connection saw.
@@ -141,6 +144,7 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
         size: args.size,
         binary: args.binary,
         pace,
+        reply_timeout: drain.max(Duration::from_millis(10)),
     });
     let progress_stop = CancellationToken::new();
     let progress = report::spawn_progress(
@@ -361,6 +365,8 @@ where
         // How many messages to send now, and their timestamps.
         let (batch, scheduled_base) = match shared.pace {
             Pace::Closed { .. } => {
+                // An echo that has not come back within --drain is taken as lost, and its slot
+                // is reused, so that loss cannot stall a closed loop for the whole run.
                 tokio::select! {
                     biased;
                     _ = shared.stop_sending.cancelled() => break 'run,
@@ -368,6 +374,7 @@ where
                         Ok(p) => p.forget(),
                         Err(_) => break 'run,
                     },
+                    _ = tokio::time::sleep(shared.reply_timeout) => {}
                 }
                 let mut n = 1u64;
                 while n < quota - seq {
