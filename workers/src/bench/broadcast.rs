@@ -282,8 +282,7 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         // Every member of a sender's room should have had all its messages.
         for s in 0..args.senders {
             if room_of[s] == o.room {
-                let got = o.from.get(s).cloned().unwrap_or_default();
-                lost_by[s] += got.lost(sent_by[s]);
+                lost_by[s] += o.from.get(s).map_or(sent_by[s], |t| t.lost(sent_by[s]));
             }
         }
     }
@@ -365,7 +364,7 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
     r.field("rate", rate);
     r.field("size", args.size as u64);
     r.field("binary", args.binary);
-    r.field("duration_s", load_elapsed.as_secs_f64());
+    r.field("duration_s", report::seconds(load_elapsed));
     r.field("sent", sent);
     r.field("expected", expected);
     r.field("received", received);

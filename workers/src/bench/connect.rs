@@ -205,10 +205,10 @@ pub(super) async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
     r.field("connected", connected);
     r.field("failed", failed);
     r.field("failures", report::kinds_json(&failures));
-    r.field("open_s", open_phase.as_secs_f64());
+    r.field("open_s", report::seconds(open_phase));
     r.field("connects_per_s", report::per_second(connected, open_phase));
     r.field("connect_us", report::latency_json(&p));
-    r.field("hold_s", hold.as_secs_f64());
+    r.field("hold_s", report::seconds(hold));
     r.field("dropped", dropped_total);
     r.field("closed_clean", clean);
     r.field("closed_unclean", unclean);

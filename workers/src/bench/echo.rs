@@ -286,7 +286,7 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
     r.field("binary", args.binary);
     r.field("rate", json!(rate));
     r.field("in_flight", json!(rate.is_none().then_some(args.in_flight)));
-    r.field("duration_s", load_elapsed.as_secs_f64());
+    r.field("duration_s", report::seconds(load_elapsed));
     r.field("sent", sent);
     r.field("received", received);
     r.field("echoes_per_s", report::per_second(received, load_elapsed));

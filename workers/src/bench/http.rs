@@ -244,7 +244,7 @@ pub(super) async fn run(args: HttpArgs) -> anyhow::Result<Report> {
     r.field("body_size", json!(args.body_size));
     r.field("connections", conns as u64);
     r.field("rate", json!(rate));
-    r.field("duration_s", load_elapsed.as_secs_f64());
+    r.field("duration_s", report::seconds(load_elapsed));
     r.field("sent", total.sent);
     r.field("completed", total.completed);
     r.field(

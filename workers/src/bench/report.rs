@@ -115,6 +115,11 @@ pub fn per_second(count: u64, elapsed: Duration) -> f64 {
     (count as f64 / secs * 10.0).round() / 10.0
 }
 
+/// Seconds, rounded to the millisecond, for the JSON line.
+pub fn seconds(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
 /// Counters the progress line reads while the run goes on.
 #[derive(Debug, Default)]
 pub struct Live {
