@@ -67,8 +67,8 @@ struct Shared {
     clock: Clock,
     latency: Arc<LatencyRecorder>,
     live: Arc<Live>,
-    /// Valid first deliveries plus corrupted frames: every delivery counted once.
-    delivered: AtomicU64,
+    /// Corrupted frames (valid first deliveries are `live.done`); together, every delivery once.
+    corrupted: AtomicU64,
     stop_sending: CancellationToken,
     stop_reading: CancellationToken,
     writers_active: AtomicUsize,
@@ -172,7 +172,7 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         clock: Clock::start(),
         latency: Arc::new(LatencyRecorder::default()),
         live: Arc::new(Live::default()),
-        delivered: AtomicU64::new(0),
+        corrupted: AtomicU64::new(0),
         stop_sending: CancellationToken::new(),
         stop_reading: CancellationToken::new(),
         writers_active: AtomicUsize::new(senders_connected),
@@ -240,8 +240,9 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
     loop {
         poll.tick().await;
         let expected = expected_deliveries(&shared, &members);
-        if shared.delivered.load(Ordering::Acquire) >= expected || Instant::now() >= drain_deadline
-        {
+        let delivered =
+            shared.live.done.load(Ordering::Acquire) + shared.corrupted.load(Ordering::Acquire);
+        if delivered >= expected || Instant::now() >= drain_deadline {
             break;
         }
     }
@@ -450,6 +451,10 @@ async fn write_loop<S>(
 where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
+    // Built once: a fresh cancellation future per message costs a registration each time.
+    let stop_sending = shared.stop_sending.cancelled();
+    let stop_reading = shared.stop_reading.cancelled();
+    tokio::pin!(stop_sending, stop_reading);
     let mut writer = PayloadWriter::new(shared.size);
     let first_at = Instant::now() + offset;
     let mut seq = 0u64;
@@ -458,7 +463,7 @@ where
         let due = first_at + shared.interval.mul_f64(seq as f64);
         tokio::select! {
             biased;
-            _ = shared.stop_sending.cancelled() => break 'run,
+            _ = &mut stop_sending => break 'run,
             _ = tokio::time::sleep_until(due.into()) => {}
         }
         let behind = Instant::now().saturating_duration_since(due).as_secs_f64()
@@ -474,7 +479,7 @@ where
             let msg = frame(writer.write(stamp), shared.binary);
             let fed = tokio::select! {
                 biased;
-                _ = shared.stop_reading.cancelled() => break 'run,
+                _ = &mut stop_reading => break 'run,
                 r = sink.feed(msg) => r,
             };
             if let Err(e) = fed {
@@ -487,7 +492,7 @@ where
         }
         let flushed = tokio::select! {
             biased;
-            _ = shared.stop_reading.cancelled() => break 'run,
+            _ = &mut stop_reading => break 'run,
             r = sink.flush() => r,
         };
         if let Err(e) = flushed {
@@ -513,10 +518,12 @@ where
     let (mut corrupted, mut misrouted) = (0u64, 0u64);
     let mut latency = LocalLatency::default();
     let mut error = None;
+    let stop_reading = shared.stop_reading.cancelled();
+    tokio::pin!(stop_reading);
     loop {
         let next = tokio::select! {
             biased;
-            _ = shared.stop_reading.cancelled() => break,
+            _ = &mut stop_reading => break,
             m = stream.next() => m,
         };
         let bytes = match next {
@@ -547,8 +554,7 @@ where
                 if from[stamp.id as usize].record(stamp.seq) != Arrival::Duplicate {
                     let us = micros_between(stamp.sent_ns, shared.clock.ns_at(now));
                     latency.record(&shared.latency, us, now);
-                    shared.live.done.fetch_add(1, Ordering::Relaxed);
-                    shared.delivered.fetch_add(1, Ordering::Release);
+                    shared.live.done.fetch_add(1, Ordering::Release);
                 } else {
                     shared.live.errors.fetch_add(1, Ordering::Relaxed);
                 }
@@ -556,7 +562,7 @@ where
             _ => {
                 corrupted += 1;
                 shared.live.errors.fetch_add(1, Ordering::Relaxed);
-                shared.delivered.fetch_add(1, Ordering::Release);
+                shared.corrupted.fetch_add(1, Ordering::Release);
             }
         }
     }

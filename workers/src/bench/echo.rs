@@ -65,8 +65,8 @@ struct Shared {
     live: Arc<Live>,
     /// Latency of the client itself: actual minus scheduled send time (open loop).
     send_lag: LatencyRecorder,
-    /// Echoes that were valid and new, plus corrupted ones: every answer counted once.
-    answered: AtomicU64,
+    /// Corrupted echoes (valid new ones are `live.done`); together, every answer once.
+    corrupted: AtomicU64,
     stop_sending: CancellationToken,
     stop_reading: CancellationToken,
     writers_active: AtomicUsize,
@@ -136,7 +136,7 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
         latency: Arc::new(LatencyRecorder::default()),
         live: Arc::new(Live::default()),
         send_lag: LatencyRecorder::default(),
-        answered: AtomicU64::new(0),
+        corrupted: AtomicU64::new(0),
         stop_sending: CancellationToken::new(),
         stop_reading: CancellationToken::new(),
         writers_active: AtomicUsize::new(connected),
@@ -201,7 +201,8 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
         poll.tick().await;
         let writers_left = shared.writers_active.load(Ordering::Acquire);
         let sent = shared.live.sent.load(Ordering::Acquire);
-        let answered = shared.answered.load(Ordering::Acquire);
+        let answered =
+            shared.live.done.load(Ordering::Acquire) + shared.corrupted.load(Ordering::Acquire);
         if (writers_left == 0 && answered >= sent) || Instant::now() >= drain_deadline {
             break;
         }
@@ -356,6 +357,10 @@ async fn write_loop<S>(
 where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
+    // Built once: a fresh cancellation future per message costs a registration each time.
+    let stop_sending = shared.stop_sending.cancelled();
+    let stop_reading = shared.stop_reading.cancelled();
+    tokio::pin!(stop_sending, stop_reading);
     let mut writer = PayloadWriter::new(shared.size);
     let mut seq = 0u64;
     let mut error = None;
@@ -369,7 +374,7 @@ where
                 // is reused, so that loss cannot stall a closed loop for the whole run.
                 tokio::select! {
                     biased;
-                    _ = shared.stop_sending.cancelled() => break 'run,
+                    _ = &mut stop_sending => break 'run,
                     permit = permits.acquire() => match permit {
                         Ok(p) => p.forget(),
                         Err(_) => break 'run,
@@ -392,7 +397,7 @@ where
                 let due = first_at + interval.mul_f64(seq as f64);
                 tokio::select! {
                     biased;
-                    _ = shared.stop_sending.cancelled() => break 'run,
+                    _ = &mut stop_sending => break 'run,
                     _ = tokio::time::sleep_until(due.into()) => {}
                 }
                 // Every message whose time has come, each stamped with its own schedule.
@@ -420,7 +425,7 @@ where
             let msg = frame(writer.write(Stamp { id, seq, sent_ns }), shared.binary);
             let fed = tokio::select! {
                 biased;
-                _ = shared.stop_reading.cancelled() => break 'run,
+                _ = &mut stop_reading => break 'run,
                 r = sink.feed(msg) => r,
             };
             if let Err(e) = fed {
@@ -432,7 +437,7 @@ where
         }
         let flushed = tokio::select! {
             biased;
-            _ = shared.stop_reading.cancelled() => break 'run,
+            _ = &mut stop_reading => break 'run,
             r = sink.flush() => r,
         };
         if let Err(e) = flushed {
@@ -460,10 +465,12 @@ where
     let mut corrupted = 0u64;
     let mut latency = LocalLatency::default();
     let mut error = None;
+    let stop_reading = shared.stop_reading.cancelled();
+    tokio::pin!(stop_reading);
     loop {
         let next = tokio::select! {
             biased;
-            _ = shared.stop_reading.cancelled() => break,
+            _ = &mut stop_reading => break,
             m = stream.next() => m,
         };
         let bytes = match next {
@@ -489,8 +496,7 @@ where
                 if tracker.record(stamp.seq) != super::stats::Arrival::Duplicate {
                     let us = micros_between(stamp.sent_ns, shared.clock.ns_at(now));
                     latency.record(&shared.latency, us, now);
-                    shared.live.done.fetch_add(1, Ordering::Relaxed);
-                    shared.answered.fetch_add(1, Ordering::Release);
+                    shared.live.done.fetch_add(1, Ordering::Release);
                     permits.add_permits(1);
                 } else {
                     shared.live.errors.fetch_add(1, Ordering::Relaxed);
@@ -499,7 +505,7 @@ where
             _ => {
                 corrupted += 1;
                 shared.live.errors.fetch_add(1, Ordering::Relaxed);
-                shared.answered.fetch_add(1, Ordering::Release);
+                shared.corrupted.fetch_add(1, Ordering::Release);
                 permits.add_permits(1);
             }
         }
