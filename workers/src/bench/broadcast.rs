@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use super::payload::{self, PayloadWriter, Stamp};
 use super::report::{self, Live, Report};
 use super::stats::{
-    Arrival, Clock, LatencyRecorder, LocalLatency, Percentiles, SeqTracker, micros_between,
+    Arrival, Clock, LatencyRecorder, LocalLatency, Percentiles, SeqTracker, due_by, latency_origin,
+    micros_between, wake_for,
 };
 use super::{BenchError, CommonArgs, LoadArgs, net};
 
@@ -464,17 +465,19 @@ where
         tokio::select! {
             biased;
             _ = &mut stop_sending => break 'run,
-            _ = tokio::time::sleep_until(due.into()) => {}
+            _ = tokio::time::sleep_until(wake_for(due).into()) => {}
         }
-        let behind = Instant::now().saturating_duration_since(due).as_secs_f64()
-            / shared.interval.as_secs_f64().max(1e-9);
-        let batch = (1 + behind as u64).min(quota - seq).min(1024);
+        let batch = due_by(due, shared.interval, Instant::now())
+            .min(quota - seq)
+            .min(1024);
         for _ in 0..batch {
             let scheduled = first_at + shared.interval.mul_f64(seq as f64);
             let stamp = Stamp {
                 id,
                 seq,
-                sent_ns: shared.clock.ns_at(scheduled),
+                sent_ns: shared
+                    .clock
+                    .ns_at(latency_origin(scheduled, Instant::now())),
             };
             let msg = frame(writer.write(stamp), shared.binary);
             let fed = tokio::select! {

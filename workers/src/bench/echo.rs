@@ -18,7 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::payload::{self, PayloadWriter, Stamp};
 use super::report::{self, Live, Report};
-use super::stats::{Clock, LatencyRecorder, LocalLatency, Percentiles, SeqTracker, micros_between};
+use super::stats::{
+    Clock, LatencyRecorder, LocalLatency, Percentiles, SeqTracker, due_by, latency_origin,
+    micros_between, wake_for,
+};
 use super::{BenchError, CommonArgs, LoadArgs, net};
 
 /// `switchyard bench echo`
@@ -398,13 +401,11 @@ where
                 tokio::select! {
                     biased;
                     _ = &mut stop_sending => break 'run,
-                    _ = tokio::time::sleep_until(due.into()) => {}
+                    _ = tokio::time::sleep_until(wake_for(due).into()) => {}
                 }
-                // Every message whose time has come, each stamped with its own schedule.
-                let now = Instant::now();
-                let behind = now.saturating_duration_since(due).as_secs_f64()
-                    / interval.as_secs_f64().max(1e-9);
-                let n = (1 + behind as u64).min(quota - seq).min(1024);
+                let n = due_by(due, interval, Instant::now())
+                    .min(quota - seq)
+                    .min(1024);
                 (n, Some(due))
             }
         };
@@ -418,7 +419,7 @@ where
                         micros_between(shared.clock.ns_at(due), shared.clock.ns_at(now)),
                         now,
                     );
-                    shared.clock.ns_at(due)
+                    shared.clock.ns_at(latency_origin(due, now))
                 }
                 _ => shared.clock.now_ns(),
             };

@@ -17,7 +17,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::report::{self, Live, Report};
-use super::stats::{Clock, LatencyRecorder, LocalLatency, Percentiles, micros_between};
+use super::stats::{
+    Clock, LatencyRecorder, LocalLatency, Percentiles, latency_origin, micros_between, wake_for,
+};
 use super::{CommonArgs, LoadArgs, net};
 
 /// `switchyard bench http`
@@ -308,7 +310,7 @@ async fn connection(
                 tokio::select! {
                     biased;
                     _ = shared.stop_sending.cancelled() => break,
-                    _ = tokio::time::sleep_until(due.into()) => {}
+                    _ = tokio::time::sleep_until(wake_for(due).into()) => {}
                 }
                 let now = Instant::now();
                 lag.record(
@@ -316,7 +318,7 @@ async fn connection(
                     micros_between(shared.clock.ns_at(due), shared.clock.ns_at(now)),
                     now,
                 );
-                due
+                latency_origin(due, now)
             }
             None => Instant::now(),
         };

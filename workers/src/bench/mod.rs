@@ -45,8 +45,10 @@ pub struct BenchArgs {
 const AFTER_HELP: &str = "\
 Every mode stops by itself (--duration / --count, or --hold for connect), prints a progress \
 line per second on stderr (-q to silence), then a readable summary and one JSON line on \
-stdout. Latencies are in microseconds (HDR histogram: p50, p90, p99, p99.9, max). With --rate, \
-latency counts from each message's scheduled send time (open loop).
+stdout. Latencies are in microseconds (HDR histogram: p50, p90, p99, p99.9, max). With --rate \
+(open loop), latency counts from each message's scheduled send time, so a stalled server or \
+socket shows up as latency; senders wake up to 1 ms early for the runtime's timer wheel, and a \
+message sent early counts from its actual send time. `send lag` shows how late sends went out.
 
 Targets must be on this machine: 127.0.0.0/8, ::1 or localhost; anything else is refused.
 

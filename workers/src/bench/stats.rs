@@ -20,6 +20,32 @@ pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("constant histogram bounds are valid")
 }
 
+/// Tokio timers fire on a 1 ms wheel, so a sleep can end up to a tick late. Open-loop senders
+/// wake this much before a message's scheduled time and send whatever falls due within it.
+pub const TIMER_SLACK: Duration = Duration::from_millis(1);
+
+/// The instant a scheduled message's latency counts from, when it is sent at `now`: its
+/// schedule when it goes out late (a stalled sender or socket then shows up as latency, with no
+/// coordinated omission), its actual send time when it goes out early within [`TIMER_SLACK`].
+pub fn latency_origin(scheduled: Instant, now: Instant) -> Instant {
+    scheduled.min(now)
+}
+
+/// The instant to wake at for a message scheduled at `due`.
+pub fn wake_for(due: Instant) -> Instant {
+    due.checked_sub(TIMER_SLACK).unwrap_or(due)
+}
+
+/// How many messages spaced `interval` apart, the first scheduled at `due`, fall due by
+/// `now + TIMER_SLACK` (at least one).
+pub fn due_by(due: Instant, interval: Duration, now: Instant) -> u64 {
+    let ahead = (now + TIMER_SLACK)
+        .saturating_duration_since(due)
+        .as_secs_f64()
+        / interval.as_secs_f64().max(1e-9);
+    1 + ahead as u64
+}
+
 /// The run's time origin: message timestamps are nanoseconds since it.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
@@ -357,6 +383,22 @@ mod tests {
         assert_eq!(rec.take_interval().len(), 1000);
         assert_eq!(rec.take_interval().len(), 0);
         assert_eq!(rec.total().len(), 1000);
+    }
+
+    #[test]
+    fn open_loop_schedule_helpers() {
+        let t0 = Instant::now() + Duration::from_secs(10);
+        let ms = Duration::from_millis(1);
+        // Late: latency counts from the schedule. Early: from the actual send.
+        assert_eq!(latency_origin(t0, t0 + 5 * ms), t0);
+        assert_eq!(latency_origin(t0, t0 - ms / 2), t0 - ms / 2);
+        assert_eq!(wake_for(t0), t0 - TIMER_SLACK);
+        // Woken on time with 10 µs spacing: the next 1 ms of messages (101) go out now.
+        assert_eq!(due_by(t0, Duration::from_micros(10), t0), 101);
+        // Spacing longer than the slack: just the one.
+        assert_eq!(due_by(t0, 10 * ms, t0), 1);
+        // Woken 25 ms late at 10 ms spacing: three are overdue.
+        assert_eq!(due_by(t0, 10 * ms, t0 + 25 * ms), 3);
     }
 
     #[test]
