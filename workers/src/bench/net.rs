@@ -198,23 +198,35 @@ pub fn io_kind(e: &io::Error) -> &'static str {
     }
 }
 
-/// Raises the soft open-file limit as far as the hard limit allows and returns it; warns on
-/// stderr when it stays below `wanted`.
+/// Raises the open-file limit for a run that needs `wanted` descriptors: the soft limit up to
+/// the hard one, then, when that is still short and the process may (root or
+/// CAP_SYS_RESOURCE), the hard limit too, up to the kernel's `fs.nr_open`. Returns the soft
+/// limit in force and warns on stderr when it stays below `wanted`.
 pub fn raise_fd_limit(wanted: u64) -> u64 {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => {
-            if limit < wanted {
-                eprintln!(
-                    "bench: warning: open-file limit is {limit}, below the {wanted} this run needs"
-                );
-            }
-            limit
-        }
+    let mut limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
         Err(e) => {
             eprintln!("bench: warning: cannot raise the open-file limit: {e}");
-            0
+            return 0;
+        }
+    };
+    if limit < wanted {
+        let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(wanted);
+        let target = wanted.min(ceiling);
+        if target > limit && rlimit::setrlimit(rlimit::Resource::NOFILE, target, target).is_ok() {
+            limit = target;
         }
     }
+    if limit < wanted {
+        eprintln!(
+            "bench: warning: open-file limit is {limit}, below the {wanted} this run needs \
+             (raise the hard limit: ulimit -Hn)"
+        );
+    }
+    limit
 }
 
 #[cfg(test)]
