@@ -350,6 +350,11 @@ async fn broadcast_delivers_every_message_to_every_member() {
         assert_eq!(u(&v, key), 0, "{key}");
     }
     assert_eq!(u(&v["latency_us"], "count"), 1500);
+    // One last-member figure per broadcast; the slowest of them is the slowest delivery.
+    let last = &v["last_member_latency_us"];
+    assert_eq!(u(last, "count"), 300);
+    assert_eq!(u(last, "max"), u(&v["latency_us"], "max"));
+    assert!(u(last, "p50") >= u(&v["latency_us"], "p50"));
     let per_sender = v["per_sender"].as_array().unwrap();
     assert_eq!(per_sender.len(), 3);
     for (s, entry) in per_sender.iter().enumerate() {
@@ -390,6 +395,8 @@ async fn broadcast_counts_members_that_missed_messages() {
     assert_eq!(u(&v, "expected"), 60);
     assert_eq!(u(&v, "received"), 20);
     assert_eq!(u(&v, "lost"), 40);
+    // No broadcast reached every member, so none has a last-member latency.
+    assert_eq!(u(&v["last_member_latency_us"], "count"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

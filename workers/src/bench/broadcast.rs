@@ -81,6 +81,9 @@ struct Shared {
     interval: Duration,
     /// Messages sent into each room so far.
     sent_in_room: Vec<AtomicU64>,
+    /// Per sender, per sequence number: members reached and the slowest delivery so far (see
+    /// [`slot_add`]), giving the latency to the last member of the room for each broadcast.
+    slowest: Vec<Vec<AtomicU64>>,
 }
 
 /// What one connection saw (and sent, for senders).
@@ -184,6 +187,12 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         senders: args.senders,
         interval: Duration::from_secs_f64(1.0 / rate),
         sent_in_room: (0..args.rooms).map(|_| AtomicU64::new(0)).collect(),
+        slowest: {
+            let per_sender = tracked_broadcasts(rate, duration, args.load.count, args.senders);
+            (0..args.senders)
+                .map(|_| (0..per_sender).map(|_| AtomicU64::new(0)).collect())
+                .collect()
+        },
     });
     let progress_stop = CancellationToken::new();
     let progress = report::spawn_progress(
@@ -300,6 +309,18 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
     let out_of_order: u64 = per_sender.iter().map(|t| t.out_of_order).sum();
     let sent: u64 = sent_by.iter().sum();
     let latency = Percentiles::of(&shared.latency.total());
+    // Latency to the last member, over the broadcasts every member received.
+    let mut last_hist = super::stats::new_histogram();
+    for (s, slots) in shared.slowest.iter().enumerate() {
+        let members_of = members[room_of[s]];
+        for slot in slots.iter().take(sent_by[s] as usize) {
+            let (reached, slowest) = slot_read(slot);
+            if reached == members_of {
+                last_hist.saturating_record(slowest);
+            }
+        }
+    }
+    let last = Percentiles::of(&last_hist);
     let connect_failures: u64 = opened.failures.values().sum();
 
     let mut r = Report::new("broadcast");
@@ -327,6 +348,7 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         report::per_second(received, load_elapsed)
     ));
     r.line(report::latency_line("delivery", &latency));
+    r.line(report::latency_line("last member", &last));
     r.line(format!(
         "checks      lost {lost}, corrupted {corrupted}, misrouted {misrouted}, duplicates {duplicates}, out of order {out_of_order}"
     ));
@@ -381,6 +403,7 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
     r.field("out_of_order", out_of_order);
     r.field("errors", report::kinds_json(&errors));
     r.field("latency_us", report::latency_json(&latency));
+    r.field("last_member_latency_us", report::latency_json(&last));
     r.field("per_sender", json!(senders_json));
     r.must_be_zero("connect failures", connect_failures);
     r.must_be_zero("lost", lost);
@@ -390,6 +413,36 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
     r.must_be_zero("out of order", out_of_order);
     r.must_be_zero("connection errors", errors.values().sum());
     Ok(r)
+}
+
+/// How many broadcasts per sender get a last-member latency slot: the run's expected sends with
+/// room to spare, capped so the table stays under ~128 MiB whatever the flags.
+fn tracked_broadcasts(rate: f64, duration: Duration, count: Option<u64>, senders: usize) -> usize {
+    let by_time = rate * duration.as_secs_f64() * 1.2 + 1024.0;
+    let by_count = count.map_or(f64::MAX, |n| {
+        (n as f64 / senders.max(1) as f64).ceil() + 1.0
+    });
+    let cap = f64::from(16u32 << 20) / senders.max(1) as f64;
+    by_time.min(by_count).min(cap).max(1.0) as usize
+}
+
+/// A last-member slot packs the members reached (high 24 bits) and the slowest delivery's
+/// latency in µs (low 40 bits) into one word, so each delivery costs one atomic update.
+const LATENCY_BITS: u32 = 40;
+const LATENCY_MASK: u64 = (1 << LATENCY_BITS) - 1;
+
+fn slot_add(slot: &AtomicU64, micros: u64) {
+    let micros = micros.min(LATENCY_MASK);
+    let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+        let count = (v >> LATENCY_BITS) + 1;
+        Some((count << LATENCY_BITS) | (v & LATENCY_MASK).max(micros))
+    });
+}
+
+/// (members reached, slowest latency µs) of a slot.
+fn slot_read(slot: &AtomicU64) -> (u64, u64) {
+    let v = slot.load(Ordering::Acquire);
+    (v >> LATENCY_BITS, v & LATENCY_MASK)
 }
 
 /// Deliveries owed so far: each room's sent count times its members.
@@ -557,6 +610,12 @@ where
                 if from[stamp.id as usize].record(stamp.seq) != Arrival::Duplicate {
                     let us = micros_between(stamp.sent_ns, shared.clock.ns_at(now));
                     latency.record(&shared.latency, us, now);
+                    if let Some(slot) = usize::try_from(stamp.seq)
+                        .ok()
+                        .and_then(|seq| shared.slowest[stamp.id as usize].get(seq))
+                    {
+                        slot_add(slot, us);
+                    }
                     shared.live.done.fetch_add(1, Ordering::Release);
                 } else {
                     shared.live.errors.fetch_add(1, Ordering::Relaxed);
@@ -571,4 +630,29 @@ where
     }
     latency.flush(&shared.latency);
     (from, corrupted, misrouted, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_member_slots_count_and_keep_the_slowest() {
+        let slot = AtomicU64::new(0);
+        assert_eq!(slot_read(&slot), (0, 0));
+        for us in [30, 500, 20] {
+            slot_add(&slot, us);
+        }
+        assert_eq!(slot_read(&slot), (3, 500));
+        slot_add(&slot, u64::MAX);
+        assert_eq!(slot_read(&slot), (4, LATENCY_MASK));
+    }
+
+    #[test]
+    fn tracked_broadcasts_are_bounded() {
+        let d = Duration::from_secs(10);
+        assert_eq!(tracked_broadcasts(100.0, d, None, 1), 2224);
+        assert_eq!(tracked_broadcasts(100.0, d, Some(300), 3), 101);
+        assert!(tracked_broadcasts(1e9, d, None, 4) <= 4 << 20);
+    }
 }
