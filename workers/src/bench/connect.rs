@@ -25,9 +25,6 @@ pub struct ConnectArgs {
     /// WebSockets to open.
     #[arg(long, short = 'c', default_value_t = 1000)]
     pub connections: usize,
-    /// Handshakes in progress at once.
-    #[arg(long, default_value_t = 100)]
-    pub concurrency: usize,
     /// Seconds to hold the connections open once they are all attempted.
     #[arg(long, default_value_t = 5.0)]
     pub hold: f64,
@@ -49,7 +46,7 @@ enum Outcome {
 
 pub(super) async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
     super::at_least_one("connections", args.connections)?;
-    super::at_least_one("concurrency", args.concurrency)?;
+    super::at_least_one("concurrency", args.common.connect_concurrency)?;
     let hold = super::seconds("hold", args.hold)?;
     let timeout = super::seconds("connect-timeout", args.common.connect_timeout)?;
     let target = Arc::new(net::parse_target(&args.url, &["ws"])?);
@@ -57,7 +54,7 @@ pub(super) async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
 
     let latency = Arc::new(LatencyRecorder::default());
     let live = Arc::new(Live::default());
-    let limit = Arc::new(Semaphore::new(args.concurrency));
+    let limit = Arc::new(Semaphore::new(args.common.connect_concurrency));
     let release = CancellationToken::new();
     let attempted_all = Arc::new(AtomicU64::new(0));
     let progress_stop = CancellationToken::new();
@@ -72,7 +69,7 @@ pub(super) async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
     if !args.common.quiet {
         eprintln!(
             "bench connect: {} connections to {}, {} at once (open-file limit {fd_limit})",
-            args.connections, target.url, args.concurrency
+            args.connections, target.url, args.common.connect_concurrency
         );
     }
 
@@ -178,7 +175,7 @@ pub(super) async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
     let mut r = Report::new("connect");
     r.line(format!(
         "connect {}: {} connections, {} at once",
-        target.url, args.connections, args.concurrency
+        target.url, args.connections, args.common.connect_concurrency
     ));
     r.line(format!(
         "open        {connected} connected, {failed} failed in {:.2} s ({} connects/s); failures: {}",
@@ -201,7 +198,7 @@ pub(super) async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
     ));
     r.field("url", target.url.as_str());
     r.field("connections", args.connections as u64);
-    r.field("concurrency", args.concurrency as u64);
+    r.field("concurrency", args.common.connect_concurrency as u64);
     r.field("connected", connected);
     r.field("failed", failed);
     r.field("failures", report::kinds_json(&failures));

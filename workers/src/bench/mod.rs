@@ -77,8 +77,8 @@ pub struct CommonArgs {
     /// each with its own ephemeral port range; 1 disables the spreading.
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u8).range(1..=250))]
     pub source_addrs: u8,
-    /// Connections opened at once while setting up.
-    #[arg(long, default_value_t = 256)]
+    /// Connections (TCP + handshake) in progress at once while opening them.
+    #[arg(long, visible_alias = "concurrency", default_value_t = 256)]
     pub connect_concurrency: usize,
     /// Seconds allowed for one connection to open (TCP + handshake).
     #[arg(long, default_value_t = 10.0)]
