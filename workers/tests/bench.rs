@@ -36,7 +36,11 @@ enum Fault {
 }
 
 async fn echo_server(fault: Fault) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_server_on("127.0.0.1:0", fault).await
+}
+
+async fn echo_server_on(bind: &str, fault: Fault) -> SocketAddr {
+    let listener = TcpListener::bind(bind).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
@@ -484,6 +488,38 @@ async fn http_keep_alive_get_and_post() {
     let done = u(&v, "completed");
     assert!((200..=350).contains(&done), "completed {done}");
     assert_eq!(u(&v, "sent"), done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_over_ipv6_loopback() {
+    let addr = echo_server_on("[::1]:0", Fault::None).await;
+    let url = format!("ws://[::1]:{}/ws/echo/", addr.port());
+    let report = bench(&["echo", "-q", "--url", &url, "-c", "3", "--count", "300"])
+        .await
+        .unwrap();
+    let v = json_line(&report);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(u(&v, "received"), 300);
+}
+
+#[tokio::test]
+async fn no_server_is_an_error_not_an_empty_report() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    for mode in ["echo", "broadcast"] {
+        let url = match mode {
+            "echo" => format!("ws://{addr}/ws/echo/"),
+            _ => format!("ws://{addr}/ws/relay/{{room}}/"),
+        };
+        let err = bench(&[mode, "-q", "--url", &url, "-c", "2"])
+            .await
+            .unwrap_err();
+        match err.downcast_ref::<BenchError>() {
+            Some(BenchError::NoConnection(why)) => assert!(why.contains("refused"), "{why}"),
+            other => panic!("{mode}: {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]
