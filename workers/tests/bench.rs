@@ -431,6 +431,66 @@ async fn connect_opens_holds_and_closes_cleanly() {
     assert_eq!(u(&v["connect_us"], "count"), 60);
 }
 
+/// A WebSocket server that accepts, records each client's source IP, and reads until close.
+async fn peer_recording_server() -> (SocketAddr, Arc<Mutex<Vec<std::net::IpAddr>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peers: Arc<Mutex<Vec<std::net::IpAddr>>> = Arc::default();
+    let seen = peers.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, peer)) = listener.accept().await {
+            seen.lock().unwrap().push(peer.ip());
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(_)) = ws.next().await {}
+            });
+        }
+    });
+    (addr, peers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_spread_over_loopback_source_addresses() {
+    let (addr, peers) = peer_recording_server().await;
+    let url = format!("ws://{addr}/ws/echo/");
+    let report = bench(&["connect", "-q", "--url", &url, "-c", "40", "--hold", "0"])
+        .await
+        .unwrap();
+    assert!(report.ok, "{}", report.json_line());
+    let mut ips = peers.lock().unwrap().clone();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 40, "{ips:?}");
+    assert_eq!(ips[0].to_string(), "127.0.0.1");
+    assert_eq!(ips[39].to_string(), "127.0.0.40");
+
+    let (addr, peers) = peer_recording_server().await;
+    let url = format!("ws://{addr}/ws/echo/");
+    let report = bench(&[
+        "connect",
+        "-q",
+        "--url",
+        &url,
+        "-c",
+        "10",
+        "--hold",
+        "0",
+        "--source-addrs",
+        "1",
+    ])
+    .await
+    .unwrap();
+    assert!(report.ok, "{}", report.json_line());
+    let ips = peers.lock().unwrap().clone();
+    assert_eq!(ips.len(), 10);
+    assert!(
+        ips.iter().all(|ip| ip.to_string() == "127.0.0.1"),
+        "{ips:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failures_are_counted_by_kind() {
     // A port nobody listens on: every attempt is refused.
