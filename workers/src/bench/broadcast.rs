@@ -14,7 +14,7 @@ use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::payload::{self, PayloadWriter, Stamp};
@@ -485,16 +485,6 @@ async fn connection(
     }
 }
 
-fn frame(bytes: Bytes, binary: bool) -> Message {
-    if binary {
-        return Message::Binary(bytes);
-    }
-    match Utf8Bytes::try_from(bytes.clone()) {
-        Ok(text) => Message::Text(text),
-        Err(_) => Message::Binary(bytes),
-    }
-}
-
 async fn write_loop<S>(
     sink: &mut S,
     id: u32,
@@ -532,7 +522,7 @@ where
                     .clock
                     .ns_at(latency_origin(scheduled, Instant::now())),
             };
-            let msg = frame(writer.write(stamp), shared.binary);
+            let msg = net::ws_message(writer.write(stamp), shared.binary);
             let fed = tokio::select! {
                 biased;
                 _ = &mut stop_reading => break 'run,

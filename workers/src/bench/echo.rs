@@ -13,7 +13,7 @@ use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::payload::{self, PayloadWriter, Stamp};
@@ -338,17 +338,6 @@ async fn connection(
     }
 }
 
-fn frame(bytes: Bytes, binary: bool) -> Message {
-    if binary {
-        return Message::Binary(bytes);
-    }
-    // Bench payloads are ASCII, so this conversion never fails; binary is the safe fallback.
-    match Utf8Bytes::try_from(bytes.clone()) {
-        Ok(text) => Message::Text(text),
-        Err(_) => Message::Binary(bytes),
-    }
-}
-
 async fn write_loop<S>(
     sink: &mut S,
     id: u32,
@@ -423,7 +412,7 @@ where
                 }
                 _ => shared.clock.now_ns(),
             };
-            let msg = frame(writer.write(Stamp { id, seq, sent_ns }), shared.binary);
+            let msg = net::ws_message(writer.write(Stamp { id, seq, sent_ns }), shared.binary);
             let fed = tokio::select! {
                 biased;
                 _ = &mut stop_reading => break 'run,

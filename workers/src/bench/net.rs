@@ -11,6 +11,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::Uri;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::BenchError;
 
@@ -117,6 +118,18 @@ pub fn ws_config(message_size: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size((message_size + 64).clamp(4096, 64 * 1024))
         .write_buffer_size(16 * 1024)
+}
+
+/// A bench payload as a WebSocket message: binary, or text (bench payloads are ASCII, so the
+/// UTF-8 check always passes; a payload that failed it would go out as binary).
+pub fn ws_message(bytes: bytes::Bytes, binary: bool) -> Message {
+    if binary {
+        return Message::Binary(bytes);
+    }
+    match Utf8Bytes::try_from(bytes.clone()) {
+        Ok(text) => Message::Text(text),
+        Err(_) => Message::Binary(bytes),
+    }
 }
 
 /// Why a connection attempt failed, as a short stable label for counting.
