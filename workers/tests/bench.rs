@@ -247,6 +247,9 @@ async fn echo_closed_loop_counts_every_message() {
     assert!(u(rtt, "p50") <= u(rtt, "p99") && u(rtt, "p99") <= u(rtt, "max"));
     assert!(v["echoes_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(v["connect_failures"], serde_json::json!({}));
+    // The load generator reports its own CPU, to show whether it was the bottleneck.
+    assert!(v["client_cpu_s"]["user"].as_f64().unwrap() >= 0.0);
+    assert!(v["client_cpu_s"]["sys"].as_f64().unwrap() >= 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

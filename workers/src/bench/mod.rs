@@ -164,12 +164,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 /// Runs the bench and returns its report without printing it (progress still goes to stderr).
 pub async fn execute(args: BenchArgs) -> anyhow::Result<Report> {
-    match args.mode {
+    let cpu_before = report::process_cpu();
+    let started = std::time::Instant::now();
+    let mut report = match args.mode {
         Mode::Echo(a) => echo::run(a).await,
         Mode::Broadcast(a) => broadcast::run(a).await,
         Mode::Connect(a) => connect::run(a).await,
         Mode::Http(a) => http::run(a).await,
-    }
+    }?;
+    report.add_client_cpu(cpu_before, started.elapsed());
+    Ok(report)
 }
 
 /// A positive finite number of seconds, or a usage error naming the flag.

@@ -115,6 +115,47 @@ pub fn per_second(count: u64, elapsed: Duration) -> f64 {
     (count as f64 / secs * 10.0).round() / 10.0
 }
 
+/// CPU seconds (user, system) this process has used so far, from /proc/self/stat; `None` where
+/// that file is missing or unreadable.
+pub fn process_cpu() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    parse_cpu(&stat)
+}
+
+fn parse_cpu(stat: &str) -> Option<(f64, f64)> {
+    // Fields after the parenthesised command name start at field 3 (state); utime and stime are
+    // fields 14 and 15, in USER_HZ ticks, which Linux fixes at 100 per second for /proc.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let sys: u64 = fields.next()?.parse().ok()?;
+    Some((user as f64 / 100.0, sys as f64 / 100.0))
+}
+
+impl Report {
+    /// Adds the CPU this process used between `before` and now over `wall` time, so a reader
+    /// can tell whether the load generator itself was the bottleneck.
+    pub fn add_client_cpu(&mut self, before: Option<(f64, f64)>, wall: Duration) {
+        let (Some((u0, s0)), Some((u1, s1))) = (before, process_cpu()) else {
+            return;
+        };
+        let (user, sys) = (
+            ((u1 - u0) * 100.0).round() / 100.0,
+            ((s1 - s0) * 100.0).round() / 100.0,
+        );
+        let share = if wall.as_secs_f64() > 0.0 {
+            ((user + sys) / wall.as_secs_f64() * 100.0).round()
+        } else {
+            0.0
+        };
+        self.line(format!(
+            "client cpu  user {user:.2} s, sys {sys:.2} s ({share}% of one core over {:.1} s)",
+            wall.as_secs_f64()
+        ));
+        self.field("client_cpu_s", json!({"user": user, "sys": sys}));
+    }
+}
+
 /// Seconds, rounded to the millisecond, for the JSON line.
 pub fn seconds(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
@@ -197,6 +238,15 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("FAILED: 3 lost"));
         assert_eq!(text.lines().last().unwrap(), r.json_line());
+    }
+
+    #[test]
+    fn cpu_fields_are_read_after_the_command_name() {
+        // A command name with spaces and parentheses must not shift the fields.
+        let stat = "42 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 1 0";
+        assert_eq!(parse_cpu(stat), Some((2.5, 0.75)));
+        assert_eq!(parse_cpu("garbage"), None);
+        assert!(process_cpu().is_some());
     }
 
     #[test]
