@@ -1,6 +1,8 @@
 //! The deployable Switchyard app: the reference consumers and their routes (`app`), the command
-//! line of the `switchyard` binary (`cli`) and its long-running roles (`roles`).
+//! line of the `switchyard` binary (`cli`), its long-running roles (`roles`) and its load
+//! generator (`bench`).
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod roles;

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use switchyard_workers::bench;
 use switchyard_workers::cli::{self, FlushArgs, LogArgs, SendArgs, StatsArgs};
 use switchyard_workers::roles::{self, DevArgs, ServeArgs, WorkerCommandArgs};
 
@@ -35,6 +36,8 @@ enum Command {
     Flush(FlushArgs),
     /// Show channel depths, process inbox depths and group sizes.
     Stats(StatsArgs),
+    /// Generate load against a running server and report latency, throughput and loss.
+    Bench(switchyard_workers::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,13 +61,14 @@ fn main() -> ExitCode {
             Command::Send(args) => cli::send(args).await,
             Command::Flush(args) => cli::flush(args).await,
             Command::Stats(args) => cli::stats(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("switchyard: {e:#}");
-            cli::exit_code_for(&e)
+            bench::exit_code_for(&e).unwrap_or_else(|| cli::exit_code_for(&e))
         }
     }
 }

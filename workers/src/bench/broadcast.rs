@@ -1,0 +1,648 @@
+//! `bench broadcast`: C WebSocket connections spread round robin over R rooms of a relay
+//! endpoint (every frame sent to a room reaches every member, sender included), S of them
+//! sending stamped messages at a fixed rate. Every receiver tracks each sender's sequence, so
+//! the run reports per-delivery latency (from the scheduled send time), deliveries/s, expected
+//! against received deliveries, and duplicates and reordering per sender.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Args;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use super::payload::{self, PayloadWriter, Stamp};
+use super::report::{self, Live, Report};
+use super::stats::{
+    Arrival, Clock, LatencyRecorder, LocalLatency, Percentiles, SeqTracker, due_by, latency_origin,
+    micros_between, wake_for,
+};
+use super::{BenchError, CommonArgs, LoadArgs, net};
+
+/// `switchyard bench broadcast`
+#[derive(Debug, Clone, Args)]
+pub struct BroadcastArgs {
+    /// Relay endpoint; `{room}` is replaced by each room's name (loopback only).
+    #[arg(long, default_value = "ws://127.0.0.1:8000/ws/relay/{room}/")]
+    pub url: String,
+    /// Connections, assigned to the rooms round robin.
+    #[arg(long, short = 'c', default_value_t = 100)]
+    pub connections: usize,
+    /// Rooms.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
+    /// Connections that send (the first S, so they spread over the rooms).
+    #[arg(long, default_value_t = 1)]
+    pub senders: usize,
+    /// Messages per second sent by each sender.
+    #[arg(long, short = 'r', default_value_t = 10.0)]
+    pub rate: f64,
+    /// Message size in bytes (at least the 49-byte header).
+    #[arg(long, short = 's', default_value_t = 64)]
+    pub size: usize,
+    /// Send binary frames (default: text, which is what the relay consumer relays).
+    #[arg(long)]
+    pub binary: bool,
+    /// Room names are PREFIX0, PREFIX1, ...; default: a fresh `bench<random>-` per run, so that
+    /// a run never meets the members of an earlier one.
+    #[arg(long)]
+    pub room_prefix: Option<String>,
+    /// Seconds to wait between opening the last connection and the first send.
+    #[arg(long, default_value_t = 0.2)]
+    pub settle: f64,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// State shared by every connection of one run.
+#[derive(Debug)]
+struct Shared {
+    clock: Clock,
+    latency: Arc<LatencyRecorder>,
+    live: Arc<Live>,
+    /// Corrupted frames (valid first deliveries are `live.done`); together, every delivery once.
+    corrupted: AtomicU64,
+    stop_sending: CancellationToken,
+    stop_reading: CancellationToken,
+    writers_active: AtomicUsize,
+    writers_done: Notify,
+    size: usize,
+    binary: bool,
+    rooms: usize,
+    senders: usize,
+    interval: Duration,
+    /// Messages sent into each room so far.
+    sent_in_room: Vec<AtomicU64>,
+    /// Per sender, per sequence number: members reached and the slowest delivery so far (see
+    /// [`slot_add`]), giving the latency to the last member of the room for each broadcast.
+    slowest: Vec<Vec<AtomicU64>>,
+}
+
+/// What one connection saw (and sent, for senders).
+#[derive(Debug, Default)]
+struct ConnOutcome {
+    room: usize,
+    sender: Option<u32>,
+    sent: u64,
+    /// Per sender id.
+    from: Vec<SeqTracker>,
+    corrupted: u64,
+    misrouted: u64,
+    error: Option<String>,
+}
+
+pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
+    super::at_least_one("connections", args.connections)?;
+    super::at_least_one("rooms", args.rooms)?;
+    super::at_least_one("senders", args.senders)?;
+    if args.senders > args.connections || args.rooms > args.connections {
+        return Err(BenchError::Usage(format!(
+            "--senders ({}) and --rooms ({}) cannot exceed --connections ({})",
+            args.senders, args.rooms, args.connections
+        ))
+        .into());
+    }
+    if args.size < payload::HEADER_LEN {
+        return Err(BenchError::Usage(format!(
+            "--size must be at least {} bytes (the message header), got {}",
+            payload::HEADER_LEN,
+            args.size
+        ))
+        .into());
+    }
+    if !args.url.contains("{room}") {
+        return Err(
+            BenchError::Usage(format!("--url must contain {{room}}, got {:?}", args.url)).into(),
+        );
+    }
+    let rate = super::positive_rate("rate", args.rate)?;
+    let duration = super::seconds("duration", args.load.duration)?;
+    let drain = super::seconds("drain", args.load.drain)?;
+    let settle = super::seconds("settle", args.settle)?;
+    let prefix = args.room_prefix.clone().unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!("bench{:x}-", (nanos ^ std::process::id()) & 0xff_ffff)
+    });
+    let rooms: Vec<String> = (0..args.rooms).map(|r| format!("{prefix}{r}")).collect();
+    let targets = rooms
+        .iter()
+        .map(|room| net::parse_target(&args.url.replace("{room}", room), &["ws"]))
+        .collect::<Result<Vec<_>, _>>()?;
+    net::raise_fd_limit(args.connections as u64 + 64);
+
+    let conns = args.connections;
+    if !args.common.quiet {
+        eprintln!(
+            "bench broadcast: opening {conns} connections over {} rooms ({})",
+            args.rooms,
+            args.url.replace("{room}", &format!("{prefix}N"))
+        );
+    }
+    let setup_start = Instant::now();
+    let room_count = args.rooms;
+    let opened = super::open_websockets(
+        Arc::new(targets),
+        |i| i % room_count,
+        conns,
+        &args.common,
+        net::ws_config(args.size),
+    )
+    .await?;
+    let setup = setup_start.elapsed();
+    let mut members = vec![0u64; args.rooms];
+    for (i, s) in opened.sockets.iter().enumerate() {
+        if s.is_some() {
+            members[i % args.rooms] += 1;
+        }
+    }
+    tokio::time::sleep(settle).await;
+
+    let senders_connected = opened.sockets[..args.senders]
+        .iter()
+        .filter(|s| s.is_some())
+        .count();
+    let shared = Arc::new(Shared {
+        clock: Clock::start(),
+        latency: Arc::new(LatencyRecorder::default()),
+        live: Arc::new(Live::default()),
+        corrupted: AtomicU64::new(0),
+        stop_sending: CancellationToken::new(),
+        stop_reading: CancellationToken::new(),
+        writers_active: AtomicUsize::new(senders_connected),
+        writers_done: Notify::new(),
+        size: args.size,
+        binary: args.binary,
+        rooms: args.rooms,
+        senders: args.senders,
+        interval: Duration::from_secs_f64(1.0 / rate),
+        sent_in_room: (0..args.rooms).map(|_| AtomicU64::new(0)).collect(),
+        slowest: {
+            let per_sender = tracked_broadcasts(rate, duration, args.load.count, args.senders);
+            (0..args.senders)
+                .map(|_| (0..per_sender).map(|_| AtomicU64::new(0)).collect())
+                .collect()
+        },
+    });
+    let progress_stop = CancellationToken::new();
+    let progress = report::spawn_progress(
+        "broadcast",
+        "deliveries",
+        shared.live.clone(),
+        shared.latency.clone(),
+        progress_stop.clone(),
+        args.common.quiet,
+    );
+
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (index, ws) in opened.sockets.into_iter().enumerate() {
+        let Some(ws) = ws else { continue };
+        let sender = (index < args.senders).then_some(index as u32);
+        let quota = match (sender, args.load.count) {
+            (Some(s), Some(n)) => super::share(n, args.senders, s as usize),
+            _ => u64::MAX,
+        };
+        // Stagger the senders over one interval.
+        let offset = shared
+            .interval
+            .mul_f64(index as f64 / args.senders.max(1) as f64);
+        tasks.push(tokio::spawn(connection(
+            ws,
+            index % args.rooms,
+            sender,
+            quota,
+            offset,
+            shared.clone(),
+        )));
+    }
+
+    let deadline = tokio::time::Instant::from_std(start + duration);
+    loop {
+        let all_done = shared.writers_done.notified();
+        if shared.writers_active.load(Ordering::Acquire) == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = all_done => {}
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    shared.stop_sending.cancel();
+    let load_elapsed = start.elapsed();
+    // Senders stop promptly once told; their final counts fix the expected deliveries.
+    let mut poll = tokio::time::interval(Duration::from_millis(5));
+    let writers_deadline = Instant::now() + Duration::from_secs(5);
+    while shared.writers_active.load(Ordering::Acquire) > 0 && Instant::now() < writers_deadline {
+        poll.tick().await;
+    }
+    let drain_deadline = Instant::now() + drain;
+    loop {
+        poll.tick().await;
+        let expected = expected_deliveries(&shared, &members);
+        let delivered =
+            shared.live.done.load(Ordering::Acquire) + shared.corrupted.load(Ordering::Acquire);
+        if delivered >= expected || Instant::now() >= drain_deadline {
+            break;
+        }
+    }
+    shared.stop_reading.cancel();
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        outcomes.push(task.await.unwrap_or_else(|e| ConnOutcome {
+            error: Some(format!("connection task failed: {e}")),
+            ..ConnOutcome::default()
+        }));
+    }
+    progress_stop.cancel();
+    let _ = progress.await;
+
+    // Per sender: what it sent, and what every member of its room received from it.
+    let mut sent_by = vec![0u64; args.senders];
+    for o in &outcomes {
+        if let Some(s) = o.sender {
+            sent_by[s as usize] = o.sent;
+        }
+    }
+    let room_of: Vec<usize> = (0..args.senders).map(|s| s % args.rooms).collect();
+    let mut per_sender = vec![SeqTracker::default(); args.senders];
+    let mut lost_by = vec![0u64; args.senders];
+    let mut unexpected_by = vec![0u64; args.senders];
+    let (mut corrupted, mut misrouted) = (0u64, 0u64);
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for o in &outcomes {
+        corrupted += o.corrupted;
+        misrouted += o.misrouted;
+        if let Some(e) = &o.error {
+            *errors.entry(e.clone()).or_insert(0) += 1;
+        }
+        for (s, tracker) in o.from.iter().enumerate() {
+            per_sender[s].add_counts(tracker);
+            unexpected_by[s] += tracker.unexpected(sent_by[s]);
+        }
+        // Every member of a sender's room should have had all its messages.
+        for s in 0..args.senders {
+            if room_of[s] == o.room {
+                lost_by[s] += o.from.get(s).map_or(sent_by[s], |t| t.lost(sent_by[s]));
+            }
+        }
+    }
+    let expected: u64 = (0..args.senders)
+        .map(|s| sent_by[s] * members[room_of[s]])
+        .sum();
+    let unexpected: u64 = unexpected_by.iter().sum();
+    let received: u64 = per_sender.iter().map(|t| t.unique).sum::<u64>() - unexpected;
+    let missing: u64 = lost_by.iter().sum();
+    let lost = missing.saturating_sub(corrupted);
+    let corrupted = corrupted + unexpected;
+    let duplicates: u64 = per_sender.iter().map(|t| t.duplicates).sum();
+    let out_of_order: u64 = per_sender.iter().map(|t| t.out_of_order).sum();
+    let sent: u64 = sent_by.iter().sum();
+    let latency = Percentiles::of(&shared.latency.total());
+    // Latency to the last member, over the broadcasts every member received.
+    let mut last_hist = super::stats::new_histogram();
+    for (s, slots) in shared.slowest.iter().enumerate() {
+        let members_of = members[room_of[s]];
+        for slot in slots.iter().take(sent_by[s] as usize) {
+            let (reached, slowest) = slot_read(slot);
+            if reached == members_of {
+                last_hist.saturating_record(slowest);
+            }
+        }
+    }
+    let last = Percentiles::of(&last_hist);
+    let connect_failures: u64 = opened.failures.values().sum();
+
+    let mut r = Report::new("broadcast");
+    r.line(format!(
+        "broadcast {}: {} connections over {} rooms ({} members max), {} senders at {rate} msg/s, {} B {}",
+        args.url,
+        members.iter().sum::<u64>(),
+        args.rooms,
+        members.iter().max().copied().unwrap_or(0),
+        args.senders,
+        args.size,
+        if args.binary { "binary" } else { "text" }
+    ));
+    r.line(format!(
+        "connect     {:.2} s, failures: {}",
+        setup.as_secs_f64(),
+        report::kinds_text(&opened.failures)
+    ));
+    if let Some(first) = &opened.first_failure {
+        r.line(format!("first connect failure: {first}"));
+    }
+    r.line(format!(
+        "load        {:.2} s: sent {sent}, deliveries expected {expected}, received {received}, {} deliveries/s",
+        load_elapsed.as_secs_f64(),
+        report::per_second(received, load_elapsed)
+    ));
+    r.line(report::latency_line("delivery", &latency));
+    r.line(report::latency_line("last member", &last));
+    r.line(format!(
+        "checks      lost {lost}, corrupted {corrupted}, misrouted {misrouted}, duplicates {duplicates}, out of order {out_of_order}"
+    ));
+    let mut senders_json = Vec::with_capacity(args.senders);
+    for s in 0..args.senders {
+        let t = &per_sender[s];
+        let exp = sent_by[s] * members[room_of[s]];
+        if t.duplicates + t.out_of_order + lost_by[s] > 0 {
+            r.line(format!(
+                "  sender {s} (room {}): sent {}, expected {exp}, lost {}, duplicates {}, out of order {}",
+                room_of[s], sent_by[s], lost_by[s], t.duplicates, t.out_of_order
+            ));
+        }
+        senders_json.push(json!({
+            "sender": s,
+            "room": room_of[s],
+            "sent": sent_by[s],
+            "expected": exp,
+            "received": t.unique - unexpected_by[s],
+            "lost": lost_by[s],
+            "duplicates": t.duplicates,
+            "out_of_order": t.out_of_order,
+        }));
+    }
+    if !errors.is_empty() {
+        r.line(format!(
+            "connection errors: {}",
+            report::kinds_text(&errors)
+        ));
+    }
+    r.field("url", args.url.as_str());
+    r.field("connections", members.iter().sum::<u64>());
+    r.field("connect_failures", report::kinds_json(&opened.failures));
+    r.field("rooms", args.rooms as u64);
+    r.field("members", json!(members));
+    r.field("senders", args.senders as u64);
+    r.field("rate", rate);
+    r.field("size", args.size as u64);
+    r.field("binary", args.binary);
+    r.field("duration_s", report::seconds(load_elapsed));
+    r.field("sent", sent);
+    r.field("expected", expected);
+    r.field("received", received);
+    r.field(
+        "deliveries_per_s",
+        report::per_second(received, load_elapsed),
+    );
+    r.field("lost", lost);
+    r.field("corrupted", corrupted);
+    r.field("misrouted", misrouted);
+    r.field("duplicates", duplicates);
+    r.field("out_of_order", out_of_order);
+    r.field("errors", report::kinds_json(&errors));
+    r.field("latency_us", report::latency_json(&latency));
+    r.field("last_member_latency_us", report::latency_json(&last));
+    r.field("per_sender", json!(senders_json));
+    r.must_be_zero("connect failures", connect_failures);
+    r.must_be_zero("lost", lost);
+    r.must_be_zero("corrupted", corrupted);
+    r.must_be_zero("misrouted", misrouted);
+    r.must_be_zero("duplicates", duplicates);
+    r.must_be_zero("out of order", out_of_order);
+    r.must_be_zero("connection errors", errors.values().sum());
+    Ok(r)
+}
+
+/// How many broadcasts per sender get a last-member latency slot: the run's expected sends with
+/// room to spare, capped so the table stays under ~128 MiB whatever the flags.
+fn tracked_broadcasts(rate: f64, duration: Duration, count: Option<u64>, senders: usize) -> usize {
+    let by_time = rate * duration.as_secs_f64() * 1.2 + 1024.0;
+    let by_count = count.map_or(f64::MAX, |n| {
+        (n as f64 / senders.max(1) as f64).ceil() + 1.0
+    });
+    let cap = f64::from(16u32 << 20) / senders.max(1) as f64;
+    by_time.min(by_count).min(cap).max(1.0) as usize
+}
+
+/// A last-member slot packs the members reached (high 24 bits) and the slowest delivery's
+/// latency in µs (low 40 bits) into one word, so each delivery costs one atomic update.
+const LATENCY_BITS: u32 = 40;
+const LATENCY_MASK: u64 = (1 << LATENCY_BITS) - 1;
+
+fn slot_add(slot: &AtomicU64, micros: u64) {
+    let micros = micros.min(LATENCY_MASK);
+    let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+        let count = (v >> LATENCY_BITS) + 1;
+        Some((count << LATENCY_BITS) | (v & LATENCY_MASK).max(micros))
+    });
+}
+
+/// (members reached, slowest latency µs) of a slot.
+fn slot_read(slot: &AtomicU64) -> (u64, u64) {
+    let v = slot.load(Ordering::Acquire);
+    (v >> LATENCY_BITS, v & LATENCY_MASK)
+}
+
+/// Deliveries owed so far: each room's sent count times its members.
+fn expected_deliveries(shared: &Shared, members: &[u64]) -> u64 {
+    shared
+        .sent_in_room
+        .iter()
+        .zip(members)
+        .map(|(sent, m)| sent.load(Ordering::Acquire) * m)
+        .sum()
+}
+
+async fn connection(
+    ws: net::Ws,
+    room: usize,
+    sender: Option<u32>,
+    quota: u64,
+    offset: Duration,
+    shared: Arc<Shared>,
+) -> ConnOutcome {
+    let (mut sink, mut stream) = ws.split();
+    let writer = async {
+        match sender {
+            Some(id) => write_loop(&mut sink, id, quota, offset, &shared).await,
+            None => (0, None),
+        }
+    };
+    let reader = read_loop(&mut stream, room, &shared);
+    let ((sent, write_error), (from, corrupted, misrouted, read_error)) =
+        tokio::join!(writer, reader);
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+    ConnOutcome {
+        room,
+        sender,
+        sent,
+        from,
+        corrupted,
+        misrouted,
+        error: write_error.or(read_error),
+    }
+}
+
+async fn write_loop<S>(
+    sink: &mut S,
+    id: u32,
+    quota: u64,
+    offset: Duration,
+    shared: &Shared,
+) -> (u64, Option<String>)
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    // Built once: a fresh cancellation future per message costs a registration each time.
+    let stop_sending = shared.stop_sending.cancelled();
+    let stop_reading = shared.stop_reading.cancelled();
+    tokio::pin!(stop_sending, stop_reading);
+    let mut writer = PayloadWriter::new(shared.size);
+    let first_at = Instant::now() + offset;
+    let mut seq = 0u64;
+    let mut error = None;
+    'run: while seq < quota {
+        let due = first_at + shared.interval.mul_f64(seq as f64);
+        tokio::select! {
+            biased;
+            _ = &mut stop_sending => break 'run,
+            _ = tokio::time::sleep_until(wake_for(due).into()) => {}
+        }
+        let batch = due_by(due, shared.interval, Instant::now())
+            .min(quota - seq)
+            .min(1024);
+        for _ in 0..batch {
+            let scheduled = first_at + shared.interval.mul_f64(seq as f64);
+            let stamp = Stamp {
+                id,
+                seq,
+                sent_ns: shared
+                    .clock
+                    .ns_at(latency_origin(scheduled, Instant::now())),
+            };
+            let msg = net::ws_message(writer.write(stamp), shared.binary);
+            let fed = tokio::select! {
+                biased;
+                _ = &mut stop_reading => break 'run,
+                r = sink.feed(msg) => r,
+            };
+            if let Err(e) = fed {
+                error = Some(format!("send: {e}"));
+                break 'run;
+            }
+            seq += 1;
+            shared.live.sent.fetch_add(1, Ordering::Relaxed);
+            shared.sent_in_room[id as usize % shared.rooms].fetch_add(1, Ordering::Release);
+        }
+        let flushed = tokio::select! {
+            biased;
+            _ = &mut stop_reading => break 'run,
+            r = sink.flush() => r,
+        };
+        if let Err(e) = flushed {
+            error = Some(format!("send: {e}"));
+            break 'run;
+        }
+    }
+    if shared.writers_active.fetch_sub(1, Ordering::AcqRel) == 1 {
+        shared.writers_done.notify_one();
+    }
+    (seq, error)
+}
+
+async fn read_loop<S>(
+    stream: &mut S,
+    room: usize,
+    shared: &Shared,
+) -> (Vec<SeqTracker>, u64, u64, Option<String>)
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let mut from = vec![SeqTracker::default(); shared.senders];
+    let (mut corrupted, mut misrouted) = (0u64, 0u64);
+    let mut latency = LocalLatency::default();
+    let mut error = None;
+    let stop_reading = shared.stop_reading.cancelled();
+    tokio::pin!(stop_reading);
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = &mut stop_reading => break,
+            m = stream.next() => m,
+        };
+        let bytes = match next {
+            Some(Ok(Message::Text(t))) => Bytes::from(t),
+            Some(Ok(Message::Binary(b))) => b,
+            Some(Ok(Message::Close(frame))) => {
+                error = Some(format!("closed by the server: {frame:?}"));
+                break;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => {
+                error = Some(format!("receive: {e}"));
+                break;
+            }
+            None => {
+                error = Some("connection closed by the server".to_owned());
+                break;
+            }
+        };
+        let now = Instant::now();
+        match payload::read(&bytes, shared.size) {
+            Ok(stamp) if (stamp.id as usize) < shared.senders => {
+                if stamp.id as usize % shared.rooms != room {
+                    misrouted += 1;
+                    shared.live.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if from[stamp.id as usize].record(stamp.seq) != Arrival::Duplicate {
+                    let us = micros_between(stamp.sent_ns, shared.clock.ns_at(now));
+                    latency.record(&shared.latency, us, now);
+                    if let Some(slot) = usize::try_from(stamp.seq)
+                        .ok()
+                        .and_then(|seq| shared.slowest[stamp.id as usize].get(seq))
+                    {
+                        slot_add(slot, us);
+                    }
+                    shared.live.done.fetch_add(1, Ordering::Release);
+                } else {
+                    shared.live.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ => {
+                corrupted += 1;
+                shared.live.errors.fetch_add(1, Ordering::Relaxed);
+                shared.corrupted.fetch_add(1, Ordering::Release);
+            }
+        }
+    }
+    latency.flush(&shared.latency);
+    (from, corrupted, misrouted, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_member_slots_count_and_keep_the_slowest() {
+        let slot = AtomicU64::new(0);
+        assert_eq!(slot_read(&slot), (0, 0));
+        for us in [30, 500, 20] {
+            slot_add(&slot, us);
+        }
+        assert_eq!(slot_read(&slot), (3, 500));
+        slot_add(&slot, u64::MAX);
+        assert_eq!(slot_read(&slot), (4, LATENCY_MASK));
+    }
+
+    #[test]
+    fn tracked_broadcasts_are_bounded() {
+        let d = Duration::from_secs(10);
+        assert_eq!(tracked_broadcasts(100.0, d, None, 1), 2224);
+        assert_eq!(tracked_broadcasts(100.0, d, Some(300), 3), 101);
+        assert!(tracked_broadcasts(1e9, d, None, 4) <= 4 << 20);
+    }
+}

@@ -1,0 +1,505 @@
+//! `bench echo`: C WebSocket connections each sending stamped messages to an echo endpoint and
+//! checking every echo (sequence, fingerprint, length); closed loop (a fixed number of messages
+//! in flight per connection) or open loop at a fixed total rate, where latency counts from each
+//! message's scheduled send time so that a stalled server cannot hide behind a slowed client.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Args;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::sync::{Notify, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use super::payload::{self, PayloadWriter, Stamp};
+use super::report::{self, Live, Report};
+use super::stats::{
+    Clock, LatencyRecorder, LocalLatency, Percentiles, SeqTracker, due_by, latency_origin,
+    micros_between, wake_for,
+};
+use super::{BenchError, CommonArgs, LoadArgs, net};
+
+/// `switchyard bench echo`
+#[derive(Debug, Clone, Args)]
+pub struct EchoArgs {
+    /// WebSocket echo endpoint (loopback only).
+    #[arg(long, default_value = "ws://127.0.0.1:8000/ws/echo/")]
+    pub url: String,
+    /// Connections.
+    #[arg(long, short = 'c', default_value_t = 1)]
+    pub connections: usize,
+    /// Closed loop: messages each connection keeps outstanding (an echo missing for --drain
+    /// seconds frees its slot).
+    #[arg(long, default_value_t = 1)]
+    pub in_flight: usize,
+    /// Open loop instead: total messages per second over all connections; latency counts from
+    /// each message's scheduled send time.
+    #[arg(long, short = 'r')]
+    pub rate: Option<f64>,
+    /// Message size in bytes (at least the 49-byte header).
+    #[arg(long, short = 's', default_value_t = 64)]
+    pub size: usize,
+    /// Send binary frames (default: text).
+    #[arg(long)]
+    pub binary: bool,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// How each connection paces its sends.
+#[derive(Debug, Clone, Copy)]
+enum Pace {
+    Closed { in_flight: usize },
+    Open { interval: Duration },
+}
+
+/// State shared by every connection of one run.
+#[derive(Debug)]
+struct Shared {
+    clock: Clock,
+    latency: Arc<LatencyRecorder>,
+    live: Arc<Live>,
+    /// Latency of the client itself: actual minus scheduled send time (open loop).
+    send_lag: LatencyRecorder,
+    /// Corrupted echoes (valid new ones are `live.done`); together, every answer once.
+    corrupted: AtomicU64,
+    stop_sending: CancellationToken,
+    stop_reading: CancellationToken,
+    writers_active: AtomicUsize,
+    writers_done: Notify,
+    size: usize,
+    binary: bool,
+    pace: Pace,
+    /// Closed loop: how long a connection waits for an echo before sending regardless.
+    reply_timeout: Duration,
+}
+
+/// What one connection saw.
+#[derive(Debug, Default)]
+struct ConnOutcome {
+    sent: u64,
+    tracker: SeqTracker,
+    corrupted: u64,
+    error: Option<String>,
+}
+
+pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
+    super::at_least_one("connections", args.connections)?;
+    super::at_least_one("in-flight", args.in_flight)?;
+    if args.size < payload::HEADER_LEN {
+        return Err(BenchError::Usage(format!(
+            "--size must be at least {} bytes (the message header), got {}",
+            payload::HEADER_LEN,
+            args.size
+        ))
+        .into());
+    }
+    let duration = super::seconds("duration", args.load.duration)?;
+    let drain = super::seconds("drain", args.load.drain)?;
+    let rate = args
+        .rate
+        .map(|r| super::positive_rate("rate", r))
+        .transpose()?;
+    let target = net::parse_target(&args.url, &["ws"])?;
+    net::raise_fd_limit(args.connections as u64 + 64);
+
+    let conns = args.connections;
+    if !args.common.quiet {
+        eprintln!("bench echo: opening {conns} connections to {}", target.url);
+    }
+    let setup_start = Instant::now();
+    let opened = super::open_websockets(
+        Arc::new(vec![target.clone()]),
+        |_| 0,
+        conns,
+        &args.common,
+        net::ws_config(args.size),
+    )
+    .await?;
+    let setup = setup_start.elapsed();
+    let connected = opened.sockets.iter().filter(|s| s.is_some()).count();
+
+    let pace = match rate {
+        Some(r) => Pace::Open {
+            interval: Duration::from_secs_f64(connected as f64 / r),
+        },
+        None => Pace::Closed {
+            in_flight: args.in_flight,
+        },
+    };
+    let shared = Arc::new(Shared {
+        clock: Clock::start(),
+        latency: Arc::new(LatencyRecorder::default()),
+        live: Arc::new(Live::default()),
+        send_lag: LatencyRecorder::default(),
+        corrupted: AtomicU64::new(0),
+        stop_sending: CancellationToken::new(),
+        stop_reading: CancellationToken::new(),
+        writers_active: AtomicUsize::new(connected),
+        writers_done: Notify::new(),
+        size: args.size,
+        binary: args.binary,
+        pace,
+        reply_timeout: drain.max(Duration::from_millis(10)),
+    });
+    let progress_stop = CancellationToken::new();
+    let progress = report::spawn_progress(
+        "echo",
+        "echoes",
+        shared.live.clone(),
+        shared.latency.clone(),
+        progress_stop.clone(),
+        args.common.quiet,
+    );
+
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(connected);
+    for ws in opened.sockets {
+        let Some(ws) = ws else { continue };
+        let id = tasks.len();
+        let quota = args
+            .load
+            .count
+            .map(|n| super::share(n, connected, id))
+            .unwrap_or(u64::MAX);
+        let offset = match pace {
+            // Stagger the connections over one interval so the total rate is smooth.
+            Pace::Open { interval } => interval.mul_f64(id as f64 / connected as f64),
+            Pace::Closed { .. } => Duration::ZERO,
+        };
+        tasks.push(tokio::spawn(connection(
+            ws,
+            id as u32,
+            quota,
+            offset,
+            shared.clone(),
+        )));
+    }
+
+    // Load phase: until the duration is over or every connection has sent its quota.
+    let deadline = tokio::time::Instant::from_std(start + duration);
+    loop {
+        let all_done = shared.writers_done.notified();
+        if shared.writers_active.load(Ordering::Acquire) == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = all_done => {}
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    shared.stop_sending.cancel();
+    let load_elapsed = start.elapsed();
+    // Drain: wait for the outstanding echoes, up to --drain.
+    let drain_deadline = Instant::now() + drain;
+    let mut poll = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        poll.tick().await;
+        let writers_left = shared.writers_active.load(Ordering::Acquire);
+        let sent = shared.live.sent.load(Ordering::Acquire);
+        let answered =
+            shared.live.done.load(Ordering::Acquire) + shared.corrupted.load(Ordering::Acquire);
+        if (writers_left == 0 && answered >= sent) || Instant::now() >= drain_deadline {
+            break;
+        }
+    }
+    shared.stop_reading.cancel();
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        outcomes.push(task.await.unwrap_or_else(|e| ConnOutcome {
+            error: Some(format!("connection task failed: {e}")),
+            ..ConnOutcome::default()
+        }));
+    }
+    progress_stop.cancel();
+    let _ = progress.await;
+
+    let mut total = SeqTracker::default();
+    let (mut sent, mut corrupted, mut missing, mut unexpected) = (0u64, 0u64, 0u64, 0u64);
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for o in &outcomes {
+        sent += o.sent;
+        corrupted += o.corrupted;
+        missing += o.tracker.lost(o.sent);
+        unexpected += o.tracker.unexpected(o.sent);
+        total.add_counts(&o.tracker);
+        if let Some(e) = &o.error {
+            *errors.entry(e.clone()).or_insert(0) += 1;
+        }
+    }
+    // A corrupted echo cannot be matched to its message, which therefore also shows as missing.
+    let lost = missing.saturating_sub(corrupted);
+    let corrupted = corrupted + unexpected;
+    let received = total.unique - unexpected;
+    let latency = Percentiles::of(&shared.latency.total());
+    let lag = Percentiles::of(&shared.send_lag.total());
+    let connect_failures: u64 = opened.failures.values().sum();
+
+    let mut r = Report::new("echo");
+    let mode = match pace {
+        Pace::Closed { in_flight } => format!("closed loop, {in_flight} in flight per connection"),
+        Pace::Open { .. } => format!("open loop at {} msg/s", rate.unwrap_or_default()),
+    };
+    r.line(format!(
+        "echo {}: {connected}/{conns} connections, {} B {} messages, {mode}",
+        target.url,
+        args.size,
+        if args.binary { "binary" } else { "text" }
+    ));
+    r.line(format!(
+        "connect     {:.2} s, failures: {}",
+        setup.as_secs_f64(),
+        report::kinds_text(&opened.failures)
+    ));
+    if let Some(first) = &opened.first_failure {
+        r.line(format!("first connect failure: {first}"));
+    }
+    r.line(format!(
+        "load        {:.2} s: sent {sent}, echoed {received}, {} echoes/s",
+        load_elapsed.as_secs_f64(),
+        report::per_second(received, load_elapsed)
+    ));
+    r.line(report::latency_line("rtt", &latency));
+    if rate.is_some() {
+        r.line(report::latency_line("send lag", &lag));
+    }
+    r.line(format!(
+        "checks      lost {lost}, corrupted {corrupted}, duplicates {}, out of order {}",
+        total.duplicates, total.out_of_order
+    ));
+    if !errors.is_empty() {
+        r.line(format!(
+            "connection errors: {}",
+            report::kinds_text(&errors)
+        ));
+    }
+    r.field("url", target.url.as_str());
+    r.field("connections", connected as u64);
+    r.field(
+        "connect_failures",
+        json!(report::kinds_json(&opened.failures)),
+    );
+    r.field("size", args.size as u64);
+    r.field("binary", args.binary);
+    r.field("rate", json!(rate));
+    r.field("in_flight", json!(rate.is_none().then_some(args.in_flight)));
+    r.field("duration_s", report::seconds(load_elapsed));
+    r.field("sent", sent);
+    r.field("received", received);
+    r.field("echoes_per_s", report::per_second(received, load_elapsed));
+    r.field("lost", lost);
+    r.field("corrupted", corrupted);
+    r.field("duplicates", total.duplicates);
+    r.field("out_of_order", total.out_of_order);
+    r.field("errors", report::kinds_json(&errors));
+    r.field("rtt_us", report::latency_json(&latency));
+    if rate.is_some() {
+        r.field("send_lag_us", report::latency_json(&lag));
+    }
+    r.must_be_zero("connect failures", connect_failures);
+    r.must_be_zero("lost", lost);
+    r.must_be_zero("corrupted", corrupted);
+    r.must_be_zero("duplicates", total.duplicates);
+    r.must_be_zero("out of order", total.out_of_order);
+    r.must_be_zero("connection errors", errors.values().sum());
+    Ok(r)
+}
+
+/// One connection: a writer and a reader running together until the run stops them.
+async fn connection(
+    ws: net::Ws,
+    id: u32,
+    quota: u64,
+    offset: Duration,
+    shared: Arc<Shared>,
+) -> ConnOutcome {
+    let (mut sink, mut stream) = ws.split();
+    let permits = Semaphore::new(match shared.pace {
+        Pace::Closed { in_flight } => in_flight,
+        Pace::Open { .. } => 0,
+    });
+    let writer = write_loop(&mut sink, id, quota, offset, &permits, &shared);
+    let reader = read_loop(&mut stream, id, &permits, &shared);
+    let ((sent, write_error), (tracker, corrupted, read_error)) = tokio::join!(writer, reader);
+    // Close politely, without waiting long for a server that has stopped answering.
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+    ConnOutcome {
+        sent,
+        tracker,
+        corrupted,
+        error: write_error.or(read_error),
+    }
+}
+
+async fn write_loop<S>(
+    sink: &mut S,
+    id: u32,
+    quota: u64,
+    offset: Duration,
+    permits: &Semaphore,
+    shared: &Shared,
+) -> (u64, Option<String>)
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    // Built once: a fresh cancellation future per message costs a registration each time.
+    let stop_sending = shared.stop_sending.cancelled();
+    let stop_reading = shared.stop_reading.cancelled();
+    tokio::pin!(stop_sending, stop_reading);
+    let mut writer = PayloadWriter::new(shared.size);
+    let mut seq = 0u64;
+    let mut error = None;
+    let first_at = Instant::now() + offset;
+    let mut lag = LocalLatency::default();
+    'run: while seq < quota {
+        // How many messages to send now, and their timestamps.
+        let (batch, scheduled_base) = match shared.pace {
+            Pace::Closed { .. } => {
+                // An echo that has not come back within --drain is taken as lost, and its slot
+                // is reused, so that loss cannot stall a closed loop for the whole run.
+                tokio::select! {
+                    biased;
+                    _ = &mut stop_sending => break 'run,
+                    permit = permits.acquire() => match permit {
+                        Ok(p) => p.forget(),
+                        Err(_) => break 'run,
+                    },
+                    _ = tokio::time::sleep(shared.reply_timeout) => {}
+                }
+                let mut n = 1u64;
+                while n < quota - seq {
+                    match permits.try_acquire() {
+                        Ok(p) => {
+                            p.forget();
+                            n += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                (n, None)
+            }
+            Pace::Open { interval } => {
+                let due = first_at + interval.mul_f64(seq as f64);
+                tokio::select! {
+                    biased;
+                    _ = &mut stop_sending => break 'run,
+                    _ = tokio::time::sleep_until(wake_for(due).into()) => {}
+                }
+                let n = due_by(due, interval, Instant::now())
+                    .min(quota - seq)
+                    .min(1024);
+                (n, Some(due))
+            }
+        };
+        for i in 0..batch {
+            let sent_ns = match (scheduled_base, shared.pace) {
+                (Some(base), Pace::Open { interval }) => {
+                    let due = base + interval.mul_f64(i as f64);
+                    let now = Instant::now();
+                    lag.record(
+                        &shared.send_lag,
+                        micros_between(shared.clock.ns_at(due), shared.clock.ns_at(now)),
+                        now,
+                    );
+                    shared.clock.ns_at(latency_origin(due, now))
+                }
+                _ => shared.clock.now_ns(),
+            };
+            let msg = net::ws_message(writer.write(Stamp { id, seq, sent_ns }), shared.binary);
+            let fed = tokio::select! {
+                biased;
+                _ = &mut stop_reading => break 'run,
+                r = sink.feed(msg) => r,
+            };
+            if let Err(e) = fed {
+                error = Some(format!("send: {e}"));
+                break 'run;
+            }
+            seq += 1;
+            shared.live.sent.fetch_add(1, Ordering::Release);
+        }
+        let flushed = tokio::select! {
+            biased;
+            _ = &mut stop_reading => break 'run,
+            r = sink.flush() => r,
+        };
+        if let Err(e) = flushed {
+            error = Some(format!("send: {e}"));
+            break 'run;
+        }
+    }
+    lag.flush(&shared.send_lag);
+    if shared.writers_active.fetch_sub(1, Ordering::AcqRel) == 1 {
+        shared.writers_done.notify_one();
+    }
+    (seq, error)
+}
+
+async fn read_loop<S>(
+    stream: &mut S,
+    id: u32,
+    permits: &Semaphore,
+    shared: &Shared,
+) -> (SeqTracker, u64, Option<String>)
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let mut tracker = SeqTracker::default();
+    let mut corrupted = 0u64;
+    let mut latency = LocalLatency::default();
+    let mut error = None;
+    let stop_reading = shared.stop_reading.cancelled();
+    tokio::pin!(stop_reading);
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = &mut stop_reading => break,
+            m = stream.next() => m,
+        };
+        let bytes = match next {
+            Some(Ok(Message::Text(t))) => Bytes::from(t),
+            Some(Ok(Message::Binary(b))) => b,
+            Some(Ok(Message::Close(frame))) => {
+                error = Some(format!("closed by the server: {frame:?}"));
+                break;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => {
+                error = Some(format!("receive: {e}"));
+                break;
+            }
+            None => {
+                error = Some("connection closed by the server".to_owned());
+                break;
+            }
+        };
+        let now = Instant::now();
+        match payload::read(&bytes, shared.size) {
+            Ok(stamp) if stamp.id == id => {
+                if tracker.record(stamp.seq) != super::stats::Arrival::Duplicate {
+                    let us = micros_between(stamp.sent_ns, shared.clock.ns_at(now));
+                    latency.record(&shared.latency, us, now);
+                    shared.live.done.fetch_add(1, Ordering::Release);
+                    permits.add_permits(1);
+                } else {
+                    shared.live.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ => {
+                corrupted += 1;
+                shared.live.errors.fetch_add(1, Ordering::Relaxed);
+                shared.corrupted.fetch_add(1, Ordering::Release);
+                permits.add_permits(1);
+            }
+        }
+    }
+    latency.flush(&shared.latency);
+    (tracker, corrupted, error)
+}
