@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+python3 -m venv --help >/dev/null 2>&1 || missing+=(python3 python3-venv)
 if [ -f tests/browser/package.json ]; then
   command -v chromium >/dev/null || missing+=(chromium)
   command -v node >/dev/null || missing+=(nodejs npm)
@@ -21,10 +22,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if [ -x scripts/setup-python.sh ] || [ -f scripts/setup-python.sh ]; then
-  bash scripts/setup-python.sh >/dev/null
-  export SWITCHYARD_PYTHON="$PWD/.venv/bin/python"
-fi
+bash scripts/setup-python.sh >/dev/null
+export SWITCHYARD_PYTHON="$PWD/.venv/bin/python"
 if [ -f tests/browser/package.json ] && [ ! -d tests/browser/node_modules ]; then
   (cd tests/browser && npm ci --silent --no-audit --no-fund)
 fi
