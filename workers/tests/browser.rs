@@ -16,19 +16,27 @@ use support::Proc;
 use support::redis_support::RedisServer;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Why the browser test cannot run here, if it cannot.
 fn missing_tools() -> Option<String> {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     if !Path::new(&chromium).exists() {
-        return Some(format!("{chromium} not found (apt-get install -y chromium)"));
+        return Some(format!(
+            "{chromium} not found (apt-get install -y chromium)"
+        ));
     }
     if Command::new("node").arg("--version").output().is_err() {
         return Some("node not found".into());
     }
-    if !repo().join("tests/browser/node_modules/playwright-core").exists() {
+    if !repo()
+        .join("tests/browser/node_modules/playwright-core")
+        .exists()
+    {
         return Some("playwright-core not installed (cd tests/browser && npm ci)".into());
     }
     None
@@ -36,7 +44,10 @@ fn missing_tools() -> Option<String> {
 
 fn run_browser(base: &str, name: &str) {
     if let Some(why) = missing_tools() {
-        assert!(std::env::var_os("CI").is_none(), "browser test cannot run under CI: {why}");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "browser test cannot run under CI: {why}"
+        );
         eprintln!("skipping browser test: {why}");
         return;
     }
@@ -62,7 +73,10 @@ fn run_browser(base: &str, name: &str) {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(status.success(), "the chat page failed in Chromium ({name})");
+    assert!(
+        status.success(),
+        "the chat page failed in Chromium ({name})"
+    );
     let png = std::fs::read(&shot).expect("a screenshot was saved");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "the screenshot is a PNG");
 }
