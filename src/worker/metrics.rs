@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use dashmap::DashMap;
+
 /// Upper bounds (inclusive, milliseconds) of the latency buckets; one more bucket holds the rest.
 pub const LATENCY_BUCKETS_MS: [u64; 9] = [1, 2, 5, 10, 25, 50, 100, 500, 1000];
 
@@ -30,6 +32,42 @@ pub struct WorkerMetrics {
     pub latency_sum_us: AtomicU64,
     /// Handling-time histogram (see [`LATENCY_BUCKETS_MS`]; the last bucket is "slower").
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    /// Messages received, by channel kind (see [`channel_kind`]).
+    received_by_channel: DashMap<String, AtomicU64>,
+    /// Messages sent by consumers, by destination kind: a channel kind, `reply` or `group`.
+    sent_by_channel: DashMap<String, AtomicU64>,
+}
+
+/// The label a channel is counted under: its name, except that a process-local reply channel
+/// (`…!…`) counts as `reply` and a single-reader channel (`…?…`) under its name up to the `?`,
+/// so the number of labels stays bounded.
+pub fn channel_kind(channel: &str) -> &str {
+    if channel.contains('!') {
+        "reply"
+    } else if let Some(i) = channel.find('?') {
+        &channel[..=i]
+    } else {
+        channel
+    }
+}
+
+fn count(map: &DashMap<String, AtomicU64>, label: &str) {
+    if let Some(c) = map.get(label) {
+        c.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    map.entry(label.to_owned())
+        .or_default()
+        .fetch_add(1, Ordering::Relaxed);
+}
+
+fn read(map: &DashMap<String, AtomicU64>) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = map
+        .iter()
+        .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
+        .collect();
+    out.sort();
+    out
 }
 
 /// A copy of the counters at one moment.
@@ -55,6 +93,10 @@ pub struct WorkerMetricsSnapshot {
     pub latency_sum_us: u64,
     /// See [`WorkerMetrics::latency_buckets`].
     pub latency_buckets: Vec<u64>,
+    /// Messages received per channel kind, sorted by label.
+    pub received_by_channel: Vec<(String, u64)>,
+    /// Messages sent by consumers per destination kind, sorted by label.
+    pub sent_by_channel: Vec<(String, u64)>,
 }
 
 impl WorkerMetrics {
@@ -73,6 +115,14 @@ impl WorkerMetrics {
         Self::add(&self.latency_buckets[i], 1);
     }
 
+    pub(crate) fn received(&self, channel: &str) {
+        count(&self.received_by_channel, channel_kind(channel));
+    }
+
+    pub(crate) fn sent(&self, label: &str) {
+        count(&self.sent_by_channel, label);
+    }
+
     /// Reads every counter.
     pub fn snapshot(&self) -> WorkerMetricsSnapshot {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -87,6 +137,8 @@ impl WorkerMetrics {
             duplicates: r(&self.duplicates),
             latency_sum_us: r(&self.latency_sum_us),
             latency_buckets: self.latency_buckets.iter().map(r).collect(),
+            received_by_channel: read(&self.received_by_channel),
+            sent_by_channel: read(&self.sent_by_channel),
         }
     }
 }
@@ -94,6 +146,28 @@ impl WorkerMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_by_bounded_channel_kind() {
+        let m = WorkerMetrics::default();
+        m.received("websocket.receive");
+        m.received("websocket.receive");
+        m.received("http.request.body?abc");
+        m.sent(channel_kind("switchyard.response.x!y"));
+        m.sent("group");
+        let s = m.snapshot();
+        assert_eq!(
+            s.received_by_channel,
+            [
+                ("http.request.body?".to_owned(), 1),
+                ("websocket.receive".to_owned(), 2)
+            ]
+        );
+        assert_eq!(
+            s.sent_by_channel,
+            [("group".to_owned(), 1), ("reply".to_owned(), 1)]
+        );
+    }
 
     #[test]
     fn histogram_buckets() {

@@ -209,6 +209,7 @@ impl Worker {
     /// Runs one message through routing, ordering, the consumer and its outbox.
     pub async fn handle(&self, envelope: Envelope) {
         let started = Instant::now();
+        self.metrics.received(&envelope.channel);
         let message = match Message::from_payload(envelope.channel.clone(), envelope.payload) {
             Ok(m) => m,
             Err(e) => {
@@ -443,6 +444,7 @@ impl Worker {
     async fn apply(&self, message: &Message, action: Action) {
         let result = match action {
             Action::Send { channel, payload } => {
+                self.metrics.sent(metrics::channel_kind(&channel));
                 self.send_with_retry(message, &channel, &payload).await;
                 Ok(())
             }
@@ -450,11 +452,13 @@ impl Worker {
             Action::GroupDiscard { group, channel } => {
                 self.layer.group_discard(&group, &channel).await
             }
-            Action::GroupSend { group, payload } => self
-                .layer
-                .group_send_encoded(&group, &payload)
-                .await
-                .map(|_| ()),
+            Action::GroupSend { group, payload } => {
+                self.metrics.sent("group");
+                self.layer
+                    .group_send_encoded(&group, &payload)
+                    .await
+                    .map(|_| ())
+            }
             Action::SessionSet {
                 reply_channel,
                 key,

@@ -313,6 +313,28 @@ fn worker_exposition(e: &mut Exposition, m: &WorkerMetrics) {
     // The histogram's last slot counts the slower-than-every-bucket ones: they only reach +Inf.
     buckets.truncate(LATENCY_BUCKETS_MS.len());
     let count: u64 = s.latency_buckets.iter().sum();
+    let received: Vec<(&str, u64)> = s
+        .received_by_channel
+        .iter()
+        .map(|(c, n)| (c.as_str(), *n))
+        .collect();
+    let sent: Vec<(&str, u64)> = s
+        .sent_by_channel
+        .iter()
+        .map(|(c, n)| (c.as_str(), *n))
+        .collect();
+    e.counter_by(
+        "switchyard_worker_messages_in_total",
+        "Messages the worker received, by channel (reply channels as \"reply\").",
+        "channel",
+        &received,
+    )
+    .counter_by(
+        "switchyard_worker_messages_out_total",
+        "Messages consumers sent, by destination (a channel, \"reply\" or \"group\").",
+        "channel",
+        &sent,
+    );
     e.counter(
         "switchyard_consumed_total",
         "Messages consumed by this worker.",

@@ -160,9 +160,35 @@ async fn exercise(base: &str, ws_base: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_serves_everything_in_one_process() {
-    let mut dev = Proc::start(&["dev", "--port", "0", "--no-open"], true);
+    let metrics_port = support::redis_support::free_port();
+    let metrics = format!("--metrics-bind=127.0.0.1:{metrics_port}");
+    let mut dev = Proc::start(&["dev", "--port", "0", "--no-open", &metrics], true);
     let base = dev.base.clone().unwrap();
     exercise(&base, &dev.ws()).await;
+
+    // Prometheus metrics count what just happened, per channel.
+    let (status, text) = http(
+        &format!("http://127.0.0.1:{metrics_port}"),
+        "GET",
+        "/metrics",
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let value = |line: &str| -> u64 {
+        let found = text
+            .lines()
+            .find(|l| l.starts_with(line))
+            .unwrap_or_else(|| panic!("{line} in {text}"));
+        found.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("switchyard_worker_messages_in_total{channel=\"websocket.receive\"}") >= 5);
+    assert!(value("switchyard_worker_messages_in_total{channel=\"jobs.digest\"}") >= 1);
+    assert!(value("switchyard_worker_messages_out_total{channel=\"group\"}") >= 3);
+    assert!(value("switchyard_server_messages_in_total{channel=\"http.request\"}") >= 5);
+    assert_eq!(value("switchyard_consumer_panics_total"), 0);
+    assert_eq!(value("switchyard_layer_channel_full_total"), 0);
+    assert!(text.contains("switchyard_consumer_latency_seconds_bucket{le=\"+Inf\"}"));
     assert!(dev.terminate().success(), "dev exits 0 on SIGTERM");
 }
 
