@@ -190,14 +190,7 @@ impl MemoryLayer {
     ) -> Result<GroupSendReport, LayerError> {
         let mut state = self.lock();
         let members = self.live_members(&mut state, group);
-        let mut by_key: Vec<(&str, Vec<&str>)> = Vec::new();
-        for m in &members {
-            let key = non_local_name(m);
-            match by_key.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, list)) => list.push(m),
-                None => by_key.push((key, vec![m])),
-            }
-        }
+        let by_key = super::by_inbox(&members);
         let now = Instant::now();
         let mut report = GroupSendReport {
             members: members.len(),
@@ -356,7 +349,7 @@ impl MemoryLayer {
     pub(crate) fn receiver(&self) -> MemoryReceiver {
         MemoryReceiver {
             layer: self.clone(),
-            pending: VecDeque::new(),
+            pending: super::Pending::default(),
         }
     }
 
@@ -390,19 +383,10 @@ impl MemoryLayer {
 pub struct MemoryReceiver {
     layer: MemoryLayer,
     /// Further targets of a group message already popped (they share its bytes).
-    pending: VecDeque<Envelope>,
+    pending: super::Pending,
 }
 
 impl MemoryReceiver {
-    fn take_pending(&mut self, channels: &[String]) -> Option<Envelope> {
-        let i = self.pending.iter().position(|e| {
-            channels
-                .iter()
-                .any(|c| c == non_local_name(&e.channel) || *c == e.channel)
-        })?;
-        self.pending.remove(i)
-    }
-
     fn unpack(&self, read_from: &str, stored: Vec<Stored>, out: &mut Vec<Envelope>) {
         let metrics = &self.layer.shared.metrics;
         for s in stored {
@@ -440,7 +424,7 @@ impl MemoryReceiver {
         channels: &[String],
         timeout: Duration,
     ) -> Result<Option<Envelope>, LayerError> {
-        if let Some(e) = self.take_pending(channels) {
+        if let Some(e) = self.pending.take(channels) {
             return Ok(Some(e));
         }
         let mut got = self.wait(channels, timeout, 1).await.into_iter();
@@ -457,7 +441,7 @@ impl MemoryReceiver {
     ) -> Result<Vec<Envelope>, LayerError> {
         let channels = [channel.to_owned()];
         let mut out: Vec<Envelope> = Vec::new();
-        while let Some(e) = self.take_pending(&channels) {
+        while let Some(e) = self.pending.take(&channels) {
             out.push(e);
         }
         if !out.is_empty() {

@@ -390,6 +390,45 @@ impl Receiver {
     }
 }
 
+/// Group members bucketed by the Redis key (inbox) they live in, in first-seen order: a group
+/// send writes one message per bucket, naming its members.
+pub(crate) fn by_inbox(members: &[String]) -> Vec<(&str, Vec<&str>)> {
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut buckets: Vec<(&str, Vec<&str>)> = Vec::new();
+    for m in members {
+        let key = names::non_local_name(m);
+        match index.get(key) {
+            Some(&i) => buckets[i].1.push(m),
+            None => {
+                index.insert(key, buckets.len());
+                buckets.push((key, vec![m]));
+            }
+        }
+    }
+    buckets
+}
+
+/// Envelopes already popped but not yet handed out: the further targets of a group message
+/// read through [`Receiver::receive`], which returns one envelope per call.
+#[derive(Debug, Default)]
+pub(crate) struct Pending(std::collections::VecDeque<Envelope>);
+
+impl Pending {
+    /// The first pending envelope for any of `channels` (an inbox name or a full name).
+    pub(crate) fn take(&mut self, channels: &[String]) -> Option<Envelope> {
+        let i = self.0.iter().position(|e| {
+            channels
+                .iter()
+                .any(|c| c == names::non_local_name(&e.channel) || *c == e.channel)
+        })?;
+        self.0.remove(i)
+    }
+
+    pub(crate) fn extend(&mut self, envelopes: impl IntoIterator<Item = Envelope>) {
+        self.0.extend(envelopes);
+    }
+}
+
 /// A random, unguessable local part: a uuid v4 in hex.
 pub(crate) fn random_local_part() -> String {
     uuid::Uuid::new_v4().simple().to_string()

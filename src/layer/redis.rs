@@ -14,7 +14,6 @@
 //! connection per receiver and shard with no client-side response timeout (a timed-out or
 //! cancelled BZPOPMIN loses the message it later pops; see reference/anchors-rust.md §1.5).
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -332,14 +331,7 @@ impl RedisLayer {
         let members = self.group_channels(group).await?;
         // One message per Redis key: every member behind one inbox shares it (`__asgi_channel__`
         // is then a list), so the cost grows with the number of inboxes, not members.
-        let mut by_key: Vec<(&str, Vec<&str>)> = Vec::new();
-        for m in &members {
-            let key = non_local_name(m);
-            match by_key.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, list)) => list.push(m),
-                None => by_key.push((key, vec![m])),
-            }
-        }
+        let by_key = super::by_inbox(&members);
         let (expiry, expiry_int) = expiry_args(&self.inner.settings);
         let now = format!("{:.6}", now_secs());
         let shard_count = self.inner.shards.len();
@@ -617,7 +609,7 @@ impl RedisLayer {
             layer: self.clone(),
             conns: (0..self.inner.shards.len()).map(|_| None).collect(),
             backoff: Duration::ZERO,
-            pending: VecDeque::new(),
+            pending: super::Pending::default(),
             next_shard: 0,
         }
     }
@@ -629,7 +621,7 @@ pub struct RedisReceiver {
     layer: RedisLayer,
     conns: Vec<Option<MultiplexedConnection>>,
     backoff: Duration,
-    pending: VecDeque<Envelope>,
+    pending: super::Pending,
     next_shard: usize,
 }
 
@@ -755,21 +747,12 @@ impl RedisReceiver {
         LayerMetrics::add(&metrics.received, (out.len() - before) as u64);
     }
 
-    fn take_pending(&mut self, channels: &[String]) -> Option<Envelope> {
-        let i = self.pending.iter().position(|e| {
-            channels
-                .iter()
-                .any(|c| c == non_local_name(&e.channel) || *c == e.channel)
-        })?;
-        self.pending.remove(i)
-    }
-
     pub(crate) async fn receive(
         &mut self,
         channels: &[String],
         timeout: Duration,
     ) -> Result<Option<Envelope>, LayerError> {
-        if let Some(e) = self.take_pending(channels) {
+        if let Some(e) = self.pending.take(channels) {
             return Ok(Some(e));
         }
         let prefix = &self.layer.inner.settings.prefix;
@@ -833,7 +816,7 @@ impl RedisReceiver {
     ) -> Result<Vec<Envelope>, LayerError> {
         let channels = [channel.to_owned()];
         let mut out = Vec::new();
-        while let Some(e) = self.take_pending(&channels) {
+        while let Some(e) = self.pending.take(&channels) {
             out.push(e);
         }
         if !out.is_empty() {
