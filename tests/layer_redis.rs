@@ -385,3 +385,102 @@ async fn redis_stopped_and_restarted_under_a_live_layer() {
     assert!(snap.unavailable >= 3, "{snap:?}");
     inbox.shutdown(WAIT).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_urls_work() {
+    let dir = std::env::temp_dir().join(format!("switchyard-unix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("redis.sock");
+    let _redis = RedisServer::start_with(&[
+        "--unixsocket",
+        socket.to_str().unwrap(),
+        "--unixsocketperm",
+        "700",
+    ]);
+    let layer = Layer::from_url(
+        &format!("unix://{}", socket.display()),
+        LayerSettings::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        layer.describe().contains("redis.sock"),
+        "{}",
+        layer.describe()
+    );
+    layer.send("over.unix", &msg("hi")).await.unwrap();
+    let mut rx = layer.receiver().await.unwrap();
+    let got = rx
+        .receive(&["over.unix".to_owned()], WAIT)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.to_map().unwrap(), msg("hi"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_urls_work_and_an_untrusted_certificate_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("switchyard-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(made.status.success(), "{made:?}");
+    let tls_port = support::free_port().to_string();
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let _redis = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        cert_s,
+        "--tls-key-file",
+        key_s,
+        "--tls-ca-cert-file",
+        cert_s,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    // A self-signed certificate is refused unless the URL says `#insecure`.
+    let err = Layer::from_url(
+        &format!("rediss://127.0.0.1:{tls_port}/0"),
+        LayerSettings::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    let layer = Layer::from_url(
+        &format!("rediss://127.0.0.1:{tls_port}/0#insecure"),
+        LayerSettings::default(),
+    )
+    .await
+    .unwrap();
+    let inbox = layer.inbox("tls").await.unwrap();
+    let mut local = inbox.new_channel();
+    layer.send(local.name(), &msg("encrypted")).await.unwrap();
+    assert_eq!(
+        local.recv_timeout(WAIT).await.unwrap().to_map().unwrap(),
+        msg("encrypted")
+    );
+    inbox.shutdown(WAIT).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,6 +14,7 @@ use switchyard::layer::{Layer, LayerSettings};
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
+    extra: Vec<String>,
 }
 
 /// A free TCP port on 127.0.0.1 (bound, read, released).
@@ -32,9 +33,16 @@ fn redis_bin() -> String {
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// As [`RedisServer::start`], with more redis-server arguments (a TLS port, a unix socket…).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let extra = extra.iter().map(|a| (*a).to_owned()).collect();
         let mut server = RedisServer {
             child: None,
             port: free_port(),
+            extra,
         };
         server.spawn();
         server
@@ -54,6 +62,7 @@ impl RedisServer {
                 "--protected-mode",
                 "no",
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
