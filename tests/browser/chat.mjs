@@ -1,6 +1,8 @@
 // Opens the chat room in two headless Chromium pages against a running Switchyard, sends a
 // message (with characters that must not be interpreted as HTML) from one page, checks it shows
 // in the other as text, and saves a screenshot.
+// With EXPECT_RECONNECT=1 (server run with a short --websocket-lifetime) it also checks that both
+// pages reconnect on their own after the server closes their sockets, and go on chatting.
 // Usage: node chat.mjs BASE_URL SCREENSHOT_PATH
 import { chromium } from "playwright-core";
 
@@ -44,6 +46,18 @@ try {
   const carol = await context.newPage();
   await carol.goto(`${base}/chat/${room}/`, { timeout });
   await carol.locator("#log .msg .body", { hasText: text }).waitFor({ timeout });
+  if (process.env.EXPECT_RECONNECT) {
+    // The server closes sockets after a short lifetime: both pages must notice, reconnect by
+    // themselves and go on chatting.
+    for (const page of [alice, bob]) {
+      await page.waitForSelector("#status.offline", { timeout });
+      await page.waitForSelector("#status.online", { timeout });
+    }
+    const again = `after reconnect ${Date.now()}`;
+    await alice.fill("#message", again);
+    await alice.click("#send-button");
+    await bob.locator("#log .msg .body", { hasText: again }).waitFor({ timeout });
+  }
   await bob.screenshot({ path: screenshot, fullPage: true });
   console.log(JSON.stringify({ ok: !failed, room, screenshot }));
 } catch (e) {

@@ -222,6 +222,25 @@ async fn serve_and_worker_on_redis_and_a_django_style_broadcast() {
     );
     assert_eq!(next_text(&mut carol).await, "from outside");
 
+    // A background job started from the command line: a worker routed to the task channel runs
+    // it and the page waiting on the job's group hears the result.
+    let mut page = connect(&format!("{}/ws/jobs/cli-ticket-1/", web.ws())).await;
+    let job = r#"{"job": "from-cli", "ticket": "cli-ticket-1", "text": "abc", "rounds": 1}"#;
+    let out = bin()
+        .args(["send", &layer, "jobs.digest", job])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let done: serde_json::Value = serde_json::from_str(&next_text(&mut page).await).unwrap();
+    assert_eq!(
+        (done["job"].as_str(), done["type"].as_str()),
+        (Some("from-cli"), Some("done"))
+    );
+    assert_eq!(
+        done["digest"],
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+
     assert!(web.terminate().success(), "serve exits 0 on SIGTERM");
     assert!(worker.terminate().success(), "worker exits 0 on SIGTERM");
 }

@@ -1,7 +1,8 @@
 //! The chat page in a real browser: headless Chromium (Debian's), driven by playwright-core from
 //! `tests/browser/chat.mjs`, opens a room in two pages, sends from one, sees it in the other as
 //! text, and checks a late joiner gets the history. Once against `switchyard dev`, once against
-//! `switchyard serve` + `switchyard worker` on a real redis-server. Screenshots go to `artifacts/`
+//! `switchyard serve` + `switchyard worker` on a real redis-server with a short socket lifetime,
+//! where both pages must also reconnect by themselves after the server closes their sockets. Screenshots go to `artifacts/`
 //! (ignored by git). Needs chromium, node and `npm ci` in tests/browser (the test command installs
 //! them): under CI their absence fails the test, elsewhere it is reported and skipped.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -42,7 +43,7 @@ fn missing_tools() -> Option<String> {
     None
 }
 
-fn run_browser(base: &str, name: &str) {
+fn run_browser(base: &str, name: &str, expect_reconnect: bool) {
     if let Some(why) = missing_tools() {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -60,6 +61,7 @@ fn run_browser(base: &str, name: &str) {
         .arg(base)
         .arg(&shot)
         .current_dir(repo().join("tests/browser"))
+        .env("EXPECT_RECONNECT", if expect_reconnect { "1" } else { "" })
         .spawn()
         .expect("node starts");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -84,7 +86,7 @@ fn run_browser(base: &str, name: &str) {
 #[test]
 fn chat_in_two_browser_pages_on_dev() {
     let dev = Proc::start(&["dev", "--port", "0", "--no-open"], true);
-    run_browser(dev.base.as_ref().unwrap(), "dev");
+    run_browser(dev.base.as_ref().unwrap(), "dev", false);
 }
 
 #[test]
@@ -92,6 +94,10 @@ fn chat_in_two_browser_pages_on_serve_and_worker_with_redis() {
     let redis = RedisServer::start();
     let layer = format!("--layer={}", redis.url());
     let _worker = Proc::start(&["worker", &layer], false);
-    let web = Proc::start(&["serve", &layer, "--port", "0"], true);
-    run_browser(web.base.as_ref().unwrap(), "redis");
+    // Sockets live 4 s: the pages must reconnect by themselves and keep chatting.
+    let web = Proc::start(
+        &["serve", &layer, "--port", "0", "--websocket-lifetime", "4"],
+        true,
+    );
+    run_browser(web.base.as_ref().unwrap(), "redis", true);
 }
