@@ -1,13 +1,15 @@
 //! The hyper service: `/healthz`, WebSocket handshakes (handed to [`super::websocket`]), and plain
 //! HTTP requests, each sent as one `http.request` whose response (status and headers, then body
-//! chunks while `more_content`) streams back from the request's reply channel.
+//! chunks while `more_content`) streams back from the request's reply channel. A request body too
+//! large for the message (when streaming is configured) follows it as `http.request.body?` chunks
+//! from a [`BodyPump`] task, read from the client as they arrive.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited, StreamBody};
@@ -16,9 +18,11 @@ use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, RETRY
 use hyper::{Request, Response, StatusCode};
 use switchyard_routing::ByteString;
 use switchyard_routing::asgi::{
-    HTTP_DISCONNECT, HTTP_REQUEST, HttpDisconnect, HttpRequest, HttpResponse,
+    HTTP_DISCONNECT, HTTP_REQUEST, HttpDisconnect, HttpRequest, HttpRequestBodyChunk, HttpResponse,
 };
-use tokio::sync::OwnedSemaphorePermit;
+use switchyard_routing::codec;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::metrics::ServerMetrics;
 use super::request::RequestHead;
@@ -209,28 +213,30 @@ async fn respond(
     method: &str,
 ) -> Response<Body> {
     let config = &shared.config;
-    let too_large = || {
-        ServerMetrics::inc(&shared.metrics.http_413);
-        plain(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n")
-    };
+    let hard_limit = request_body_limit(config);
     let declared = parts
         .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > config.max_body_size as u64) {
-        return too_large();
+    if declared.is_some_and(|n| n > hard_limit as u64) {
+        return too_large(shared);
     }
-    let body = match tokio::time::timeout(
-        config.http_timeout,
-        Limited::new(body, config.max_body_size).collect(),
-    )
-    .await
-    {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-        Ok(Err(_)) => return plain(StatusCode::BAD_REQUEST, "Request body unreadable\n"),
-        Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, "Request body too slow\n"),
+    let start = if hard_limit > config.max_body_size {
+        read_body_start(config, body, declared).await
+    } else {
+        read_whole_body(config, body).await
+    };
+    let (in_message, rest) = match start {
+        Ok(BodyStart::Whole(bytes)) => (bytes, None),
+        Ok(BodyStart::Partial(head, rest)) => (head, Some(rest)),
+        Err(BodyError::TooLarge) => return too_large(shared),
+        Err(BodyError::Unreadable) => {
+            return plain(StatusCode::BAD_REQUEST, "Request body unreadable\n");
+        }
+        Err(BodyError::TooSlow) => {
+            return plain(StatusCode::REQUEST_TIMEOUT, "Request body too slow\n");
+        }
     };
     let mut local = shared.inbox.channel_with_buffer(config.outbound_queue);
     let mut message = HttpRequest::new(local.name(), method, head.path.clone());
@@ -244,23 +250,99 @@ async fn respond(
     message.query_string = head.query_string;
     message.root_path = config.root_path.clone();
     message.headers = head.headers;
-    message.body = ByteString::from(body.to_vec());
+    message.body = ByteString::from(in_message.to_vec());
     message.client = Some(head.client);
     message.server = Some(head.server);
+    let body_channel = if rest.is_some() {
+        match shared.layer.new_channel(BODY_CHANNEL_PATTERN) {
+            Ok(name) => Some(name),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot name a request body channel");
+                return plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error\n");
+            }
+        }
+    } else {
+        None
+    };
+    message.body_channel = body_channel.clone();
     if let Err(e) = shared.layer.send(HTTP_REQUEST, &message).await {
         return send_failed(shared, &e);
     }
     drop(message);
+    drop(in_message);
     let mut guard = DisconnectGuard {
         shared: Arc::clone(shared),
         reply_channel: local.name().to_owned(),
         path: head.path,
         armed: true,
     };
-    let deadline = tokio::time::Instant::now() + config.http_timeout;
+    // The rest of the body goes out from its own task, so the worker's response (which may come
+    // before the body is complete) is still awaited here. Whenever this request ends first
+    // (answered, or dropped because the connection died), the pump stops and says `closed`.
+    let stop_pump = CancellationToken::new();
+    let _stop_pump_on_exit = stop_pump.clone().drop_guard();
+    let mut pump_end = match (rest, body_channel) {
+        (Some(rest), Some(channel)) => {
+            let (tx, rx) = oneshot::channel();
+            let pump = BodyPump {
+                shared: Arc::clone(shared),
+                channel,
+                stop: stop_pump.clone(),
+                hard_limit: hard_limit as u64,
+                declared,
+            };
+            shared.tracker.spawn(async move {
+                let _ = tx.send(pump.run(rest).await);
+            });
+            Some(rx)
+        }
+        _ => None,
+    };
+    // While the body is still going out, the worker cannot be expected to answer yet.
+    let mut deadline = pump_end
+        .is_none()
+        .then(|| tokio::time::Instant::now() + config.http_timeout);
     let first = loop {
-        match tokio::time::timeout_at(deadline, local.recv()).await {
-            Ok(Some(envelope)) => match envelope.decode::<HttpResponse>() {
+        let reply = async {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, local.recv()).await.ok(),
+                None => Some(local.recv().await),
+            }
+        };
+        let pumped = async {
+            match pump_end.as_mut() {
+                Some(rx) => rx.await.unwrap_or(PumpEnd::Lost),
+                None => std::future::pending().await,
+            }
+        };
+        let next = tokio::select! {
+            next = reply => next.map(|n| n.map(Ok)),
+            end = pumped => Some(Some(Err(end))),
+        };
+        let next = match next {
+            Some(Some(Err(end))) => {
+                pump_end = None;
+                match end {
+                    PumpEnd::Complete => {
+                        deadline = Some(tokio::time::Instant::now() + config.http_timeout);
+                        continue;
+                    }
+                    PumpEnd::ClientGone => {
+                        // The connection is most likely dead; the guard's drop says so.
+                        return plain(StatusCode::BAD_REQUEST, "Request body incomplete\n");
+                    }
+                    other => {
+                        guard.disarm();
+                        return pump_failed(shared, other);
+                    }
+                }
+            }
+            Some(Some(Ok(envelope))) => Some(Some(envelope)),
+            Some(None) => Some(None),
+            None => None,
+        };
+        match next {
+            Some(Some(envelope)) => match envelope.decode::<HttpResponse>() {
                 Ok(r) if r.status.is_some() => break r,
                 Ok(_) => {
                     ServerMetrics::inc(&shared.metrics.bad_replies);
@@ -271,8 +353,8 @@ async fn respond(
                     tracing::warn!(channel = %envelope.channel, error = %e, "undecodable HTTP response ignored");
                 }
             },
-            Ok(None) => return unavailable(shared, "Server shutting down\n"),
-            Err(_) => {
+            Some(None) => return unavailable(shared, "Server shutting down\n"),
+            None => {
                 ServerMetrics::inc(&shared.metrics.http_504);
                 guard.disarm();
                 return plain(
@@ -390,5 +472,254 @@ fn send_failed(shared: &Shared, e: &LayerError) -> Response<Body> {
     } else {
         tracing::error!(error = %e, "http.request not sent");
         plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error\n")
+    }
+}
+
+/// Pattern of the single-reader channels carrying streamed request bodies.
+const BODY_CHANNEL_PATTERN: &str = "http.request.body?";
+
+/// The hard limit on a request body: `max_request_body`, never below `max_body_size`.
+fn request_body_limit(config: &super::ServerConfig) -> usize {
+    config
+        .max_request_body
+        .unwrap_or(config.max_body_size)
+        .max(config.max_body_size)
+}
+
+fn too_large(shared: &Shared) -> Response<Body> {
+    ServerMetrics::inc(&shared.metrics.http_413);
+    plain(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n")
+}
+
+/// What was read of a request body before `http.request` is sent.
+enum BodyStart {
+    /// The whole body (at most `max_body_size`).
+    Whole(Bytes),
+    /// Its first `max_body_size` bytes, and the rest still to stream.
+    Partial(Bytes, BodyRest),
+}
+
+/// The unread part of a streamed body: bytes read past the in-message part, and the body.
+struct BodyRest {
+    pending: BytesMut,
+    received: u64,
+    body: Incoming,
+}
+
+/// Why a request body could not be read.
+enum BodyError {
+    TooLarge,
+    Unreadable,
+    TooSlow,
+}
+
+/// The whole body, at most `max_body_size`, within `http_timeout` (no streaming configured).
+async fn read_whole_body(
+    config: &super::ServerConfig,
+    body: Incoming,
+) -> Result<BodyStart, BodyError> {
+    match tokio::time::timeout(
+        config.http_timeout,
+        Limited::new(body, config.max_body_size).collect(),
+    )
+    .await
+    {
+        Ok(Ok(collected)) => Ok(BodyStart::Whole(collected.to_bytes())),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(BodyError::TooLarge),
+        Ok(Err(_)) => Err(BodyError::Unreadable),
+        Err(_) => Err(BodyError::TooSlow),
+    }
+}
+
+/// Reads up to `max_body_size` bytes within `http_timeout`; stops as soon as there is more, so a
+/// body to stream is never held whole.
+async fn read_body_start(
+    config: &super::ServerConfig,
+    mut body: Incoming,
+    declared: Option<u64>,
+) -> Result<BodyStart, BodyError> {
+    let limit = config.max_body_size;
+    let read = async {
+        let mut buf = BytesMut::new();
+        let mut received = 0u64;
+        loop {
+            match body.frame().await {
+                None => {
+                    if declared.is_some_and(|n| received < n) {
+                        return Err(BodyError::Unreadable);
+                    }
+                    return Ok(BodyStart::Whole(buf.freeze()));
+                }
+                Some(Err(_)) => return Err(BodyError::Unreadable),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        received += data.len() as u64;
+                        buf.extend_from_slice(&data);
+                        if buf.len() > limit {
+                            let head = buf.split_to(limit).freeze();
+                            return Ok(BodyStart::Partial(
+                                head,
+                                BodyRest {
+                                    pending: buf,
+                                    received,
+                                    body,
+                                },
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(config.http_timeout, read)
+        .await
+        .unwrap_or(Err(BodyError::TooSlow))
+}
+
+/// How the streaming of a body's rest ended.
+#[derive(Debug)]
+enum PumpEnd {
+    /// Every chunk sent, the last with `more_content: false`.
+    Complete,
+    /// The client went away (or sent a broken body) mid-upload.
+    ClientGone,
+    /// The body grew past the hard limit (no or a false `Content-Length`).
+    TooLarge,
+    /// No body bytes from the client within `http_timeout`.
+    TooSlow,
+    /// The layer refused a chunk (full past `body_full_retry`, or unavailable).
+    Refused(LayerError),
+    /// The request ended first (answered, or its connection dropped).
+    Stopped,
+    /// The pump task died without a word.
+    Lost,
+}
+
+/// Streams the rest of one request body to its `body_channel`.
+struct BodyPump {
+    shared: Arc<Shared>,
+    channel: String,
+    stop: CancellationToken,
+    hard_limit: u64,
+    declared: Option<u64>,
+}
+
+impl BodyPump {
+    /// Sends chunks as the client's bytes arrive (holding at most one chunk plus one read), the
+    /// last with `more_content: false`; any other end is told to the reader with `closed: true`.
+    async fn run(self, rest: BodyRest) -> PumpEnd {
+        let BodyRest {
+            mut pending,
+            mut received,
+            mut body,
+        } = rest;
+        let chunk_size = self.shared.config.body_chunk_size;
+        let read_timeout = self.shared.config.http_timeout;
+        let end = 'pump: loop {
+            // Strictly more than a chunk: the last chunk is never empty.
+            while pending.len() > chunk_size {
+                let piece = pending.split_to(chunk_size).freeze();
+                if let Err(end) = self.send(piece, true).await {
+                    break 'pump end;
+                }
+            }
+            let frame = tokio::select! {
+                _ = self.stop.cancelled() => break 'pump PumpEnd::Stopped,
+                frame = tokio::time::timeout(read_timeout, body.frame()) => frame,
+            };
+            match frame {
+                Err(_) => break PumpEnd::TooSlow,
+                Ok(None) => {
+                    if self.declared.is_some_and(|n| received < n) {
+                        break PumpEnd::ClientGone;
+                    }
+                    let last = pending.split().freeze();
+                    break match self.send(last, false).await {
+                        Ok(()) => PumpEnd::Complete,
+                        Err(end) => end,
+                    };
+                }
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(channel = %self.channel, error = %e, "request body cut");
+                    break PumpEnd::ClientGone;
+                }
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        received += data.len() as u64;
+                        if received > self.hard_limit {
+                            break PumpEnd::TooLarge;
+                        }
+                        pending.extend_from_slice(&data);
+                    }
+                }
+            }
+        };
+        if !matches!(end, PumpEnd::Complete) {
+            self.close().await;
+            tracing::info!(channel = %self.channel, end = ?end, received, "streamed request body abandoned");
+        }
+        end
+    }
+
+    /// One chunk, retried with a growing pause while the channel is full, for `body_full_retry`
+    /// ("wait and try again until it is accepted", bounded so a dead worker cannot pin us).
+    async fn send(&self, content: Bytes, more_content: bool) -> Result<(), PumpEnd> {
+        let mut chunk = HttpRequestBodyChunk::default();
+        chunk.content = ByteString::from(content.to_vec());
+        chunk.more_content = more_content;
+        let payload = codec::to_msgpack(&chunk).map_err(|e| PumpEnd::Refused(e.into()))?;
+        let give_up = tokio::time::Instant::now() + self.shared.config.body_full_retry;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if self.stop.is_cancelled() {
+                return Err(PumpEnd::Stopped);
+            }
+            match self
+                .shared
+                .layer
+                .send_encoded(&self.channel, &payload)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_full() && tokio::time::Instant::now() < give_up => {
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return Err(PumpEnd::Stopped),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => return Err(PumpEnd::Refused(e)),
+            }
+        }
+    }
+
+    /// Tells the body's reader to abandon the request (one try: the channel may be full or the
+    /// layer down, and the reader's own timeout covers that).
+    async fn close(&self) {
+        let mut chunk = HttpRequestBodyChunk::default();
+        chunk.closed = true;
+        if let Err(e) = self.shared.layer.send(&self.channel, &chunk).await {
+            tracing::debug!(channel = %self.channel, error = %e, "closed body chunk not sent");
+        }
+    }
+}
+
+/// The response when a streamed body could not be delivered.
+fn pump_failed(shared: &Shared, end: PumpEnd) -> Response<Body> {
+    match end {
+        PumpEnd::TooLarge => too_large(shared),
+        PumpEnd::TooSlow => plain(StatusCode::REQUEST_TIMEOUT, "Request body too slow\n"),
+        PumpEnd::Refused(e) if e.is_full() => {
+            tracing::warn!(error = %e, "request body chunk refused: layer full");
+            unavailable(shared, "Request body queue full\n")
+        }
+        PumpEnd::Refused(e) if e.is_unavailable() => {
+            tracing::warn!(error = %e, "request body chunk not sent: layer unavailable");
+            unavailable(shared, "Channel layer unavailable\n")
+        }
+        other => {
+            tracing::error!(end = ?other, "streamed request body failed");
+            plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error\n")
+        }
     }
 }

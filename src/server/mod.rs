@@ -9,7 +9,16 @@
 //! sockets, one task per socket owning its stream.
 //!
 //! Choices a user sees (all in [`ServerConfig`]):
-//! - request body over `max_body_size` (1 MiB) → 413; request headers over `max_header_size`
+//! - request bodies: up to `max_body_size` (1 MiB) ride in `http.request`'s `body`; over
+//!   `max_request_body` → 413. `max_request_body` defaults to `max_body_size`, so by default a
+//!   larger body is simply refused; set it higher and a body between the two is streamed: the
+//!   first `max_body_size` bytes in `body`, the rest as `http.request.body?` chunks of
+//!   `body_chunk_size` (64 KiB) on the message's `body_channel`, read from the client as they
+//!   arrive (the server holds one chunk, not the body). A chunk refused as full is retried for
+//!   `body_full_retry`, then the request is abandoned (`closed: true` chunk) with 503; a client
+//!   that goes away or stalls past `http_timeout` mid-body also gets a `closed: true` chunk (and
+//!   408 when it merely stalled). The response timeout starts once the whole body is sent.
+//! - request headers over `max_header_size`
 //!   (16 KiB) or `max_headers` (100) → 431; headers not read within `header_read_timeout` (10 s)
 //!   → connection closed; malformed HTTP → 400 (hyper).
 //! - no worker reply within `http_timeout` (60 s) → 504; `http.request` refused because the layer
@@ -77,8 +86,18 @@ pub struct ServerConfig {
     pub http_timeout: Duration,
     /// How long a WebSocket handshake waits for the worker's answer to `websocket.connect`.
     pub websocket_connect_timeout: Duration,
-    /// Largest request body carried in `http.request`; larger → 413.
+    /// Largest request body carried whole in `http.request`'s `body` (1 MiB). A larger body is
+    /// refused with 413, or streamed through `body_channel` when `max_request_body` allows it.
     pub max_body_size: usize,
+    /// Hard limit on a request body: larger → 413 always. `None` (the default) means
+    /// `max_body_size`, so nothing is streamed; a value above `max_body_size` turns on streaming
+    /// of the bodies in between (see the module docs). A value below it is a configuration error.
+    pub max_request_body: Option<usize>,
+    /// Content bytes per `http.request.body?` chunk of a streamed body (64 KiB).
+    pub body_chunk_size: usize,
+    /// How long a body chunk is retried while its channel is full (the worker reads too slowly)
+    /// before the request is abandoned with a `closed: true` chunk and answered 503 (10 s).
+    pub body_full_retry: Duration,
     /// Largest request head (request line and headers) in bytes; larger → 431.
     pub max_header_size: usize,
     /// Most request headers; more → 431.
@@ -129,6 +148,9 @@ impl Default for ServerConfig {
             http_timeout: Duration::from_secs(60),
             websocket_connect_timeout: Duration::from_secs(5),
             max_body_size: 1 << 20,
+            max_request_body: None,
+            body_chunk_size: 64 << 10,
+            body_full_retry: Duration::from_secs(10),
             max_header_size: 16 << 10,
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
@@ -373,6 +395,14 @@ fn check_config(c: &ServerConfig) -> Result<(), ServerError> {
     }
     if c.header_read_timeout.is_zero() || c.write_timeout.is_zero() {
         return bad("header read and write timeouts must be positive");
+    }
+    if c.max_request_body
+        .is_some_and(|hard| hard < c.max_body_size)
+    {
+        return bad("max_request_body must be at least max_body_size");
+    }
+    if c.body_chunk_size == 0 || c.body_full_retry.is_zero() {
+        return bad("body_chunk_size and body_full_retry must be positive");
     }
     if !c.root_path.is_empty() && (!c.root_path.starts_with('/') || c.root_path.ends_with('/')) {
         return bad("root_path must be empty or start with / and not end with /");

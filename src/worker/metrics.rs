@@ -1,5 +1,6 @@
 //! Worker counters, lock-free, for logs and for the CLI to export: messages consumed, consumer
-//! errors and panics, requeues, drops, strict-ordering parks, and a latency histogram.
+//! errors and panics, requeues, drops, strict-ordering parks, streamed request bodies (assembled,
+//! abandoned, timed out, too large), and a latency histogram.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,6 +29,14 @@ pub struct WorkerMetrics {
     pub parked: AtomicU64,
     /// Duplicates refused by strict ordering.
     pub duplicates: AtomicU64,
+    /// Streamed request bodies assembled from their `body_channel`.
+    pub bodies_assembled: AtomicU64,
+    /// Streamed request bodies abandoned because the client went away (`closed` chunk).
+    pub bodies_abandoned: AtomicU64,
+    /// Streamed request bodies whose next chunk did not come in time (answered 408).
+    pub bodies_timed_out: AtomicU64,
+    /// Streamed request bodies over the worker's limit (answered 413).
+    pub bodies_too_large: AtomicU64,
     /// Sum of handling times, microseconds.
     pub latency_sum_us: AtomicU64,
     /// Handling-time histogram (see [`LATENCY_BUCKETS_MS`]; the last bucket is "slower").
@@ -89,6 +98,14 @@ pub struct WorkerMetricsSnapshot {
     pub parked: u64,
     /// See [`WorkerMetrics::duplicates`].
     pub duplicates: u64,
+    /// See [`WorkerMetrics::bodies_assembled`].
+    pub bodies_assembled: u64,
+    /// See [`WorkerMetrics::bodies_abandoned`].
+    pub bodies_abandoned: u64,
+    /// See [`WorkerMetrics::bodies_timed_out`].
+    pub bodies_timed_out: u64,
+    /// See [`WorkerMetrics::bodies_too_large`].
+    pub bodies_too_large: u64,
     /// See [`WorkerMetrics::latency_sum_us`].
     pub latency_sum_us: u64,
     /// See [`WorkerMetrics::latency_buckets`].
@@ -135,6 +152,10 @@ impl WorkerMetrics {
             unrouted: r(&self.unrouted),
             parked: r(&self.parked),
             duplicates: r(&self.duplicates),
+            bodies_assembled: r(&self.bodies_assembled),
+            bodies_abandoned: r(&self.bodies_abandoned),
+            bodies_timed_out: r(&self.bodies_timed_out),
+            bodies_too_large: r(&self.bodies_too_large),
             latency_sum_us: r(&self.latency_sum_us),
             latency_buckets: self.latency_buckets.iter().map(r).collect(),
             received_by_channel: read(&self.received_by_channel),

@@ -9,6 +9,13 @@
 //! `DenyConnection` replies `{"close": true}`, `Close(code)` replies `{"close": code}`,
 //! `ConsumeLater` requeues with `__retries__` counted, at most [`MAX_RETRIES`] times. Strict
 //! ordering and channel sessions are kept in the layer, so any worker can take any message.
+//!
+//! An `http.request` with a `body_channel` (a body the server streamed) is completed before its
+//! consumer runs, as Channels 1's `AsgiRequest` did: the loop reads the chunks with its own
+//! receiver, each within [`Worker::body_receive_timeout`] (60 s, else the worker answers
+//! `408 Request Timeout (upload too slow)` itself), up to [`Worker::max_request_body`] (64 MiB,
+//! else 413). A `closed` chunk abandons the request without running the consumer. The consumer
+//! then sees one message whose `body` is the whole body and which has no `body_channel`.
 
 pub mod django;
 mod metrics;
@@ -17,13 +24,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use switchyard_routing::asgi::{WEBSOCKET_DISCONNECT, WebsocketSend};
+use switchyard_routing::asgi::{
+    HTTP_REQUEST, HttpRequestBodyChunk, HttpResponse, WEBSOCKET_DISCONNECT, WebsocketSend,
+};
 use switchyard_routing::codec;
-use switchyard_routing::{Action, ConsumerError, Ctx, Map, Message, Resolved, Router, Value};
+use switchyard_routing::{
+    Action, ByteString, ConsumerError, Ctx, Map, Message, Resolved, Router, Value,
+};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-use crate::layer::{Envelope, Gate, Layer, LayerError, glob_matches};
+use crate::layer::{Envelope, Gate, Layer, LayerError, Receiver, glob_matches};
 
 pub use django::{DjangoSessionConfig, DjangoSessions};
 pub use metrics::{LATENCY_BUCKETS_MS, WorkerMetrics, WorkerMetricsSnapshot};
@@ -36,6 +47,12 @@ pub const HTTP_SESSION_KEY: &str = "_http_session_key";
 
 /// How long a send from a consumer's outbox retries a full channel before giving up.
 const FULL_RETRY_FOR: Duration = Duration::from_secs(2);
+
+/// Default wait for each chunk of a streamed request body (Channels 1's `body_receive_timeout`).
+pub const BODY_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default limit on a request body assembled from its chunks.
+pub const MAX_REQUEST_BODY: usize = 64 << 20;
 
 /// Why a worker could not run.
 #[derive(Debug, Error)]
@@ -67,6 +84,8 @@ pub struct Worker {
     max_retries: u32,
     metrics: Arc<WorkerMetrics>,
     http_sessions: Option<Arc<DjangoSessions>>,
+    body_receive_timeout: Duration,
+    max_request_body: usize,
 }
 
 impl Worker {
@@ -82,6 +101,8 @@ impl Worker {
             max_retries: MAX_RETRIES,
             metrics: Arc::default(),
             http_sessions: None,
+            body_receive_timeout: BODY_RECEIVE_TIMEOUT,
+            max_request_body: MAX_REQUEST_BODY,
         }
     }
 
@@ -115,6 +136,20 @@ impl Worker {
         self
     }
 
+    /// How long the worker waits for each chunk of a streamed request body before answering 408
+    /// itself and dropping the request (60 s).
+    pub fn body_receive_timeout(mut self, timeout: Duration) -> Self {
+        self.body_receive_timeout = timeout;
+        self
+    }
+
+    /// Largest request body the worker assembles from `body_channel` chunks; a larger one is
+    /// answered 413 and its consumer not run (64 MiB).
+    pub fn max_request_body(mut self, bytes: usize) -> Self {
+        self.max_request_body = bytes;
+        self
+    }
+
     /// Reads web sessions (Django's, in Redis) for routes that ask for them.
     pub fn http_sessions(mut self, sessions: DjangoSessions) -> Self {
         self.http_sessions = Some(Arc::new(sessions));
@@ -141,6 +176,11 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
         if self.concurrency == 0 {
             return Err(WorkerError::Config("concurrency must be at least 1".into()));
+        }
+        if self.body_receive_timeout.is_zero() {
+            return Err(WorkerError::Config(
+                "body receive timeout must be positive".into(),
+            ));
         }
         let channels = self.channels();
         if channels.is_empty() {
@@ -182,7 +222,7 @@ impl Worker {
     async fn consume_loop(
         &self,
         index: usize,
-        mut receiver: crate::layer::Receiver,
+        mut receiver: Receiver,
         channels: &[String],
         shutdown: &CancellationToken,
     ) {
@@ -191,7 +231,7 @@ impl Worker {
             match receiver.receive(channels, self.receive_timeout).await {
                 Ok(Some(envelope)) => {
                     failures = 0;
-                    self.handle(envelope).await;
+                    self.handle_with(envelope, Some(&mut receiver)).await;
                 }
                 Ok(None) => failures = 0,
                 Err(e) => {
@@ -208,6 +248,12 @@ impl Worker {
 
     /// Runs one message through routing, ordering, the consumer and its outbox.
     pub async fn handle(&self, envelope: Envelope) {
+        self.handle_with(envelope, None).await;
+    }
+
+    /// [`handle`](Self::handle), reading a streamed request body with `receiver` (else with a
+    /// receiver made for it).
+    async fn handle_with(&self, envelope: Envelope, receiver: Option<&mut Receiver>) {
         let started = Instant::now();
         self.metrics.received(&envelope.channel);
         let message = match Message::from_payload(envelope.channel.clone(), envelope.payload) {
@@ -222,6 +268,14 @@ impl Worker {
             WorkerMetrics::add(&self.metrics.unrouted, 1);
             tracing::warn!(channel = %message.channel, path = ?message.path(), "no route for message; dropped");
             return;
+        };
+        let message = if message.channel == HTTP_REQUEST && message.get("body_channel").is_some() {
+            match self.assemble_body(message, receiver).await {
+                Some(whole) => whole,
+                None => return,
+            }
+        } else {
+            message
         };
         let ordered = match (
             resolved.options.strict_ordering,
@@ -270,6 +324,155 @@ impl Worker {
             }
         }
         self.metrics.observe(started.elapsed());
+    }
+
+    /// Reads a streamed request body from its `body_channel` and returns the request with the
+    /// whole body in `body` and no `body_channel`; `None` when the request was answered (408,
+    /// 413, 400) or abandoned instead.
+    async fn assemble_body(
+        &self,
+        message: Message,
+        receiver: Option<&mut Receiver>,
+    ) -> Option<Message> {
+        let started = Instant::now();
+        let Some(body_channel) = message.get_str("body_channel").map(str::to_owned) else {
+            WorkerMetrics::add(&self.metrics.dropped, 1);
+            tracing::error!(reply_channel = ?message.reply_channel(), "http.request with a body_channel that is not a string; dropped");
+            self.reply_http(&message, 400, "400 Bad Request (invalid body_channel)\n")
+                .await;
+            return None;
+        };
+        let mut body: Vec<u8> = match message.get("body") {
+            None | Some(Value::Nil) => Vec::new(),
+            Some(Value::Bytes(b)) => b.as_slice().to_vec(),
+            Some(_) => {
+                WorkerMetrics::add(&self.metrics.dropped, 1);
+                tracing::error!(reply_channel = ?message.reply_channel(), "http.request whose body is not bytes; dropped");
+                self.reply_http(&message, 400, "400 Bad Request (invalid body)\n")
+                    .await;
+                return None;
+            }
+        };
+        let mut own_receiver = None;
+        let receiver = match receiver {
+            Some(r) => r,
+            None => match self.layer.receiver().await {
+                Ok(r) => own_receiver.insert(r),
+                Err(e) => {
+                    WorkerMetrics::add(&self.metrics.dropped, 1);
+                    tracing::error!(error = %e, "no receiver for a request body; request dropped");
+                    return None;
+                }
+            },
+        };
+        let channels = [body_channel];
+        let mut chunks = 0u64;
+        loop {
+            let Some(envelope) = self.next_body_chunk(receiver, &channels).await else {
+                WorkerMetrics::add(&self.metrics.bodies_timed_out, 1);
+                tracing::warn!(body_channel = %channels[0], reply_channel = ?message.reply_channel(), received = body.len(), chunks, "request body chunk not received in time; answered 408");
+                self.reply_http(&message, 408, "408 Request Timeout (upload too slow)\n")
+                    .await;
+                return None;
+            };
+            let chunk: HttpRequestBodyChunk = match envelope.decode() {
+                Ok(c) => c,
+                Err(e) => {
+                    WorkerMetrics::add(&self.metrics.dropped, 1);
+                    tracing::error!(body_channel = %channels[0], error = %e, "undecodable request body chunk; answered 400");
+                    self.reply_http(&message, 400, "400 Bad Request (invalid body chunk)\n")
+                        .await;
+                    return None;
+                }
+            };
+            chunks += 1;
+            if chunk.closed {
+                WorkerMetrics::add(&self.metrics.bodies_abandoned, 1);
+                tracing::info!(body_channel = %channels[0], reply_channel = ?message.reply_channel(), received = body.len(), chunks, "client went away mid-body; request abandoned");
+                return None;
+            }
+            if body.len().saturating_add(chunk.content.as_slice().len()) > self.max_request_body {
+                WorkerMetrics::add(&self.metrics.bodies_too_large, 1);
+                tracing::warn!(body_channel = %channels[0], limit = self.max_request_body, "streamed request body too large; answered 413");
+                self.reply_http(&message, 413, "413 Payload Too Large\n")
+                    .await;
+                return None;
+            }
+            body.extend_from_slice(chunk.content.as_slice());
+            if !chunk.more_content {
+                break;
+            }
+        }
+        let Message {
+            channel,
+            mut content,
+            ..
+        } = message;
+        let size = body.len();
+        content.insert("body", ByteString::from(body));
+        content.remove("body_channel");
+        match codec::to_msgpack(&content) {
+            Ok(payload) => {
+                WorkerMetrics::add(&self.metrics.bodies_assembled, 1);
+                tracing::debug!(
+                    size,
+                    chunks,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "request body assembled"
+                );
+                Some(Message {
+                    channel,
+                    content,
+                    payload: Bytes::from(payload),
+                })
+            }
+            Err(e) => {
+                WorkerMetrics::add(&self.metrics.dropped, 1);
+                tracing::error!(error = %e, "cannot re-encode an assembled request; dropped");
+                None
+            }
+        }
+    }
+
+    /// The next chunk within `body_receive_timeout`, riding out receive errors until then.
+    async fn next_body_chunk(
+        &self,
+        receiver: &mut Receiver,
+        channels: &[String],
+    ) -> Option<Envelope> {
+        let deadline = Instant::now() + self.body_receive_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            match receiver.receive(channels, left).await {
+                Ok(next) => return next,
+                Err(e) => {
+                    tracing::warn!(body_channel = %channels[0], error = %e, "request body receive failed; retrying");
+                    tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+                }
+            }
+        }
+    }
+
+    /// Answers an HTTP request on the worker's own behalf.
+    async fn reply_http(&self, message: &Message, status: u16, text: &str) {
+        let Some(reply) = message.reply_channel() else {
+            return;
+        };
+        let response = HttpResponse::new(
+            status,
+            vec![(
+                ByteString::from("content-type"),
+                ByteString::from("text/plain; charset=utf-8"),
+            )],
+            text.as_bytes(),
+        );
+        match codec::to_msgpack(&response) {
+            Ok(p) => self.send_with_retry(message, reply, &p).await,
+            Err(e) => tracing::error!(error = %e, "cannot encode an HTTP reply"),
+        }
     }
 
     /// Runs the consumer and applies its outcome. False when the message was requeued (its turn

@@ -49,9 +49,15 @@ pub struct ServerArgs {
     /// Seconds a WebSocket handshake waits for a worker's accept before 503.
     #[arg(long, default_value_t = 5.0)]
     pub websocket_connect_timeout: f64,
-    /// Largest request body in bytes carried in http.request; larger gets 413.
+    /// Largest request body in bytes that rides whole in http.request; larger ones are
+    /// streamed (see --max-request-body) or get 413.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_size: usize,
+    /// Hard limit on a request body in bytes: larger gets 413. Bodies over --max-body-size up to
+    /// this are streamed to the worker in chunks through the request's body_channel. Default:
+    /// --max-body-size (no streaming).
+    #[arg(long)]
+    pub max_request_body: Option<usize>,
     /// Largest WebSocket message in bytes; larger closes with 1009.
     #[arg(long, default_value_t = 1 << 20)]
     pub ws_max_message_size: usize,
@@ -111,6 +117,7 @@ impl ServerArgs {
                 self.websocket_connect_timeout,
             )?,
             max_body_size: self.max_body_size,
+            max_request_body: self.max_request_body,
             ws_max_message_size: self.ws_max_message_size,
             ws_max_frame_size: self.ws_max_frame_size.min(self.ws_max_message_size),
             ping_interval: secs("ping-interval", self.ping_interval)?,
