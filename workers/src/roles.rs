@@ -163,6 +163,12 @@ pub struct WorkerArgs {
     /// Redis of the Django session cache (default: the channel layer's first Redis URL).
     #[arg(long, env = "DJANGO_SESSION_REDIS")]
     pub django_session_redis: Option<String>,
+    /// Seconds to wait for each chunk of a streamed request body before answering 408.
+    #[arg(long, default_value_t = 60.0)]
+    pub body_receive_timeout: f64,
+    /// Largest streamed request body in bytes a worker assembles; larger gets 413.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_assembled_body: usize,
 }
 
 /// `switchyard serve`
@@ -372,6 +378,17 @@ fn worker_exposition(e: &mut Exposition, m: &WorkerMetrics) {
         "Messages no route matched.",
         s.unrouted,
     )
+    .counter_by(
+        "switchyard_streamed_bodies_total",
+        "Streamed request bodies (body_channel) by outcome.",
+        "outcome",
+        &[
+            ("assembled", s.bodies_assembled),
+            ("abandoned", s.bodies_abandoned),
+            ("timed_out", s.bodies_timed_out),
+            ("too_large", s.bodies_too_large),
+        ],
+    )
     .counter(
         "switchyard_parked_total",
         "Messages parked to wait for their predecessors (strict ordering).",
@@ -418,7 +435,9 @@ fn build_worker(layer: &Layer, args: &WorkerArgs) -> anyhow::Result<Worker> {
     let mut worker = Worker::new(layer.clone(), Arc::new(router))
         .concurrency(args.concurrency.max(1))
         .only_channels(&args.only_channels)
-        .exclude_channels(&args.exclude_channels);
+        .exclude_channels(&args.exclude_channels)
+        .body_receive_timeout(secs("body-receive-timeout", args.body_receive_timeout)?)
+        .max_request_body(args.max_assembled_body);
     if let Some(secret) = &args.django_secret_key {
         let redis = match &args.django_session_redis {
             Some(url) => url.clone(),
