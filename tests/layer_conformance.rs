@@ -512,6 +512,11 @@ async fn inbox_demultiplexes(b: Backend) {
     let snap = f.layer.metrics().snapshot();
     assert_eq!(snap.local_full, 2);
     inbox.shutdown(WAIT).await;
+    // Once the inbox loop has stopped, its local channels end instead of waiting forever.
+    let ended = tokio::time::timeout(WAIT, b2.recv())
+        .await
+        .expect("recv returns");
+    assert!(ended.is_none());
 }
 
 async fn overview_lists_channels_and_groups(b: Backend) {

@@ -484,3 +484,39 @@ async fn tls_urls_work_and_an_untrusted_certificate_is_a_clear_error() {
     inbox.shutdown(WAIT).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_does_not_hang_a_receiver_forever() {
+    let redis = RedisServer::start();
+    let layer = layer_on(&[&redis], LayerSettings::default()).await;
+    let mut rx = layer.receiver().await.unwrap();
+    let chans = vec!["frozen".to_owned()];
+    assert!(
+        rx.receive(&chans, Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // A frozen server keeps its TCP connections open and never answers: what a host failure
+    // without a reset looks like to the client.
+    redis.signal("STOP");
+    let started = Instant::now();
+    let got = tokio::time::timeout(
+        Duration::from_secs(20),
+        rx.receive(&chans, Duration::from_millis(200)),
+    )
+    .await
+    .expect("the receive gave up by itself");
+    redis.signal("CONT");
+    let err = got.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // It reconnects and goes on.
+    layer.send("frozen", &msg("thawed")).await.unwrap();
+    let got = rx.receive(&chans, WAIT).await.unwrap().unwrap();
+    assert_eq!(got.to_map().unwrap(), msg("thawed"));
+}

@@ -60,6 +60,9 @@ impl ProcessInbox {
         });
         let pump_inner = Arc::clone(&inner);
         let handle = tokio::spawn(async move {
+            // However the loop ends (shutdown, panic, abort), its local channels learn of it:
+            // their senders go, so `recv` returns `None` instead of waiting forever.
+            let _close_on_exit = CloseSlotsOnDrop(Arc::clone(&pump_inner));
             let batch = pump_inner.layer.settings().inbox_batch;
             let mut failures = 0u32;
             // Checked between pops only: dropping a pop in flight would lose what it pops.
@@ -142,6 +145,14 @@ impl ProcessInbox {
                 abort.abort();
             }
         }
+    }
+}
+
+struct CloseSlotsOnDrop(Arc<Inner>);
+
+impl Drop for CloseSlotsOnDrop {
+    fn drop(&mut self) {
+        self.0.slots.clear();
     }
 }
 

@@ -44,6 +44,9 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 ";
 
+/// How much longer than its own block time a pop may take before its connection is deemed dead.
+const DEAD_CONNECTION_MARGIN: Duration = Duration::from_secs(5);
+
 /// One Redis server of the shard ring.
 struct Shard {
     /// Address for logs and errors (no password).
@@ -664,6 +667,18 @@ impl RedisReceiver {
         }
     }
 
+    /// The connection to `shard` did not answer in `waited`: forget it and report an outage.
+    fn dead(&mut self, shard: usize, waited: Duration) -> LayerError {
+        self.conns[shard] = None;
+        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
+        LayerMetrics::add(&self.layer.inner.metrics.unavailable, 1);
+        let addr = &self.layer.inner.shards[shard].addr;
+        tracing::warn!(redis = %addr, ?waited, "a blocking pop got no answer; reconnecting");
+        LayerError::Unavailable(format!(
+            "Redis at {addr} did not answer a pop within {waited:?}"
+        ))
+    }
+
     fn failed(&mut self, shard: usize, e: &RedisError) -> LayerError {
         self.conns[shard] = None;
         self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
@@ -692,12 +707,18 @@ impl RedisReceiver {
         let mut conn = self.conn(shard).await?;
         // Redis treats 0 as "forever"; never ask for less than a millisecond.
         let secs = block.as_secs_f64().max(0.001);
-        let result: Result<Option<(String, Vec<u8>, f64)>, RedisError> = redis::cmd("BZPOPMIN")
+        let cmd = redis::cmd("BZPOPMIN")
             .arg(keys)
             .arg(format!("{secs:.3}"))
-            .query_async(&mut conn)
-            .await;
-        result.map_err(|e| self.failed(shard, &e))
+            .to_owned();
+        let pop = cmd.query_async::<Option<(String, Vec<u8>, f64)>>(&mut conn);
+        // The server answers within `block`; an answer this late means the connection is dead
+        // (a half-open TCP connection after a host failure never errors by itself). Dropping
+        // this connection can only lose a message the dead server popped, which is already lost.
+        match tokio::time::timeout(block + DEAD_CONNECTION_MARGIN, pop).await {
+            Ok(result) => result.map_err(|e| self.failed(shard, &e)),
+            Err(_) => Err(self.dead(shard, block + DEAD_CONNECTION_MARGIN)),
+        }
     }
 
     /// ZPOPMIN `count` more from `key` (non-blocking).
@@ -708,12 +729,12 @@ impl RedisReceiver {
         count: usize,
     ) -> Result<Vec<(Vec<u8>, f64)>, LayerError> {
         let mut conn = self.conn(shard).await?;
-        let result: Result<redis::Value, RedisError> = redis::cmd("ZPOPMIN")
-            .arg(key)
-            .arg(count)
-            .query_async(&mut conn)
-            .await;
-        let value = result.map_err(|e| self.failed(shard, &e))?;
+        let cmd = redis::cmd("ZPOPMIN").arg(key).arg(count).to_owned();
+        let pop = cmd.query_async::<redis::Value>(&mut conn);
+        let value = match tokio::time::timeout(DEAD_CONNECTION_MARGIN, pop).await {
+            Ok(result) => result.map_err(|e| self.failed(shard, &e))?,
+            Err(_) => return Err(self.dead(shard, DEAD_CONNECTION_MARGIN)),
+        };
         Ok(parse_zpop(value))
     }
 

@@ -96,6 +96,16 @@ impl RedisServer {
         );
     }
 
+    /// Sends a signal to the server process (`STOP` freezes it with its connections open).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} {pid} failed");
+    }
+
     /// The port.
     pub fn port(&self) -> u16 {
         self.port
