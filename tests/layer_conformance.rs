@@ -537,7 +537,7 @@ async fn overview_lists_channels_and_groups(b: Backend) {
         .await
         .unwrap();
     f.layer
-        .index_touch("ov-index", "x", Duration::from_secs(60))
+        .index_touch("ov-index", "x", 10, Duration::from_secs(60))
         .await
         .unwrap();
     let o = f.layer.overview().await.unwrap();
@@ -585,7 +585,10 @@ async fn app_lists_and_indexes(b: Backend) {
             .is_empty()
     );
     for room in ["a", "b", "c", "a"] {
-        f.layer.index_touch("chat-rooms", room, day).await.unwrap();
+        f.layer
+            .index_touch("chat-rooms", room, 10, day)
+            .await
+            .unwrap();
         // Recency is by touch time; let the clock move between touches.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -594,6 +597,18 @@ async fn app_lists_and_indexes(b: Backend) {
         ["a", "c", "b"]
     );
     assert_eq!(f.layer.index_recent("chat-rooms", 1).await.unwrap(), ["a"]);
+    // The index keeps only the most recently touched members.
+    for room in ["d", "e"] {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        f.layer
+            .index_touch("chat-rooms", room, 3, day)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        f.layer.index_recent("chat-rooms", 10).await.unwrap(),
+        ["e", "d", "a"]
+    );
     assert!(matches!(
         f.layer
             .list_push("bad key", b"x", 5, day)

@@ -271,6 +271,7 @@ impl MemoryLayer {
         &self,
         key: &str,
         member: &str,
+        keep: usize,
         ttl: Duration,
     ) -> Result<(), LayerError> {
         let now = Instant::now();
@@ -283,6 +284,14 @@ impl MemoryLayer {
             entry.0.clear();
         }
         entry.0.insert(member.to_owned(), now);
+        if entry.0.len() > keep {
+            let mut by_age: Vec<(Instant, String)> =
+                entry.0.iter().map(|(m, at)| (*at, m.clone())).collect();
+            by_age.sort();
+            for (_, oldest) in by_age.into_iter().take(entry.0.len() - keep) {
+                entry.0.remove(&oldest);
+            }
+        }
         entry.1 = now + ttl;
         Ok(())
     }

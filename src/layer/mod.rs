@@ -316,16 +316,18 @@ impl Layer {
         backend!(self, l => l.list_items(key).await)
     }
 
-    /// Marks `member` of index `key` as active now (app data such as the list of chat rooms);
-    /// the index lapses `ttl` after its last touch.
+    /// Marks `member` of index `key` as active now (app data such as the list of chat rooms),
+    /// keeping only the `keep` most recently touched members; the index lapses `ttl` after its
+    /// last touch.
     pub async fn index_touch(
         &self,
         key: &str,
         member: &str,
+        keep: usize,
         ttl: Duration,
     ) -> Result<(), LayerError> {
         names::validate_group(key)?;
-        backend!(self, l => l.index_touch(key, member, ttl).await)
+        backend!(self, l => l.index_touch(key, member, keep.max(1), ttl).await)
     }
 
     /// Up to `limit` members of index `key`, most recently touched first.

@@ -547,6 +547,7 @@ impl RedisLayer {
         &self,
         key: &str,
         member: &str,
+        keep: usize,
         ttl: Duration,
     ) -> Result<(), LayerError> {
         let key = self.data_key("index", key);
@@ -558,6 +559,11 @@ impl RedisLayer {
             .arg(&key)
             .arg(format!("{:.6}", now_secs()))
             .arg(member)
+            .ignore()
+            .cmd("ZREMRANGEBYRANK")
+            .arg(&key)
+            .arg(0)
+            .arg(-(keep as i64) - 1)
             .ignore()
             .cmd("EXPIRE")
             .arg(&key)

@@ -56,7 +56,7 @@ impl LayerArgs {
 
     /// The layer settings these flags describe.
     pub fn settings(&self) -> Result<LayerSettings, LayerError> {
-        if !(self.expiry.is_finite() && self.expiry > 0.0) {
+        if !(self.expiry.is_finite() && self.expiry > 0.0 && self.expiry <= 315_360_000.0) {
             return Err(LayerError::Config(format!(
                 "--expiry must be a positive number of seconds, got {}",
                 self.expiry

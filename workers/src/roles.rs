@@ -97,10 +97,13 @@ pub struct ServerArgs {
     pub shutdown_grace: f64,
 }
 
+/// Longest duration a flag accepts (ten years): beyond it deadlines overflow and mean nothing.
+const MAX_FLAG_SECONDS: f64 = 315_360_000.0;
+
 fn secs(name: &str, v: f64) -> anyhow::Result<Duration> {
     anyhow::ensure!(
-        v.is_finite() && v > 0.0,
-        "--{name} must be a positive number of seconds, got {v}"
+        v.is_finite() && v > 0.0 && v <= MAX_FLAG_SECONDS,
+        "--{name} must be a positive number of seconds up to {MAX_FLAG_SECONDS}, got {v}"
     );
     Ok(Duration::from_secs_f64(v))
 }
@@ -430,7 +433,22 @@ async fn start_metrics(
     Ok(())
 }
 
-fn build_worker(layer: &Layer, args: &WorkerArgs) -> anyhow::Result<Worker> {
+/// The Redis of the Django session cache: the flag, else the layer's first URL when it is Redis.
+fn django_session_redis(args: &WorkerArgs, layer_url: &str) -> anyhow::Result<String> {
+    if let Some(url) = &args.django_session_redis {
+        return Ok(url.clone());
+    }
+    let first = layer_url.split(',').next().unwrap_or_default().trim();
+    anyhow::ensure!(
+        ["redis://", "rediss://", "unix://", "redis+unix://"]
+            .iter()
+            .any(|p| first.starts_with(p)),
+        "--django-session-redis is needed when the channel layer is not Redis ({first})"
+    );
+    Ok(first.to_owned())
+}
+
+fn build_worker(layer: &Layer, layer_url: &str, args: &WorkerArgs) -> anyhow::Result<Worker> {
     let router = crate::app::routes(layer.clone()).context("the app's routes are invalid")?;
     let mut worker = Worker::new(layer.clone(), Arc::new(router))
         .concurrency(args.concurrency.max(1))
@@ -439,15 +457,7 @@ fn build_worker(layer: &Layer, args: &WorkerArgs) -> anyhow::Result<Worker> {
         .body_receive_timeout(secs("body-receive-timeout", args.body_receive_timeout)?)
         .max_request_body(args.max_assembled_body);
     if let Some(secret) = &args.django_secret_key {
-        let redis = match &args.django_session_redis {
-            Some(url) => url.clone(),
-            None => layer
-                .describe()
-                .strip_prefix("redis ")
-                .and_then(|addrs| addrs.split(',').next())
-                .map(|addr| format!("redis://{addr}/0"))
-                .context("--django-session-redis is needed with the in-memory layer")?,
-        };
+        let redis = django_session_redis(args, layer_url)?;
         worker = worker.http_sessions(DjangoSessions::new(DjangoSessionConfig::new(
             redis,
             secret.clone(),
@@ -490,11 +500,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// `switchyard worker`: runs the app's consumers.
 pub async fn worker(args: WorkerCommandArgs) -> anyhow::Result<()> {
     let layer = args.layer.open(DEFAULT_REDIS).await?;
+    let layer_url = args.layer.url(DEFAULT_REDIS);
     anyhow::ensure!(
         !matches!(layer, Layer::Memory(_)),
         "a worker on memory:// would share nothing with any server; use `switchyard dev`, or point --layer at Redis"
     );
-    let worker = build_worker(&layer, &args.worker)?;
+    let worker = build_worker(&layer, &layer_url, &args.worker)?;
     let token = CancellationToken::new();
     stop_on_signals(token.clone());
     start_metrics(
@@ -514,7 +525,7 @@ pub async fn worker(args: WorkerCommandArgs) -> anyhow::Result<()> {
 /// `switchyard dev`: server and workers in one process, in-memory layer by default.
 pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let layer = args.layer.open("memory://").await?;
-    let worker = build_worker(&layer, &args.worker)?;
+    let worker = build_worker(&layer, &args.layer.url("memory://"), &args.worker)?;
     let server = Server::bind(args.server.config()?).await?;
     let token = CancellationToken::new();
     stop_on_signals(token.clone());
@@ -527,7 +538,9 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     )
     .await?;
     let addr = server.local_addr();
-    let worker_token = token.clone();
+    // Workers stop only after the server has drained, so in-flight requests still get answers.
+    let worker_token = CancellationToken::new();
+    let worker_stop = worker_token.clone();
     let worker_task = tokio::spawn(async move { worker.run(worker_token).await });
     let url = format!("http://{addr}/chat/lobby/");
     println!(
@@ -539,6 +552,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     }
     let served = server.serve(layer, token.clone()).await;
     token.cancel();
+    worker_stop.cancel();
     let worked = worker_task.await.context("the worker task failed")?;
     served?;
     worked?;
@@ -566,5 +580,45 @@ fn open_browser(url: &str) {
     {
         Ok(_) => tracing::info!(%url, "opened the chat page"),
         Err(e) => tracing::debug!(error = %e, "could not open a browser"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker_args(session_redis: Option<&str>) -> WorkerArgs {
+        WorkerArgs {
+            concurrency: 1,
+            only_channels: Vec::new(),
+            exclude_channels: Vec::new(),
+            django_secret_key: Some("s".into()),
+            django_session_redis: session_redis.map(str::to_owned),
+            body_receive_timeout: 60.0,
+            max_assembled_body: 1,
+        }
+    }
+
+    #[test]
+    fn django_sessions_use_the_layer_url_as_given() {
+        let args = worker_args(None);
+        assert_eq!(
+            django_session_redis(&args, "rediss://:secret@host:6380/3,redis://other/0").unwrap(),
+            "rediss://:secret@host:6380/3"
+        );
+        assert!(django_session_redis(&args, "memory://").is_err());
+        let explicit = worker_args(Some("redis://cache/1"));
+        assert_eq!(
+            django_session_redis(&explicit, "memory://").unwrap(),
+            "redis://cache/1"
+        );
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        assert!(secs("x", 1e19).is_err());
+        assert!(secs("x", f64::NAN).is_err());
+        assert!(secs("x", 0.0).is_err());
+        assert_eq!(secs("x", 2.5).unwrap(), Duration::from_millis(2500));
     }
 }

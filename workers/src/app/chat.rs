@@ -23,6 +23,8 @@ pub const MAX_MESSAGE: usize = 2000;
 /// A room's history and its place in the room list lapse after this long without messages.
 const RETAIN: Duration = Duration::from_secs(7 * 86_400);
 const ROOMS_INDEX: &str = "chat-rooms";
+/// Rooms the active-room list remembers (the most recently used).
+const ROOMS_KEPT: usize = 200;
 
 /// The group a room broadcasts to.
 pub fn group_of(room: &str) -> String {
@@ -68,14 +70,15 @@ impl ChatStore {
         format!("chat-history.{room}")
     }
 
-    /// Appends to a room's history and marks the room active.
+    /// Appends to a room's history and marks the room active (only rooms where someone spoke
+    /// are listed, so opening sockets to made-up rooms cannot fill the list).
     pub async fn record(&self, message: &ChatMessage) -> Result<(), LayerError> {
         let json = serde_json::to_vec(message).map_err(|e| LayerError::Protocol(e.to_string()))?;
         self.layer
             .list_push(&Self::history_key(&message.room), &json, HISTORY, RETAIN)
             .await?;
         self.layer
-            .index_touch(ROOMS_INDEX, &message.room, RETAIN)
+            .index_touch(ROOMS_INDEX, &message.room, ROOMS_KEPT, RETAIN)
             .await
     }
 
@@ -86,11 +89,6 @@ impl ChatStore {
             .iter()
             .filter_map(|b| serde_json::from_slice(b).ok())
             .collect())
-    }
-
-    /// Marks a room active (someone joined it).
-    pub async fn touch(&self, room: &str) -> Result<(), LayerError> {
-        self.layer.index_touch(ROOMS_INDEX, room, RETAIN).await
     }
 
     /// The most recently active rooms.
@@ -148,10 +146,6 @@ impl WebsocketConsumer for ChatRoom {
         let history = self
             .store
             .history(&room)
-            .await
-            .map_err(ConsumerError::other)?;
-        self.store
-            .touch(&room)
             .await
             .map_err(ConsumerError::other)?;
         ctx.send_json(&serde_json::json!({"type": "history", "room": room, "messages": history}))

@@ -15,7 +15,7 @@ use super::pages::respond;
 /// The task channel jobs go to.
 pub const JOB_CHANNEL: &str = "jobs.digest";
 /// Most SHA-256 rounds a job may ask for.
-pub const MAX_ROUNDS: u32 = 1_000_000;
+pub const MAX_ROUNDS: u32 = 200_000;
 /// Longest text a job may digest, in bytes.
 pub const MAX_TEXT: usize = 10_000;
 
@@ -106,7 +106,7 @@ pub async fn start(message: Message, ctx: Ctx) -> Result<(), ConsumerError> {
     } else if text.is_empty() || text.len() > MAX_TEXT {
         Some("text must be 1-10000 bytes")
     } else if !rounds.is_some_and(|r| (1..=MAX_ROUNDS).contains(&r)) {
-        Some("rounds must be between 1 and 1000000")
+        Some("rounds must be between 1 and 200000")
     } else {
         None
     };
