@@ -538,7 +538,7 @@ async fn bad_names_are_errors_not_panics() {
     );
     assert!(
         fx.layer
-            .ordering_gate("bad name", 0, "x", b"\x80")
+            .ordering_gate("bad name", 0, "x", b"\x80", Duration::from_secs(1))
             .await
             .is_err()
     );
@@ -608,29 +608,47 @@ async fn redis_layout_of_sessions_and_ordering() {
     );
 
     use switchyard::layer::Gate;
+    let hold = Duration::from_secs(10);
     assert_eq!(
         fx.layer
-            .ordering_gate(reply, 2, "websocket.receive", b"\x81\xa1k\x01")
+            .ordering_gate(reply, 2, "websocket.receive", b"\x81\xa1k\x01", hold)
             .await
-            .unwrap(),
+            .unwrap()
+            .gate,
         Gate::Parked
     );
     let okey = format!("asgi:order:{reply}");
     let parked: Vec<u8> = redis.cmd(&[b"HGET", okey.as_bytes(), b"p:2"]);
-    assert_eq!(parked, b"websocket.receive\x00\x81\xa1k\x01");
+    let (at, rest) = parked.split_at(parked.iter().position(|b| *b == b' ').unwrap());
+    let at: f64 = std::str::from_utf8(at).unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    assert!((now - at).abs() < 10_000.0, "parked at {at}, now {now}");
+    assert_eq!(rest, b" websocket.receive\x00\x81\xa1k\x01");
     assert_eq!(
         fx.layer
-            .ordering_gate(reply, 0, "websocket.connect", b"\x80")
+            .ordering_gate(reply, 0, "websocket.connect", b"\x80", hold)
             .await
-            .unwrap(),
+            .unwrap()
+            .gate,
         Gate::Run
     );
-    assert_eq!(fx.layer.ordering_done(reply, 0, false).await.unwrap(), None);
     assert_eq!(
         fx.layer
-            .ordering_gate(reply, 1, "websocket.receive", b"\x80")
+            .ordering_done(reply, 0, false)
             .await
-            .unwrap(),
+            .unwrap()
+            .resume,
+        None
+    );
+    assert_eq!(
+        fx.layer
+            .ordering_gate(reply, 1, "websocket.receive", b"\x80", hold)
+            .await
+            .unwrap()
+            .gate,
         Gate::Run
     );
     let resumed = fx
@@ -638,17 +656,27 @@ async fn redis_layout_of_sessions_and_ordering() {
         .ordering_done(reply, 1, false)
         .await
         .unwrap()
+        .resume
         .unwrap();
     assert_eq!(resumed.0, "websocket.receive");
     assert_eq!(&resumed.1[..], b"\x81\xa1k\x01");
+    // Handed out, but still parked until it passes the gate.
+    let still: i64 = redis.cmd(&[b"HEXISTS", okey.as_bytes(), b"p:2"]);
+    assert_eq!(still, 1);
     assert_eq!(
         fx.layer
-            .ordering_gate(reply, 2, "websocket.receive", b"\x80")
+            .ordering_gate(reply, 2, "websocket.receive", b"\x80", hold)
             .await
-            .unwrap(),
+            .unwrap()
+            .gate,
         Gate::Run
     );
-    assert_eq!(fx.layer.ordering_done(reply, 2, true).await.unwrap(), None);
+    let still: i64 = redis.cmd(&[b"HEXISTS", okey.as_bytes(), b"p:2"]);
+    assert_eq!(still, 0, "unparked when it runs");
+    assert_eq!(
+        fx.layer.ordering_done(reply, 2, true).await.unwrap().resume,
+        None
+    );
     let exists: i64 = redis.cmd(&[b"EXISTS", okey.as_bytes()]);
     assert_eq!(exists, 0, "the ordering state goes with the disconnect");
     fx.layer.flush().await.unwrap();

@@ -8,7 +8,11 @@
 //! errors or panics is logged with its channel and route and the loop goes on. Control errors:
 //! `DenyConnection` replies `{"close": true}`, `Close(code)` replies `{"close": code}`,
 //! `ConsumeLater` requeues with `__retries__` counted, at most [`MAX_RETRIES`] times. Strict
-//! ordering and channel sessions are kept in the layer, so any worker can take any message.
+//! ordering and channel sessions are kept in the layer, so any worker can take any message. The
+//! loop that finished a strictly ordered message runs its parked successor itself (no re-send:
+//! nothing to lose on a full channel, no fresh expiry). A loop that parked a message comes back
+//! to its connection once the message could have expired, so that a gap (a predecessor that
+//! never came) is skipped by the layer's upkeep even when nothing else arrives.
 //!
 //! An `http.request` with a `body_channel` (a body the server streamed) is completed before its
 //! consumer runs, as Channels 1's `AsgiRequest` did: the loop reads the chunks with its own
@@ -20,7 +24,7 @@
 pub mod django;
 mod metrics;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -54,6 +58,14 @@ pub const BODY_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default limit on a request body assembled from its chunks.
 pub const MAX_REQUEST_BODY: usize = 64 << 20;
 
+/// Most connections a worker remembers to come back to (see [`Worker::run`]); past it, gaps are
+/// still skipped when the connection's next message arrives.
+const MAX_REVISITS: usize = 100_000;
+
+/// How long a running strictly ordered message holds its connection's turn against ordering
+/// upkeep (so a slow consumer is not overtaken by its successors).
+const ORDER_HOLD: Duration = Duration::from_secs(300);
+
 /// Why a worker could not run.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -86,6 +98,8 @@ pub struct Worker {
     http_sessions: Option<Arc<DjangoSessions>>,
     body_receive_timeout: Duration,
     max_request_body: usize,
+    /// Connections with messages parked by this worker, and when to run their upkeep.
+    revisits: Arc<Mutex<Vec<(String, Instant)>>>,
 }
 
 impl Worker {
@@ -103,6 +117,7 @@ impl Worker {
             http_sessions: None,
             body_receive_timeout: BODY_RECEIVE_TIMEOUT,
             max_request_body: MAX_REQUEST_BODY,
+            revisits: Arc::default(),
         }
     }
 
@@ -243,7 +258,75 @@ impl Worker {
                     tokio::time::sleep(pause).await;
                 }
             }
+            self.revisit_due(&mut receiver).await;
         }
+    }
+
+    /// Runs ordering upkeep for the connections whose parked messages could have expired by
+    /// now, and the parked message whose turn that brings.
+    async fn revisit_due(&self, receiver: &mut Receiver) {
+        let mut due: Vec<String> = {
+            let mut revisits = self.revisits.lock().unwrap_or_else(|p| p.into_inner());
+            if revisits.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            let mut due = Vec::new();
+            revisits.retain(|(reply, at)| {
+                if *at <= now {
+                    due.push(reply.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            due
+        };
+        due.sort_unstable();
+        due.dedup();
+        for reply in due {
+            match self.layer.ordering_upkeep(&reply).await {
+                Ok(u) => {
+                    if let Some(resume) = self.note_upkeep(&reply, u.expired, u.skipped, u.resume) {
+                        self.handle_with(resume, Some(&mut *receiver)).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(reply_channel = %reply, error = %e, "ordering upkeep failed; trying again later");
+                    self.revisit_later(&reply);
+                }
+            }
+        }
+    }
+
+    /// Remembers to run ordering upkeep for `reply` once a message parked now could have expired.
+    fn revisit_later(&self, reply: &str) {
+        let at = Instant::now() + self.layer.settings().expiry + Duration::from_millis(100);
+        let mut revisits = self.revisits.lock().unwrap_or_else(|p| p.into_inner());
+        if revisits.len() < MAX_REVISITS {
+            revisits.push((reply.to_owned(), at));
+        }
+    }
+
+    /// Counts what ordering upkeep did; returns the parked message to run next.
+    fn note_upkeep(
+        &self,
+        reply: &str,
+        expired: u64,
+        skipped: u64,
+        resume: Option<(String, Bytes)>,
+    ) -> Option<Envelope> {
+        if expired > 0 || skipped > 0 {
+            WorkerMetrics::add(&self.metrics.ordering_expired, expired);
+            WorkerMetrics::add(&self.metrics.ordering_skipped, skipped);
+            tracing::warn!(
+                reply_channel = %reply,
+                expired,
+                skipped,
+                "strict ordering: dropped parked messages older than the expiry / skipped missing orders"
+            );
+        }
+        resume.map(|(channel, payload)| Envelope { channel, payload })
     }
 
     /// Runs one message through routing, ordering, the consumer and its outbox.
@@ -252,8 +335,20 @@ impl Worker {
     }
 
     /// [`handle`](Self::handle), reading a streamed request body with `receiver` (else with a
-    /// receiver made for it).
-    async fn handle_with(&self, envelope: Envelope, receiver: Option<&mut Receiver>) {
+    /// receiver made for it), then the parked messages whose turn that brings.
+    async fn handle_with(&self, envelope: Envelope, mut receiver: Option<&mut Receiver>) {
+        let mut next = Some(envelope);
+        while let Some(envelope) = next.take() {
+            next = self.handle_one(envelope, receiver.as_deref_mut()).await;
+        }
+    }
+
+    /// Handles one message; returns a parked message of the same connection whose turn has come.
+    async fn handle_one(
+        &self,
+        envelope: Envelope,
+        receiver: Option<&mut Receiver>,
+    ) -> Option<Envelope> {
         let started = Instant::now();
         self.metrics.received(&envelope.channel);
         let message = match Message::from_payload(envelope.channel.clone(), envelope.payload) {
@@ -261,18 +356,18 @@ impl Worker {
             Err(e) => {
                 WorkerMetrics::add(&self.metrics.dropped, 1);
                 tracing::error!(channel = %envelope.channel, error = %e, "dropped an undecodable message");
-                return;
+                return None;
             }
         };
         let Some(resolved) = self.router.resolve(&message) else {
             WorkerMetrics::add(&self.metrics.unrouted, 1);
             tracing::warn!(channel = %message.channel, path = ?message.path(), "no route for message; dropped");
-            return;
+            return None;
         };
         let message = if message.channel == HTTP_REQUEST && message.get("body_channel").is_some() {
             match self.assemble_body(message, receiver).await {
                 Some(whole) => whole,
-                None => return,
+                None => return None,
             }
         } else {
             message
@@ -286,44 +381,71 @@ impl Worker {
             _ => None,
         };
         if let Some((reply, order)) = &ordered {
+            let hold = ORDER_HOLD;
             match self
                 .layer
-                .ordering_gate(reply, *order, &message.channel, &message.payload)
+                .ordering_gate(reply, *order, &message.channel, &message.payload, hold)
                 .await
             {
-                Ok(Gate::Run) => {}
-                Ok(Gate::Parked) => {
-                    WorkerMetrics::add(&self.metrics.parked, 1);
-                    tracing::debug!(channel = %message.channel, reply_channel = %reply, order, "parked until its predecessors have run");
-                    return;
+                Ok(outcome) => {
+                    let u = outcome.upkeep;
+                    let resume = self.note_upkeep(reply, u.expired, u.skipped, u.resume);
+                    match outcome.gate {
+                        Gate::Run => {}
+                        Gate::Parked => {
+                            WorkerMetrics::add(&self.metrics.parked, 1);
+                            tracing::debug!(channel = %message.channel, reply_channel = %reply, order, "parked until its predecessors have run");
+                            self.revisit_later(reply);
+                            return resume;
+                        }
+                        Gate::Stale => {
+                            WorkerMetrics::add(&self.metrics.duplicates, 1);
+                            tracing::warn!(channel = %message.channel, reply_channel = %reply, order, "message already run (duplicate order); dropped");
+                            return resume;
+                        }
+                    }
                 }
-                Ok(Gate::Stale) => {
-                    WorkerMetrics::add(&self.metrics.duplicates, 1);
-                    tracing::warn!(channel = %message.channel, reply_channel = %reply, order, "message already run (duplicate order); dropped");
-                    return;
-                }
-                Err(e) => {
+                Err(e) if e.is_unavailable() => {
                     // Without the gate we cannot keep order; requeue rather than run out of turn.
                     tracing::warn!(channel = %message.channel, error = %e, "ordering gate unavailable; requeueing");
-                    self.requeue(&message).await;
-                    return;
+                    if self.requeue(&message).await {
+                        // Given up: free its turn if the layer is back, else upkeep skips it.
+                        self.revisit_later(reply);
+                        let last = message.channel == WEBSOCKET_DISCONNECT;
+                        return self.ordering_done(reply, *order, last).await;
+                    }
+                    return None;
+                }
+                Err(e) => {
+                    // A permanent error (a bad reply channel name): retrying cannot help.
+                    WorkerMetrics::add(&self.metrics.dropped, 1);
+                    tracing::error!(channel = %message.channel, reply_channel = %reply, error = %e, "strict ordering refused the message; dropped");
+                    return None;
                 }
             }
         }
         let finished = self.run_consumer(&message, resolved).await;
+        let mut resume = None;
         if let Some((reply, order)) = ordered
             && finished
         {
             let last = message.channel == WEBSOCKET_DISCONNECT;
-            match self.layer.ordering_done(&reply, order, last).await {
-                Ok(Some((channel, payload))) => self.resume(&channel, &payload).await,
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(reply_channel = %reply, order, error = %e, "could not record the message as run; the connection's later messages stay parked");
-                }
-            }
+            resume = self.ordering_done(&reply, order, last).await;
         }
         self.metrics.observe(started.elapsed());
+        resume
+    }
+
+    /// Records a strictly ordered message as run; returns its parked successor to run next.
+    async fn ordering_done(&self, reply: &str, order: u64, last: bool) -> Option<Envelope> {
+        match self.layer.ordering_done(reply, order, last).await {
+            Ok(u) => self.note_upkeep(reply, u.expired, u.skipped, u.resume),
+            Err(e) => {
+                tracing::error!(reply_channel = %reply, order, error = %e, "could not record the message as run; its successors wait for ordering upkeep (up to the expiry)");
+                self.revisit_later(reply);
+                None
+            }
+        }
     }
 
     /// Reads a streamed request body from its `body_channel` and returns the request with the
@@ -601,25 +723,6 @@ impl Worker {
                 WorkerMetrics::add(&self.metrics.dropped, 1);
                 tracing::error!(channel = %message.channel, error = %e, "cannot requeue a message; dropped");
                 true
-            }
-        }
-    }
-
-    /// Sends a parked message back to its channel, where it passes the ordering gate.
-    async fn resume(&self, channel: &str, payload: &Bytes) {
-        let mut waited = Duration::ZERO;
-        loop {
-            match self.layer.send_encoded(channel, payload).await {
-                Ok(()) => return,
-                Err(e) if (e.is_full() || e.is_unavailable()) && waited < FULL_RETRY_FOR * 5 => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    waited += Duration::from_millis(20);
-                }
-                Err(e) => {
-                    WorkerMetrics::add(&self.metrics.dropped, 1);
-                    tracing::error!(channel, error = %e, "could not resume a parked message; lost");
-                    return;
-                }
             }
         }
     }
