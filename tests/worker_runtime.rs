@@ -683,3 +683,85 @@ async fn redis_layout_of_sessions_and_ordering() {
     let exists: i64 = redis.cmd(&[b"EXISTS", key.as_bytes()]);
     assert_eq!(exists, 0, "flush removes sessions");
 }
+
+async fn fail_connect(_: Message, ctx: Ctx) -> Result<(), ConsumerError> {
+    ctx.accept()?; // discarded: the consumer did not return Ok
+    Err(ConsumerError::other("database is down"))
+}
+
+async fn panic_connect(_: Message, ctx: Ctx) -> Result<(), ConsumerError> {
+    ctx.accept()?;
+    panic!("a consumer bug in connect");
+}
+
+async fn fail_http(_: Message, ctx: Ctx) -> Result<(), ConsumerError> {
+    ctx.send_text("half-done")?;
+    Err(ConsumerError::other("database is down"))
+}
+
+fn failing_router() -> Router {
+    Router::new([
+        route("websocket.connect", fail_connect).path("^/fail/"),
+        route("websocket.connect", panic_connect).path("^/panic/"),
+        route("http.request", fail_http).path("^/fail/"),
+        route("websocket.receive", echo).path("^/echo/"),
+    ])
+    .unwrap()
+}
+
+fn is_500(m: &Map) -> bool {
+    m.get("status") == Some(&Value::Int(500))
+        && m.get("content")
+            == Some(&Value::Bytes(
+                b"500 Internal Server Error\n".to_vec().into(),
+            ))
+}
+
+/// A consumer that errors or panics still answers its client: 500 to an http.request,
+/// `{"close": true}` to a websocket.connect (instead of the server's 60 s / 5 s timeouts).
+async fn failed_consumers_answer_the_client(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let running = start(Worker::new(fx.layer.clone(), Arc::new(failing_router())));
+    let inbox = inbox(&fx.layer).await;
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    let http = |path: &str| switchyard::routing::asgi::HttpRequest::new(&reply, "GET", path);
+
+    for path in ["/fail/", "/panic/"] {
+        fx.layer
+            .send("websocket.connect", &WebsocketConnect::new(&reply, path))
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut ch).await,
+            Map::new().with("close", true),
+            "connect to {path} closed"
+        );
+    }
+    for path in ["/fail/"] {
+        fx.layer.send("http.request", &http(path)).await.unwrap();
+        let m = next(&mut ch).await;
+        assert!(is_500(&m), "{path}: {m:?}");
+    }
+    fx.layer
+        .send(
+            "websocket.receive",
+            &WebsocketReceive::text(&reply, "/echo/", "after", 2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next(&mut ch).await, text("echo:after"));
+    let s = running.metrics.snapshot();
+    assert_eq!((s.errors, s.panics), (2, 1));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn failed_consumers_answer_the_client_memory() {
+    failed_consumers_answer_the_client(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn failed_consumers_answer_the_client_redis() {
+    failed_consumers_answer_the_client(Backend::Redis).await;
+}

@@ -5,7 +5,10 @@
 //!
 //! A loop checks the shutdown token between receives, never during one (a cancelled blocking pop
 //! loses its message on Redis), so a graceful stop finishes the message in hand. A consumer that
-//! errors or panics is logged with its channel and route and the loop goes on. Control errors:
+//! errors or panics is logged with its channel and route and the loop goes on; its sends are
+//! discarded, except that an `http.request` is answered `500` and a `websocket.connect`
+//! `{"close": true}` (so the client is not left waiting for the server's own timeout). Control
+//! errors:
 //! `DenyConnection` replies `{"close": true}`, `Close(code)` replies `{"close": code}`,
 //! `ConsumeLater` requeues with `__retries__` counted, at most [`MAX_RETRIES`] times. Strict
 //! ordering and channel sessions are kept in the layer, so any worker can take any message. The
@@ -29,7 +32,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switchyard_routing::asgi::{
-    HTTP_REQUEST, HttpRequestBodyChunk, HttpResponse, WEBSOCKET_DISCONNECT, WebsocketSend,
+    HTTP_REQUEST, HttpRequestBodyChunk, HttpResponse, WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT,
+    WebsocketSend,
 };
 use switchyard_routing::codec;
 use switchyard_routing::{
@@ -100,6 +104,12 @@ pub struct Worker {
     max_request_body: usize,
     /// Connections with messages parked by this worker, and when to run their upkeep.
     revisits: Arc<Mutex<Vec<(String, Instant)>>>,
+}
+
+/// How a consumer run ended.
+enum Outcome {
+    Returned(Result<(), ConsumerError>),
+    Panicked(String),
 }
 
 impl Worker {
@@ -618,44 +628,62 @@ impl Worker {
             ctx = ctx.with_http_session(session);
         }
         let task = tokio::spawn(resolved.handler.call(message.clone(), ctx.clone()));
-        let outcome = task.await;
+        let outcome = match task.await {
+            Ok(returned) => Outcome::Returned(returned),
+            Err(join) if join.is_panic() => Outcome::Panicked(panic_text(join.into_panic())),
+            Err(_) => Outcome::Panicked("cancelled".to_owned()),
+        };
         let route = &*resolved.route;
         match outcome {
-            Ok(Ok(())) => {
+            Outcome::Returned(Ok(())) => {
                 WorkerMetrics::add(&self.metrics.consumed, 1);
                 for action in ctx.take_actions() {
                     self.apply(message, action).await;
                 }
                 true
             }
-            Ok(Err(ConsumerError::DenyConnection)) => {
+            Outcome::Returned(Err(ConsumerError::DenyConnection)) => {
                 WorkerMetrics::add(&self.metrics.consumed, 1);
                 self.reply_close(message, reply.as_deref(), None).await;
                 true
             }
-            Ok(Err(ConsumerError::Close(code))) => {
+            Outcome::Returned(Err(ConsumerError::Close(code))) => {
                 WorkerMetrics::add(&self.metrics.consumed, 1);
                 self.reply_close(message, reply.as_deref(), Some(code))
                     .await;
                 true
             }
             // Requeued: its turn is not over. Given up: it is, so its successors can run.
-            Ok(Err(ConsumerError::ConsumeLater)) => self.requeue(message).await,
-            Ok(Err(e)) => {
+            Outcome::Returned(Err(ConsumerError::ConsumeLater)) => self.requeue(message).await,
+            Outcome::Returned(Err(e)) => {
                 WorkerMetrics::add(&self.metrics.errors, 1);
                 tracing::error!(channel = %message.channel, route, reply_channel = ?reply, error = %e, "consumer failed; its sends were discarded");
+                self.after_failure(message, &ctx).await;
                 true
             }
-            Err(join) => {
+            Outcome::Panicked(what) => {
                 WorkerMetrics::add(&self.metrics.panics, 1);
-                let what = if join.is_panic() {
-                    panic_text(join.into_panic())
-                } else {
-                    "cancelled".to_owned()
-                };
                 tracing::error!(channel = %message.channel, route, reply_channel = ?reply, panic = %what, "consumer panicked; its sends were discarded");
+                self.after_failure(message, &ctx).await;
                 true
             }
+        }
+    }
+
+    /// After a consumer failed (error, panic), its sends are discarded, but the client
+    /// is answered (an `http.request` 500, a `websocket.connect` `{"close": true}`: a failed
+    /// consumer never replied, its outbox being discarded).
+    async fn after_failure(&self, message: &Message, _ctx: &Ctx) {
+        match message.channel.as_str() {
+            HTTP_REQUEST => {
+                self.reply_http(message, 500, "500 Internal Server Error\n")
+                    .await;
+            }
+            WEBSOCKET_CONNECT => {
+                self.reply_close(message, message.reply_channel(), None)
+                    .await;
+            }
+            _ => {}
         }
     }
 
