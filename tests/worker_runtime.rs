@@ -765,3 +765,93 @@ async fn failed_consumers_answer_the_client_memory() {
 async fn failed_consumers_answer_the_client_redis() {
     failed_consumers_answer_the_client(Backend::Redis).await;
 }
+
+/// A class consumer whose disconnect hook fails or panics still leaves its groups.
+struct Grouped;
+
+impl WebsocketConsumer for Grouped {
+    fn groups(&self, _kwargs: &switchyard::routing::Kwargs) -> Vec<String> {
+        vec!["lobby".to_owned()]
+    }
+    async fn connect(&self, _m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        ctx.accept()
+    }
+    async fn disconnect(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        ctx.group_send("lobby", &Map::new().with("text", "left"))?; // discarded
+        if m.path() == Some("/panic/") {
+            panic!("a consumer bug in disconnect");
+        }
+        Err(ConsumerError::other("database is down"))
+    }
+}
+
+async fn failed_disconnect_still_leaves_groups(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let running = start(Worker::new(
+        fx.layer.clone(),
+        Arc::new(Router::new([route_class(Grouped)]).unwrap()),
+    ));
+    let inbox = inbox(&fx.layer).await;
+    let mut stays = inbox.new_channel();
+    fx.layer.group_add("lobby", stays.name()).await.unwrap();
+    for path in ["/fail/", "/panic/"] {
+        let mut ch = inbox.new_channel();
+        let reply = ch.name().to_owned();
+        fx.layer
+            .send("websocket.connect", &WebsocketConnect::new(&reply, path))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut ch).await, Map::new().with("accept", true));
+        assert!(
+            fx.layer
+                .group_channels("lobby")
+                .await
+                .unwrap()
+                .contains(&reply)
+        );
+        fx.layer
+            .send(
+                "websocket.disconnect",
+                &WebsocketDisconnect::new(&reply, path, 1000, 1),
+            )
+            .await
+            .unwrap();
+        // Polled: the layer has no membership event to await.
+        let mut left = false;
+        for _ in 0..200 {
+            if !fx
+                .layer
+                .group_channels("lobby")
+                .await
+                .unwrap()
+                .contains(&reply)
+            {
+                left = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(left, "{path}: left the group");
+    }
+    assert_eq!(
+        fx.layer.group_channels("lobby").await.unwrap(),
+        [stays.name().to_owned()]
+    );
+    assert!(
+        stays.try_recv().is_none(),
+        "the failed hooks' group sends were discarded"
+    );
+    let s = running.metrics.snapshot();
+    assert_eq!((s.errors, s.panics), (1, 1));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn failed_disconnect_still_leaves_groups_memory() {
+    failed_disconnect_still_leaves_groups(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn failed_disconnect_still_leaves_groups_redis() {
+    failed_disconnect_still_leaves_groups(Backend::Redis).await;
+}

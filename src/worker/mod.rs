@@ -7,8 +7,9 @@
 //! loses its message on Redis), so a graceful stop finishes the message in hand. A consumer that
 //! errors or panics is logged with its channel and route and the loop goes on; its sends are
 //! discarded, except that an `http.request` is answered `500` and a `websocket.connect`
-//! `{"close": true}` (so the client is not left waiting for the server's own timeout). Control
-//! errors:
+//! `{"close": true}` (so the client is not left waiting for the server's own timeout), and a
+//! `websocket.disconnect` still leaves its groups (its `GroupDiscard`s are applied: leaving a
+//! group is always safe). Control errors:
 //! `DenyConnection` replies `{"close": true}`, `Close(code)` replies `{"close": code}`,
 //! `ConsumeLater` requeues with `__retries__` counted, at most [`MAX_RETRIES`] times. Strict
 //! ordering and channel sessions are kept in the layer, so any worker can take any message. The
@@ -672,8 +673,10 @@ impl Worker {
 
     /// After a consumer failed (error, panic), its sends are discarded, but the client
     /// is answered (an `http.request` 500, a `websocket.connect` `{"close": true}`: a failed
-    /// consumer never replied, its outbox being discarded).
-    async fn after_failure(&self, message: &Message, _ctx: &Ctx) {
+    /// consumer never replied, its outbox being discarded) and a `websocket.disconnect` still
+    /// leaves its groups.
+    async fn after_failure(&self, message: &Message, ctx: &Ctx) {
+        let actions = ctx.take_actions();
         match message.channel.as_str() {
             HTTP_REQUEST => {
                 self.reply_http(message, 500, "500 Internal Server Error\n")
@@ -682,6 +685,13 @@ impl Worker {
             WEBSOCKET_CONNECT => {
                 self.reply_close(message, message.reply_channel(), None)
                     .await;
+            }
+            WEBSOCKET_DISCONNECT => {
+                for action in actions {
+                    if matches!(action, Action::GroupDiscard { .. }) {
+                        self.apply(message, action).await;
+                    }
+                }
             }
             _ => {}
         }
