@@ -699,11 +699,19 @@ async fn fail_http(_: Message, ctx: Ctx) -> Result<(), ConsumerError> {
     Err(ConsumerError::other("database is down"))
 }
 
+async fn hang(_: Message, _: Ctx) -> Result<(), ConsumerError> {
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    Ok(())
+}
+
 fn failing_router() -> Router {
     Router::new([
         route("websocket.connect", fail_connect).path("^/fail/"),
         route("websocket.connect", panic_connect).path("^/panic/"),
+        route("websocket.connect", hang).path("^/hang/"),
         route("http.request", fail_http).path("^/fail/"),
+        route("http.request", hang).path("^/hang/"),
+        route("websocket.receive", hang).path("^/hang/"),
         route("websocket.receive", echo).path("^/echo/"),
     ])
     .unwrap()
@@ -717,17 +725,22 @@ fn is_500(m: &Map) -> bool {
             ))
 }
 
-/// A consumer that errors or panics still answers its client: 500 to an http.request,
-/// `{"close": true}` to a websocket.connect (instead of the server's 60 s / 5 s timeouts).
+/// A consumer that errors, panics or times out still answers its client: 500 to an
+/// http.request, `{"close": true}` to a websocket.connect (instead of the server's 60 s / 5 s
+/// timeouts); a hung consumer is aborted after the worker's consumer timeout, counted, and the
+/// loop goes on.
 async fn failed_consumers_answer_the_client(backend: Backend) {
     let fx = Fixture::new(backend, LayerSettings::default()).await;
-    let running = start(Worker::new(fx.layer.clone(), Arc::new(failing_router())));
+    let running = start(
+        Worker::new(fx.layer.clone(), Arc::new(failing_router()))
+            .consumer_timeout(Duration::from_millis(300)),
+    );
     let inbox = inbox(&fx.layer).await;
     let mut ch = inbox.new_channel();
     let reply = ch.name().to_owned();
     let http = |path: &str| switchyard::routing::asgi::HttpRequest::new(&reply, "GET", path);
 
-    for path in ["/fail/", "/panic/"] {
+    for path in ["/fail/", "/panic/", "/hang/"] {
         fx.layer
             .send("websocket.connect", &WebsocketConnect::new(&reply, path))
             .await
@@ -738,11 +751,19 @@ async fn failed_consumers_answer_the_client(backend: Backend) {
             "connect to {path} closed"
         );
     }
-    for path in ["/fail/"] {
+    for path in ["/fail/", "/hang/"] {
         fx.layer.send("http.request", &http(path)).await.unwrap();
         let m = next(&mut ch).await;
         assert!(is_500(&m), "{path}: {m:?}");
     }
+    // The loop (concurrency 1) was freed from the hung frame.
+    fx.layer
+        .send(
+            "websocket.receive",
+            &WebsocketReceive::text(&reply, "/hang/", "x", 1),
+        )
+        .await
+        .unwrap();
     fx.layer
         .send(
             "websocket.receive",
@@ -752,7 +773,7 @@ async fn failed_consumers_answer_the_client(backend: Backend) {
         .unwrap();
     assert_eq!(next(&mut ch).await, text("echo:after"));
     let s = running.metrics.snapshot();
-    assert_eq!((s.errors, s.panics), (2, 1));
+    assert_eq!((s.errors, s.panics, s.timeouts), (2, 1, 3));
     running.stop().await;
 }
 
@@ -854,4 +875,42 @@ async fn failed_disconnect_still_leaves_groups_memory() {
 #[tokio::test]
 async fn failed_disconnect_still_leaves_groups_redis() {
     failed_disconnect_still_leaves_groups(Backend::Redis).await;
+}
+
+/// Graceful stop waits at most the stop grace for a consumer that never returns.
+async fn stop_grace_bounds_a_hung_consumer(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let running = start(
+        Worker::new(fx.layer.clone(), Arc::new(failing_router()))
+            .consumer_timeout(Duration::from_secs(3600))
+            .stop_grace(Duration::from_millis(300)),
+    );
+    let inbox = inbox(&fx.layer).await;
+    let ch = inbox.new_channel();
+    fx.layer
+        .send(
+            "websocket.receive",
+            &WebsocketReceive::text(ch.name(), "/hang/", "x", 1),
+        )
+        .await
+        .unwrap();
+    let m = running.metrics.clone();
+    eventually(WAIT, "the hung frame taken", || {
+        m.snapshot()
+            .received_by_channel
+            .iter()
+            .any(|(c, n)| c == "websocket.receive" && *n == 1)
+    })
+    .await;
+    running.stop().await; // within 10 s, else it panics
+}
+
+#[tokio::test]
+async fn stop_grace_bounds_a_hung_consumer_memory() {
+    stop_grace_bounds_a_hung_consumer(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn stop_grace_bounds_a_hung_consumer_redis() {
+    stop_grace_bounds_a_hung_consumer(Backend::Redis).await;
 }

@@ -1,5 +1,5 @@
 //! Worker counters, lock-free, for logs and for the CLI to export: messages consumed, consumer
-//! errors and panics, requeues, drops, strict-ordering parks and upkeep, streamed request bodies (assembled,
+//! errors, panics and timeouts, requeues, drops, strict-ordering parks and upkeep, streamed request bodies (assembled,
 //! abandoned, timed out, too large), and a latency histogram.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +19,8 @@ pub struct WorkerMetrics {
     pub errors: AtomicU64,
     /// Consumers that panicked.
     pub panics: AtomicU64,
+    /// Consumers aborted for running longer than the worker's consumer timeout.
+    pub timeouts: AtomicU64,
     /// `ConsumeLater` requeues.
     pub requeued: AtomicU64,
     /// Messages given up: retries exhausted, undecodable, or an action that could not be applied.
@@ -92,6 +94,8 @@ pub struct WorkerMetricsSnapshot {
     pub errors: u64,
     /// See [`WorkerMetrics::panics`].
     pub panics: u64,
+    /// See [`WorkerMetrics::timeouts`].
+    pub timeouts: u64,
     /// See [`WorkerMetrics::requeued`].
     pub requeued: u64,
     /// See [`WorkerMetrics::dropped`].
@@ -155,6 +159,7 @@ impl WorkerMetrics {
             consumed: r(&self.consumed),
             errors: r(&self.errors),
             panics: r(&self.panics),
+            timeouts: r(&self.timeouts),
             requeued: r(&self.requeued),
             dropped: r(&self.dropped),
             unrouted: r(&self.unrouted),

@@ -4,12 +4,13 @@
 //! its own task, and applying what it queued only after it returned `Ok`.
 //!
 //! A loop checks the shutdown token between receives, never during one (a cancelled blocking pop
-//! loses its message on Redis), so a graceful stop finishes the message in hand. A consumer that
-//! errors or panics is logged with its channel and route and the loop goes on; its sends are
-//! discarded, except that an `http.request` is answered `500` and a `websocket.connect`
-//! `{"close": true}` (so the client is not left waiting for the server's own timeout), and a
-//! `websocket.disconnect` still leaves its groups (its `GroupDiscard`s are applied: leaving a
-//! group is always safe). Control errors:
+//! loses its message on Redis), so a graceful stop finishes the message in hand, waiting at most
+//! [`Worker::stop_grace`] (30 s) before aborting the loops still busy. A consumer that errors,
+//! panics or runs longer than [`Worker::consumer_timeout`] (5 min; it is then aborted) is logged
+//! with its channel and route and the loop goes on; its sends are discarded, except that an
+//! `http.request` is answered `500` and a `websocket.connect` `{"close": true}` (so the client is
+//! not left waiting for the server's own timeout), and a `websocket.disconnect` still leaves its
+//! groups (its `GroupDiscard`s are applied: leaving a group is always safe). Control errors:
 //! `DenyConnection` replies `{"close": true}`, `Close(code)` replies `{"close": code}`,
 //! `ConsumeLater` requeues with `__retries__` counted, at most [`MAX_RETRIES`] times. Strict
 //! ordering and channel sessions are kept in the layer, so any worker can take any message. The
@@ -63,13 +64,19 @@ pub const BODY_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default limit on a request body assembled from its chunks.
 pub const MAX_REQUEST_BODY: usize = 64 << 20;
 
+/// Default limit on one consumer run; a consumer still running is aborted.
+pub const CONSUMER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Default wait, after a stop is asked, for the loops to finish the messages in hand.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
+
 /// Most connections a worker remembers to come back to (see [`Worker::run`]); past it, gaps are
 /// still skipped when the connection's next message arrives.
 const MAX_REVISITS: usize = 100_000;
 
-/// How long a running strictly ordered message holds its connection's turn against ordering
-/// upkeep (so a slow consumer is not overtaken by its successors).
-const ORDER_HOLD: Duration = Duration::from_secs(300);
+/// How long a message holds its connection's turn beyond the consumer timeout (the time to
+/// record it as done).
+const HOLD_MARGIN: Duration = Duration::from_secs(5);
 
 /// Why a worker could not run.
 #[derive(Debug, Error)]
@@ -103,6 +110,8 @@ pub struct Worker {
     http_sessions: Option<Arc<DjangoSessions>>,
     body_receive_timeout: Duration,
     max_request_body: usize,
+    consumer_timeout: Duration,
+    stop_grace: Duration,
     /// Connections with messages parked by this worker, and when to run their upkeep.
     revisits: Arc<Mutex<Vec<(String, Instant)>>>,
 }
@@ -111,6 +120,16 @@ pub struct Worker {
 enum Outcome {
     Returned(Result<(), ConsumerError>),
     Panicked(String),
+    TimedOut,
+}
+
+/// Aborts the consumer task if the loop running it is itself aborted (stop grace expired).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Worker {
@@ -128,8 +147,27 @@ impl Worker {
             http_sessions: None,
             body_receive_timeout: BODY_RECEIVE_TIMEOUT,
             max_request_body: MAX_REQUEST_BODY,
+            consumer_timeout: CONSUMER_TIMEOUT,
+            stop_grace: STOP_GRACE,
             revisits: Arc::default(),
         }
+    }
+
+    /// Longest a consumer may run on one message (5 min). One still running is aborted, counted
+    /// in [`WorkerMetrics::timeouts`] and logged with its channel and route; an `http.request`
+    /// is answered 500 and a `websocket.connect` closed. A strictly ordered message holds its
+    /// connection's turn this long (plus a few seconds).
+    pub fn consumer_timeout(mut self, timeout: Duration) -> Self {
+        self.consumer_timeout = timeout;
+        self
+    }
+
+    /// After the stop token is cancelled, how long the loops may take to finish the messages in
+    /// hand before they are aborted (30 s). Aborting a loop in a receive can lose the message
+    /// it was popping, so this should stay well above the receive timeout.
+    pub fn stop_grace(mut self, grace: Duration) -> Self {
+        self.stop_grace = grace;
+        self
     }
 
     /// Number of concurrent consumer loops (each runs one message at a time).
@@ -203,6 +241,11 @@ impl Worker {
         if self.concurrency == 0 {
             return Err(WorkerError::Config("concurrency must be at least 1".into()));
         }
+        if self.consumer_timeout.is_zero() {
+            return Err(WorkerError::Config(
+                "consumer timeout must be positive".into(),
+            ));
+        }
         if self.body_receive_timeout.is_zero() {
             return Err(WorkerError::Config(
                 "body receive timeout must be positive".into(),
@@ -227,18 +270,38 @@ impl Worker {
         for _ in 0..this.concurrency {
             receivers.push(this.layer.receiver().await?);
         }
-        let mut loops = Vec::with_capacity(this.concurrency);
+        let mut loops = tokio::task::JoinSet::new();
         for (i, receiver) in receivers.into_iter().enumerate() {
             let this = this.clone();
             let channels = channels.clone();
             let shutdown = shutdown.clone();
-            loops.push(tokio::spawn(async move {
+            loops.spawn(async move {
                 this.consume_loop(i, receiver, &channels, &shutdown).await;
-            }));
+            });
         }
-        for l in loops {
-            if let Err(e) = l.await {
-                tracing::error!(error = %e, "a worker loop ended abnormally");
+        let grace = this.stop_grace;
+        let grace_over = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::pin!(grace_over);
+        loop {
+            tokio::select! {
+                joined = loops.join_next() => match joined {
+                    None => break,
+                    Some(Err(e)) => tracing::error!(error = %e, "a worker loop ended abnormally"),
+                    Some(Ok(())) => {}
+                },
+                () = &mut grace_over => {
+                    tracing::warn!(
+                        busy_loops = loops.len(),
+                        grace_ms = grace.as_millis() as u64,
+                        "stop grace over; aborting the loops still busy (their messages are lost)"
+                    );
+                    loops.abort_all();
+                    while loops.join_next().await.is_some() {}
+                    break;
+                }
             }
         }
         tracing::info!("worker stopped");
@@ -392,7 +455,7 @@ impl Worker {
             _ => None,
         };
         if let Some((reply, order)) = &ordered {
-            let hold = ORDER_HOLD;
+            let hold = self.consumer_timeout.saturating_add(HOLD_MARGIN);
             match self
                 .layer
                 .ordering_gate(reply, *order, &message.channel, &message.payload, hold)
@@ -629,10 +692,12 @@ impl Worker {
             ctx = ctx.with_http_session(session);
         }
         let task = tokio::spawn(resolved.handler.call(message.clone(), ctx.clone()));
-        let outcome = match task.await {
-            Ok(returned) => Outcome::Returned(returned),
-            Err(join) if join.is_panic() => Outcome::Panicked(panic_text(join.into_panic())),
-            Err(_) => Outcome::Panicked("cancelled".to_owned()),
+        let _abort = AbortOnDrop(task.abort_handle());
+        let outcome = match tokio::time::timeout(self.consumer_timeout, task).await {
+            Ok(Ok(returned)) => Outcome::Returned(returned),
+            Ok(Err(join)) if join.is_panic() => Outcome::Panicked(panic_text(join.into_panic())),
+            Ok(Err(_)) => Outcome::Panicked("cancelled".to_owned()),
+            Err(_) => Outcome::TimedOut,
         };
         let route = &*resolved.route;
         match outcome {
@@ -668,10 +733,16 @@ impl Worker {
                 self.after_failure(message, &ctx).await;
                 true
             }
+            Outcome::TimedOut => {
+                WorkerMetrics::add(&self.metrics.timeouts, 1);
+                tracing::error!(channel = %message.channel, route, reply_channel = ?reply, timeout_ms = self.consumer_timeout.as_millis() as u64, "consumer timed out and was aborted; its sends were discarded");
+                self.after_failure(message, &ctx).await;
+                true
+            }
         }
     }
 
-    /// After a consumer failed (error, panic), its sends are discarded, but the client
+    /// After a consumer failed (error, panic, timeout), its sends are discarded, but the client
     /// is answered (an `http.request` 500, a `websocket.connect` `{"close": true}`: a failed
     /// consumer never replied, its outbox being discarded) and a `websocket.disconnect` still
     /// leaves its groups.
