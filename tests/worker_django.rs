@@ -284,3 +284,58 @@ async fn reads_sessions_written_by_django() {
         .unwrap()
         .unwrap();
 }
+
+/// Hostile stored sessions (a pickle nested 20 000 deep, a memo-reference bomb, a value over
+/// the size limit) are an anonymous user: no stack overflow, no huge allocation. Runs on the
+/// test thread's 2 MiB stack, where the deep pickle used to abort the process.
+#[tokio::test]
+async fn hostile_stored_sessions_are_anonymous() {
+    let redis = RedisServer::start();
+    let sessions = DjangoSessions::new(DjangoSessionConfig::new(redis.url(), SECRET)).unwrap();
+    let store = |key: &str, value: &[u8]| {
+        let cache_key = format!(":1:django.contrib.sessions.cache{key}");
+        let _: () = redis.cmd(&[b"SET", cache_key.as_bytes(), value]);
+    };
+
+    let mut deep = b"\x80\x02".to_vec();
+    deep.extend(std::iter::repeat_n(b']', 20_000));
+    deep.extend(std::iter::repeat_n(b'a', 19_999));
+    deep.push(b'.');
+    store("deepdeepdeepdeepdeepdeepdeep0001", &deep);
+
+    let mut bomb = b"\x80\x02}X\x01\x00\x00\x00k]".to_vec();
+    bomb.push(b'X');
+    bomb.extend_from_slice(&(65_536u32).to_le_bytes());
+    bomb.extend(std::iter::repeat_n(b'x', 65_536));
+    bomb.extend_from_slice(b"q\x00a");
+    for _ in 0..100_000 {
+        bomb.extend_from_slice(b"h\x00a");
+    }
+    bomb.extend_from_slice(b"s.");
+    store("bombbombbombbombbombbombbomb0001", &bomb);
+
+    // Plain data, but over the 1 MiB limit.
+    let mut big = b"\x80\x02}X\x01\x00\x00\x00kX".to_vec();
+    big.extend_from_slice(&((1u32 << 20) + 1).to_le_bytes());
+    big.extend(std::iter::repeat_n(b'x', (1 << 20) + 1));
+    big.extend_from_slice(b"s.");
+    store("bigbigbigbigbigbigbigbigbigb0001", &big);
+
+    // A small session in the same layout loads, so the refusals above are not a setup error.
+    store(
+        "finefinefinefinefinefinefine0001",
+        b"\x80\x02}X\x0d\x00\x00\x00_auth_user_idX\x02\x00\x00\x0042s.",
+    );
+    let fine = sessions.load_key("finefinefinefinefinefinefine0001").await;
+    assert_eq!(fine.user_id().as_deref(), Some("42"));
+
+    for key in [
+        "deepdeepdeepdeepdeepdeepdeep0001",
+        "bombbombbombbombbombbombbomb0001",
+        "bigbigbigbigbigbigbigbigbigb0001",
+    ] {
+        let s = sessions.load_key(key).await;
+        assert_eq!(s.session_key, None, "{key} is anonymous");
+        assert!(s.data.is_empty(), "{key} has no data");
+    }
+}

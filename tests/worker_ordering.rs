@@ -277,3 +277,237 @@ async fn gave_up_message_does_not_stall_memory() {
 async fn gave_up_message_does_not_stall_redis() {
     gave_up_message_does_not_stall(Backend::Redis).await;
 }
+
+/// Strict consumer answering every message with `ran {order}`.
+struct Replying;
+
+impl Replying {
+    fn ran(m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        ctx.send_text(format!("ran {}", m.order().unwrap_or(u64::MAX)))
+    }
+}
+
+impl WebsocketConsumer for Replying {
+    fn strict_ordering(&self) -> bool {
+        true
+    }
+    async fn connect(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        Self::ran(m, ctx)
+    }
+    async fn receive(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        Self::ran(m, ctx)
+    }
+    async fn disconnect(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        Self::ran(m, ctx)
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn next_text(ch: &mut switchyard::layer::LocalChannel) -> String {
+    let m = ch
+        .recv_timeout(WAIT)
+        .await
+        .expect("a reply within 10 s")
+        .to_map()
+        .unwrap();
+    m.get_str("text").expect("a text frame").to_owned()
+}
+
+async fn stop(
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), switchyard::worker::WorkerError>>,
+) {
+    token.cancel();
+    tokio::time::timeout(WAIT, handle)
+        .await
+        .expect("worker stops")
+        .unwrap()
+        .unwrap();
+}
+
+/// The successor of a finished message is run by the worker that finished it, not re-sent to
+/// its channel: a full `websocket.receive` (capacity 2, filled by another connection's frames
+/// nobody reads now) used to make the re-send give up after 10 s and lose the frame, the
+/// connection's later frames staying parked for the group expiry.
+async fn successor_runs_even_when_its_channel_is_full(backend: Backend) {
+    let settings = LayerSettings {
+        channel_capacity: vec![("websocket.receive".to_owned(), 2)],
+        ..LayerSettings::default()
+    };
+    let fx = Fixture::new(backend, settings).await;
+    let router = Arc::new(Router::new([route_class(Replying)]).unwrap());
+    let inbox = fx.layer.inbox("test.full").await.unwrap();
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+
+    // A frames-only worker parks frames 2 and 1 (the connect is not there yet).
+    let frames = Worker::new(fx.layer.clone(), router.clone())
+        .only_channels(&["websocket.receive"])
+        .receive_timeout(Duration::from_millis(100));
+    let frames_metrics = frames.metrics();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(frames.run(token.clone()));
+    for order in [2, 1] {
+        fx.layer
+            .send(
+                "websocket.receive",
+                &WebsocketReceive::text(&reply, "/", format!("f{order}"), order),
+            )
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "frames 1 and 2 parked", || {
+        frames_metrics.snapshot().parked == 2
+    })
+    .await;
+    stop(token, handle).await;
+
+    // websocket.receive is full now.
+    for order in [7, 8] {
+        fx.layer
+            .send(
+                "websocket.receive",
+                &WebsocketReceive::text("test.full!other", "/", "x", order),
+            )
+            .await
+            .unwrap();
+    }
+    let refused = fx
+        .layer
+        .send(
+            "websocket.receive",
+            &WebsocketReceive::text("test.full!other", "/", "x", 9),
+        )
+        .await
+        .unwrap_err();
+    assert!(refused.is_full(), "{refused}");
+
+    // A connect-only worker runs the connect, then the parked frames in order.
+    let connects = Worker::new(fx.layer.clone(), router)
+        .only_channels(&["websocket.connect", "websocket.disconnect"])
+        .receive_timeout(Duration::from_millis(100));
+    let metrics = connects.metrics();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(connects.run(token.clone()));
+    fx.layer
+        .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut ch).await, "ran 0");
+    assert_eq!(next_text(&mut ch).await, "ran 1");
+    assert_eq!(next_text(&mut ch).await, "ran 2");
+    let s = metrics.snapshot();
+    assert_eq!((s.consumed, s.dropped), (3, 0));
+    stop(token, handle).await;
+}
+
+#[tokio::test]
+async fn successor_runs_even_when_its_channel_is_full_memory() {
+    successor_runs_even_when_its_channel_is_full(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn successor_runs_even_when_its_channel_is_full_redis() {
+    successor_runs_even_when_its_channel_is_full(Backend::Redis).await;
+}
+
+/// A gap in the orders (a frame that never reaches a worker) no longer freezes the connection:
+/// once the message parked behind it has waited the layer expiry (1 s here) it is dropped
+/// (never delivered past expiry), the gap is skipped and counted, and later frames run. A
+/// parked disconnect runs late rather than being dropped, with nothing else arriving.
+async fn gap_is_skipped_after_the_expiry(backend: Backend) {
+    let settings = LayerSettings {
+        expiry: Duration::from_secs(1),
+        ..LayerSettings::default()
+    };
+    let fx = Fixture::new(backend, settings).await;
+    let router = Arc::new(Router::new([route_class(Replying)]).unwrap());
+    let worker = Worker::new(fx.layer.clone(), router).receive_timeout(Duration::from_millis(100));
+    let metrics = worker.metrics();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let inbox = fx.layer.inbox("test.gap").await.unwrap();
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    let frame = |order: u64| WebsocketReceive::text(&reply, "/", format!("f{order}"), order);
+
+    fx.layer
+        .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut ch).await, "ran 0");
+    // Frame 1 never comes; frame 2 parks behind the gap.
+    fx.layer.send("websocket.receive", &frame(2)).await.unwrap();
+    let m = metrics.clone();
+    eventually(WAIT, "frame 2 dropped past expiry, order 1 skipped", || {
+        let s = m.snapshot();
+        (s.parked, s.ordering_expired, s.ordering_skipped) == (1, 1, 1)
+    })
+    .await;
+    fx.layer.send("websocket.receive", &frame(3)).await.unwrap();
+    assert_eq!(next_text(&mut ch).await, "ran 3");
+
+    // Frame 4 never comes; frame 5 and the disconnect park, and nothing else arrives.
+    fx.layer.send("websocket.receive", &frame(5)).await.unwrap();
+    fx.layer
+        .send(
+            "websocket.disconnect",
+            &WebsocketDisconnect::new(&reply, "/", 1000, 6),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        next_text(&mut ch).await,
+        "ran 6",
+        "frame 5 expired, the disconnect ran"
+    );
+    let s = metrics.snapshot();
+    assert_eq!((s.ordering_expired, s.ordering_skipped), (2, 2));
+    assert_eq!(s.consumed, 3);
+    assert!(ch.try_recv().is_none(), "nothing else ran");
+    stop(token, handle).await;
+}
+
+#[tokio::test]
+async fn gap_is_skipped_after_the_expiry_memory() {
+    gap_is_skipped_after_the_expiry(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn gap_is_skipped_after_the_expiry_redis() {
+    gap_is_skipped_after_the_expiry(Backend::Redis).await;
+}
+
+/// A strictly ordered message the gate refuses for good (a reply channel that is not a valid
+/// name) is dropped once, not requeued ten times.
+async fn permanent_gate_error_is_not_requeued(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let router = Arc::new(Router::new([route_class(Replying)]).unwrap());
+    let worker = Worker::new(fx.layer.clone(), router).receive_timeout(Duration::from_millis(100));
+    let metrics = worker.metrics();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(worker.run(token.clone()));
+    fx.layer
+        .send(
+            "websocket.receive",
+            &WebsocketReceive::text("bad name", "/", "x", 1),
+        )
+        .await
+        .unwrap();
+    let m = metrics.clone();
+    eventually(WAIT, "the message dropped", || m.snapshot().dropped == 1).await;
+    let s = metrics.snapshot();
+    assert_eq!((s.requeued, s.consumed), (0, 0));
+    stop(token, handle).await;
+}
+
+#[tokio::test]
+async fn permanent_gate_error_is_not_requeued_memory() {
+    permanent_gate_error_is_not_requeued(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn permanent_gate_error_is_not_requeued_redis() {
+    permanent_gate_error_is_not_requeued(Backend::Redis).await;
+}

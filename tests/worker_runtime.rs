@@ -538,7 +538,7 @@ async fn bad_names_are_errors_not_panics() {
     );
     assert!(
         fx.layer
-            .ordering_gate("bad name", 0, "x", b"\x80")
+            .ordering_gate("bad name", 0, "x", b"\x80", Duration::from_secs(1))
             .await
             .is_err()
     );
@@ -608,29 +608,47 @@ async fn redis_layout_of_sessions_and_ordering() {
     );
 
     use switchyard::layer::Gate;
+    let hold = Duration::from_secs(10);
     assert_eq!(
         fx.layer
-            .ordering_gate(reply, 2, "websocket.receive", b"\x81\xa1k\x01")
+            .ordering_gate(reply, 2, "websocket.receive", b"\x81\xa1k\x01", hold)
             .await
-            .unwrap(),
+            .unwrap()
+            .gate,
         Gate::Parked
     );
     let okey = format!("asgi:order:{reply}");
     let parked: Vec<u8> = redis.cmd(&[b"HGET", okey.as_bytes(), b"p:2"]);
-    assert_eq!(parked, b"websocket.receive\x00\x81\xa1k\x01");
+    let (at, rest) = parked.split_at(parked.iter().position(|b| *b == b' ').unwrap());
+    let at: f64 = std::str::from_utf8(at).unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    assert!((now - at).abs() < 10_000.0, "parked at {at}, now {now}");
+    assert_eq!(rest, b" websocket.receive\x00\x81\xa1k\x01");
     assert_eq!(
         fx.layer
-            .ordering_gate(reply, 0, "websocket.connect", b"\x80")
+            .ordering_gate(reply, 0, "websocket.connect", b"\x80", hold)
             .await
-            .unwrap(),
+            .unwrap()
+            .gate,
         Gate::Run
     );
-    assert_eq!(fx.layer.ordering_done(reply, 0, false).await.unwrap(), None);
     assert_eq!(
         fx.layer
-            .ordering_gate(reply, 1, "websocket.receive", b"\x80")
+            .ordering_done(reply, 0, false)
             .await
-            .unwrap(),
+            .unwrap()
+            .resume,
+        None
+    );
+    assert_eq!(
+        fx.layer
+            .ordering_gate(reply, 1, "websocket.receive", b"\x80", hold)
+            .await
+            .unwrap()
+            .gate,
         Gate::Run
     );
     let resumed = fx
@@ -638,20 +656,261 @@ async fn redis_layout_of_sessions_and_ordering() {
         .ordering_done(reply, 1, false)
         .await
         .unwrap()
+        .resume
         .unwrap();
     assert_eq!(resumed.0, "websocket.receive");
     assert_eq!(&resumed.1[..], b"\x81\xa1k\x01");
+    // Handed out, but still parked until it passes the gate.
+    let still: i64 = redis.cmd(&[b"HEXISTS", okey.as_bytes(), b"p:2"]);
+    assert_eq!(still, 1);
     assert_eq!(
         fx.layer
-            .ordering_gate(reply, 2, "websocket.receive", b"\x80")
+            .ordering_gate(reply, 2, "websocket.receive", b"\x80", hold)
             .await
-            .unwrap(),
+            .unwrap()
+            .gate,
         Gate::Run
     );
-    assert_eq!(fx.layer.ordering_done(reply, 2, true).await.unwrap(), None);
+    let still: i64 = redis.cmd(&[b"HEXISTS", okey.as_bytes(), b"p:2"]);
+    assert_eq!(still, 0, "unparked when it runs");
+    assert_eq!(
+        fx.layer.ordering_done(reply, 2, true).await.unwrap().resume,
+        None
+    );
     let exists: i64 = redis.cmd(&[b"EXISTS", okey.as_bytes()]);
     assert_eq!(exists, 0, "the ordering state goes with the disconnect");
     fx.layer.flush().await.unwrap();
     let exists: i64 = redis.cmd(&[b"EXISTS", key.as_bytes()]);
     assert_eq!(exists, 0, "flush removes sessions");
+}
+
+async fn fail_connect(_: Message, ctx: Ctx) -> Result<(), ConsumerError> {
+    ctx.accept()?; // discarded: the consumer did not return Ok
+    Err(ConsumerError::other("database is down"))
+}
+
+async fn panic_connect(_: Message, ctx: Ctx) -> Result<(), ConsumerError> {
+    ctx.accept()?;
+    panic!("a consumer bug in connect");
+}
+
+async fn fail_http(_: Message, ctx: Ctx) -> Result<(), ConsumerError> {
+    ctx.send_text("half-done")?;
+    Err(ConsumerError::other("database is down"))
+}
+
+async fn hang(_: Message, _: Ctx) -> Result<(), ConsumerError> {
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    Ok(())
+}
+
+fn failing_router() -> Router {
+    Router::new([
+        route("websocket.connect", fail_connect).path("^/fail/"),
+        route("websocket.connect", panic_connect).path("^/panic/"),
+        route("websocket.connect", hang).path("^/hang/"),
+        route("http.request", fail_http).path("^/fail/"),
+        route("http.request", hang).path("^/hang/"),
+        route("websocket.receive", hang).path("^/hang/"),
+        route("websocket.receive", echo).path("^/echo/"),
+    ])
+    .unwrap()
+}
+
+fn is_500(m: &Map) -> bool {
+    m.get("status") == Some(&Value::Int(500))
+        && m.get("content")
+            == Some(&Value::Bytes(
+                b"500 Internal Server Error\n".to_vec().into(),
+            ))
+}
+
+/// A consumer that errors, panics or times out still answers its client: 500 to an
+/// http.request, `{"close": true}` to a websocket.connect (instead of the server's 60 s / 5 s
+/// timeouts); a hung consumer is aborted after the worker's consumer timeout, counted, and the
+/// loop goes on.
+async fn failed_consumers_answer_the_client(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let running = start(
+        Worker::new(fx.layer.clone(), Arc::new(failing_router()))
+            .consumer_timeout(Duration::from_millis(300)),
+    );
+    let inbox = inbox(&fx.layer).await;
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    let http = |path: &str| switchyard::routing::asgi::HttpRequest::new(&reply, "GET", path);
+
+    for path in ["/fail/", "/panic/", "/hang/"] {
+        fx.layer
+            .send("websocket.connect", &WebsocketConnect::new(&reply, path))
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut ch).await,
+            Map::new().with("close", true),
+            "connect to {path} closed"
+        );
+    }
+    for path in ["/fail/", "/hang/"] {
+        fx.layer.send("http.request", &http(path)).await.unwrap();
+        let m = next(&mut ch).await;
+        assert!(is_500(&m), "{path}: {m:?}");
+    }
+    // The loop (concurrency 1) was freed from the hung frame.
+    fx.layer
+        .send(
+            "websocket.receive",
+            &WebsocketReceive::text(&reply, "/hang/", "x", 1),
+        )
+        .await
+        .unwrap();
+    fx.layer
+        .send(
+            "websocket.receive",
+            &WebsocketReceive::text(&reply, "/echo/", "after", 2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next(&mut ch).await, text("echo:after"));
+    let s = running.metrics.snapshot();
+    assert_eq!((s.errors, s.panics, s.timeouts), (2, 1, 3));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn failed_consumers_answer_the_client_memory() {
+    failed_consumers_answer_the_client(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn failed_consumers_answer_the_client_redis() {
+    failed_consumers_answer_the_client(Backend::Redis).await;
+}
+
+/// A class consumer whose disconnect hook fails or panics still leaves its groups.
+struct Grouped;
+
+impl WebsocketConsumer for Grouped {
+    fn groups(&self, _kwargs: &switchyard::routing::Kwargs) -> Vec<String> {
+        vec!["lobby".to_owned()]
+    }
+    async fn connect(&self, _m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        ctx.accept()
+    }
+    async fn disconnect(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        ctx.group_send("lobby", &Map::new().with("text", "left"))?; // discarded
+        if m.path() == Some("/panic/") {
+            panic!("a consumer bug in disconnect");
+        }
+        Err(ConsumerError::other("database is down"))
+    }
+}
+
+async fn failed_disconnect_still_leaves_groups(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let running = start(Worker::new(
+        fx.layer.clone(),
+        Arc::new(Router::new([route_class(Grouped)]).unwrap()),
+    ));
+    let inbox = inbox(&fx.layer).await;
+    let mut stays = inbox.new_channel();
+    fx.layer.group_add("lobby", stays.name()).await.unwrap();
+    for path in ["/fail/", "/panic/"] {
+        let mut ch = inbox.new_channel();
+        let reply = ch.name().to_owned();
+        fx.layer
+            .send("websocket.connect", &WebsocketConnect::new(&reply, path))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut ch).await, Map::new().with("accept", true));
+        assert!(
+            fx.layer
+                .group_channels("lobby")
+                .await
+                .unwrap()
+                .contains(&reply)
+        );
+        fx.layer
+            .send(
+                "websocket.disconnect",
+                &WebsocketDisconnect::new(&reply, path, 1000, 1),
+            )
+            .await
+            .unwrap();
+        // Polled: the layer has no membership event to await.
+        let mut left = false;
+        for _ in 0..200 {
+            if !fx
+                .layer
+                .group_channels("lobby")
+                .await
+                .unwrap()
+                .contains(&reply)
+            {
+                left = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(left, "{path}: left the group");
+    }
+    assert_eq!(
+        fx.layer.group_channels("lobby").await.unwrap(),
+        [stays.name().to_owned()]
+    );
+    assert!(
+        stays.try_recv().is_none(),
+        "the failed hooks' group sends were discarded"
+    );
+    let s = running.metrics.snapshot();
+    assert_eq!((s.errors, s.panics), (1, 1));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn failed_disconnect_still_leaves_groups_memory() {
+    failed_disconnect_still_leaves_groups(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn failed_disconnect_still_leaves_groups_redis() {
+    failed_disconnect_still_leaves_groups(Backend::Redis).await;
+}
+
+/// Graceful stop waits at most the stop grace for a consumer that never returns.
+async fn stop_grace_bounds_a_hung_consumer(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let running = start(
+        Worker::new(fx.layer.clone(), Arc::new(failing_router()))
+            .consumer_timeout(Duration::from_secs(3600))
+            .stop_grace(Duration::from_millis(300)),
+    );
+    let inbox = inbox(&fx.layer).await;
+    let ch = inbox.new_channel();
+    fx.layer
+        .send(
+            "websocket.receive",
+            &WebsocketReceive::text(ch.name(), "/hang/", "x", 1),
+        )
+        .await
+        .unwrap();
+    let m = running.metrics.clone();
+    eventually(WAIT, "the hung frame taken", || {
+        m.snapshot()
+            .received_by_channel
+            .iter()
+            .any(|(c, n)| c == "websocket.receive" && *n == 1)
+    })
+    .await;
+    running.stop().await; // within 10 s, else it panics
+}
+
+#[tokio::test]
+async fn stop_grace_bounds_a_hung_consumer_memory() {
+    stop_grace_bounds_a_hung_consumer(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn stop_grace_bounds_a_hung_consumer_redis() {
+    stop_grace_bounds_a_hung_consumer(Backend::Redis).await;
 }

@@ -4,22 +4,36 @@
 //! a message: `order == next` runs, `order > next` is parked in the layer (the check and the park
 //! are one atomic step: one Lua script on Redis, one lock in memory), `order < next` was run
 //! already and is dropped. When a message has run, [`Layer::ordering_done`] advances `next` and
-//! hands back the parked successor, if any, for the worker to send to its original channel, where
-//! it passes the gate. This is Channels 1's `enforce_ordering` without its race (a message parked
-//! between a check and a save).
+//! hands back the parked successor, if any, for the worker to run next (it passes the gate
+//! again, which is where a parked message is deleted: until its turn actually runs it stays
+//! parked, so a worker dying with it in hand loses nothing that upkeep cannot recover). This is
+//! Channels 1's `enforce_ordering` without its race (a message parked between a check and a save).
+//!
+//! Upkeep, in the same atomic step of every gate and done call (and of
+//! [`Layer::ordering_upkeep`], which a worker calls for connections it parked messages of): a
+//! parked message that has waited longer than the layer expiry is dropped (never delivered past
+//! expiry) and `next` moves past it, which also skips a gap left by a message that never came
+//! (expired in its queue, given up): by then any missing predecessor has expired too. A parked
+//! `websocket.disconnect` is never dropped for age: it runs late instead, so the connection
+//! still leaves its groups. Upkeep waits while the message at `next` runs (until the hold the
+//! gate was given), so a slow consumer is not overtaken.
 //!
 //! On Redis the state is one hash per connection, `{prefix}:order:{reply_channel}`: field `next`,
-//! and `p:{order}` = original channel, NUL, msgpack payload for each parked message; every script
-//! touches only that key (cluster-safe) and renews its expiry (the group expiry).
+//! `run` (the hold deadline, ms, of the message running), and `p:{order}` = park time (ms, ASCII),
+//! space, original channel, NUL, msgpack payload for each parked message; every script touches
+//! only that key (cluster-safe) and renews its expiry (the group expiry).
 
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use bytes::Bytes;
 use redis::Script;
+use switchyard_routing::asgi::WEBSOCKET_DISCONNECT;
 use switchyard_routing::names;
+use tokio::time::Instant;
 
-use super::session::MemoryConnections;
-use super::{Layer, LayerError};
+use super::session::{Connection, MemoryConnections, Parked};
+use super::{Layer, LayerError, now_secs};
 
 /// What the gate decided for a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,49 +46,146 @@ pub enum Gate {
     Stale,
 }
 
-/// KEYS[1] state hash; ARGV: order, parked value, ttl (s). Returns 1 run, 0 parked, 2 stale.
+/// What ordering upkeep did, and the parked message whose turn has come.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Upkeep {
+    /// Parked messages dropped because they waited longer than the layer expiry.
+    pub expired: u64,
+    /// Orders given up as missing (a gap `next` was moved across).
+    pub skipped: u64,
+    /// The parked message whose turn it now is, `(original channel, payload)`: the caller runs
+    /// it (through the gate again, which unparks it).
+    pub resume: Option<(String, Bytes)>,
+}
+
+/// The gate's verdict and the upkeep done with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateOutcome {
+    /// Run, parked or stale.
+    pub gate: Gate,
+    /// Upkeep done in the same step; its `resume` is a message other than the one gated.
+    pub upkeep: Upkeep,
+}
+
+/// Shared Lua: upkeep of KEYS[1] given next, now (ms), expiry (ms). Returns the new next,
+/// expired, skipped, changed (next moved) and late (p:next is an old disconnect to run late).
+const UPKEEP_LUA: &str = r"
+local function upkeep(key, nxt, now, expiry)
+  local expired, skipped, changed, late = 0, 0, false, false
+  local run = tonumber(redis.call('HGET', key, 'run') or '0')
+  if run > now then return nxt, expired, skipped, changed, late end
+  local orders = {}
+  for _, f in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(f, 1, 2) == 'p:' then orders[#orders + 1] = tonumber(string.sub(f, 3)) end
+  end
+  table.sort(orders)
+  for _, o in ipairs(orders) do
+    local v = redis.call('HGET', key, 'p:' .. o)
+    local sp = string.find(v, ' ', 1, true)
+    local t = sp and tonumber(string.sub(v, 1, sp - 1))
+    if not t then
+      -- Parked before park times were stored: as old as can be.
+      t, sp = 0, 0
+    end
+    if now - t < expiry then break end
+    if string.sub(v, sp + 1, sp + 21) == 'websocket.disconnect\0' then
+      if o > nxt then
+        skipped = skipped + (o - nxt)
+        nxt = o
+        changed = true
+      end
+      late = (o == nxt)
+      break
+    end
+    redis.call('HDEL', key, 'p:' .. o)
+    expired = expired + 1
+    if o >= nxt then
+      skipped = skipped + (o - nxt)
+      nxt = o + 1
+      changed = true
+    end
+  end
+  if changed then redis.call('HSET', key, 'next', nxt) end
+  return nxt, expired, skipped, changed, late
+end
+";
+
+/// KEYS[1] state hash; ARGV: order, parked value, ttl (s), now (ms), expiry (ms), hold (ms).
+/// Returns {verdict (1 run, 0 parked, 2 stale), expired, skipped, resume value or false}.
 static GATE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+    Script::new(&format!(
+        r"{UPKEEP_LUA}
+local now = tonumber(ARGV[4])
 local nxt = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
+local nxt2, expired, skipped, changed, late = upkeep(KEYS[1], nxt, now, tonumber(ARGV[5]))
+nxt = nxt2
 local order = tonumber(ARGV[1])
-if order < nxt then return 2 end
-if order == nxt then return 1 end
-if redis.call('HSETNX', KEYS[1], 'p:' .. ARGV[1], ARGV[2]) == 0 then return 2 end
+local verdict
+if order < nxt then
+  verdict = 2
+elseif order == nxt then
+  redis.call('HDEL', KEYS[1], 'p:' .. ARGV[1])
+  redis.call('HSET', KEYS[1], 'run', now + tonumber(ARGV[6]))
+  verdict = 1
+elseif redis.call('HSETNX', KEYS[1], 'p:' .. ARGV[1], ARGV[4] .. ' ' .. ARGV[2]) == 0 then
+  verdict = 2
+else
+  verdict = 0
+end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 0
-",
-    )
+local resume = false
+if (changed or late) and order ~= nxt then
+  resume = redis.call('HGET', KEYS[1], 'p:' .. nxt)
+end
+return {{verdict, expired, skipped, resume}}
+"
+    ))
 });
 
-/// KEYS[1] state hash; ARGV: order done, ttl (s), last (1 after a disconnect).
-/// Returns the parked successor's value, or nil.
+/// KEYS[1] state hash; ARGV: order done (empty for upkeep only), ttl (s), last (1 after a
+/// disconnect), now (ms), expiry (ms). Returns {expired, skipped, resume value or false}.
 static DONE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+    Script::new(&format!(
+        r"{UPKEEP_LUA}
 local nxt = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
-local order = tonumber(ARGV[1])
-if order >= nxt then
-  nxt = order + 1
-  redis.call('HSET', KEYS[1], 'next', nxt)
+local advanced = false
+if ARGV[1] ~= '' then
+  local order = tonumber(ARGV[1])
+  redis.call('HDEL', KEYS[1], 'run')
+  if order >= nxt then
+    nxt = order + 1
+    redis.call('HSET', KEYS[1], 'next', nxt)
+    advanced = true
+  end
+elseif redis.call('EXISTS', KEYS[1]) == 0 then
+  return {{0, 0, false}}
 end
-local field = 'p:' .. nxt
-local parked = redis.call('HGET', KEYS[1], field)
-if parked then
-  redis.call('HDEL', KEYS[1], field)
+local nxt2, expired, skipped, changed, late = upkeep(KEYS[1], nxt, tonumber(ARGV[4]), tonumber(ARGV[5]))
+nxt = nxt2
+local resume = false
+if advanced or changed or late then
+  resume = redis.call('HGET', KEYS[1], 'p:' .. nxt)
 end
 if ARGV[3] == '1' and redis.call('HLEN', KEYS[1]) <= 1 then
   redis.call('DEL', KEYS[1])
 else
   redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
-return parked
-",
-    )
+return {{expired, skipped, resume}}
+"
+    ))
 });
 
 fn order_key(layer: &Layer, reply_channel: &str) -> String {
     format!("{}:order:{}", layer.settings().prefix, reply_channel)
+}
+
+fn now_ms() -> u64 {
+    (now_secs() * 1000.0) as u64
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn pack(channel: &str, payload: &[u8]) -> Vec<u8> {
@@ -85,7 +196,13 @@ fn pack(channel: &str, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Reads a parked value, `park time, space, channel, NUL, payload` (the park time is optional:
+/// the format before park times were stored had none).
 fn unpack(value: &[u8]) -> Result<(String, Bytes), LayerError> {
+    let value = match value.iter().position(|b| *b == b' ') {
+        Some(sp) if value[..sp].iter().all(u8::is_ascii_digit) => &value[sp + 1..],
+        _ => value,
+    };
     let nul = value
         .iter()
         .position(|b| *b == 0)
@@ -98,102 +215,223 @@ fn unpack(value: &[u8]) -> Result<(String, Bytes), LayerError> {
     ))
 }
 
+fn unpack_resume(value: Option<Vec<u8>>) -> Result<Option<(String, Bytes)>, LayerError> {
+    value.map(|v| unpack(&v)).transpose()
+}
+
+/// In-memory upkeep of one connection (see the module doc); returns whether `next` moved and
+/// whether the parked message at `next` is an old disconnect to run late.
+fn memory_upkeep(c: &mut Connection, expiry: Duration, up: &mut Upkeep) -> (bool, bool) {
+    let now = Instant::now();
+    if c.running_until.is_some_and(|t| t > now) {
+        return (false, false);
+    }
+    let mut changed = false;
+    let mut late = false;
+    while let Some((&order, parked)) = c.parked.first_key_value() {
+        if now.duration_since(parked.at) < expiry {
+            break;
+        }
+        if parked.channel == WEBSOCKET_DISCONNECT {
+            if order > c.next_order {
+                up.skipped += order - c.next_order;
+                c.next_order = order;
+                changed = true;
+            }
+            late = order == c.next_order;
+            break;
+        }
+        c.parked.remove(&order);
+        up.expired += 1;
+        if order >= c.next_order {
+            up.skipped += order - c.next_order;
+            c.next_order = order + 1;
+            changed = true;
+        }
+    }
+    (changed, late)
+}
+
+fn hold_until(hold: Duration) -> Option<Instant> {
+    let now = Instant::now();
+    Some(
+        now.checked_add(hold)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400)),
+    )
+}
+
+fn parked_at(c: &Connection, order: u64) -> Option<(String, Bytes)> {
+    c.parked
+        .get(&order)
+        .map(|p| (p.channel.clone(), p.payload.clone()))
+}
+
 impl Layer {
     /// Decides whether the message `order` of connection `reply_channel`, read from `channel`
-    /// as `payload`, runs now; parks it in the layer when it is ahead.
+    /// as `payload`, runs now; parks it in the layer when it is ahead. A message that runs holds
+    /// its turn against upkeep for `hold` (the caller's limit on running it).
     pub async fn ordering_gate(
         &self,
         reply_channel: &str,
         order: u64,
         channel: &str,
         payload: &[u8],
-    ) -> Result<Gate, LayerError> {
+        hold: Duration,
+    ) -> Result<GateOutcome, LayerError> {
         names::validate_channel(reply_channel)?;
         match self {
             Layer::Memory(l) => {
-                let expiry = l.settings().group_expiry;
+                let expiry = l.settings().expiry;
+                let group_expiry = l.settings().group_expiry;
                 let sweep = l.connections().sweep_due();
                 let mut map = l.connections().lock();
                 if sweep {
-                    MemoryConnections::sweep(&mut map, expiry);
+                    MemoryConnections::sweep(&mut map, group_expiry);
                 }
-                let c = MemoryConnections::entry(&mut map, reply_channel, expiry);
-                Ok(if order < c.next_order || c.parked.contains_key(&order) {
-                    Gate::Stale
+                let c = MemoryConnections::entry(&mut map, reply_channel, group_expiry);
+                let mut upkeep = Upkeep::default();
+                let (changed, late) = memory_upkeep(c, expiry, &mut upkeep);
+                let gate = if order < c.next_order || c.parked.contains_key(&order) {
+                    if order == c.next_order {
+                        // Its turn, and this is the parked copy coming back: unpark and run.
+                        c.parked.remove(&order);
+                        c.running_until = hold_until(hold);
+                        Gate::Run
+                    } else {
+                        Gate::Stale
+                    }
                 } else if order == c.next_order {
+                    c.running_until = hold_until(hold);
                     Gate::Run
                 } else {
-                    c.parked
-                        .insert(order, (channel.to_owned(), Bytes::copy_from_slice(payload)));
+                    c.parked.insert(
+                        order,
+                        Parked {
+                            channel: channel.to_owned(),
+                            payload: Bytes::copy_from_slice(payload),
+                            at: Instant::now(),
+                        },
+                    );
                     Gate::Parked
-                })
+                };
+                if (changed || late) && order != c.next_order {
+                    upkeep.resume = parked_at(c, c.next_order);
+                }
+                Ok(GateOutcome { gate, upkeep })
             }
             Layer::Redis(l) => {
                 let key = order_key(self, reply_channel);
                 let (shard, mut conn) = l.conn_for(reply_channel);
                 let ttl = self.settings().group_expiry.as_secs().max(1);
+                let expiry = millis(self.settings().expiry);
                 let value = pack(channel, payload);
-                let verdict: i64 = l
+                let (verdict, expired, skipped, resume): (i64, u64, u64, Option<Vec<u8>>) = l
                     .run(shard, async move {
                         GATE_SCRIPT
                             .key(&key)
                             .arg(order)
                             .arg(value)
                             .arg(ttl)
+                            .arg(now_ms())
+                            .arg(expiry)
+                            .arg(millis(hold).min(365 * 86_400_000))
                             .invoke_async(&mut conn)
                             .await
                     })
                     .await?;
-                Ok(match verdict {
-                    1 => Gate::Run,
-                    0 => Gate::Parked,
-                    _ => Gate::Stale,
+                Ok(GateOutcome {
+                    gate: match verdict {
+                        1 => Gate::Run,
+                        0 => Gate::Parked,
+                        _ => Gate::Stale,
+                    },
+                    upkeep: Upkeep {
+                        expired,
+                        skipped,
+                        resume: unpack_resume(resume)?,
+                    },
                 })
             }
         }
     }
 
     /// Records that message `order` of the connection has run (`last`: it was the disconnect, so
-    /// the state can go) and returns its parked successor, `(original channel, payload)`, which
-    /// the caller must send to that channel.
+    /// the state can go) and returns the upkeep, whose `resume` is the parked successor the
+    /// caller must run next. The successor stays parked until it passes the gate.
     pub async fn ordering_done(
         &self,
         reply_channel: &str,
         order: u64,
         last: bool,
-    ) -> Result<Option<(String, Bytes)>, LayerError> {
+    ) -> Result<Upkeep, LayerError> {
+        self.ordering_finish(reply_channel, Some(order), last).await
+    }
+
+    /// Upkeep alone, for a connection with parked messages and nothing else arriving: drops
+    /// parked messages older than the expiry, skips a gap behind them, and returns the parked
+    /// message whose turn has come, if any (the caller runs it).
+    pub async fn ordering_upkeep(&self, reply_channel: &str) -> Result<Upkeep, LayerError> {
+        self.ordering_finish(reply_channel, None, false).await
+    }
+
+    async fn ordering_finish(
+        &self,
+        reply_channel: &str,
+        order: Option<u64>,
+        last: bool,
+    ) -> Result<Upkeep, LayerError> {
         names::validate_channel(reply_channel)?;
         match self {
             Layer::Memory(l) => {
-                let expiry = l.settings().group_expiry;
+                let expiry = l.settings().expiry;
+                let group_expiry = l.settings().group_expiry;
                 let mut map = l.connections().lock();
-                let c = MemoryConnections::entry(&mut map, reply_channel, expiry);
-                if order >= c.next_order {
-                    c.next_order = order + 1;
+                if order.is_none() && !map.contains_key(reply_channel) {
+                    return Ok(Upkeep::default());
                 }
-                let next = c.next_order;
-                let parked = c.parked.remove(&next);
+                let c = MemoryConnections::entry(&mut map, reply_channel, group_expiry);
+                let mut advanced = false;
+                if let Some(order) = order {
+                    c.running_until = None;
+                    if order >= c.next_order {
+                        c.next_order = order + 1;
+                        advanced = true;
+                    }
+                }
+                let mut upkeep = Upkeep::default();
+                let (changed, late) = memory_upkeep(c, expiry, &mut upkeep);
+                if advanced || changed || late {
+                    upkeep.resume = parked_at(c, c.next_order);
+                }
                 if last && c.parked.is_empty() && c.session.is_empty() {
                     map.remove(reply_channel);
                 }
-                Ok(parked)
+                Ok(upkeep)
             }
             Layer::Redis(l) => {
                 let key = order_key(self, reply_channel);
                 let (shard, mut conn) = l.conn_for(reply_channel);
                 let ttl = self.settings().group_expiry.as_secs().max(1);
-                let parked: Option<Vec<u8>> = l
+                let expiry = millis(self.settings().expiry);
+                let order = order.map(|o| o.to_string()).unwrap_or_default();
+                let (expired, skipped, resume): (u64, u64, Option<Vec<u8>>) = l
                     .run(shard, async move {
                         DONE_SCRIPT
                             .key(&key)
                             .arg(order)
                             .arg(ttl)
                             .arg(if last { "1" } else { "0" })
+                            .arg(now_ms())
+                            .arg(expiry)
                             .invoke_async(&mut conn)
                             .await
                     })
                     .await?;
-                parked.map(|p| unpack(&p)).transpose()
+                Ok(Upkeep {
+                    expired,
+                    skipped,
+                    resume: unpack_resume(resume)?,
+                })
             }
         }
     }
@@ -204,50 +442,110 @@ mod tests {
     use super::*;
     use crate::layer::LayerSettings;
 
+    const HOLD: Duration = Duration::from_secs(10);
+
+    async fn gate(layer: &Layer, r: &str, order: u64, payload: &'static [u8]) -> Gate {
+        layer
+            .ordering_gate(r, order, "ch", payload, HOLD)
+            .await
+            .unwrap()
+            .gate
+    }
+
     #[tokio::test]
     async fn memory_gate_parks_and_resumes_in_order() {
         let layer = Layer::from_url("memory://", LayerSettings::default())
             .await
             .unwrap();
         let r = "w.x!c1";
-        assert_eq!(
-            layer.ordering_gate(r, 2, "ch", b"\x80").await.unwrap(),
-            Gate::Parked
-        );
-        assert_eq!(
-            layer.ordering_gate(r, 2, "ch", b"\x80").await.unwrap(),
-            Gate::Stale
-        );
-        assert_eq!(
-            layer.ordering_gate(r, 1, "ch", b"\x81").await.unwrap(),
-            Gate::Parked
-        );
-        assert_eq!(
-            layer.ordering_gate(r, 0, "ch", b"\x82").await.unwrap(),
-            Gate::Run
-        );
-        let next = layer.ordering_done(r, 0, false).await.unwrap();
+        assert_eq!(gate(&layer, r, 2, b"\x80").await, Gate::Parked);
+        assert_eq!(gate(&layer, r, 2, b"\x80").await, Gate::Stale);
+        assert_eq!(gate(&layer, r, 1, b"\x81").await, Gate::Parked);
+        assert_eq!(gate(&layer, r, 0, b"\x82").await, Gate::Run);
+        let next = layer.ordering_done(r, 0, false).await.unwrap().resume;
         assert_eq!(next, Some(("ch".to_owned(), Bytes::from_static(b"\x81"))));
+        // Handing it out did not unpark it: were it lost, it would be handed out again by upkeep.
         assert_eq!(
-            layer.ordering_gate(r, 0, "ch", b"\x82").await.unwrap(),
-            Gate::Stale
+            layer.ordering_done(r, 0, false).await.unwrap().resume,
+            None,
+            "a repeated done does not hand it out twice"
         );
+        assert_eq!(gate(&layer, r, 0, b"\x82").await, Gate::Stale);
+        assert_eq!(gate(&layer, r, 1, b"\x81").await, Gate::Run);
         assert_eq!(
-            layer.ordering_gate(r, 1, "ch", b"\x81").await.unwrap(),
-            Gate::Run
+            gate(&layer, r, 1, b"\x81").await,
+            Gate::Run,
+            "a ConsumeLater requeue of the running message keeps its turn"
         );
-        let next = layer.ordering_done(r, 1, false).await.unwrap();
+        let next = layer.ordering_done(r, 1, false).await.unwrap().resume;
         assert_eq!(next.map(|n| n.1), Some(Bytes::from_static(b"\x80")));
+        assert_eq!(gate(&layer, r, 2, b"\x80").await, Gate::Run);
+        assert_eq!(layer.ordering_done(r, 2, true).await.unwrap().resume, None);
+    }
+
+    /// A gap (order 1 never comes) is skipped once the message parked behind it has waited
+    /// the expiry; parked messages older than the expiry are dropped, a disconnect runs late.
+    #[tokio::test(start_paused = true)]
+    async fn memory_upkeep_skips_gaps_and_drops_expired() {
+        let settings = LayerSettings {
+            expiry: Duration::from_secs(60),
+            ..LayerSettings::default()
+        };
+        let layer = Layer::from_url("memory://", settings).await.unwrap();
+        let r = "w.x!gap";
+        assert_eq!(gate(&layer, r, 0, b"\x80").await, Gate::Run);
         assert_eq!(
-            layer.ordering_gate(r, 2, "ch", b"\x80").await.unwrap(),
-            Gate::Run
+            layer.ordering_done(r, 0, false).await.unwrap(),
+            Upkeep::default()
         );
-        assert_eq!(layer.ordering_done(r, 2, true).await.unwrap(), None);
+        assert_eq!(gate(&layer, r, 2, b"\x82").await, Gate::Parked);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(gate(&layer, r, 3, b"\x83").await, Gate::Parked);
+        assert_eq!(layer.ordering_upkeep(r).await.unwrap(), Upkeep::default());
+        tokio::time::advance(Duration::from_secs(31)).await;
+        // 2 waited 61 s: dropped (past expiry), 1 skipped, 3 (31 s) is next and handed out.
+        let up = layer.ordering_upkeep(r).await.unwrap();
+        assert_eq!(
+            up,
+            Upkeep {
+                expired: 1,
+                skipped: 1,
+                resume: Some(("ch".to_owned(), Bytes::from_static(b"\x83"))),
+            }
+        );
+        assert_eq!(gate(&layer, r, 2, b"\x82").await, Gate::Stale);
+        assert_eq!(gate(&layer, r, 3, b"\x83").await, Gate::Run);
+        // While 3 runs (held), upkeep waits even for old parked messages.
+        layer
+            .ordering_gate(r, 5, WEBSOCKET_DISCONNECT, b"\x85", HOLD)
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(gate(&layer, r, 4, b"\x84").await, Gate::Parked);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        // 3 is done: 4 is too old and dropped, the disconnect runs late.
+        let up = layer.ordering_done(r, 3, false).await.unwrap();
+        assert_eq!(
+            up,
+            Upkeep {
+                expired: 1,
+                skipped: 0,
+                resume: Some((WEBSOCKET_DISCONNECT.to_owned(), Bytes::from_static(b"\x85"))),
+            }
+        );
+        assert_eq!(gate(&layer, r, 5, b"\x85").await, Gate::Run);
+        assert_eq!(
+            layer.ordering_done(r, 5, true).await.unwrap(),
+            Upkeep::default()
+        );
     }
 
     #[test]
     fn pack_round_trip() {
         let p = pack("websocket.receive", b"\x81\x00x");
+        let mut timed = b"1763726400000 ".to_vec();
+        timed.extend_from_slice(&p);
+        assert_eq!(unpack(&timed).unwrap(), unpack(&p).unwrap());
         assert_eq!(
             unpack(&p).unwrap(),
             (

@@ -24,8 +24,20 @@ pub(crate) struct Connection {
     pub(crate) touched: Option<Instant>,
     pub(crate) session: Map,
     pub(crate) next_order: u64,
-    /// Parked messages by order: (original channel, payload).
-    pub(crate) parked: BTreeMap<u64, (String, Bytes)>,
+    /// Until when the message at `next_order` holds its turn against ordering upkeep.
+    pub(crate) running_until: Option<Instant>,
+    /// Parked messages by order.
+    pub(crate) parked: BTreeMap<u64, Parked>,
+}
+
+/// A message parked by strict ordering.
+#[derive(Debug)]
+pub(crate) struct Parked {
+    /// The channel it was read from.
+    pub(crate) channel: String,
+    pub(crate) payload: Bytes,
+    /// When it was parked, for expiry.
+    pub(crate) at: Instant,
 }
 
 /// Per-connection state of the in-memory layer (channel sessions and ordering), one lock.

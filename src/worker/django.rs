@@ -164,6 +164,14 @@ impl DjangoSessions {
         let Some(stored) = stored else {
             return HttpSession::anonymous();
         };
+        if stored.len() > MAX_STORED_SESSION {
+            tracing::warn!(
+                size = stored.len(),
+                limit = MAX_STORED_SESSION,
+                "stored Django session too large; anonymous"
+            );
+            return HttpSession::anonymous();
+        }
         match self.decode_stored(&stored) {
             Ok(data) => HttpSession {
                 session_key: Some(session_key.to_owned()),
@@ -354,8 +362,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 enum Item {
     Mark,
-    Value(Json),
+    /// A value and its nesting depth (0 for a scalar, 1 + its deepest child for a container).
+    Value(Json, u32),
 }
+
+/// Deepest nesting [`unpickle`] accepts. Dropping a `serde_json::Value` recurses once per level,
+/// so a crafted pickle of lists 20 000 deep would overflow a worker's stack and abort the process.
+pub const MAX_PICKLE_DEPTH: u32 = 100;
+
+/// Most decoded data [`unpickle`] builds (string bytes plus a word per opcode): memo references
+/// copy their string, so a small pickle could otherwise allocate gigabytes.
+pub const MAX_PICKLE_DECODED: usize = 1 << 20;
+
+/// Largest stored session [`DjangoSessions`] decodes; a larger one is refused (anonymous).
+pub const MAX_STORED_SESSION: usize = 1 << 20;
 
 /// Decodes a pickle holding only plain data (protocols 2–5). Never executes anything: classes,
 /// reducers and other object opcodes are refused.
@@ -363,6 +383,7 @@ pub fn unpickle(data: &[u8]) -> Result<Json, String> {
     let mut stack: Vec<Item> = Vec::new();
     let mut memo: std::collections::HashMap<u64, Option<Json>> = std::collections::HashMap::new();
     let mut pos = 0usize;
+    let mut decoded = 0usize;
     let take = |pos: &mut usize, n: usize| -> Result<&[u8], String> {
         let end = pos.checked_add(n).ok_or("length overflow")?;
         let s = data.get(*pos..end).ok_or("truncated pickle")?;
@@ -374,26 +395,51 @@ pub fn unpickle(data: &[u8]) -> Result<Json, String> {
             .rev()
             .fold(0u64, |acc, x| (acc << 8) | u64::from(*x))
     }
-    fn pop(stack: &mut Vec<Item>) -> Result<Json, String> {
+    fn pop(stack: &mut Vec<Item>) -> Result<(Json, u32), String> {
         match stack.pop() {
-            Some(Item::Value(v)) => Ok(v),
+            Some(Item::Value(v, d)) => Ok((v, d)),
             _ => Err("stack underflow".into()),
         }
     }
-    fn pop_mark(stack: &mut Vec<Item>) -> Result<Vec<Json>, String> {
+    fn pop_mark(stack: &mut Vec<Item>) -> Result<(Vec<Json>, u32), String> {
         let mut items = Vec::new();
+        let mut deepest = 0;
         loop {
             match stack.pop() {
                 Some(Item::Mark) => break,
-                Some(Item::Value(v)) => items.push(v),
+                Some(Item::Value(v, d)) => {
+                    deepest = deepest.max(d);
+                    items.push(v);
+                }
                 None => return Err("missing mark".into()),
             }
         }
         items.reverse();
-        Ok(items)
+        Ok((items, deepest))
+    }
+    /// Records that the container on top of the stack now holds a child `child_depth` deep.
+    fn deepen(stack: &mut [Item], child_depth: u32) -> Result<(), String> {
+        if let Some(Item::Value(_, d)) = stack.last_mut() {
+            *d = (*d).max(child_depth + 1);
+            if *d > MAX_PICKLE_DEPTH {
+                return Err(format!(
+                    "pickle nested deeper than {MAX_PICKLE_DEPTH} levels; refusing to load"
+                ));
+            }
+        }
+        Ok(())
+    }
+    fn container(items: Vec<Json>, deepest: u32) -> Result<Item, String> {
+        let depth = if items.is_empty() { 1 } else { deepest + 1 };
+        if depth > MAX_PICKLE_DEPTH {
+            return Err(format!(
+                "pickle nested deeper than {MAX_PICKLE_DEPTH} levels; refusing to load"
+            ));
+        }
+        Ok(Item::Value(Json::Array(items), depth))
     }
     fn set_items(stack: &mut [Item], kv: Vec<Json>) -> Result<(), String> {
-        let Some(Item::Value(Json::Object(map))) = stack.last_mut() else {
+        let Some(Item::Value(Json::Object(map), _)) = stack.last_mut() else {
             return Err("SETITEM on a non-dict".into());
         };
         let mut it = kv.into_iter();
@@ -408,7 +454,7 @@ pub fn unpickle(data: &[u8]) -> Result<Json, String> {
         Ok(())
     }
     fn append(stack: &mut [Item], items: Vec<Json>) -> Result<(), String> {
-        let Some(Item::Value(Json::Array(list))) = stack.last_mut() else {
+        let Some(Item::Value(Json::Array(list), _)) = stack.last_mut() else {
             return Err("APPEND on a non-list".into());
         };
         list.extend(items);
@@ -433,28 +479,30 @@ pub fn unpickle(data: &[u8]) -> Result<Json, String> {
             0x95 => {
                 take(&mut pos, 8)?;
             }
-            b'.' => return pop(&mut stack),
-            b'}' => stack.push(Item::Value(Json::Object(JsonMap::new()))),
-            b']' | b')' | 0x8f => stack.push(Item::Value(Json::Array(Vec::new()))),
+            b'.' => return pop(&mut stack).map(|(v, _)| v),
+            b'}' => stack.push(Item::Value(Json::Object(JsonMap::new()), 1)),
+            b']' | b')' | 0x8f => stack.push(Item::Value(Json::Array(Vec::new()), 1)),
             b'(' => stack.push(Item::Mark),
-            b'N' => stack.push(Item::Value(Json::Null)),
-            0x88 => stack.push(Item::Value(Json::Bool(true))),
-            0x89 => stack.push(Item::Value(Json::Bool(false))),
+            b'N' => stack.push(Item::Value(Json::Null, 0)),
+            0x88 => stack.push(Item::Value(Json::Bool(true), 0)),
+            0x89 => stack.push(Item::Value(Json::Bool(false), 0)),
             b'K' => {
                 let b = take(&mut pos, 1)?;
-                stack.push(Item::Value(int(i64::from(b[0]))));
+                stack.push(Item::Value(int(i64::from(b[0])), 0));
             }
             b'M' => {
                 let b = take(&mut pos, 2)?;
-                stack.push(Item::Value(int(i64::from(u16::from_le_bytes([
-                    b[0], b[1],
-                ])))));
+                stack.push(Item::Value(
+                    int(i64::from(u16::from_le_bytes([b[0], b[1]]))),
+                    0,
+                ));
             }
             b'J' => {
                 let b = take(&mut pos, 4)?;
-                stack.push(Item::Value(int(i64::from(i32::from_le_bytes([
-                    b[0], b[1], b[2], b[3],
-                ])))));
+                stack.push(Item::Value(
+                    int(i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+                    0,
+                ));
             }
             0x8a => {
                 let n = usize::from(take(&mut pos, 1)?[0]);
@@ -466,7 +514,7 @@ pub fn unpickle(data: &[u8]) -> Result<Json, String> {
                 if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
                     v -= 1i64 << (8 * n);
                 }
-                stack.push(Item::Value(int(v)));
+                stack.push(Item::Value(int(v), 0));
             }
             b'G' => {
                 let b = take(&mut pos, 8)?;
@@ -475,6 +523,7 @@ pub fn unpickle(data: &[u8]) -> Result<Json, String> {
                 let f = f64::from_be_bytes(a);
                 stack.push(Item::Value(
                     serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number),
+                    0,
                 ));
             }
             0x8c | b'X' | 0x8d | b'C' | b'B' | 0x8e => {
@@ -490,7 +539,8 @@ pub fn unpickle(data: &[u8]) -> Result<Json, String> {
                 } else {
                     text(b)?
                 };
-                stack.push(Item::Value(v));
+                decoded = decoded.saturating_add(n);
+                stack.push(Item::Value(v, 0));
             }
             0x94 | b'q' | b'r' => {
                 let idx = match op {
@@ -501,11 +551,8 @@ pub fn unpickle(data: &[u8]) -> Result<Json, String> {
                 // Containers may still change after being memoized; a later reference to one
                 // would need shared objects, which plain session data never has.
                 let snapshot = match stack.last() {
-                    Some(Item::Value(v @ (Json::Object(_) | Json::Array(_)))) => {
-                        let _ = v;
-                        None
-                    }
-                    Some(Item::Value(v)) => Some(v.clone()),
+                    Some(Item::Value(Json::Object(_) | Json::Array(_), _)) => None,
+                    Some(Item::Value(v, _)) => Some(v.clone()),
                     _ => return Err("memoize with an empty stack".into()),
                 };
                 memo.insert(idx, snapshot);
@@ -517,7 +564,18 @@ pub fn unpickle(data: &[u8]) -> Result<Json, String> {
                     uint(take(&mut pos, 4)?)
                 };
                 match memo.get(&idx) {
-                    Some(Some(v)) => stack.push(Item::Value(v.clone())),
+                    Some(Some(v)) => {
+                        decoded = decoded.saturating_add(match v {
+                            Json::String(s) => s.len(),
+                            _ => 0,
+                        });
+                        if decoded > MAX_PICKLE_DECODED {
+                            return Err(format!(
+                                "pickle decodes to more than {MAX_PICKLE_DECODED} bytes; refusing to load"
+                            ));
+                        }
+                        stack.push(Item::Value(v.clone(), 0));
+                    }
                     Some(None) => {
                         return Err("shared container references are not supported".into());
                     }
@@ -525,20 +583,24 @@ pub fn unpickle(data: &[u8]) -> Result<Json, String> {
                 }
             }
             b's' => {
-                let v = pop(&mut stack)?;
-                let k = pop(&mut stack)?;
+                let (v, depth) = pop(&mut stack)?;
+                let (k, _) = pop(&mut stack)?;
+                deepen(&mut stack, depth)?;
                 set_items(&mut stack, vec![k, v])?;
             }
             b'u' => {
-                let items = pop_mark(&mut stack)?;
+                let (items, depth) = pop_mark(&mut stack)?;
+                deepen(&mut stack, depth)?;
                 set_items(&mut stack, items)?;
             }
             b'a' => {
-                let v = pop(&mut stack)?;
+                let (v, depth) = pop(&mut stack)?;
+                deepen(&mut stack, depth)?;
                 append(&mut stack, vec![v])?;
             }
             b'e' | 0x90 => {
-                let items = pop_mark(&mut stack)?;
+                let (items, depth) = pop_mark(&mut stack)?;
+                deepen(&mut stack, depth)?;
                 append(&mut stack, items)?;
             }
             0x85..=0x87 => {
@@ -547,15 +609,18 @@ pub fn unpickle(data: &[u8]) -> Result<Json, String> {
                     return Err("stack underflow".into());
                 }
                 let mut items = Vec::with_capacity(n);
+                let mut deepest = 0;
                 for _ in 0..n {
-                    items.push(pop(&mut stack)?);
+                    let (v, d) = pop(&mut stack)?;
+                    deepest = deepest.max(d);
+                    items.push(v);
                 }
                 items.reverse();
-                stack.push(Item::Value(Json::Array(items)));
+                stack.push(container(items, deepest)?);
             }
             b't' | 0x91 => {
-                let items = pop_mark(&mut stack)?;
-                stack.push(Item::Value(Json::Array(items)));
+                let (items, deepest) = pop_mark(&mut stack)?;
+                stack.push(container(items, deepest)?);
             }
             other => {
                 return Err(format!(
@@ -563,8 +628,11 @@ pub fn unpickle(data: &[u8]) -> Result<Json, String> {
                 ));
             }
         }
-        if stack.len() > 100_000 {
-            return Err("pickle too deep".into());
+        decoded = decoded.saturating_add(8);
+        if decoded > MAX_PICKLE_DECODED {
+            return Err(format!(
+                "pickle decodes to more than {MAX_PICKLE_DECODED} bytes; refusing to load"
+            ));
         }
     }
 }
@@ -595,6 +663,49 @@ mod tests {
         assert!(unpickle(data).unwrap_err().contains("not plain data"));
         assert!(unpickle(b"\x80\x05}").is_err());
         assert!(unpickle(b"").is_err());
+    }
+
+    #[test]
+    fn refuses_deep_nesting_without_overflowing_the_stack() {
+        // `]` x 20000, `a` x 19999: lists 20 000 deep. Built and dropped, that overflowed a
+        // 2 MiB stack; run on one so the test fails the way the worker would.
+        let mut data = b"\x80\x02".to_vec();
+        data.extend(std::iter::repeat_n(b']', 20_000));
+        data.extend(std::iter::repeat_n(b'a', 19_999));
+        data.push(b'.');
+        let err = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || unpickle(&data).map(|_| ()))
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        assert!(err.unwrap_err().contains("deeper than"));
+        // Tuples too; 100 levels are fine.
+        let mut ok = b"\x80\x02".to_vec();
+        ok.extend(std::iter::repeat_n(b']', 100));
+        ok.extend(std::iter::repeat_n(b'a', 99));
+        ok.push(b'.');
+        assert!(unpickle(&ok).is_ok());
+        let mut tuples = b"\x80\x02K\x01".to_vec();
+        tuples.extend(std::iter::repeat_n(0x85, 200));
+        tuples.push(b'.');
+        assert!(unpickle(&tuples).unwrap_err().contains("deeper than"));
+    }
+
+    #[test]
+    fn refuses_memo_amplification() {
+        // A 64 KiB string memoized once, then referenced 100 000 times (`h\x00`, 2 bytes each):
+        // 200 KB of pickle that would decode to 6.5 GB.
+        let mut data = b"\x80\x02]".to_vec();
+        data.push(b'X');
+        data.extend_from_slice(&(65_536u32).to_le_bytes());
+        data.extend(std::iter::repeat_n(b'x', 65_536));
+        data.extend_from_slice(b"q\x00a");
+        for _ in 0..100_000 {
+            data.extend_from_slice(b"h\x00a");
+        }
+        data.push(b'.');
+        assert!(unpickle(&data).unwrap_err().contains("more than"));
     }
 
     #[test]

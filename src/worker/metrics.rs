@@ -1,5 +1,5 @@
 //! Worker counters, lock-free, for logs and for the CLI to export: messages consumed, consumer
-//! errors and panics, requeues, drops, strict-ordering parks, streamed request bodies (assembled,
+//! errors, panics and timeouts, requeues, drops, strict-ordering parks and upkeep, streamed request bodies (assembled,
 //! abandoned, timed out, too large), and a latency histogram.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +19,8 @@ pub struct WorkerMetrics {
     pub errors: AtomicU64,
     /// Consumers that panicked.
     pub panics: AtomicU64,
+    /// Consumers aborted for running longer than the worker's consumer timeout.
+    pub timeouts: AtomicU64,
     /// `ConsumeLater` requeues.
     pub requeued: AtomicU64,
     /// Messages given up: retries exhausted, undecodable, or an action that could not be applied.
@@ -29,6 +31,10 @@ pub struct WorkerMetrics {
     pub parked: AtomicU64,
     /// Duplicates refused by strict ordering.
     pub duplicates: AtomicU64,
+    /// Parked messages dropped by strict-ordering upkeep for waiting longer than the expiry.
+    pub ordering_expired: AtomicU64,
+    /// Orders given up as missing by strict-ordering upkeep (gaps skipped).
+    pub ordering_skipped: AtomicU64,
     /// Streamed request bodies assembled from their `body_channel`.
     pub bodies_assembled: AtomicU64,
     /// Streamed request bodies abandoned because the client went away (`closed` chunk).
@@ -88,6 +94,8 @@ pub struct WorkerMetricsSnapshot {
     pub errors: u64,
     /// See [`WorkerMetrics::panics`].
     pub panics: u64,
+    /// See [`WorkerMetrics::timeouts`].
+    pub timeouts: u64,
     /// See [`WorkerMetrics::requeued`].
     pub requeued: u64,
     /// See [`WorkerMetrics::dropped`].
@@ -98,6 +106,10 @@ pub struct WorkerMetricsSnapshot {
     pub parked: u64,
     /// See [`WorkerMetrics::duplicates`].
     pub duplicates: u64,
+    /// See [`WorkerMetrics::ordering_expired`].
+    pub ordering_expired: u64,
+    /// See [`WorkerMetrics::ordering_skipped`].
+    pub ordering_skipped: u64,
     /// See [`WorkerMetrics::bodies_assembled`].
     pub bodies_assembled: u64,
     /// See [`WorkerMetrics::bodies_abandoned`].
@@ -147,11 +159,14 @@ impl WorkerMetrics {
             consumed: r(&self.consumed),
             errors: r(&self.errors),
             panics: r(&self.panics),
+            timeouts: r(&self.timeouts),
             requeued: r(&self.requeued),
             dropped: r(&self.dropped),
             unrouted: r(&self.unrouted),
             parked: r(&self.parked),
             duplicates: r(&self.duplicates),
+            ordering_expired: r(&self.ordering_expired),
+            ordering_skipped: r(&self.ordering_skipped),
             bodies_assembled: r(&self.bodies_assembled),
             bodies_abandoned: r(&self.bodies_abandoned),
             bodies_timed_out: r(&self.bodies_timed_out),

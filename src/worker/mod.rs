@@ -4,11 +4,20 @@
 //! its own task, and applying what it queued only after it returned `Ok`.
 //!
 //! A loop checks the shutdown token between receives, never during one (a cancelled blocking pop
-//! loses its message on Redis), so a graceful stop finishes the message in hand. A consumer that
-//! errors or panics is logged with its channel and route and the loop goes on. Control errors:
+//! loses its message on Redis), so a graceful stop finishes the message in hand, waiting at most
+//! [`Worker::stop_grace`] (30 s) before aborting the loops still busy. A consumer that errors,
+//! panics or runs longer than [`Worker::consumer_timeout`] (5 min; it is then aborted) is logged
+//! with its channel and route and the loop goes on; its sends are discarded, except that an
+//! `http.request` is answered `500` and a `websocket.connect` `{"close": true}` (so the client is
+//! not left waiting for the server's own timeout), and a `websocket.disconnect` still leaves its
+//! groups (its `GroupDiscard`s are applied: leaving a group is always safe). Control errors:
 //! `DenyConnection` replies `{"close": true}`, `Close(code)` replies `{"close": code}`,
 //! `ConsumeLater` requeues with `__retries__` counted, at most [`MAX_RETRIES`] times. Strict
-//! ordering and channel sessions are kept in the layer, so any worker can take any message.
+//! ordering and channel sessions are kept in the layer, so any worker can take any message. The
+//! loop that finished a strictly ordered message runs its parked successor itself (no re-send:
+//! nothing to lose on a full channel, no fresh expiry). A loop that parked a message comes back
+//! to its connection once the message could have expired, so that a gap (a predecessor that
+//! never came) is skipped by the layer's upkeep even when nothing else arrives.
 //!
 //! An `http.request` with a `body_channel` (a body the server streamed) is completed before its
 //! consumer runs, as Channels 1's `AsgiRequest` did: the loop reads the chunks with its own
@@ -20,12 +29,13 @@
 pub mod django;
 mod metrics;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switchyard_routing::asgi::{
-    HTTP_REQUEST, HttpRequestBodyChunk, HttpResponse, WEBSOCKET_DISCONNECT, WebsocketSend,
+    HTTP_REQUEST, HttpRequestBodyChunk, HttpResponse, WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT,
+    WebsocketSend,
 };
 use switchyard_routing::codec;
 use switchyard_routing::{
@@ -53,6 +63,20 @@ pub const BODY_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default limit on a request body assembled from its chunks.
 pub const MAX_REQUEST_BODY: usize = 64 << 20;
+
+/// Default limit on one consumer run; a consumer still running is aborted.
+pub const CONSUMER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Default wait, after a stop is asked, for the loops to finish the messages in hand.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// Most connections a worker remembers to come back to (see [`Worker::run`]); past it, gaps are
+/// still skipped when the connection's next message arrives.
+const MAX_REVISITS: usize = 100_000;
+
+/// How long a message holds its connection's turn beyond the consumer timeout (the time to
+/// record it as done).
+const HOLD_MARGIN: Duration = Duration::from_secs(5);
 
 /// Why a worker could not run.
 #[derive(Debug, Error)]
@@ -86,6 +110,26 @@ pub struct Worker {
     http_sessions: Option<Arc<DjangoSessions>>,
     body_receive_timeout: Duration,
     max_request_body: usize,
+    consumer_timeout: Duration,
+    stop_grace: Duration,
+    /// Connections with messages parked by this worker, and when to run their upkeep.
+    revisits: Arc<Mutex<Vec<(String, Instant)>>>,
+}
+
+/// How a consumer run ended.
+enum Outcome {
+    Returned(Result<(), ConsumerError>),
+    Panicked(String),
+    TimedOut,
+}
+
+/// Aborts the consumer task if the loop running it is itself aborted (stop grace expired).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Worker {
@@ -103,7 +147,27 @@ impl Worker {
             http_sessions: None,
             body_receive_timeout: BODY_RECEIVE_TIMEOUT,
             max_request_body: MAX_REQUEST_BODY,
+            consumer_timeout: CONSUMER_TIMEOUT,
+            stop_grace: STOP_GRACE,
+            revisits: Arc::default(),
         }
+    }
+
+    /// Longest a consumer may run on one message (5 min). One still running is aborted, counted
+    /// in [`WorkerMetrics::timeouts`] and logged with its channel and route; an `http.request`
+    /// is answered 500 and a `websocket.connect` closed. A strictly ordered message holds its
+    /// connection's turn this long (plus a few seconds).
+    pub fn consumer_timeout(mut self, timeout: Duration) -> Self {
+        self.consumer_timeout = timeout;
+        self
+    }
+
+    /// After the stop token is cancelled, how long the loops may take to finish the messages in
+    /// hand before they are aborted (30 s). Aborting a loop in a receive can lose the message
+    /// it was popping, so this should stay well above the receive timeout.
+    pub fn stop_grace(mut self, grace: Duration) -> Self {
+        self.stop_grace = grace;
+        self
     }
 
     /// Number of concurrent consumer loops (each runs one message at a time).
@@ -177,6 +241,11 @@ impl Worker {
         if self.concurrency == 0 {
             return Err(WorkerError::Config("concurrency must be at least 1".into()));
         }
+        if self.consumer_timeout.is_zero() {
+            return Err(WorkerError::Config(
+                "consumer timeout must be positive".into(),
+            ));
+        }
         if self.body_receive_timeout.is_zero() {
             return Err(WorkerError::Config(
                 "body receive timeout must be positive".into(),
@@ -201,18 +270,38 @@ impl Worker {
         for _ in 0..this.concurrency {
             receivers.push(this.layer.receiver().await?);
         }
-        let mut loops = Vec::with_capacity(this.concurrency);
+        let mut loops = tokio::task::JoinSet::new();
         for (i, receiver) in receivers.into_iter().enumerate() {
             let this = this.clone();
             let channels = channels.clone();
             let shutdown = shutdown.clone();
-            loops.push(tokio::spawn(async move {
+            loops.spawn(async move {
                 this.consume_loop(i, receiver, &channels, &shutdown).await;
-            }));
+            });
         }
-        for l in loops {
-            if let Err(e) = l.await {
-                tracing::error!(error = %e, "a worker loop ended abnormally");
+        let grace = this.stop_grace;
+        let grace_over = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::pin!(grace_over);
+        loop {
+            tokio::select! {
+                joined = loops.join_next() => match joined {
+                    None => break,
+                    Some(Err(e)) => tracing::error!(error = %e, "a worker loop ended abnormally"),
+                    Some(Ok(())) => {}
+                },
+                () = &mut grace_over => {
+                    tracing::warn!(
+                        busy_loops = loops.len(),
+                        grace_ms = grace.as_millis() as u64,
+                        "stop grace over; aborting the loops still busy (their messages are lost)"
+                    );
+                    loops.abort_all();
+                    while loops.join_next().await.is_some() {}
+                    break;
+                }
             }
         }
         tracing::info!("worker stopped");
@@ -243,7 +332,75 @@ impl Worker {
                     tokio::time::sleep(pause).await;
                 }
             }
+            self.revisit_due(&mut receiver).await;
         }
+    }
+
+    /// Runs ordering upkeep for the connections whose parked messages could have expired by
+    /// now, and the parked message whose turn that brings.
+    async fn revisit_due(&self, receiver: &mut Receiver) {
+        let mut due: Vec<String> = {
+            let mut revisits = self.revisits.lock().unwrap_or_else(|p| p.into_inner());
+            if revisits.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            let mut due = Vec::new();
+            revisits.retain(|(reply, at)| {
+                if *at <= now {
+                    due.push(reply.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            due
+        };
+        due.sort_unstable();
+        due.dedup();
+        for reply in due {
+            match self.layer.ordering_upkeep(&reply).await {
+                Ok(u) => {
+                    if let Some(resume) = self.note_upkeep(&reply, u.expired, u.skipped, u.resume) {
+                        self.handle_with(resume, Some(&mut *receiver)).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(reply_channel = %reply, error = %e, "ordering upkeep failed; trying again later");
+                    self.revisit_later(&reply);
+                }
+            }
+        }
+    }
+
+    /// Remembers to run ordering upkeep for `reply` once a message parked now could have expired.
+    fn revisit_later(&self, reply: &str) {
+        let at = Instant::now() + self.layer.settings().expiry + Duration::from_millis(100);
+        let mut revisits = self.revisits.lock().unwrap_or_else(|p| p.into_inner());
+        if revisits.len() < MAX_REVISITS {
+            revisits.push((reply.to_owned(), at));
+        }
+    }
+
+    /// Counts what ordering upkeep did; returns the parked message to run next.
+    fn note_upkeep(
+        &self,
+        reply: &str,
+        expired: u64,
+        skipped: u64,
+        resume: Option<(String, Bytes)>,
+    ) -> Option<Envelope> {
+        if expired > 0 || skipped > 0 {
+            WorkerMetrics::add(&self.metrics.ordering_expired, expired);
+            WorkerMetrics::add(&self.metrics.ordering_skipped, skipped);
+            tracing::warn!(
+                reply_channel = %reply,
+                expired,
+                skipped,
+                "strict ordering: dropped parked messages older than the expiry / skipped missing orders"
+            );
+        }
+        resume.map(|(channel, payload)| Envelope { channel, payload })
     }
 
     /// Runs one message through routing, ordering, the consumer and its outbox.
@@ -252,8 +409,20 @@ impl Worker {
     }
 
     /// [`handle`](Self::handle), reading a streamed request body with `receiver` (else with a
-    /// receiver made for it).
-    async fn handle_with(&self, envelope: Envelope, receiver: Option<&mut Receiver>) {
+    /// receiver made for it), then the parked messages whose turn that brings.
+    async fn handle_with(&self, envelope: Envelope, mut receiver: Option<&mut Receiver>) {
+        let mut next = Some(envelope);
+        while let Some(envelope) = next.take() {
+            next = self.handle_one(envelope, receiver.as_deref_mut()).await;
+        }
+    }
+
+    /// Handles one message; returns a parked message of the same connection whose turn has come.
+    async fn handle_one(
+        &self,
+        envelope: Envelope,
+        receiver: Option<&mut Receiver>,
+    ) -> Option<Envelope> {
         let started = Instant::now();
         self.metrics.received(&envelope.channel);
         let message = match Message::from_payload(envelope.channel.clone(), envelope.payload) {
@@ -261,18 +430,18 @@ impl Worker {
             Err(e) => {
                 WorkerMetrics::add(&self.metrics.dropped, 1);
                 tracing::error!(channel = %envelope.channel, error = %e, "dropped an undecodable message");
-                return;
+                return None;
             }
         };
         let Some(resolved) = self.router.resolve(&message) else {
             WorkerMetrics::add(&self.metrics.unrouted, 1);
             tracing::warn!(channel = %message.channel, path = ?message.path(), "no route for message; dropped");
-            return;
+            return None;
         };
         let message = if message.channel == HTTP_REQUEST && message.get("body_channel").is_some() {
             match self.assemble_body(message, receiver).await {
                 Some(whole) => whole,
-                None => return,
+                None => return None,
             }
         } else {
             message
@@ -286,44 +455,71 @@ impl Worker {
             _ => None,
         };
         if let Some((reply, order)) = &ordered {
+            let hold = self.consumer_timeout.saturating_add(HOLD_MARGIN);
             match self
                 .layer
-                .ordering_gate(reply, *order, &message.channel, &message.payload)
+                .ordering_gate(reply, *order, &message.channel, &message.payload, hold)
                 .await
             {
-                Ok(Gate::Run) => {}
-                Ok(Gate::Parked) => {
-                    WorkerMetrics::add(&self.metrics.parked, 1);
-                    tracing::debug!(channel = %message.channel, reply_channel = %reply, order, "parked until its predecessors have run");
-                    return;
+                Ok(outcome) => {
+                    let u = outcome.upkeep;
+                    let resume = self.note_upkeep(reply, u.expired, u.skipped, u.resume);
+                    match outcome.gate {
+                        Gate::Run => {}
+                        Gate::Parked => {
+                            WorkerMetrics::add(&self.metrics.parked, 1);
+                            tracing::debug!(channel = %message.channel, reply_channel = %reply, order, "parked until its predecessors have run");
+                            self.revisit_later(reply);
+                            return resume;
+                        }
+                        Gate::Stale => {
+                            WorkerMetrics::add(&self.metrics.duplicates, 1);
+                            tracing::warn!(channel = %message.channel, reply_channel = %reply, order, "message already run (duplicate order); dropped");
+                            return resume;
+                        }
+                    }
                 }
-                Ok(Gate::Stale) => {
-                    WorkerMetrics::add(&self.metrics.duplicates, 1);
-                    tracing::warn!(channel = %message.channel, reply_channel = %reply, order, "message already run (duplicate order); dropped");
-                    return;
-                }
-                Err(e) => {
+                Err(e) if e.is_unavailable() => {
                     // Without the gate we cannot keep order; requeue rather than run out of turn.
                     tracing::warn!(channel = %message.channel, error = %e, "ordering gate unavailable; requeueing");
-                    self.requeue(&message).await;
-                    return;
+                    if self.requeue(&message).await {
+                        // Given up: free its turn if the layer is back, else upkeep skips it.
+                        self.revisit_later(reply);
+                        let last = message.channel == WEBSOCKET_DISCONNECT;
+                        return self.ordering_done(reply, *order, last).await;
+                    }
+                    return None;
+                }
+                Err(e) => {
+                    // A permanent error (a bad reply channel name): retrying cannot help.
+                    WorkerMetrics::add(&self.metrics.dropped, 1);
+                    tracing::error!(channel = %message.channel, reply_channel = %reply, error = %e, "strict ordering refused the message; dropped");
+                    return None;
                 }
             }
         }
         let finished = self.run_consumer(&message, resolved).await;
+        let mut resume = None;
         if let Some((reply, order)) = ordered
             && finished
         {
             let last = message.channel == WEBSOCKET_DISCONNECT;
-            match self.layer.ordering_done(&reply, order, last).await {
-                Ok(Some((channel, payload))) => self.resume(&channel, &payload).await,
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(reply_channel = %reply, order, error = %e, "could not record the message as run; the connection's later messages stay parked");
-                }
-            }
+            resume = self.ordering_done(&reply, order, last).await;
         }
         self.metrics.observe(started.elapsed());
+        resume
+    }
+
+    /// Records a strictly ordered message as run; returns its parked successor to run next.
+    async fn ordering_done(&self, reply: &str, order: u64, last: bool) -> Option<Envelope> {
+        match self.layer.ordering_done(reply, order, last).await {
+            Ok(u) => self.note_upkeep(reply, u.expired, u.skipped, u.resume),
+            Err(e) => {
+                tracing::error!(reply_channel = %reply, order, error = %e, "could not record the message as run; its successors wait for ordering upkeep (up to the expiry)");
+                self.revisit_later(reply);
+                None
+            }
+        }
     }
 
     /// Reads a streamed request body from its `body_channel` and returns the request with the
@@ -496,44 +692,79 @@ impl Worker {
             ctx = ctx.with_http_session(session);
         }
         let task = tokio::spawn(resolved.handler.call(message.clone(), ctx.clone()));
-        let outcome = task.await;
+        let _abort = AbortOnDrop(task.abort_handle());
+        let outcome = match tokio::time::timeout(self.consumer_timeout, task).await {
+            Ok(Ok(returned)) => Outcome::Returned(returned),
+            Ok(Err(join)) if join.is_panic() => Outcome::Panicked(panic_text(join.into_panic())),
+            Ok(Err(_)) => Outcome::Panicked("cancelled".to_owned()),
+            Err(_) => Outcome::TimedOut,
+        };
         let route = &*resolved.route;
         match outcome {
-            Ok(Ok(())) => {
+            Outcome::Returned(Ok(())) => {
                 WorkerMetrics::add(&self.metrics.consumed, 1);
                 for action in ctx.take_actions() {
                     self.apply(message, action).await;
                 }
                 true
             }
-            Ok(Err(ConsumerError::DenyConnection)) => {
+            Outcome::Returned(Err(ConsumerError::DenyConnection)) => {
                 WorkerMetrics::add(&self.metrics.consumed, 1);
                 self.reply_close(message, reply.as_deref(), None).await;
                 true
             }
-            Ok(Err(ConsumerError::Close(code))) => {
+            Outcome::Returned(Err(ConsumerError::Close(code))) => {
                 WorkerMetrics::add(&self.metrics.consumed, 1);
                 self.reply_close(message, reply.as_deref(), Some(code))
                     .await;
                 true
             }
             // Requeued: its turn is not over. Given up: it is, so its successors can run.
-            Ok(Err(ConsumerError::ConsumeLater)) => self.requeue(message).await,
-            Ok(Err(e)) => {
+            Outcome::Returned(Err(ConsumerError::ConsumeLater)) => self.requeue(message).await,
+            Outcome::Returned(Err(e)) => {
                 WorkerMetrics::add(&self.metrics.errors, 1);
                 tracing::error!(channel = %message.channel, route, reply_channel = ?reply, error = %e, "consumer failed; its sends were discarded");
+                self.after_failure(message, &ctx).await;
                 true
             }
-            Err(join) => {
+            Outcome::Panicked(what) => {
                 WorkerMetrics::add(&self.metrics.panics, 1);
-                let what = if join.is_panic() {
-                    panic_text(join.into_panic())
-                } else {
-                    "cancelled".to_owned()
-                };
                 tracing::error!(channel = %message.channel, route, reply_channel = ?reply, panic = %what, "consumer panicked; its sends were discarded");
+                self.after_failure(message, &ctx).await;
                 true
             }
+            Outcome::TimedOut => {
+                WorkerMetrics::add(&self.metrics.timeouts, 1);
+                tracing::error!(channel = %message.channel, route, reply_channel = ?reply, timeout_ms = self.consumer_timeout.as_millis() as u64, "consumer timed out and was aborted; its sends were discarded");
+                self.after_failure(message, &ctx).await;
+                true
+            }
+        }
+    }
+
+    /// After a consumer failed (error, panic, timeout), its sends are discarded, but the client
+    /// is answered (an `http.request` 500, a `websocket.connect` `{"close": true}`: a failed
+    /// consumer never replied, its outbox being discarded) and a `websocket.disconnect` still
+    /// leaves its groups.
+    async fn after_failure(&self, message: &Message, ctx: &Ctx) {
+        let actions = ctx.take_actions();
+        match message.channel.as_str() {
+            HTTP_REQUEST => {
+                self.reply_http(message, 500, "500 Internal Server Error\n")
+                    .await;
+            }
+            WEBSOCKET_CONNECT => {
+                self.reply_close(message, message.reply_channel(), None)
+                    .await;
+            }
+            WEBSOCKET_DISCONNECT => {
+                for action in actions {
+                    if matches!(action, Action::GroupDiscard { .. }) {
+                        self.apply(message, action).await;
+                    }
+                }
+            }
+            _ => {}
         }
     }
 
@@ -601,25 +832,6 @@ impl Worker {
                 WorkerMetrics::add(&self.metrics.dropped, 1);
                 tracing::error!(channel = %message.channel, error = %e, "cannot requeue a message; dropped");
                 true
-            }
-        }
-    }
-
-    /// Sends a parked message back to its channel, where it passes the ordering gate.
-    async fn resume(&self, channel: &str, payload: &Bytes) {
-        let mut waited = Duration::ZERO;
-        loop {
-            match self.layer.send_encoded(channel, payload).await {
-                Ok(()) => return,
-                Err(e) if (e.is_full() || e.is_unavailable()) && waited < FULL_RETRY_FOR * 5 => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    waited += Duration::from_millis(20);
-                }
-                Err(e) => {
-                    WorkerMetrics::add(&self.metrics.dropped, 1);
-                    tracing::error!(channel, error = %e, "could not resume a parked message; lost");
-                    return;
-                }
             }
         }
     }
