@@ -30,7 +30,7 @@ use thiserror::Error;
 pub use inbox::{LocalChannel, ProcessInbox};
 pub use memory::MemoryLayer;
 pub use metrics::{LayerMetrics, MetricsSnapshot};
-pub use ordering::Gate;
+pub use ordering::{Gate, GateOutcome, Upkeep};
 pub use redis::RedisLayer;
 pub use session::MemoryConnections;
 pub use settings::{LayerSettings, glob_matches, parse_channel_capacity};

@@ -172,6 +172,12 @@ pub struct WorkerArgs {
     /// Largest streamed request body in bytes a worker assembles; larger gets 413.
     #[arg(long, default_value_t = 64 << 20)]
     pub max_assembled_body: usize,
+    /// Seconds a consumer may run before it is aborted (and its client answered as on an error).
+    #[arg(long, env = "SWITCHYARD_CONSUMER_TIMEOUT", default_value_t = 300.0)]
+    pub consumer_timeout: f64,
+    /// Seconds a stopping worker waits for the messages in hand before aborting them.
+    #[arg(long, default_value_t = 30.0)]
+    pub stop_grace: f64,
 }
 
 /// `switchyard serve`
@@ -393,6 +399,20 @@ fn worker_exposition(e: &mut Exposition, m: &WorkerMetrics) {
         ],
     )
     .counter(
+        "switchyard_consumer_timeouts_total",
+        "Consumers aborted for running longer than --consumer-timeout.",
+        s.timeouts,
+    )
+    .counter_by(
+        "switchyard_ordering_total",
+        "Strict-ordering events: parked messages dropped past expiry, gaps skipped.",
+        "event",
+        &[
+            ("expired", s.ordering_expired),
+            ("skipped", s.ordering_skipped),
+        ],
+    )
+    .counter(
         "switchyard_parked_total",
         "Messages parked to wait for their predecessors (strict ordering).",
         s.parked,
@@ -455,7 +475,9 @@ fn build_worker(layer: &Layer, layer_url: &str, args: &WorkerArgs) -> anyhow::Re
         .only_channels(&args.only_channels)
         .exclude_channels(&args.exclude_channels)
         .body_receive_timeout(secs("body-receive-timeout", args.body_receive_timeout)?)
-        .max_request_body(args.max_assembled_body);
+        .max_request_body(args.max_assembled_body)
+        .consumer_timeout(secs("consumer-timeout", args.consumer_timeout)?)
+        .stop_grace(secs("stop-grace", args.stop_grace)?);
     if let Some(secret) = &args.django_secret_key {
         let redis = django_session_redis(args, layer_url)?;
         worker = worker.http_sessions(DjangoSessions::new(DjangoSessionConfig::new(
@@ -596,6 +618,8 @@ mod tests {
             django_session_redis: session_redis.map(str::to_owned),
             body_receive_timeout: 60.0,
             max_assembled_body: 1,
+            consumer_timeout: 300.0,
+            stop_grace: 30.0,
         }
     }
 
