@@ -141,6 +141,29 @@ async fn no_worker_reply_is_504() {
 }
 
 #[tokio::test]
+async fn huge_configured_timeouts_do_not_overflow_deadlines() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let huge = Duration::from_secs(u64::MAX / 2);
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            http_timeout: huge,
+            websocket_connect_timeout: huge,
+            body_full_retry: huge,
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let _worker = Worker::echo(&layer).await;
+    let resp = http_client().get(server.url("/far")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "echo: /far");
+    let _ws = ws_connect(&server.ws_url("/far")).await;
+}
+
+#[tokio::test]
 async fn full_request_channel_is_503_with_retry_after() {
     let settings = LayerSettings {
         channel_capacity: vec![("http.request".into(), 1)],

@@ -301,7 +301,7 @@ async fn respond(
     // While the body is still going out, the worker cannot be expected to answer yet.
     let mut deadline = pump_end
         .is_none()
-        .then(|| tokio::time::Instant::now() + config.http_timeout);
+        .then(|| super::deadline_after(config.http_timeout));
     let first = loop {
         let reply = async {
             match deadline {
@@ -324,7 +324,7 @@ async fn respond(
                 pump_end = None;
                 match end {
                     PumpEnd::Complete => {
-                        deadline = Some(tokio::time::Instant::now() + config.http_timeout);
+                        deadline = Some(super::deadline_after(config.http_timeout));
                         continue;
                     }
                     PumpEnd::ClientGone => {
@@ -668,7 +668,7 @@ impl BodyPump {
         chunk.content = ByteString::from(content.to_vec());
         chunk.more_content = more_content;
         let payload = codec::to_msgpack(&chunk).map_err(|e| PumpEnd::Refused(e.into()))?;
-        let give_up = tokio::time::Instant::now() + self.shared.config.body_full_retry;
+        let give_up = super::deadline_after(self.shared.config.body_full_retry);
         let mut pause = Duration::from_millis(5);
         loop {
             if self.stop.is_cancelled() {

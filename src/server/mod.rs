@@ -376,6 +376,14 @@ async fn refuse_connection(mut tcp: TcpStream) {
     .await;
 }
 
+/// `now + after`, or a deadline decades away when that overflows: a configured duration may be
+/// anything up to `Duration::MAX` (`--http-timeout 1e19`), and `Instant + Duration` panics.
+pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
+    let now = tokio::time::Instant::now();
+    now.checked_add(after).unwrap_or_else(|| now + FAR)
+}
+
 fn check_config(c: &ServerConfig) -> Result<(), ServerError> {
     let bad = |what: &str| Err(ServerError::Config(what.to_owned()));
     if c.max_connections == 0 {

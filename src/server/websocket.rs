@@ -176,7 +176,7 @@ pub(crate) async fn handshake(
             1,
         )),
     };
-    let deadline = tokio::time::Instant::now() + shared.config.websocket_connect_timeout;
+    let deadline = super::deadline_after(shared.config.websocket_connect_timeout);
     let first = loop {
         match tokio::time::timeout_at(deadline, local.recv()).await {
             Ok(Some(envelope)) => match shared.frames.decode(&envelope) {
