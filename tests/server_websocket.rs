@@ -162,6 +162,40 @@ async fn server_close_with_code_reaches_client_and_worker() {
     assert_eq!((d.code, d.order), (4001, 2));
 }
 
+#[tokio::test]
+async fn unsendable_close_codes_from_workers_become_1011() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    // Closes with the code the client sends as text.
+    let mut worker = Worker::spawn(
+        &layer,
+        &[WEBSOCKET_CONNECT, WEBSOCKET_RECEIVE, WEBSOCKET_DISCONNECT],
+        |e| match e.channel.as_str() {
+            WEBSOCKET_CONNECT => {
+                let m: WebsocketConnect = e.decode().unwrap();
+                vec![out(&m.reply_channel, &WebsocketSend::accept())]
+            }
+            WEBSOCKET_RECEIVE => {
+                let m: WebsocketReceive = e.decode().unwrap();
+                let code: u16 = m.text.unwrap().parse().unwrap();
+                vec![out(&m.reply_channel, &WebsocketSend::close(Some(code)))]
+            }
+            _ => vec![],
+        },
+    )
+    .await;
+    for (asked, expected) in [(1006, 1011), (5000, 1011), (1015, 1011), (4000, 4000)] {
+        let mut ws = ws_connect(&server.ws_url("/bad-close")).await;
+        send_text(&mut ws, &asked.to_string()).await;
+        assert_eq!(close_code(&mut ws).await, Some(expected), "asked {asked}");
+        let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+        assert_eq!(d.code, expected, "asked {asked}");
+    }
+    assert_eq!(server.metrics.snapshot().bad_replies, 3);
+}
+
 async fn group_fan_out(backend: Backend) {
     let fx = Fixture::new(backend, LayerSettings::default()).await;
     let server = TestServer::start(fx.layer.clone(), ServerConfig::default()).await;

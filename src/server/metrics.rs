@@ -80,7 +80,8 @@ pub struct ServerMetricsSnapshot {
     pub slow_client_closes: u64,
     /// Sockets dropped because a ping got no pong within `ping_timeout`.
     pub ping_timeouts: u64,
-    /// Replies from workers that could not be decoded or made no sense (ignored).
+    /// Replies from workers that could not be decoded or made no sense (ignored, or for a close
+    /// code that may not be sent, replaced by 1011).
     pub bad_replies: u64,
 }
 

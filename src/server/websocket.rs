@@ -415,6 +415,10 @@ impl Socket {
                     frames += 1;
                 }
                 if let Some(code) = reply.close {
+                    if let Some(refused) = reply.refused_close {
+                        ServerMetrics::inc(&self.shared.metrics.bad_replies);
+                        tracing::warn!(client = %self.client, path = %self.path, code = refused, "worker asked for a close code that may not be sent; closing with 1011");
+                    }
                     close = Some(code);
                     break;
                 }
