@@ -141,6 +141,32 @@ async fn no_worker_reply_is_504() {
 }
 
 #[tokio::test]
+async fn a_504_tells_the_consumer_with_http_disconnect() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            http_timeout: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    // Reads requests, never answers.
+    let mut worker = Worker::spawn(&layer, &[HTTP_REQUEST, HTTP_DISCONNECT], |_| vec![]).await;
+    let resp = http_client().get(server.url("/late")).send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+    let request: HttpRequest = worker.next_on(HTTP_REQUEST).await.decode().unwrap();
+    let gone: HttpDisconnect = worker.next_on(HTTP_DISCONNECT).await.decode().unwrap();
+    assert_eq!(
+        (gone.reply_channel.as_str(), gone.path.as_str()),
+        (request.reply_channel.as_str(), "/late")
+    );
+    assert_eq!(server.metrics.snapshot().http_disconnects, 1);
+}
+
+#[tokio::test]
 async fn huge_configured_timeouts_do_not_overflow_deadlines() {
     let layer = Layer::from_url("memory://", LayerSettings::default())
         .await

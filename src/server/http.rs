@@ -355,8 +355,9 @@ async fn respond(
             },
             Some(None) => return unavailable(shared, "Server shutting down\n"),
             None => {
+                // The guard stays armed: a consumer still working on the request (or about to
+                // stream it) learns from `http.disconnect` that nobody waits for it any more.
                 ServerMetrics::inc(&shared.metrics.http_504);
-                guard.disarm();
                 return plain(
                     StatusCode::GATEWAY_TIMEOUT,
                     "Worker failed to respond within time limit\n",
