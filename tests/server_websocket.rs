@@ -545,6 +545,69 @@ async fn idle_and_lifetime_limits_close_1000() {
     assert_eq!(d.code, 1000);
 }
 
+/// A client that floods frames as fast as it can still gets its echoes, and its lifetime close:
+/// a server reading first would always find another frame and never look at anything else. Over
+/// Redis each frame costs the server a round trip, so the client outpaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flooding_client_still_gets_replies_and_its_lifetime_close() {
+    use futures_util::StreamExt;
+    let settings = LayerSettings {
+        channel_capacity: vec![("websocket.receive".into(), 1_000_000)],
+        ..LayerSettings::default()
+    };
+    let fx = Fixture::new(Backend::Redis, settings).await;
+    let server = TestServer::start(
+        fx.layer.clone(),
+        ServerConfig {
+            websocket_lifetime: Some(Duration::from_secs(1)),
+            slow_client: SlowClientPolicy::Drop,
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let _worker = Worker::echo(&fx.layer).await;
+    let ws = ws_connect(&server.ws_url("/flood")).await;
+    let (mut sink, mut stream) = ws.split();
+    let flood = tokio::spawn(async move {
+        let mut sent = 0u64;
+        'flood: loop {
+            for _ in 0..64 {
+                if sink.feed(Message::text("flood")).await.is_err() {
+                    break 'flood;
+                }
+                sent += 1;
+            }
+            if sink.flush().await.is_err() {
+                break;
+            }
+        }
+        sent
+    });
+    let (echoes, code) = tokio::time::timeout(WAIT, async {
+        let mut echoes = 0u64;
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    assert_eq!(t.as_str(), "flood");
+                    echoes += 1;
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return (echoes, frame.map(|f| u16::from(f.code)));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("socket failed before its close: {e}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    })
+    .await
+    .expect("a flooding client was never closed at its lifetime");
+    assert_eq!(code, Some(1000));
+    assert!(echoes > 0, "no echo reached the flooding client");
+    let sent = tokio::time::timeout(WAIT, flood).await.unwrap().unwrap();
+    assert!(sent >= echoes);
+}
+
 #[tokio::test]
 async fn sockets_survive_a_redis_outage() {
     let mut fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;

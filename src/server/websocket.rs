@@ -340,8 +340,11 @@ impl Socket {
         tokio::pin!(timer);
         while end.is_none() {
             timer.as_mut().reset(self.next_deadline().into());
+            // Not `biased`: a client that keeps the stream ready (a flood of frames) must not
+            // starve its own replies and timers (its lifetime close), and a worker flooding the
+            // reply channel must not starve reading (pongs, close replies). Random order gives
+            // every ready source its turn.
             let event = tokio::select! {
-                biased;
                 _ = self.shared.shutdown.cancelled() => Event::Shutdown,
                 incoming = ws.next() => Event::Incoming(incoming),
                 outgoing = self.local.recv() => Event::Outgoing(outgoing),
