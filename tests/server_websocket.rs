@@ -682,6 +682,79 @@ async fn shutdown_closes_sockets_with_1001_and_tells_workers() {
     assert_eq!(server.metrics.snapshot().open_websockets, 0);
 }
 
+/// Many sockets closing at once on shutdown into a `websocket.disconnect` channel that holds two:
+/// every disconnect still reaches the worker (retried while full), none is lost.
+#[tokio::test]
+async fn shutdown_disconnects_are_retried_while_the_channel_is_full() {
+    let settings = LayerSettings {
+        channel_capacity: vec![("websocket.disconnect".into(), 2)],
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    let mut server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let mut worker = Worker::echo(&layer).await;
+    const SOCKETS: usize = 30;
+    let mut sockets = Vec::new();
+    for i in 0..SOCKETS {
+        sockets.push(ws_connect(&server.ws_url(&format!("/s{i}"))).await);
+    }
+    let metrics = std::sync::Arc::clone(&server.metrics);
+    let stopping = tokio::spawn(async move { server.stop().await });
+    for ws in &mut sockets {
+        assert_eq!(close_code(ws).await, Some(1001));
+    }
+    let mut paths = Vec::new();
+    for _ in 0..SOCKETS {
+        let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+        assert_eq!((d.code, d.order), (1001, 1));
+        paths.push(d.path);
+    }
+    paths.sort();
+    paths.dedup();
+    assert_eq!(paths.len(), SOCKETS);
+    tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
+    assert_eq!(metrics.snapshot().ws_disconnects_lost, 0);
+}
+
+/// A disconnect the layer still refuses when the shutdown grace ends is counted as lost.
+#[tokio::test]
+async fn disconnects_refused_past_the_grace_are_counted_lost() {
+    let settings = LayerSettings {
+        channel_capacity: vec![("websocket.disconnect".into(), 1)],
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    let mut server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            shutdown_grace: Duration::from_millis(1500),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    // Accepts sockets, never reads websocket.disconnect.
+    let _worker = Worker::spawn(&layer, &[WEBSOCKET_CONNECT], echo_answer).await;
+    let mut sockets = Vec::new();
+    for i in 0..3 {
+        sockets.push(ws_connect(&server.ws_url(&format!("/l{i}"))).await);
+    }
+    let metrics = std::sync::Arc::clone(&server.metrics);
+    server.stop().await;
+    for ws in &mut sockets {
+        assert_eq!(close_code(ws).await, Some(1001));
+    }
+    assert_eq!(layer.channel_depth(WEBSOCKET_DISCONNECT).await.unwrap(), 1);
+    // Tasks past the grace are not waited for by `serve`; the last retry ends with it.
+    tokio::time::timeout(WAIT, async {
+        while metrics.snapshot().ws_disconnects_lost < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("refused disconnects were not counted");
+    assert_eq!(metrics.snapshot().ws_disconnects_lost, 2);
+}
+
 #[tokio::test]
 async fn subprotocol_is_chosen_from_the_allowed_list() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;

@@ -206,6 +206,23 @@ pub(crate) struct Shared {
     pub(crate) local_addr: SocketAddr,
     pub(crate) lifetime: Duration,
     pub(crate) started: Instant,
+    /// When the shutdown was first noticed (by `serve` or a socket, whichever came first).
+    pub(crate) shutdown_at: std::sync::OnceLock<tokio::time::Instant>,
+}
+
+impl Shared {
+    /// The end of the shutdown grace, once shutdown has begun.
+    pub(crate) fn shutdown_deadline(&self) -> Option<tokio::time::Instant> {
+        if !self.shutdown.is_cancelled() {
+            return None;
+        }
+        let began = *self.shutdown_at.get_or_init(tokio::time::Instant::now);
+        Some(
+            began
+                .checked_add(self.config.shutdown_grace)
+                .unwrap_or_else(|| deadline_after(self.config.shutdown_grace)),
+        )
+    }
 }
 
 /// A bound interface server, ready to [`serve`](Server::serve).
@@ -267,6 +284,7 @@ impl Server {
             shutdown: shutdown.clone(),
             tracker: TaskTracker::new(),
             started: Instant::now(),
+            shutdown_at: std::sync::OnceLock::new(),
             config: self.config,
             layer,
             inbox,
@@ -316,7 +334,10 @@ impl Server {
         drop(self.listener);
         tracing::info!("interface server stopping: no new connections");
         shared.tracker.close();
-        if tokio::time::timeout(shared.config.shutdown_grace, shared.tracker.wait())
+        let grace_ends = shared
+            .shutdown_deadline()
+            .unwrap_or_else(|| deadline_after(shared.config.shutdown_grace));
+        if tokio::time::timeout_at(grace_ends, shared.tracker.wait())
             .await
             .is_err()
         {
