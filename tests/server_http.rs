@@ -374,6 +374,39 @@ async fn healthz_is_answered_without_workers() {
     assert_eq!(server.metrics.snapshot().http_requests, 0);
 }
 
+/// Once the inbox is stopped (here: the shutdown grace ended with a request and a handshake still
+/// waiting), no reply can come: both are answered 503 at once, not after their timeouts.
+#[tokio::test]
+async fn waiting_requests_get_503_once_replies_cannot_arrive() {
+    use switchyard::asgi::WEBSOCKET_CONNECT;
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let mut server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            http_timeout: Duration::from_secs(60),
+            websocket_connect_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    // Reads requests and connects, never answers.
+    let mut worker = Worker::spawn(&layer, &[HTTP_REQUEST, WEBSOCKET_CONNECT], |_| vec![]).await;
+    let request = tokio::spawn(http_client().get(server.url("/stuck")).send());
+    worker.next_on(HTTP_REQUEST).await;
+    let ws_url = server.ws_url("/stuck-ws");
+    let handshake = tokio::spawn(async move { ws_refused_status(&ws_url).await });
+    worker.next_on(WEBSOCKET_CONNECT).await;
+    // The client gives up after WAIT, far below the 60 s timeouts: a 503 must come from the stop.
+    server.stop().await;
+    let resp = request.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.text().await.unwrap(), "Replies cannot be received\n");
+    assert_eq!(handshake.await.unwrap(), 503);
+}
+
 #[tokio::test]
 async fn proxy_headers_only_when_enabled() {
     let layer = Layer::from_url("memory://", LayerSettings::default())

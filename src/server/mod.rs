@@ -34,6 +34,9 @@
 //!   → the connection is dropped (disconnect code 1006); `idle_timeout` without frames either way
 //!   → close 1000; open longer than the layer's group expiry (or `websocket_lifetime`) → close 1000,
 //!   as daphne's `--websocket_timeout`; server shutdown → close 1001.
+//! - the process inbox stops delivering replies (its loop found dead by probes, or stopped after
+//!   the shutdown grace) → sockets close with 1011, requests and handshakes get 503 at once, and
+//!   `/healthz` answers 503.
 //! - slow readers: each socket's outbound queue holds `outbound_queue` messages; on overflow the
 //!   [`SlowClientPolicy`] applies (default: close 1013), and every drop is counted; a write stalled
 //!   past `write_timeout` drops the connection. A streamed HTTP response whose chunks overflow the
@@ -41,6 +44,7 @@
 //! - `/healthz` (under `root_path` too) is answered by the server itself.
 
 mod http;
+mod inbox_watch;
 mod metrics;
 mod outbound;
 mod request;
@@ -202,6 +206,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<ServerMetrics>,
     pub(crate) frames: outbound::FrameCache,
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when no reply can reach a connection any more: the inbox loop was found dead
+    /// ([`inbox_watch`]) or the server stopped it. Sockets close with 1011, requests get 503.
+    pub(crate) inbox_gone: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) local_addr: SocketAddr,
     pub(crate) lifetime: Duration,
@@ -282,6 +289,7 @@ impl Server {
             local_addr: self.local_addr,
             metrics: Arc::clone(&self.metrics),
             shutdown: shutdown.clone(),
+            inbox_gone: CancellationToken::new(),
             tracker: TaskTracker::new(),
             started: Instant::now(),
             shutdown_at: std::sync::OnceLock::new(),
@@ -298,6 +306,13 @@ impl Server {
             .max_headers(shared.config.max_headers)
             .max_buf_size(shared.config.max_header_size.max(8192) * 2)
             .keep_alive(true);
+        tokio::spawn(inbox_watch::watch(
+            shared.layer.clone(),
+            shared.inbox.clone(),
+            shared.inbox_gone.clone(),
+            shutdown.clone(),
+            inbox_watch::InboxWatch::default(),
+        ));
         tracing::info!(addr = %self.local_addr, layer = %shared.layer.describe(), inbox = %shared.inbox.name(), "interface server listening");
         loop {
             let accepted = tokio::select! {
@@ -346,6 +361,8 @@ impl Server {
                 "shutdown grace elapsed with connections still open"
             );
         }
+        // From here no reply can arrive: whatever outlived the grace stops waiting for one.
+        shared.inbox_gone.cancel();
         shared.inbox.shutdown(Duration::from_secs(2)).await;
         tracing::info!("interface server stopped");
         Ok(())

@@ -183,6 +183,10 @@ pub(crate) async fn handshake(
     };
     let client = format!("{}:{}", head.client.0, head.client.1);
     let path = head.path.clone();
+    if shared.inbox_gone.is_cancelled() {
+        ws_log(&client, "WSREJECT", &path, Some(503));
+        return unavailable(&shared, "Replies cannot be received\n");
+    }
     let mut local = shared
         .inbox
         .channel_with_buffer(shared.config.outbound_queue);
@@ -218,7 +222,11 @@ pub(crate) async fn handshake(
     };
     let deadline = super::deadline_after(shared.config.websocket_connect_timeout);
     let first = loop {
-        match tokio::time::timeout_at(deadline, local.recv()).await {
+        let reply = tokio::select! {
+            _ = shared.inbox_gone.cancelled() => Ok(None),
+            reply = tokio::time::timeout_at(deadline, local.recv()) => reply,
+        };
+        match reply {
             Ok(Some(envelope)) => match shared.frames.decode(&envelope) {
                 Ok(reply) if reply.accepts() => break reply,
                 Ok(reply) if reply.accept == Some(false) || reply.close.is_some() => {
@@ -232,7 +240,10 @@ pub(crate) async fn handshake(
                     tracing::warn!(channel = %reply_channel, error = %e, "socket reply ignored");
                 }
             },
-            Ok(None) => return unavailable(&shared, "Server shutting down\n"),
+            Ok(None) => {
+                ws_log(&client, "WSREJECT", &path, Some(503));
+                return unavailable(&shared, "Replies cannot be received\n");
+            }
             Err(_) => {
                 ServerMetrics::inc(&shared.metrics.ws_connect_timeouts);
                 ws_log(&client, "WSREJECT", &path, Some(503));
@@ -329,6 +340,7 @@ enum End {
 enum Event {
     Shutdown,
     Incoming(Option<Result<Message, WsError>>),
+    /// A reply, or `None`: no reply can come any more (the inbox is gone).
     Outgoing(Option<crate::layer::Envelope>),
     Tick,
 }
@@ -386,6 +398,7 @@ impl Socket {
             // every ready source its turn.
             let event = tokio::select! {
                 _ = self.shared.shutdown.cancelled() => Event::Shutdown,
+                _ = self.shared.inbox_gone.cancelled() => Event::Outgoing(None),
                 incoming = ws.next() => Event::Incoming(incoming),
                 outgoing = self.local.recv() => Event::Outgoing(outgoing),
                 _ = &mut timer => Event::Tick,
@@ -395,7 +408,10 @@ impl Socket {
                     self.shutdown_stagger().await;
                     Some(End::ServerClosed(1001))
                 }
-                Event::Outgoing(None) => Some(End::ServerClosed(1001)),
+                Event::Outgoing(None) => {
+                    tracing::warn!(client = %self.client, path = %self.path, "replies cannot reach this socket any more; closing with 1011");
+                    Some(End::ServerClosed(1011))
+                }
                 Event::Incoming(incoming) => Box::pin(self.on_incoming(incoming)).await,
                 Event::Outgoing(Some(envelope)) => {
                     let mut batch = Vec::with_capacity(4);
