@@ -141,6 +141,55 @@ async fn no_worker_reply_is_504() {
 }
 
 #[tokio::test]
+async fn a_504_tells_the_consumer_with_http_disconnect() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            http_timeout: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    // Reads requests, never answers.
+    let mut worker = Worker::spawn(&layer, &[HTTP_REQUEST, HTTP_DISCONNECT], |_| vec![]).await;
+    let resp = http_client().get(server.url("/late")).send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+    let request: HttpRequest = worker.next_on(HTTP_REQUEST).await.decode().unwrap();
+    let gone: HttpDisconnect = worker.next_on(HTTP_DISCONNECT).await.decode().unwrap();
+    assert_eq!(
+        (gone.reply_channel.as_str(), gone.path.as_str()),
+        (request.reply_channel.as_str(), "/late")
+    );
+    assert_eq!(server.metrics.snapshot().http_disconnects, 1);
+}
+
+#[tokio::test]
+async fn huge_configured_timeouts_do_not_overflow_deadlines() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let huge = Duration::from_secs(u64::MAX / 2);
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            http_timeout: huge,
+            websocket_connect_timeout: huge,
+            body_full_retry: huge,
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let _worker = Worker::echo(&layer).await;
+    let resp = http_client().get(server.url("/far")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "echo: /far");
+    let _ws = ws_connect(&server.ws_url("/far")).await;
+}
+
+#[tokio::test]
 async fn full_request_channel_is_503_with_retry_after() {
     let settings = LayerSettings {
         channel_capacity: vec![("http.request".into(), 1)],
@@ -323,6 +372,39 @@ async fn healthz_is_answered_without_workers() {
     assert_eq!(body["layer"], "ok");
     assert_eq!(layer.channel_depth(HTTP_REQUEST).await.unwrap(), 0);
     assert_eq!(server.metrics.snapshot().http_requests, 0);
+}
+
+/// Once the inbox is stopped (here: the shutdown grace ended with a request and a handshake still
+/// waiting), no reply can come: both are answered 503 at once, not after their timeouts.
+#[tokio::test]
+async fn waiting_requests_get_503_once_replies_cannot_arrive() {
+    use switchyard::asgi::WEBSOCKET_CONNECT;
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let mut server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            http_timeout: Duration::from_secs(60),
+            websocket_connect_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    // Reads requests and connects, never answers.
+    let mut worker = Worker::spawn(&layer, &[HTTP_REQUEST, WEBSOCKET_CONNECT], |_| vec![]).await;
+    let request = tokio::spawn(http_client().get(server.url("/stuck")).send());
+    worker.next_on(HTTP_REQUEST).await;
+    let ws_url = server.ws_url("/stuck-ws");
+    let handshake = tokio::spawn(async move { ws_refused_status(&ws_url).await });
+    worker.next_on(WEBSOCKET_CONNECT).await;
+    // The client gives up after WAIT, far below the 60 s timeouts: a 503 must come from the stop.
+    server.stop().await;
+    let resp = request.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.text().await.unwrap(), "Replies cannot be received\n");
+    assert_eq!(handshake.await.unwrap(), 503);
 }
 
 #[tokio::test]

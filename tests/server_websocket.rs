@@ -162,6 +162,40 @@ async fn server_close_with_code_reaches_client_and_worker() {
     assert_eq!((d.code, d.order), (4001, 2));
 }
 
+#[tokio::test]
+async fn unsendable_close_codes_from_workers_become_1011() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    // Closes with the code the client sends as text.
+    let mut worker = Worker::spawn(
+        &layer,
+        &[WEBSOCKET_CONNECT, WEBSOCKET_RECEIVE, WEBSOCKET_DISCONNECT],
+        |e| match e.channel.as_str() {
+            WEBSOCKET_CONNECT => {
+                let m: WebsocketConnect = e.decode().unwrap();
+                vec![out(&m.reply_channel, &WebsocketSend::accept())]
+            }
+            WEBSOCKET_RECEIVE => {
+                let m: WebsocketReceive = e.decode().unwrap();
+                let code: u16 = m.text.unwrap().parse().unwrap();
+                vec![out(&m.reply_channel, &WebsocketSend::close(Some(code)))]
+            }
+            _ => vec![],
+        },
+    )
+    .await;
+    for (asked, expected) in [(1006, 1011), (5000, 1011), (1015, 1011), (4000, 4000)] {
+        let mut ws = ws_connect(&server.ws_url("/bad-close")).await;
+        send_text(&mut ws, &asked.to_string()).await;
+        assert_eq!(close_code(&mut ws).await, Some(expected), "asked {asked}");
+        let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+        assert_eq!(d.code, expected, "asked {asked}");
+    }
+    assert_eq!(server.metrics.snapshot().bad_replies, 3);
+}
+
 async fn group_fan_out(backend: Backend) {
     let fx = Fixture::new(backend, LayerSettings::default()).await;
     let server = TestServer::start(fx.layer.clone(), ServerConfig::default()).await;
@@ -511,6 +545,69 @@ async fn idle_and_lifetime_limits_close_1000() {
     assert_eq!(d.code, 1000);
 }
 
+/// A client that floods frames as fast as it can still gets its echoes, and its lifetime close:
+/// a server reading first would always find another frame and never look at anything else. Over
+/// Redis each frame costs the server a round trip, so the client outpaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flooding_client_still_gets_replies_and_its_lifetime_close() {
+    use futures_util::StreamExt;
+    let settings = LayerSettings {
+        channel_capacity: vec![("websocket.receive".into(), 1_000_000)],
+        ..LayerSettings::default()
+    };
+    let fx = Fixture::new(Backend::Redis, settings).await;
+    let server = TestServer::start(
+        fx.layer.clone(),
+        ServerConfig {
+            websocket_lifetime: Some(Duration::from_secs(1)),
+            slow_client: SlowClientPolicy::Drop,
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let _worker = Worker::echo(&fx.layer).await;
+    let ws = ws_connect(&server.ws_url("/flood")).await;
+    let (mut sink, mut stream) = ws.split();
+    let flood = tokio::spawn(async move {
+        let mut sent = 0u64;
+        'flood: loop {
+            for _ in 0..64 {
+                if sink.feed(Message::text("flood")).await.is_err() {
+                    break 'flood;
+                }
+                sent += 1;
+            }
+            if sink.flush().await.is_err() {
+                break;
+            }
+        }
+        sent
+    });
+    let (echoes, code) = tokio::time::timeout(WAIT, async {
+        let mut echoes = 0u64;
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    assert_eq!(t.as_str(), "flood");
+                    echoes += 1;
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return (echoes, frame.map(|f| u16::from(f.code)));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("socket failed before its close: {e}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    })
+    .await
+    .expect("a flooding client was never closed at its lifetime");
+    assert_eq!(code, Some(1000));
+    assert!(echoes > 0, "no echo reached the flooding client");
+    let sent = tokio::time::timeout(WAIT, flood).await.unwrap().unwrap();
+    assert!(sent >= echoes);
+}
+
 #[tokio::test]
 async fn sockets_survive_a_redis_outage() {
     let mut fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
@@ -583,6 +680,79 @@ async fn shutdown_closes_sockets_with_1001_and_tells_workers() {
     );
     let server = tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
     assert_eq!(server.metrics.snapshot().open_websockets, 0);
+}
+
+/// Many sockets closing at once on shutdown into a `websocket.disconnect` channel that holds two:
+/// every disconnect still reaches the worker (retried while full), none is lost.
+#[tokio::test]
+async fn shutdown_disconnects_are_retried_while_the_channel_is_full() {
+    let settings = LayerSettings {
+        channel_capacity: vec![("websocket.disconnect".into(), 2)],
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    let mut server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let mut worker = Worker::echo(&layer).await;
+    const SOCKETS: usize = 30;
+    let mut sockets = Vec::new();
+    for i in 0..SOCKETS {
+        sockets.push(ws_connect(&server.ws_url(&format!("/s{i}"))).await);
+    }
+    let metrics = std::sync::Arc::clone(&server.metrics);
+    let stopping = tokio::spawn(async move { server.stop().await });
+    for ws in &mut sockets {
+        assert_eq!(close_code(ws).await, Some(1001));
+    }
+    let mut paths = Vec::new();
+    for _ in 0..SOCKETS {
+        let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+        assert_eq!((d.code, d.order), (1001, 1));
+        paths.push(d.path);
+    }
+    paths.sort();
+    paths.dedup();
+    assert_eq!(paths.len(), SOCKETS);
+    tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
+    assert_eq!(metrics.snapshot().ws_disconnects_lost, 0);
+}
+
+/// A disconnect the layer still refuses when the shutdown grace ends is counted as lost.
+#[tokio::test]
+async fn disconnects_refused_past_the_grace_are_counted_lost() {
+    let settings = LayerSettings {
+        channel_capacity: vec![("websocket.disconnect".into(), 1)],
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    let mut server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            shutdown_grace: Duration::from_millis(1500),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    // Accepts sockets, never reads websocket.disconnect.
+    let _worker = Worker::spawn(&layer, &[WEBSOCKET_CONNECT], echo_answer).await;
+    let mut sockets = Vec::new();
+    for i in 0..3 {
+        sockets.push(ws_connect(&server.ws_url(&format!("/l{i}"))).await);
+    }
+    let metrics = std::sync::Arc::clone(&server.metrics);
+    server.stop().await;
+    for ws in &mut sockets {
+        assert_eq!(close_code(ws).await, Some(1001));
+    }
+    assert_eq!(layer.channel_depth(WEBSOCKET_DISCONNECT).await.unwrap(), 1);
+    // Tasks past the grace are not waited for by `serve`; the last retry ends with it.
+    tokio::time::timeout(WAIT, async {
+        while metrics.snapshot().ws_disconnects_lost < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("refused disconnects were not counted");
+    assert_eq!(metrics.snapshot().ws_disconnects_lost, 2);
 }
 
 #[tokio::test]

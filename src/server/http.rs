@@ -83,7 +83,8 @@ pub(crate) fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-/// `/healthz`: answered here, never by a worker. 200 while the server runs; `layer` says whether
+/// `/healthz`: answered here, never by a worker. 200 while the server runs (503 once its inbox
+/// is gone: it can answer nothing, a restart is the cure); `layer` says whether
 /// the channel layer answered within a second (a liveness probe should not restart the server
 /// because Redis is down, a readiness probe can look at the field).
 async fn healthz(shared: &Shared) -> Response<Body> {
@@ -96,8 +97,10 @@ async fn healthz(shared: &Shared) -> Response<Body> {
         Ok(Ok(_))
     );
     let m = shared.metrics.snapshot();
+    let inbox_ok = !shared.inbox_gone.is_cancelled();
     let body = serde_json::json!({
-        "status": "ok",
+        "status": if inbox_ok { "ok" } else { "failing" },
+        "inbox": if inbox_ok { "ok" } else { "gone" },
         "layer": if layer_ok { "ok" } else { "unavailable" },
         "open_connections": m.open_connections,
         "open_websockets": m.open_websockets,
@@ -105,6 +108,9 @@ async fn healthz(shared: &Shared) -> Response<Body> {
     })
     .to_string();
     let mut resp = Response::new(full(Bytes::from(body)));
+    if !inbox_ok {
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
@@ -238,6 +244,9 @@ async fn respond(
             return plain(StatusCode::REQUEST_TIMEOUT, "Request body too slow\n");
         }
     };
+    if shared.inbox_gone.is_cancelled() {
+        return unavailable(shared, "Replies cannot be received\n");
+    }
     let mut local = shared.inbox.channel_with_buffer(config.outbound_queue);
     let mut message = HttpRequest::new(local.name(), method, head.path.clone());
     message.http_version = match parts.version {
@@ -301,7 +310,7 @@ async fn respond(
     // While the body is still going out, the worker cannot be expected to answer yet.
     let mut deadline = pump_end
         .is_none()
-        .then(|| tokio::time::Instant::now() + config.http_timeout);
+        .then(|| super::deadline_after(config.http_timeout));
     let first = loop {
         let reply = async {
             match deadline {
@@ -316,6 +325,7 @@ async fn respond(
             }
         };
         let next = tokio::select! {
+            _ = shared.inbox_gone.cancelled() => Some(None),
             next = reply => next.map(|n| n.map(Ok)),
             end = pumped => Some(Some(Err(end))),
         };
@@ -324,7 +334,7 @@ async fn respond(
                 pump_end = None;
                 match end {
                     PumpEnd::Complete => {
-                        deadline = Some(tokio::time::Instant::now() + config.http_timeout);
+                        deadline = Some(super::deadline_after(config.http_timeout));
                         continue;
                     }
                     PumpEnd::ClientGone => {
@@ -353,10 +363,14 @@ async fn respond(
                     tracing::warn!(channel = %envelope.channel, error = %e, "undecodable HTTP response ignored");
                 }
             },
-            Some(None) => return unavailable(shared, "Server shutting down\n"),
+            Some(None) => {
+                tracing::warn!(channel = %local.name(), "replies cannot be received; answering 503");
+                return unavailable(shared, "Replies cannot be received\n");
+            }
             None => {
+                // The guard stays armed: a consumer still working on the request (or about to
+                // stream it) learns from `http.disconnect` that nobody waits for it any more.
                 ServerMetrics::inc(&shared.metrics.http_504);
-                guard.disarm();
                 return plain(
                     StatusCode::GATEWAY_TIMEOUT,
                     "Worker failed to respond within time limit\n",
@@ -426,7 +440,10 @@ fn streaming_body(
             return None;
         }
         loop {
-            let next = tokio::time::timeout(s.shared.config.http_timeout, s.local.recv()).await;
+            let next = tokio::select! {
+                _ = s.shared.inbox_gone.cancelled() => Ok(None),
+                next = tokio::time::timeout(s.shared.config.http_timeout, s.local.recv()) => next,
+            };
             let failure = match next {
                 Ok(Some(envelope)) => {
                     if s.local.dropped() > 0 {
@@ -449,7 +466,7 @@ fn streaming_body(
                         }
                     }
                 }
-                Ok(None) => "server shutting down",
+                Ok(None) => "replies cannot be received",
                 Err(_) => "no response chunk within the HTTP timeout",
             };
             ServerMetrics::inc(&s.shared.metrics.http_aborted_streams);
@@ -668,7 +685,7 @@ impl BodyPump {
         chunk.content = ByteString::from(content.to_vec());
         chunk.more_content = more_content;
         let payload = codec::to_msgpack(&chunk).map_err(|e| PumpEnd::Refused(e.into()))?;
-        let give_up = tokio::time::Instant::now() + self.shared.config.body_full_retry;
+        let give_up = super::deadline_after(self.shared.config.body_full_retry);
         let mut pause = Duration::from_millis(5);
         loop {
             if self.stop.is_cancelled() {

@@ -31,6 +31,7 @@ pub struct ServerMetrics {
     pub(crate) slow_client_closes: AtomicU64,
     pub(crate) ping_timeouts: AtomicU64,
     pub(crate) bad_replies: AtomicU64,
+    pub(crate) ws_disconnects_lost: AtomicU64,
 }
 
 /// A copy of the counters at one instant.
@@ -80,8 +81,12 @@ pub struct ServerMetricsSnapshot {
     pub slow_client_closes: u64,
     /// Sockets dropped because a ping got no pong within `ping_timeout`.
     pub ping_timeouts: u64,
-    /// Replies from workers that could not be decoded or made no sense (ignored).
+    /// Replies from workers that could not be decoded or made no sense (ignored, or for a close
+    /// code that may not be sent, replaced by 1011).
     pub bad_replies: u64,
+    /// `websocket.disconnect` messages still refused by the layer (full or unreachable) when
+    /// their retries ran out: those consumers never learn the socket closed.
+    pub ws_disconnects_lost: u64,
 }
 
 impl ServerMetrics {
@@ -124,6 +129,7 @@ impl ServerMetrics {
             slow_client_closes: r(&self.slow_client_closes),
             ping_timeouts: r(&self.ping_timeouts),
             bad_replies: r(&self.bad_replies),
+            ws_disconnects_lost: r(&self.ws_disconnects_lost),
         }
     }
 }

@@ -34,6 +34,9 @@
 //!   → the connection is dropped (disconnect code 1006); `idle_timeout` without frames either way
 //!   → close 1000; open longer than the layer's group expiry (or `websocket_lifetime`) → close 1000,
 //!   as daphne's `--websocket_timeout`; server shutdown → close 1001.
+//! - the process inbox stops delivering replies (its loop found dead by probes, or stopped after
+//!   the shutdown grace) → sockets close with 1011, requests and handshakes get 503 at once, and
+//!   `/healthz` answers 503.
 //! - slow readers: each socket's outbound queue holds `outbound_queue` messages; on overflow the
 //!   [`SlowClientPolicy`] applies (default: close 1013), and every drop is counted; a write stalled
 //!   past `write_timeout` drops the connection. A streamed HTTP response whose chunks overflow the
@@ -41,6 +44,7 @@
 //! - `/healthz` (under `root_path` too) is answered by the server itself.
 
 mod http;
+mod inbox_watch;
 mod metrics;
 mod outbound;
 mod request;
@@ -202,10 +206,30 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<ServerMetrics>,
     pub(crate) frames: outbound::FrameCache,
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when no reply can reach a connection any more: the inbox loop was found dead
+    /// ([`inbox_watch`]) or the server stopped it. Sockets close with 1011, requests get 503.
+    pub(crate) inbox_gone: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) local_addr: SocketAddr,
     pub(crate) lifetime: Duration,
     pub(crate) started: Instant,
+    /// When the shutdown was first noticed (by `serve` or a socket, whichever came first).
+    pub(crate) shutdown_at: std::sync::OnceLock<tokio::time::Instant>,
+}
+
+impl Shared {
+    /// The end of the shutdown grace, once shutdown has begun.
+    pub(crate) fn shutdown_deadline(&self) -> Option<tokio::time::Instant> {
+        if !self.shutdown.is_cancelled() {
+            return None;
+        }
+        let began = *self.shutdown_at.get_or_init(tokio::time::Instant::now);
+        Some(
+            began
+                .checked_add(self.config.shutdown_grace)
+                .unwrap_or_else(|| deadline_after(self.config.shutdown_grace)),
+        )
+    }
 }
 
 /// A bound interface server, ready to [`serve`](Server::serve).
@@ -265,8 +289,10 @@ impl Server {
             local_addr: self.local_addr,
             metrics: Arc::clone(&self.metrics),
             shutdown: shutdown.clone(),
+            inbox_gone: CancellationToken::new(),
             tracker: TaskTracker::new(),
             started: Instant::now(),
+            shutdown_at: std::sync::OnceLock::new(),
             config: self.config,
             layer,
             inbox,
@@ -280,6 +306,13 @@ impl Server {
             .max_headers(shared.config.max_headers)
             .max_buf_size(shared.config.max_header_size.max(8192) * 2)
             .keep_alive(true);
+        tokio::spawn(inbox_watch::watch(
+            shared.layer.clone(),
+            shared.inbox.clone(),
+            shared.inbox_gone.clone(),
+            shutdown.clone(),
+            inbox_watch::InboxWatch::default(),
+        ));
         tracing::info!(addr = %self.local_addr, layer = %shared.layer.describe(), inbox = %shared.inbox.name(), "interface server listening");
         loop {
             let accepted = tokio::select! {
@@ -316,7 +349,10 @@ impl Server {
         drop(self.listener);
         tracing::info!("interface server stopping: no new connections");
         shared.tracker.close();
-        if tokio::time::timeout(shared.config.shutdown_grace, shared.tracker.wait())
+        let grace_ends = shared
+            .shutdown_deadline()
+            .unwrap_or_else(|| deadline_after(shared.config.shutdown_grace));
+        if tokio::time::timeout_at(grace_ends, shared.tracker.wait())
             .await
             .is_err()
         {
@@ -325,6 +361,8 @@ impl Server {
                 "shutdown grace elapsed with connections still open"
             );
         }
+        // From here no reply can arrive: whatever outlived the grace stops waiting for one.
+        shared.inbox_gone.cancel();
         shared.inbox.shutdown(Duration::from_secs(2)).await;
         tracing::info!("interface server stopped");
         Ok(())
@@ -374,6 +412,14 @@ async fn refuse_connection(mut tcp: TcpStream) {
         let _ = tcp.shutdown().await;
     })
     .await;
+}
+
+/// `now + after`, or a deadline decades away when that overflows: a configured duration may be
+/// anything up to `Duration::MAX` (`--http-timeout 1e19`), and `Instant + Duration` panics.
+pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
+    let now = tokio::time::Instant::now();
+    now.checked_add(after).unwrap_or_else(|| now + FAR)
 }
 
 fn check_config(c: &ServerConfig) -> Result<(), ServerError> {

@@ -19,8 +19,10 @@ pub(crate) struct SocketReply {
     pub(crate) accept: Option<bool>,
     /// The frame to send, if any.
     pub(crate) frame: Option<Message>,
-    /// Close with this code after the frame, if any.
+    /// Close with this code after the frame, if any (always one that may go on the wire).
     pub(crate) close: Option<u16>,
+    /// A close code the worker asked for that may not be sent (replaced by 1011 in `close`).
+    pub(crate) refused_close: Option<u16>,
 }
 
 impl SocketReply {
@@ -95,11 +97,21 @@ fn decode_reply(envelope: &Envelope) -> Result<SocketReply, ReplyError> {
         (None, Some(bytes)) => Some(Message::Binary(Bytes::from(bytes.into_vec()))),
         (None, None) => None,
     };
+    let requested = send.close.and_then(|c| c.code());
+    let refused_close = requested.filter(|&code| !sendable_close_code(code));
     Ok(SocketReply {
         accept: send.accept,
         frame,
-        close: send.close.and_then(|c| c.code()),
+        close: requested.map(|code| if refused_close.is_some() { 1011 } else { code }),
+        refused_close,
     })
+}
+
+/// May an endpoint put this code in a close frame (RFC 6455 §7.4)? 1004-1006 and 1015 are
+/// reserved or only for reporting, the rest of 1000-2999 is unassigned, and nothing outside
+/// 1000-4999 exists: browsers fail a connection closed with any of them with 1002.
+pub(crate) fn sendable_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 #[cfg(test)]
@@ -132,6 +144,36 @@ mod tests {
             "the frame payload is shared, not rebuilt"
         );
         assert_eq!(first.frame, Some(Message::text("hi all")));
+    }
+
+    #[test]
+    fn only_sendable_close_codes_pass_the_rest_become_1011() {
+        let cache = FrameCache::default();
+        for (asked, sent, refused) in [
+            (1000, 1000, None),
+            (1003, 1003, None),
+            (1007, 1007, None),
+            (1014, 1014, None),
+            (3000, 3000, None),
+            (4999, 4999, None),
+            (999, 1011, Some(999)),
+            (1004, 1011, Some(1004)),
+            (1005, 1011, Some(1005)),
+            (1006, 1011, Some(1006)),
+            (1015, 1011, Some(1015)),
+            (1016, 1011, Some(1016)),
+            (2999, 1011, Some(2999)),
+            (5000, 1011, Some(5000)),
+        ] {
+            let payload =
+                Bytes::from(codec::to_msgpack(&WebsocketSend::close(Some(asked))).expect("packs"));
+            let reply = cache.decode(&envelope("x!a", &payload)).expect("decodes");
+            assert_eq!(
+                (reply.close, reply.refused_close),
+                (Some(sent), refused),
+                "{asked}"
+            );
+        }
     }
 
     #[test]

@@ -78,10 +78,50 @@ impl Drop for ConnectGuard {
     }
 }
 
+/// How long a `websocket.disconnect` the layer refuses (full, or unreachable) is retried after a
+/// socket closes while the server runs. During a shutdown the retries last until its grace ends.
+const DISCONNECT_RETRY: Duration = Duration::from_secs(5);
+/// Longest pause between two tries of a refused `websocket.disconnect`.
+const DISCONNECT_MAX_PAUSE: Duration = Duration::from_millis(250);
+/// On shutdown each socket waits a random part of this per open socket (at most a quarter of
+/// the grace) before closing, so their disconnects reach the layer spread out, not all at once.
+const SHUTDOWN_SPREAD_PER_SOCKET: Duration = Duration::from_micros(200);
+
+/// Sends `websocket.disconnect`, retrying while the layer refuses it as full or unreachable.
+/// ASGI 1.0 says to give up on `ChannelFull`, but a lost disconnect means the consumer's
+/// disconnect handler never runs and the reply channel stays in its groups for the group
+/// expiry (a day by default), so retries go on (with jittered backoff) for `DISCONNECT_RETRY`,
+/// or to the end of the shutdown grace; a disconnect lost even so is counted and logged.
 async fn send_disconnect(shared: &Shared, message: &WebsocketDisconnect) {
-    // "If ChannelFull is raised, then give up" (ASGI 1.0).
-    if let Err(e) = shared.layer.send(WEBSOCKET_DISCONNECT, message).await {
-        tracing::debug!(error = %e, "websocket.disconnect not sent");
+    let mut give_up = shared
+        .shutdown_deadline()
+        .unwrap_or_else(|| super::deadline_after(DISCONNECT_RETRY));
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let error = match shared.layer.send(WEBSOCKET_DISCONNECT, message).await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        if error.is_full() || error.is_unavailable() {
+            if let Some(deadline) = shared.shutdown_deadline() {
+                give_up = give_up.min(deadline);
+            }
+            let wait = pause.mul_f64(0.5 + rand::random::<f64>());
+            if tokio::time::Instant::now() + wait < give_up {
+                tokio::time::sleep(wait).await;
+                pause = (pause * 2).min(DISCONNECT_MAX_PAUSE);
+                continue;
+            }
+        }
+        ServerMetrics::inc(&shared.metrics.ws_disconnects_lost);
+        tracing::warn!(
+            channel = %message.reply_channel,
+            path = %message.path,
+            code = message.code,
+            error = %error,
+            "websocket.disconnect lost: its consumer will not run and the channel stays in its groups until they expire"
+        );
+        return;
     }
 }
 
@@ -143,6 +183,10 @@ pub(crate) async fn handshake(
     };
     let client = format!("{}:{}", head.client.0, head.client.1);
     let path = head.path.clone();
+    if shared.inbox_gone.is_cancelled() {
+        ws_log(&client, "WSREJECT", &path, Some(503));
+        return unavailable(&shared, "Replies cannot be received\n");
+    }
     let mut local = shared
         .inbox
         .channel_with_buffer(shared.config.outbound_queue);
@@ -176,9 +220,13 @@ pub(crate) async fn handshake(
             1,
         )),
     };
-    let deadline = tokio::time::Instant::now() + shared.config.websocket_connect_timeout;
+    let deadline = super::deadline_after(shared.config.websocket_connect_timeout);
     let first = loop {
-        match tokio::time::timeout_at(deadline, local.recv()).await {
+        let reply = tokio::select! {
+            _ = shared.inbox_gone.cancelled() => Ok(None),
+            reply = tokio::time::timeout_at(deadline, local.recv()) => reply,
+        };
+        match reply {
             Ok(Some(envelope)) => match shared.frames.decode(&envelope) {
                 Ok(reply) if reply.accepts() => break reply,
                 Ok(reply) if reply.accept == Some(false) || reply.close.is_some() => {
@@ -192,7 +240,10 @@ pub(crate) async fn handshake(
                     tracing::warn!(channel = %reply_channel, error = %e, "socket reply ignored");
                 }
             },
-            Ok(None) => return unavailable(&shared, "Server shutting down\n"),
+            Ok(None) => {
+                ws_log(&client, "WSREJECT", &path, Some(503));
+                return unavailable(&shared, "Replies cannot be received\n");
+            }
             Err(_) => {
                 ServerMetrics::inc(&shared.metrics.ws_connect_timeouts);
                 ws_log(&client, "WSREJECT", &path, Some(503));
@@ -289,6 +340,7 @@ enum End {
 enum Event {
     Shutdown,
     Incoming(Option<Result<Message, WsError>>),
+    /// A reply, or `None`: no reply can come any more (the inbox is gone).
     Outgoing(Option<crate::layer::Envelope>),
     Tick,
 }
@@ -340,15 +392,26 @@ impl Socket {
         tokio::pin!(timer);
         while end.is_none() {
             timer.as_mut().reset(self.next_deadline().into());
+            // Not `biased`: a client that keeps the stream ready (a flood of frames) must not
+            // starve its own replies and timers (its lifetime close), and a worker flooding the
+            // reply channel must not starve reading (pongs, close replies). Random order gives
+            // every ready source its turn.
             let event = tokio::select! {
-                biased;
                 _ = self.shared.shutdown.cancelled() => Event::Shutdown,
+                _ = self.shared.inbox_gone.cancelled() => Event::Outgoing(None),
                 incoming = ws.next() => Event::Incoming(incoming),
                 outgoing = self.local.recv() => Event::Outgoing(outgoing),
                 _ = &mut timer => Event::Tick,
             };
             end = match event {
-                Event::Shutdown | Event::Outgoing(None) => Some(End::ServerClosed(1001)),
+                Event::Shutdown => {
+                    self.shutdown_stagger().await;
+                    Some(End::ServerClosed(1001))
+                }
+                Event::Outgoing(None) => {
+                    tracing::warn!(client = %self.client, path = %self.path, "replies cannot reach this socket any more; closing with 1011");
+                    Some(End::ServerClosed(1011))
+                }
                 Event::Incoming(incoming) => Box::pin(self.on_incoming(incoming)).await,
                 Event::Outgoing(Some(envelope)) => {
                     let mut batch = Vec::with_capacity(4);
@@ -371,6 +434,19 @@ impl Socket {
         ws_log(&self.client, "WSDISCONNECT", &self.path, Some(code));
         ServerMetrics::dec(&metrics.open_websockets);
         ServerMetrics::dec(&metrics.open_connections);
+    }
+
+    /// A random pause before a shutdown close, growing with the number of open sockets.
+    async fn shutdown_stagger(&self) {
+        let open = self
+            .shared
+            .metrics
+            .open_websockets
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let spread = SHUTDOWN_SPREAD_PER_SOCKET
+            .saturating_mul(u32::try_from(open).unwrap_or(u32::MAX))
+            .min(self.shared.config.shutdown_grace / 4);
+        tokio::time::sleep(spread.mul_f64(rand::random::<f64>())).await;
     }
 
     fn push_reply(&self, envelope: &crate::layer::Envelope, batch: &mut Vec<SocketReply>) {
@@ -415,6 +491,10 @@ impl Socket {
                     frames += 1;
                 }
                 if let Some(code) = reply.close {
+                    if let Some(refused) = reply.refused_close {
+                        ServerMetrics::inc(&self.shared.metrics.bad_replies);
+                        tracing::warn!(client = %self.client, path = %self.path, code = refused, "worker asked for a close code that may not be sent; closing with 1011");
+                    }
                     close = Some(code);
                     break;
                 }
