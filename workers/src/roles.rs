@@ -294,6 +294,11 @@ fn server_exposition(e: &mut Exposition, m: &ServerMetrics) {
         ],
     )
     .counter(
+        "switchyard_ws_disconnects_lost_total",
+        "websocket.disconnect messages the layer still refused after retrying.",
+        s.ws_disconnects_lost,
+    )
+    .counter(
         "switchyard_ws_frames_lost_total",
         "Client frames dropped because the layer was unreachable.",
         s.ws_frames_lost,
