@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -458,25 +457,11 @@ where
     let stop_reading = shared.stop_reading.cancelled();
     tokio::pin!(stop_reading);
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = &mut stop_reading => break,
-            m = stream.next() => m,
-        };
-        let bytes = match next {
-            Some(Ok(Message::Text(t))) => Bytes::from(t),
-            Some(Ok(Message::Binary(b))) => b,
-            Some(Ok(Message::Close(frame))) => {
-                error = Some(format!("closed by the server: {frame:?}"));
-                break;
-            }
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => {
-                error = Some(format!("receive: {e}"));
-                break;
-            }
-            None => {
-                error = Some("connection closed by the server".to_owned());
+        let bytes = match super::net::next_data(stream, &mut stop_reading).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => break,
+            Err(why) => {
+                error = Some(why);
                 break;
             }
         };

@@ -242,6 +242,33 @@ pub fn raise_fd_limit(wanted: u64) -> u64 {
     limit
 }
 
+/// The next data frame's bytes from a WebSocket stream: `Ok(None)` once `stop` resolves, `Err`
+/// saying why the stream ended otherwise (close frame, error, end). Control frames are skipped.
+pub async fn next_data<S, F>(stream: &mut S, stop: &mut F) -> Result<Option<bytes::Bytes>, String>
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    F: std::future::Future<Output = ()> + Unpin,
+{
+    use futures_util::StreamExt;
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = &mut *stop => return Ok(None),
+            m = stream.next() => m,
+        };
+        match next {
+            Some(Ok(Message::Text(t))) => return Ok(Some(bytes::Bytes::from(t))),
+            Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
+            Some(Ok(Message::Close(frame))) => {
+                return Err(format!("closed by the server: {frame:?}"));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(format!("receive: {e}")),
+            None => return Err("connection closed by the server".to_owned()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
