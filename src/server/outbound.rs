@@ -43,18 +43,20 @@ pub(crate) enum ReplyError {
     TextAndBytes,
 }
 
-const SLOTS: usize = 8;
+/// Shared payloads remembered at most. Only a payload some socket has not taken yet is kept, so
+/// this bounds the decoded frames of broadcasts still in flight, not the cache's normal size.
+const MAX_ENTRIES: usize = 256;
 
-/// The few most recent shared payloads and what they decoded to.
+/// The shared payloads some socket may still ask for, and what they decoded to.
+///
+/// An entry lives while anyone besides the cache holds its payload (a socket's queue, the inbox
+/// pump) and is swept once the cache holds the last clone. A fixed ring of recent payloads is not
+/// enough: when sockets fall behind by more broadcasts than the ring has slots, every late
+/// socket misses, decodes the whole group message (with its list of target names) and evicts an
+/// entry other late sockets still need, so a server that falls behind slows down further.
 #[derive(Debug, Default)]
 pub(crate) struct FrameCache {
-    ring: Mutex<Ring>,
-}
-
-#[derive(Debug, Default)]
-struct Ring {
-    entries: [Option<(Bytes, SocketReply)>; SLOTS],
-    next: usize,
+    entries: Mutex<Vec<(Bytes, SocketReply)>>,
 }
 
 impl FrameCache {
@@ -67,20 +69,22 @@ impl FrameCache {
         let reply = decode_reply(envelope)?;
         // A payload nobody else holds was sent to this socket alone: no one will ask again.
         if !payload.is_unique()
-            && let Ok(mut ring) = self.ring.lock()
+            && let Ok(mut entries) = self.entries.lock()
         {
-            let slot = ring.next;
-            ring.entries[slot] = Some((payload.clone(), reply.clone()));
-            ring.next = (slot + 1) % SLOTS;
+            entries.retain(|(bytes, _)| !bytes.is_unique());
+            if entries.len() >= MAX_ENTRIES {
+                entries.remove(0);
+            }
+            entries.push((payload.clone(), reply.clone()));
         }
         Ok(reply)
     }
 
     fn lookup(&self, payload: &Bytes) -> Option<SocketReply> {
-        let ring = self.ring.lock().ok()?;
+        let entries = self.entries.lock().ok()?;
         // The cache holds a clone of every payload it keeps, so an address and length match can
         // only be the same allocation (and so the same bytes).
-        ring.entries.iter().flatten().find_map(|(bytes, reply)| {
+        entries.iter().rev().find_map(|(bytes, reply)| {
             (bytes.as_ptr() == payload.as_ptr() && bytes.len() == payload.len())
                 .then(|| reply.clone())
         })
@@ -177,6 +181,44 @@ mod tests {
     }
 
     #[test]
+    fn a_payload_stays_decoded_while_late_sockets_still_hold_it() {
+        let cache = FrameCache::default();
+        let text = |r: &SocketReply| match &r.frame {
+            Some(Message::Text(t)) => t.as_str().as_ptr(),
+            other => panic!("not text: {other:?}"),
+        };
+        // Three sockets each hold 40 broadcasts in their queues; the first socket takes them all
+        // before the others take any (more than a small ring of recent payloads would keep).
+        let payloads: Vec<Bytes> = (0..40)
+            .map(|i| {
+                let send = WebsocketSend::text(format!("broadcast {i}"));
+                Bytes::from(codec::to_msgpack(&send).expect("packs"))
+            })
+            .collect();
+        let queues: Vec<Vec<Envelope>> = ["x!a", "x!b", "x!c"]
+            .iter()
+            .map(|c| payloads.iter().map(|p| envelope(c, p)).collect())
+            .collect();
+        let first: Vec<SocketReply> = queues[0]
+            .iter()
+            .map(|e| cache.decode(e).expect("decodes"))
+            .collect();
+        for queue in &queues[1..] {
+            for (e, earlier) in queue.iter().zip(&first) {
+                let reply = cache.decode(e).expect("decodes");
+                assert_eq!(reply.frame, earlier.frame);
+                assert_eq!(text(&reply), text(earlier), "decoded once, frame shared");
+            }
+        }
+        // Once only the cache holds them, the next insertion sweeps them all.
+        drop((queues, first, payloads));
+        let last = Bytes::from(codec::to_msgpack(&WebsocketSend::text("last")).expect("packs"));
+        let (a, _b) = (envelope("x!a", &last), envelope("x!b", &last));
+        cache.decode(&a).expect("decodes");
+        assert_eq!(cache.entries.lock().expect("lock").len(), 1);
+    }
+
+    #[test]
     fn unshared_payloads_are_not_cached_and_bad_replies_are_refused() {
         let cache = FrameCache::default();
         let own = Bytes::from(codec::to_msgpack(&WebsocketSend::close(Some(4000))).expect("packs"));
@@ -189,15 +231,7 @@ mod tests {
             (reply.close, reply.frame.is_none(), reply.accepts()),
             (Some(4000), true, false)
         );
-        assert!(
-            cache
-                .ring
-                .lock()
-                .expect("lock")
-                .entries
-                .iter()
-                .all(Option::is_none)
-        );
+        assert!(cache.entries.lock().expect("lock").is_empty());
         let mut both = WebsocketSend::text("t");
         both.bytes = Some(b"b".to_vec().into());
         let both = Bytes::from(codec::to_msgpack(&both).expect("packs"));

@@ -1,0 +1,311 @@
+#!/usr/bin/env bash
+# The end-to-end benchmark suite behind BENCHMARKS.md (issue 6).
+#
+# For every scenario and run it starts a fresh stack on 127.0.0.1 only:
+#   switchyard: its own redis-server (free port, --save '' --appendonly no), `switchyard serve`
+#               and N `switchyard worker` processes, ready when /healthz answers and a page
+#               came back through the layer and a worker;
+#   django:     its own redis-server and daphne serving bench/django_peer/peer.py (Django
+#               Channels 4 + channels_redis), from a venv under target/peer-venv.
+# runs `switchyard bench` against it (every scenario bounded in time and in count, loopback
+# only), records per process (serve, each worker, daphne, redis-server, the bench client) CPU
+# seconds and peak RSS (scripts/bench_measure.py), stops the stack, and at the end writes
+# JSON lines + a table with medians (scripts/bench_report.py) under target/bench-results/.
+# Every process started here is killed on exit, failure or Ctrl-C included.
+#
+#   scripts/bench.sh                         # switchyard, 3 runs of every scenario
+#   scripts/bench.sh --peer django           # the same loads against Django Channels 4 too
+#   scripts/bench.sh --runs 5 --workers 1 --scenarios echo1,http --peer django
+#
+# Scenarios (default: all): echo1 echo1000 bcast1k bcast10k sustained idle http.
+# The Django peer runs the same loads except idle (daphne's own figure is in
+# shared/reference/peer-django-channels.md), with a handshake concurrency of 50 (daphne's
+# listen backlog).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=3
+WORKERS=1
+CONCURRENCY=32
+RUN_OFFSET=0
+CAPACITY=10000
+PEER=none
+SCENARIOS="echo1 echo1000 bcast1k bcast10k sustained idle http"
+DURATION=10
+IDLE_CONNECTIONS=""
+OUT_DIR=target/bench-results
+
+usage() {
+  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+  cat <<EOF
+Flags:
+  --runs N          runs of every scenario (default $RUNS); the table shows medians (min-max)
+  --workers N       switchyard worker processes (default $WORKERS)
+  --concurrency N   consumer loops per worker process (default $CONCURRENCY)
+  --capacity N      channel capacity for serve and workers (default $CAPACITY, see below)
+  --peer django     also run every load against the Django Channels 4 peer, interleaved
+  --scenarios LIST  comma-separated subset of: $SCENARIOS
+  --duration S      seconds of load per scenario (default $DURATION)
+  --idle N          connections held in the idle scenario (default: what the fd limit allows)
+  --run-offset N    number this invocation's runs from N+1 (to add runs to an earlier series)
+  --out DIR         results directory (default $OUT_DIR)
+EOF
+}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --runs) RUNS="$2"; shift 2 ;;
+    --workers) WORKERS="$2"; shift 2 ;;
+    --concurrency) CONCURRENCY="$2"; shift 2 ;;
+    --capacity) CAPACITY="$2"; shift 2 ;;
+    --peer) PEER="$2"; shift 2 ;;
+    --scenarios) SCENARIOS="${2//,/ }"; shift 2 ;;
+    --duration) DURATION="$2"; shift 2 ;;
+    --idle) IDLE_CONNECTIONS="$2"; shift 2 ;;
+    --run-offset) RUN_OFFSET="$2"; shift 2 ;;
+    --out) OUT_DIR="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown flag $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+case "$PEER" in none|django) ;; *) echo "--peer must be django or none" >&2; exit 2 ;; esac
+
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$OUT_DIR"
+RESULTS="$OUT_DIR/bench-$STAMP.jsonl"
+LOGS="$OUT_DIR/bench-$STAMP-logs"
+mkdir -p "$LOGS"
+# SWITCHYARD_BIN=path measures another build of the binary (e.g. before/after a change).
+BIN="${SWITCHYARD_BIN:-target/release/switchyard}"
+
+# Every process started here, killed by the trap whatever happens.
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  sleep 0.3
+  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  PIDS=()
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits up to $2 seconds for a command ($3...) to succeed.
+wait_for() {
+  local what="$1" limit="$2"; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then log "$what not ready after ${limit}s"; return 1; fi
+    sleep 0.1
+  done
+}
+
+if [ -z "${SWITCHYARD_BIN:-}" ]; then
+  log "building the release binary (a no-op when up to date)"
+  cargo build -q --release -p switchyard-workers
+fi
+
+if [ "$PEER" = django ]; then
+  VENV=target/peer-venv
+  if [ ! -x "$VENV/bin/daphne" ]; then
+    log "creating $VENV for the Django Channels 4 peer"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q -r bench/django_peer/requirements.txt
+  fi
+fi
+
+STACK_PROCS=()   # NAME=PID of the stack under test, for bench_measure.py
+HTTP_PORT=""
+
+start_redis() {
+  REDIS_PORT="$(free_port)"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
+    --maxclients 10000 --logfile "" > "$LOGS/redis-$1.log" 2>&1 &
+  PIDS+=($!)
+  STACK_PROCS+=("redis=$!")
+  wait_for redis-server 10 redis-cli -p "$REDIS_PORT" ping
+}
+
+start_switchyard() {
+  STACK_PROCS=()
+  start_redis "$1"
+  HTTP_PORT="$(free_port)"
+  local layer="redis://127.0.0.1:$REDIS_PORT/0"
+  # --log warn: no access log line per request (daphne runs with -v 0 likewise).
+  "$BIN" serve --layer "$layer" --capacity "$CAPACITY" --port "$HTTP_PORT" --max-connections 20000 --log warn \
+    > "$LOGS/serve-$1.log" 2>&1 &
+  PIDS+=($!)
+  STACK_PROCS+=("serve=$!")
+  local i
+  for i in $(seq 1 "$WORKERS"); do
+    "$BIN" worker --layer "$layer" --capacity "$CAPACITY" --concurrency "$CONCURRENCY" --log warn > "$LOGS/worker$i-$1.log" 2>&1 &
+    PIDS+=($!)
+    STACK_PROCS+=("worker$i=$!")
+  done
+  wait_for "serve /healthz" 20 curl -fsS "http://127.0.0.1:$HTTP_PORT/healthz"
+  wait_for "a page through the workers" 20 curl -fsS -m 2 "http://127.0.0.1:$HTTP_PORT/"
+}
+
+start_django() {
+  STACK_PROCS=()
+  start_redis "$1"
+  HTTP_PORT="$(free_port)"
+  REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" PYTHONPATH=bench/django_peer \
+    "$VENV/bin/daphne" -v 0 -b 127.0.0.1 -p "$HTTP_PORT" peer:application \
+    > "$LOGS/daphne-$1.log" 2>&1 &
+  PIDS+=($!)
+  STACK_PROCS+=("daphne=$!")
+  wait_for "daphne" 30 curl -fsS -m 2 "http://127.0.0.1:$HTTP_PORT/"
+}
+
+start_stack() {
+  case "$1" in
+    switchyard) start_switchyard "$2" ;;
+    django) start_django "$2" ;;
+  esac
+}
+
+# measure STACK SCENARIO RUN TIMEOUT [--param K=V ...] -- BENCH-ARGS...
+# Prints bench_measure.py's one-line verdict ({"rc": .., "ok": ..}).
+measure() {
+  local stack="$1" scenario="$2" run="$3" limit="$4"; shift 4
+  local params=()
+  while [ "$1" != -- ]; do params+=("$1" "$2"); shift 2; done
+  shift
+  local procs=() p bench=()
+  for p in "${STACK_PROCS[@]}"; do procs+=(--proc "$p"); done
+  # @PORT@ in the bench arguments is the stack's HTTP port, known only once it started.
+  for p in "$@"; do bench+=("${p//@PORT@/$HTTP_PORT}"); done
+  python3 scripts/bench_measure.py --out "$RESULTS" --stack "$stack" --scenario "$scenario" \
+    --run "$run" "${params[@]}" "${procs[@]}" --timeout "$limit" \
+    --log "$LOGS/client-$stack-$scenario-$run.log" -- "$BIN" bench "${bench[@]}" -q
+}
+
+# One scenario on a fresh stack: start, load, stop.
+scenario() {
+  local stack="$1" name="$2" run="$3"; shift 3
+  log "$stack $name run $run (load $(cut -d' ' -f1 /proc/loadavg))"
+  if ! start_stack "$stack" "$name-$run"; then
+    log "  -> the $stack stack did not start; scenario skipped (logs in $LOGS)"
+    cleanup
+    LAST_VERDICT='{"rc": -1, "ok": null}'
+    return 0
+  fi
+  local verdict
+  verdict="$(measure "$stack" "$name" "$run" "$@" || echo '{"rc": -1, "ok": null}')"
+  log "  -> $verdict"
+  cleanup
+  LAST_VERDICT="$verdict"
+}
+
+connect_concurrency() {
+  # daphne listens with a backlog of 50; more handshakes at once wait ~1 s in the kernel.
+  if [ "$1" = django ]; then echo 50; else echo 256; fi
+}
+
+# The most connections a process may hold here: each side (client, serve) holds one socket per
+# connection under its own open-file limit; keep 500 descriptors spare for Redis and the rest.
+HARD_NOFILE="$(ulimit -Hn)"
+if [ "$HARD_NOFILE" = unlimited ]; then HARD_NOFILE=1048576; fi
+MAX_SOCKETS=$((HARD_NOFILE - 500))
+BCAST_BIG=10000
+if [ "$MAX_SOCKETS" -lt "$BCAST_BIG" ]; then BCAST_BIG="$MAX_SOCKETS"; fi
+IDLE="${IDLE_CONNECTIONS:-$MAX_SOCKETS}"
+# serve's --max-connections is 20000 above.
+if [ "$IDLE" -gt 19500 ]; then IDLE=19500; fi
+
+run_scenario() {
+  local stack="$1" name="$2" run="$3" d="$DURATION" cc
+  cc="$(connect_concurrency "$stack")"
+  case "$name" in
+    echo1)
+      scenario "$stack" echo1 "$run" 120 -- echo --url "ws://127.0.0.1:@PORT@/ws/echo/" \
+        -c 1 --in-flight 1 -d "$d" -n 2000000 --connect-concurrency "$cc" ;;
+    echo1000)
+      scenario "$stack" echo1000 "$run" 180 -- echo --url "ws://127.0.0.1:@PORT@/ws/echo/" \
+        -c 1000 --in-flight 1 -d "$d" -n 20000000 --connect-concurrency "$cc" ;;
+    bcast1k)
+      # 1 sender, 50 broadcasts/s into a 1,000-member room: 50,000 deliveries/s.
+      scenario "$stack" bcast1k "$run" 180 -- broadcast --url "ws://127.0.0.1:@PORT@/ws/relay/{room}/" \
+        -c 1000 --rooms 1 --senders 1 --rate 50 -d "$d" -n 100000 --settle 1 --connect-concurrency "$cc" ;;
+    bcast10k)
+      # 1 sender, 5 broadcasts/s into the biggest room the fd limit allows: 50,000 deliveries/s.
+      scenario "$stack" bcast10k "$run" 400 --param members="$BCAST_BIG" -- broadcast \
+        --url "ws://127.0.0.1:@PORT@/ws/relay/{room}/" -c "$BCAST_BIG" --rooms 1 --senders 1 \
+        --rate 5 -d "$d" -n 10000 --settle 2 --connect-timeout 60 --connect-concurrency "$cc" ;;
+    sustained)
+      # Ladder over offered deliveries/s into one 1,000-member room, in steps of ~1.4x: from
+      # the start rung, go up while a rung is clean (nothing lost, corrupted or duplicated, and
+      # >= 90 % of the offer delivered within the load window), or down until one is. Senders:
+      # one per 10 broadcasts/s, 1 to 10. The report takes each run's best clean rung.
+      local ladder=(1000 1400 2000 2800 4000 5600 8000 11000 16000 22000 32000 45000 64000 90000
+        128000 180000 256000 360000 512000 720000 1000000)
+      local i dir=up steps=0 rate
+      if [ "$stack" = django ]; then i=2; else i=11; fi
+      while [ "$i" -ge 0 ] && [ "$i" -lt "${#ladder[@]}" ] && [ "$steps" -lt 8 ]; do
+        local senders per_sender
+        rate="${ladder[$i]}"
+        senders=$(python3 -c "print(min(10, max(1, $rate // 10000)))")
+        per_sender=$(python3 -c "print($rate / 1000 / $senders)")
+        scenario "$stack" sustained "$run" 180 --param offered="$rate" -- broadcast \
+          --url "ws://127.0.0.1:@PORT@/ws/relay/{room}/" -c 1000 --rooms 1 --senders "$senders" \
+          --rate "$per_sender" -d "$d" -n 4000000 --settle 1 --connect-concurrency "$cc"
+        steps=$((steps + 1))
+        if python3 scripts/bench_report.py --rung-ok "$RESULTS" "$stack" "$run" "$rate"; then
+          [ "$dir" = down ] && break
+          i=$((i + 1))
+        else
+          [ "$dir" = up ] && [ "$steps" -gt 1 ] && break
+          dir=down
+          i=$((i - 1))
+        fi
+      done ;;
+    idle)
+      if [ "$stack" = django ]; then return; fi
+      scenario "$stack" idle "$run" 300 --param connections="$IDLE" -- connect \
+        --url "ws://127.0.0.1:@PORT@/ws/echo/" -c "$IDLE" --hold "$d" --connect-timeout 60 \
+        --connect-concurrency "$cc" ;;
+    http)
+      scenario "$stack" http "$run" 120 -- http --url "http://127.0.0.1:@PORT@/" -c 64 -d "$d" -n 5000000 ;;
+    *) echo "unknown scenario $name" >&2; exit 2 ;;
+  esac
+}
+
+# `$PORT` in the bench arguments is the stack's HTTP port, known only once it started.
+measure_with_port() { :; }
+eval "$(declare -f measure | sed 's/-- "\$BIN" bench "\$@" -q/-- "$BIN" bench "${@\/\@PORT@\/$HTTP_PORT}" -q/')"
+
+STACKS=(switchyard)
+if [ "$PEER" = django ]; then STACKS+=(django); fi
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "nproc: $(nproc); $(lscpu | grep 'Model name' | sed 's/  */ /g')"
+  echo "memory: $(free -g | awk '/Mem:/ {print $2" GiB"}')"
+  echo "redis: $(redis-server --version)"
+  echo "open files: soft $(ulimit -Sn), hard $(ulimit -Hn)"
+  echo "workers: $WORKERS x $CONCURRENCY loops; capacity: $CAPACITY; runs: $RUNS; duration: ${DURATION}s; scenarios: $SCENARIOS; stacks: ${STACKS[*]}"
+  echo "uptime at start: $(uptime)"
+} > "$OUT_DIR/bench-$STAMP-machine.txt"
+cat "$OUT_DIR/bench-$STAMP-machine.txt" >&2
+
+for run in $(seq $((RUN_OFFSET + 1)) $((RUN_OFFSET + RUNS))); do
+  log "run $run: $(uptime)"
+  for name in $SCENARIOS; do
+    for stack in "${STACKS[@]}"; do
+      run_scenario "$stack" "$name" "$run"
+    done
+  done
+done
+
+echo "uptime at end: $(uptime)" >> "$OUT_DIR/bench-$STAMP-machine.txt"
+python3 scripts/bench_report.py "$RESULTS" --machine "$OUT_DIR/bench-$STAMP-machine.txt" \
+  > "$OUT_DIR/bench-$STAMP.md"
+cat "$OUT_DIR/bench-$STAMP.md"
+log "results: $RESULTS, $OUT_DIR/bench-$STAMP.md, logs in $LOGS"
