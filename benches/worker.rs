@@ -1,8 +1,9 @@
 //! A measurement, not a check (speed is never asserted): echo throughput of one worker process
-//! on each layer. Run with
-//! `cargo test --release --test worker_throughput -- --ignored --nocapture`.
+//! on each layer, with and without strict ordering. Run with `cargo bench --bench worker`
+//! (it starts its own redis-server on 127.0.0.1); without `--bench` it only says so and exits.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::sync::Arc;
@@ -65,13 +66,22 @@ async fn measure(backend: Backend, concurrency: usize, strict: bool) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement; run explicitly"]
-async fn echo_throughput() {
-    for backend in [Backend::Memory, Backend::Redis] {
-        for concurrency in [1, 8] {
-            measure(backend, concurrency, false).await;
-        }
-        measure(backend, 8, true).await;
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("worker bench: run it with `cargo bench --bench worker`");
+        return;
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        for backend in [Backend::Memory, Backend::Redis] {
+            for concurrency in [1, 8] {
+                measure(backend, concurrency, false).await;
+            }
+            measure(backend, 8, true).await;
+        }
+    });
 }
