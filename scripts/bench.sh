@@ -36,13 +36,14 @@ IDLE_CONNECTIONS=""
 OUT_DIR=target/bench-results
 
 usage() {
-  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
   cat <<EOF
 Flags:
   --runs N          runs of every scenario (default $RUNS); the table shows medians (min-max)
   --workers N       switchyard worker processes (default $WORKERS)
   --concurrency N   consumer loops per worker process (default $CONCURRENCY)
-  --capacity N      channel capacity for serve and workers (default $CAPACITY, see below)
+  --capacity N      channel capacity for serve and workers (default $CAPACITY: Channels' 100 is
+                    less than the 1,000 messages echo1000 keeps in flight)
   --peer django     also run every load against the Django Channels 4 peer, interleaved
   --scenarios LIST  comma-separated subset of: $SCENARIOS
   --duration S      seconds of load per scenario (default $DURATION)
