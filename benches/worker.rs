@@ -16,7 +16,12 @@ use switchyard::routing::{ConsumerError, Ctx, Message, Router, route};
 use switchyard::worker::Worker;
 use tokio_util::sync::CancellationToken;
 
-const MESSAGES: u64 = 20_000;
+fn messages() -> u64 {
+    std::env::var("SWITCHYARD_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000)
+}
 
 async fn echo(m: Message, ctx: Ctx) -> Result<(), ConsumerError> {
     ctx.send_text(m.text().unwrap_or_default().to_owned())
@@ -38,7 +43,7 @@ async fn measure(backend: Backend, concurrency: usize, strict: bool) {
     let metrics = worker.metrics();
     let inbox = fx.layer.inbox("bench").await.unwrap();
     let mut ch = inbox.new_channel();
-    for i in 0..MESSAGES {
+    for i in 0..messages() {
         fx.layer
             .send(
                 "websocket.receive",
@@ -50,18 +55,21 @@ async fn measure(backend: Backend, concurrency: usize, strict: bool) {
     let token = CancellationToken::new();
     let started = Instant::now();
     let handle = tokio::spawn(worker.run(token.clone()));
-    for _ in 0..MESSAGES {
-        ch.recv_timeout(Duration::from_secs(30))
-            .await
-            .expect("reply");
+    for got in 0..messages() {
+        if ch.recv_timeout(Duration::from_secs(30)).await.is_none() {
+            let s = metrics.snapshot();
+            let total = messages();
+            panic!("reply {got} of {total} never came (strict {strict}): {s:?}");
+        }
     }
     let elapsed = started.elapsed();
     token.cancel();
     handle.await.unwrap().unwrap();
     let s = metrics.snapshot();
     eprintln!(
-        "{backend:?} concurrency {concurrency} strict {strict}: {MESSAGES} echoes in {elapsed:?} = {:.0} msg/s, mean handling {:.0} µs",
-        MESSAGES as f64 / elapsed.as_secs_f64(),
+        "{backend:?} concurrency {concurrency} strict {strict}: {} echoes in {elapsed:?} = {:.0} msg/s, mean handling {:.0} µs",
+        messages(),
+        messages() as f64 / elapsed.as_secs_f64(),
         s.latency_sum_us as f64 / s.consumed.max(1) as f64
     );
 }

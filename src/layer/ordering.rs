@@ -74,6 +74,11 @@ local function upkeep(key, nxt, now, expiry)
   local expired, skipped, changed, late = 0, 0, false, false
   local run = tonumber(redis.call('HGET', key, 'run') or '0')
   if run > now then return nxt, expired, skipped, changed, late end
+  -- 'u' is when the lowest parked message expires: nothing can expire before it, so the scan
+  -- (linear in the parked messages) runs once per expiry instead of on every call.
+  local due = tonumber(redis.call('HGET', key, 'u') or '0')
+  if due > now then return nxt, expired, skipped, changed, late end
+  local due_next = false
   local orders = {}
   for _, f in ipairs(redis.call('HKEYS', key)) do
     if string.sub(f, 1, 2) == 'p:' then orders[#orders + 1] = tonumber(string.sub(f, 3)) end
@@ -87,7 +92,10 @@ local function upkeep(key, nxt, now, expiry)
       -- Parked before park times were stored: as old as can be.
       t, sp = 0, 0
     end
-    if now - t < expiry then break end
+    if now - t < expiry then
+      due_next = t + expiry
+      break
+    end
     if string.sub(v, sp + 1, sp + 21) == 'websocket.disconnect\0' then
       if o > nxt then
         skipped = skipped + (o - nxt)
@@ -106,6 +114,11 @@ local function upkeep(key, nxt, now, expiry)
     end
   end
   if changed then redis.call('HSET', key, 'next', nxt) end
+  if due_next then
+    redis.call('HSET', key, 'u', due_next)
+  else
+    redis.call('HDEL', key, 'u')
+  end
   return nxt, expired, skipped, changed, late
 end
 ";
@@ -166,7 +179,7 @@ local resume = false
 if advanced or changed or late then
   resume = redis.call('HGET', KEYS[1], 'p:' .. nxt)
 end
-if ARGV[3] == '1' and redis.call('HLEN', KEYS[1]) <= 1 then
+if ARGV[3] == '1' and redis.call('HLEN', KEYS[1]) - redis.call('HEXISTS', KEYS[1], 'u') <= 1 then
   redis.call('DEL', KEYS[1])
 else
   redis.call('EXPIRE', KEYS[1], ARGV[2])
