@@ -227,16 +227,7 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
     }
 
     let deadline = tokio::time::Instant::from_std(start + duration);
-    loop {
-        let all_done = shared.writers_done.notified();
-        if shared.writers_active.load(Ordering::Acquire) == 0 {
-            break;
-        }
-        tokio::select! {
-            _ = all_done => {}
-            _ = tokio::time::sleep_until(deadline) => break,
-        }
-    }
+    super::wait_until_idle(&shared.writers_active, &shared.writers_done, deadline).await;
     shared.stop_sending.cancel();
     let load_elapsed = start.elapsed();
     // Senders stop promptly once told; their final counts fix the expected deliveries.

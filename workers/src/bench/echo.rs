@@ -184,16 +184,7 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
 
     // Load phase: until the duration is over or every connection has sent its quota.
     let deadline = tokio::time::Instant::from_std(start + duration);
-    loop {
-        let all_done = shared.writers_done.notified();
-        if shared.writers_active.load(Ordering::Acquire) == 0 {
-            break;
-        }
-        tokio::select! {
-            _ = all_done => {}
-            _ = tokio::time::sleep_until(deadline) => break,
-        }
-    }
+    super::wait_until_idle(&shared.writers_active, &shared.writers_done, deadline).await;
     shared.stop_sending.cancel();
     let load_elapsed = start.elapsed();
     // Drain: wait for the outstanding echoes, up to --drain.

@@ -147,30 +147,12 @@ pub(super) async fn run(args: HttpArgs) -> anyhow::Result<Report> {
         )));
     }
     let deadline = tokio::time::Instant::from_std(start + duration);
-    loop {
-        let all_done = shared.all_done.notified();
-        if shared.active.load(Ordering::Acquire) == 0 {
-            break;
-        }
-        tokio::select! {
-            _ = all_done => {}
-            _ = tokio::time::sleep_until(deadline) => break,
-        }
-    }
+    super::wait_until_idle(&shared.active, &shared.all_done, deadline).await;
     shared.stop_sending.cancel();
     let load_elapsed = start.elapsed();
     // Requests in flight get --drain to finish.
     let drain_deadline = tokio::time::Instant::now() + drain;
-    loop {
-        let all_done = shared.all_done.notified();
-        if shared.active.load(Ordering::Acquire) == 0 {
-            break;
-        }
-        tokio::select! {
-            _ = all_done => {}
-            _ = tokio::time::sleep_until(drain_deadline) => break,
-        }
-    }
+    super::wait_until_idle(&shared.active, &shared.all_done, drain_deadline).await;
     shared.stop_all.cancel();
     let mut total = ConnOutcome::default();
     for task in tasks {

@@ -151,6 +151,26 @@ where
     Wrapper::try_parse_from(args).map(|w| w.bench)
 }
 
+/// Waits until `active` reaches zero (each task decrements it and notifies `done` when it
+/// finishes) or `deadline` passes, whichever comes first.
+pub(crate) async fn wait_until_idle(
+    active: &std::sync::atomic::AtomicUsize,
+    done: &tokio::sync::Notify,
+    deadline: tokio::time::Instant,
+) {
+    loop {
+        // Registered before the check, so a notification between the two is not missed.
+        let notified = done.notified();
+        if active.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep_until(deadline) => return,
+        }
+    }
+}
+
 /// Runs the bench, prints its report on stdout, and fails when a correctness counter is not
 /// zero.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
