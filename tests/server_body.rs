@@ -177,10 +177,7 @@ async fn five_mib_body_streams_byte_for_byte_redis() {
 
 #[tokio::test]
 async fn body_within_the_message_limit_has_no_body_channel() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(layer.clone(), streaming_config()).await;
+    let (layer, server) = TestServer::on_memory(streaming_config()).await;
     let mut reader = BodyReader::spawn(&layer).await;
     let sent = data(MIB);
     let resp = http_client()
@@ -230,18 +227,12 @@ async fn read_response(tcp: &mut TcpStream) -> Vec<u8> {
 
 #[tokio::test]
 async fn over_the_hard_limit_is_413_declared_or_while_streaming() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(
-        layer.clone(),
-        ServerConfig {
-            max_body_size: 1000,
-            max_request_body: Some(10_000),
-            body_chunk_size: 1024,
-            ..ServerConfig::default()
-        },
-    )
+    let (layer, server) = TestServer::on_memory(ServerConfig {
+        max_body_size: 1000,
+        max_request_body: Some(10_000),
+        body_chunk_size: 1024,
+        ..ServerConfig::default()
+    })
     .await;
     let mut reader = BodyReader::spawn(&layer).await;
     // Declared: refused before a byte of the body is read or anything is sent to the layer.
@@ -310,16 +301,10 @@ async fn client_disconnect_mid_upload_sends_closed_redis() {
 
 #[tokio::test]
 async fn client_stalling_mid_upload_gets_408_and_reader_closed() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(
-        layer.clone(),
-        ServerConfig {
-            http_timeout: Duration::from_millis(500),
-            ..streaming_config()
-        },
-    )
+    let (layer, server) = TestServer::on_memory(ServerConfig {
+        http_timeout: Duration::from_millis(500),
+        ..streaming_config()
+    })
     .await;
     let mut reader = BodyReader::spawn(&layer).await;
     let mut tcp = TcpStream::connect(server.addr).await.unwrap();

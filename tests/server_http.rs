@@ -94,10 +94,7 @@ async fn http_round_trip_redis() {
 
 #[tokio::test]
 async fn streamed_response_arrives_whole_and_in_order() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let (layer, server) = TestServer::on_memory(ServerConfig::default()).await;
     let _worker = Worker::spawn(&layer, &[HTTP_REQUEST], |e| {
         let m: HttpRequest = e.decode().unwrap();
         let mut first = HttpResponse::new(
@@ -124,16 +121,10 @@ async fn streamed_response_arrives_whole_and_in_order() {
 
 #[tokio::test]
 async fn no_worker_reply_is_504() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(
-        layer,
-        ServerConfig {
-            http_timeout: Duration::from_millis(300),
-            ..ServerConfig::default()
-        },
-    )
+    let (_layer, server) = TestServer::on_memory(ServerConfig {
+        http_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
     .await;
     let resp = http_client().get(server.url("/slow")).send().await.unwrap();
     assert_eq!(resp.status(), 504);
@@ -142,16 +133,10 @@ async fn no_worker_reply_is_504() {
 
 #[tokio::test]
 async fn a_504_tells_the_consumer_with_http_disconnect() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(
-        layer.clone(),
-        ServerConfig {
-            http_timeout: Duration::from_millis(300),
-            ..ServerConfig::default()
-        },
-    )
+    let (layer, server) = TestServer::on_memory(ServerConfig {
+        http_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
     .await;
     // Reads requests, never answers.
     let mut worker = Worker::spawn(&layer, &[HTTP_REQUEST, HTTP_DISCONNECT], |_| vec![]).await;
@@ -209,16 +194,10 @@ async fn full_request_channel_is_503_with_retry_after() {
 
 #[tokio::test]
 async fn body_over_the_limit_is_413_declared_or_chunked() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(
-        layer.clone(),
-        ServerConfig {
-            max_body_size: 1000,
-            ..ServerConfig::default()
-        },
-    )
+    let (layer, server) = TestServer::on_memory(ServerConfig {
+        max_body_size: 1000,
+        ..ServerConfig::default()
+    })
     .await;
     let mut worker = Worker::echo(&layer).await;
     let resp = http_client()
@@ -259,17 +238,11 @@ async fn body_over_the_limit_is_413_declared_or_chunked() {
 
 #[tokio::test]
 async fn malformed_and_oversized_heads_are_refused() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(
-        layer,
-        ServerConfig {
-            max_headers: 10,
-            max_header_size: 2048,
-            ..ServerConfig::default()
-        },
-    )
+    let (_layer, server) = TestServer::on_memory(ServerConfig {
+        max_headers: 10,
+        max_header_size: 2048,
+        ..ServerConfig::default()
+    })
     .await;
     let limit = Duration::from_secs(2);
     let garbage = raw_exchange(server.addr, b"NOT HTTP AT ALL\r\n\r\n", limit).await;
@@ -305,16 +278,10 @@ async fn malformed_and_oversized_heads_are_refused() {
 
 #[tokio::test]
 async fn slowloris_head_is_cut_after_the_header_read_timeout() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(
-        layer,
-        ServerConfig {
-            header_read_timeout: Duration::from_millis(300),
-            ..ServerConfig::default()
-        },
-    )
+    let (_layer, server) = TestServer::on_memory(ServerConfig {
+        header_read_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
     .await;
     // Half a head, never finished: the server must close the connection on its own.
     let got = raw_exchange(server.addr, b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ", WAIT).await;
@@ -338,10 +305,7 @@ async fn slowloris_head_is_cut_after_the_header_read_timeout() {
 
 #[tokio::test]
 async fn client_gone_mid_request_sends_http_disconnect() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let (layer, server) = TestServer::on_memory(ServerConfig::default()).await;
     // This worker never answers requests; it only watches.
     let mut worker = Worker::spawn(&layer, &[HTTP_REQUEST, HTTP_DISCONNECT], |_| vec![]).await;
     let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
@@ -357,10 +321,7 @@ async fn client_gone_mid_request_sends_http_disconnect() {
 
 #[tokio::test]
 async fn healthz_is_answered_without_workers() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let (layer, server) = TestServer::on_memory(ServerConfig::default()).await;
     let resp = http_client()
         .get(server.url("/healthz"))
         .send()
@@ -379,18 +340,12 @@ async fn healthz_is_answered_without_workers() {
 #[tokio::test]
 async fn waiting_requests_get_503_once_replies_cannot_arrive() {
     use switchyard::asgi::WEBSOCKET_CONNECT;
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let mut server = TestServer::start(
-        layer.clone(),
-        ServerConfig {
-            http_timeout: Duration::from_secs(60),
-            websocket_connect_timeout: Duration::from_secs(60),
-            shutdown_grace: Duration::from_millis(300),
-            ..ServerConfig::default()
-        },
-    )
+    let (layer, mut server) = TestServer::on_memory(ServerConfig {
+        http_timeout: Duration::from_secs(60),
+        websocket_connect_timeout: Duration::from_secs(60),
+        shutdown_grace: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
     .await;
     // Reads requests and connects, never answers.
     let mut worker = Worker::spawn(&layer, &[HTTP_REQUEST, WEBSOCKET_CONNECT], |_| vec![]).await;
@@ -444,16 +399,10 @@ async fn proxy_headers_only_when_enabled() {
 
 #[tokio::test]
 async fn connections_over_the_limit_get_503() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(
-        layer.clone(),
-        ServerConfig {
-            max_connections: 2,
-            ..ServerConfig::default()
-        },
-    )
+    let (layer, server) = TestServer::on_memory(ServerConfig {
+        max_connections: 2,
+        ..ServerConfig::default()
+    })
     .await;
     let _worker = Worker::echo(&layer).await;
     let _a = ws_connect(&server.ws_url("/a")).await;
@@ -533,10 +482,7 @@ async fn redis_down_gives_503_quickly_and_recovers() {
 
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_requests() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let mut server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let (layer, mut server) = TestServer::on_memory(ServerConfig::default()).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let _worker = Worker::spawn(&layer, &[HTTP_REQUEST], move |e| {
         let m: HttpRequest = e.decode().unwrap();
@@ -609,10 +555,7 @@ async fn access_log_has_a_line_per_request_and_per_socket() {
     // the lines it looks for name paths no other test uses.
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let (layer, server) = TestServer::on_memory(ServerConfig::default()).await;
     let mut worker = Worker::echo(&layer).await;
     let resp = http_client()
         .get(server.url("/logged?q=1"))
@@ -663,16 +606,10 @@ async fn redis_down_refuses_handshakes_with_503() {
 
 #[tokio::test]
 async fn stalled_stream_is_cut_and_slow_body_is_408() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(
-        layer.clone(),
-        ServerConfig {
-            http_timeout: Duration::from_millis(400),
-            ..ServerConfig::default()
-        },
-    )
+    let (layer, server) = TestServer::on_memory(ServerConfig {
+        http_timeout: Duration::from_millis(400),
+        ..ServerConfig::default()
+    })
     .await;
     // Starts a streamed response and never finishes it.
     let mut worker = Worker::spawn(&layer, &[HTTP_REQUEST, HTTP_DISCONNECT], |e| {

@@ -83,16 +83,10 @@ async fn websocket_echo_redis() {
 
 #[tokio::test]
 async fn handshake_rejections_timeouts_and_implicit_accept() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(
-        layer.clone(),
-        ServerConfig {
-            websocket_connect_timeout: Duration::from_millis(300),
-            ..ServerConfig::default()
-        },
-    )
+    let (layer, server) = TestServer::on_memory(ServerConfig {
+        websocket_connect_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
     .await;
     let mut worker = Worker::spawn(&layer, &[WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT], |e| {
         if e.channel != WEBSOCKET_CONNECT {
@@ -129,10 +123,7 @@ async fn handshake_rejections_timeouts_and_implicit_accept() {
 
 #[tokio::test]
 async fn server_close_with_code_reaches_client_and_worker() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let (layer, server) = TestServer::on_memory(ServerConfig::default()).await;
     let mut worker = Worker::spawn(
         &layer,
         &[WEBSOCKET_CONNECT, WEBSOCKET_RECEIVE, WEBSOCKET_DISCONNECT],
@@ -164,10 +155,7 @@ async fn server_close_with_code_reaches_client_and_worker() {
 
 #[tokio::test]
 async fn unsendable_close_codes_from_workers_become_1011() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let (layer, server) = TestServer::on_memory(ServerConfig::default()).await;
     // Closes with the code the client sends as text.
     let mut worker = Worker::spawn(
         &layer,
@@ -456,17 +444,11 @@ async fn slow_reader_with_drop_policy_keeps_the_socket() {
 
 #[tokio::test]
 async fn unanswered_pings_drop_the_connection() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(
-        layer.clone(),
-        ServerConfig {
-            ping_interval: Duration::from_millis(200),
-            ping_timeout: Duration::from_millis(300),
-            ..ServerConfig::default()
-        },
-    )
+    let (layer, server) = TestServer::on_memory(ServerConfig {
+        ping_interval: Duration::from_millis(200),
+        ping_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
     .await;
     let mut worker = Worker::echo(&layer).await;
     // A client that reads answers pings (tungstenite does it) and stays.
@@ -653,10 +635,7 @@ async fn sockets_survive_a_redis_outage() {
 
 #[tokio::test]
 async fn shutdown_closes_sockets_with_1001_and_tells_workers() {
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let mut server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let (layer, mut server) = TestServer::on_memory(ServerConfig::default()).await;
     let mut worker = Worker::echo(&layer).await;
     let mut a = ws_connect(&server.ws_url("/a")).await;
     let mut b = ws_connect(&server.ws_url("/b")).await;
@@ -758,16 +737,10 @@ async fn disconnects_refused_past_the_grace_are_counted_lost() {
 #[tokio::test]
 async fn subprotocol_is_chosen_from_the_allowed_list() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let layer = Layer::from_url("memory://", LayerSettings::default())
-        .await
-        .unwrap();
-    let server = TestServer::start(
-        layer.clone(),
-        ServerConfig {
-            ws_protocols: vec!["chat.v2".into(), "chat.v1".into()],
-            ..ServerConfig::default()
-        },
-    )
+    let (layer, server) = TestServer::on_memory(ServerConfig {
+        ws_protocols: vec!["chat.v2".into(), "chat.v1".into()],
+        ..ServerConfig::default()
+    })
     .await;
     let _worker = Worker::echo(&layer).await;
     let mut request = server.ws_url("/proto").into_client_request().unwrap();

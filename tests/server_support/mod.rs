@@ -37,6 +37,15 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// A fresh in-memory layer and a server on it.
+    pub async fn on_memory(config: ServerConfig) -> (Layer, TestServer) {
+        let layer = Layer::from_url("memory://", switchyard::layer::LayerSettings::default())
+            .await
+            .unwrap();
+        let server = TestServer::start(layer.clone(), config).await;
+        (layer, server)
+    }
+
     pub async fn start(layer: Layer, config: ServerConfig) -> TestServer {
         let config = ServerConfig {
             bind: "127.0.0.1:0".parse().unwrap(),
