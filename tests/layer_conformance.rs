@@ -512,7 +512,11 @@ async fn inbox_demultiplexes(b: Backend) {
     let snap = f.layer.metrics().snapshot();
     assert_eq!(snap.local_full, 2);
     inbox.shutdown(WAIT).await;
-    // Once the inbox loop has stopped, its local channels end instead of waiting forever.
+    // Once the inbox loop has stopped, it says so, and its local channels end instead of
+    // waiting forever.
+    tokio::time::timeout(WAIT, inbox.ended())
+        .await
+        .expect("the inbox reports its end");
     let ended = tokio::time::timeout(WAIT, b2.recv())
         .await
         .expect("recv returns");

@@ -36,6 +36,8 @@ struct Inner {
     layer: Layer,
     slots: DashMap<String, Slot>,
     stop: CancellationToken,
+    /// Cancelled when the receive loop has ended, however it ended.
+    ended: CancellationToken,
     pump: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -56,6 +58,7 @@ impl ProcessInbox {
             layer,
             slots: DashMap::new(),
             stop: CancellationToken::new(),
+            ended: CancellationToken::new(),
             pump: Mutex::new(None),
         });
         let pump_inner = Arc::clone(&inner);
@@ -130,6 +133,12 @@ impl ProcessInbox {
         }
     }
 
+    /// Resolves once the receive loop has ended (shut down, panicked or aborted): from then on
+    /// no message reaches any local channel of this inbox.
+    pub async fn ended(&self) {
+        self.inner.ended.cancelled().await;
+    }
+
     /// Local channels currently held.
     pub fn local_channels(&self) -> usize {
         self.inner.slots.len()
@@ -153,6 +162,7 @@ struct CloseSlotsOnDrop(Arc<Inner>);
 impl Drop for CloseSlotsOnDrop {
     fn drop(&mut self) {
         self.0.slots.clear();
+        self.0.ended.cancel();
     }
 }
 

@@ -44,7 +44,6 @@
 //! - `/healthz` (under `root_path` too) is answered by the server itself.
 
 mod http;
-mod inbox_watch;
 mod metrics;
 mod outbound;
 mod request;
@@ -207,7 +206,7 @@ pub(crate) struct Shared {
     pub(crate) frames: outbound::FrameCache,
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when no reply can reach a connection any more: the inbox loop was found dead
-    /// ([`inbox_watch`]) or the server stopped it. Sockets close with 1011, requests get 503.
+    /// (its loop ended) or the server stopped it. Sockets close with 1011, requests get 503.
     pub(crate) inbox_gone: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) local_addr: SocketAddr,
@@ -306,13 +305,14 @@ impl Server {
             .max_headers(shared.config.max_headers)
             .max_buf_size(shared.config.max_header_size.max(8192) * 2)
             .keep_alive(true);
-        tokio::spawn(inbox_watch::watch(
-            shared.layer.clone(),
-            shared.inbox.clone(),
-            shared.inbox_gone.clone(),
-            shutdown.clone(),
-            inbox_watch::InboxWatch::default(),
-        ));
+        {
+            // The inbox says when its loop has ended; replies cannot arrive after that.
+            let (inbox, gone) = (shared.inbox.clone(), shared.inbox_gone.clone());
+            tokio::spawn(async move {
+                inbox.ended().await;
+                gone.cancel();
+            });
+        }
         tracing::info!(addr = %self.local_addr, layer = %shared.layer.describe(), inbox = %shared.inbox.name(), "interface server listening");
         loop {
             let accepted = tokio::select! {
