@@ -520,3 +520,73 @@ async fn a_frozen_redis_does_not_hang_a_receiver_forever() {
     let got = rx.receive(&chans, WAIT).await.unwrap().unwrap();
     assert_eq!(got.to_map().unwrap(), msg("thawed"));
 }
+
+/// A batch from `receive_many`, as texts.
+async fn batch_texts(
+    rx: &mut switchyard::layer::Receiver,
+    channels: &[String],
+    max: usize,
+) -> Vec<String> {
+    rx.receive_many(channels, WAIT, max)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let m = e.to_map().unwrap();
+            match m.get("text") {
+                Some(switchyard::Value::Str(s)) => s.to_string(),
+                other => panic!("unexpected text {other:?}"),
+            }
+        })
+        .collect()
+}
+
+async fn batches_in_order_none_lost(redis: &RedisServer) {
+    let layer = layer_on(&[redis], LayerSettings::default()).await;
+    for i in 0..10 {
+        layer.send("batch", &msg(&format!("m{i}"))).await.unwrap();
+    }
+    let mut rx = layer.receiver().await.unwrap();
+    let channels = ["batch".to_owned(), "other".to_owned()];
+    assert_eq!(
+        batch_texts(&mut rx, &channels, 4).await,
+        ["m0", "m1", "m2", "m3"]
+    );
+    assert_eq!(
+        batch_texts(&mut rx, &channels, 100).await,
+        ["m4", "m5", "m6", "m7", "m8", "m9"]
+    );
+    // Nothing left: an empty batch once the timeout passes.
+    let started = Instant::now();
+    assert!(
+        rx.receive_many(&channels, Duration::from_millis(200), 8)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    // A blocked batch pop wakes for a message sent while it waits.
+    let sender = layer.clone();
+    let send = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sender.send("other", &msg("late")).await.unwrap();
+    });
+    assert_eq!(batch_texts(&mut rx, &channels, 8).await, ["late"]);
+    send.await.unwrap();
+    assert_eq!(layer.metrics().snapshot().received, 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_receive_takes_up_to_max_in_order_with_bzmpop() {
+    let redis = RedisServer::start();
+    batches_in_order_none_lost(&redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_receive_falls_back_to_bzpopmin_and_zpopmin_without_bzmpop() {
+    // Redis before 7.0 has no BZMPOP: the same server with the command removed.
+    let redis = RedisServer::start_with(&["--rename-command", "BZMPOP", ""]);
+    let err = redis.try_cmd::<redis::Value>(&[b"BZMPOP", b"0.01", b"1", b"x", b"MIN"]);
+    assert!(err.is_err(), "BZMPOP should be gone: {err:?}");
+    batches_in_order_none_lost(&redis).await;
+}

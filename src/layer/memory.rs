@@ -442,20 +442,21 @@ impl MemoryReceiver {
         Ok(first)
     }
 
-    pub(crate) async fn receive_batch(
+    pub(crate) async fn receive_many(
         &mut self,
-        channel: &str,
+        channels: &[String],
         timeout: Duration,
         max: usize,
     ) -> Result<Vec<Envelope>, LayerError> {
-        let channels = [channel.to_owned()];
         let mut out: Vec<Envelope> = Vec::new();
-        while let Some(e) = self.pending.take(&channels) {
+        while out.len() < max
+            && let Some(e) = self.pending.take(channels)
+        {
             out.push(e);
         }
         if !out.is_empty() {
             return Ok(out);
         }
-        Ok(self.wait(&channels, timeout, max).await)
+        Ok(self.wait(channels, timeout, max).await)
     }
 }

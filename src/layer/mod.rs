@@ -384,10 +384,31 @@ impl Receiver {
         timeout: Duration,
         max: usize,
     ) -> Result<Vec<Envelope>, LayerError> {
-        names::validate_receive_channel(channel)?;
+        self.receive_many(std::slice::from_ref(&channel.to_owned()), timeout, max)
+            .await
+    }
+
+    /// Waits up to `timeout` for messages on any of `channels` and returns those then waiting on
+    /// the first channel found non-empty, up to `max` (a worker takes one batch for all its idle
+    /// consumers in two Redis commands). Empty when nothing arrived in time. A group message
+    /// naming several local channels counts once and comes back once per target.
+    pub async fn receive_many(
+        &mut self,
+        channels: &[String],
+        timeout: Duration,
+        max: usize,
+    ) -> Result<Vec<Envelope>, LayerError> {
+        for c in channels {
+            names::validate_receive_channel(c)?;
+        }
+        if channels.is_empty() {
+            return Err(LayerError::Config(
+                "receive needs at least one channel".into(),
+            ));
+        }
         match self {
-            Receiver::Memory(r) => r.receive_batch(channel, timeout, max.max(1)).await,
-            Receiver::Redis(r) => r.receive_batch(channel, timeout, max.max(1)).await,
+            Receiver::Memory(r) => r.receive_many(channels, timeout, max.max(1)).await,
+            Receiver::Redis(r) => r.receive_many(channels, timeout, max.max(1)).await,
         }
     }
 }

@@ -10,7 +10,8 @@
 //! script, so the model stays groupable by hash slot for Redis Cluster.
 //!
 //! Sends and group operations share one auto-reconnecting multiplexed connection per shard, each
-//! command bounded by `command_timeout` so an outage fails fast. Blocking pops run on a dedicated
+//! command bounded by `command_timeout` so an outage fails fast. Blocking pops (BZPOPMIN for one
+//! message, BZMPOP for a batch, BZPOPMIN + ZPOPMIN before Redis 7) run on a dedicated
 //! connection per receiver and shard with no client-side response timeout (a timed-out or
 //! cancelled BZPOPMIN loses the message it later pops; see reference/anchors-rust.md §1.5).
 
@@ -55,6 +56,9 @@ struct Shard {
     conn: ConnectionManager,
     /// False after a failed command, until one succeeds (to count reconnects once).
     healthy: AtomicBool,
+    /// False once the server refused BZMPOP (Redis before 7.0): batches then take BZPOPMIN and
+    /// a ZPOPMIN.
+    has_bzmpop: AtomicBool,
 }
 
 struct Inner {
@@ -124,6 +128,7 @@ impl RedisLayer {
                 client,
                 conn,
                 healthy: AtomicBool::new(true),
+                has_bzmpop: AtomicBool::new(true),
             });
         }
         let layer = RedisLayer {
@@ -727,6 +732,56 @@ impl RedisReceiver {
         }
     }
 
+    /// Up to `count` members of the first non-empty of `keys` on `shard`, blocking at most
+    /// `block`: one BZMPOP, or on a server without it (before 7.0) BZPOPMIN then ZPOPMIN.
+    async fn pop_batch(
+        &mut self,
+        shard: usize,
+        keys: &[String],
+        block: Duration,
+        count: usize,
+    ) -> Result<Option<(String, Vec<(Vec<u8>, f64)>)>, LayerError> {
+        let layer = self.layer.clone();
+        let has_bzmpop = &layer.inner.shards[shard].has_bzmpop;
+        if count > 1 && has_bzmpop.load(Ordering::Relaxed) {
+            let mut conn = self.conn(shard).await?;
+            let secs = block.as_secs_f64().max(0.001);
+            let cmd = redis::cmd("BZMPOP")
+                .arg(format!("{secs:.3}"))
+                .arg(keys.len())
+                .arg(keys)
+                .arg("MIN")
+                .arg("COUNT")
+                .arg(count)
+                .to_owned();
+            let pop = cmd.query_async::<redis::Value>(&mut conn);
+            match tokio::time::timeout(block + DEAD_CONNECTION_MARGIN, pop).await {
+                Ok(Ok(value)) => return Ok(parse_bzmpop(value)),
+                Ok(Err(e)) if is_unknown_command(&e) => {
+                    has_bzmpop.store(false, Ordering::Relaxed);
+                    let addr = &layer.inner.shards[shard].addr;
+                    tracing::info!(redis = %addr, "Redis has no BZMPOP (before 7.0); popping batches with BZPOPMIN + ZPOPMIN");
+                }
+                Ok(Err(e)) => return Err(self.failed(shard, &e)),
+                Err(_) => return Err(self.dead(shard, block + DEAD_CONNECTION_MARGIN)),
+            }
+        }
+        let Some((key, member, score)) = self.bzpopmin(shard, keys, block).await? else {
+            return Ok(None);
+        };
+        let mut members = vec![(member, score)];
+        if count > 1 {
+            match self.zpopmin(shard, &key, count - 1).await {
+                Ok(more) => members.extend(more),
+                // Keep what was popped; the next call reconnects.
+                Err(e) => {
+                    tracing::warn!(error = %e, "batch pop failed after the first message");
+                }
+            }
+        }
+        Ok(Some((key, members)))
+    }
+
     /// ZPOPMIN `count` more from `key` (non-blocking).
     async fn zpopmin(
         &mut self,
@@ -779,8 +834,29 @@ impl RedisReceiver {
         channels: &[String],
         timeout: Duration,
     ) -> Result<Option<Envelope>, LayerError> {
-        if let Some(e) = self.pending.take(channels) {
-            return Ok(Some(e));
+        let mut got = self.receive_many(channels, timeout, 1).await?.into_iter();
+        let first = got.next();
+        self.pending.extend(got);
+        Ok(first)
+    }
+
+    /// Up to `max` messages from one of `channels` in one blocking BZMPOP, so a busy channel
+    /// costs one command per batch instead of one per message. Every envelope of a group
+    /// message comes back, even past `max`.
+    pub(crate) async fn receive_many(
+        &mut self,
+        channels: &[String],
+        timeout: Duration,
+        max: usize,
+    ) -> Result<Vec<Envelope>, LayerError> {
+        let mut out = Vec::new();
+        while out.len() < max
+            && let Some(e) = self.pending.take(channels)
+        {
+            out.push(e);
+        }
+        if !out.is_empty() {
+            return Ok(out);
         }
         let prefix = &self.layer.inner.settings.prefix;
         let shard_count = self.layer.inner.shards.len();
@@ -802,29 +878,26 @@ impl RedisReceiver {
         loop {
             let now = Instant::now();
             if now >= deadline && !timeout.is_zero() {
-                return Ok(None);
+                return Ok(out);
             }
             let shard = busy[self.next_shard % busy.len()];
             self.next_shard = self.next_shard.wrapping_add(1);
-            let keys = {
-                let mut keys = by_shard[shard].clone();
+            let keys = &mut by_shard[shard];
+            if keys.len() > 1 {
                 keys.shuffle(&mut rand::rng());
-                keys
-            };
+            }
+            let keys = keys.clone();
             let block = slice.min(deadline.saturating_duration_since(now));
-            match self.bzpopmin(shard, &keys, block).await {
-                Ok(Some((key, member, score))) => {
-                    let mut out = Vec::with_capacity(1);
-                    self.unpack(&key, vec![(member, score)], &mut out);
-                    let mut got = out.into_iter();
-                    if let Some(first) = got.next() {
-                        self.pending.extend(got);
-                        return Ok(Some(first));
+            match self.pop_batch(shard, &keys, block, max).await {
+                Ok(Some((key, members))) => {
+                    self.unpack(&key, members, &mut out);
+                    if !out.is_empty() {
+                        return Ok(out);
                     }
                 }
                 Ok(None) => {
                     if timeout.is_zero() {
-                        return Ok(None);
+                        return Ok(out);
                     }
                 }
                 Err(e) => {
@@ -834,53 +907,27 @@ impl RedisReceiver {
             }
         }
     }
+}
 
-    pub(crate) async fn receive_batch(
-        &mut self,
-        channel: &str,
-        timeout: Duration,
-        max: usize,
-    ) -> Result<Vec<Envelope>, LayerError> {
-        let channels = [channel.to_owned()];
-        let mut out = Vec::new();
-        while let Some(e) = self.pending.take(&channels) {
-            out.push(e);
-        }
-        if !out.is_empty() {
-            return Ok(out);
-        }
-        let key = format!("{}{channel}", self.layer.inner.settings.prefix);
-        let shard = self.layer.shard_of(channel);
-        let deadline = Instant::now() + timeout;
-        loop {
-            let block = deadline.saturating_duration_since(Instant::now());
-            let first = match self
-                .bzpopmin(shard, std::slice::from_ref(&key), block)
-                .await
-            {
-                Ok(Some(p)) => p,
-                Ok(None) => return Ok(out),
-                Err(e) => {
-                    self.pause_after_failure(deadline).await;
-                    return Err(e);
-                }
-            };
-            let mut members = vec![(first.1, first.2)];
-            if max > 1 {
-                match self.zpopmin(shard, &key, max - 1).await {
-                    Ok(more) => members.extend(more),
-                    Err(e) => {
-                        // Keep what was popped; the next call reconnects.
-                        tracing::warn!(error = %e, "batch pop failed after the first message");
-                    }
-                }
-            }
-            self.unpack(&key, members, &mut out);
-            if !out.is_empty() || Instant::now() >= deadline {
-                return Ok(out);
-            }
-        }
-    }
+fn is_unknown_command(e: &RedisError) -> bool {
+    e.to_string()
+        .to_ascii_lowercase()
+        .contains("unknown command")
+}
+
+/// BZMPOP answers nil (timed out) or `[key, [[member, score], …]]`.
+fn parse_bzmpop(value: redis::Value) -> Option<(String, Vec<(Vec<u8>, f64)>)> {
+    use redis::Value as V;
+    let V::Array(items) = value else {
+        return None;
+    };
+    let mut items = items.into_iter();
+    let key = match items.next()? {
+        V::BulkString(k) => String::from_utf8(k).ok()?,
+        V::SimpleString(k) => k,
+        _ => return None,
+    };
+    Some((key, parse_zpop(items.next()?)))
 }
 
 /// ZPOPMIN answers a flat `[member, score, …]` (RESP2) or `[[member, score], …]` (RESP3).
@@ -954,5 +1001,28 @@ mod tests {
         assert_eq!(parse_zpop(flat), vec![(b"a".to_vec(), 1.5)]);
         assert_eq!(parse_zpop(nested), vec![(b"b".to_vec(), 2.0)]);
         assert_eq!(parse_zpop(V::Nil), vec![]);
+    }
+
+    #[test]
+    fn parses_bzmpop() {
+        use redis::Value as V;
+        let reply = V::Array(vec![
+            V::BulkString(b"asgi:k".to_vec()),
+            V::Array(vec![
+                V::Array(vec![
+                    V::BulkString(b"m1".to_vec()),
+                    V::BulkString(b"1.25".to_vec()),
+                ]),
+                V::Array(vec![V::BulkString(b"m2".to_vec()), V::Double(2.5)]),
+            ]),
+        ]);
+        assert_eq!(
+            parse_bzmpop(reply),
+            Some((
+                "asgi:k".to_owned(),
+                vec![(b"m1".to_vec(), 1.25), (b"m2".to_vec(), 2.5)]
+            ))
+        );
+        assert_eq!(parse_bzmpop(V::Nil), None);
     }
 }

@@ -1,27 +1,29 @@
-//! The worker runtime (`runworker`): N independent consumer loops per process, each with its own
-//! layer [`Receiver`](crate::layer::Receiver), receiving from the channels the router listens on
-//! (filtered by `--only-channels` / `--exclude-channels` globs), running the routed consumer in
-//! its own task, and applying what it queued only after it returned `Ok`.
+//! The worker runtime (`runworker`): per process, one receive loop pops messages in batches from
+//! the channels the router listens on (filtered by `--only-channels` / `--exclude-channels`
+//! globs), at most as many as it has idle consumers (`--concurrency`), and runs each in its own
+//! task: the routed consumer, then what it queued, applied only after it returned `Ok`. On
+//! Redis a batch costs two commands (BZPOPMIN, then ZPOPMIN of the rest) however many messages it
+//! holds, instead of one blocked pop per consumer.
 //!
-//! A loop checks the shutdown token between receives, never during one (a cancelled blocking pop
-//! loses its message on Redis), so a graceful stop finishes the message in hand, waiting at most
-//! [`Worker::stop_grace`] (30 s) before aborting the loops still busy. A consumer that errors,
+//! The loop checks the shutdown token between receives, never during one (a cancelled blocking
+//! pop loses its message on Redis), so a graceful stop finishes the messages in hand, waiting at
+//! most [`Worker::stop_grace`] (30 s) before aborting those still running. A consumer that errors,
 //! panics or runs longer than [`Worker::consumer_timeout`] (5 min; it is then aborted) is logged
-//! with its channel and route and the loop goes on; its sends are discarded, except that an
+//! with its channel and route and the worker goes on; its sends are discarded, except that an
 //! `http.request` is answered `500` and a `websocket.connect` `{"close": true}` (so the client is
 //! not left waiting for the server's own timeout), and a `websocket.disconnect` still leaves its
 //! groups (its `GroupDiscard`s are applied: leaving a group is always safe). Control errors:
 //! `DenyConnection` replies `{"close": true}`, `Close(code)` replies `{"close": code}`,
 //! `ConsumeLater` requeues with `__retries__` counted, at most [`MAX_RETRIES`] times. Strict
 //! ordering and channel sessions are kept in the layer, so any worker can take any message. The
-//! loop that finished a strictly ordered message runs its parked successor itself (no re-send:
-//! nothing to lose on a full channel, no fresh expiry). A loop that parked a message comes back
+//! task that finished a strictly ordered message runs its parked successor itself (no re-send:
+//! nothing to lose on a full channel, no fresh expiry). A worker that parked a message comes back
 //! to its connection once the message could have expired, so that a gap (a predecessor that
 //! never came) is skipped by the layer's upkeep even when nothing else arrives.
 //!
 //! An `http.request` with a `body_channel` (a body the server streamed) is completed before its
-//! consumer runs, as Channels 1's `AsgiRequest` did: the loop reads the chunks with its own
-//! receiver, each within [`Worker::body_receive_timeout`] (60 s, else the worker answers
+//! consumer runs, as Channels 1's `AsgiRequest` did: the task reads the chunks with a receiver
+//! of its own (kept in a pool), each within [`Worker::body_receive_timeout`] (60 s, else the worker answers
 //! `408 Request Timeout (upload too slow)` itself), up to [`Worker::max_request_body`] (64 MiB,
 //! else 413). A `closed` chunk abandons the request without running the consumer. The consumer
 //! then sees one message whose `body` is the whole body and which has no `body_channel`.
@@ -42,6 +44,8 @@ use switchyard_routing::{
     Action, ByteString, ConsumerError, Ctx, Map, Message, Resolved, Router, Value,
 };
 use thiserror::Error;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::layer::{Envelope, Gate, Layer, LayerError, Receiver, glob_matches};
@@ -67,8 +71,11 @@ pub const MAX_REQUEST_BODY: usize = 64 << 20;
 /// Default limit on one consumer run; a consumer still running is aborted.
 pub const CONSUMER_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Default wait, after a stop is asked, for the loops to finish the messages in hand.
+/// Default wait, after a stop is asked, for the messages in hand to finish.
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// Most messages one pop takes (for that many idle consumers).
+const MAX_BATCH: usize = 64;
 
 /// Most connections a worker remembers to come back to (see [`Worker::run`]); past it, gaps are
 /// still skipped when the connection's next message arrives.
@@ -114,6 +121,9 @@ pub struct Worker {
     stop_grace: Duration,
     /// Connections with messages parked by this worker, and when to run their upkeep.
     revisits: Arc<Mutex<Vec<(String, Instant)>>>,
+    /// Receivers kept for reading streamed request bodies (each holds its own Redis
+    /// connection), at most one per consumer.
+    body_receivers: Arc<Mutex<Vec<Receiver>>>,
 }
 
 /// How a consumer run ended.
@@ -123,7 +133,7 @@ enum Outcome {
     TimedOut,
 }
 
-/// Aborts the consumer task if the loop running it is itself aborted (stop grace expired).
+/// Aborts the consumer task if the task running it is itself aborted (stop grace expired).
 struct AbortOnDrop(tokio::task::AbortHandle);
 
 impl Drop for AbortOnDrop {
@@ -133,7 +143,7 @@ impl Drop for AbortOnDrop {
 }
 
 impl Worker {
-    /// A worker with one loop, listening on every channel of the router.
+    /// A worker running one message at a time, listening on every channel of the router.
     pub fn new(layer: Layer, router: Arc<Router>) -> Self {
         Worker {
             layer,
@@ -150,6 +160,7 @@ impl Worker {
             consumer_timeout: CONSUMER_TIMEOUT,
             stop_grace: STOP_GRACE,
             revisits: Arc::default(),
+            body_receivers: Arc::default(),
         }
     }
 
@@ -162,15 +173,16 @@ impl Worker {
         self
     }
 
-    /// After the stop token is cancelled, how long the loops may take to finish the messages in
-    /// hand before they are aborted (30 s). Aborting a loop in a receive can lose the message
+    /// After the stop token is cancelled, how long the messages in hand may take to finish
+    /// before they are aborted (30 s). Aborting a task in a receive can lose the message
     /// it was popping, so this should stay well above the receive timeout.
     pub fn stop_grace(mut self, grace: Duration) -> Self {
         self.stop_grace = grace;
         self
     }
 
-    /// Number of concurrent consumer loops (each runs one message at a time).
+    /// Number of messages run at once (the consumers of this process; one pop takes at most this
+    /// many).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n;
         self
@@ -265,80 +277,84 @@ impl Worker {
         );
         let channels: Arc<[String]> = channels.into();
         let this = Arc::new(self);
-        // Every receiver first, so a failure leaves no loop running behind the error.
-        let mut receivers = Vec::with_capacity(this.concurrency);
-        for _ in 0..this.concurrency {
-            receivers.push(this.layer.receiver().await?);
-        }
-        let mut loops = tokio::task::JoinSet::new();
-        for (i, receiver) in receivers.into_iter().enumerate() {
-            let this = this.clone();
-            let channels = channels.clone();
-            let shutdown = shutdown.clone();
-            loops.spawn(async move {
-                this.consume_loop(i, receiver, &channels, &shutdown).await;
-            });
-        }
-        let grace = this.stop_grace;
-        let grace_over = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-        };
-        tokio::pin!(grace_over);
-        loop {
-            tokio::select! {
-                joined = loops.join_next() => match joined {
-                    None => break,
-                    Some(Err(e)) => tracing::error!(error = %e, "a worker loop ended abnormally"),
-                    Some(Ok(())) => {}
-                },
-                () = &mut grace_over => {
-                    tracing::warn!(
-                        busy_loops = loops.len(),
-                        grace_ms = grace.as_millis() as u64,
-                        "stop grace over; aborting the loops still busy (their messages are lost)"
-                    );
-                    loops.abort_all();
-                    while loops.join_next().await.is_some() {}
-                    break;
-                }
-            }
-        }
-        tracing::info!("worker stopped");
-        Ok(())
-    }
-
-    async fn consume_loop(
-        &self,
-        index: usize,
-        mut receiver: Receiver,
-        channels: &[String],
-        shutdown: &CancellationToken,
-    ) {
+        let mut receiver = this.layer.receiver().await?;
+        let idle = Arc::new(Semaphore::new(this.concurrency));
+        let mut running = JoinSet::new();
         let mut failures = 0u32;
-        while !shutdown.is_cancelled() {
-            match receiver.receive(channels, self.receive_timeout).await {
-                Ok(Some(envelope)) => {
+        loop {
+            // Pop only for consumers that are idle now, so no message waits in this process
+            // behind busy ones while another worker could run it.
+            let mut permits = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                permit = idle.clone().acquire_owned() => match permit {
+                    Ok(p) => vec![p],
+                    Err(_) => break,
+                },
+            };
+            while permits.len() < MAX_BATCH
+                && let Ok(p) = idle.clone().try_acquire_owned()
+            {
+                permits.push(p);
+            }
+            match receiver
+                .receive_many(&channels, this.receive_timeout, permits.len())
+                .await
+            {
+                Ok(batch) => {
                     failures = 0;
-                    self.handle_with(envelope, Some(&mut receiver)).await;
+                    for envelope in batch {
+                        // A group message for several local targets can outnumber the permits.
+                        let permit = permits.pop();
+                        let this = this.clone();
+                        running.spawn(async move {
+                            this.handle(envelope).await;
+                            drop(permit);
+                        });
+                    }
                 }
-                Ok(None) => failures = 0,
                 Err(e) => {
                     failures += 1;
                     if failures == 1 || failures.is_multiple_of(20) {
-                        tracing::warn!(worker_loop = index, error = %e, "receive failed; retrying");
+                        tracing::warn!(error = %e, "receive failed; retrying");
                     }
                     let pause = Duration::from_millis(50 * u64::from(failures.min(20)));
                     tokio::time::sleep(pause).await;
                 }
             }
-            self.revisit_due(&mut receiver).await;
+            drop(permits);
+            this.revisit_due(&mut running);
+            while let Some(joined) = running.try_join_next() {
+                if let Err(e) = joined {
+                    tracing::error!(error = %e, "a message task ended abnormally");
+                }
+            }
         }
+        let grace = this.stop_grace;
+        let finished = tokio::time::timeout(grace, async {
+            while let Some(joined) = running.join_next().await {
+                if let Err(e) = joined {
+                    tracing::error!(error = %e, "a message task ended abnormally");
+                }
+            }
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(
+                busy = running.len(),
+                grace_ms = grace.as_millis() as u64,
+                "stop grace over; aborting the messages still running (they are lost)"
+            );
+            running.abort_all();
+            while running.join_next().await.is_some() {}
+        }
+        tracing::info!("worker stopped");
+        Ok(())
     }
 
-    /// Runs ordering upkeep for the connections whose parked messages could have expired by
-    /// now, and the parked message whose turn that brings.
-    async fn revisit_due(&self, receiver: &mut Receiver) {
+    /// Starts ordering upkeep for the connections whose parked messages could have expired by
+    /// now, each running the parked message whose turn that brings.
+    fn revisit_due(self: &Arc<Self>, running: &mut JoinSet<()>) {
         let mut due: Vec<String> = {
             let mut revisits = self.revisits.lock().unwrap_or_else(|p| p.into_inner());
             if revisits.is_empty() {
@@ -359,16 +375,21 @@ impl Worker {
         due.sort_unstable();
         due.dedup();
         for reply in due {
-            match self.layer.ordering_upkeep(&reply).await {
-                Ok(u) => {
-                    if let Some(resume) = self.note_upkeep(&reply, u.expired, u.skipped, u.resume) {
-                        self.handle_with(resume, Some(&mut *receiver)).await;
-                    }
+            let this = self.clone();
+            running.spawn(async move { this.revisit(&reply).await });
+        }
+    }
+
+    async fn revisit(&self, reply: &str) {
+        match self.layer.ordering_upkeep(reply).await {
+            Ok(u) => {
+                if let Some(resume) = self.note_upkeep(reply, u.expired, u.skipped, u.resume) {
+                    self.handle(resume).await;
                 }
-                Err(e) => {
-                    tracing::warn!(reply_channel = %reply, error = %e, "ordering upkeep failed; trying again later");
-                    self.revisit_later(&reply);
-                }
+            }
+            Err(e) => {
+                tracing::warn!(reply_channel = %reply, error = %e, "ordering upkeep failed; trying again later");
+                self.revisit_later(reply);
             }
         }
     }
@@ -403,26 +424,17 @@ impl Worker {
         resume.map(|(channel, payload)| Envelope { channel, payload })
     }
 
-    /// Runs one message through routing, ordering, the consumer and its outbox.
+    /// Runs one message through routing, ordering, the consumer and its outbox, then the parked
+    /// messages of the same connection whose turn that brings.
     pub async fn handle(&self, envelope: Envelope) {
-        self.handle_with(envelope, None).await;
-    }
-
-    /// [`handle`](Self::handle), reading a streamed request body with `receiver` (else with a
-    /// receiver made for it), then the parked messages whose turn that brings.
-    async fn handle_with(&self, envelope: Envelope, mut receiver: Option<&mut Receiver>) {
         let mut next = Some(envelope);
         while let Some(envelope) = next.take() {
-            next = self.handle_one(envelope, receiver.as_deref_mut()).await;
+            next = self.handle_one(envelope).await;
         }
     }
 
     /// Handles one message; returns a parked message of the same connection whose turn has come.
-    async fn handle_one(
-        &self,
-        envelope: Envelope,
-        receiver: Option<&mut Receiver>,
-    ) -> Option<Envelope> {
+    async fn handle_one(&self, envelope: Envelope) -> Option<Envelope> {
         let started = Instant::now();
         self.metrics.received(&envelope.channel);
         let message = match Message::from_payload(envelope.channel.clone(), envelope.payload) {
@@ -439,7 +451,7 @@ impl Worker {
             return None;
         };
         let message = if message.channel == HTTP_REQUEST && message.get("body_channel").is_some() {
-            match self.assemble_body(message, receiver).await {
+            match self.assemble_body(message).await {
                 Some(whole) => whole,
                 None => return None,
             }
@@ -525,11 +537,36 @@ impl Worker {
     /// Reads a streamed request body from its `body_channel` and returns the request with the
     /// whole body in `body` and no `body_channel`; `None` when the request was answered (408,
     /// 413, 400) or abandoned instead.
-    async fn assemble_body(
-        &self,
-        message: Message,
-        receiver: Option<&mut Receiver>,
-    ) -> Option<Message> {
+    async fn assemble_body(&self, message: Message) -> Option<Message> {
+        let pooled = self
+            .body_receivers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut receiver = match pooled {
+            Some(r) => r,
+            None => match self.layer.receiver().await {
+                Ok(r) => r,
+                Err(e) => {
+                    WorkerMetrics::add(&self.metrics.dropped, 1);
+                    tracing::error!(error = %e, "no receiver for a request body; request dropped");
+                    return None;
+                }
+            },
+        };
+        let whole = self.read_body(message, &mut receiver).await;
+        // Only a receiver whose reads all completed goes back (an aborted read drops it).
+        let mut pool = self
+            .body_receivers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if pool.len() < self.concurrency {
+            pool.push(receiver);
+        }
+        whole
+    }
+
+    async fn read_body(&self, message: Message, receiver: &mut Receiver) -> Option<Message> {
         let started = Instant::now();
         let Some(body_channel) = message.get_str("body_channel").map(str::to_owned) else {
             WorkerMetrics::add(&self.metrics.dropped, 1);
@@ -548,18 +585,6 @@ impl Worker {
                     .await;
                 return None;
             }
-        };
-        let mut own_receiver = None;
-        let receiver = match receiver {
-            Some(r) => r,
-            None => match self.layer.receiver().await {
-                Ok(r) => own_receiver.insert(r),
-                Err(e) => {
-                    WorkerMetrics::add(&self.metrics.dropped, 1);
-                    tracing::error!(error = %e, "no receiver for a request body; request dropped");
-                    return None;
-                }
-            },
         };
         let channels = [body_channel];
         let mut chunks = 0u64;

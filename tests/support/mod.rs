@@ -141,12 +141,18 @@ impl RedisServer {
 
     /// Runs one command synchronously and returns its reply.
     pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&[u8]]) -> T {
+        self.try_cmd(args).unwrap()
+    }
+
+    /// As [`RedisServer::cmd`], returning the server's error instead of panicking.
+    #[allow(dead_code)]
+    pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&[u8]]) -> redis::RedisResult<T> {
         let mut conn = self.client().get_connection().unwrap();
         let mut cmd = redis::cmd(std::str::from_utf8(args[0]).unwrap());
         for a in &args[1..] {
             cmd.arg(*a);
         }
-        cmd.query(&mut conn).unwrap()
+        cmd.query(&mut conn)
     }
 }
 

@@ -18,6 +18,10 @@ use switchyard_workers::roles::{self, DevArgs, ServeArgs, WorkerCommandArgs};
 struct Cli {
     #[command(flatten)]
     log: LogArgs,
+    /// Runtime threads: 0 = one per CPU; 1 = everything on one thread (no cross-thread
+    /// wake-ups: the cheapest per message when several processes share few cores).
+    #[arg(long, global = true, env = "SWITCHYARD_THREADS", default_value_t = 0)]
+    threads: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,10 +47,16 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cli.log.init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = if cli.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if cli.threads > 1 {
+            b.worker_threads(cli.threads);
+        }
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("switchyard: cannot start the runtime: {e}");
