@@ -650,6 +650,9 @@ impl fmt::Debug for RedisReceiver {
 /// A popped member: key it came from, bytes, score.
 type Popped = (String, Vec<u8>, f64);
 
+/// Popped members of one key: the key, then each member's bytes and score.
+type PoppedBatch = (String, Vec<(Vec<u8>, f64)>);
+
 impl RedisReceiver {
     async fn conn(&mut self, shard: usize) -> Result<MultiplexedConnection, LayerError> {
         if let Some(c) = &self.conns[shard] {
@@ -740,7 +743,7 @@ impl RedisReceiver {
         keys: &[String],
         block: Duration,
         count: usize,
-    ) -> Result<Option<(String, Vec<(Vec<u8>, f64)>)>, LayerError> {
+    ) -> Result<Option<PoppedBatch>, LayerError> {
         let layer = self.layer.clone();
         let has_bzmpop = &layer.inner.shards[shard].has_bzmpop;
         if count > 1 && has_bzmpop.load(Ordering::Relaxed) {
@@ -916,7 +919,7 @@ fn is_unknown_command(e: &RedisError) -> bool {
 }
 
 /// BZMPOP answers nil (timed out) or `[key, [[member, score], …]]`.
-fn parse_bzmpop(value: redis::Value) -> Option<(String, Vec<(Vec<u8>, f64)>)> {
+fn parse_bzmpop(value: redis::Value) -> Option<PoppedBatch> {
     use redis::Value as V;
     let V::Array(items) = value else {
         return None;
