@@ -7,6 +7,11 @@ use switchyard_workers::bench;
 use switchyard_workers::cli::{self, FlushArgs, LogArgs, SendArgs, StatsArgs};
 use switchyard_workers::roles::{self, DevArgs, ServeArgs, WorkerCommandArgs};
 
+/// mimalloc: ~10 % more echoes per CPU-second than glibc malloc here, and idle sockets cost less
+/// (no per-thread arena fragmentation; BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Switchyard: a channel-layer realtime server (interface server, Redis channel layer, workers).
 #[derive(Debug, Parser)]
 #[command(
