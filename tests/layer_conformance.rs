@@ -287,6 +287,37 @@ async fn capacity(b: Backend) {
     assert_eq!(f.layer.metrics().snapshot().channel_full, 3);
 }
 
+async fn expired_messages_free_a_full_channel(b: Backend) {
+    let settings = LayerSettings {
+        capacity: 2,
+        expiry: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let f = Fixture::new(b, settings).await;
+    f.layer.send("cx_test", &msg("old 1")).await.unwrap();
+    f.layer.send("cx_test", &msg("old 2")).await.unwrap();
+    assert!(
+        f.layer
+            .send("cx_test", &msg("refused"))
+            .await
+            .unwrap_err()
+            .is_full()
+    );
+    // Both stored messages must age past their expiry: time passing is the point here.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    f.layer.send("cx_test", &msg("fresh 1")).await.unwrap();
+    f.layer.send("cx_test", &msg("fresh 2")).await.unwrap();
+    assert_eq!(
+        recv_one(&f.layer, &["cx_test"]).await.unwrap().1,
+        msg("fresh 1")
+    );
+    assert_eq!(
+        recv_one(&f.layer, &["cx_test"]).await.unwrap().1,
+        msg("fresh 2")
+    );
+    recv_none(&f.layer, &["cx_test"]).await;
+}
+
 async fn capacity_process(b: Backend) {
     let f = Fixture::new(
         b,
@@ -674,6 +705,7 @@ conformance!(
     group_expiry,
     capacity,
     capacity_process,
+    expired_messages_free_a_full_channel,
     capacity_group,
     exceptions,
     message_alteration_after_send,

@@ -3,8 +3,8 @@
 //! A channel is the sorted set `{prefix}{non-local name}`; a member is 12 random bytes followed by
 //! the msgpack map, scored by send time in seconds; a group is the sorted set
 //! `{prefix}:group:{name}` of channel names scored by add time. Where channels_redis is slow or
-//! wrong we keep the format and do better: a send is one atomic Lua script touching one key (trim
-//! expired, check capacity, add, expire); expiry is checked again at receive; `!` channels are
+//! wrong we keep the format and do better: a send is one atomic Lua script touching one key (check
+//! capacity, trimming expired members only when full, add, expire); expiry is checked again at receive; `!` channels are
 //! sharded by their non-local name on send and receive alike (channels_redis#221 loses them);
 //! flush uses SCAN; a group send writes one message per inbox key, each with the same one-key
 //! script, so the model stays groupable by hash slot for Redis Cluster.
@@ -33,12 +33,15 @@ use super::settings::CapacityRules;
 use super::{Envelope, GroupSendReport, LayerError, LayerSettings, envelopes_for, now_secs, wire};
 
 /// KEYS[1] channel key; ARGV: member, now (s), expiry (s, float), capacity, expiry (s, integer).
-/// Returns 1 when added, 0 when the channel is full.
+/// Returns 1 when added, 0 when the channel is full. Expired members are trimmed only when they
+/// could make the channel look full (receivers drop them anyway): three calls per send, not four.
 const SEND_SCRIPT: &str = r"
-local now = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
-  return 0
+local capacity = tonumber(ARGV[4])
+if redis.call('ZCARD', KEYS[1]) >= capacity then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+  if redis.call('ZCARD', KEYS[1]) >= capacity then
+    return 0
+  end
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
