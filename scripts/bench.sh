@@ -27,6 +27,8 @@ cd "$(dirname "$0")/.."
 RUNS=3
 WORKERS=1
 CONCURRENCY=32
+THREADS=1
+SERVE_THREADS=""
 RUN_OFFSET=0
 CAPACITY=10000
 PEER=none
@@ -41,7 +43,11 @@ usage() {
 Flags:
   --runs N          runs of every scenario (default $RUNS); the table shows medians (min-max)
   --workers N       switchyard worker processes (default $WORKERS)
-  --concurrency N   consumer loops per worker process (default $CONCURRENCY)
+  --concurrency N   messages run at once per worker process (default $CONCURRENCY)
+  --threads N       runtime threads of serve and each worker (default $THREADS: on 2 cores shared
+                    by serve, workers, Redis and the client, one thread per process wakes fewer
+                    threads per message; 0 = one per CPU, the binary's default)
+  --serve-threads N runtime threads of serve only (default: --threads)
   --capacity N      channel capacity for serve and workers (default $CAPACITY: Channels' 100 is
                     less than the 1,000 messages echo1000 keeps in flight)
   --peer django     also run every load against the Django Channels 4 peer, interleaved
@@ -58,6 +64,8 @@ while [ $# -gt 0 ]; do
     --runs) RUNS="$2"; shift 2 ;;
     --workers) WORKERS="$2"; shift 2 ;;
     --concurrency) CONCURRENCY="$2"; shift 2 ;;
+    --threads) THREADS="$2"; shift 2 ;;
+    --serve-threads) SERVE_THREADS="$2"; shift 2 ;;
     --capacity) CAPACITY="$2"; shift 2 ;;
     --peer) PEER="$2"; shift 2 ;;
     --scenarios) SCENARIOS="${2//,/ }"; shift 2 ;;
@@ -139,13 +147,13 @@ start_switchyard() {
   HTTP_PORT="$(free_port)"
   local layer="redis://127.0.0.1:$REDIS_PORT/0"
   # --log warn: no access log line per request (daphne runs with -v 0 likewise).
-  "$BIN" serve --layer "$layer" --capacity "$CAPACITY" --port "$HTTP_PORT" --max-connections 20000 --log warn \
+  "$BIN" --threads "${SERVE_THREADS:-$THREADS}" serve --layer "$layer" --capacity "$CAPACITY" --port "$HTTP_PORT" --max-connections 20000 --log warn \
     > "$LOGS/serve-$1.log" 2>&1 &
   PIDS+=($!)
   STACK_PROCS+=("serve=$!")
   local i
   for i in $(seq 1 "$WORKERS"); do
-    "$BIN" worker --layer "$layer" --capacity "$CAPACITY" --concurrency "$CONCURRENCY" --log warn > "$LOGS/worker$i-$1.log" 2>&1 &
+    "$BIN" --threads "$THREADS" worker --layer "$layer" --capacity "$CAPACITY" --concurrency "$CONCURRENCY" --log warn > "$LOGS/worker$i-$1.log" 2>&1 &
     PIDS+=($!)
     STACK_PROCS+=("worker$i=$!")
   done
@@ -291,7 +299,7 @@ if [ "$PEER" = django ]; then STACKS+=(django); fi
   echo "memory: $(free -g | awk '/Mem:/ {print $2" GiB"}')"
   echo "redis: $(redis-server --version)"
   echo "open files: soft $(ulimit -Sn), hard $(ulimit -Hn)"
-  echo "workers: $WORKERS x $CONCURRENCY loops; capacity: $CAPACITY; runs: $RUNS; duration: ${DURATION}s; scenarios: $SCENARIOS; stacks: ${STACKS[*]}"
+  echo "threads: serve ${SERVE_THREADS:-$THREADS}, workers $THREADS; workers: $WORKERS x concurrency $CONCURRENCY; capacity: $CAPACITY; runs: $RUNS; duration: ${DURATION}s; scenarios: $SCENARIOS; stacks: ${STACKS[*]}"
   echo "uptime at start: $(uptime)"
 } > "$OUT_DIR/bench-$STAMP-machine.txt"
 cat "$OUT_DIR/bench-$STAMP-machine.txt" >&2

@@ -14,6 +14,7 @@ line.
 """
 import argparse
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -71,13 +72,17 @@ def main():
 
     before = {n: (cpu_seconds(pid), status_kb(pid, "VmRSS")) for n, pid in procs.items()}
     rss_max = {n: b[1] or 0 for n, b in before.items()}
+    rss_samples = {n: [] for n in procs}
     stop = threading.Event()
 
     def sample():
         while not stop.wait(0.25):
             for n, pid in procs.items():
                 rss = status_kb(pid, "VmRSS")
-                if rss is not None and rss > rss_max[n]:
+                if rss is None:
+                    continue
+                rss_samples[n].append(rss)
+                if rss > rss_max[n]:
                     rss_max[n] = rss
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -117,6 +122,9 @@ def main():
             else round(cpu_after - cpu_before, 3),
             "rss_before_kb": before[n][1],
             "rss_max_kb": rss_max[n],
+            # The plateau of a connect-and-hold run (the ramp and the close are short next to
+            # the hold), without the transients of handshakes and mass closes in the peak.
+            "rss_median_kb": statistics.median(rss_samples[n]) if rss_samples[n] else None,
             "hwm_kb": status_kb(pid, "VmHWM"),
             "alive": cpu_after is not None,
         }

@@ -104,12 +104,14 @@ def bench(*keys):
     return lambda r: dig(r.get("bench") or {}, *keys)
 
 
-def idle_per_conn_kb(r):
-    b = r.get("bench") or {}
-    serve = r["procs"].get("serve")
-    if not serve or not b.get("connected"):
-        return None
-    return (serve["rss_max_kb"] - serve["rss_before_kb"]) * 1.024 / b["connected"]
+def idle_per_conn_kb(field):
+    def per_conn(r):
+        b = r.get("bench") or {}
+        serve = r["procs"].get("serve")
+        if not serve or not b.get("connected") or serve.get(field) is None:
+            return None
+        return (serve[field] - serve["rss_before_kb"]) * 1.024 / b["connected"]
+    return per_conn
 
 
 COLUMNS = {
@@ -128,8 +130,10 @@ COLUMNS = {
     "idle": [("connections", bench("connected")), ("failed", bench("failed")),
              ("connects/s", bench("connects_per_s")),
              ("serve RSS before KB", lambda r: r["procs"]["serve"]["rss_before_kb"]),
-             ("serve RSS held KB", lambda r: r["procs"]["serve"]["rss_max_kb"]),
-             ("KB per connection", idle_per_conn_kb)],
+             ("serve RSS held KB (median sample)", lambda r: r["procs"]["serve"].get("rss_median_kb")),
+             ("KB per connection held", idle_per_conn_kb("rss_median_kb")),
+             ("serve RSS peak KB", lambda r: r["procs"]["serve"]["rss_max_kb"]),
+             ("KB per connection at peak", idle_per_conn_kb("rss_max_kb"))],
     "http": [("req/s", bench("requests_per_s")), ("p50 µs", bench("latency_us", "p50")),
              ("p99 µs", bench("latency_us", "p99")), ("errors", lambda r: sum((dig(r.get("bench") or {}, "errors") or {}).values()))],
 }
