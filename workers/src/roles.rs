@@ -150,7 +150,7 @@ impl ServerArgs {
 /// Worker flags (shared by `worker` and `dev`).
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
-    /// Consumer loops in this process (each with its own receive connection).
+    /// Messages this process runs at once; one receive loop pops at most this many per batch.
     #[arg(long, env = "SWITCHYARD_CONCURRENCY", default_value_t = 8)]
     pub concurrency: usize,
     /// Only listen on channels matching these globs (repeatable, e.g. 'websocket.*').
