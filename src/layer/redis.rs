@@ -3,10 +3,10 @@
 //! A channel is the sorted set `{prefix}{non-local name}`; a member is 12 random bytes followed by
 //! the msgpack map, scored by send time in seconds; a group is the sorted set
 //! `{prefix}:group:{name}` of channel names scored by add time. Where channels_redis is slow or
-//! wrong we keep the format and do better: a send is one atomic Lua script touching one key (check
-//! capacity, trimming expired members only when full, add, expire); expiry is checked again at receive; `!` channels are
-//! sharded by their non-local name on send and receive alike (channels_redis#221 loses them);
-//! flush uses SCAN; a group send writes one message per inbox key, each with the same one-key
+//! wrong we keep the format and do better: a send is one atomic Lua script touching one key
+//! (check capacity, trimming expired members only when full, add, expire); expiry is checked
+//! again at receive; `!` channels are sharded by their non-local name on send and receive alike
+//! (channels_redis#221 loses them); flush uses SCAN; a group send writes one message per inbox key, each with the same one-key
 //! script, so the model stays groupable by hash slot for Redis Cluster.
 //!
 //! Sends and group operations share one auto-reconnecting multiplexed connection per shard, each

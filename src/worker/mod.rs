@@ -2,7 +2,7 @@
 //! the channels the router listens on (filtered by `--only-channels` / `--exclude-channels`
 //! globs), at most as many as it has idle consumers (`--concurrency`), and runs each in its own
 //! task: the routed consumer, then what it queued, applied only after it returned `Ok`. On
-//! Redis a batch costs two commands (BZPOPMIN, then ZPOPMIN of the rest) however many messages it
+//! Redis a batch costs one BZMPOP (BZPOPMIN + ZPOPMIN before Redis 7) however many messages it
 //! holds, instead of one blocked pop per consumer.
 //!
 //! The loop checks the shutdown token between receives, never during one (a cancelled blocking
@@ -23,9 +23,9 @@
 //!
 //! An `http.request` with a `body_channel` (a body the server streamed) is completed before its
 //! consumer runs, as Channels 1's `AsgiRequest` did: the task reads the chunks with a receiver
-//! of its own (kept in a pool), each within [`Worker::body_receive_timeout`] (60 s, else the worker answers
-//! `408 Request Timeout (upload too slow)` itself), up to [`Worker::max_request_body`] (64 MiB,
-//! else 413). A `closed` chunk abandons the request without running the consumer. The consumer
+//! of its own (kept in a pool), each within [`Worker::body_receive_timeout`] (60 s, else the
+//! worker answers `408 Request Timeout (upload too slow)` itself), up to
+//! [`Worker::max_request_body`] (64 MiB, else 413). A `closed` chunk abandons the request without running the consumer. The consumer
 //! then sees one message whose `body` is the whole body and which has no `body_channel`.
 
 pub mod django;
