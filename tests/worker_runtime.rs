@@ -1,7 +1,7 @@
 //! The worker runtime against both layers, with real worker tasks: replies, deny/close,
 //! consumer atomicity on error and panic, ConsumeLater (bounded), channel globs, a slow consumer
-//! not delaying others, graceful stop finishing the message in hand, channel sessions shared by
-//! several workers.
+//! not delaying others, no worker popping more than it can run, graceful stop finishing the
+//! message in hand, channel sessions shared by several workers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -298,6 +298,64 @@ async fn slow_consumer_does_not_delay_others(backend: Backend) {
     gate.release.notify_one();
     assert_eq!(next(&mut ch).await, text("thumbnail ready"));
     running.stop().await;
+}
+
+/// Two workers of 2 consumers each and 4 jobs that each wait until all 4 are running: a worker
+/// that popped more than it could run (as a batch bigger than its idle consumers would) leaves a
+/// job waiting behind its own busy consumers and the barrier is never reached.
+async fn a_worker_takes_no_more_than_it_can_run(backend: Backend) {
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let all_running = Arc::new(tokio::sync::Barrier::new(4));
+    let handled_by: Arc<std::sync::Mutex<Vec<&'static str>>> = Arc::default();
+    let router = |name: &'static str| {
+        let all_running = all_running.clone();
+        let handled_by = handled_by.clone();
+        Arc::new(
+            Router::new([route("jobs.wait", move |m: Message, ctx: Ctx| {
+                let all_running = all_running.clone();
+                let handled_by = handled_by.clone();
+                async move {
+                    handled_by.lock().unwrap().push(name);
+                    all_running.wait().await;
+                    let to = m.get_str("notify").unwrap_or_default().to_owned();
+                    ctx.send(&to, &Map::new().with("text", name))
+                }
+            })])
+            .unwrap(),
+        )
+    };
+    let inbox = inbox(&fx.layer).await;
+    let mut ch = inbox.new_channel();
+    // Queued before any worker starts, so the first pop sees all four.
+    for _ in 0..4 {
+        fx.layer
+            .send("jobs.wait", &Map::new().with("notify", ch.name()))
+            .await
+            .unwrap();
+    }
+    let a = start(Worker::new(fx.layer.clone(), router("a")).concurrency(2));
+    let b = start(Worker::new(fx.layer.clone(), router("b")).concurrency(2));
+    let mut done = Vec::new();
+    for _ in 0..4 {
+        done.push(next(&mut ch).await);
+    }
+    let mut by = handled_by.lock().unwrap().clone();
+    by.sort_unstable();
+    assert_eq!(by, ["a", "a", "b", "b"], "each worker ran exactly its 2");
+    assert_eq!(a.metrics.snapshot().consumed, 2);
+    assert_eq!(b.metrics.snapshot().consumed, 2);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_takes_no_more_than_it_can_run_memory() {
+    a_worker_takes_no_more_than_it_can_run(Backend::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_takes_no_more_than_it_can_run_redis() {
+    a_worker_takes_no_more_than_it_can_run(Backend::Redis).await;
 }
 
 #[tokio::test]
