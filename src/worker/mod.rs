@@ -1,9 +1,9 @@
 //! The worker runtime (`runworker`): per process, one receive loop pops messages in batches from
 //! the channels the router listens on (filtered by `--only-channels` / `--exclude-channels`
 //! globs), at most as many as it has idle consumers (`--concurrency`), and runs each in its own
-//! task: the routed consumer, then what it queued, applied only after it returned `Ok`. On
-//! Redis a batch costs one BZMPOP (BZPOPMIN + ZPOPMIN before Redis 7) however many messages it
-//! holds, instead of one blocked pop per consumer.
+//! task: the routed consumer (in that task, not one more), then what it queued, applied only
+//! after it returned `Ok`. On Redis a batch costs one BZMPOP (BZPOPMIN + ZPOPMIN before Redis 7)
+//! however many messages it holds, instead of one blocked pop per consumer.
 //!
 //! The loop checks the shutdown token between receives, never during one (a cancelled blocking
 //! pop loses its message on Redis), so a graceful stop finishes the messages in hand, waiting at
@@ -31,10 +31,12 @@
 pub mod django;
 mod metrics;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use switchyard_routing::asgi::{
     HTTP_REQUEST, HttpRequestBodyChunk, HttpResponse, WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT,
     WebsocketSend,
@@ -131,15 +133,6 @@ enum Outcome {
     Returned(Result<(), ConsumerError>),
     Panicked(String),
     TimedOut,
-}
-
-/// Aborts the consumer task if the task running it is itself aborted (stop grace expired).
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl Worker {
@@ -716,12 +709,12 @@ impl Worker {
             let session = self.http_session(message, &ctx, resolved.options).await;
             ctx = ctx.with_http_session(session);
         }
-        let task = tokio::spawn(resolved.handler.call(message.clone(), ctx.clone()));
-        let _abort = AbortOnDrop(task.abort_handle());
-        let outcome = match tokio::time::timeout(self.consumer_timeout, task).await {
+        // Run inline in this message's own task: a panic is caught here, a timeout drops the
+        // consumer's future, and aborting this task (stop grace over) drops it too.
+        let call = AssertUnwindSafe(resolved.handler.call(message.clone(), ctx.clone()));
+        let outcome = match tokio::time::timeout(self.consumer_timeout, call.catch_unwind()).await {
             Ok(Ok(returned)) => Outcome::Returned(returned),
-            Ok(Err(join)) if join.is_panic() => Outcome::Panicked(panic_text(join.into_panic())),
-            Ok(Err(_)) => Outcome::Panicked("cancelled".to_owned()),
+            Ok(Err(panic)) => Outcome::Panicked(panic_text(panic)),
             Err(_) => Outcome::TimedOut,
         };
         let route = &*resolved.route;
