@@ -44,6 +44,9 @@ type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Outbound messages written per flush at most (the rest wait for the next round).
 const WRITE_BATCH: usize = 32;
+/// Frames of one batch are gathered up to this many bytes and written with one syscall at the
+/// flush (tungstenite writes each frame at once when this is 0).
+const WRITE_BUFFER: usize = 8 << 10;
 /// How long a closing socket waits for the client's close reply.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -320,7 +323,7 @@ fn ws_config(shared: &Shared) -> WebSocketConfig {
         // 1 KiB: a small frame still arrives in one read; an idle socket holds ~3 KB less
         // than with 4 KiB (7.1–7.7 KB RSS per idle socket through Redis, BENCHMARKS.md).
         .read_buffer_size(1024)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
         // Must hold one whole outgoing message; workers' messages are bounded by the layer and
         // the outbound queue, this bound only stops the buffer growing when writes stall.
         .max_write_buffer_size((c.ws_max_message_size.saturating_mul(2)).max(16 << 20))
