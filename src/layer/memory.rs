@@ -358,7 +358,6 @@ impl MemoryLayer {
     pub(crate) fn receiver(&self) -> MemoryReceiver {
         MemoryReceiver {
             layer: self.clone(),
-            pending: super::Pending::default(),
         }
     }
 
@@ -391,8 +390,6 @@ impl MemoryLayer {
 #[derive(Debug)]
 pub struct MemoryReceiver {
     layer: MemoryLayer,
-    /// Further targets of a group message already popped (they share its bytes).
-    pending: super::Pending,
 }
 
 impl MemoryReceiver {
@@ -407,7 +404,14 @@ impl MemoryReceiver {
         LayerMetrics::add(&metrics.received, out.len() as u64);
     }
 
-    async fn wait(&mut self, channels: &[String], timeout: Duration, max: usize) -> Vec<Envelope> {
+    /// Up to `max` messages from the first of `channels` found non-empty, waiting up to
+    /// `timeout` (every target of a group message, even past `max`).
+    pub(crate) async fn receive_many(
+        &mut self,
+        channels: &[String],
+        timeout: Duration,
+        max: usize,
+    ) -> Vec<Envelope> {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.layer.shared.notify.notified();
@@ -426,37 +430,5 @@ impl MemoryReceiver {
                 () = tokio::time::sleep_until(deadline) => return Vec::new(),
             }
         }
-    }
-
-    pub(crate) async fn receive(
-        &mut self,
-        channels: &[String],
-        timeout: Duration,
-    ) -> Result<Option<Envelope>, LayerError> {
-        if let Some(e) = self.pending.take(channels) {
-            return Ok(Some(e));
-        }
-        let mut got = self.wait(channels, timeout, 1).await.into_iter();
-        let first = got.next();
-        self.pending.extend(got);
-        Ok(first)
-    }
-
-    pub(crate) async fn receive_many(
-        &mut self,
-        channels: &[String],
-        timeout: Duration,
-        max: usize,
-    ) -> Result<Vec<Envelope>, LayerError> {
-        let mut out: Vec<Envelope> = Vec::new();
-        while out.len() < max
-            && let Some(e) = self.pending.take(channels)
-        {
-            out.push(e);
-        }
-        if !out.is_empty() {
-            return Ok(out);
-        }
-        Ok(self.wait(channels, timeout, max).await)
     }
 }

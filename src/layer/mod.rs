@@ -272,9 +272,13 @@ impl Layer {
 
     /// A receiver: one blocking receive at a time, with its own connection on Redis.
     pub async fn receiver(&self) -> Result<Receiver, LayerError> {
-        Ok(match self {
-            Layer::Memory(l) => Receiver::Memory(l.receiver()),
-            Layer::Redis(l) => Receiver::Redis(l.receiver()),
+        let backend = match self {
+            Layer::Memory(l) => ReceiverBackend::Memory(l.receiver()),
+            Layer::Redis(l) => ReceiverBackend::Redis(l.receiver()),
+        };
+        Ok(Receiver {
+            backend,
+            pending: Pending::default(),
         })
     }
 
@@ -345,10 +349,17 @@ impl Layer {
 
 /// The receiving half of a layer.
 #[derive(Debug)]
-pub enum Receiver {
-    /// In-memory.
+pub struct Receiver {
+    backend: ReceiverBackend,
+    /// Envelopes popped but not handed out yet: the further targets of a group message past
+    /// what one call returns. Served before anything new is popped.
+    pending: Pending,
+}
+
+#[derive(Debug)]
+enum ReceiverBackend {
     Memory(memory::MemoryReceiver),
-    /// Redis, with its own connection per shard.
+    /// With its own connection per shard.
     Redis(redis::RedisReceiver),
 }
 
@@ -361,18 +372,10 @@ impl Receiver {
         channels: &[String],
         timeout: Duration,
     ) -> Result<Option<Envelope>, LayerError> {
-        for c in channels {
-            names::validate_receive_channel(c)?;
-        }
-        if channels.is_empty() {
-            return Err(LayerError::Config(
-                "receive needs at least one channel".into(),
-            ));
-        }
-        match self {
-            Receiver::Memory(r) => r.receive(channels, timeout).await,
-            Receiver::Redis(r) => r.receive(channels, timeout).await,
-        }
+        let mut got = self.receive_many(channels, timeout, 1).await?.into_iter();
+        let first = got.next();
+        self.pending.extend(got);
+        Ok(first)
     }
 
     /// Waits up to `timeout` for messages on one channel (typically a process inbox) and returns
@@ -390,7 +393,7 @@ impl Receiver {
 
     /// Waits up to `timeout` for messages on any of `channels` and returns those then waiting on
     /// the first channel found non-empty, up to `max` (a worker takes one batch for all its idle
-    /// consumers in two Redis commands). Empty when nothing arrived in time. A group message
+    /// consumers in one Redis command). Empty when nothing arrived in time. A group message
     /// naming several local channels counts once and comes back once per target.
     pub async fn receive_many(
         &mut self,
@@ -406,9 +409,19 @@ impl Receiver {
                 "receive needs at least one channel".into(),
             ));
         }
-        match self {
-            Receiver::Memory(r) => r.receive_many(channels, timeout, max.max(1)).await,
-            Receiver::Redis(r) => r.receive_many(channels, timeout, max.max(1)).await,
+        let max = max.max(1);
+        let mut out = Vec::new();
+        while out.len() < max
+            && let Some(e) = self.pending.take(channels)
+        {
+            out.push(e);
+        }
+        if !out.is_empty() {
+            return Ok(out);
+        }
+        match &mut self.backend {
+            ReceiverBackend::Memory(r) => Ok(r.receive_many(channels, timeout, max).await),
+            ReceiverBackend::Redis(r) => r.receive_many(channels, timeout, max).await,
         }
     }
 }
@@ -434,11 +447,11 @@ pub(crate) fn by_inbox(members: &[String]) -> Vec<(&str, Vec<&str>)> {
 /// Envelopes already popped but not yet handed out: the further targets of a group message
 /// read through [`Receiver::receive`], which returns one envelope per call.
 #[derive(Debug, Default)]
-pub(crate) struct Pending(std::collections::VecDeque<Envelope>);
+struct Pending(std::collections::VecDeque<Envelope>);
 
 impl Pending {
     /// The first pending envelope for any of `channels` (an inbox name or a full name).
-    pub(crate) fn take(&mut self, channels: &[String]) -> Option<Envelope> {
+    fn take(&mut self, channels: &[String]) -> Option<Envelope> {
         let i = self.0.iter().position(|e| {
             channels
                 .iter()
@@ -447,7 +460,7 @@ impl Pending {
         self.0.remove(i)
     }
 
-    pub(crate) fn extend(&mut self, envelopes: impl IntoIterator<Item = Envelope>) {
+    fn extend(&mut self, envelopes: impl IntoIterator<Item = Envelope>) {
         self.0.extend(envelopes);
     }
 }

@@ -626,7 +626,6 @@ impl RedisLayer {
             layer: self.clone(),
             conns: (0..self.inner.shards.len()).map(|_| None).collect(),
             backoff: Duration::ZERO,
-            pending: super::Pending::default(),
             next_shard: 0,
         }
     }
@@ -638,7 +637,6 @@ pub struct RedisReceiver {
     layer: RedisLayer,
     conns: Vec<Option<MultiplexedConnection>>,
     backoff: Duration,
-    pending: super::Pending,
     next_shard: usize,
 }
 
@@ -835,17 +833,6 @@ impl RedisReceiver {
         LayerMetrics::add(&metrics.received, (out.len() - before) as u64);
     }
 
-    pub(crate) async fn receive(
-        &mut self,
-        channels: &[String],
-        timeout: Duration,
-    ) -> Result<Option<Envelope>, LayerError> {
-        let mut got = self.receive_many(channels, timeout, 1).await?.into_iter();
-        let first = got.next();
-        self.pending.extend(got);
-        Ok(first)
-    }
-
     /// Up to `max` messages from one of `channels` in one blocking BZMPOP, so a busy channel
     /// costs one command per batch instead of one per message. Every envelope of a group
     /// message comes back, even past `max`.
@@ -856,14 +843,6 @@ impl RedisReceiver {
         max: usize,
     ) -> Result<Vec<Envelope>, LayerError> {
         let mut out = Vec::new();
-        while out.len() < max
-            && let Some(e) = self.pending.take(channels)
-        {
-            out.push(e);
-        }
-        if !out.is_empty() {
-            return Ok(out);
-        }
         let prefix = &self.layer.inner.settings.prefix;
         let shard_count = self.layer.inner.shards.len();
         let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); shard_count];
