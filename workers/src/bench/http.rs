@@ -408,14 +408,7 @@ async fn exchange(
                 }
                 Body::UntilClose => {}
             }
-            if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(16 * 1024);
-            }
-            let n = conn
-                .read_buf(buf)
-                .await
-                .map_err(|e| RequestError(format!("read_{}", net::io_kind(&e))))?;
-            if n == 0 {
+            if read_more(conn, buf).await? == 0 {
                 return match body {
                     Body::UntilClose => {
                         buf.clear();
@@ -426,17 +419,21 @@ async fn exchange(
             }
             continue;
         }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
-        }
-        let n = conn
-            .read_buf(buf)
-            .await
-            .map_err(|e| RequestError(format!("read_{}", net::io_kind(&e))))?;
-        if n == 0 {
+        if read_more(conn, buf).await? == 0 {
             return Err(RequestError("closed".to_owned()));
         }
     }
+}
+
+/// Reads what the connection has into `buf` (growing it by 16 KiB when under 4 KiB is free);
+/// 0 at end of stream.
+async fn read_more(conn: &mut TcpStream, buf: &mut BytesMut) -> Result<usize, RequestError> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    conn.read_buf(buf)
+        .await
+        .map_err(|e| RequestError(format!("read_{}", net::io_kind(&e))))
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -238,6 +238,22 @@ struct Opened {
     first_failure: Option<String>,
 }
 
+impl Opened {
+    /// The report's connect line (and first failure), `connect_failures` field and check.
+    fn report_to(&self, r: &mut Report, setup: Duration) {
+        r.line(format!(
+            "connect     {:.2} s, failures: {}",
+            setup.as_secs_f64(),
+            report::kinds_text(&self.failures)
+        ));
+        if let Some(first) = &self.first_failure {
+            r.line(format!("first connect failure: {first}"));
+        }
+        r.field("connect_failures", report::kinds_json(&self.failures));
+        r.must_be_zero("connect failures", self.failures.values().sum());
+    }
+}
+
 /// Opens `count` WebSockets to the targets `url_for(i)` picks, at most `concurrency` at once.
 async fn open_websockets(
     targets: Arc<Vec<Target>>,

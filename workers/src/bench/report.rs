@@ -76,6 +76,15 @@ impl Report {
     }
 }
 
+/// The connection errors by kind: a line when there were any, the `errors` field, the check.
+pub fn connection_errors(r: &mut Report, errors: &BTreeMap<String, u64>) {
+    if !errors.is_empty() {
+        r.line(format!("connection errors: {}", kinds_text(errors)));
+    }
+    r.field("errors", kinds_json(errors));
+    r.must_be_zero("connection errors", errors.values().sum());
+}
+
 /// A readable line of latency percentiles (µs).
 pub fn latency_line(label: &str, p: &Percentiles) -> String {
     format!(
