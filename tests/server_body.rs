@@ -12,7 +12,6 @@ mod support;
 use std::time::Duration;
 
 use server_support::*;
-use sha2::{Digest, Sha256};
 use support::{Backend, Fixture};
 use switchyard::asgi::{HTTP_REQUEST, HttpRequest, HttpRequestBodyChunk, HttpResponse};
 use switchyard::layer::{Layer, LayerSettings};
@@ -23,26 +22,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const MIB: usize = 1 << 20;
-
-/// Deterministic, non-repeating-looking bytes (xorshift), so a misplaced chunk cannot go unseen.
-fn data(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// What the worker-side reader saw of one request.
 struct Streamed {

@@ -11,8 +11,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use server_support::{TestServer, WAIT, http_client};
-use sha2::{Digest, Sha256};
+use server_support::{TestServer, WAIT, data, http_client, sha256_hex};
 use support::{Backend, Fixture, eventually};
 use switchyard::asgi::{HTTP_REQUEST, HttpRequest, HttpRequestBodyChunk, HttpResponse};
 use switchyard::layer::{Layer, LayerSettings};
@@ -25,25 +24,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const MIB: usize = 1 << 20;
-
-fn data(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// Answers `<length> <sha256> <body_channel present?> <payload agrees with content?>`.
 async fn digest(m: Message, ctx: Ctx) -> Result<(), ConsumerError> {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use switchyard::asgi::{
     HTTP_DISCONNECT, HTTP_REQUEST, HttpRequest, HttpResponse, WEBSOCKET_CONNECT,
     WEBSOCKET_DISCONNECT, WEBSOCKET_RECEIVE, WebsocketConnect, WebsocketReceive, WebsocketSend,
@@ -27,6 +28,26 @@ use tokio_util::sync::CancellationToken;
 pub const WAIT: Duration = Duration::from_secs(10);
 
 pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Deterministic, non-repeating-looking bytes (xorshift), so a misplaced chunk cannot go unseen.
+pub fn data(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// A running server.
 pub struct TestServer {
