@@ -745,9 +745,11 @@ impl RedisReceiver {
         block: Duration,
         count: usize,
     ) -> Result<Option<PoppedBatch>, LayerError> {
-        let layer = self.layer.clone();
-        let has_bzmpop = &layer.inner.shards[shard].has_bzmpop;
-        if count > 1 && has_bzmpop.load(Ordering::Relaxed) {
+        if count > 1
+            && self.layer.inner.shards[shard]
+                .has_bzmpop
+                .load(Ordering::Relaxed)
+        {
             let mut conn = self.conn(shard).await?;
             let secs = block.as_secs_f64().max(0.001);
             let cmd = redis::cmd("BZMPOP")
@@ -762,9 +764,9 @@ impl RedisReceiver {
             match tokio::time::timeout(block + DEAD_CONNECTION_MARGIN, pop).await {
                 Ok(Ok(value)) => return Ok(parse_bzmpop(value)),
                 Ok(Err(e)) if is_unknown_command(&e) => {
-                    has_bzmpop.store(false, Ordering::Relaxed);
-                    let addr = &layer.inner.shards[shard].addr;
-                    tracing::info!(redis = %addr, "Redis has no BZMPOP (before 7.0); popping batches with BZPOPMIN + ZPOPMIN");
+                    let s = &self.layer.inner.shards[shard];
+                    s.has_bzmpop.store(false, Ordering::Relaxed);
+                    tracing::info!(redis = %s.addr, "Redis has no BZMPOP (before 7.0); popping batches with BZPOPMIN + ZPOPMIN");
                 }
                 Ok(Err(e)) => return Err(self.failed(shard, &e)),
                 Err(_) => return Err(self.dead(shard, block + DEAD_CONNECTION_MARGIN)),
@@ -871,9 +873,8 @@ impl RedisReceiver {
             if keys.len() > 1 {
                 keys.shuffle(&mut rand::rng());
             }
-            let keys = keys.clone();
             let block = slice.min(deadline.saturating_duration_since(now));
-            match self.pop_batch(shard, &keys, block, max).await {
+            match self.pop_batch(shard, keys, block, max).await {
                 Ok(Some((key, members))) => {
                     self.unpack(&key, members, &mut out);
                     if !out.is_empty() {
