@@ -281,24 +281,25 @@ impl Worker {
                 biased;
                 () = shutdown.cancelled() => break,
                 permit = idle.clone().acquire_owned() => match permit {
-                    Ok(p) => vec![p],
+                    Ok(p) => p,
                     Err(_) => break,
                 },
             };
-            while permits.len() < MAX_BATCH
-                && let Ok(p) = idle.clone().try_acquire_owned()
+            let more = idle.available_permits().min(MAX_BATCH - 1);
+            if more > 0
+                && let Ok(p) = idle.clone().try_acquire_many_owned(more as u32)
             {
-                permits.push(p);
+                permits.merge(p);
             }
             match receiver
-                .receive_many(&channels, this.receive_timeout, permits.len())
+                .receive_many(&channels, this.receive_timeout, permits.num_permits())
                 .await
             {
                 Ok(batch) => {
                     failures = 0;
                     for envelope in batch {
                         // A group message for several local targets can outnumber the permits.
-                        let permit = permits.pop();
+                        let permit = permits.split(1);
                         let this = this.clone();
                         running.spawn(async move {
                             this.handle(envelope).await;
