@@ -318,6 +318,62 @@ async fn expired_messages_free_a_full_channel(b: Backend) {
     recv_none(&f.layer, &["cx_test"]).await;
 }
 
+/// Sends issued together (one task's futures polled in order, and several tasks at once) keep
+/// each sender's order, and capacity holds exactly however the backend groups them.
+async fn concurrent_sends_keep_order_and_capacity(b: Backend) {
+    let f = Fixture::new(
+        b,
+        LayerSettings {
+            capacity: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    let messages: Vec<Map> = (0..60).map(|i| msg(&format!("a{i}"))).collect();
+    let in_one_go = messages.iter().map(|m| f.layer.send("co_test", m));
+    let outcomes = futures_util::future::join_all(in_one_go).await;
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    let mut senders = Vec::new();
+    for s in 0..4 {
+        let layer = f.layer.clone();
+        senders.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            for i in 0..20 {
+                match layer.send("co_test", &msg(&format!("s{s}-{i}"))).await {
+                    Ok(()) => accepted.push(format!("s{s}-{i}")),
+                    Err(e) => assert!(e.is_full(), "{e}"),
+                }
+            }
+            accepted
+        }));
+    }
+    let mut accepted = Vec::new();
+    for s in senders {
+        accepted.push(s.await.unwrap());
+    }
+    assert_eq!(accepted.iter().map(Vec::len).sum::<usize>(), 40);
+    let mut got = Vec::new();
+    let mut rx = f.layer.receiver().await.unwrap();
+    while let Some(e) = rx.receive(&["co_test".to_owned()], SHORT).await.unwrap() {
+        let m = e.to_map().unwrap();
+        got.push(m.get_str("text").expect("a text message").to_owned());
+    }
+    let first: Vec<String> = (0..60).map(|i| format!("a{i}")).collect();
+    assert_eq!(got[..60], first[..]);
+    for (s, accepted) in accepted.iter().enumerate() {
+        let from_sender: Vec<&String> = got[60..]
+            .iter()
+            .filter(|t| t.starts_with(&format!("s{s}-")))
+            .collect();
+        assert_eq!(
+            from_sender,
+            accepted.iter().collect::<Vec<_>>(),
+            "sender {s}"
+        );
+    }
+    assert_eq!(got.len(), 100);
+}
+
 async fn capacity_process(b: Backend) {
     let f = Fixture::new(
         b,
@@ -705,6 +761,7 @@ conformance!(
     group_expiry,
     capacity,
     capacity_process,
+    concurrent_sends_keep_order_and_capacity,
     expired_messages_free_a_full_channel,
     capacity_group,
     exceptions,

@@ -257,6 +257,41 @@ async fn garbage_in_redis_is_dropped_counted_and_does_not_block_the_channel() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_survive_redis_forgetting_the_send_script() {
+    let redis = RedisServer::start();
+    let layer = layer_on(&[&redis], LayerSettings::default()).await;
+    layer.send("sf_test", &msg("before")).await.unwrap();
+    layer.group_add("sf_group", "sf_member").await.unwrap();
+    // What a restart without persistence or an operator's SCRIPT FLUSH does to the script cache.
+    redis.cmd::<String>(&[b"SCRIPT", b"FLUSH"]);
+    layer.send("sf_test", &msg("after")).await.unwrap();
+    let report = layer
+        .group_send("sf_group", &msg("to the group"))
+        .await
+        .unwrap();
+    assert_eq!(report.full, 0);
+    let mut rx = layer.receiver().await.unwrap();
+    for (channel, expected) in [
+        ("sf_test", "before"),
+        ("sf_test", "after"),
+        ("sf_member", "to the group"),
+    ] {
+        let got = rx
+            .receive(&[channel.to_owned()], WAIT)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.to_map().unwrap(), msg(expected));
+    }
+    assert!(
+        rx.receive(&["sf_test".to_owned()], Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_format_is_channels_redis_4() {
     let redis = RedisServer::start();
     let layer = layer_on(&[&redis], LayerSettings::default()).await;

@@ -3,11 +3,12 @@
 //! A channel is the sorted set `{prefix}{non-local name}`; a member is 12 random bytes followed by
 //! the msgpack map, scored by send time in seconds; a group is the sorted set
 //! `{prefix}:group:{name}` of channel names scored by add time. Where channels_redis is slow or
-//! wrong we keep the format and do better: a send is one atomic Lua script touching one key
-//! (check capacity, trimming expired members only when full, add, expire); expiry is checked
-//! again at receive; `!` channels are sharded by their non-local name on send and receive alike
-//! (channels_redis#221 loses them); flush uses SCAN; a group send writes one message per inbox key, each with the same one-key
-//! script, so the model stays groupable by hash slot for Redis Cluster.
+//! wrong we keep the format and do better: sends are one atomic Lua script per key (check
+//! capacity, trimming expired members only when full, add, expire), and the sends a process makes
+//! meanwhile are coalesced into one such call per key (see [`batch`]); expiry is checked again at
+//! receive; `!` channels are sharded by their non-local name on send and receive alike
+//! (channels_redis#221 loses them); flush uses SCAN; a group send writes one message per inbox
+//! key with the same one-key script, so the model stays groupable by hash slot for Redis Cluster.
 //!
 //! Sends and group operations share one auto-reconnecting multiplexed connection per shard, each
 //! command bounded by `command_timeout` so an outage fails fast. Blocking pops (BZPOPMIN for one
@@ -17,7 +18,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,21 +33,7 @@ use super::metrics::LayerMetrics;
 use super::settings::CapacityRules;
 use super::{Envelope, GroupSendReport, LayerError, LayerSettings, envelopes_for, now_secs, wire};
 
-/// KEYS[1] channel key; ARGV: member, now (s), expiry (s, float), capacity, expiry (s, integer).
-/// Returns 1 when added, 0 when the channel is full. Expired members are trimmed only when they
-/// could make the channel look full (receivers drop them anyway): three calls per send, not four.
-const SEND_SCRIPT: &str = r"
-local capacity = tonumber(ARGV[4])
-if redis.call('ZCARD', KEYS[1]) >= capacity then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
-  if redis.call('ZCARD', KEYS[1]) >= capacity then
-    return 0
-  end
-end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return 1
-";
+mod batch;
 
 /// How much longer than its own block time a pop may take before its connection is deemed dead.
 const DEAD_CONNECTION_MARGIN: Duration = Duration::from_secs(5);
@@ -62,6 +49,8 @@ struct Shard {
     /// False once the server refused BZMPOP (Redis before 7.0): batches then take BZPOPMIN and
     /// a ZPOPMIN.
     has_bzmpop: AtomicBool,
+    /// This process's sends to the shard, coalesced by one task.
+    sends: batch::SendQueue,
 }
 
 struct Inner {
@@ -69,7 +58,9 @@ struct Inner {
     rules: CapacityRules,
     metrics: Arc<LayerMetrics>,
     shards: Vec<Shard>,
-    send_script: Script,
+    batch_script: Script,
+    /// The last message score given (µs since the epoch); see [`RedisLayer::next_score`].
+    last_score: AtomicU64,
 }
 
 /// The Redis channel layer. Clones share connections.
@@ -94,11 +85,6 @@ pub fn consistent_hash(name: &str, ring_size: usize) -> usize {
     let bigval = crc32fast::hash(name.as_bytes()) & 0xFFF;
     let ring_divisor = 4096.0 / ring_size as f64;
     ((f64::from(bigval) / ring_divisor) as usize).min(ring_size - 1)
-}
-
-fn expiry_args(settings: &LayerSettings) -> (f64, u64) {
-    let secs = settings.expiry.as_secs_f64();
-    (secs, settings.expiry.as_secs_f64().ceil().max(1.0) as u64)
 }
 
 fn is_outage(e: &RedisError) -> bool {
@@ -132,6 +118,7 @@ impl RedisLayer {
                 conn,
                 healthy: AtomicBool::new(true),
                 has_bzmpop: AtomicBool::new(true),
+                sends: batch::SendQueue::default(),
             });
         }
         let layer = RedisLayer {
@@ -140,7 +127,8 @@ impl RedisLayer {
                 rules,
                 metrics: Arc::default(),
                 shards,
-                send_script: Script::new(SEND_SCRIPT),
+                batch_script: batch::batch_script(),
+                last_score: AtomicU64::new(0),
             }),
         };
         for i in 0..layer.inner.shards.len() {
@@ -249,24 +237,9 @@ impl RedisLayer {
         let member = self.member(payload, targets)?;
         let key = self.channel_key(channel);
         let capacity = self.inner.rules.capacity(channel);
-        let (expiry, expiry_int) = expiry_args(&self.inner.settings);
         let shard = self.shard_of(channel);
-        let mut conn = self.inner.shards[shard].conn.clone();
-        let script = &self.inner.send_script;
-        let added: i64 = self
-            .run(shard, async move {
-                script
-                    .key(&key)
-                    .arg(member)
-                    .arg(format!("{:.6}", now_secs()))
-                    .arg(expiry)
-                    .arg(capacity)
-                    .arg(expiry_int)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await?;
-        if added == 1 {
+        let added = self.send_queued(shard, key, member, capacity).await?;
+        if added {
             LayerMetrics::add(&self.inner.metrics.sent, 1);
             Ok(())
         } else {
@@ -343,25 +316,16 @@ impl RedisLayer {
         // One message per Redis key: every member behind one inbox shares it (`__asgi_channel__`
         // is then a list), so the cost grows with the number of inboxes, not members.
         let by_key = super::by_inbox(&members);
-        let (expiry, expiry_int) = expiry_args(&self.inner.settings);
-        let now = format!("{:.6}", now_secs());
         let shard_count = self.inner.shards.len();
-        let mut pipes: Vec<(redis::Pipeline, Vec<usize>)> = (0..shard_count)
-            .map(|_| (redis::pipe(), Vec::new()))
-            .collect();
+        let mut per_shard: Vec<(Vec<batch::KeyBatch>, Vec<usize>)> =
+            (0..shard_count).map(|_| (Vec::new(), Vec::new())).collect();
         for (key, targets) in &by_key {
-            let shard = consistent_hash(key, shard_count);
-            let member = self.member(payload, targets)?;
-            let (pipe, counts) = &mut pipes[shard];
-            pipe.cmd("EVAL")
-                .arg(SEND_SCRIPT)
-                .arg(1)
-                .arg(format!("{}{}", self.inner.settings.prefix, key))
-                .arg(member)
-                .arg(&now)
-                .arg(expiry)
-                .arg(self.inner.rules.capacity(targets[0]))
-                .arg(expiry_int);
+            let (batches, counts) = &mut per_shard[consistent_hash(key, shard_count)];
+            batches.push(batch::KeyBatch {
+                key: format!("{}{}", self.inner.settings.prefix, key),
+                capacity: self.inner.rules.capacity(targets[0]),
+                messages: vec![(self.next_score(), self.member(payload, targets)?)],
+            });
             counts.push(targets.len());
         }
         let mut report = GroupSendReport {
@@ -370,31 +334,21 @@ impl RedisLayer {
         };
         let mut written = 0u64;
         let mut first_error = None;
-        for (shard, (pipe, counts)) in pipes.into_iter().enumerate() {
-            if counts.is_empty() {
+        for (shard, (batches, counts)) in per_shard.into_iter().enumerate() {
+            if batches.is_empty() {
                 continue;
             }
-            let mut conn = self.inner.shards[shard].conn.clone();
-            match self
-                .run(shard, async move {
-                    pipe.query_async::<Vec<i64>>(&mut conn).await
-                })
-                .await
-            {
-                Ok(added) => {
-                    for (ok, n) in added.iter().zip(&counts) {
-                        if *ok == 1 {
-                            written += 1;
-                        } else {
-                            report.full += n;
-                        }
+            let outcomes = self.write_key_batches(shard, &batches).await;
+            for (outcome, n) in outcomes.into_iter().zip(counts) {
+                match outcome {
+                    Ok(1..) => written += 1,
+                    Ok(0) => report.full += n,
+                    Err(e) => {
+                        // Members on an unreachable shard miss the message, like full ones;
+                        // the caller still learns of it when no shard could be written.
+                        report.full += n;
+                        first_error.get_or_insert(e);
                     }
-                }
-                Err(e) => {
-                    // Members on an unreachable shard miss the message, like full ones; the
-                    // caller still learns of it when no shard could be written.
-                    report.full += counts.iter().sum::<usize>();
-                    first_error.get_or_insert(e);
                 }
             }
         }
