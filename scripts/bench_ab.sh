@@ -7,25 +7,32 @@
 # serve, worker and Redis (the steadier figure on a shared machine). Everything it starts is
 # killed on exit.
 #
+# With --broadcast MEMBERS:RATE the load is one sender broadcasting RATE messages/s into one
+# room of MEMBERS sockets on /ws/relay/ instead (figures per delivery, latency p50/p99). Each line
+# also gives the CPU steal of the window: runs with much steal measured the neighbours.
+#
 #   scripts/bench_ab.sh /tmp/switchyard.before target/release/switchyard
 #   scripts/bench_ab.sh --rounds 5 --conns 1 --threads 0 A B
+#   scripts/bench_ab.sh --broadcast 1000:20 A B
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=3
 CONNS=1000
 THREADS=1
+BROADCAST=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
     --conns) CONNS="$2"; shift 2 ;;
     --threads) THREADS="$2"; shift 2 ;;
+    --broadcast) BROADCAST="$2"; shift 2 ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     --*) echo "unknown flag $1" >&2; exit 2 ;;
     *) break ;;
   esac
 done
-[ $# -ge 1 ] || { echo "usage: $0 [--rounds N] [--conns C] [--threads T] BIN..." >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 [--rounds N] [--conns C] [--threads T] [--broadcast M:R] BIN..." >&2; exit 2; }
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 WORK="$(mktemp -d)"
@@ -39,6 +46,8 @@ trap 'cleanup; rm -rf "$WORK"' EXIT INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# "steal total" jiffies of all CPUs: the share other guests of the host took meanwhile.
+steal_total() { awk '/^cpu /{t=0; for(i=2;i<=NF;i++) t+=$i; print $9, t}' /proc/stat; }
 
 for round in $(seq "$ROUNDS"); do
   for bin in "$@"; do
@@ -56,26 +65,35 @@ for round in $(seq "$ROUNDS"); do
       --log warn > "$WORK/worker.log" 2>&1 &
     wpid=$!; PIDS+=("$wpid")
     for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$hport/healthz" > /dev/null 2>&1 && break; sleep 0.1; done
-    "$bin" bench echo --url "ws://127.0.0.1:$hport/ws/echo/" -c "$CONNS" --in-flight 1 -d 7 \
-      -n 20000000 -q > "$WORK/bench.out" 2> "$WORK/bench.err" &
+    if [ -n "$BROADCAST" ]; then
+      "$bin" bench broadcast --url "ws://127.0.0.1:$hport/ws/relay/{room}/" -c "${BROADCAST%%:*}" \
+        --rooms 1 --senders 1 --rate "${BROADCAST##*:}" -d 7 -n 20000000 --settle 1 -q \
+        > "$WORK/bench.out" 2> "$WORK/bench.err" &
+    else
+      "$bin" bench echo --url "ws://127.0.0.1:$hport/ws/echo/" -c "$CONNS" --in-flight 1 -d 7 \
+        -n 20000000 -q > "$WORK/bench.out" 2> "$WORK/bench.err" &
+    fi
     bpid=$!
     sleep 2
-    s0=$(ticks "$spid"); w0=$(ticks "$wpid"); r0=$(ticks "$rpid")
+    s0=$(ticks "$spid"); w0=$(ticks "$wpid"); r0=$(ticks "$rpid"); read -r st0 tt0 < <(steal_total)
     sleep 4
-    s1=$(ticks "$spid"); w1=$(ticks "$wpid"); r1=$(ticks "$rpid")
+    s1=$(ticks "$spid"); w1=$(ticks "$wpid"); r1=$(ticks "$rpid"); read -r st1 tt1 < <(steal_total)
     wait "$bpid" || true
     python3 - "$round" "$bin" "$((s1 - s0))" "$((w1 - w0))" "$((r1 - r0))" "$(getconf CLK_TCK)" \
-      "$WORK/bench.out" <<'PY'
+      "$WORK/bench.out" "$((st1 - st0))" "$((tt1 - tt0))" <<'PY'
 import json, sys
-rnd, binary, s, w, r, hz, out = sys.argv[1:]
+rnd, binary, s, w, r, hz, out, steal, total = sys.argv[1:]
 lines = [l for l in open(out).read().splitlines() if l.startswith("{")]
 if not lines:
     print(f"round {rnd} {binary}: no report"); sys.exit()
 d = json.loads(lines[-1])
-rate = d["echoes_per_s"]
+unit = "echo" if "echoes_per_s" in d else "delivery"
+rate = d.get("echoes_per_s") or d.get("deliveries_per_s") or 0
+lat = d.get("rtt_us") or d.get("latency_us") or {}
 per = lambda t: int(t) * 1e6 / int(hz) / (rate * 4) if rate else float("nan")
-print(f"round {rnd} {binary}: {rate:,.0f} echoes/s, p50 {d['rtt_us']['p50']} µs, lost {d['lost']}; "
-      f"CPU µs/echo serve {per(s):.1f} worker {per(w):.1f} redis {per(r):.1f}")
+print(f"round {rnd} {binary}: {rate:,.0f} {unit}/s, p50 {lat.get('p50')} µs, p99 {lat.get('p99')} µs, "
+      f"lost {d['lost']}; CPU µs/{unit} serve {per(s):.1f} worker {per(w):.1f} redis {per(r):.1f}; "
+      f"steal {100 * int(steal) / max(1, int(total)):.0f} %")
 PY
     cleanup
   done

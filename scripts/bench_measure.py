@@ -48,6 +48,20 @@ def status_kb(pid, key):
     return None
 
 
+def cpu_ticks():
+    """(steal, total) jiffies of all CPUs from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return fields[7] if len(fields) > 7 else 0, sum(fields)
+
+
+def steal_percent(before, after):
+    """Share of CPU time the hypervisor gave to other guests meanwhile: on a shared VM a run
+    with high steal measures the neighbours as much as the code."""
+    total = after[1] - before[1]
+    return round(100.0 * (after[0] - before[0]) / total, 1) if total > 0 else None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -88,6 +102,7 @@ def main():
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     load_before = os.getloadavg()[0]
+    steal_before = cpu_ticks()
     started = time.monotonic()
     with open(args.log, "ab") as log:
         child = subprocess.Popen(client, stdout=subprocess.PIPE, stderr=log)
@@ -100,6 +115,7 @@ def main():
         child.returncode = os.waitstatus_to_exitcode(status)
         log.write(out)
     wall = time.monotonic() - started
+    steal_after = cpu_ticks()
     stop.set()
     sampler.join()
 
@@ -141,6 +157,7 @@ def main():
         "wall_s": round(wall, 2),
         "load1_before": round(load_before, 2),
         "load1_after": round(os.getloadavg()[0], 2),
+        "steal_pct": steal_percent(steal_before, steal_after),
         "time": time.strftime("%H:%M:%S", time.gmtime()),
         "procs": measured,
         "bench": report,

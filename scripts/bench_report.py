@@ -192,18 +192,19 @@ def report(paths, machine):
                   f"{summary([b[2] if b else None for b in vals])} | {len(vals)} |")
             w("")
             w("Rungs:\n")
-            w("| stack | run | offered | deliveries/s | lost | out of order | p99 µs | clean |")
-            w("|---|---|---|---|---|---|---|---|")
+            w("| stack | run | offered | deliveries/s | lost | out of order | p99 µs | clean | steal % |")
+            w("|---|---|---|---|---|---|---|---|---|")
             for r in recs:
                 b = r.get("bench") or {}
                 w(f"| {r['stack']} | {r['run']} | {fmt(r['params']['offered'])} | "
                   f"{fmt(b.get('deliveries_per_s'))} | {fmt(b.get('lost'))} | {fmt(b.get('out_of_order'))} | "
-                  f"{fmt(dig(b, 'latency_us', 'p99'))} | {'yes' if rung_clean(r) else 'no'} |")
+                  f"{fmt(dig(b, 'latency_us', 'p99'))} | {'yes' if rung_clean(r) else 'no'} | "
+                  f"{fmt(r.get('steal_pct'))} |")
             w("")
             continue
         cols = COLUMNS[scen]
-        w("| stack | " + " | ".join(c for c, _ in cols) + " | clean runs | load1 |")
-        w("|---|" + "---|" * (len(cols) + 2))
+        w("| stack | " + " | ".join(c for c, _ in cols) + " | clean runs | load1 | steal % |")
+        w("|---|" + "---|" * (len(cols) + 3))
         for s in stacks:
             rs = [r for r in recs if r["stack"] == s]
             if not rs:
@@ -211,8 +212,10 @@ def report(paths, machine):
             cells = [summary([f(r) for r in rs], 1 if "KB per" in c else 0) for c, f in cols]
             oks = sum(1 for r in rs if clean(r))
             loads = [r["load1_before"] for r in rs]
+            steals = [r["steal_pct"] for r in rs if r.get("steal_pct") is not None]
+            steal = f"{min(steals):.0f}–{max(steals):.0f}" if steals else "–"
             w(f"| {s} | " + " | ".join(cells) + f" | {oks}/{len(rs)} | "
-              f"{min(loads):.1f}–{max(loads):.1f} |")
+              f"{min(loads):.1f}–{max(loads):.1f} | {steal} |")
         w("")
     # Resources per scenario: CPU seconds and peak RSS of every process, medians.
     w("## Resources per scenario (median CPU seconds during the load / peak RSS MB)\n")
