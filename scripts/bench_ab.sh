@@ -3,9 +3,9 @@
 # sees the same machine: for every round and every binary it starts a fresh redis-server (free
 # port, no persistence), `switchyard serve` and one `switchyard worker` on 127.0.0.1, runs
 # `switchyard bench echo` for 7 s, and reads each process's CPU ticks from /proc between seconds
-# 2 and 6 of the load. It prints one line per run: echoes/s, RTT p50, and CPU µs per echo of
-# serve, worker and Redis (the steadier figure on a shared machine). Everything it starts is
-# killed on exit.
+# 2 and 6 of the load. It prints one line per run: echoes/s, RTT p50/p99, and CPU µs per echo of
+# serve, worker and Redis (the steadier figure on a shared machine) and of the load client (its
+# own figure, over the whole run). Everything it starts is killed on exit.
 #
 # With --broadcast MEMBERS:RATE the load is one sender broadcasting RATE messages/s into one
 # room of MEMBERS sockets on /ws/relay/ instead (figures per delivery, latency p50/p99). Each line
@@ -91,8 +91,11 @@ unit = "echo" if "echoes_per_s" in d else "delivery"
 rate = d.get("echoes_per_s") or d.get("deliveries_per_s") or 0
 lat = d.get("rtt_us") or d.get("latency_us") or {}
 per = lambda t: int(t) * 1e6 / int(hz) / (rate * 4) if rate else float("nan")
+cpu = d.get("client_cpu_s") or {}
+client = (cpu.get("user", 0) + cpu.get("sys", 0)) * 1e6 / (rate * d["duration_s"]) if rate else float("nan")
 print(f"round {rnd} {binary}: {rate:,.0f} {unit}/s, p50 {lat.get('p50')} µs, p99 {lat.get('p99')} µs, "
-      f"lost {d['lost']}; CPU µs/{unit} serve {per(s):.1f} worker {per(w):.1f} redis {per(r):.1f}; "
+      f"lost {d['lost']}; CPU µs/{unit} serve {per(s):.1f} worker {per(w):.1f} redis {per(r):.1f} "
+      f"client {client:.1f} (whole run); "
       f"steal {100 * int(steal) / max(1, int(total)):.0f} %")
 PY
     cleanup

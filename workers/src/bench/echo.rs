@@ -328,20 +328,36 @@ where
     let mut error = None;
     let first_at = Instant::now() + offset;
     let mut lag = LocalLatency::default();
+    // One timer per connection, re-armed only when it fires before its waiter's due time: a
+    // fresh sleep per message cost two timer-wheel operations (a lock each) per echo.
+    let give_up = tokio::time::sleep(shared.reply_timeout);
+    tokio::pin!(give_up);
     'run: while seq < quota {
         // How many messages to send now, and their timestamps.
         let (batch, scheduled_base) = match shared.pace {
             Pace::Closed { .. } => {
                 // An echo that has not come back within --drain is taken as lost, and its slot
                 // is reused, so that loss cannot stall a closed loop for the whole run.
-                tokio::select! {
-                    biased;
-                    _ = &mut stop_sending => break 'run,
-                    permit = permits.acquire() => match permit {
-                        Ok(p) => p.forget(),
-                        Err(_) => break 'run,
-                    },
-                    _ = tokio::time::sleep(shared.reply_timeout) => {}
+                let waiting_since = Instant::now();
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = &mut stop_sending => break 'run,
+                        permit = permits.acquire() => match permit {
+                            Ok(p) => {
+                                p.forget();
+                                break;
+                            }
+                            Err(_) => break 'run,
+                        },
+                        () = &mut give_up => {
+                            let due = waiting_since + shared.reply_timeout;
+                            if Instant::now() >= due {
+                                break;
+                            }
+                            give_up.as_mut().reset(due.into());
+                        }
+                    }
                 }
                 let mut n = 1u64;
                 while n < quota - seq {
