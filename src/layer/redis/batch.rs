@@ -1,12 +1,13 @@
-//! Coalesced sends: every send of a process to one Redis shard goes through one task that takes
-//! all the sends waiting, writes each channel key's messages with one script call (one ZCARD, one
-//! ZADD of them all, one EXPIRE) and all keys in one pipeline, and answers each sender. Under
-//! load N messages cost Redis one script call instead of N, and the process one request; alone,
-//! a send costs one task hop more. The same script and pipeline write group sends. Scores come
-//! from a per-layer clock that never repeats a value, so the messages of one sender keep their
-//! order however they are batched (equal scores would sort by the random member prefix).
+//! Coalesced sends. A send to a shard with nothing else in flight goes straight out; the sends
+//! that come while others are in flight go to the shard's send task, which takes all those
+//! waiting, writes each channel key's messages with one script call (one ZCARD, one ZADD of them
+//! all, one EXPIRE) and all keys in one pipeline, and answers each sender. Under load N messages
+//! cost Redis one script call instead of N, and the process one request; a lone sender pays no
+//! task hop. The same script and pipeline write group sends. Scores come from a per-layer clock
+//! that never repeats a value, so the messages of one sender keep their order however they are
+//! batched or sent (equal scores would sort by the random member prefix).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use redis::{RedisError, RedisResult, Script};
@@ -62,6 +63,31 @@ pub(super) struct KeyBatch {
 #[derive(Default)]
 pub(super) struct SendQueue(std::sync::Mutex<Option<mpsc::UnboundedSender<QueuedSend>>>);
 
+/// One write counted in a shard's in-flight count for as long as it lives (a cancelled send
+/// included).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    /// Counts a write only if none is in flight.
+    fn first(count: &'a AtomicUsize) -> Option<Self> {
+        count
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()
+            .map(|_| InFlight(count))
+    }
+
+    fn add(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// An error for every sender of a failed batch (LayerError is not Clone).
 fn shared_error(e: &LayerError) -> LayerError {
     match e {
@@ -94,8 +120,35 @@ impl RedisLayer {
         }
     }
 
+    /// Sends one message to shard `shard`: directly when no other write to it is in flight,
+    /// else through the shard's send task with whatever else is waiting. True when added.
+    pub(super) async fn send_coalesced(
+        &self,
+        shard: usize,
+        key: String,
+        member: Vec<u8>,
+        capacity: usize,
+    ) -> Result<bool, LayerError> {
+        let Some(_alone) = InFlight::first(&self.inner.shards[shard].in_flight) else {
+            return self.send_queued(shard, key, member, capacity).await;
+        };
+        let batch = KeyBatch {
+            key,
+            capacity,
+            messages: vec![(self.next_score(), member)],
+        };
+        let mut outcomes = self
+            .write_key_batches(shard, std::slice::from_ref(&batch))
+            .await;
+        match outcomes.pop() {
+            Some(Ok(added)) => Ok(added == 1),
+            Some(Err(e)) => Err(e),
+            None => Err(LayerError::Protocol("send not attempted".into())),
+        }
+    }
+
     /// Queues one message for shard `shard`'s send task and waits for its outcome.
-    pub(super) async fn send_queued(
+    async fn send_queued(
         &self,
         shard: usize,
         key: String,
@@ -241,6 +294,7 @@ async fn drive(layer: Weak<Inner>, shard: usize, mut queue: mpsc::UnboundedRecei
     while queue.recv_many(&mut taken, MAX_BATCH).await > 0 {
         let Some(inner) = layer.upgrade() else { break };
         let layer = RedisLayer { inner };
+        let _in_flight = InFlight::add(&layer.inner.shards[shard].in_flight);
         // Keys in the order their first message came, each with its messages in order.
         let mut batches: Vec<KeyBatch> = Vec::new();
         let mut senders: Vec<Vec<oneshot::Sender<Result<bool, LayerError>>>> = Vec::new();

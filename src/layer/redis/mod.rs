@@ -49,8 +49,11 @@ struct Shard {
     /// False once the server refused BZMPOP (Redis before 7.0): batches then take BZPOPMIN and
     /// a ZPOPMIN.
     has_bzmpop: AtomicBool,
-    /// This process's sends to the shard, coalesced by one task.
+    /// This process's sends to the shard that came while others were in flight, coalesced by
+    /// one task.
     sends: batch::SendQueue,
+    /// Writes of sends in flight on this shard (a direct send, or the send task's batch).
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 struct Inner {
@@ -119,6 +122,7 @@ impl RedisLayer {
                 healthy: AtomicBool::new(true),
                 has_bzmpop: AtomicBool::new(true),
                 sends: batch::SendQueue::default(),
+                in_flight: std::sync::atomic::AtomicUsize::new(0),
             });
         }
         let layer = RedisLayer {
@@ -238,7 +242,7 @@ impl RedisLayer {
         let key = self.channel_key(channel);
         let capacity = self.inner.rules.capacity(channel);
         let shard = self.shard_of(channel);
-        let added = self.send_queued(shard, key, member, capacity).await?;
+        let added = self.send_coalesced(shard, key, member, capacity).await?;
         if added {
             LayerMetrics::add(&self.inner.metrics.sent, 1);
             Ok(())
