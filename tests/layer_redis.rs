@@ -556,6 +556,42 @@ async fn a_frozen_redis_does_not_hang_a_receiver_forever() {
     assert_eq!(got.to_map().unwrap(), msg("thawed"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_sends_to_a_frozen_redis_fail_within_the_command_timeout() {
+    let redis = RedisServer::start();
+    let timeout = Duration::from_millis(500);
+    let settings = LayerSettings {
+        command_timeout: timeout,
+        ..LayerSettings::default()
+    };
+    let layer = layer_on(&[&redis], settings).await;
+    layer.send("fq_test", &msg("warm")).await.unwrap();
+    redis.signal("STOP");
+    let started = Instant::now();
+    // Far more sends than one coalesced batch takes: the ones queued behind failing batches
+    // must not wait for each batch's timeout in turn (4 batches would take 4 timeouts).
+    let sends = (0..1000).map(|i| {
+        let layer = layer.clone();
+        tokio::spawn(async move { layer.send("fq_test", &msg(&i.to_string())).await })
+    });
+    let outcomes = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::join_all(sends),
+    )
+    .await
+    .expect("the sends gave up by themselves");
+    let elapsed = started.elapsed();
+    redis.signal("CONT");
+    for outcome in outcomes {
+        let err = outcome.unwrap().unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+    }
+    assert!(elapsed < timeout * 3, "{elapsed:?}");
+    // (Calls already written run once Redis thaws: a timed-out send's outcome is unknown, so
+    // this checks recovery on another channel.)
+    layer.send("fq_after", &msg("thawed")).await.unwrap();
+}
+
 /// A batch from `receive_many`, as texts.
 async fn batch_texts(
     rx: &mut switchyard::layer::Receiver,

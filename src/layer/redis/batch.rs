@@ -3,17 +3,21 @@
 //! waiting, writes each channel key's messages with one script call (one ZCARD, one ZADD of them
 //! all, one EXPIRE) and all keys in one pipeline, and answers each sender. Under load N messages
 //! cost Redis one script call instead of N, and the process one request; a lone sender pays no
-//! task hop. The same script and pipeline write group sends. Scores come from a per-layer clock
+//! task hop. A queued message counts as in flight until written, so a sender's next send never
+//! overtakes it; one that waited the command timeout fails unwritten (a send fails as fast in a
+//! queue as alone), and one whose sender gave up is not written. The same script and pipeline
+//! write group sends. Scores come from a per-layer clock
 //! that never repeats a value, so the messages of one sender keep their order however they are
 //! batched or sent (equal scores would sort by the random member prefix).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use redis::{RedisError, RedisResult, Script};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Inner, RedisLayer};
+use super::{Inner, LayerMetrics, RedisLayer};
 use crate::layer::LayerError;
 
 /// KEYS[1] channel key; ARGV: capacity, expiry cutoff (score), ttl (s, integer), then one score
@@ -43,11 +47,17 @@ const MAX_BATCH: usize = 256;
 
 /// One message waiting for the shard's send task.
 pub(super) struct QueuedSend {
-    pub(super) key: String,
-    pub(super) member: Vec<u8>,
-    pub(super) capacity: usize,
+    key: String,
+    member: Vec<u8>,
+    capacity: usize,
     /// True when added, false when the channel was full.
-    pub(super) done: oneshot::Sender<Result<bool, LayerError>>,
+    done: oneshot::Sender<Result<bool, LayerError>>,
+    /// Answered `Unavailable` unwritten once it has waited the command timeout: a send fails as
+    /// fast behind a queue of failing batches as alone.
+    queued_at: Instant,
+    /// Counts the message as in flight until it is written (or dropped unwritten), so that a
+    /// later send of the same sender cannot take the direct path past it.
+    counted: InFlight,
 }
 
 /// Messages for one key, in the order they were sent, written by one script call.
@@ -63,26 +73,26 @@ pub(super) struct KeyBatch {
 #[derive(Default)]
 pub(super) struct SendQueue(std::sync::Mutex<Option<mpsc::UnboundedSender<QueuedSend>>>);
 
-/// One write counted in a shard's in-flight count for as long as it lives (a cancelled send
-/// included).
-struct InFlight<'a>(&'a AtomicUsize);
+/// One direct write or queued message counted in its shard's in-flight count for as long as
+/// it lives (a cancelled send included).
+pub(super) struct InFlight(Arc<AtomicUsize>);
 
-impl<'a> InFlight<'a> {
-    /// Counts a write only if none is in flight.
-    fn first(count: &'a AtomicUsize) -> Option<Self> {
+impl InFlight {
+    /// Counts a direct write only if nothing is in flight.
+    fn first(count: &Arc<AtomicUsize>) -> Option<Self> {
         count
             .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
             .ok()
-            .map(|_| InFlight(count))
+            .map(|_| InFlight(Arc::clone(count)))
     }
 
-    fn add(count: &'a AtomicUsize) -> Self {
+    fn add(count: &Arc<AtomicUsize>) -> Self {
         count.fetch_add(1, Ordering::AcqRel);
-        InFlight(count)
+        InFlight(Arc::clone(count))
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -163,6 +173,8 @@ impl RedisLayer {
                 member,
                 capacity,
                 done,
+                queued_at: Instant::now(),
+                counted: InFlight::add(&self.inner.shards[shard].in_flight),
             },
         )?;
         outcome.await.unwrap_or_else(|_| Err(self.task_gone(shard)))
@@ -187,6 +199,16 @@ impl RedisLayer {
         }
         *sender = Some(tx);
         Ok(())
+    }
+
+    /// What a queued send that waited the whole command timeout gets, like a command that
+    /// timed out.
+    fn waited_too_long(&self, shard: usize) -> LayerError {
+        LayerMetrics::add(&self.inner.metrics.unavailable, 1);
+        LayerError::Unavailable(format!(
+            "Redis at {} did not answer within {:?}",
+            self.inner.shards[shard].addr, self.inner.settings.command_timeout
+        ))
     }
 
     fn task_gone(&self, shard: usize) -> LayerError {
@@ -294,11 +316,22 @@ async fn drive(layer: Weak<Inner>, shard: usize, mut queue: mpsc::UnboundedRecei
     while queue.recv_many(&mut taken, MAX_BATCH).await > 0 {
         let Some(inner) = layer.upgrade() else { break };
         let layer = RedisLayer { inner };
-        let _in_flight = InFlight::add(&layer.inner.shards[shard].in_flight);
+        let timeout = layer.inner.settings.command_timeout;
         // Keys in the order their first message came, each with its messages in order.
         let mut batches: Vec<KeyBatch> = Vec::new();
         let mut senders: Vec<Vec<oneshot::Sender<Result<bool, LayerError>>>> = Vec::new();
+        let mut counted = Vec::with_capacity(taken.len());
         for q in taken.drain(..) {
+            if q.done.is_closed() {
+                // Its sender gave up waiting and was told nothing was sent: at most once
+                // allows not sending it, and sending it now could put it after that sender's
+                // next message.
+                continue;
+            }
+            if q.queued_at.elapsed() >= timeout {
+                let _ = q.done.send(Err(layer.waited_too_long(shard)));
+                continue;
+            }
             let i = match batches
                 .iter()
                 .position(|b| b.key == q.key && b.capacity == q.capacity)
@@ -316,8 +349,14 @@ async fn drive(layer: Weak<Inner>, shard: usize, mut queue: mpsc::UnboundedRecei
             };
             batches[i].messages.push((layer.next_score(), q.member));
             senders[i].push(q.done);
+            counted.push(q.counted);
+        }
+        if batches.is_empty() {
+            continue;
         }
         let outcomes = layer.write_key_batches(shard, &batches).await;
+        // Written: released before the answers, so a sender's next send may go straight out.
+        drop(counted);
         for (outcome, senders) in outcomes.into_iter().zip(senders) {
             match outcome {
                 Ok(added) => {

@@ -52,8 +52,9 @@ struct Shard {
     /// This process's sends to the shard that came while others were in flight, coalesced by
     /// one task.
     sends: batch::SendQueue,
-    /// Writes of sends in flight on this shard (a direct send, or the send task's batch).
-    in_flight: std::sync::atomic::AtomicUsize,
+    /// Sends in flight on this shard: a direct write, or messages queued for the send task
+    /// until written.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 struct Inner {
@@ -122,7 +123,7 @@ impl RedisLayer {
                 healthy: AtomicBool::new(true),
                 has_bzmpop: AtomicBool::new(true),
                 sends: batch::SendQueue::default(),
-                in_flight: std::sync::atomic::AtomicUsize::new(0),
+                in_flight: Arc::default(),
             });
         }
         let layer = RedisLayer {
