@@ -25,8 +25,9 @@
 //! consumer runs, as Channels 1's `AsgiRequest` did: the task reads the chunks with a receiver
 //! of its own (kept in a pool), each within [`Worker::body_receive_timeout`] (60 s, else the
 //! worker answers `408 Request Timeout (upload too slow)` itself), up to
-//! [`Worker::max_request_body`] (64 MiB, else 413). A `closed` chunk abandons the request without running the consumer. The consumer
-//! then sees one message whose `body` is the whole body and which has no `body_channel`.
+//! [`Worker::max_request_body`] (64 MiB, else 413). A `closed` chunk abandons the request
+//! without running the consumer. The consumer then sees one message whose `body` is the whole
+//! body and which has no `body_channel`.
 
 pub mod django;
 mod metrics;

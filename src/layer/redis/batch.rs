@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use redis::{RedisError, RedisResult, Script};
+use redis::{RedisError, RedisResult};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Inner, LayerMetrics, RedisLayer};
@@ -130,8 +130,8 @@ impl RedisLayer {
         }
     }
 
-    /// Sends one message to shard `shard`: directly when no other write to it is in flight,
-    /// else through the shard's send task with whatever else is waiting. True when added.
+    /// Sends one message to shard `shard`: directly when no other send to it is in flight, else
+    /// through the shard's send task with whatever else is waiting. True when added.
     pub(super) async fn send_coalesced(
         &self,
         shard: usize,
@@ -139,32 +139,22 @@ impl RedisLayer {
         member: Vec<u8>,
         capacity: usize,
     ) -> Result<bool, LayerError> {
-        let Some(_alone) = InFlight::first(&self.inner.shards[shard].in_flight) else {
-            return self.send_queued(shard, key, member, capacity).await;
-        };
-        let batch = KeyBatch {
-            key,
-            capacity,
-            messages: vec![(self.next_score(), member)],
-        };
-        let mut outcomes = self
-            .write_key_batches(shard, std::slice::from_ref(&batch))
-            .await;
-        match outcomes.pop() {
-            Some(Ok(added)) => Ok(added == 1),
-            Some(Err(e)) => Err(e),
-            None => Err(LayerError::Protocol("send not attempted".into())),
+        let in_flight = &self.inner.shards[shard].in_flight;
+        if let Some(_alone) = InFlight::first(in_flight) {
+            let batch = KeyBatch {
+                key,
+                capacity,
+                messages: vec![(self.next_score(), member)],
+            };
+            let mut outcomes = self
+                .write_key_batches(shard, std::slice::from_ref(&batch))
+                .await;
+            return match outcomes.pop() {
+                Some(Ok(added)) => Ok(added == 1),
+                Some(Err(e)) => Err(e),
+                None => Err(LayerError::Protocol("send not attempted".into())),
+            };
         }
-    }
-
-    /// Queues one message for shard `shard`'s send task and waits for its outcome.
-    async fn send_queued(
-        &self,
-        shard: usize,
-        key: String,
-        member: Vec<u8>,
-        capacity: usize,
-    ) -> Result<bool, LayerError> {
         let (done, outcome) = oneshot::channel();
         self.enqueue(
             shard,
@@ -174,7 +164,7 @@ impl RedisLayer {
                 capacity,
                 done,
                 queued_at: Instant::now(),
-                counted: InFlight::add(&self.inner.shards[shard].in_flight),
+                counted: InFlight::add(in_flight),
             },
         )?;
         outcome.await.unwrap_or_else(|_| Err(self.task_gone(shard)))
@@ -372,11 +362,6 @@ async fn drive(layer: Weak<Inner>, shard: usize, mut queue: mpsc::UnboundedRecei
             }
         }
     }
-}
-
-/// The script object whose hash the pipelines call.
-pub(super) fn batch_script() -> Script {
-    Script::new(BATCH_SEND_SCRIPT)
 }
 
 #[cfg(test)]

@@ -132,7 +132,7 @@ impl RedisLayer {
                 rules,
                 metrics: Arc::default(),
                 shards,
-                batch_script: batch::batch_script(),
+                batch_script: Script::new(batch::BATCH_SEND_SCRIPT),
                 last_score: AtomicU64::new(0),
             }),
         };
