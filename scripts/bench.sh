@@ -6,7 +6,10 @@
 #               and N `switchyard worker` processes, ready when /healthz answers and a page
 #               came back through the layer and a worker;
 #   django:     its own redis-server and daphne serving bench/django_peer/peer.py (Django
-#               Channels 4 + channels_redis), from a venv under target/peer-venv.
+#               Channels 4 + channels_redis), from a venv under target/peer-venv;
+#   dev:        `switchyard dev` (interface server and worker in one process, in-memory layer);
+#   bare:       examples/floor_server.rs, serve's HTTP/WebSocket stack with no layer and no
+#               worker (echo in the socket task, in-process rooms): what the machine allows at all.
 # runs `switchyard bench` against it (every scenario bounded in time and in count, loopback
 # only), records per process (serve, each worker, daphne, redis-server, the bench client) CPU
 # seconds and peak RSS (scripts/bench_measure.py), stops the stack, and at the end writes
@@ -16,6 +19,7 @@
 #   scripts/bench.sh                         # switchyard, 3 runs of every scenario
 #   scripts/bench.sh --peer django           # the same loads against Django Channels 4 too
 #   scripts/bench.sh --runs 5 --workers 1 --scenarios echo1,http --peer django
+#   scripts/bench.sh --peer django,dev,bare  # every stack, interleaved, in one series
 #
 # Scenarios (default: all): echo1 echo1000 bcast1k bcast10k sustained idle http.
 # The Django peer runs the same loads except idle (daphne's own figure is in
@@ -50,7 +54,9 @@ Flags:
   --serve-threads N runtime threads of serve only (default: --threads)
   --capacity N      channel capacity for serve and workers (default $CAPACITY: Channels' 100 is
                     less than the 1,000 messages echo1000 keeps in flight)
-  --peer django     also run every load against the Django Channels 4 peer, interleaved
+  --peer LIST       also run every load against these stacks, interleaved (comma-separated):
+                    django (Django Channels 4), dev (switchyard dev, in-memory layer),
+                    bare (examples/floor_server.rs: no layer, no worker: the machine's floor)
   --scenarios LIST  comma-separated subset of: $SCENARIOS
   --duration S      seconds of load per scenario (default $DURATION)
   --idle N          connections held in the idle scenario (default: what the fd limit allows)
@@ -77,7 +83,13 @@ while [ $# -gt 0 ]; do
     *) echo "unknown flag $1" >&2; usage >&2; exit 2 ;;
   esac
 done
-case "$PEER" in none|django) ;; *) echo "--peer must be django or none" >&2; exit 2 ;; esac
+PEERS=()
+if [ "$PEER" != none ]; then
+  for p in ${PEER//,/ }; do
+    case "$p" in django|dev|bare) PEERS+=("$p") ;; *) echo "--peer takes django, dev, bare (comma-separated) or none" >&2; exit 2 ;; esac
+  done
+fi
+has_peer() { local p; for p in "${PEERS[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$OUT_DIR"
@@ -120,7 +132,13 @@ if [ -z "${SWITCHYARD_BIN:-}" ]; then
   cargo build -q --release -p switchyard-workers
 fi
 
-if [ "$PEER" = django ]; then
+if has_peer bare; then
+  log "building examples/floor_server.rs (the bare peer)"
+  cargo build -q --release --example floor_server
+fi
+FLOOR_BIN=target/release/examples/floor_server
+
+if has_peer django; then
   VENV=target/peer-venv
   if [ ! -x "$VENV/bin/daphne" ]; then
     log "creating $VENV for the Django Channels 4 peer"
@@ -161,6 +179,29 @@ start_switchyard() {
   wait_for "a page through the workers" 20 curl -fsS -m 2 "http://127.0.0.1:$HTTP_PORT/"
 }
 
+start_dev() {
+  STACK_PROCS=()
+  HTTP_PORT="$(free_port)"
+  # serve's and the worker's flags, one process; named serve in the tables (it is the server).
+  "$BIN" --threads "${SERVE_THREADS:-$THREADS}" dev --no-open --capacity "$CAPACITY" --port "$HTTP_PORT" \
+    --max-connections 20000 --concurrency "$CONCURRENCY" --log warn > "$LOGS/dev-$1.log" 2>&1 &
+  PIDS+=($!)
+  STACK_PROCS+=("serve=$!")
+  wait_for "dev /healthz" 20 curl -fsS "http://127.0.0.1:$HTTP_PORT/healthz"
+  wait_for "a page through the worker" 20 curl -fsS -m 2 "http://127.0.0.1:$HTTP_PORT/"
+}
+
+start_bare() {
+  STACK_PROCS=()
+  HTTP_PORT="$(free_port)"
+  # The same page size as the reference app's GET / (workers/static/index.html).
+  "$FLOOR_BIN" --port "$HTTP_PORT" --threads "${SERVE_THREADS:-$THREADS}" \
+    --page-bytes "$(wc -c < workers/static/index.html)" > "$LOGS/bare-$1.log" 2>&1 &
+  PIDS+=($!)
+  STACK_PROCS+=("serve=$!")
+  wait_for "floor server" 20 curl -fsS -m 2 "http://127.0.0.1:$HTTP_PORT/"
+}
+
 start_django() {
   STACK_PROCS=()
   start_redis "$1"
@@ -177,6 +218,8 @@ start_stack() {
   case "$1" in
     switchyard) start_switchyard "$2" ;;
     django) start_django "$2" ;;
+    dev) start_dev "$2" ;;
+    bare) start_bare "$2" ;;
   esac
 }
 
@@ -290,8 +333,7 @@ run_scenario() {
 measure_with_port() { :; }
 eval "$(declare -f measure | sed 's/-- "\$BIN" bench "\$@" -q/-- "$BIN" bench "${@\/\@PORT@\/$HTTP_PORT}" -q/')"
 
-STACKS=(switchyard)
-if [ "$PEER" = django ]; then STACKS+=(django); fi
+STACKS=(switchyard "${PEERS[@]}")
 
 {
   echo "date: $(date -u +%FT%TZ)"

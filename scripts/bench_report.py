@@ -172,7 +172,8 @@ def report(paths, machine):
     if machine:
         with open(machine) as f:
             w("```\n" + f.read().rstrip() + "\n```\n")
-    stacks = [s for s in ("switchyard", "django") if any(r["stack"] == s for r in records)]
+    stacks = [s for s in ("switchyard", "dev", "bare", "django")
+              if any(r["stack"] == s for r in records)]
     w("Every figure: median over runs (min–max). Latencies in µs.\n")
     for scen in ORDER:
         recs = [r for r in records if r["scenario"] == scen]
@@ -260,35 +261,64 @@ def report(paths, machine):
             w(f"| {s} | {scen} | " + " | ".join(cells) + " |")
     w("")
     # Ratios, from medians of the same run series.
+    def med(stack, scen, f):
+        return median([f(r) for r in records if r["stack"] == stack and r["scenario"] == scen])
+
+    def sustained_median(stack):
+        return median([b[1] if b else 0 for b in sustained_best(records, stack).values()])
+
+    rows = [
+        ("echo throughput, 1,000 conns (echoes/s)", "echo1000", bench("echoes_per_s"), True),
+        ("echo RTT p99, 1,000 conns (µs)", "echo1000", bench("rtt_us", "p99"), False),
+        ("echo RTT p50, 1 conn (µs)", "echo1", bench("rtt_us", "p50"), False),
+        ("echo RTT p99, 1 conn (µs)", "echo1", bench("rtt_us", "p99"), False),
+        ("broadcast 1k room, p99 (µs)", "bcast1k", bench("latency_us", "p99"), False),
+        ("broadcast 1k room, deliveries/s at 50k offered", "bcast1k", bench("deliveries_per_s"), True),
+        ("broadcast 10k room, p99 (µs)", "bcast10k", bench("latency_us", "p99"), False),
+        ("HTTP req/s", "http", bench("requests_per_s"), True),
+        ("HTTP p99 (µs)", "http", bench("latency_us", "p99"), False),
+    ]
     if "django" in stacks:
         w("## Switchyard vs Django Channels 4 (same series)\n")
         w("| figure | Switchyard | Django Channels 4 | ratio |")
         w("|---|---|---|---|")
-
-        def med(stack, scen, f):
-            return median([f(r) for r in records if r["stack"] == stack and r["scenario"] == scen])
-
-        rows = [
-            ("echo throughput, 1,000 conns (echoes/s)", "echo1000", bench("echoes_per_s"), True),
-            ("echo RTT p99, 1,000 conns (µs)", "echo1000", bench("rtt_us", "p99"), False),
-            ("echo RTT p50, 1 conn (µs)", "echo1", bench("rtt_us", "p50"), False),
-            ("echo RTT p99, 1 conn (µs)", "echo1", bench("rtt_us", "p99"), False),
-            ("broadcast 1k room, p99 (µs)", "bcast1k", bench("latency_us", "p99"), False),
-            ("broadcast 1k room, deliveries/s at 50k offered", "bcast1k", bench("deliveries_per_s"), True),
-            ("HTTP req/s", "http", bench("requests_per_s"), True),
-            ("HTTP p99 (µs)", "http", bench("latency_us", "p99"), False),
-        ]
         for title, scen, f, higher in rows:
             a, b = med("switchyard", scen, f), med("django", scen, f)
             ratio = "–"
             if a and b:
                 ratio = f"{a / b:,.1f}×" if higher else f"{b / a:,.1f}× lower"
             w(f"| {title} | {fmt(a)} | {fmt(b)} | {ratio} |")
-        sa = median([b[1] if b else 0 for b in sustained_best(records, "switchyard").values()])
-        sb = median([b[1] if b else 0 for b in sustained_best(records, "django").values()])
+        sa, sb = sustained_median("switchyard"), sustained_median("django")
         if sa is not None and sb is not None:
             ratio = f"{sa / sb:,.1f}×" if sb else "–"
             w(f"| sustained broadcast deliveries/s, zero loss (1,000-member room) | {fmt(sa)} | {fmt(sb)} | {ratio} |")
+        w("")
+    if "bare" in stacks:
+        # What the machine allows at all (no layer, no worker) beside Switchyard through Redis
+        # and, when measured, `switchyard dev` (in-memory layer): share of the floor reached.
+        others = [s for s in ("switchyard", "dev") if s in stacks]
+        w("## Against the floor: the same loads on serve's stack without a layer (same series)\n")
+        w("| figure | " + " | ".join(others) + " | bare (floor) | "
+          + " | ".join(f"{s} vs floor" for s in others) + " |")
+        w("|---|" + "---|" * (2 * len(others) + 1))
+
+        def versus(a, floor, higher):
+            if not a or not floor:
+                return "–"
+            return f"{a / floor:,.2f}× the floor" if higher else f"{a / floor:,.1f}× the floor"
+
+        for title, scen, f, higher in rows:
+            vals = [med(s, scen, f) for s in others]
+            floor = med("bare", scen, f)
+            if floor is None and not any(vals):
+                continue
+            w(f"| {title} | " + " | ".join(fmt(v) for v in vals) + f" | {fmt(floor)} | "
+              + " | ".join(versus(v, floor, higher) for v in vals) + " |")
+        vals = [sustained_median(s) for s in others]
+        floor = sustained_median("bare")
+        w("| sustained broadcast deliveries/s, zero loss (1,000-member room) | "
+          + " | ".join(fmt(v) for v in vals) + f" | {fmt(floor)} | "
+          + " | ".join(versus(v, floor, True) for v in vals) + " |")
         w("")
     return "\n".join(out)
 
