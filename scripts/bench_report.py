@@ -316,9 +316,10 @@ def report(paths, machine):
               + " | ".join(versus(v, floor, higher) for v in vals) + " |")
         vals = [sustained_median(s) for s in others]
         floor = sustained_median("bare")
-        w("| sustained broadcast deliveries/s, zero loss (1,000-member room) | "
-          + " | ".join(fmt(v) for v in vals) + f" | {fmt(floor)} | "
-          + " | ".join(versus(v, floor, True) for v in vals) + " |")
+        if floor is not None or any(vals):
+            w("| sustained broadcast deliveries/s, zero loss (1,000-member room) | "
+              + " | ".join(fmt(v) for v in vals) + f" | {fmt(floor)} | "
+              + " | ".join(versus(v, floor, True) for v in vals) + " |")
         w("")
     return "\n".join(out)
 
