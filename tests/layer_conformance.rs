@@ -608,6 +608,12 @@ async fn inbox_demultiplexes(b: Backend) {
         .await
         .expect("recv returns");
     assert!(ended.is_none());
+    // So does a local channel made after the end: nothing could ever reach it.
+    let mut late = inbox.new_channel();
+    let late_end = tokio::time::timeout(WAIT, late.recv())
+        .await
+        .expect("a channel made after the end ends too");
+    assert!(late_end.is_none());
 }
 
 async fn overview_lists_channels_and_groups(b: Backend) {

@@ -6,14 +6,19 @@
 //! arrives once and is handed to each of them sharing the same bytes. A full local buffer drops
 //! the newest message and counts it (per channel and in the layer metrics); a message for a
 //! local channel nobody holds is dropped and counted too.
+//!
+//! A local channel's buffer is a [`LocalQueue`], not a tokio mpsc channel: an mpsc channel
+//! allocates its first block of 32 slots and a cache-padded header up front (2.3 KB with
+//! `Envelope`s), which every idle WebSocket would carry; an empty `LocalQueue` is ~200 bytes.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use switchyard_routing::names;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -23,18 +28,89 @@ use super::{Envelope, Layer, LayerError, random_local_part};
 /// How long one pop blocks; the loop notices shutdown between pops.
 const POP_BLOCK: Duration = Duration::from_secs(1);
 
+/// The bounded buffer of one local channel, shared by the inbox loop (the only producer) and
+/// the [`LocalChannel`] (the only consumer).
 #[derive(Debug)]
-struct Slot {
-    tx: mpsc::Sender<Envelope>,
-    dropped: Arc<AtomicU64>,
-    overflow: Arc<Notify>,
+struct LocalQueue {
+    state: Mutex<QueueState>,
+    capacity: usize,
+    /// Wakes the consumer: one stored permit covers a push that lands between its failed pop
+    /// and its wait.
+    ready: Notify,
+    dropped: AtomicU64,
+    overflow: Notify,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    items: VecDeque<Envelope>,
+    /// No message can arrive any more (the inbox loop has ended); what is queued still drains.
+    closed: bool,
+}
+
+enum Pushed {
+    Queued,
+    Full(Envelope),
+    Closed,
+}
+
+enum Popped {
+    Item(Envelope),
+    Empty,
+    Closed,
+}
+
+impl LocalQueue {
+    fn new(capacity: usize) -> Self {
+        LocalQueue {
+            state: Mutex::new(QueueState::default()),
+            capacity: capacity.max(1),
+            ready: Notify::new(),
+            dropped: AtomicU64::new(0),
+            overflow: Notify::new(),
+        }
+    }
+
+    fn push(&self, envelope: Envelope) -> Pushed {
+        let Ok(mut state) = self.state.lock() else {
+            return Pushed::Closed;
+        };
+        if state.closed {
+            return Pushed::Closed;
+        }
+        if state.items.len() >= self.capacity {
+            return Pushed::Full(envelope);
+        }
+        state.items.push_back(envelope);
+        drop(state);
+        self.ready.notify_one();
+        Pushed::Queued
+    }
+
+    fn pop(&self) -> Popped {
+        let Ok(mut state) = self.state.lock() else {
+            return Popped::Closed;
+        };
+        match state.items.pop_front() {
+            Some(envelope) => Popped::Item(envelope),
+            None if state.closed => Popped::Closed,
+            None => Popped::Empty,
+        }
+    }
+
+    fn close(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.closed = true;
+        }
+        self.ready.notify_one();
+    }
 }
 
 #[derive(Debug)]
 struct Inner {
     name: String,
     layer: Layer,
-    slots: DashMap<String, Slot>,
+    slots: DashMap<String, Arc<LocalQueue>>,
     stop: CancellationToken,
     /// Cancelled when the receive loop has ended, however it ended.
     ended: CancellationToken,
@@ -113,22 +189,15 @@ impl ProcessInbox {
     /// A new local channel (`{inbox}{random}`) buffering at most `buffer` messages.
     pub fn channel_with_buffer(&self, buffer: usize) -> LocalChannel {
         let name = format!("{}{}", self.inner.name, random_local_part());
-        let (tx, rx) = mpsc::channel(buffer.max(1));
-        let dropped = Arc::new(AtomicU64::new(0));
-        let overflow = Arc::new(Notify::new());
-        self.inner.slots.insert(
-            name.clone(),
-            Slot {
-                tx,
-                dropped: Arc::clone(&dropped),
-                overflow: Arc::clone(&overflow),
-            },
-        );
+        let queue = Arc::new(LocalQueue::new(buffer));
+        self.inner.slots.insert(name.clone(), Arc::clone(&queue));
+        // The loop may have ended (and closed every queue) before this one was registered.
+        if self.inner.ended.is_cancelled() {
+            queue.close();
+        }
         LocalChannel {
             name,
-            rx,
-            dropped,
-            overflow,
+            queue,
             inbox: Arc::clone(&self.inner),
         }
     }
@@ -161,36 +230,36 @@ struct CloseSlotsOnDrop(Arc<Inner>);
 
 impl Drop for CloseSlotsOnDrop {
     fn drop(&mut self) {
-        self.0.slots.clear();
         self.0.ended.cancel();
+        for slot in self.0.slots.iter() {
+            slot.value().close();
+        }
+        self.0.slots.clear();
     }
 }
 
 impl Inner {
     fn deliver(&self, envelope: Envelope) {
         let metrics = self.layer.metrics();
-        // Clone what is needed out of the map and let the guard go before anything else.
-        let slot = self.slots.get(&envelope.channel).map(|s| {
-            (
-                s.tx.clone(),
-                Arc::clone(&s.dropped),
-                Arc::clone(&s.overflow),
-            )
-        });
-        let Some((tx, dropped, overflow)) = slot else {
+        // Clone the queue out of the map and let the guard go before anything else.
+        let queue = self
+            .slots
+            .get(&envelope.channel)
+            .map(|q| Arc::clone(q.value()));
+        let Some(queue) = queue else {
             LayerMetrics::add(&metrics.local_unknown, 1);
             tracing::debug!(channel = %envelope.channel, "message for an unknown local channel dropped");
             return;
         };
-        match tx.try_send(envelope) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(e)) => {
+        match queue.push(envelope) {
+            Pushed::Queued => {}
+            Pushed::Full(e) => {
                 LayerMetrics::add(&metrics.local_full, 1);
-                dropped.fetch_add(1, Ordering::Relaxed);
-                overflow.notify_one();
+                queue.dropped.fetch_add(1, Ordering::Relaxed);
+                queue.overflow.notify_one();
                 tracing::debug!(channel = %e.channel, "local channel buffer full; message dropped");
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Pushed::Closed => {
                 LayerMetrics::add(&metrics.local_unknown, 1);
             }
         }
@@ -202,9 +271,7 @@ impl Inner {
 #[derive(Debug)]
 pub struct LocalChannel {
     name: String,
-    rx: mpsc::Receiver<Envelope>,
-    dropped: Arc<AtomicU64>,
-    overflow: Arc<Notify>,
+    queue: Arc<LocalQueue>,
     inbox: Arc<Inner>,
 }
 
@@ -214,19 +281,29 @@ impl LocalChannel {
         &self.name
     }
 
-    /// The next message, or `None` once the inbox is gone.
+    /// The next message, or `None` once the inbox is gone and the buffer is empty.
+    /// Cancel-safe: a message is taken only when this returns it.
     pub async fn recv(&mut self) -> Option<Envelope> {
-        self.rx.recv().await
+        loop {
+            match self.queue.pop() {
+                Popped::Item(envelope) => return Some(envelope),
+                Popped::Closed => return None,
+                Popped::Empty => self.queue.ready.notified().await,
+            }
+        }
     }
 
     /// The next message if one is buffered.
     pub fn try_recv(&mut self) -> Option<Envelope> {
-        self.rx.try_recv().ok()
+        match self.queue.pop() {
+            Popped::Item(envelope) => Some(envelope),
+            Popped::Empty | Popped::Closed => None,
+        }
     }
 
     /// Waits for the next message at most `timeout`.
     pub async fn recv_timeout(&mut self, timeout: Duration) -> Option<Envelope> {
-        tokio::time::timeout(timeout, self.rx.recv())
+        tokio::time::timeout(timeout, self.recv())
             .await
             .ok()
             .flatten()
@@ -234,12 +311,12 @@ impl LocalChannel {
 
     /// Messages dropped because this channel's buffer was full.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.queue.dropped.load(Ordering::Relaxed)
     }
 
     /// Resolves when a message is dropped because the buffer is full (for a slow-client policy).
     pub async fn overflowed(&self) {
-        self.overflow.notified().await;
+        self.queue.overflow.notified().await;
     }
 }
 
