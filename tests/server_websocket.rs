@@ -339,6 +339,73 @@ async fn full_receive_channel_closes_1013() {
     assert_eq!(layer.channel_depth(WEBSOCKET_RECEIVE).await.unwrap(), 1);
 }
 
+#[tokio::test]
+async fn replies_keep_flowing_while_a_frame_waits_for_room() {
+    let settings = LayerSettings {
+        channel_capacity: vec![("websocket.receive".into(), 1)],
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            receive_full_retry: Duration::from_secs(20),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    // Accepts, and reads websocket.receive only when the test says so.
+    let mut worker = Worker::spawn(&layer, &[WEBSOCKET_CONNECT], |e| {
+        let m: WebsocketConnect = e.decode().unwrap();
+        vec![out(&m.reply_channel, &WebsocketSend::accept())]
+    })
+    .await;
+    let mut ws = ws_connect(&server.ws_url("/room")).await;
+    let connect: WebsocketConnect = worker.next_on(WEBSOCKET_CONNECT).await.decode().unwrap();
+    send_text(&mut ws, "fits").await;
+    send_text(&mut ws, "waits for room").await;
+    // The second frame now waits for room in websocket.receive; broadcasts to this socket (a
+    // room member that also sends) must not wait behind it, or a busy sender's own queue
+    // overflows and it is closed as a slow client.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while layer.channel_depth(WEBSOCKET_RECEIVE).await.unwrap() < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the first frame reaches the layer");
+    for text in ["meanwhile 1", "meanwhile 2"] {
+        layer
+            .send(&connect.reply_channel, &WebsocketSend::text(text))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), next_message(&mut ws))
+            .await
+            .expect("a reply arrives while the frame still waits");
+        assert_eq!(got, Some(Message::text(text)));
+    }
+    // Room again: the waiting frame goes out, in order, and the socket lives on.
+    let mut receiver = layer.receiver().await.unwrap();
+    for (text, order) in [("fits", 1), ("waits for room", 2)] {
+        let e = receiver
+            .receive(&[WEBSOCKET_RECEIVE.to_owned()], Duration::from_secs(5))
+            .await
+            .unwrap()
+            .expect("the frame reaches the layer");
+        let r: WebsocketReceive = e.decode().unwrap();
+        assert_eq!((r.text.as_deref(), r.order), (Some(text), order));
+    }
+    send_text(&mut ws, "after").await;
+    let e = receiver
+        .receive(&[WEBSOCKET_RECEIVE.to_owned()], Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("the next frame reaches the layer");
+    let r: WebsocketReceive = e.decode().unwrap();
+    assert_eq!((r.text.as_deref(), r.order), (Some("after"), 3));
+    assert_eq!(server.metrics.snapshot().ws_receive_full_closes, 0);
+}
+
 /// A worker that floods each accepted socket with `n` large frames.
 async fn flooding_worker(layer: &Layer, n: usize) -> Worker {
     let flood = layer.clone();

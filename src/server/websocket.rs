@@ -38,7 +38,7 @@ use super::metrics::ServerMetrics;
 use super::outbound::SocketReply;
 use super::request::RequestHead;
 use super::{Shared, SlowClientPolicy};
-use crate::layer::LocalChannel;
+use crate::layer::{LayerError, LocalChannel};
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -331,6 +331,22 @@ fn ws_config(shared: &Shared) -> WebSocketConfig {
         .max_message_size(Some(c.ws_max_message_size))
 }
 
+/// Sends an encoded `websocket.receive`, retrying a full channel with backoff for
+/// `receive_full_retry`; the last error once it gives up.
+async fn send_receive(shared: Arc<Shared>, payload: Vec<u8>) -> Result<(), LayerError> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match shared.layer.send_encoded(WEBSOCKET_RECEIVE, &payload).await {
+            Err(e) if e.is_full() && started.elapsed() < shared.config.receive_full_retry => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// How a socket ended.
 #[derive(Debug, Clone, Copy)]
 enum End {
@@ -428,20 +444,9 @@ impl Socket {
                     tracing::warn!(client = %self.client, path = %self.path, "replies cannot reach this socket any more; closing with 1011");
                     Some(End::ServerClosed(1011))
                 }
-                Event::Incoming(incoming) => Box::pin(self.on_incoming(incoming)).await,
+                Event::Incoming(incoming) => Box::pin(self.on_incoming(&mut ws, incoming)).await,
                 Event::Outgoing(Some(envelope)) => {
-                    let mut batch = Vec::with_capacity(4);
-                    self.push_reply(&envelope, &mut batch);
-                    while batch.len() < WRITE_BATCH {
-                        match self.local.try_recv() {
-                            Some(envelope) => self.push_reply(&envelope, &mut batch),
-                            None => break,
-                        }
-                    }
-                    match self.check_overflow() {
-                        Some(end) => Some(end),
-                        None => Box::pin(self.write_replies(&mut ws, batch)).await,
-                    }
+                    Box::pin(self.write_outgoing(&mut ws, envelope)).await
                 }
                 Event::Tick => Box::pin(self.on_tick(&mut ws)).await,
             };
@@ -463,6 +468,23 @@ impl Socket {
             .saturating_mul(u32::try_from(open).unwrap_or(u32::MAX))
             .min(self.shared.config.shutdown_grace / 4);
         tokio::time::sleep(spread.mul_f64(rand::random::<f64>())).await;
+    }
+
+    /// Writes `first` and whatever else is queued behind it (up to a batch), after applying the
+    /// slow-client policy to what the queue dropped.
+    async fn write_outgoing(&mut self, ws: &mut Ws, first: crate::layer::Envelope) -> Option<End> {
+        let mut batch = Vec::with_capacity(4);
+        self.push_reply(&first, &mut batch);
+        while batch.len() < WRITE_BATCH {
+            match self.local.try_recv() {
+                Some(envelope) => self.push_reply(&envelope, &mut batch),
+                None => break,
+            }
+        }
+        match self.check_overflow() {
+            Some(end) => Some(end),
+            None => self.write_replies(ws, batch).await,
+        }
     }
 
     fn push_reply(&self, envelope: &crate::layer::Envelope, batch: &mut Vec<SocketReply>) {
@@ -540,7 +562,11 @@ impl Socket {
         }
     }
 
-    async fn on_incoming(&mut self, incoming: Option<Result<Message, WsError>>) -> Option<End> {
+    async fn on_incoming(
+        &mut self,
+        ws: &mut Ws,
+        incoming: Option<Result<Message, WsError>>,
+    ) -> Option<End> {
         let now = Instant::now();
         match incoming {
             None => Some(End::Dropped),
@@ -550,11 +576,11 @@ impl Socket {
                 match message {
                     Message::Text(text) => {
                         self.last_activity = now;
-                        self.forward(Some(text.as_str()), None).await
+                        self.forward(ws, Some(text.as_str()), None).await
                     }
                     Message::Binary(bytes) => {
                         self.last_activity = now;
-                        self.forward(None, Some(&bytes)).await
+                        self.forward(ws, None, Some(&bytes)).await
                     }
                     Message::Close(frame) => {
                         Some(End::ClientClosed(frame.map_or(1005, |f| u16::from(f.code))))
@@ -580,8 +606,15 @@ impl Socket {
     /// `receive_full_retry` (reading nothing meanwhile, so TCP pushes back), then the socket is
     /// closed with 1013; an unreachable layer loses the frame (counted) but keeps the socket. The
     /// `order` only advances for frames that were sent, so a consumer enforcing order never waits
-    /// for a frame that cannot come.
-    async fn forward(&mut self, text: Option<&str>, bytes: Option<&[u8]>) -> Option<End> {
+    /// for a frame that cannot come. Replies keep going out while the send waits: a room member
+    /// that also sends would otherwise let its own queue overflow behind a slow send and be
+    /// closed as a slow client.
+    async fn forward(
+        &mut self,
+        ws: &mut Ws,
+        text: Option<&str>,
+        bytes: Option<&[u8]>,
+    ) -> Option<End> {
         let message = ReceiveRef {
             reply_channel: self.local.name(),
             path: &self.path,
@@ -589,29 +622,41 @@ impl Socket {
             bytes: bytes.map(BinRef),
             order: self.order + 1,
         };
-        let started = Instant::now();
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            match self.shared.layer.send(WEBSOCKET_RECEIVE, &message).await {
-                Ok(()) => {
-                    self.order += 1;
-                    ServerMetrics::inc(&self.shared.metrics.ws_frames_in);
-                    return None;
-                }
-                Err(e) if e.is_full() => {
-                    if started.elapsed() >= self.shared.config.receive_full_retry {
-                        ServerMetrics::inc(&self.shared.metrics.ws_receive_full_closes);
-                        tracing::warn!(client = %self.client, path = %self.path, "websocket.receive full; closing with 1013");
-                        return Some(End::ServerClosed(1013));
+        let payload = match switchyard_routing::codec::to_msgpack(&message) {
+            Ok(payload) => payload,
+            Err(e) => {
+                ServerMetrics::inc(&self.shared.metrics.ws_frames_lost);
+                tracing::warn!(client = %self.client, path = %self.path, error = %e, "websocket.receive not encoded; frame dropped");
+                return None;
+            }
+        };
+        let send = send_receive(Arc::clone(&self.shared), payload);
+        tokio::pin!(send);
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut send => break outcome,
+                Some(envelope) = self.local.recv() => {
+                    if let Some(end) = self.write_outgoing(ws, envelope).await {
+                        return Some(end);
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(50));
                 }
-                Err(e) => {
-                    ServerMetrics::inc(&self.shared.metrics.ws_frames_lost);
-                    tracing::warn!(client = %self.client, path = %self.path, error = %e, "websocket.receive not sent; frame dropped");
-                    return None;
-                }
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                self.order += 1;
+                ServerMetrics::inc(&self.shared.metrics.ws_frames_in);
+                None
+            }
+            Err(e) if e.is_full() => {
+                ServerMetrics::inc(&self.shared.metrics.ws_receive_full_closes);
+                tracing::warn!(client = %self.client, path = %self.path, "websocket.receive full; closing with 1013");
+                Some(End::ServerClosed(1013))
+            }
+            Err(e) => {
+                ServerMetrics::inc(&self.shared.metrics.ws_frames_lost);
+                tracing::warn!(client = %self.client, path = %self.path, error = %e, "websocket.receive not sent; frame dropped");
+                None
             }
         }
     }
