@@ -367,13 +367,14 @@ async fn replies_keep_flowing_while_a_frame_waits_for_room() {
     // The second frame now waits for room in websocket.receive; broadcasts to this socket (a
     // room member that also sends) must not wait behind it, or a busy sender's own queue
     // overflows and it is closed as a slow client.
+    // Waits until the second frame has been refused once (it is then in its retry loop).
     tokio::time::timeout(Duration::from_secs(5), async {
-        while layer.channel_depth(WEBSOCKET_RECEIVE).await.unwrap() < 1 {
+        while layer.metrics().snapshot().channel_full < 1 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await
-    .expect("the first frame reaches the layer");
+    .expect("the second frame finds websocket.receive full");
     for text in ["meanwhile 1", "meanwhile 2"] {
         layer
             .send(&connect.reply_channel, &WebsocketSend::text(text))
@@ -404,6 +405,53 @@ async fn replies_keep_flowing_while_a_frame_waits_for_room() {
     let r: WebsocketReceive = e.decode().unwrap();
     assert_eq!((r.text.as_deref(), r.order), (Some("after"), 3));
     assert_eq!(server.metrics.snapshot().ws_receive_full_closes, 0);
+}
+
+#[tokio::test]
+async fn a_close_while_a_frame_waits_for_room_counts_the_frame_and_keeps_the_order() {
+    let settings = LayerSettings {
+        channel_capacity: vec![("websocket.receive".into(), 1)],
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            receive_full_retry: Duration::from_secs(20),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let mut worker = Worker::spawn(&layer, &[WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT], |e| {
+        if e.channel != WEBSOCKET_CONNECT {
+            return vec![];
+        }
+        let m: WebsocketConnect = e.decode().unwrap();
+        vec![out(&m.reply_channel, &WebsocketSend::accept())]
+    })
+    .await;
+    let mut ws = ws_connect(&server.ws_url("/room")).await;
+    let connect: WebsocketConnect = worker.next_on(WEBSOCKET_CONNECT).await.decode().unwrap();
+    send_text(&mut ws, "fits").await;
+    send_text(&mut ws, "never fits").await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while layer.metrics().snapshot().channel_full < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the second frame finds websocket.receive full");
+    // The worker closes the socket while the frame still waits: the close goes out now (not after
+    // 20 s of retries), the frame is given up and counted, and the disconnect takes order 2.
+    layer
+        .send(&connect.reply_channel, &WebsocketSend::close(Some(4000)))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(4000));
+    let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+    assert_eq!((d.code, d.order), (4000, 2));
+    let m = server.metrics.snapshot();
+    assert_eq!((m.ws_frames_in, m.ws_frames_lost), (1, 1));
 }
 
 /// A worker that floods each accepted socket with `n` large frames.

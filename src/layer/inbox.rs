@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -48,17 +48,27 @@ struct QueueState {
     closed: bool,
 }
 
+/// What became of a pushed message.
 enum Pushed {
     Queued,
+    /// The buffer was full; the message comes back to be counted and dropped.
     Full(Envelope),
     Closed,
 }
 
+/// What a pop found.
 enum Popped {
     Item(Envelope),
     Empty,
+    /// Empty, and nothing can arrive any more.
     Closed,
 }
+
+/// Capacity an emptied buffer keeps: a socket that once took a burst should not hold the
+/// burst's worth of slots for the rest of its (possibly idle) life.
+const KEPT_CAPACITY: usize = 4;
+/// Capacity above which an emptied buffer gives memory back (bursts up to this never reallocate).
+const SHRINK_ABOVE: usize = 16;
 
 impl LocalQueue {
     fn new(capacity: usize) -> Self {
@@ -71,10 +81,14 @@ impl LocalQueue {
         }
     }
 
+    /// The lock, also after a panic elsewhere held it: nothing panics while holding it, and a
+    /// poisoned queue must not lose what it holds.
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn push(&self, envelope: Envelope) -> Pushed {
-        let Ok(mut state) = self.state.lock() else {
-            return Pushed::Closed;
-        };
+        let mut state = self.lock();
         if state.closed {
             return Pushed::Closed;
         }
@@ -88,20 +102,21 @@ impl LocalQueue {
     }
 
     fn pop(&self) -> Popped {
-        let Ok(mut state) = self.state.lock() else {
-            return Popped::Closed;
-        };
+        let mut state = self.lock();
         match state.items.pop_front() {
-            Some(envelope) => Popped::Item(envelope),
+            Some(envelope) => {
+                if state.items.is_empty() && state.items.capacity() > SHRINK_ABOVE {
+                    state.items.shrink_to(KEPT_CAPACITY);
+                }
+                Popped::Item(envelope)
+            }
             None if state.closed => Popped::Closed,
             None => Popped::Empty,
         }
     }
 
     fn close(&self) {
-        if let Ok(mut state) = self.state.lock() {
-            state.closed = true;
-        }
+        self.lock().closed = true;
         self.ready.notify_one();
     }
 }
@@ -140,7 +155,7 @@ impl ProcessInbox {
         let pump_inner = Arc::clone(&inner);
         let handle = tokio::spawn(async move {
             // However the loop ends (shutdown, panic, abort), its local channels learn of it:
-            // their senders go, so `recv` returns `None` instead of waiting forever.
+            // their queues close, so `recv` returns `None` (once drained) instead of waiting forever.
             let _close_on_exit = CloseSlotsOnDrop(Arc::clone(&pump_inner));
             let batch = pump_inner.layer.settings().inbox_batch;
             let mut failures = 0u32;
@@ -322,6 +337,9 @@ impl LocalChannel {
 
 impl Drop for LocalChannel {
     fn drop(&mut self) {
+        // Closed first: a message the loop is handing over right now is then counted as for
+        // nobody instead of vanishing into a queue no one reads.
+        self.queue.close();
         self.inbox.slots.remove(&self.name);
     }
 }

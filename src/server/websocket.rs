@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -332,13 +333,22 @@ fn ws_config(shared: &Shared) -> WebSocketConfig {
 }
 
 /// Sends an encoded `websocket.receive`, retrying a full channel with backoff for
-/// `receive_full_retry`; the last error once it gives up.
-async fn send_receive(shared: Arc<Shared>, payload: Vec<u8>) -> Result<(), LayerError> {
+/// `receive_full_retry` (and not once `give_up` is set: the socket is closing); the last error
+/// once it stops.
+async fn send_receive(
+    shared: Arc<Shared>,
+    payload: Vec<u8>,
+    give_up: &AtomicBool,
+) -> Result<(), LayerError> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(5);
     loop {
         match shared.layer.send_encoded(WEBSOCKET_RECEIVE, &payload).await {
-            Err(e) if e.is_full() && started.elapsed() < shared.config.receive_full_retry => {
+            Err(e)
+                if e.is_full()
+                    && !give_up.load(Ordering::Relaxed)
+                    && started.elapsed() < shared.config.receive_full_retry =>
+            {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(50));
             }
@@ -608,7 +618,9 @@ impl Socket {
     /// `order` only advances for frames that were sent, so a consumer enforcing order never waits
     /// for a frame that cannot come. Replies keep going out while the send waits: a room member
     /// that also sends would otherwise let its own queue overflow behind a slow send and be
-    /// closed as a slow client.
+    /// closed as a slow client. A reply that ends the socket stops the writing, not the send: a
+    /// send already written to Redis may land, so it is awaited (no more retries) and its outcome
+    /// counted before the disconnect takes the next `order`.
     async fn forward(
         &mut self,
         ws: &mut Ws,
@@ -630,14 +642,17 @@ impl Socket {
                 return None;
             }
         };
-        let send = send_receive(Arc::clone(&self.shared), payload);
+        let give_up = AtomicBool::new(false);
+        let send = send_receive(Arc::clone(&self.shared), payload, &give_up);
         tokio::pin!(send);
+        let mut ended_meanwhile = None;
         let outcome = loop {
             tokio::select! {
                 outcome = &mut send => break outcome,
-                Some(envelope) = self.local.recv() => {
-                    if let Some(end) = self.write_outgoing(ws, envelope).await {
-                        return Some(end);
+                Some(envelope) = self.local.recv(), if ended_meanwhile.is_none() => {
+                    ended_meanwhile = self.write_outgoing(ws, envelope).await;
+                    if ended_meanwhile.is_some() {
+                        give_up.store(true, Ordering::Relaxed);
                     }
                 }
             }
@@ -646,7 +661,11 @@ impl Socket {
             Ok(()) => {
                 self.order += 1;
                 ServerMetrics::inc(&self.shared.metrics.ws_frames_in);
-                None
+                ended_meanwhile
+            }
+            Err(_) if ended_meanwhile.is_some() => {
+                ServerMetrics::inc(&self.shared.metrics.ws_frames_lost);
+                ended_meanwhile
             }
             Err(e) if e.is_full() => {
                 ServerMetrics::inc(&self.shared.metrics.ws_receive_full_closes);
