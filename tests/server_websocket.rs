@@ -305,8 +305,9 @@ async fn invalid_utf8_closes_1007_and_protocol_errors_1002() {
     assert_eq!(server.metrics.snapshot().ws_frames_in, 0);
 }
 
-#[tokio::test]
-async fn full_receive_channel_closes_1013() {
+/// A memory layer whose `websocket.receive` holds one message, a server retrying a full
+/// channel for `retry`, and a worker that accepts every socket and reads nothing else.
+async fn full_receive_stack(retry: Duration) -> (Layer, TestServer, Worker) {
     let settings = LayerSettings {
         channel_capacity: vec![("websocket.receive".into(), 1)],
         ..LayerSettings::default()
@@ -315,13 +316,12 @@ async fn full_receive_channel_closes_1013() {
     let server = TestServer::start(
         layer.clone(),
         ServerConfig {
-            receive_full_retry: Duration::from_millis(100),
+            receive_full_retry: retry,
             ..ServerConfig::default()
         },
     )
     .await;
-    // Accepts, never reads websocket.receive.
-    let mut worker = Worker::spawn(&layer, &[WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT], |e| {
+    let worker = Worker::spawn(&layer, &[WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT], |e| {
         if e.channel != WEBSOCKET_CONNECT {
             return vec![];
         }
@@ -329,6 +329,23 @@ async fn full_receive_channel_closes_1013() {
         vec![out(&m.reply_channel, &WebsocketSend::accept())]
     })
     .await;
+    (layer, server, worker)
+}
+
+/// Waits until the layer has refused a send as full (a frame is then in its retry loop).
+async fn until_a_send_was_refused(layer: &Layer) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while layer.metrics().snapshot().channel_full < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("a frame finds websocket.receive full");
+}
+
+#[tokio::test]
+async fn full_receive_channel_closes_1013() {
+    let (layer, server, mut worker) = full_receive_stack(Duration::from_millis(100)).await;
     let mut ws = ws_connect(&server.ws_url("/busy")).await;
     send_text(&mut ws, "fits").await;
     send_text(&mut ws, "does not fit").await;
@@ -341,25 +358,8 @@ async fn full_receive_channel_closes_1013() {
 
 #[tokio::test]
 async fn replies_keep_flowing_while_a_frame_waits_for_room() {
-    let settings = LayerSettings {
-        channel_capacity: vec![("websocket.receive".into(), 1)],
-        ..LayerSettings::default()
-    };
-    let layer = Layer::from_url("memory://", settings).await.unwrap();
-    let server = TestServer::start(
-        layer.clone(),
-        ServerConfig {
-            receive_full_retry: Duration::from_secs(20),
-            ..ServerConfig::default()
-        },
-    )
-    .await;
-    // Accepts, and reads websocket.receive only when the test says so.
-    let mut worker = Worker::spawn(&layer, &[WEBSOCKET_CONNECT], |e| {
-        let m: WebsocketConnect = e.decode().unwrap();
-        vec![out(&m.reply_channel, &WebsocketSend::accept())]
-    })
-    .await;
+    // The test reads websocket.receive itself, when it wants room.
+    let (layer, server, mut worker) = full_receive_stack(Duration::from_secs(20)).await;
     let mut ws = ws_connect(&server.ws_url("/room")).await;
     let connect: WebsocketConnect = worker.next_on(WEBSOCKET_CONNECT).await.decode().unwrap();
     send_text(&mut ws, "fits").await;
@@ -367,14 +367,7 @@ async fn replies_keep_flowing_while_a_frame_waits_for_room() {
     // The second frame now waits for room in websocket.receive; broadcasts to this socket (a
     // room member that also sends) must not wait behind it, or a busy sender's own queue
     // overflows and it is closed as a slow client.
-    // Waits until the second frame has been refused once (it is then in its retry loop).
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while layer.metrics().snapshot().channel_full < 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the second frame finds websocket.receive full");
+    until_a_send_was_refused(&layer).await;
     for text in ["meanwhile 1", "meanwhile 2"] {
         layer
             .send(&connect.reply_channel, &WebsocketSend::text(text))
@@ -409,38 +402,12 @@ async fn replies_keep_flowing_while_a_frame_waits_for_room() {
 
 #[tokio::test]
 async fn a_close_while_a_frame_waits_for_room_counts_the_frame_and_keeps_the_order() {
-    let settings = LayerSettings {
-        channel_capacity: vec![("websocket.receive".into(), 1)],
-        ..LayerSettings::default()
-    };
-    let layer = Layer::from_url("memory://", settings).await.unwrap();
-    let server = TestServer::start(
-        layer.clone(),
-        ServerConfig {
-            receive_full_retry: Duration::from_secs(20),
-            ..ServerConfig::default()
-        },
-    )
-    .await;
-    let mut worker = Worker::spawn(&layer, &[WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT], |e| {
-        if e.channel != WEBSOCKET_CONNECT {
-            return vec![];
-        }
-        let m: WebsocketConnect = e.decode().unwrap();
-        vec![out(&m.reply_channel, &WebsocketSend::accept())]
-    })
-    .await;
+    let (layer, server, mut worker) = full_receive_stack(Duration::from_secs(20)).await;
     let mut ws = ws_connect(&server.ws_url("/room")).await;
     let connect: WebsocketConnect = worker.next_on(WEBSOCKET_CONNECT).await.decode().unwrap();
     send_text(&mut ws, "fits").await;
     send_text(&mut ws, "never fits").await;
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while layer.metrics().snapshot().channel_full < 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the second frame finds websocket.receive full");
+    until_a_send_was_refused(&layer).await;
     // The worker closes the socket while the frame still waits: the close goes out now (not after
     // 20 s of retries), the frame is given up and counted, and the disconnect takes order 2.
     layer

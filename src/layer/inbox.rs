@@ -37,8 +37,8 @@ struct LocalQueue {
     /// Wakes the consumer: one stored permit covers a push that lands between its failed pop
     /// and its wait.
     ready: Notify,
+    /// Messages refused because the buffer was full (read by the slow-client policy).
     dropped: AtomicU64,
-    overflow: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -51,7 +51,8 @@ struct QueueState {
 /// What became of a pushed message.
 enum Pushed {
     Queued,
-    /// The buffer was full; the message comes back to be counted and dropped.
+    /// The buffer was full: the message was dropped and counted in `dropped`; it comes back for
+    /// the log line.
     Full(Envelope),
     Closed,
 }
@@ -77,7 +78,6 @@ impl LocalQueue {
             capacity: capacity.max(1),
             ready: Notify::new(),
             dropped: AtomicU64::new(0),
-            overflow: Notify::new(),
         }
     }
 
@@ -93,6 +93,7 @@ impl LocalQueue {
             return Pushed::Closed;
         }
         if state.items.len() >= self.capacity {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             return Pushed::Full(envelope);
         }
         state.items.push_back(envelope);
@@ -270,8 +271,6 @@ impl Inner {
             Pushed::Queued => {}
             Pushed::Full(e) => {
                 LayerMetrics::add(&metrics.local_full, 1);
-                queue.dropped.fetch_add(1, Ordering::Relaxed);
-                queue.overflow.notify_one();
                 tracing::debug!(channel = %e.channel, "local channel buffer full; message dropped");
             }
             Pushed::Closed => {
@@ -327,11 +326,6 @@ impl LocalChannel {
     /// Messages dropped because this channel's buffer was full.
     pub fn dropped(&self) -> u64 {
         self.queue.dropped.load(Ordering::Relaxed)
-    }
-
-    /// Resolves when a message is dropped because the buffer is full (for a slow-client policy).
-    pub async fn overflowed(&self) {
-        self.queue.overflow.notified().await;
     }
 }
 

@@ -647,7 +647,9 @@ impl Socket {
         tokio::pin!(send);
         let mut ended_meanwhile = None;
         let outcome = loop {
+            // The send first: one that completes at once never registers for replies.
             tokio::select! {
+                biased;
                 outcome = &mut send => break outcome,
                 Some(envelope) = self.local.recv(), if ended_meanwhile.is_none() => {
                     ended_meanwhile = self.write_outgoing(ws, envelope).await;
