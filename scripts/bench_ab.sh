@@ -11,9 +11,14 @@
 # room of MEMBERS sockets on /ws/relay/ instead (figures per delivery, latency p50/p99). Each line
 # also gives the CPU steal of the window: runs with much steal measured the neighbours.
 #
+# With --transports tcp,unix every binary runs once per transport in each round: serve and
+# worker reach Redis over loopback TCP (redis://127.0.0.1:PORT) or over its Unix socket
+# (unix:///…/redis.sock); the load itself is always WebSocket over loopback TCP.
+#
 #   scripts/bench_ab.sh /tmp/switchyard.before target/release/switchyard
 #   scripts/bench_ab.sh --rounds 5 --conns 1 --threads 0 A B
 #   scripts/bench_ab.sh --broadcast 1000:20 A B
+#   scripts/bench_ab.sh --transports tcp,unix target/release/switchyard
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,18 +26,20 @@ ROUNDS=3
 CONNS=1000
 THREADS=1
 BROADCAST=""
+TRANSPORTS=tcp
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
     --conns) CONNS="$2"; shift 2 ;;
     --threads) THREADS="$2"; shift 2 ;;
     --broadcast) BROADCAST="$2"; shift 2 ;;
+    --transports) TRANSPORTS="$2"; shift 2 ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     --*) echo "unknown flag $1" >&2; exit 2 ;;
     *) break ;;
   esac
 done
-[ $# -ge 1 ] || { echo "usage: $0 [--rounds N] [--conns C] [--threads T] [--broadcast M:R] BIN..." >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 [--rounds N] [--conns C] [--threads T] [--broadcast M:R] [--transports tcp,unix] BIN..." >&2; exit 2; }
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 WORK="$(mktemp -d)"
@@ -51,17 +58,23 @@ steal_total() { awk '/^cpu /{t=0; for(i=2;i<=NF;i++) t+=$i; print $9, t}' /proc/
 
 for round in $(seq "$ROUNDS"); do
   for bin in "$@"; do
+  for transport in ${TRANSPORTS//,/ }; do
     rport="$(free_port)"; hport="$(free_port)"
-    redis-server --bind 127.0.0.1 --port "$rport" --save '' --appendonly no --logfile "" \
-      > "$WORK/redis.log" 2>&1 &
+    rm -f "$WORK/redis.sock"
+    redis-server --bind 127.0.0.1 --port "$rport" --unixsocket "$WORK/redis.sock" --unixsocketperm 700 \
+      --save '' --appendonly no --logfile "" > "$WORK/redis.log" 2>&1 &
     rpid=$!; PIDS+=("$rpid")
     for _ in $(seq 50); do redis-cli -p "$rport" ping > /dev/null 2>&1 && break; sleep 0.1; done
-    layer="redis://127.0.0.1:$rport"
+    case "$transport" in
+      tcp) layer="redis://127.0.0.1:$rport" ;;
+      unix) layer="unix://$WORK/redis.sock" ;;
+      *) echo "unknown transport $transport (tcp or unix)" >&2; exit 2 ;;
+    esac
     # The environment, not --threads, so that builds from before the flag run too.
     SWITCHYARD_THREADS="$THREADS" "$bin" serve --layer "$layer" --capacity 10000 --port "$hport" \
       --max-connections 20000 --log warn > "$WORK/serve.log" 2>&1 &
     spid=$!; PIDS+=("$spid")
-    SWITCHYARD_THREADS="$THREADS" "$bin" worker --layer "$layer" --capacity 10000 --concurrency 32 \
+    SWITCHYARD_THREADS="$THREADS" "$bin" worker --layer "$layer" --capacity 10000 --concurrency "${CONCURRENCY:-32}" \
       --log warn > "$WORK/worker.log" 2>&1 &
     wpid=$!; PIDS+=("$wpid")
     for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$hport/healthz" > /dev/null 2>&1 && break; sleep 0.1; done
@@ -79,7 +92,7 @@ for round in $(seq "$ROUNDS"); do
     sleep 4
     s1=$(ticks "$spid"); w1=$(ticks "$wpid"); r1=$(ticks "$rpid"); read -r st1 tt1 < <(steal_total)
     wait "$bpid" || true
-    python3 - "$round" "$bin" "$((s1 - s0))" "$((w1 - w0))" "$((r1 - r0))" "$(getconf CLK_TCK)" \
+    python3 - "$round" "$bin ($transport)" "$((s1 - s0))" "$((w1 - w0))" "$((r1 - r0))" "$(getconf CLK_TCK)" \
       "$WORK/bench.out" "$((st1 - st0))" "$((tt1 - tt0))" <<'PY'
 import json, sys
 rnd, binary, s, w, r, hz, out, steal, total = sys.argv[1:]
@@ -99,5 +112,6 @@ print(f"round {rnd} {binary}: {rate:,.0f} {unit}/s, p50 {lat.get('p50')} µs, p9
       f"steal {100 * int(steal) / max(1, int(total)):.0f} %")
 PY
     cleanup
+  done
   done
 done

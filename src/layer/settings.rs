@@ -24,7 +24,10 @@ pub struct LayerSettings {
     /// Messages buffered per local (`!`) channel in a process inbox before newer ones are dropped
     /// and counted (defaults to `capacity`).
     pub local_buffer: Option<usize>,
-    /// Messages popped at once from a process inbox (64).
+    /// Messages popped at once from a process inbox (512). One loop pops for every socket of an
+    /// interface server, one round trip at a time, on a runtime busy with those sockets: with 64
+    /// per pop, replies for 1,000 busy sockets queued in Redis behind the pops (up to 870 of
+    /// them, and the pops cost Redis 18 % more per message).
     pub inbox_batch: usize,
     /// Bound on every non-blocking Redis command, so that sends during an outage fail fast (2 s).
     pub command_timeout: Duration,
@@ -39,7 +42,7 @@ impl Default for LayerSettings {
             capacity: 100,
             channel_capacity: Vec::new(),
             local_buffer: None,
-            inbox_batch: 64,
+            inbox_batch: 512,
             command_timeout: Duration::from_secs(2),
         }
     }
