@@ -137,6 +137,7 @@ COLUMNS = {
     "http": [("req/s", bench("requests_per_s")), ("p50 µs", bench("latency_us", "p50")),
              ("p99 µs", bench("latency_us", "p99")), ("errors", lambda r: sum((dig(r.get("bench") or {}, "errors") or {}).values()))],
 }
+COLUMNS["http128"] = COLUMNS["http256"] = COLUMNS["http"]
 PROC_COLUMNS = ["serve", "worker", "daphne", "redis", "client"]
 
 
@@ -145,7 +146,7 @@ def messages(r):
     return b.get("received") or b.get("completed") or 0
 
 
-ORDER = ["echo1", "echo1000", "bcast1k", "bcast10k", "sustained", "idle", "http"]
+ORDER = ["echo1", "echo1000", "bcast1k", "bcast10k", "sustained", "idle", "http", "http128", "http256"]
 
 
 def sustained_best(records, stack):
@@ -275,8 +276,12 @@ def report(paths, machine):
         ("broadcast 1k room, p99 (µs)", "bcast1k", bench("latency_us", "p99"), False),
         ("broadcast 1k room, deliveries/s at 50k offered", "bcast1k", bench("deliveries_per_s"), True),
         ("broadcast 10k room, p99 (µs)", "bcast10k", bench("latency_us", "p99"), False),
-        ("HTTP req/s", "http", bench("requests_per_s"), True),
-        ("HTTP p99 (µs)", "http", bench("latency_us", "p99"), False),
+        ("HTTP req/s, 64 conns", "http", bench("requests_per_s"), True),
+        ("HTTP p99, 64 conns (µs)", "http", bench("latency_us", "p99"), False),
+        ("HTTP req/s, 128 conns", "http128", bench("requests_per_s"), True),
+        ("HTTP p99, 128 conns (µs)", "http128", bench("latency_us", "p99"), False),
+        ("HTTP req/s, 256 conns", "http256", bench("requests_per_s"), True),
+        ("HTTP p99, 256 conns (µs)", "http256", bench("latency_us", "p99"), False),
     ]
     if "django" in stacks:
         w("## Switchyard vs Django Channels 4 (same series)\n")
