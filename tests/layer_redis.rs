@@ -1,6 +1,7 @@
 //! Redis-only channel-layer tests: the three blocking-pop traps of reference/anchors-rust.md §1.5
 //! as regression tests, sharding over two redis-servers, expiry enforced at receive, garbage in
-//! Redis, the stored wire format, and Redis stopped and restarted under a live layer.
+//! Redis, the stored wire format, an inbox pop bigger than a local buffer, and Redis stopped and
+//! restarted under a live layer.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -336,6 +337,50 @@ async fn stored_format_is_channels_redis_4() {
     layer.flush().await.unwrap();
     let keys: Vec<String> = redis.cmd(&[b"KEYS", b"*"]);
     assert_eq!(keys, ["other:key"]);
+}
+
+/// One inbox pop takes up to 512 messages, more than a local buffer holds (100): handing them all
+/// out before the readers run would drop 200 of these 300 although their reader keeps its buffer
+/// empty. On one thread the reader runs only when the inbox loop lets it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_big_inbox_pop_lets_local_channels_drain_while_it_is_handed_out() {
+    let redis = RedisServer::start();
+    let layer = layer_on(
+        &[&redis],
+        LayerSettings {
+            local_buffer: Some(100),
+            ..Default::default()
+        },
+    )
+    .await;
+    let inbox = layer.inbox("specific").await.unwrap();
+    let mut local = inbox.new_channel();
+    let target = local.name().to_owned();
+    // One ZADD, so that a single pop finds all 300; the 12-byte prefixes sort in sending order.
+    let members: Vec<Vec<u8>> = (0..300u32)
+        .map(|i| {
+            let mut prefix = [0u8; 12];
+            prefix[..4].copy_from_slice(&i.to_be_bytes());
+            let m = msg(&i.to_string()).with("__asgi_channel__", target.as_str());
+            [&prefix[..], &codec::to_msgpack(&m).unwrap()].concat()
+        })
+        .collect();
+    let key = format!("asgi{}", inbox.name());
+    let score = format!("{}", now_secs());
+    let mut zadd: Vec<&[u8]> = vec![b"ZADD", key.as_bytes()];
+    for m in &members {
+        zadd.extend([score.as_bytes(), m.as_slice()]);
+    }
+    assert_eq!(redis.cmd::<i64>(&zadd), 300);
+    for i in 0..300 {
+        let got = local
+            .recv_timeout(WAIT)
+            .await
+            .unwrap_or_else(|| panic!("message {i} never came; {} dropped", local.dropped()));
+        assert_eq!(got.to_map().unwrap(), msg(&i.to_string()));
+    }
+    assert_eq!(local.dropped(), 0);
+    assert_eq!(layer.metrics().snapshot().local_full, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

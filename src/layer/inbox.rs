@@ -28,6 +28,12 @@ use super::{Envelope, Layer, LayerError, random_local_part};
 /// How long one pop blocks; the loop notices shutdown between pops.
 const POP_BLOCK: Duration = Duration::from_secs(1);
 
+/// Messages handed to local channels between two yields of the loop. A pop takes up to
+/// `inbox_batch` (512) messages, but a local buffer holds only `capacity` (100 by default): the
+/// sockets' tasks must get to drain their buffers while a big batch is being handed out, or a
+/// burst for one socket would overflow a buffer that its reader keeps empty.
+const DELIVER_CHUNK: usize = 64;
+
 /// The bounded buffer of one local channel, shared by the inbox loop (the only producer) and
 /// the [`LocalChannel`] (the only consumer).
 #[derive(Debug)]
@@ -168,7 +174,10 @@ impl ProcessInbox {
                 {
                     Ok(envelopes) => {
                         failures = 0;
-                        for e in envelopes {
+                        for (i, e) in envelopes.into_iter().enumerate() {
+                            if i > 0 && i % DELIVER_CHUNK == 0 {
+                                tokio::task::yield_now().await;
+                            }
                             pump_inner.deliver(e);
                         }
                     }
