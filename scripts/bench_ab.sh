@@ -15,6 +15,9 @@
 # worker reach Redis over loopback TCP (redis://127.0.0.1:PORT) or over its Unix socket
 # (unix:///…/redis.sock); the load itself is always WebSocket over loopback TCP.
 #
+# CONCURRENCY=N in the environment sets the worker's --concurrency (default 32, as in the runs of
+# sessions 2-4; scripts/bench.sh uses 256).
+#
 #   scripts/bench_ab.sh /tmp/switchyard.before target/release/switchyard
 #   scripts/bench_ab.sh --rounds 5 --conns 1 --threads 0 A B
 #   scripts/bench_ab.sh --broadcast 1000:20 A B
