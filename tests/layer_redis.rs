@@ -339,6 +339,30 @@ async fn stored_format_is_channels_redis_4() {
     assert_eq!(keys, ["other:key"]);
 }
 
+/// Stores messages "0", "1", … for `local` (a local channel of the inbox whose key is `key`)
+/// with one ZADD; their 12-byte prefixes sort in the order of `texts`. Returns how many it added.
+fn zadd_for_local_channel(
+    redis: &RedisServer,
+    key: &str,
+    local: &str,
+    texts: std::ops::Range<u32>,
+) -> i64 {
+    let score = format!("{}", now_secs());
+    let members: Vec<Vec<u8>> = texts
+        .map(|i| {
+            let mut prefix = [0u8; 12];
+            prefix[..4].copy_from_slice(&i.to_be_bytes());
+            let m = msg(&i.to_string()).with("__asgi_channel__", local);
+            [&prefix[..], &codec::to_msgpack(&m).unwrap()].concat()
+        })
+        .collect();
+    let mut zadd: Vec<&[u8]> = vec![b"ZADD", key.as_bytes()];
+    for m in &members {
+        zadd.extend([score.as_bytes(), m.as_slice()]);
+    }
+    redis.cmd(&zadd)
+}
+
 /// One inbox pop takes up to 512 messages, more than a local buffer holds (100): handing them all
 /// out before the readers run would drop 200 of these 300 although their reader keeps its buffer
 /// empty. On one thread the reader runs only when the inbox loop lets it.
@@ -356,22 +380,9 @@ async fn a_big_inbox_pop_lets_local_channels_drain_while_it_is_handed_out() {
     let inbox = layer.inbox("specific").await.unwrap();
     let mut local = inbox.new_channel();
     let target = local.name().to_owned();
-    // One ZADD, so that a single pop finds all 300; the 12-byte prefixes sort in sending order.
-    let members: Vec<Vec<u8>> = (0..300u32)
-        .map(|i| {
-            let mut prefix = [0u8; 12];
-            prefix[..4].copy_from_slice(&i.to_be_bytes());
-            let m = msg(&i.to_string()).with("__asgi_channel__", target.as_str());
-            [&prefix[..], &codec::to_msgpack(&m).unwrap()].concat()
-        })
-        .collect();
+    // One ZADD, so that a single pop finds all 300.
     let key = format!("asgi{}", inbox.name());
-    let score = format!("{}", now_secs());
-    let mut zadd: Vec<&[u8]> = vec![b"ZADD", key.as_bytes()];
-    for m in &members {
-        zadd.extend([score.as_bytes(), m.as_slice()]);
-    }
-    assert_eq!(redis.cmd::<i64>(&zadd), 300);
+    assert_eq!(zadd_for_local_channel(&redis, &key, &target, 0..300), 300);
     for i in 0..300 {
         let got = local
             .recv_timeout(WAIT)
@@ -381,6 +392,18 @@ async fn a_big_inbox_pop_lets_local_channels_drain_while_it_is_handed_out() {
     }
     assert_eq!(local.dropped(), 0);
     assert_eq!(layer.metrics().snapshot().local_full, 0);
+
+    // A reader that does not read: its buffer fills, and each message beyond it is dropped and
+    // counted once, whether or not the loop waited for the reader first.
+    assert_eq!(zadd_for_local_channel(&redis, &key, &target, 300..450), 150);
+    eventually(WAIT, "50 messages refused", || local.dropped() == 50).await;
+    for i in 300..400 {
+        let got = local.try_recv().expect("the first 100 kept");
+        assert_eq!(got.to_map().unwrap(), msg(&i.to_string()));
+    }
+    assert!(local.try_recv().is_none());
+    assert_eq!(local.dropped(), 50);
+    assert_eq!(layer.metrics().snapshot().local_full, 50);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

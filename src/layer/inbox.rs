@@ -4,8 +4,11 @@
 //! Every reply channel of an interface server is a local channel of its inbox, so one blocking
 //! pop (in batches) serves every connection, and a group message naming several local channels
 //! arrives once and is handed to each of them sharing the same bytes. A full local buffer drops
-//! the newest message and counts it (per channel and in the layer metrics); a message for a
-//! local channel nobody holds is dropped and counted too.
+//! the newest message and counts it (per channel and in the layer metrics) — but first, at most
+//! once per [`YIELD_EVERY`] messages and not again for a buffer whose reader has not taken
+//! anything since its last refusal, the loop lets the readers run and tries once more, because a
+//! pop hands out more messages than a buffer holds; a message for a local channel nobody holds
+//! is dropped and counted too.
 //!
 //! A local channel's buffer is a [`LocalQueue`], not a tokio mpsc channel: an mpsc channel
 //! allocates its first block of 32 slots and a cache-padded header up front (2.3 KB with
@@ -29,12 +32,15 @@ use super::{Envelope, Layer, LayerError, random_local_part};
 const POP_BLOCK: Duration = Duration::from_secs(1);
 
 /// At most one yield of the loop per this many messages handed out. A pop takes up to
-/// `inbox_batch` (512) messages, more than a socket's buffer holds (64): a buffer found full in
-/// the middle of a batch may only mean that its reader has not run since the batch began, so the
-/// loop lets the readers run once and tries again before it drops the message. Not more often:
-/// readers that are really stuck must not stall the loop, and yielding after every few messages
-/// splits a broadcast's fan-out into passes (yielding every 64 messages, where a broadcast to
-/// 1,000 sockets is 1,000 messages, cut the sustained broadcast rate from 512,000 to 128,000/s).
+/// `inbox_batch` (512) messages, and a group message among them is handed out once per local
+/// target, while a socket's buffer holds 64 (`outbound_queue`): a buffer found full in the middle
+/// of a batch may only mean that its reader has not run since the batch began, so the loop lets
+/// the readers run once and tries again before it drops the message. That covers a reader that
+/// keeps up only if its buffer holds at least this many (the server's default is equal). Not
+/// more often: yielding after every few messages splits a broadcast's fan-out into passes
+/// (yielding every 64 messages, where a broadcast to 1,000 sockets is 1,000 messages, cut the
+/// sustained broadcast rate from 512,000 to 128,000/s), and a buffer refused since its reader
+/// last took a message gets no yield at all, so stuck readers cannot bring that back.
 const YIELD_EVERY: usize = 64;
 
 /// The bounded buffer of one local channel, shared by the inbox loop (the only producer) and
@@ -55,13 +61,20 @@ struct QueueState {
     items: VecDeque<Envelope>,
     /// No message can arrive any more (the inbox loop has ended); what is queued still drains.
     closed: bool,
+    /// A message was refused and the reader has taken nothing since: its reader is not keeping
+    /// up, so the loop does not wait for it again.
+    refused: bool,
 }
 
 /// What became of a pushed message.
 enum Pushed {
     Queued,
-    /// The buffer was full: the message comes back, to be tried again or refused.
-    Full(Envelope),
+    /// The buffer was full and the caller may wait for its reader: the message comes back, not
+    /// counted, to be pushed again.
+    Wait(Envelope),
+    /// The buffer was full: the message was dropped and counted in `dropped`; it comes back for
+    /// the log line.
+    Refused(Envelope),
     Closed,
 }
 
@@ -95,15 +108,22 @@ impl LocalQueue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `envelope` unless the buffer is closed or full; a refusal is counted by the caller,
-    /// which may try again.
-    fn push(&self, envelope: Envelope) -> Pushed {
+    /// Queues `envelope` unless the buffer is closed or full. A full buffer gives the message back
+    /// to wait for the reader when `may_wait` and the reader took something since its last
+    /// refusal; otherwise it refuses it, counted under the same lock as the check, so a reader
+    /// that empties the buffer right after sees the drop.
+    fn push(&self, envelope: Envelope, may_wait: bool) -> Pushed {
         let mut state = self.lock();
         if state.closed {
             return Pushed::Closed;
         }
         if state.items.len() >= self.capacity {
-            return Pushed::Full(envelope);
+            if may_wait && !state.refused {
+                return Pushed::Wait(envelope);
+            }
+            state.refused = true;
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return Pushed::Refused(envelope);
         }
         state.items.push_back(envelope);
         drop(state);
@@ -115,6 +135,7 @@ impl LocalQueue {
         let mut state = self.lock();
         match state.items.pop_front() {
             Some(envelope) => {
+                state.refused = false;
                 if state.items.is_empty() && state.items.capacity() > SHRINK_ABOVE {
                     state.items.shrink_to(KEPT_CAPACITY);
                 }
@@ -169,6 +190,8 @@ impl ProcessInbox {
             let _close_on_exit = CloseSlotsOnDrop(Arc::clone(&pump_inner));
             let batch = pump_inner.layer.settings().inbox_batch;
             let mut failures = 0u32;
+            // Messages handed out since the loop last yielded; starts full, so the first full
+            // buffer may wait.
             let mut since_yield = YIELD_EVERY;
             // Checked between pops only: dropping a pop in flight would lose what it pops.
             while !pump_inner.stop.is_cancelled() {
@@ -180,18 +203,13 @@ impl ProcessInbox {
                         failures = 0;
                         for e in envelopes {
                             since_yield = since_yield.saturating_add(1);
-                            let Some((queue, e)) = pump_inner.deliver(e) else {
+                            let may_wait = since_yield >= YIELD_EVERY;
+                            let Some((queue, e)) = pump_inner.deliver(e, may_wait) else {
                                 continue;
                             };
-                            if since_yield >= YIELD_EVERY {
-                                since_yield = 0;
-                                tokio::task::yield_now().await;
-                                if let Some((queue, e)) = pump_inner.retry(queue, e) {
-                                    pump_inner.refuse(&queue, &e);
-                                }
-                            } else {
-                                pump_inner.refuse(&queue, &e);
-                            }
+                            since_yield = 0;
+                            tokio::task::yield_now().await;
+                            pump_inner.hand_to(queue, e, false);
                         }
                     }
                     Err(e) => {
@@ -277,9 +295,8 @@ impl Drop for CloseSlotsOnDrop {
 }
 
 impl Inner {
-    /// Hands `envelope` to its local channel; a full buffer gives it back, with the queue, to be
-    /// tried again or refused.
-    fn deliver(&self, envelope: Envelope) -> Option<(Arc<LocalQueue>, Envelope)> {
+    /// Hands `envelope` to its local channel; see [`Inner::hand_to`].
+    fn deliver(&self, envelope: Envelope, may_wait: bool) -> Option<(Arc<LocalQueue>, Envelope)> {
         // Clone the queue out of the map and let the guard go before anything else.
         let queue = self
             .slots
@@ -290,29 +307,30 @@ impl Inner {
             tracing::debug!(channel = %envelope.channel, "message for an unknown local channel dropped");
             return None;
         };
-        self.retry(queue, envelope)
+        self.hand_to(queue, envelope, may_wait)
     }
 
-    fn retry(
+    /// Pushes `envelope` into `queue`, counting what is dropped; only a message that may wait for
+    /// its reader (see [`LocalQueue::push`]) comes back, with its queue, to be handed again.
+    fn hand_to(
         &self,
         queue: Arc<LocalQueue>,
         envelope: Envelope,
+        may_wait: bool,
     ) -> Option<(Arc<LocalQueue>, Envelope)> {
-        match queue.push(envelope) {
+        match queue.push(envelope, may_wait) {
             Pushed::Queued => None,
-            Pushed::Full(e) => Some((queue, e)),
+            Pushed::Wait(e) => Some((queue, e)),
+            Pushed::Refused(e) => {
+                LayerMetrics::add(&self.layer.metrics().local_full, 1);
+                tracing::debug!(channel = %e.channel, "local channel buffer full; message dropped");
+                None
+            }
             Pushed::Closed => {
                 LayerMetrics::add(&self.layer.metrics().local_unknown, 1);
                 None
             }
         }
-    }
-
-    /// Drops a message its local channel had no room for, counting it there and in the layer.
-    fn refuse(&self, queue: &LocalQueue, envelope: &Envelope) {
-        queue.dropped.fetch_add(1, Ordering::Relaxed);
-        LayerMetrics::add(&self.layer.metrics().local_full, 1);
-        tracing::debug!(channel = %envelope.channel, "local channel buffer full; message dropped");
     }
 }
 
