@@ -16,7 +16,7 @@ use switchyard::asgi::{
     WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT, WEBSOCKET_RECEIVE, WebsocketConnect,
     WebsocketDisconnect, WebsocketReceive, WebsocketSend,
 };
-use switchyard::layer::{Layer, LayerSettings};
+use switchyard::layer::{Layer, LayerSettings, Receiver};
 use switchyard::server::{ServerConfig, SlowClientPolicy};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -332,8 +332,17 @@ async fn full_receive_stack(retry: Duration) -> (Layer, TestServer, Worker) {
     (layer, server, worker)
 }
 
-/// Waits until the layer has refused a send as full (a frame is then in its retry loop).
-async fn until_a_send_was_refused(layer: &Layer) {
+/// A socket on a [`full_receive_stack`] retrying for 20 s, with its connect: its frame "fits"
+/// filled `websocket.receive`, and its next frame, `waiting`, is in the retry loop (the layer
+/// has refused it as full).
+async fn a_frame_waiting_for_room(
+    waiting: &str,
+) -> (Layer, TestServer, Worker, Client, WebsocketConnect) {
+    let (layer, server, mut worker) = full_receive_stack(Duration::from_secs(20)).await;
+    let mut ws = ws_connect(&server.ws_url("/room")).await;
+    let connect: WebsocketConnect = worker.next_on(WEBSOCKET_CONNECT).await.decode().unwrap();
+    send_text(&mut ws, "fits").await;
+    send_text(&mut ws, waiting).await;
     tokio::time::timeout(Duration::from_secs(5), async {
         while layer.metrics().snapshot().channel_full < 1 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -341,6 +350,18 @@ async fn until_a_send_was_refused(layer: &Layer) {
     })
     .await
     .expect("a frame finds websocket.receive full");
+    (layer, server, worker, ws, connect)
+}
+
+/// The next `websocket.receive` the server sent, read by the test itself.
+async fn next_receive(receiver: &mut Receiver) -> WebsocketReceive {
+    receiver
+        .receive(&[WEBSOCKET_RECEIVE.to_owned()], Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("a frame reaches the layer")
+        .decode()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -359,15 +380,10 @@ async fn full_receive_channel_closes_1013() {
 #[tokio::test]
 async fn replies_keep_flowing_while_a_frame_waits_for_room() {
     // The test reads websocket.receive itself, when it wants room.
-    let (layer, server, mut worker) = full_receive_stack(Duration::from_secs(20)).await;
-    let mut ws = ws_connect(&server.ws_url("/room")).await;
-    let connect: WebsocketConnect = worker.next_on(WEBSOCKET_CONNECT).await.decode().unwrap();
-    send_text(&mut ws, "fits").await;
-    send_text(&mut ws, "waits for room").await;
-    // The second frame now waits for room in websocket.receive; broadcasts to this socket (a
-    // room member that also sends) must not wait behind it, or a busy sender's own queue
-    // overflows and it is closed as a slow client.
-    until_a_send_was_refused(&layer).await;
+    let (layer, server, _worker, mut ws, connect) =
+        a_frame_waiting_for_room("waits for room").await;
+    // Broadcasts to this socket (a room member that also sends) must not wait behind the frame,
+    // or a busy sender's own queue overflows and it is closed as a slow client.
     for text in ["meanwhile 1", "meanwhile 2"] {
         layer
             .send(&connect.reply_channel, &WebsocketSend::text(text))
@@ -381,33 +397,18 @@ async fn replies_keep_flowing_while_a_frame_waits_for_room() {
     // Room again: the waiting frame goes out, in order, and the socket lives on.
     let mut receiver = layer.receiver().await.unwrap();
     for (text, order) in [("fits", 1), ("waits for room", 2)] {
-        let e = receiver
-            .receive(&[WEBSOCKET_RECEIVE.to_owned()], Duration::from_secs(5))
-            .await
-            .unwrap()
-            .expect("the frame reaches the layer");
-        let r: WebsocketReceive = e.decode().unwrap();
+        let r = next_receive(&mut receiver).await;
         assert_eq!((r.text.as_deref(), r.order), (Some(text), order));
     }
     send_text(&mut ws, "after").await;
-    let e = receiver
-        .receive(&[WEBSOCKET_RECEIVE.to_owned()], Duration::from_secs(5))
-        .await
-        .unwrap()
-        .expect("the next frame reaches the layer");
-    let r: WebsocketReceive = e.decode().unwrap();
+    let r = next_receive(&mut receiver).await;
     assert_eq!((r.text.as_deref(), r.order), (Some("after"), 3));
     assert_eq!(server.metrics.snapshot().ws_receive_full_closes, 0);
 }
 
 #[tokio::test]
 async fn a_close_while_a_frame_waits_for_room_counts_the_frame_and_keeps_the_order() {
-    let (layer, server, mut worker) = full_receive_stack(Duration::from_secs(20)).await;
-    let mut ws = ws_connect(&server.ws_url("/room")).await;
-    let connect: WebsocketConnect = worker.next_on(WEBSOCKET_CONNECT).await.decode().unwrap();
-    send_text(&mut ws, "fits").await;
-    send_text(&mut ws, "never fits").await;
-    until_a_send_was_refused(&layer).await;
+    let (layer, server, mut worker, mut ws, connect) = a_frame_waiting_for_room("never fits").await;
     // The worker closes the socket while the frame still waits: the close goes out now (not after
     // 20 s of retries), the frame is given up and counted, and the disconnect takes order 2.
     layer

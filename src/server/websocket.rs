@@ -39,7 +39,7 @@ use super::metrics::ServerMetrics;
 use super::outbound::SocketReply;
 use super::request::RequestHead;
 use super::{Shared, SlowClientPolicy};
-use crate::layer::{LayerError, LocalChannel};
+use crate::layer::{Envelope, LayerError, LocalChannel};
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -372,7 +372,7 @@ enum Event {
     Shutdown,
     Incoming(Option<Result<Message, WsError>>),
     /// A reply, or `None`: no reply can come any more (the inbox is gone).
-    Outgoing(Option<crate::layer::Envelope>),
+    Outgoing(Option<Envelope>),
     Tick,
 }
 
@@ -482,7 +482,7 @@ impl Socket {
 
     /// Writes `first` and whatever else is queued behind it (up to a batch), after applying the
     /// slow-client policy to what the queue dropped.
-    async fn write_outgoing(&mut self, ws: &mut Ws, first: crate::layer::Envelope) -> Option<End> {
+    async fn write_outgoing(&mut self, ws: &mut Ws, first: Envelope) -> Option<End> {
         let mut batch = Vec::with_capacity(4);
         self.push_reply(&first, &mut batch);
         while batch.len() < WRITE_BATCH {
@@ -497,7 +497,7 @@ impl Socket {
         }
     }
 
-    fn push_reply(&self, envelope: &crate::layer::Envelope, batch: &mut Vec<SocketReply>) {
+    fn push_reply(&self, envelope: &Envelope, batch: &mut Vec<SocketReply>) {
         match self.shared.frames.decode(envelope) {
             Ok(reply) => batch.push(reply),
             Err(e) => {
