@@ -465,9 +465,20 @@ impl Pending {
     }
 }
 
-/// A random, unguessable local part: a uuid v4 in hex.
+/// Characters in a random local part: 16 alphanumerics carry 95 random bits, as unguessable as
+/// a reply channel needs, in half the bytes of a uuid's 32 hex digits. A name is paid for per
+/// member of a group on every group send (read from the group, listed in the message, hashed and
+/// looked up by the interface server), so its length is part of a broadcast's cost.
+const LOCAL_PART_LEN: usize = 16;
+
+/// A random, unguessable local part of [`LOCAL_PART_LEN`] alphanumeric characters.
 pub(crate) fn random_local_part() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    use rand::Rng;
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(LOCAL_PART_LEN)
+        .map(char::from)
+        .collect()
 }
 
 /// Turns one stored payload read from `read_from` into envelopes, one per target.
@@ -509,4 +520,20 @@ pub(crate) fn now_secs() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_local_parts_are_sixteen_alphanumerics_and_differ() {
+        let a = random_local_part();
+        let b = random_local_part();
+        assert_eq!(a.len(), LOCAL_PART_LEN);
+        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric()), "{a}");
+        assert_ne!(a, b);
+        // A minted reply channel stays a valid name.
+        names::validate_channel(&format!("switchyard.response.{a}!{b}")).unwrap();
+    }
 }
