@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -418,16 +419,16 @@ impl Socket {
         ServerMetrics::inc(&metrics.open_websockets);
         ServerMetrics::inc(&metrics.open_connections);
         ws_log(&self.client, "WSCONNECT", &self.path, None);
-        let mut end = Box::pin(self.write_replies(&mut ws, vec![first])).await;
+        let mut end = Box::pin(self.write_replies(&mut ws, [first])).await;
         let mut deadline = self.next_deadline();
         let timer = tokio::time::sleep_until(deadline.into());
         tokio::pin!(timer);
         // Registered once, not per event: each `cancelled()` future takes the token's lock to
-        // enqueue its waker, twice per message otherwise.
+        // enqueue its waker, twice per message otherwise. The inbox's end needs no branch of its
+        // own: when its loop ends it closes every local channel, so `recv` ends once drained.
         let shared = Arc::clone(&self.shared);
         let shutdown = shared.shutdown.cancelled();
-        let inbox_gone = shared.inbox_gone.cancelled();
-        tokio::pin!(shutdown, inbox_gone);
+        tokio::pin!(shutdown);
         while end.is_none() {
             let next = self.next_deadline();
             if next != deadline || timer.is_elapsed() {
@@ -440,7 +441,6 @@ impl Socket {
             // every ready source its turn.
             let event = tokio::select! {
                 () = &mut shutdown => Event::Shutdown,
-                () = &mut inbox_gone => Event::Outgoing(None),
                 incoming = ws.next() => Event::Incoming(incoming),
                 outgoing = self.local.recv() => Event::Outgoing(outgoing),
                 _ = &mut timer => Event::Tick,
@@ -483,11 +483,21 @@ impl Socket {
     /// Writes `first` and whatever else is queued behind it (up to a batch), after applying the
     /// slow-client policy to what the queue dropped.
     async fn write_outgoing(&mut self, ws: &mut Ws, first: Envelope) -> Option<End> {
+        let first = self.decode_reply(&first);
+        // The usual case, one message waiting (a broadcast reaches each member once), needs no
+        // batch to be allocated.
+        let Some(second) = self.local.try_recv() else {
+            return match self.check_overflow() {
+                Some(end) => Some(end),
+                None => self.write_replies(ws, first).await,
+            };
+        };
         let mut batch = Vec::with_capacity(4);
-        self.push_reply(&first, &mut batch);
+        batch.extend(first);
+        batch.extend(self.decode_reply(&second));
         while batch.len() < WRITE_BATCH {
             match self.local.try_recv() {
-                Some(envelope) => self.push_reply(&envelope, &mut batch),
+                Some(envelope) => batch.extend(self.decode_reply(&envelope)),
                 None => break,
             }
         }
@@ -497,12 +507,14 @@ impl Socket {
         }
     }
 
-    fn push_reply(&self, envelope: &Envelope, batch: &mut Vec<SocketReply>) {
+    /// The reply `envelope` carries, or `None` (counted and logged) if it is not one.
+    fn decode_reply(&self, envelope: &Envelope) -> Option<SocketReply> {
         match self.shared.frames.decode(envelope) {
-            Ok(reply) => batch.push(reply),
+            Ok(reply) => Some(reply),
             Err(e) => {
                 ServerMetrics::inc(&self.shared.metrics.bad_replies);
                 tracing::warn!(channel = %envelope.channel, error = %e, "socket reply ignored");
+                None
             }
         }
     }
@@ -529,27 +541,41 @@ impl Socket {
     }
 
     /// Writes the frames of `replies` (feed each, flush once) and reports a requested close.
-    async fn write_replies(&mut self, ws: &mut Ws, replies: Vec<SocketReply>) -> Option<End> {
+    async fn write_replies(
+        &mut self,
+        ws: &mut Ws,
+        replies: impl IntoIterator<Item = SocketReply>,
+    ) -> Option<End> {
         let mut close = None;
         let mut frames = 0u64;
-        let write = async {
-            for reply in replies {
-                if let Some(frame) = reply.frame {
-                    ws.feed(frame).await?;
-                    frames += 1;
-                }
-                if let Some(code) = reply.close {
-                    if let Some(refused) = reply.refused_close {
-                        ServerMetrics::inc(&self.shared.metrics.bad_replies);
-                        tracing::warn!(client = %self.client, path = %self.path, code = refused, "worker asked for a close code that may not be sent; closing with 1011");
+        let result = {
+            let write = async {
+                for reply in replies {
+                    if let Some(frame) = reply.frame {
+                        ws.feed(frame).await?;
+                        frames += 1;
                     }
-                    close = Some(code);
-                    break;
+                    if let Some(code) = reply.close {
+                        if let Some(refused) = reply.refused_close {
+                            ServerMetrics::inc(&self.shared.metrics.bad_replies);
+                            tracing::warn!(client = %self.client, path = %self.path, code = refused, "worker asked for a close code that may not be sent; closing with 1011");
+                        }
+                        close = Some(code);
+                        break;
+                    }
+                }
+                ws.flush().await
+            };
+            let mut write = std::pin::pin!(write);
+            // A write with room in the socket buffer completes on its first poll; only one that has
+            // to wait arms the write timeout (a clock read and a timer entry per message otherwise).
+            match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+                Poll::Ready(written) => Ok(written),
+                Poll::Pending => {
+                    tokio::time::timeout(self.shared.config.write_timeout, write).await
                 }
             }
-            ws.flush().await
         };
-        let result = tokio::time::timeout(self.shared.config.write_timeout, write).await;
         ServerMetrics::add(&self.shared.metrics.ws_frames_out, frames);
         if frames > 0 {
             self.last_activity = Instant::now();
