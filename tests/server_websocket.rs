@@ -475,6 +475,36 @@ async fn slow_reader_is_closed_with_1013_and_counted() {
 }
 
 #[tokio::test]
+async fn a_write_stalled_past_the_write_timeout_drops_the_socket() {
+    let settings = LayerSettings {
+        capacity: 100_000,
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            // Room for the whole flood: only the stalled write can end this socket.
+            outbound_queue: 1_000,
+            slow_client: SlowClientPolicy::Drop,
+            write_timeout: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    // 400 × 64 KiB: far more than the kernel buffers of a loopback socket hold.
+    let mut worker = flooding_worker(&layer, 400).await;
+    let _ws = ws_connect(&server.ws_url("/stalled")).await;
+    let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+    assert_eq!(
+        d.code, 1006,
+        "dropped, not closed: no close frame can get through"
+    );
+    let m = server.metrics.snapshot();
+    assert_eq!((m.slow_client_closes, m.slow_client_drops), (1, 0), "{m:?}");
+}
+
+#[tokio::test]
 async fn slow_reader_with_drop_policy_keeps_the_socket() {
     let settings = LayerSettings {
         capacity: 100_000,
