@@ -494,8 +494,15 @@ async fn a_write_stalled_past_the_write_timeout_drops_the_socket() {
     .await;
     // 400 × 64 KiB: far more than the kernel buffers of a loopback socket hold.
     let mut worker = flooding_worker(&layer, 400).await;
+    let connected = std::time::Instant::now();
     let _ws = ws_connect(&server.ws_url("/stalled")).await;
     let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
+    // Not before the timeout: a full write buffer (`WriteBufferFull`) would end it at once.
+    assert!(
+        connected.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        connected.elapsed()
+    );
     assert_eq!(
         d.code, 1006,
         "dropped, not closed: no close frame can get through"

@@ -206,7 +206,8 @@ pub(crate) struct Shared {
     pub(crate) frames: outbound::FrameCache,
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when no reply can reach a connection any more: the inbox loop was found dead
-    /// (its loop ended) or the server stopped it. Sockets close with 1011, requests get 503.
+    /// (its loop ended) or the server stopped it. Handshakes and requests waiting for a reply get
+    /// 503; open sockets learn it from their local channel, which the ended loop closed (1011).
     pub(crate) inbox_gone: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) local_addr: SocketAddr,

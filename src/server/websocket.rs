@@ -568,7 +568,7 @@ impl Socket {
             };
             let mut write = std::pin::pin!(write);
             // A write with room in the socket buffer completes on its first poll; only one that has
-            // to wait arms the write timeout (a clock read and a timer entry per message otherwise).
+            // to wait arms the write timeout (a clock read and a timer built per message otherwise).
             match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
                 Poll::Ready(written) => Ok(written),
                 Poll::Pending => {
