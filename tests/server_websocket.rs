@@ -422,11 +422,18 @@ async fn a_close_while_a_frame_waits_for_room_counts_the_frame_and_keeps_the_ord
     assert_eq!((m.ws_frames_in, m.ws_frames_lost), (1, 1));
 }
 
-/// A worker that floods each accepted socket with `n` large frames.
-async fn flooding_worker(layer: &Layer, n: usize) -> Worker {
+/// A memory layer with room for any flood, a server with `config`, and a worker that floods each
+/// accepted socket with `n` frames of 64 KiB.
+async fn flood_stack(config: ServerConfig, n: usize) -> (Layer, TestServer, Worker) {
+    let settings = LayerSettings {
+        capacity: 100_000,
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    let server = TestServer::start(layer.clone(), config).await;
     let flood = layer.clone();
-    Worker::spawn(
-        layer,
+    let worker = Worker::spawn(
+        &layer,
         &[WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT],
         move |e| {
             if e.channel != WEBSOCKET_CONNECT {
@@ -445,26 +452,21 @@ async fn flooding_worker(layer: &Layer, n: usize) -> Worker {
             vec![out(&m.reply_channel, &WebsocketSend::accept())]
         },
     )
-    .await
+    .await;
+    (layer, server, worker)
 }
 
 #[tokio::test]
 async fn slow_reader_is_closed_with_1013_and_counted() {
-    let settings = LayerSettings {
-        capacity: 100_000,
-        ..LayerSettings::default()
-    };
-    let layer = Layer::from_url("memory://", settings).await.unwrap();
-    let server = TestServer::start(
-        layer.clone(),
+    let (_layer, server, mut worker) = flood_stack(
         ServerConfig {
             outbound_queue: 8,
             write_timeout: Duration::from_millis(500),
             ..ServerConfig::default()
         },
+        2000,
     )
     .await;
-    let mut worker = flooding_worker(&layer, 2000).await;
     // Connect, then never read: the kernel buffers fill, writes stall, the queue overflows.
     let _ws = ws_connect(&server.ws_url("/slow")).await;
     let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
@@ -476,13 +478,8 @@ async fn slow_reader_is_closed_with_1013_and_counted() {
 
 #[tokio::test]
 async fn a_write_stalled_past_the_write_timeout_drops_the_socket() {
-    let settings = LayerSettings {
-        capacity: 100_000,
-        ..LayerSettings::default()
-    };
-    let layer = Layer::from_url("memory://", settings).await.unwrap();
-    let server = TestServer::start(
-        layer.clone(),
+    // 400 × 64 KiB: far more than the kernel buffers of a loopback socket hold.
+    let (_layer, server, mut worker) = flood_stack(
         ServerConfig {
             // Room for the whole flood: only the stalled write can end this socket.
             outbound_queue: 1_000,
@@ -490,10 +487,9 @@ async fn a_write_stalled_past_the_write_timeout_drops_the_socket() {
             write_timeout: Duration::from_millis(300),
             ..ServerConfig::default()
         },
+        400,
     )
     .await;
-    // 400 × 64 KiB: far more than the kernel buffers of a loopback socket hold.
-    let mut worker = flooding_worker(&layer, 400).await;
     let connected = std::time::Instant::now();
     let _ws = ws_connect(&server.ws_url("/stalled")).await;
     let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
@@ -513,21 +509,15 @@ async fn a_write_stalled_past_the_write_timeout_drops_the_socket() {
 
 #[tokio::test]
 async fn slow_reader_with_drop_policy_keeps_the_socket() {
-    let settings = LayerSettings {
-        capacity: 100_000,
-        ..LayerSettings::default()
-    };
-    let layer = Layer::from_url("memory://", settings).await.unwrap();
-    let server = TestServer::start(
-        layer.clone(),
+    let (layer, server, _worker) = flood_stack(
         ServerConfig {
             outbound_queue: 4,
             slow_client: SlowClientPolicy::Drop,
             ..ServerConfig::default()
         },
+        300,
     )
     .await;
-    let _worker = flooding_worker(&layer, 300).await;
     let mut ws = ws_connect(&server.ws_url("/slow")).await;
     // Read nothing until drops have happened, then read what is left: the socket is still open.
     tokio::time::timeout(WAIT, async {

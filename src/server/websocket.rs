@@ -484,26 +484,18 @@ impl Socket {
     /// slow-client policy to what the queue dropped.
     async fn write_outgoing(&mut self, ws: &mut Ws, first: Envelope) -> Option<End> {
         let first = self.decode_reply(&first);
-        // The usual case, one message waiting (a broadcast reaches each member once), needs no
-        // batch to be allocated.
-        let Some(second) = self.local.try_recv() else {
-            return match self.check_overflow() {
-                Some(end) => Some(end),
-                None => self.write_replies(ws, first).await,
-            };
-        };
-        let mut batch = Vec::with_capacity(4);
-        batch.extend(first);
-        batch.extend(self.decode_reply(&second));
-        while batch.len() < WRITE_BATCH {
+        // Empty until a second message waits: the usual case, one message (a broadcast reaches
+        // each member once), allocates nothing.
+        let mut rest = Vec::new();
+        while rest.len() + 1 < WRITE_BATCH {
             match self.local.try_recv() {
-                Some(envelope) => batch.extend(self.decode_reply(&envelope)),
+                Some(envelope) => rest.extend(self.decode_reply(&envelope)),
                 None => break,
             }
         }
         match self.check_overflow() {
             Some(end) => Some(end),
-            None => self.write_replies(ws, batch).await,
+            None => self.write_replies(ws, first.into_iter().chain(rest)).await,
         }
     }
 
