@@ -17,11 +17,13 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use futures_util::task::AtomicWaker;
+use rustc_hash::FxBuildHasher;
 use switchyard_routing::names;
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -49,9 +51,10 @@ const YIELD_EVERY: usize = 64;
 struct LocalQueue {
     state: Mutex<QueueState>,
     capacity: usize,
-    /// Wakes the consumer: one stored permit covers a push that lands between its failed pop
-    /// and its wait.
-    ready: Notify,
+    /// The waiting consumer. There is only one ([`LocalChannel::recv`] takes `&mut self`), so
+    /// a single waker slot does what a `Notify` did for less: no waiter list and no lock per
+    /// wait, which a socket's loop pays on every event.
+    ready: AtomicWaker,
     /// Messages refused because the buffer was full (read by the slow-client policy).
     dropped: AtomicU64,
 }
@@ -97,7 +100,7 @@ impl LocalQueue {
         LocalQueue {
             state: Mutex::new(QueueState::default()),
             capacity: capacity.max(1),
-            ready: Notify::new(),
+            ready: AtomicWaker::new(),
             dropped: AtomicU64::new(0),
         }
     }
@@ -127,7 +130,7 @@ impl LocalQueue {
         }
         state.items.push_back(envelope);
         drop(state);
-        self.ready.notify_one();
+        self.ready.wake();
         Pushed::Queued
     }
 
@@ -148,7 +151,7 @@ impl LocalQueue {
 
     fn close(&self) {
         self.lock().closed = true;
-        self.ready.notify_one();
+        self.ready.wake();
     }
 }
 
@@ -156,7 +159,10 @@ impl LocalQueue {
 struct Inner {
     name: String,
     layer: Layer,
-    slots: DashMap<String, Arc<LocalQueue>>,
+    /// Keyed by local channel name. The names are minted here (random local parts), never
+    /// chosen by a client, so they need no keyed hash against collision floods; the default
+    /// SipHash was a third of the cost of handing a broadcast to each socket.
+    slots: DashMap<String, Arc<LocalQueue>, FxBuildHasher>,
     stop: CancellationToken,
     /// Cancelled when the receive loop has ended, however it ended.
     ended: CancellationToken,
@@ -178,7 +184,7 @@ impl ProcessInbox {
         let inner = Arc::new(Inner {
             name,
             layer,
-            slots: DashMap::new(),
+            slots: DashMap::with_hasher(FxBuildHasher),
             stop: CancellationToken::new(),
             ended: CancellationToken::new(),
             pump: Mutex::new(None),
@@ -352,12 +358,24 @@ impl LocalChannel {
     /// The next message, or `None` once the inbox is gone and the buffer is empty.
     /// Cancel-safe: a message is taken only when this returns it.
     pub async fn recv(&mut self) -> Option<Envelope> {
-        loop {
-            match self.queue.pop() {
-                Popped::Item(envelope) => return Some(envelope),
-                Popped::Closed => return None,
-                Popped::Empty => self.queue.ready.notified().await,
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`LocalChannel::recv`] as a poll, for a caller that polls it beside other sources.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Envelope>> {
+        let popped = match self.queue.pop() {
+            Popped::Empty => {
+                self.queue.ready.register(cx.waker());
+                // Again after registering: a push between the first look and the registration
+                // woke no one.
+                self.queue.pop()
             }
+            popped => popped,
+        };
+        match popped {
+            Popped::Item(envelope) => Poll::Ready(Some(envelope)),
+            Popped::Closed => Poll::Ready(None),
+            Popped::Empty => Poll::Pending,
         }
     }
 
