@@ -552,6 +552,114 @@ async fn slow_reader_with_drop_policy_keeps_the_socket() {
     send_text(&mut ws, "still here").await;
 }
 
+/// The socket loop polls the client's stream only after the stream woke it, and replies wake
+/// it far more often: a ping that arrives while the socket's reply buffer is full must be read
+/// and answered while those replies go out, not after the last of them.
+#[tokio::test]
+async fn a_ping_during_a_reply_flood_is_answered_before_the_flood_ends() {
+    use futures_util::StreamExt;
+    const FLOOD: usize = 300;
+    let (layer, server, _worker) = flood_stack(
+        ServerConfig {
+            // Room for the whole flood: nothing is dropped, the client reads every message.
+            outbound_queue: FLOOD,
+            slow_client: SlowClientPolicy::Drop,
+            ..ServerConfig::default()
+        },
+        FLOOD,
+    )
+    .await;
+    let mut ws = ws_connect(&server.ws_url("/flood")).await;
+    // Read nothing until the inbox has handed out the whole flood (plus the connect, to the
+    // worker, and the accept): the socket's write is stalled on full loopback buffers and the
+    // rest of the flood waits in its reply buffer.
+    tokio::time::timeout(WAIT, async {
+        while layer.metrics().snapshot().received < FLOOD as u64 + 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the flood never reached the socket's buffer");
+    ws.send(Message::Ping(b"mid-flood".to_vec().into()))
+        .await
+        .unwrap();
+    let (mut binaries, mut pong_after) = (0usize, None);
+    tokio::time::timeout(WAIT, async {
+        while binaries < FLOOD {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => {
+                    assert_eq!(b.len(), 64 << 10);
+                    binaries += 1;
+                }
+                Some(Ok(Message::Pong(p))) => {
+                    assert_eq!(&p[..], b"mid-flood");
+                    pong_after = Some(binaries);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the flood did not arrive");
+    let m = server.metrics.snapshot();
+    assert_eq!((m.slow_client_drops, m.slow_client_closes), (0, 0), "{m:?}");
+    // A loop that read only once its replies ran out would answer after all of them.
+    let pong_after = pong_after.expect("the ping was not answered before the flood ended");
+    assert!(
+        pong_after < FLOOD / 2,
+        "pong only after {pong_after} of {FLOOD}"
+    );
+}
+
+/// With an idle timeout, activity moves the socket's deadline later; the loop lets its timer
+/// fire at the earlier deadline and finds nothing due then, instead of moving the timer on every
+/// message. A busy socket stays open past several idle timeouts and closes one timeout after
+/// it falls quiet.
+#[tokio::test]
+async fn activity_keeps_a_socket_past_its_idle_timeout_until_it_falls_quiet() {
+    const IDLE: Duration = Duration::from_millis(300);
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    let _worker = Worker::echo(&layer).await;
+    let server = TestServer::start(
+        layer,
+        ServerConfig {
+            idle_timeout: Some(IDLE),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let mut ws = ws_connect(&server.ws_url("/busy")).await;
+    let started = std::time::Instant::now();
+    // One echo every 100 ms for 1 s: more than three idle timeouts, never idle for one.
+    for i in 0..10 {
+        let text = format!("busy {i}");
+        send_text(&mut ws, &text).await;
+        match next_message(&mut ws).await {
+            Some(Message::Text(t)) => assert_eq!(t.as_str(), text),
+            other => panic!(
+                "closed while busy, after {:?}: {other:?}",
+                started.elapsed()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let last_echo = std::time::Instant::now() - Duration::from_millis(100);
+    assert_eq!(close_code(&mut ws).await, Some(1000));
+    // The server's last activity was the last echo's write, a little before the client read
+    // it: the close comes one idle timeout after that, give or take the loopback.
+    let waited = last_echo.elapsed();
+    assert!(
+        waited + Duration::from_millis(50) >= IDLE,
+        "closed {waited:?} after the last echo"
+    );
+    assert!(
+        waited < IDLE * 4,
+        "closed only {waited:?} after the last echo"
+    );
+}
+
 #[tokio::test]
 async fn unanswered_pings_drop_the_connection() {
     let (layer, server) = TestServer::on_memory(ServerConfig {

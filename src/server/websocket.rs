@@ -2,17 +2,20 @@
 //! `websocket.connect`), then one task per socket that owns its stream and loops over three
 //! sources: client frames (→ `websocket.receive` with `order` 1, 2, …), the socket's reply channel
 //! (→ frames and closes), and one timer (ping, pong timeout, idle, lifetime). Writes happen
-//! outside the `select!` (feed a batch, flush once, under a write timeout), so no send is ever
+//! outside the wait for the next event (feed a batch, flush once, under a write timeout), so no send is ever
 //! lost to a cancelled branch, and the stream is read continuously so pongs and close replies go
 //! out. Whatever ends the socket, its `websocket.disconnect` carries the close code and the next
 //! order.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
 use hyper::header::{
@@ -276,6 +279,7 @@ pub(crate) async fn handshake(
         let socket = Socket {
             shared: Arc::clone(&task_shared),
             local,
+            controls: Controls::new(),
             path,
             client,
             order: 0,
@@ -377,10 +381,99 @@ enum Event {
     Tick,
 }
 
+/// Whether any of a socket's sources other than its reply channel (the stream, the timer, the
+/// shutdown) has woken its task since the loop last found them all pending. A busy socket is
+/// woken mostly by replies to write, and polling the others on each of those wakes cost more
+/// than the write itself in user time: tungstenite's read path (two waker registrations and a
+/// readiness check), the timer's entry, and the shutdown token's lock. The loop polls them only
+/// after one of them woke the task.
+struct ControlWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for ControlWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// Polls a socket's control sources through its [`ControlWake`].
+struct Controls {
+    wake: Arc<ControlWake>,
+    waker: Waker,
+}
+
+impl Controls {
+    fn new() -> Self {
+        // Woken at first: the sources have not registered yet, and tungstenite may already hold
+        // frames read with the handshake.
+        let wake = Arc::new(ControlWake {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        let waker = Waker::from(Arc::clone(&wake));
+        Self { wake, waker }
+    }
+
+    /// Makes the next [`Controls::poll`] poll the sources, after one of them changed (a timer
+    /// reset): it then registers its new state with this waker, whatever it kept across the
+    /// change.
+    fn open(&self) {
+        self.wake.woken.store(true, Ordering::Release);
+    }
+
+    /// Polls the sources with `poll_sources` if one of them woke the task since they were last
+    /// all pending. While the flag is clear, the task's waker registered at that poll is still
+    /// in place (a wake takes it and sets the flag), so skipping the poll never loses a wake.
+    fn poll<T>(
+        &self,
+        cx: &mut Context<'_>,
+        poll_sources: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        if !self.wake.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        // Before the poll, so a wake that lands during it finds the task's waker.
+        self.wake.task.register(cx.waker());
+        let polled = poll_sources(&mut Context::from_waker(&self.waker));
+        if polled.is_ready() {
+            // A ready source may be ready again at once (tungstenite may hold further whole
+            // frames) without a wake to say so.
+            self.open();
+        }
+        polled
+    }
+}
+
+/// The first event of a socket's control sources. The shutdown and the timer come first: each
+/// fires once per deadline, so it cannot hold back a flood of frames, and a flood of frames
+/// cannot hold it back (the lifetime close).
+fn poll_controls(
+    cx: &mut Context<'_>,
+    shutdown: Pin<&mut impl Future<Output = ()>>,
+    timer: Pin<&mut tokio::time::Sleep>,
+    ws: &mut Ws,
+) -> Poll<Event> {
+    if shutdown.poll(cx).is_ready() {
+        return Poll::Ready(Event::Shutdown);
+    }
+    if timer.poll(cx).is_ready() {
+        return Poll::Ready(Event::Tick);
+    }
+    ws.poll_next_unpin(cx).map(Event::Incoming)
+}
+
 /// One open socket.
 struct Socket {
     shared: Arc<Shared>,
     local: LocalChannel,
+    controls: Controls,
     path: String,
     client: String,
     order: u64,
@@ -412,7 +505,7 @@ impl Serialize for BinRef<'_> {
 }
 
 impl Socket {
-    /// The loop. Handlers run boxed: an idle socket's task then holds only the `select!` state,
+    /// The loop. Handlers run boxed: an idle socket's task then holds only the wait for the next event,
     /// not the largest handler's (a layer send is the biggest), which halves its size.
     async fn run(mut self, mut ws: Ws, first: SocketReply) {
         let metrics = Arc::clone(&self.shared.metrics);
@@ -429,22 +522,43 @@ impl Socket {
         let shared = Arc::clone(&self.shared);
         let shutdown = shared.shutdown.cancelled();
         tokio::pin!(shutdown);
+        let mut replies_first = false;
         while end.is_none() {
             let next = self.next_deadline();
-            if next != deadline || timer.is_elapsed() {
+            // A later deadline waits for the armed one: the tick then finds nothing due and the
+            // timer moves on, instead of being filed again on every message that moves it.
+            if next < deadline || timer.is_elapsed() {
                 deadline = next;
                 timer.as_mut().reset(deadline.into());
+                self.controls.open();
             }
-            // Not `biased`: a client that keeps the stream ready (a flood of frames) must not
-            // starve its own replies and timers (its lifetime close), and a worker flooding the
-            // reply channel must not starve reading (pongs, close replies). Random order gives
-            // every ready source its turn.
-            let event = tokio::select! {
-                () = &mut shutdown => Event::Shutdown,
-                incoming = ws.next() => Event::Incoming(incoming),
-                outgoing = self.local.recv() => Event::Outgoing(outgoing),
-                _ = &mut timer => Event::Tick,
-            };
+            // The two sources take turns at being polled first: a worker flooding the reply
+            // channel must not starve reading (pongs, close replies) or the timers, and a client
+            // flooding frames must not starve its replies.
+            replies_first = !replies_first;
+            let event = std::future::poll_fn(|cx| {
+                let mut replies =
+                    |cx: &mut Context<'_>| self.local.poll_recv(cx).map(Event::Outgoing);
+                let mut others = |cx: &mut Context<'_>| {
+                    self.controls.poll(cx, |cx| {
+                        poll_controls(cx, shutdown.as_mut(), timer.as_mut(), &mut ws)
+                    })
+                };
+                let first = if replies_first {
+                    replies(cx)
+                } else {
+                    others(cx)
+                };
+                if first.is_ready() {
+                    return first;
+                }
+                if replies_first {
+                    others(cx)
+                } else {
+                    replies(cx)
+                }
+            })
+            .await;
             end = match event {
                 Event::Shutdown => {
                     self.shutdown_stagger().await;
