@@ -2,9 +2,9 @@
 //! `websocket.connect`), then one task per socket that owns its stream and loops over three
 //! sources: client frames (→ `websocket.receive` with `order` 1, 2, …), the socket's reply channel
 //! (→ frames and closes), and one timer (ping, pong timeout, idle, lifetime). Writes happen
-//! outside the wait for the next event (feed a batch, flush once, under a write timeout), so no send is ever
-//! lost to a cancelled branch, and the stream is read continuously so pongs and close replies go
-//! out. Whatever ends the socket, its `websocket.disconnect` carries the close code and the next
+//! outside the wait for the next event (feed a batch, flush once, under a write timeout), so no
+//! send is ever lost to a cancelled wait, and the stream is read continuously so pongs and close
+//! replies go out. Whatever ends the socket, its `websocket.disconnect` carries the close code and the next
 //! order.
 
 use std::future::Future;
@@ -505,8 +505,8 @@ impl Serialize for BinRef<'_> {
 }
 
 impl Socket {
-    /// The loop. Handlers run boxed: an idle socket's task then holds only the wait for the next event,
-    /// not the largest handler's (a layer send is the biggest), which halves its size.
+    /// The loop. Handlers run boxed: an idle socket's task then holds only the wait for the next
+    /// event, not the largest handler's (a layer send is the biggest), which halves its size.
     async fn run(mut self, mut ws: Ws, first: SocketReply) {
         let metrics = Arc::clone(&self.shared.metrics);
         ServerMetrics::inc(&metrics.open_websockets);
