@@ -429,20 +429,29 @@ fn expected_deliveries(shared: &Shared, members: &[u64]) -> u64 {
 }
 
 async fn connection(
-    ws: net::Ws,
+    mut ws: net::Ws,
     room: usize,
     sender: Option<u32>,
     quota: u64,
     offset: Duration,
     shared: Arc<Shared>,
 ) -> ConnOutcome {
-    let (mut sink, mut stream) = ws.split();
-    let writer = async {
-        match sender {
-            Some(id) => write_loop(&mut sink, id, quota, offset, &shared).await,
-            None => (0, None),
-        }
+    let Some(id) = sender else {
+        // Most members only read: no split halves, whose shared lock every read would take.
+        let (from, corrupted, misrouted, error) = read_loop(&mut ws, room, &shared).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+        return ConnOutcome {
+            room,
+            sender,
+            sent: 0,
+            from,
+            corrupted,
+            misrouted,
+            error,
+        };
     };
+    let (mut sink, mut stream) = ws.split();
+    let writer = write_loop(&mut sink, id, quota, offset, &shared);
     let reader = read_loop(&mut stream, room, &shared);
     let ((sent, write_error), (from, corrupted, misrouted, read_error)) =
         tokio::join!(writer, reader);
