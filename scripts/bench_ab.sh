@@ -16,7 +16,9 @@
 # (unix:///…/redis.sock); the load itself is always WebSocket over loopback TCP.
 #
 # CONCURRENCY=N in the environment sets the worker's --concurrency (default 32, as in the runs of
-# sessions 2-4; scripts/bench.sh uses 256).
+# sessions 2-4; scripts/bench.sh uses 256). CLIENT_BIN=path runs that binary's `bench` as the load
+# client of every run (default: each binary under test is its own client), so that a change to
+# the server is measured with the same client on both sides.
 #
 #   scripts/bench_ab.sh /tmp/switchyard.before target/release/switchyard
 #   scripts/bench_ab.sh --rounds 5 --conns 1 --threads 0 A B
@@ -82,11 +84,11 @@ for round in $(seq "$ROUNDS"); do
     wpid=$!; PIDS+=("$wpid")
     for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$hport/healthz" > /dev/null 2>&1 && break; sleep 0.1; done
     if [ -n "$BROADCAST" ]; then
-      "$bin" bench broadcast --url "ws://127.0.0.1:$hport/ws/relay/{room}/" -c "${BROADCAST%%:*}" \
+      "${CLIENT_BIN:-$bin}" bench broadcast --url "ws://127.0.0.1:$hport/ws/relay/{room}/" -c "${BROADCAST%%:*}" \
         --rooms 1 --senders 1 --rate "${BROADCAST##*:}" -d 7 -n 20000000 --settle 1 -q \
         > "$WORK/bench.out" 2> "$WORK/bench.err" &
     else
-      "$bin" bench echo --url "ws://127.0.0.1:$hport/ws/echo/" -c "$CONNS" --in-flight 1 -d 7 \
+      "${CLIENT_BIN:-$bin}" bench echo --url "ws://127.0.0.1:$hport/ws/echo/" -c "$CONNS" --in-flight 1 -d 7 \
         -n 20000000 -q > "$WORK/bench.out" 2> "$WORK/bench.err" &
     fi
     bpid=$!

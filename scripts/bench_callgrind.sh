@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Instructions per message of one process, counted by valgrind's callgrind: the same count for
+# the same build and load whatever else the machine is doing, where the CPU times of
+# bench_ab.sh swing with a shared host's load. For each binary it starts a fresh redis-server
+# (free port, no persistence), `switchyard serve` and one `switchyard worker` on 127.0.0.1, with
+# the measured process under callgrind, and runs the same load twice, with few and with many
+# messages; the difference of the two totals over the difference of the messages is the cost of
+# one more message, without start-up and handshakes.
+#
+#   --scenario broadcast   one sender into one room of 1,000 sockets on /ws/relay/, 2 broadcasts/s
+#                          (the default): instructions per delivery
+#   --scenario echo        100 connections on /ws/echo/, one message in flight each:
+#                          instructions per echo
+#   --process serve        count `serve` (the default), `worker`, or `client` (`switchyard bench`)
+#   --small N --large N    messages of the two runs (broadcasts, or echoes; defaults 6 and 20
+#                          broadcasts, 5,000 and 20,000 echoes)
+#
+# The measured process runs ~50x slower under callgrind, so batches (messages per pop and per
+# wake-up) differ from a real run: compare builds with it, and time them with bench_ab.sh.
+#
+#   scripts/bench_callgrind.sh /tmp/switchyard.before target/release/switchyard
+#   scripts/bench_callgrind.sh --scenario echo --process worker A B
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SCENARIO=broadcast
+PROCESS=serve
+SMALL=""
+LARGE=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --scenario) SCENARIO="$2"; shift 2 ;;
+    --process) PROCESS="$2"; shift 2 ;;
+    --small) SMALL="$2"; shift 2 ;;
+    --large) LARGE="$2"; shift 2 ;;
+    -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --) shift; break ;;
+    -*) echo "unknown flag $1 (see --help)" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
+[ $# -ge 1 ] || { echo "usage: $0 [flags] BINARY... (see --help)" >&2; exit 2; }
+case "$SCENARIO" in
+  broadcast) SMALL="${SMALL:-6}"; LARGE="${LARGE:-20}" ;;
+  echo) SMALL="${SMALL:-5000}"; LARGE="${LARGE:-20000}" ;;
+  *) echo "--scenario is broadcast or echo, not $SCENARIO" >&2; exit 2 ;;
+esac
+case "$PROCESS" in serve|worker|client) ;; *) echo "--process is serve, worker or client" >&2; exit 2 ;; esac
+command -v valgrind > /dev/null || { echo "valgrind is missing (apt-get install -y valgrind)" >&2; exit 1; }
+
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2> /dev/null || true; done
+  wait 2> /dev/null || true
+  PIDS=()
+}
+trap 'cleanup; rm -rf "$WORK"' EXIT INT TERM
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Runs `$PROCESS` of binary $1 under callgrind for $2 messages; prints "messages instructions".
+measure() {
+  local bin="$1" n="$2" rport hport out="$WORK/callgrind.out" grind=() spid
+  rport="$(free_port)"; hport="$(free_port)"
+  redis-server --bind 127.0.0.1 --port "$rport" --save '' --appendonly no --logfile "" \
+    > /dev/null 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 50); do redis-cli -p "$rport" ping > /dev/null 2>&1 && break; sleep 0.1; done
+  local layer="redis://127.0.0.1:$rport/0" valgrind=(valgrind --tool=callgrind --callgrind-out-file="$out")
+  [ "$PROCESS" = serve ] && grind=("${valgrind[@]}")
+  "${grind[@]}" "$bin" --threads 1 serve --layer "$layer" --capacity 10000 --port "$hport" \
+    --max-connections 20000 --log warn > "$WORK/serve.log" 2>&1 &
+  spid=$!; PIDS+=("$spid")
+  grind=(); [ "$PROCESS" = worker ] && grind=("${valgrind[@]}")
+  "${grind[@]}" "$bin" --threads 1 worker --layer "$layer" --capacity 10000 --concurrency 256 \
+    --log warn > "$WORK/worker.log" 2>&1 &
+  local wpid=$!; PIDS+=("$wpid")
+  for _ in $(seq 300); do curl -fsS -m 2 "http://127.0.0.1:$hport/healthz" > /dev/null 2>&1 && break; sleep 0.2; done
+  grind=(); [ "$PROCESS" = client ] && grind=("${valgrind[@]}")
+  local load
+  if [ "$SCENARIO" = broadcast ]; then
+    load=(broadcast --url "ws://127.0.0.1:$hport/ws/relay/{room}/" -c 1000 --rooms 1 --senders 1
+      --rate 2 -d 120 -n "$n" --settle 1)
+  else
+    load=(echo --url "ws://127.0.0.1:$hport/ws/echo/" -c 100 --in-flight 1 -d 300 -n "$n")
+  fi
+  "${grind[@]}" "$bin" --threads 1 bench "${load[@]}" --connect-concurrency 64 --connect-timeout 60 \
+    -q > "$WORK/bench.out" 2> "$WORK/bench.err" || true
+  # The server's process writes its count when it exits; SIGTERM is its graceful shutdown.
+  kill -TERM "$spid" "$wpid" 2> /dev/null || true
+  wait "$spid" "$wpid" 2> /dev/null || true
+  cleanup
+  python3 - "$WORK/bench.out" "$out" <<'PY'
+import json, re, sys
+lines = [l for l in open(sys.argv[1]).read().splitlines() if l.startswith("{")]
+if not lines:
+    sys.exit("the load client printed no summary (see its stderr)")
+d = json.loads(lines[-1])
+if d.get("lost"):
+    sys.exit(f"the load lost {d['lost']} messages: not a clean count")
+total = next(int(m.group(1)) for l in open(sys.argv[2]) if (m := re.match(r"summary: (\d+)", l)))
+print(d["received"], total)
+PY
+}
+
+if [ "$SCENARIO" = broadcast ]; then unit=delivery units=deliveries; else unit=echo units=echoes; fi
+for bin in "$@"; do
+  read -r m1 i1 <<< "$(measure "$bin" "$SMALL")"
+  read -r m2 i2 <<< "$(measure "$bin" "$LARGE")"
+  python3 -c "
+m1, i1, m2, i2 = $m1, $i1, $m2, $i2
+print(f'$bin: $PROCESS {(i2 - i1) / (m2 - m1):,.0f} instructions per $unit '
+      f'({m1:,} $units: {i1:,}; {m2:,}: {i2:,})')"
+done
+echo "($SCENARIO load, $PROCESS under $(valgrind --version) callgrind)"
