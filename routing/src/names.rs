@@ -65,7 +65,11 @@ fn check_length(kind: &'static str, name: &str) -> Result<(), NameError> {
     if name.is_empty() {
         return Err(NameError::Empty { kind });
     }
-    let len = name.chars().count();
+    let len = if name.is_ascii() {
+        name.len()
+    } else {
+        name.chars().count()
+    };
     if len >= MAX_NAME_LENGTH {
         return Err(NameError::TooLong {
             kind,
@@ -80,30 +84,45 @@ fn check_length(kind: &'static str, name: &str) -> Result<(), NameError> {
 pub fn validate_channel(name: &str) -> Result<(), NameError> {
     check_length("channel", name)?;
     let mut seen_marker = false;
-    for (at, ch) in name.char_indices() {
-        let ok = if seen_marker {
-            // `\w` in Python 3 is Unicode-aware; we accept the same.
-            ch.is_alphanumeric() || matches!(ch, '-' | '_' | '.')
-        } else if (ch == '!' || ch == '?') && at > 0 {
-            seen_marker = true;
-            true
-        } else {
-            is_base_char(ch)
-        };
-        if !ok {
-            return Err(NameError::InvalidCharacter {
-                kind: "channel",
-                name: name.to_owned(),
-                ch,
-                at,
-                extra: ", and one '!' or '?' after the first character",
-            });
-        }
+    // Names are checked on every send: bytes are cheaper to walk than chars, and the usual
+    // name is ASCII.
+    let bad = if name.is_ascii() {
+        name.bytes()
+            .enumerate()
+            .map(|(at, byte)| (at, char::from(byte)))
+            .find(|&(at, ch)| !channel_char_ok(at, ch, &mut seen_marker))
+    } else {
+        name.char_indices()
+            .find(|&(at, ch)| !channel_char_ok(at, ch, &mut seen_marker))
+    };
+    if let Some((at, ch)) = bad {
+        return Err(NameError::InvalidCharacter {
+            kind: "channel",
+            name: name.to_owned(),
+            ch,
+            at,
+            extra: ", and one '!' or '?' after the first character",
+        });
     }
     if name.ends_with('?') {
         return Err(NameError::EmptySingleReader(name.to_owned()));
     }
     Ok(())
+}
+
+/// Whether `ch` at byte `at` may stand in a channel name, given whether the `!` or `?` marker
+/// came before it (which it records).
+#[inline]
+fn channel_char_ok(at: usize, ch: char, seen_marker: &mut bool) -> bool {
+    if *seen_marker {
+        // `\w` in Python 3 is Unicode-aware; we accept the same.
+        ch.is_alphanumeric() || matches!(ch, '-' | '_' | '.')
+    } else if (ch == '!' || ch == '?') && at > 0 {
+        *seen_marker = true;
+        true
+    } else {
+        is_base_char(ch)
+    }
 }
 
 /// Checks a channel name for `receive`: as [`validate_channel`], and a `!` name must end at the `!`.
@@ -188,7 +207,15 @@ mod tests {
         ));
         assert!(matches!(
             validate_channel("chän"),
-            Err(NameError::InvalidCharacter { .. })
+            Err(NameError::InvalidCharacter {
+                ch: 'ä', at: 2, ..
+            })
+        ));
+        // Non-ASCII names are measured in characters, as Python's len() does, not in bytes.
+        assert_eq!(validate_channel(&format!("x!{}", "ü".repeat(97))), Ok(()));
+        assert!(matches!(
+            validate_channel(&format!("x!{}", "ü".repeat(98))),
+            Err(NameError::TooLong { len: 100, .. })
         ));
         assert_eq!(
             validate_channel("abc?"),

@@ -363,16 +363,10 @@ impl LocalChannel {
 
     /// [`LocalChannel::recv`] as a poll, for a caller that polls it beside other sources.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Envelope>> {
-        let popped = match self.queue.pop() {
-            Popped::Empty => {
-                self.queue.ready.register(cx.waker());
-                // Again after registering: a push between the first look and the registration
-                // woke no one.
-                self.queue.pop()
-            }
-            popped => popped,
-        };
-        match popped {
+        // Registered before the look, so a push right after it wakes this reader; one look per
+        // poll (a socket's loop polls an empty channel several times per message it handles).
+        self.queue.ready.register(cx.waker());
+        match self.queue.pop() {
             Popped::Item(envelope) => Poll::Ready(Some(envelope)),
             Popped::Closed => Poll::Ready(None),
             Popped::Empty => Poll::Pending,

@@ -110,9 +110,16 @@ fn is_noscript(e: &RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
 
-/// `micros` since the epoch as seconds with exactly six decimals.
+/// `micros` since the epoch as seconds with exactly six decimals. Written with `itoa`: the
+/// zero-padded `format!` cost ~1,000 instructions per send.
 fn score_text(micros: u64) -> String {
-    format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
+    let mut digits = itoa::Buffer::new();
+    let mut text = String::with_capacity(24);
+    text.push_str(digits.format(micros / 1_000_000));
+    text.push('.');
+    // 1_000_000 + fraction has seven digits; the last six are the zero-padded fraction.
+    text.push_str(&digits.format(1_000_000 + micros % 1_000_000)[1..]);
+    text
 }
 
 impl RedisLayer {
