@@ -302,8 +302,12 @@ impl Worker {
                         // A group message for several local targets can outnumber the permits.
                         let permit = permits.split(1);
                         let this = this.clone();
+                        // The handling is boxed: the task then holds a pointer, not the
+                        // handling's whole state, which spawning and finishing a task
+                        // copied several times (a third of the worker's instructions per
+                        // echo went to those copies).
                         running.spawn(async move {
-                            this.handle(envelope).await;
+                            Box::pin(this.handle(envelope)).await;
                             drop(permit);
                         });
                     }
