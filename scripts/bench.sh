@@ -102,8 +102,11 @@ mkdir -p "$OUT_DIR"
 RESULTS="$OUT_DIR/bench-$STAMP.jsonl"
 LOGS="$OUT_DIR/bench-$STAMP-logs"
 mkdir -p "$LOGS"
-# SWITCHYARD_BIN=path measures another build of the binary (e.g. before/after a change).
+# SWITCHYARD_BIN=path measures another build of the binary (e.g. before/after a change);
+# CLIENT_BIN=path takes the load client (`switchyard bench`) from another build, so that two
+# builds of the server can be measured with the same client.
 BIN="${SWITCHYARD_BIN:-target/release/switchyard}"
+CLIENT_BIN="${CLIENT_BIN:-$BIN}"
 
 # Every process started here, killed by the trap whatever happens.
 PIDS=()
@@ -242,7 +245,7 @@ measure() {
   for p in "$@"; do bench+=("${p//@PORT@/$HTTP_PORT}"); done
   python3 scripts/bench_measure.py --out "$RESULTS" --stack "$stack" --scenario "$scenario" \
     --run "$run" "${params[@]}" "${procs[@]}" --timeout "$limit" \
-    --log "$LOGS/client-$stack-$scenario-$run.log" -- "$BIN" --threads "$CLIENT_THREADS" bench "${bench[@]}" -q
+    --log "$LOGS/client-$stack-$scenario-$run.log" -- "$CLIENT_BIN" --threads "$CLIENT_THREADS" bench "${bench[@]}" -q
 }
 
 # One scenario on a fresh stack: start, load, stop.
