@@ -429,18 +429,20 @@ impl Controls {
     }
 
     /// Polls the sources with `poll_sources` if one of them woke the task since they were last
-    /// all pending. While the flag is clear, the task's waker registered at that poll is still
-    /// in place (a wake takes it and sets the flag), so skipping the poll never loses a wake.
+    /// all pending. The task's waker is registered on every poll, before the flag is read: a
+    /// wake sets the flag and then takes the waker, so one that lands between the two steps of
+    /// another thread's wake-up (flag seen and cleared here, waker taken there) still finds a
+    /// waker and a later wake is not lost; registering only when the flag was set left the slot
+    /// empty after such a wake-up, and the socket deaf to its stream, timer and shutdown.
     fn poll<T>(
         &self,
         cx: &mut Context<'_>,
         poll_sources: impl FnOnce(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
+        self.wake.task.register(cx.waker());
         if !self.wake.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
-        // Before the poll, so a wake that lands during it finds the task's waker.
-        self.wake.task.register(cx.waker());
         let polled = poll_sources(&mut Context::from_waker(&self.waker));
         if polled.is_ready() {
             // A ready source may be ready again at once (tungstenite may hold further whole
@@ -891,5 +893,59 @@ impl Socket {
             WebsocketDisconnect::new(self.local.name(), self.path.clone(), code, self.order + 1);
         send_disconnect(&self.shared, &message).await;
         code
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts its wakes.
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A source's wake on another thread is two steps (set the flag, take the task's waker); a
+    /// poll can run between them. Replayed step by step: the wake after it must still reach the
+    /// task.
+    #[test]
+    fn a_wake_split_by_a_poll_leaves_the_task_wakeable() {
+        let controls = Controls::new();
+        let task = Arc::new(CountingWaker::default());
+        let task_waker = Waker::from(Arc::clone(&task));
+        let mut cx = Context::from_waker(&task_waker);
+        let pending = |_: &mut Context<'_>| Poll::<()>::Pending;
+        // First poll: the sources register (the flag starts set).
+        assert!(controls.poll(&mut cx, pending).is_pending());
+        // A source wakes: its first step sets the flag...
+        controls.wake.woken.store(true, Ordering::Release);
+        // ...the task, woken by a reply meanwhile, polls: it sees the flag and the sources are
+        // pending again...
+        assert!(controls.poll(&mut cx, pending).is_pending());
+        // ...and the wake's second step takes the waker and wakes the task.
+        controls.wake.task.wake();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1);
+        // The task runs once more, finds nothing new and parks.
+        assert!(controls.poll(&mut cx, pending).is_pending());
+        // A later wake of a source must reach it.
+        controls.waker.wake_by_ref();
+        assert_eq!(task.0.load(Ordering::SeqCst), 2, "the later wake was lost");
+        // And the poll it causes polls the sources.
+        let mut polled = false;
+        let _ = controls.poll(&mut cx, |_| {
+            polled = true;
+            Poll::<()>::Pending
+        });
+        assert!(polled);
     }
 }

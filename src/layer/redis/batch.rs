@@ -380,5 +380,9 @@ mod tests {
         assert_eq!(score_text(1_763_700_000_000_001), "1763700000.000001");
         assert_eq!(score_text(1_763_700_000_123_456), "1763700000.123456");
         assert_eq!(score_text(5), "0.000005");
+        assert_eq!(score_text(0), "0.000000");
+        assert_eq!(score_text(1_000_000), "1.000000");
+        assert_eq!(score_text(999_999), "0.999999");
+        assert_eq!(score_text(u64::MAX), "18446744073709.551615");
     }
 }
