@@ -54,7 +54,8 @@ cleanup() {
   wait 2>/dev/null || true
   PIDS=()
 }
-trap 'cleanup; rm -rf "$WORK"' EXIT INT TERM
+trap 'cleanup; rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }

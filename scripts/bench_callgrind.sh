@@ -52,34 +52,37 @@ WORK="$(mktemp -d)"
 PIDS=()
 cleanup() {
   local p
-  for p in "${PIDS[@]}"; do kill "$p" 2> /dev/null || true; done
+  for p in ${PIDS[@]+"${PIDS[@]}"}; do kill "$p" 2> /dev/null || true; done
   wait 2> /dev/null || true
   PIDS=()
 }
-trap 'cleanup; rm -rf "$WORK"' EXIT INT TERM
+trap 'cleanup; rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM
 
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# Runs `$PROCESS` of binary $1 under callgrind for $2 messages; prints "messages instructions".
+# Runs `$PROCESS` of binary $1 under callgrind for $2 messages; writes "messages instructions"
+# to the file $3. Runs in this shell (not in `$(...)`), so what it starts is killed by the trap.
 measure() {
-  local bin="$1" n="$2" rport hport out="$WORK/callgrind.out" grind=() spid
+  local bin="$1" n="$2" result="$3" rport hport out="$WORK/callgrind.out" grind=() spid wpid
+  rm -f "$out"
   rport="$(free_port)"; hport="$(free_port)"
   redis-server --bind 127.0.0.1 --port "$rport" --save '' --appendonly no --logfile "" \
     > /dev/null 2>&1 &
   PIDS+=($!)
-  for _ in $(seq 50); do redis-cli -p "$rport" ping > /dev/null 2>&1 && break; sleep 0.1; done
+  wait_for "redis-server" 50 redis-cli -p "$rport" ping
   local layer="redis://127.0.0.1:$rport/0" valgrind=(valgrind --tool=callgrind --callgrind-out-file="$out")
   [ "$PROCESS" = serve ] && grind=("${valgrind[@]}")
-  "${grind[@]}" "$bin" --threads 1 serve --layer "$layer" --capacity 10000 --port "$hport" \
+  ${grind[@]+"${grind[@]}"} "$bin" --threads 1 serve --layer "$layer" --capacity 10000 --port "$hport" \
     --max-connections 20000 --log warn > "$WORK/serve.log" 2>&1 &
   spid=$!; PIDS+=("$spid")
   grind=(); [ "$PROCESS" = worker ] && grind=("${valgrind[@]}")
-  "${grind[@]}" "$bin" --threads 1 worker --layer "$layer" --capacity 10000 --concurrency 256 \
-    --log warn > "$WORK/worker.log" 2>&1 &
-  local wpid=$!; PIDS+=("$wpid")
-  for _ in $(seq 300); do curl -fsS -m 2 "http://127.0.0.1:$hport/healthz" > /dev/null 2>&1 && break; sleep 0.2; done
+  ${grind[@]+"${grind[@]}"} "$bin" --threads 1 worker --layer "$layer" --capacity 10000 \
+    --concurrency 256 --log warn > "$WORK/worker.log" 2>&1 &
+  wpid=$!; PIDS+=("$wpid")
+  wait_for "serve /healthz" 600 curl -fsS -m 2 "http://127.0.0.1:$hport/healthz"
   grind=(); [ "$PROCESS" = client ] && grind=("${valgrind[@]}")
   local load
   if [ "$SCENARIO" = broadcast ]; then
@@ -88,32 +91,54 @@ measure() {
   else
     load=(echo --url "ws://127.0.0.1:$hport/ws/echo/" -c 100 --in-flight 1 -d 300 -n "$n")
   fi
-  "${grind[@]}" "$bin" --threads 1 bench "${load[@]}" --connect-concurrency 64 --connect-timeout 60 \
-    -q > "$WORK/bench.out" 2> "$WORK/bench.err" || true
-  # The server's process writes its count when it exits; SIGTERM is its graceful shutdown.
+  ${grind[@]+"${grind[@]}"} "$bin" --threads 1 bench "${load[@]}" --connect-concurrency 64 \
+    --connect-timeout 60 -q > "$WORK/bench.out" 2> "$WORK/bench.err" || true
+  # A server process writes its count when it exits; SIGTERM is its graceful shutdown.
   kill -TERM "$spid" "$wpid" 2> /dev/null || true
-  wait "$spid" "$wpid" 2> /dev/null || true
+  local waited=0
+  while { kill -0 "$spid" || kill -0 "$wpid"; } 2> /dev/null && [ "$waited" -lt 600 ]; do
+    sleep 0.1; waited=$((waited + 1))
+  done
   cleanup
-  python3 - "$WORK/bench.out" "$out" <<'PY'
-import json, re, sys
+  python3 - "$WORK/bench.out" "$out" > "$result" <<'PY'
+import json, os, re, sys
 lines = [l for l in open(sys.argv[1]).read().splitlines() if l.startswith("{")]
 if not lines:
     sys.exit("the load client printed no summary (see its stderr)")
 d = json.loads(lines[-1])
 if d.get("lost"):
     sys.exit(f"the load lost {d['lost']} messages: not a clean count")
-total = next(int(m.group(1)) for l in open(sys.argv[2]) if (m := re.match(r"summary: (\d+)", l)))
+if not os.path.exists(sys.argv[2]):
+    sys.exit("callgrind wrote no count (did the measured process exit?)")
+total = next((int(m.group(1)) for l in open(sys.argv[2]) if (m := re.match(r"summary: (\d+)", l))), None)
+if total is None:
+    sys.exit("no summary line in the callgrind output")
 print(d["received"], total)
 PY
 }
 
+# Waits up to $2 tenths of a second for a command ($3...) to succeed.
+wait_for() {
+  local what="$1" limit="$2" i; shift 2
+  for ((i = 0; i < limit; i++)); do
+    "$@" > /dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "$what not ready" >&2
+  exit 1
+}
+
 if [ "$SCENARIO" = broadcast ]; then unit=delivery units=deliveries; else unit=echo units=echoes; fi
 for bin in "$@"; do
-  read -r m1 i1 <<< "$(measure "$bin" "$SMALL")"
-  read -r m2 i2 <<< "$(measure "$bin" "$LARGE")"
-  python3 -c "
-m1, i1, m2, i2 = $m1, $i1, $m2, $i2
-print(f'$bin: $PROCESS {(i2 - i1) / (m2 - m1):,.0f} instructions per $unit '
-      f'({m1:,} $units: {i1:,}; {m2:,}: {i2:,})')"
+  measure "$bin" "$SMALL" "$WORK/small"
+  measure "$bin" "$LARGE" "$WORK/large"
+  python3 - "$bin" "$PROCESS" "$unit" "$units" "$WORK/small" "$WORK/large" <<'PY'
+import sys
+bin_, process, unit, units, small, large = sys.argv[1:]
+m1, i1 = map(int, open(small).read().split())
+m2, i2 = map(int, open(large).read().split())
+print(f"{bin_}: {process} {(i2 - i1) / (m2 - m1):,.0f} instructions per {unit} "
+      f"({m1:,} {units}: {i1:,}; {m2:,}: {i2:,})")
+PY
 done
 echo "($SCENARIO load, $PROCESS under $(valgrind --version) callgrind)"
