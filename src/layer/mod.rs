@@ -433,6 +433,14 @@ pub(crate) fn by_inbox(members: &[String]) -> Vec<(&str, Vec<&str>)> {
     let mut buckets: Vec<(&str, Vec<&str>)> = Vec::new();
     for m in members {
         let key = names::non_local_name(m);
+        // Runs of one inbox are the usual case (one interface server holds every member, or
+        // members joined in runs): no hashing for them; the map sorts out the rest.
+        if let Some(last) = buckets.last_mut()
+            && last.0 == key
+        {
+            last.1.push(m);
+            continue;
+        }
         match index.get(key) {
             Some(&i) => buckets[i].1.push(m),
             None => {
@@ -525,6 +533,23 @@ pub(crate) fn now_secs() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_members_are_bucketed_by_inbox_in_first_seen_order() {
+        let members: Vec<String> = [
+            "a.x!1", "a.x!2", "b.y!1", "a.x!3", "plain", "b.y!2", "b.y!3",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            by_inbox(&members),
+            vec![
+                ("a.x!", vec!["a.x!1", "a.x!2", "a.x!3"]),
+                ("b.y!", vec!["b.y!1", "b.y!2", "b.y!3"]),
+                ("plain", vec!["plain"]),
+            ]
+        );
+    }
 
     #[test]
     fn random_local_parts_are_sixteen_alphanumerics_and_differ() {
