@@ -250,7 +250,10 @@ impl ProcessInbox {
 
     /// A new local channel (`{inbox}{random}`) buffering at most `buffer` messages.
     pub fn channel_with_buffer(&self, buffer: usize) -> LocalChannel {
-        let name = format!("{}{}", self.inner.name, random_local_part());
+        let local_part = random_local_part();
+        let mut name = String::with_capacity(self.inner.name.len() + local_part.len());
+        name.push_str(&self.inner.name);
+        name.push_str(&local_part);
         let queue = Arc::new(LocalQueue::new(buffer));
         self.inner.slots.insert(name.clone(), Arc::clone(&queue));
         // The loop may have ended (and closed every queue) before this one was registered.

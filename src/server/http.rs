@@ -191,14 +191,36 @@ async fn http_request(
             return resp;
         }
     };
-    let client = format!("{}:{}", head.client.0, head.client.1);
+    // The access log is usually off (`--log warn`): its line is then never formatted.
+    let client = head.client.clone();
     let path = head.path.clone();
     let resp = respond(&shared, parts, body, head, &method).await;
-    access_log(&client, &method, &path, resp.status(), started);
+    access_log(
+        &HostPortText(&client),
+        &method,
+        &path,
+        resp.status(),
+        started,
+    );
     resp
 }
 
-fn access_log(client: &str, method: &str, path: &str, status: StatusCode, started: Instant) {
+/// `host:port`, written only when a log line that holds it is.
+struct HostPortText<'a>(&'a switchyard_routing::asgi::HostPort);
+
+impl std::fmt::Display for HostPortText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.0.0, self.0.1)
+    }
+}
+
+fn access_log(
+    client: &dyn std::fmt::Display,
+    method: &str,
+    path: &str,
+    status: StatusCode,
+    started: Instant,
+) {
     tracing::info!(
         target: ACCESS_LOG,
         client = %client,

@@ -2,7 +2,7 @@
 //! string, headers as lowercased byte pairs in order, the client and server addresses (from
 //! `X-Forwarded-*` only when the server is told it sits behind a proxy), and the scheme.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use hyper::HeaderMap;
 use hyper::Uri;
@@ -52,7 +52,7 @@ impl RequestHead {
                 ByteString::from(value.as_bytes()),
             ));
         }
-        let mut client: HostPort = (peer.ip().to_string(), peer.port());
+        let mut client: HostPort = (ip_text(peer.ip()), peer.port());
         let mut secure = false;
         if proxy_headers {
             let first = |name: &str| {
@@ -78,10 +78,28 @@ impl RequestHead {
             query_string,
             headers,
             client,
-            server: (local.ip().to_string(), local.port()),
+            server: (ip_text(local.ip()), local.port()),
             secure,
         })
     }
+}
+
+/// An address as text, as `Display` writes it. Every request carries two; `Display` for an IPv4
+/// address cost ~1,300 instructions each, a tenth of the request's own work in `serve`, so IPv4
+/// is written by hand.
+fn ip_text(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut text = String::with_capacity(15);
+    let mut digits = itoa::Buffer::new();
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        text.push_str(digits.format(octet));
+    }
+    text
 }
 
 /// Decodes `%XX` escapes, then UTF-8; `None` when the bytes are not UTF-8.
@@ -115,6 +133,22 @@ fn hex(b: u8) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.20.3.40",
+            "::1",
+            "2001:db8::7",
+            "::ffff:192.0.2.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+    }
+
     use super::*;
 
     #[test]
