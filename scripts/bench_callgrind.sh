@@ -11,9 +11,11 @@
 #                          (the default): instructions per delivery
 #   --scenario echo        100 connections on /ws/echo/, one message in flight each:
 #                          instructions per echo
+#   --scenario http        32 keep-alive connections asking for GET / (the 2 KB page, answered
+#                          by the worker through Redis): instructions per request
 #   --process serve        count `serve` (the default), `worker`, or `client` (`switchyard bench`)
-#   --small N --large N    messages of the two runs (broadcasts, or echoes; defaults 6 and 20
-#                          broadcasts, 5,000 and 20,000 echoes)
+#   --small N --large N    messages of the two runs (broadcasts, echoes or requests; defaults 6
+#                          and 20 broadcasts, 5,000 and 20,000 echoes, 2,000 and 8,000 requests)
 #
 # The measured process runs ~50x slower under callgrind, so batches (messages per pop and per
 # wake-up) differ from a real run: compare builds with it, and time them with bench_ab.sh.
@@ -43,7 +45,8 @@ done
 case "$SCENARIO" in
   broadcast) SMALL="${SMALL:-6}"; LARGE="${LARGE:-20}" ;;
   echo) SMALL="${SMALL:-5000}"; LARGE="${LARGE:-20000}" ;;
-  *) echo "--scenario is broadcast or echo, not $SCENARIO" >&2; exit 2 ;;
+  http) SMALL="${SMALL:-2000}"; LARGE="${LARGE:-8000}" ;;
+  *) echo "--scenario is broadcast, echo or http, not $SCENARIO" >&2; exit 2 ;;
 esac
 case "$PROCESS" in serve|worker|client) ;; *) echo "--process is serve, worker or client" >&2; exit 2 ;; esac
 command -v valgrind > /dev/null || { echo "valgrind is missing (apt-get install -y valgrind)" >&2; exit 1; }
@@ -88,8 +91,10 @@ measure() {
   if [ "$SCENARIO" = broadcast ]; then
     load=(broadcast --url "ws://127.0.0.1:$hport/ws/relay/{room}/" -c 1000 --rooms 1 --senders 1
       --rate 2 -d 120 -n "$n" --settle 1)
-  else
+  elif [ "$SCENARIO" = echo ]; then
     load=(echo --url "ws://127.0.0.1:$hport/ws/echo/" -c 100 --in-flight 1 -d 300 -n "$n")
+  else
+    load=(http --url "http://127.0.0.1:$hport/" -c 32 -d 300 -n "$n")
   fi
   ${grind[@]+"${grind[@]}"} "$bin" --threads 1 bench "${load[@]}" --connect-concurrency 64 \
     --connect-timeout 60 -q > "$WORK/bench.out" 2> "$WORK/bench.err" || true
@@ -106,14 +111,16 @@ lines = [l for l in open(sys.argv[1]).read().splitlines() if l.startswith("{")]
 if not lines:
     sys.exit("the load client printed no summary (see its stderr)")
 d = json.loads(lines[-1])
-if d.get("lost"):
-    sys.exit(f"the load lost {d['lost']} messages: not a clean count")
+errors = d.get("errors", 0)
+failed = d.get("lost", 0) + (sum(errors.values()) if isinstance(errors, dict) else errors)
+if failed:
+    sys.exit(f"the load lost or failed {failed} messages: not a clean count")
 if not os.path.exists(sys.argv[2]):
     sys.exit("callgrind wrote no count (did the measured process exit?)")
 total = next((int(m.group(1)) for l in open(sys.argv[2]) if (m := re.match(r"summary: (\d+)", l))), None)
 if total is None:
     sys.exit("no summary line in the callgrind output")
-print(d["received"], total)
+print(d.get("received", d.get("completed")), total)
 PY
 }
 
@@ -128,7 +135,11 @@ wait_for() {
   exit 1
 }
 
-if [ "$SCENARIO" = broadcast ]; then unit=delivery units=deliveries; else unit=echo units=echoes; fi
+case "$SCENARIO" in
+  broadcast) unit=delivery units=deliveries ;;
+  echo) unit=echo units=echoes ;;
+  http) unit=request units=requests ;;
+esac
 for bin in "$@"; do
   measure "$bin" "$SMALL" "$WORK/small"
   measure "$bin" "$LARGE" "$WORK/large"
