@@ -431,23 +431,20 @@ impl Receiver {
 pub(crate) fn by_inbox(members: &[String]) -> Vec<(&str, Vec<&str>)> {
     let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     let mut buckets: Vec<(&str, Vec<&str>)> = Vec::new();
+    // The bucket of the member before: runs of one inbox are the usual case (one interface
+    // server holds every member, or members joined in runs), and need no hashing.
+    let mut previous: Option<usize> = None;
     for m in members {
         let key = names::non_local_name(m);
-        // Runs of one inbox are the usual case (one interface server holds every member, or
-        // members joined in runs): no hashing for them; the map sorts out the rest.
-        if let Some(last) = buckets.last_mut()
-            && last.0 == key
-        {
-            last.1.push(m);
-            continue;
-        }
-        match index.get(key) {
-            Some(&i) => buckets[i].1.push(m),
-            None => {
-                index.insert(key, buckets.len());
-                buckets.push((key, vec![m]));
-            }
-        }
+        let bucket = match previous {
+            Some(i) if buckets[i].0 == key => i,
+            _ => *index.entry(key).or_insert_with(|| {
+                buckets.push((key, Vec::new()));
+                buckets.len() - 1
+            }),
+        };
+        buckets[bucket].1.push(m);
+        previous = Some(bucket);
     }
     buckets
 }
@@ -537,14 +534,14 @@ mod tests {
     #[test]
     fn group_members_are_bucketed_by_inbox_in_first_seen_order() {
         let members: Vec<String> = [
-            "a.x!1", "a.x!2", "b.y!1", "a.x!3", "plain", "b.y!2", "b.y!3",
+            "a.x!1", "a.x!2", "b.y!1", "a.x!3", "a.x!4", "plain", "b.y!2", "b.y!3",
         ]
         .map(String::from)
         .to_vec();
         assert_eq!(
             by_inbox(&members),
             vec![
-                ("a.x!", vec!["a.x!1", "a.x!2", "a.x!3"]),
+                ("a.x!", vec!["a.x!1", "a.x!2", "a.x!3", "a.x!4"]),
                 ("b.y!", vec!["b.y!1", "b.y!2", "b.y!3"]),
                 ("plain", vec!["plain"]),
             ]

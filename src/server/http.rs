@@ -181,27 +181,23 @@ async fn http_request(
         Ok(head) => head,
         Err(_) => {
             let resp = plain(StatusCode::BAD_REQUEST, "Invalid characters in path\n");
-            access_log(
-                &peer.to_string(),
-                &method,
-                parts.uri.path(),
-                resp.status(),
-                started,
-            );
+            access_log(&peer, &method, parts.uri.path(), resp.status(), started);
             return resp;
         }
     };
-    // The access log is usually off (`--log warn`): its line is then never formatted.
-    let client = head.client.clone();
-    let path = head.path.clone();
+    // The access log is usually off (`--log warn`): then nothing is kept or formatted for it.
+    let logged = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO)
+        .then(|| (head.client.clone(), head.path.clone()));
     let resp = respond(&shared, parts, body, head, &method).await;
-    access_log(
-        &HostPortText(&client),
-        &method,
-        &path,
-        resp.status(),
-        started,
-    );
+    if let Some((client, path)) = logged {
+        access_log(
+            &HostPortText(&client),
+            &method,
+            &path,
+            resp.status(),
+            started,
+        );
+    }
     resp
 }
 

@@ -133,23 +133,24 @@ fn hex(b: u8) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn addresses_are_written_as_display_writes_them() {
-        for ip in [
-            "127.0.0.1",
-            "0.0.0.0",
-            "255.255.255.255",
-            "10.20.3.40",
-            "::1",
-            "2001:db8::7",
-            "::ffff:192.0.2.1",
-        ] {
+        // Every value in every octet, then addresses that only Display writes.
+        for position in 0..4 {
+            for value in 0..=255u8 {
+                let mut octets = [10, 0, 7, 255];
+                octets[position] = value;
+                let ip = IpAddr::from(octets);
+                assert_eq!(ip_text(ip), ip.to_string());
+            }
+        }
+        for ip in ["::1", "2001:db8::7", "::ffff:192.0.2.1"] {
             let ip: IpAddr = ip.parse().unwrap();
             assert_eq!(ip_text(ip), ip.to_string());
         }
     }
-
-    use super::*;
 
     #[test]
     fn decodes_escapes_and_refuses_bad_utf8() {
