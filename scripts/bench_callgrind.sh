@@ -48,6 +48,8 @@ case "$SCENARIO" in
   http) SMALL="${SMALL:-2000}"; LARGE="${LARGE:-8000}" ;;
   *) echo "--scenario is broadcast, echo or http, not $SCENARIO" >&2; exit 2 ;;
 esac
+[ "$LARGE" -gt "$SMALL" ] 2> /dev/null \
+  || { echo "--large ($LARGE) must be a count above --small ($SMALL)" >&2; exit 2; }
 case "$PROCESS" in serve|worker|client) ;; *) echo "--process is serve, worker or client" >&2; exit 2 ;; esac
 command -v valgrind > /dev/null || { echo "valgrind is missing (apt-get install -y valgrind)" >&2; exit 1; }
 
@@ -60,7 +62,17 @@ cleanup() {
   PIDS=()
 }
 trap 'cleanup; rm -rf "$WORK"' EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# On a failure, the last lines of what the processes said (the work directory goes with the exit).
+show_logs() {
+  local f
+  for f in "$WORK"/serve.log "$WORK"/worker.log "$WORK"/bench.err; do
+    [ -s "$f" ] && { echo "--- $(basename "$f"):" >&2; tail -n 15 "$f" >&2; }
+  done
+  return 0
+}
 
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -104,23 +116,30 @@ measure() {
   while { kill -0 "$spid" || kill -0 "$wpid"; } 2> /dev/null && [ "$waited" -lt 600 ]; do
     sleep 0.1; waited=$((waited + 1))
   done
+  if [ "$waited" -ge 600 ]; then
+    echo "serve or worker still running 60 s after SIGTERM: its count would miss its shutdown" >&2
+    show_logs; exit 1
+  fi
   cleanup
-  python3 - "$WORK/bench.out" "$out" > "$result" <<'PY'
+  python3 - "$WORK/bench.out" "$out" > "$result" <<'PY' || { show_logs; exit 1; }
 import json, os, re, sys
 lines = [l for l in open(sys.argv[1]).read().splitlines() if l.startswith("{")]
 if not lines:
     sys.exit("the load client printed no summary (see its stderr)")
 d = json.loads(lines[-1])
-errors = d.get("errors", 0)
-failed = d.get("lost", 0) + (sum(errors.values()) if isinstance(errors, dict) else errors)
-if failed:
-    sys.exit(f"the load lost or failed {failed} messages: not a clean count")
+# `ok` is false for anything the load client counts as a failure: lost, corrupted, misrouted,
+# duplicated or reordered messages, failed connections, HTTP errors and error statuses.
+if d.get("ok") is not True:
+    sys.exit("the load did not run clean (its summary says ok: false): not a clean count")
 if not os.path.exists(sys.argv[2]):
     sys.exit("callgrind wrote no count (did the measured process exit?)")
 total = next((int(m.group(1)) for l in open(sys.argv[2]) if (m := re.match(r"summary: (\d+)", l))), None)
 if total is None:
     sys.exit("no summary line in the callgrind output")
-print(d.get("received", d.get("completed")), total)
+done = d.get("received", d.get("completed"))
+if not isinstance(done, int):
+    sys.exit("the load client's summary has no message count")
+print(done, total)
 PY
 }
 
@@ -132,7 +151,7 @@ wait_for() {
     sleep 0.1
   done
   echo "$what not ready" >&2
-  exit 1
+  show_logs; exit 1
 }
 
 case "$SCENARIO" in
