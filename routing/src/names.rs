@@ -58,7 +58,7 @@ pub enum NameError {
 }
 
 fn is_base_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+    c.is_ascii() && NAME_BYTES[c as usize]
 }
 
 fn check_length(kind: &'static str, name: &str) -> Result<(), NameError> {
@@ -84,11 +84,14 @@ fn check_length(kind: &'static str, name: &str) -> Result<(), NameError> {
 pub fn validate_channel(name: &str) -> Result<(), NameError> {
     check_length("channel", name)?;
     // Names are checked on every send (twice for a reply: by the consumer and by the layer), so
-    // the usual ASCII name is walked byte by byte: a name character, or the one marker.
+    // the usual ASCII name is walked by bytes (no char decoding), through the same rule.
+    let mut seen_marker = false;
     let bad = if name.is_ascii() {
-        first_bad_ascii(name.as_bytes()).map(|at| (at, char::from(name.as_bytes()[at])))
+        name.bytes()
+            .map(char::from)
+            .enumerate()
+            .find(|&(at, ch)| !channel_char_ok(at, ch, &mut seen_marker))
     } else {
-        let mut seen_marker = false;
         name.char_indices()
             .find(|&(at, ch)| !channel_char_ok(at, ch, &mut seen_marker))
     };
@@ -107,7 +110,7 @@ pub fn validate_channel(name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
-/// The bytes of [`is_base_char`], as a table: one load per byte of a name.
+/// The ASCII letters, digits, `-`, `_` and `.` of a name, as a table: one load per character.
 static NAME_BYTES: [bool; 256] = {
     let mut table = [false; 256];
     let mut byte = 0;
@@ -119,35 +122,20 @@ static NAME_BYTES: [bool; 256] = {
     table
 };
 
-/// The offset of the first byte of an ASCII channel name that may not stand there: each is a
-/// name character, or the one `!` or `?` marker after the first byte.
-fn first_bad_ascii(name: &[u8]) -> Option<usize> {
-    let mut seen_marker = false;
-    for (at, &byte) in name.iter().enumerate() {
-        if NAME_BYTES[usize::from(byte)] {
-            continue;
-        }
-        if matches!(byte, b'!' | b'?') && at > 0 && !seen_marker {
-            seen_marker = true;
-            continue;
-        }
-        return Some(at);
-    }
-    None
-}
-
 /// Whether `ch` at byte `at` may stand in a channel name, given whether the `!` or `?` marker
 /// came before it (which it records).
 #[inline]
 fn channel_char_ok(at: usize, ch: char, seen_marker: &mut bool) -> bool {
-    if *seen_marker {
+    if is_base_char(ch) {
+        true
+    } else if *seen_marker {
         // `\w` in Python 3 is Unicode-aware; we accept the same.
-        ch.is_alphanumeric() || matches!(ch, '-' | '_' | '.')
+        ch.is_alphanumeric()
     } else if (ch == '!' || ch == '?') && at > 0 {
         *seen_marker = true;
         true
     } else {
-        is_base_char(ch)
+        false
     }
 }
 
