@@ -25,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::ServerMetrics;
-use super::request::RequestHead;
+use super::request::{HostPortText, RequestHead};
 use super::{Shared, websocket};
 use crate::layer::{LayerError, LocalChannel};
 
@@ -199,15 +199,6 @@ async fn http_request(
         );
     }
     resp
-}
-
-/// `host:port`, written only when a log line that holds it is.
-struct HostPortText<'a>(&'a switchyard_routing::asgi::HostPort);
-
-impl std::fmt::Display for HostPortText<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.0.0, self.0.1)
-    }
 }
 
 fn access_log(

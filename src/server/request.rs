@@ -84,6 +84,16 @@ impl RequestHead {
     }
 }
 
+/// A client or server address as the logs write it, `host:port`; formatted only when a line
+/// that holds it is.
+pub(crate) struct HostPortText<'a>(pub(crate) &'a HostPort);
+
+impl std::fmt::Display for HostPortText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.0.0, self.0.1)
+    }
+}
+
 /// An address as text, as `Display` writes it. Every request carries two; `Display` for an IPv4
 /// address cost ~1,300 instructions each, a tenth of the request's own work in `serve`, so IPv4
 /// is written by hand.

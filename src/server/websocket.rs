@@ -4,8 +4,8 @@
 //! (→ frames and closes), and one timer (ping, pong timeout, idle, lifetime). Writes happen
 //! outside the wait for the next event (feed a batch, flush once, under a write timeout), so no
 //! send is ever lost to a cancelled wait, and the stream is read continuously so pongs and close
-//! replies go out. Whatever ends the socket, its `websocket.disconnect` carries the close code and the next
-//! order.
+//! replies go out. Whatever ends the socket, its `websocket.disconnect` carries the close code and
+//! the next order.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -41,7 +41,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use super::http::{ACCESS_LOG, Body, empty, plain, unavailable};
 use super::metrics::ServerMetrics;
 use super::outbound::SocketReply;
-use super::request::RequestHead;
+use super::request::{HostPortText, RequestHead};
 use super::{Shared, SlowClientPolicy};
 use crate::layer::{Envelope, LayerError, LocalChannel};
 
@@ -189,7 +189,7 @@ pub(crate) async fn handshake(
         Ok(head) => head,
         Err(_) => return plain(StatusCode::BAD_REQUEST, "Invalid characters in path\n"),
     };
-    let client = format!("{}:{}", head.client.0, head.client.1);
+    let client = HostPortText(&head.client).to_string();
     let path = head.path.clone();
     if shared.inbox_gone.is_cancelled() {
         ws_log(&client, "WSREJECT", &path, Some(503));
