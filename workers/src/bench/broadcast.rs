@@ -436,26 +436,23 @@ async fn connection(
     offset: Duration,
     shared: Arc<Shared>,
 ) -> ConnOutcome {
-    let Some(id) = sender else {
+    let ((sent, write_error), (from, corrupted, misrouted, read_error)) = match sender {
         // Most members only read: no split halves, whose shared lock every read would take.
-        let (from, corrupted, misrouted, error) = read_loop(&mut ws, room, &shared).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-        return ConnOutcome {
-            room,
-            sender,
-            sent: 0,
-            from,
-            corrupted,
-            misrouted,
-            error,
-        };
+        None => {
+            let read = read_loop(&mut ws, room, &shared).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+            ((0, None), read)
+        }
+        Some(id) => {
+            let (mut sink, mut stream) = ws.split();
+            let outcome = tokio::join!(
+                write_loop(&mut sink, id, quota, offset, &shared),
+                read_loop(&mut stream, room, &shared)
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+            outcome
+        }
     };
-    let (mut sink, mut stream) = ws.split();
-    let writer = write_loop(&mut sink, id, quota, offset, &shared);
-    let reader = read_loop(&mut stream, room, &shared);
-    let ((sent, write_error), (from, corrupted, misrouted, read_error)) =
-        tokio::join!(writer, reader);
-    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     ConnOutcome {
         room,
         sender,
