@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use server_support::*;
-use support::{Backend, Fixture};
+use support::{Backend, Fixture, eventually};
 use switchyard::asgi::{
     WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT, WEBSOCKET_RECEIVE, WebsocketConnect,
     WebsocketDisconnect, WebsocketReceive, WebsocketSend,
@@ -520,13 +520,10 @@ async fn slow_reader_with_drop_policy_keeps_the_socket() {
     .await;
     let mut ws = ws_connect(&server.ws_url("/slow")).await;
     // Read nothing until drops have happened, then read what is left: the socket is still open.
-    tokio::time::timeout(WAIT, async {
-        while layer.metrics().snapshot().local_full == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    eventually(WAIT, "a drop counted", || {
+        layer.metrics().snapshot().local_full > 0
     })
-    .await
-    .expect("no drop counted");
+    .await;
     let mut got = 0;
     while let Ok(Some(Ok(m))) = tokio::time::timeout(
         Duration::from_millis(500),
@@ -574,13 +571,10 @@ async fn a_ping_during_a_reply_flood_is_answered_before_the_flood_ends() {
     // Read nothing until the inbox has handed out the whole flood (plus the connect, to the
     // worker, and the accept): the socket's write is stalled on full loopback buffers and the
     // rest of the flood waits in its reply buffer.
-    tokio::time::timeout(WAIT, async {
-        while layer.metrics().snapshot().received < FLOOD as u64 + 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    eventually(WAIT, "the flood in the socket's buffer", || {
+        layer.metrics().snapshot().received >= FLOOD as u64 + 2
     })
-    .await
-    .expect("the flood never reached the socket's buffer");
+    .await;
     ws.send(Message::Ping(b"mid-flood".to_vec().into()))
         .await
         .unwrap();
