@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::LayerMetrics;
-use super::{Envelope, Layer, LayerError, random_local_part};
+use super::{Envelope, Layer, LayerError, random_local_part, with_random_local_part};
 
 /// How long one pop blocks; the loop notices shutdown between pops.
 const POP_BLOCK: Duration = Duration::from_secs(1);
@@ -250,10 +250,7 @@ impl ProcessInbox {
 
     /// A new local channel (`{inbox}{random}`) buffering at most `buffer` messages.
     pub fn channel_with_buffer(&self, buffer: usize) -> LocalChannel {
-        let local_part = random_local_part();
-        let mut name = String::with_capacity(self.inner.name.len() + local_part.len());
-        name.push_str(&self.inner.name);
-        name.push_str(&local_part);
+        let name = with_random_local_part(&self.inner.name);
         let queue = Arc::new(LocalQueue::new(buffer));
         self.inner.slots.insert(name.clone(), Arc::clone(&queue));
         // The loop may have ended (and closed every queue) before this one was registered.

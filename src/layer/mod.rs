@@ -265,7 +265,7 @@ impl Layer {
         if !pattern.ends_with('?') || pattern.matches('?').count() != 1 || pattern.contains('!') {
             return Err(NameError::BadPattern(pattern.to_owned()).into());
         }
-        let name = format!("{pattern}{}", random_local_part());
+        let name = with_random_local_part(pattern);
         names::validate_channel(&name)?;
         Ok(name)
     }
@@ -478,12 +478,22 @@ const LOCAL_PART_LEN: usize = 16;
 
 /// A random, unguessable local part of [`LOCAL_PART_LEN`] alphanumeric characters.
 pub(crate) fn random_local_part() -> String {
+    with_random_local_part("")
+}
+
+/// `prefix` followed by a random local part, built in one allocation (a name is minted per
+/// connection and per HTTP request).
+pub(crate) fn with_random_local_part(prefix: &str) -> String {
     use rand::Rng;
-    rand::rng()
-        .sample_iter(rand::distr::Alphanumeric)
-        .take(LOCAL_PART_LEN)
-        .map(char::from)
-        .collect()
+    let mut name = String::with_capacity(prefix.len() + LOCAL_PART_LEN);
+    name.push_str(prefix);
+    name.extend(
+        rand::rng()
+            .sample_iter(rand::distr::Alphanumeric)
+            .take(LOCAL_PART_LEN)
+            .map(char::from),
+    );
+    name
 }
 
 /// Turns one stored payload read from `read_from` into envelopes, one per target.
