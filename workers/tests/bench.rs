@@ -362,6 +362,16 @@ async fn broadcast_delivers_every_message_to_every_member() {
     assert_eq!(u(last, "count"), 300);
     assert_eq!(u(last, "max"), u(&v["latency_us"], "max"));
     assert!(u(last, "p50") >= u(&v["latency_us"], "p50"));
+    // The slowest broadcast is named: one of the 100 sends of one of the 3 senders, and its
+    // last-member latency is the slowest of them all (the histogram's max, within its precision).
+    let slowest = &v["slowest_broadcast"];
+    assert!(u(slowest, "sender") < 3, "{slowest}");
+    assert!(u(slowest, "index") < 100, "{slowest}");
+    let worst = u(slowest, "last_member_us");
+    assert!(
+        worst <= u(last, "max") && worst * 1000 >= u(last, "max") * 999,
+        "{slowest} vs {last}"
+    );
     let per_sender = v["per_sender"].as_array().unwrap();
     assert_eq!(per_sender.len(), 3);
     for (s, entry) in per_sender.iter().enumerate() {
@@ -404,6 +414,11 @@ async fn broadcast_counts_members_that_missed_messages() {
     assert_eq!(u(&v, "lost"), 40);
     // No broadcast reached every member, so none has a last-member latency.
     assert_eq!(u(&v["last_member_latency_us"], "count"), 0);
+    assert!(
+        v["slowest_broadcast"].is_null(),
+        "{}",
+        v["slowest_broadcast"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

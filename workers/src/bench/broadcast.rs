@@ -301,12 +301,18 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
     let latency = Percentiles::of(&shared.latency.total());
     // Latency to the last member, over the broadcasts every member received.
     let mut last_hist = super::stats::new_histogram();
+    // Which broadcast was the slowest to reach its whole room (sender, its n-th send from 0,
+    // µs): tells a warm-up or a one-off stall from a steady cost.
+    let mut slowest_broadcast: Option<(usize, usize, u64)> = None;
     for (s, slots) in shared.slowest.iter().enumerate() {
         let members_of = members[room_of[s]];
-        for slot in slots.iter().take(sent_by[s] as usize) {
+        for (i, slot) in slots.iter().take(sent_by[s] as usize).enumerate() {
             let (reached, slowest) = slot_read(slot);
             if reached == members_of {
                 last_hist.saturating_record(slowest);
+                if slowest_broadcast.is_none_or(|(_, _, worst)| slowest > worst) {
+                    slowest_broadcast = Some((s, i, slowest));
+                }
             }
         }
     }
@@ -331,6 +337,12 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
     ));
     r.line(report::latency_line("delivery", &latency));
     r.line(report::latency_line("last member", &last));
+    if let Some((sender, index, micros)) = slowest_broadcast {
+        r.line(format!(
+            "{:<14} broadcast {index} of sender {sender}: last member after {micros} µs",
+            "slowest"
+        ));
+    }
     r.line(format!(
         "checks      lost {lost}, corrupted {corrupted}, misrouted {misrouted}, duplicates {duplicates}, out of order {out_of_order}"
     ));
@@ -379,6 +391,12 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
     r.field("out_of_order", out_of_order);
     r.field("latency_us", report::latency_json(&latency));
     r.field("last_member_latency_us", report::latency_json(&last));
+    r.field(
+        "slowest_broadcast",
+        slowest_broadcast.map_or(serde_json::Value::Null, |(sender, index, micros)| {
+            json!({"sender": sender, "index": index, "last_member_us": micros})
+        }),
+    );
     r.field("per_sender", json!(senders_json));
     r.must_be_zero("lost", lost);
     r.must_be_zero("corrupted", corrupted);
