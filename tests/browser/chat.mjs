@@ -14,7 +14,9 @@ if (!base || !screenshot) {
 const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
 const room = "browser-" + Math.random().toString(36).slice(2, 8);
 const text = `hello <b>bold</b> & "quotes" ${Date.now()}`;
-const timeout = 15000;
+// Upper bounds on waits for events, not delays: generous, because CI shares 2 cores with the
+// server and Redis, and a busy host has stretched a page's steps to several seconds.
+const timeout = 30000;
 
 const browser = await chromium.launch({
   executablePath,
@@ -24,6 +26,18 @@ const browser = await chromium.launch({
 let failed = false;
 try {
   const context = await browser.newContext({ viewport: { width: 900, height: 700 } });
+  // Counts the page's disconnects as they happen. Its "offline" status lasts only until the
+  // reconnect (0.25-0.5 s): polling for it can miss it on a busy machine, an observer cannot.
+  await context.addInitScript(() => {
+    window.__offlineSeen = 0;
+    document.addEventListener("DOMContentLoaded", () => {
+      const status = document.getElementById("status");
+      if (!status) return;
+      new MutationObserver(() => {
+        if (status.classList.contains("offline")) window.__offlineSeen += 1;
+      }).observe(status, { attributes: true, attributeFilter: ["class"] });
+    });
+  });
   const alice = await context.newPage();
   const bob = await context.newPage();
   for (const page of [alice, bob]) {
@@ -50,8 +64,11 @@ try {
     // The server closes sockets after a short lifetime: both pages must notice, reconnect by
     // themselves and go on chatting.
     for (const page of [alice, bob]) {
-      await page.waitForSelector("#status.offline", { timeout });
-      await page.waitForSelector("#status.online", { timeout });
+      await page.waitForFunction(
+        () => window.__offlineSeen > 0 && document.querySelector("#status.online") !== null,
+        null,
+        { timeout, polling: 100 },
+      );
     }
     const again = `after reconnect ${Date.now()}`;
     await alice.fill("#message", again);
