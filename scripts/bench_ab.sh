@@ -65,6 +65,7 @@ steal_total() { awk '/^cpu /{t=0; for(i=2;i<=NF;i++) t+=$i; print $9, t}' /proc/
 
 for round in $(seq "$ROUNDS"); do
   for bin in "$@"; do
+  client="${CLIENT_BIN:-$bin}"
   for transport in ${TRANSPORTS//,/ }; do
     rport="$(free_port)"; hport="$(free_port)"
     rm -f "$WORK/redis.sock"
@@ -86,11 +87,11 @@ for round in $(seq "$ROUNDS"); do
     wpid=$!; PIDS+=("$wpid")
     for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$hport/healthz" > /dev/null 2>&1 && break; sleep 0.1; done
     if [ -n "$BROADCAST" ]; then
-      "${CLIENT_BIN:-$bin}" bench broadcast --url "ws://127.0.0.1:$hport/ws/relay/{room}/" -c "${BROADCAST%%:*}" \
+      "$client" bench broadcast --url "ws://127.0.0.1:$hport/ws/relay/{room}/" -c "${BROADCAST%%:*}" \
         --rooms 1 --senders 1 --rate "${BROADCAST##*:}" -d 7 -n 20000000 --settle 1 -q \
         > "$WORK/bench.out" 2> "$WORK/bench.err" &
     else
-      "${CLIENT_BIN:-$bin}" bench echo --url "ws://127.0.0.1:$hport/ws/echo/" -c "$CONNS" --in-flight 1 -d 7 \
+      "$client" bench echo --url "ws://127.0.0.1:$hport/ws/echo/" -c "$CONNS" --in-flight 1 -d 7 \
         -n 20000000 -q > "$WORK/bench.out" 2> "$WORK/bench.err" &
     fi
     bpid=$!
