@@ -145,6 +145,26 @@ impl Exposition {
             "Redis connections re-established after a failure.",
             m.reconnects,
         )
+        .counter(
+            "switchyard_layer_state_losses_total",
+            "Times Redis was found to have lost this process's state (restart without persistence, FLUSHALL, stale failover).",
+            m.state_losses,
+        )
+        .counter(
+            "switchyard_layer_reasserted_memberships_total",
+            "Group memberships put back by this process after Redis lost state.",
+            m.reasserted_memberships,
+        )
+        .counter(
+            "switchyard_layer_reaped_processes_total",
+            "Processes whose lease lapsed and whose memberships and inbox this process removed.",
+            m.reaped_processes,
+        )
+        .counter(
+            "switchyard_layer_reaped_memberships_total",
+            "Group memberships removed with lapsed processes.",
+            m.reaped_memberships,
+        )
     }
 
     /// The finished text.
@@ -162,8 +182,17 @@ fn escape_label(v: &str) -> String {
 /// Renders the metrics text for one scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Answers `GET /metrics` on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, render: Render, shutdown: CancellationToken) {
+/// Says whether the process can do its job: `(healthy, JSON body)` for `GET /healthz`.
+pub type Health = Arc<dyn Fn() -> (bool, String) + Send + Sync>;
+
+/// Answers `GET /metrics` (and `GET /healthz` when `health` is given) on `listener` until
+/// `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    render: Render,
+    health: Option<Health>,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -172,8 +201,9 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
         match accepted {
             Ok((stream, _)) => {
                 let render = Arc::clone(&render);
+                let health = health.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &render).await {
+                    if let Err(e) = answer(stream, &render, health.as_ref()).await {
                         tracing::debug!(error = %e, "metrics request failed");
                     }
                 });
@@ -190,15 +220,20 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
 pub async fn spawn(
     addr: SocketAddr,
     render: Render,
+    health: Option<Health>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    tokio::spawn(serve(listener, render, shutdown));
+    tokio::spawn(serve(listener, render, health, shutdown));
     Ok(local)
 }
 
-async fn answer(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    render: &Render,
+    health: Option<&Health>,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let read = async {
@@ -219,7 +254,17 @@ async fn answer(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head timeout"))??;
     let first_line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let ok = first_line.starts_with(b"GET /metrics ") || first_line.starts_with(b"GET /metrics?");
-    let (status, content_type, body) = if ok {
+    let wants_health =
+        first_line.starts_with(b"GET /healthz ") || first_line.starts_with(b"GET /healthz?");
+    let (status, content_type, body) = if let (true, Some(health)) = (wants_health, health) {
+        let (healthy, body) = health();
+        let status = if healthy {
+            "200 OK"
+        } else {
+            "503 Service Unavailable"
+        };
+        (status, "application/json", body)
+    } else if ok {
         (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
@@ -229,7 +274,7 @@ async fn answer(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
         (
             "404 Not Found",
             "text/plain; charset=utf-8",
-            "only GET /metrics is served here\n".to_owned(),
+            "only GET /metrics and GET /healthz are served here\n".to_owned(),
         )
     };
     let response = format!(
@@ -275,9 +320,20 @@ mod tests {
     async fn serves_metrics_and_404s_the_rest() {
         let token = CancellationToken::new();
         let render: Render = Arc::new(|| "x_total 1\n".to_owned());
-        let addr = spawn("127.0.0.1:0".parse().expect("addr"), render, token.clone())
-            .await
-            .expect("binds");
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = Arc::clone(&healthy);
+        let health: Health = Arc::new(move || {
+            let ok = flag.load(std::sync::atomic::Ordering::Relaxed);
+            (ok, format!("{{\"ok\":{ok}}}"))
+        });
+        let addr = spawn(
+            "127.0.0.1:0".parse().expect("addr"),
+            render,
+            Some(health),
+            token.clone(),
+        )
+        .await
+        .expect("binds");
         async fn get(addr: SocketAddr, path: &str) -> String {
             let mut s = TcpStream::connect(addr).await.expect("connects");
             s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
@@ -293,6 +349,18 @@ mod tests {
             "{ok}"
         );
         assert!(get(addr, "/").await.starts_with("HTTP/1.1 404"));
+        let up = get(addr, "/healthz").await;
+        assert!(
+            up.starts_with("HTTP/1.1 200 OK\r\n") && up.ends_with("\r\n\r\n{\"ok\":true}"),
+            "{up}"
+        );
+        healthy.store(false, std::sync::atomic::Ordering::Relaxed);
+        let down = get(addr, "/healthz").await;
+        assert!(
+            down.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+                && down.ends_with("\r\n\r\n{\"ok\":false}"),
+            "{down}"
+        );
         token.cancel();
     }
 }

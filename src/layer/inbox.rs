@@ -10,12 +10,18 @@
 //! pop hands out more messages than a buffer holds; a message for a local channel nobody holds
 //! is dropped and counted too.
 //!
+//! On the Redis layer the inbox also holds the process's lease and its record of group
+//! memberships (see [`super::membership`] and the Redis backend's `lease` module): every second
+//! it renews the lease, removes processes whose lease lapsed, and when the renewal shows that
+//! Redis lost its state it puts every membership of its sockets back (or, under
+//! [`LayerLossPolicy::Close`], closes them with 1012).
+//!
 //! A local channel's buffer is a [`LocalQueue`], not a tokio mpsc channel: an mpsc channel
 //! allocates its first block of 32 slots and a cache-padded header up front (2.3 KB with
 //! `Envelope`s), which every idle WebSocket would carry; an empty `LocalQueue` is ~200 bytes.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -27,8 +33,16 @@ use switchyard_routing::names;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::membership::{MEMBERSHIP_LOCAL, MembershipNotice, MembershipTable};
 use super::metrics::LayerMetrics;
+use super::redis::{LeaseState, RedisLayer};
+use super::settings::LayerLossPolicy;
 use super::{Envelope, Layer, LayerError, random_local_part, with_random_local_part};
+
+/// How often the lease is renewed (and lapsed leases looked for).
+const LEASE_RENEW: Duration = Duration::from_secs(1);
+/// The renewal's period while Redis does not answer: how soon its return is noticed.
+const LEASE_RETRY: Duration = Duration::from_millis(250);
 
 /// How long one pop blocks; the loop notices shutdown between pops.
 const POP_BLOCK: Duration = Duration::from_secs(1);
@@ -57,6 +71,9 @@ struct LocalQueue {
     ready: AtomicWaker,
     /// Messages refused because the buffer was full (read by the slow-client policy).
     dropped: AtomicU64,
+    /// A WebSocket's channel: told to close with 1012 when Redis lost state under
+    /// [`LayerLossPolicy::Close`].
+    socket: bool,
 }
 
 #[derive(Debug, Default)]
@@ -96,12 +113,13 @@ const KEPT_CAPACITY: usize = 4;
 const SHRINK_ABOVE: usize = 16;
 
 impl LocalQueue {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, socket: bool) -> Self {
         LocalQueue {
             state: Mutex::new(QueueState::default()),
             capacity: capacity.max(1),
             ready: AtomicWaker::new(),
             dropped: AtomicU64::new(0),
+            socket,
         }
     }
 
@@ -167,6 +185,12 @@ struct Inner {
     /// Cancelled when the receive loop has ended, however it ended.
     ended: CancellationToken,
     pump: Mutex<Option<JoinHandle<()>>>,
+    /// The groups of each local channel, as workers reported them.
+    memberships: MembershipTable,
+    /// True while memberships are being put back after Redis lost state.
+    reasserting: AtomicBool,
+    /// The lease task (Redis only).
+    upkeep: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// A process's inbox and its receive loop. Clones share them; the loop runs until
@@ -188,7 +212,21 @@ impl ProcessInbox {
             stop: CancellationToken::new(),
             ended: CancellationToken::new(),
             pump: Mutex::new(None),
+            memberships: MembershipTable::default(),
+            reasserting: AtomicBool::new(false),
+            upkeep: Mutex::new(None),
         });
+        if let Layer::Redis(redis) = &inner.layer {
+            let mut lease = LeaseState::default();
+            let ttl = redis.settings().lease_ttl;
+            if let Err(e) = redis.renew_lease(&inner.name, ttl, &mut lease).await {
+                tracing::warn!(inbox = %inner.name, error = %e, "could not take the process lease yet; retrying");
+            }
+            let handle = tokio::spawn(upkeep(Arc::clone(&inner), redis.clone(), lease));
+            if let Ok(mut slot) = inner.upkeep.lock() {
+                *slot = Some(handle);
+            }
+        }
         let pump_inner = Arc::clone(&inner);
         let handle = tokio::spawn(async move {
             // However the loop ends (shutdown, panic, abort), its local channels learn of it:
@@ -250,8 +288,18 @@ impl ProcessInbox {
 
     /// A new local channel (`{inbox}{random}`) buffering at most `buffer` messages.
     pub fn channel_with_buffer(&self, buffer: usize) -> LocalChannel {
+        self.make_channel(buffer, false)
+    }
+
+    /// A WebSocket's local channel: as [`ProcessInbox::channel_with_buffer`], and told to close
+    /// (`{"close": 1012}`) when Redis lost state under [`LayerLossPolicy::Close`].
+    pub fn socket_channel_with_buffer(&self, buffer: usize) -> LocalChannel {
+        self.make_channel(buffer, true)
+    }
+
+    fn make_channel(&self, buffer: usize, socket: bool) -> LocalChannel {
         let name = with_random_local_part(&self.inner.name);
-        let queue = Arc::new(LocalQueue::new(buffer));
+        let queue = Arc::new(LocalQueue::new(buffer, socket));
         self.inner.slots.insert(name.clone(), Arc::clone(&queue));
         // The loop may have ended (and closed every queue) before this one was registered.
         if self.inner.ended.is_cancelled() {
@@ -275,9 +323,32 @@ impl ProcessInbox {
         self.inner.slots.len()
     }
 
+    /// Group memberships of this process's local channels, as workers reported them.
+    pub fn memberships(&self) -> usize {
+        self.inner.memberships.len()
+    }
+
+    /// True while memberships are being put back after Redis lost state.
+    pub fn reasserting(&self) -> bool {
+        self.inner.reasserting.load(Ordering::Relaxed)
+    }
+
     /// Stops the receive loop (between pops) and waits for it, at most `grace`.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.stop.cancel();
+        let upkeep = self.inner.upkeep.lock().ok().and_then(|mut h| h.take());
+        if let Some(upkeep) = upkeep {
+            upkeep.abort();
+        }
+        if let Layer::Redis(redis) = &self.inner.layer {
+            // Gone now rather than when the lease lapses: a rolling restart leaves no stale
+            // members behind for every broadcast to pay for.
+            match tokio::time::timeout(grace, redis.release_lease(&self.inner.name)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not release the process lease"),
+                Err(_) => tracing::warn!("releasing the process lease timed out"),
+            }
+        }
         let handle = self.inner.pump.lock().ok().and_then(|mut h| h.take());
         if let Some(handle) = handle {
             let abort = handle.abort_handle();
@@ -301,6 +372,69 @@ impl Drop for CloseSlotsOnDrop {
 }
 
 impl Inner {
+    fn is_membership_notice(&self, envelope: &Envelope) -> bool {
+        envelope
+            .channel
+            .strip_prefix(self.name.as_str())
+            .is_some_and(|local| local == MEMBERSHIP_LOCAL)
+    }
+
+    /// Records a worker's `group_add`/`group_discard` for a channel this process still holds.
+    fn apply_notice(&self, envelope: &Envelope) {
+        match MembershipNotice::decode(&envelope.payload) {
+            Ok(notice) if self.slots.contains_key(&notice.channel) => {
+                self.memberships.apply(notice);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                LayerMetrics::add(&self.layer.metrics().garbage, 1);
+                tracing::warn!(error = %e, "dropped an undecodable membership notice");
+            }
+        }
+    }
+
+    /// Redis lost its state: put the memberships back, or close the sockets, as configured.
+    /// False when putting them back failed (to be tried again).
+    async fn recover_from_loss(&self, redis: &RedisLayer) -> bool {
+        match redis.settings().on_layer_loss {
+            LayerLossPolicy::Resubscribe => {
+                self.reasserting.store(true, Ordering::Relaxed);
+                let started = std::time::Instant::now();
+                let by_group = self.memberships.by_group();
+                let result = redis.reassert(&self.name, &by_group).await;
+                self.reasserting.store(false, Ordering::Relaxed);
+                match result {
+                    Ok(n) => {
+                        tracing::warn!(inbox = %self.name, memberships = n, groups = by_group.len(), elapsed = ?started.elapsed(), "Redis had lost this process's state; memberships put back");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(inbox = %self.name, error = %e, "putting memberships back failed; retrying");
+                        false
+                    }
+                }
+            }
+            LayerLossPolicy::Close => {
+                let payload = bytes::Bytes::from_static(CLOSE_1012);
+                let sockets: Vec<(String, Arc<LocalQueue>)> = self
+                    .slots
+                    .iter()
+                    .filter(|e| e.value().socket)
+                    .map(|e| (e.key().clone(), Arc::clone(e.value())))
+                    .collect();
+                tracing::warn!(inbox = %self.name, sockets = sockets.len(), "Redis had lost this process's state; closing every socket with 1012");
+                for (channel, queue) in sockets {
+                    let close = Envelope {
+                        channel,
+                        payload: payload.clone(),
+                    };
+                    self.hand_to(queue, close, false);
+                }
+                true
+            }
+        }
+    }
+
     /// Hands `envelope` to its local channel; see [`Inner::hand_to`].
     fn deliver(&self, envelope: Envelope, may_wait: bool) -> Option<(Arc<LocalQueue>, Envelope)> {
         // Clone the queue out of the map and let the guard go before anything else.
@@ -309,6 +443,10 @@ impl Inner {
             .get(&envelope.channel)
             .map(|q| Arc::clone(q.value()));
         let Some(queue) = queue else {
+            if self.is_membership_notice(&envelope) {
+                self.apply_notice(&envelope);
+                return None;
+            }
             LayerMetrics::add(&self.layer.metrics().local_unknown, 1);
             tracing::debug!(channel = %envelope.channel, "message for an unknown local channel dropped");
             return None;
@@ -401,5 +539,47 @@ impl Drop for LocalChannel {
         // nobody instead of vanishing into a queue no one reads.
         self.queue.close();
         self.inbox.slots.remove(&self.name);
+        self.inbox.memberships.forget(&self.name);
+    }
+}
+
+/// `{"close": 1012}` in msgpack: what a worker would send to close a socket with "service
+/// restart".
+const CLOSE_1012: &[u8] = &[0x81, 0xa5, b'c', b'l', b'o', b's', b'e', 0xcd, 0x03, 0xf4];
+
+/// The lease task of an inbox on Redis: renews the lease every second, removes lapsed
+/// processes, and recovers when a renewal shows that Redis lost state. Ends with the inbox.
+async fn upkeep(inner: Arc<Inner>, redis: RedisLayer, mut lease: LeaseState) {
+    let ttl = redis.settings().lease_ttl;
+    let mut failing = false;
+    let mut recovery_due = false;
+    loop {
+        let period = if failing { LEASE_RETRY } else { LEASE_RENEW };
+        tokio::select! {
+            () = inner.stop.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        match redis.renew_lease(&inner.name, ttl, &mut lease).await {
+            Ok(lost) => {
+                failing = false;
+                if lost {
+                    LayerMetrics::add(&redis.metrics().state_losses, 1);
+                    recovery_due = true;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(inbox = %inner.name, error = %e, "could not renew the process lease; retrying");
+                }
+                failing = true;
+                continue;
+            }
+        }
+        if recovery_due {
+            recovery_due = !inner.recover_from_loss(&redis).await;
+        }
+        if let Err(e) = redis.reap_lapsed().await {
+            tracing::debug!(error = %e, "looking for lapsed processes failed");
+        }
     }
 }

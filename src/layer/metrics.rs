@@ -18,6 +18,10 @@ pub struct LayerMetrics {
     pub(crate) garbage: AtomicU64,
     pub(crate) unavailable: AtomicU64,
     pub(crate) reconnects: AtomicU64,
+    pub(crate) state_losses: AtomicU64,
+    pub(crate) reasserted_memberships: AtomicU64,
+    pub(crate) reaped_processes: AtomicU64,
+    pub(crate) reaped_memberships: AtomicU64,
 }
 
 /// A copy of the counters at one instant.
@@ -45,6 +49,14 @@ pub struct MetricsSnapshot {
     pub unavailable: u64,
     /// Connections re-established after a failure.
     pub reconnects: u64,
+    /// Times this process found that Redis had lost its state (its lease gone or older).
+    pub state_losses: u64,
+    /// Group memberships this process put back after a loss of state.
+    pub reasserted_memberships: u64,
+    /// Lapsed processes whose memberships and inbox this process removed.
+    pub reaped_processes: u64,
+    /// Group memberships removed with lapsed processes.
+    pub reaped_memberships: u64,
 }
 
 impl LayerMetrics {
@@ -67,6 +79,10 @@ impl LayerMetrics {
             garbage: r(&self.garbage),
             unavailable: r(&self.unavailable),
             reconnects: r(&self.reconnects),
+            state_losses: r(&self.state_losses),
+            reasserted_memberships: r(&self.reasserted_memberships),
+            reaped_processes: r(&self.reaped_processes),
+            reaped_memberships: r(&self.reaped_memberships),
         }
     }
 }

@@ -8,6 +8,7 @@
 //! `__asgi_channel__` for `!` targets; see [`wire`]), so they share the codec and its tests.
 
 mod inbox;
+pub mod membership;
 pub mod memory;
 pub mod metrics;
 mod ordering;
@@ -33,7 +34,7 @@ pub use metrics::{LayerMetrics, MetricsSnapshot};
 pub use ordering::{Gate, GateOutcome, Upkeep};
 pub use redis::RedisLayer;
 pub use session::MemoryConnections;
-pub use settings::{LayerSettings, glob_matches, parse_channel_capacity};
+pub use settings::{LayerLossPolicy, LayerSettings, glob_matches, parse_channel_capacity};
 
 /// What a channel-layer operation can fail with.
 #[derive(Debug, Error)]
@@ -193,6 +194,15 @@ impl Layer {
     /// Counters: sends, refusals, drops, expiries, reconnects.
     pub fn metrics(&self) -> &Arc<LayerMetrics> {
         backend!(self, l => l.metrics())
+    }
+
+    /// False while the backend is known to be unreachable (a command failed and none has
+    /// succeeded since; the Redis backend checks an idle connection every second).
+    pub fn available(&self) -> bool {
+        match self {
+            Layer::Memory(_) => true,
+            Layer::Redis(l) => l.available(),
+        }
     }
 
     /// A short description for logs (`memory://` or the Redis addresses, without passwords).

@@ -32,6 +32,37 @@ pub struct LayerSettings {
     pub inbox_batch: usize,
     /// Bound on every non-blocking Redis command, so that sends during an outage fail fast (2 s).
     pub command_timeout: Duration,
+    /// How long an interface server's lease on its memberships outlives its last renewal (it
+    /// renews every second): after a `kill -9`, its memberships and inbox are removed by a live
+    /// process within this plus a second (15 s).
+    pub lease_ttl: Duration,
+    /// What an interface server does when it finds that Redis lost its state.
+    pub on_layer_loss: LayerLossPolicy,
+}
+
+/// What an interface server does when Redis lost its state (restart without persistence,
+/// `FLUSHALL`, failover to a replica that missed writes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LayerLossPolicy {
+    /// Put every membership of its sockets back (they keep receiving broadcasts).
+    #[default]
+    Resubscribe,
+    /// Close every socket with 1012 ("service restart") so clients reconnect and rebuild state
+    /// the server cannot (for apps that keep more than group memberships in the layer).
+    Close,
+}
+
+impl std::str::FromStr for LayerLossPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "resubscribe" => Ok(LayerLossPolicy::Resubscribe),
+            "close" => Ok(LayerLossPolicy::Close),
+            other => Err(format!(
+                "unknown layer-loss policy {other:?}: use resubscribe or close"
+            )),
+        }
+    }
 }
 
 impl Default for LayerSettings {
@@ -45,6 +76,8 @@ impl Default for LayerSettings {
             local_buffer: None,
             inbox_batch: 512,
             command_timeout: Duration::from_secs(2),
+            lease_ttl: Duration::from_secs(15),
+            on_layer_loss: LayerLossPolicy::Resubscribe,
         }
     }
 }
@@ -60,6 +93,11 @@ impl LayerSettings {
         }
         if self.group_expiry.is_zero() {
             return Err(LayerError::Config("group expiry must be positive".into()));
+        }
+        if self.lease_ttl < Duration::from_secs(2) {
+            return Err(LayerError::Config(
+                "lease ttl must be at least 2 s (leases are renewed every second)".into(),
+            ));
         }
         if self.inbox_batch == 0 {
             return Err(LayerError::Config("inbox batch must be at least 1".into()));

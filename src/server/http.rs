@@ -83,32 +83,46 @@ pub(crate) fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-/// `/healthz`: answered here, never by a worker. 200 while the server runs (503 once its inbox
-/// is gone: it can answer nothing, a restart is the cure); `layer` says whether
-/// the channel layer answered within a second (a liveness probe should not restart the server
-/// because Redis is down, a readiness probe can look at the field).
+/// `/healthz`: answered here, never by a worker. 200 while the server can serve: its inbox runs,
+/// the channel layer answered within a second, and no loss of Redis state is being repaired;
+/// 503 otherwise (a load balancer should send traffic elsewhere meanwhile), with `status`
+/// saying which: `failing` (the inbox is gone: a restart is the cure), `layer_unavailable`,
+/// `reasserting` (memberships being put back after Redis lost them).
 async fn healthz(shared: &Shared) -> Response<Body> {
-    let layer_ok = matches!(
-        tokio::time::timeout(
-            Duration::from_secs(1),
-            shared.layer.channel_depth(HTTP_REQUEST)
-        )
-        .await,
-        Ok(Ok(_))
-    );
+    let layer_ok = shared.layer.available()
+        && matches!(
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                shared.layer.channel_depth(HTTP_REQUEST)
+            )
+            .await,
+            Ok(Ok(_))
+        );
     let m = shared.metrics.snapshot();
     let inbox_ok = !shared.inbox_gone.is_cancelled();
+    let reasserting = shared.inbox.reasserting();
+    let status = if !inbox_ok {
+        "failing"
+    } else if !layer_ok {
+        "layer_unavailable"
+    } else if reasserting {
+        "reasserting"
+    } else {
+        "ok"
+    };
     let body = serde_json::json!({
-        "status": if inbox_ok { "ok" } else { "failing" },
+        "status": status,
         "inbox": if inbox_ok { "ok" } else { "gone" },
         "layer": if layer_ok { "ok" } else { "unavailable" },
+        "reasserting": reasserting,
+        "memberships": shared.inbox.memberships(),
         "open_connections": m.open_connections,
         "open_websockets": m.open_websockets,
         "uptime_seconds": shared.started.elapsed().as_secs(),
     })
     .to_string();
     let mut resp = Response::new(full(Bytes::from(body)));
-    if !inbox_ok {
+    if status != "ok" {
         *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     }
     resp.headers_mut()

@@ -32,6 +32,7 @@ pub struct ServerMetrics {
     pub(crate) ping_timeouts: AtomicU64,
     pub(crate) bad_replies: AtomicU64,
     pub(crate) ws_disconnects_lost: AtomicU64,
+    pub(crate) ws_outage_closes: AtomicU64,
 }
 
 /// A copy of the counters at one instant.
@@ -87,6 +88,8 @@ pub struct ServerMetricsSnapshot {
     /// `websocket.disconnect` messages still refused by the layer (full or unreachable) when
     /// their retries ran out: those consumers never learn the socket closed.
     pub ws_disconnects_lost: u64,
+    /// Sockets closed with 1011 because the layer stayed unreachable past `layer_outage_close`.
+    pub ws_outage_closes: u64,
 }
 
 impl ServerMetrics {
@@ -130,6 +133,7 @@ impl ServerMetrics {
             ping_timeouts: r(&self.ping_timeouts),
             bad_replies: r(&self.bad_replies),
             ws_disconnects_lost: r(&self.ws_disconnects_lost),
+            ws_outage_closes: r(&self.ws_outage_closes),
         }
     }
 }

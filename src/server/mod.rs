@@ -131,6 +131,9 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// How long a frame is retried while `websocket.receive` is full before closing with 1013.
     pub receive_full_retry: Duration,
+    /// A socket whose frames have all been lost to an unreachable channel layer for this long
+    /// is closed with 1011, so its client reconnects instead of talking to nobody (10 s).
+    pub layer_outage_close: Duration,
     /// Honour `X-Forwarded-For`, `X-Forwarded-Port` and `X-Forwarded-Proto` (behind a proxy only).
     pub proxy_headers: bool,
     /// On shutdown, how long in-flight HTTP responses and socket closes may take.
@@ -168,6 +171,7 @@ impl Default for ServerConfig {
             slow_client: SlowClientPolicy::Close1013,
             write_timeout: Duration::from_secs(30),
             receive_full_retry: Duration::from_millis(500),
+            layer_outage_close: Duration::from_secs(10),
             proxy_headers: false,
             shutdown_grace: Duration::from_secs(10),
             inbox_prefix: "switchyard.response".to_owned(),
@@ -215,6 +219,26 @@ pub(crate) struct Shared {
     pub(crate) started: Instant,
     /// When the shutdown was first noticed (by `serve` or a socket, whichever came first).
     pub(crate) shutdown_at: std::sync::OnceLock<tokio::time::Instant>,
+    /// Bounds the log lines for frames lost to an unreachable layer (one per second).
+    pub(crate) lost_frame_log: LogLimiter,
+}
+
+/// Lets through at most one log line per second (a Redis outage loses every frame of every
+/// socket; one line per frame would bury the log).
+#[derive(Debug, Default)]
+pub(crate) struct LogLimiter {
+    last_second: std::sync::atomic::AtomicU64,
+}
+
+impl LogLimiter {
+    pub(crate) fn allow(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_second
+            .swap(now, std::sync::atomic::Ordering::Relaxed)
+            != now
+    }
 }
 
 impl Shared {
@@ -293,6 +317,7 @@ impl Server {
             tracker: TaskTracker::new(),
             started: Instant::now(),
             shutdown_at: std::sync::OnceLock::new(),
+            lost_frame_log: LogLimiter::default(),
             config: self.config,
             layer,
             inbox,

@@ -197,7 +197,7 @@ pub(crate) async fn handshake(
     }
     let mut local = shared
         .inbox
-        .channel_with_buffer(shared.config.outbound_queue);
+        .socket_channel_with_buffer(shared.config.outbound_queue);
     let reply_channel = local.name().to_owned();
     let mut connect = WebsocketConnect::new(reply_channel.clone(), path.clone());
     connect.scheme = if head.secure { "wss" } else { "ws" }.to_owned();
@@ -288,6 +288,7 @@ pub(crate) async fn handshake(
             last_activity: Instant::now(),
             ping_sent: None,
             dropped_seen: 0,
+            losing_since: None,
         };
         socket.run(ws, first).await;
         drop(permit);
@@ -484,6 +485,8 @@ struct Socket {
     last_activity: Instant,
     ping_sent: Option<Instant>,
     dropped_seen: u64,
+    /// Since when every frame of this socket was lost to an unreachable layer.
+    losing_since: Option<Instant>,
 }
 
 /// `websocket.receive`, serialized straight from the frame (no owned copies before msgpack).
@@ -793,6 +796,9 @@ impl Socket {
                 }
             }
         };
+        if outcome.is_ok() {
+            self.losing_since = None;
+        }
         match outcome {
             Ok(()) => {
                 self.order += 1;
@@ -810,7 +816,17 @@ impl Socket {
             }
             Err(e) => {
                 ServerMetrics::inc(&self.shared.metrics.ws_frames_lost);
-                tracing::warn!(client = %self.client, path = %self.path, error = %e, "websocket.receive not sent; frame dropped");
+                if self.shared.lost_frame_log.allow() {
+                    tracing::warn!(client = %self.client, path = %self.path, error = %e, "websocket.receive not sent; frame dropped (logged at most once a second)");
+                }
+                let since = *self.losing_since.get_or_insert_with(Instant::now);
+                // A client whose frames have gone nowhere for this long is told so: 1011 lets
+                // it reconnect (to a healthy server, or this one once Redis is back).
+                if since.elapsed() >= self.shared.config.layer_outage_close {
+                    ServerMetrics::inc(&self.shared.metrics.ws_outage_closes);
+                    tracing::warn!(client = %self.client, path = %self.path, "the channel layer has been unreachable too long; closing with 1011");
+                    return Some(End::ServerClosed(1011));
+                }
                 None
             }
         }

@@ -13,6 +13,8 @@ pub const LATENCY_BUCKETS_MS: [u64; 9] = [1, 2, 5, 10, 25, 50, 100, 500, 1000];
 /// Counters of one worker (all its loops).
 #[derive(Debug, Default)]
 pub struct WorkerMetrics {
+    /// Receives that failed in a row (0 while the worker is receiving): its health.
+    pub receive_failures_in_a_row: AtomicU64,
     /// Messages whose consumer ran to `Ok` (or to `DenyConnection` / `Close`).
     pub consumed: AtomicU64,
     /// Consumers that returned an error (other than the control errors).

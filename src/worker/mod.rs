@@ -298,6 +298,9 @@ impl Worker {
             {
                 Ok(batch) => {
                     failures = 0;
+                    this.metrics
+                        .receive_failures_in_a_row
+                        .store(0, std::sync::atomic::Ordering::Relaxed);
                     for envelope in batch {
                         // A group message for several local targets can outnumber the permits.
                         let permit = permits.split(1);
@@ -314,6 +317,9 @@ impl Worker {
                 }
                 Err(e) => {
                     failures += 1;
+                    this.metrics
+                        .receive_failures_in_a_row
+                        .store(u64::from(failures), std::sync::atomic::Ordering::Relaxed);
                     if failures == 1 || failures.is_multiple_of(20) {
                         tracing::warn!(error = %e, "receive failed; retrying");
                     }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use switchyard::layer::{Layer, LayerError, LayerSettings, parse_channel_capacity};
+use switchyard::layer::{
+    Layer, LayerError, LayerLossPolicy, LayerSettings, parse_channel_capacity,
+};
 
 /// Exit code: bad usage or configuration.
 pub const EXIT_USAGE: u8 = 2;
@@ -18,6 +20,18 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_UNAVAILABLE: u8 = 3;
 /// Exit code: the channel was full.
 pub const EXIT_FULL: u8 = 4;
+
+/// A command line or configuration that cannot work (exit code 2).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 /// Where the channel layer is and how it behaves (shared by every subcommand).
 #[derive(Debug, Clone, Args)]
@@ -43,6 +57,15 @@ pub struct LayerArgs {
     /// (e.g. "http.request=500,tasks.*=10000").
     #[arg(long, env = "SWITCHYARD_CHANNEL_CAPACITY")]
     pub channel_capacity: Option<String>,
+    /// What an interface server does when Redis lost its state (restart without persistence,
+    /// FLUSHALL, failover to a stale replica): `resubscribe` puts its sockets' group
+    /// memberships back; `close` closes every socket with 1012 so clients reconnect.
+    #[arg(long, env = "SWITCHYARD_ON_LAYER_LOSS", default_value = "resubscribe")]
+    pub on_layer_loss: LayerLossPolicy,
+    /// Seconds an interface server's lease outlives its last renewal (renewed every second):
+    /// after a crash, its memberships and inbox are removed within this plus a second.
+    #[arg(long, env = "SWITCHYARD_LEASE_TTL", default_value_t = 15.0)]
+    pub lease_ttl: f64,
 }
 
 impl LayerArgs {
@@ -70,6 +93,15 @@ impl LayerArgs {
             channel_capacity: match &self.channel_capacity {
                 Some(spec) => parse_channel_capacity(spec)?,
                 None => Vec::new(),
+            },
+            on_layer_loss: self.on_layer_loss,
+            lease_ttl: if self.lease_ttl.is_finite() && (2.0..=86_400.0).contains(&self.lease_ttl) {
+                Duration::from_secs_f64(self.lease_ttl)
+            } else {
+                return Err(LayerError::Config(format!(
+                    "--lease-ttl must be between 2 and 86400 seconds, got {}",
+                    self.lease_ttl
+                )));
             },
             ..LayerSettings::default()
         })
@@ -153,6 +185,9 @@ pub struct StatsArgs {
 
 /// The exit code for a layer error.
 pub fn exit_code_for(e: &anyhow::Error) -> ExitCode {
+    if e.downcast_ref::<UsageError>().is_some() {
+        return ExitCode::from(EXIT_USAGE);
+    }
     match e.downcast_ref::<LayerError>() {
         Some(LayerError::Unavailable(_)) => ExitCode::from(EXIT_UNAVAILABLE),
         Some(LayerError::ChannelFull { .. }) => ExitCode::from(EXIT_FULL),

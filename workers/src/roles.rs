@@ -95,6 +95,10 @@ pub struct ServerArgs {
     /// Seconds in-flight responses and socket closes get on shutdown.
     #[arg(long, default_value_t = 10.0)]
     pub shutdown_grace: f64,
+    /// Seconds a socket may keep losing every frame to an unreachable channel layer before it
+    /// is closed with 1011 (so its client reconnects).
+    #[arg(long, default_value_t = 10.0)]
+    pub layer_outage_close: f64,
 }
 
 /// Longest duration a flag accepts (ten years): beyond it deadlines overflow and mean nothing.
@@ -142,6 +146,7 @@ impl ServerArgs {
             proxy_headers: self.proxy_headers,
             ws_protocols: self.ws_protocols.clone(),
             shutdown_grace: secs("shutdown-grace", self.shutdown_grace)?,
+            layer_outage_close: secs("layer-outage-close", self.layer_outage_close)?,
             ..ServerConfig::default()
         })
     }
@@ -202,9 +207,14 @@ pub struct WorkerCommandArgs {
     pub layer: LayerArgs,
     #[command(flatten)]
     pub worker: WorkerArgs,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101); `/healthz` is served
+    /// there too.
     #[arg(long, env = "SWITCHYARD_METRICS_BIND")]
     pub metrics_bind: Option<SocketAddr>,
+    /// Serve `GET /healthz` (200 while the worker receives from a reachable layer, 503 while it
+    /// cannot) and `/metrics` on this address, for an orchestrator's probes.
+    #[arg(long, env = "SWITCHYARD_HEALTH_BIND")]
+    pub health_bind: Option<SocketAddr>,
 }
 
 /// `switchyard dev`
@@ -300,6 +310,11 @@ fn server_exposition(e: &mut Exposition, m: &ServerMetrics) {
         "switchyard_ws_disconnects_lost_total",
         "websocket.disconnect messages the layer still refused after retrying.",
         s.ws_disconnects_lost,
+    )
+    .counter(
+        "switchyard_ws_outage_closes_total",
+        "Sockets closed 1011 because the channel layer stayed unreachable.",
+        s.ws_outage_closes,
     )
     .counter(
         "switchyard_ws_frames_lost_total",
@@ -434,6 +449,27 @@ fn worker_exposition(e: &mut Exposition, m: &WorkerMetrics) {
     );
 }
 
+/// What `/healthz` on the metrics (or health) address says: the layer is reachable and, for a
+/// worker, its receive loop is receiving.
+fn health_check(layer: &Layer, worker: Option<Arc<WorkerMetrics>>) -> prometheus::Health {
+    let layer = layer.clone();
+    Arc::new(move || {
+        let layer_ok = layer.available();
+        let receive_failures = worker.as_ref().map_or(0, |w| {
+            w.receive_failures_in_a_row
+                .load(std::sync::atomic::Ordering::Relaxed)
+        });
+        let healthy = layer_ok && receive_failures == 0;
+        let body = serde_json::json!({
+            "status": if healthy { "ok" } else { "failing" },
+            "layer": if layer_ok { "ok" } else { "unavailable" },
+            "receive_failures_in_a_row": receive_failures,
+        })
+        .to_string();
+        (healthy, body)
+    })
+}
+
 async fn start_metrics(
     bind: Option<SocketAddr>,
     layer: &Layer,
@@ -442,6 +478,7 @@ async fn start_metrics(
     token: &CancellationToken,
 ) -> anyhow::Result<()> {
     let Some(bind) = bind else { return Ok(()) };
+    let health = health_check(layer, worker.clone());
     let layer_metrics = Arc::clone(layer.metrics());
     let render: Render = Arc::new(move || {
         let mut e = Exposition::new();
@@ -454,7 +491,7 @@ async fn start_metrics(
         }
         e.finish()
     });
-    let addr = prometheus::spawn(bind, render, token.clone())
+    let addr = prometheus::spawn(bind, render, Some(health), token.clone())
         .await
         .with_context(|| format!("cannot serve metrics on {bind}"))?;
     tracing::info!(%addr, "Prometheus metrics on http://{addr}/metrics");
@@ -493,13 +530,15 @@ fn build_worker(layer: &Layer, layer_url: &str, args: &WorkerArgs) -> anyhow::Re
             secret.clone(),
         ))?);
     }
-    anyhow::ensure!(
-        !worker.channels().is_empty(),
-        "the channel globs leave this worker nothing to listen on (routes cover: {})",
-        crate::app::routes(layer.clone())
-            .map(|r| r.channels().join(", "))
-            .unwrap_or_default()
-    );
+    if worker.channels().is_empty() {
+        return Err(crate::cli::UsageError(format!(
+            "the channel globs leave this worker nothing to listen on (routes cover: {})",
+            crate::app::routes(layer.clone())
+                .map(|r| r.channels().join(", "))
+                .unwrap_or_default()
+        ))
+        .into());
+    }
     Ok(worker)
 }
 
@@ -538,14 +577,9 @@ pub async fn worker(args: WorkerCommandArgs) -> anyhow::Result<()> {
     let worker = build_worker(&layer, &layer_url, &args.worker)?;
     let token = CancellationToken::new();
     stop_on_signals(token.clone());
-    start_metrics(
-        args.metrics_bind,
-        &layer,
-        None,
-        Some(worker.metrics()),
-        &token,
-    )
-    .await?;
+    for bind in [args.metrics_bind, args.health_bind] {
+        start_metrics(bind, &layer, None, Some(worker.metrics()), &token).await?;
+    }
     tracing::info!(channels = ?worker.channels(), concurrency = args.worker.concurrency, layer = %layer.describe(), "worker listening");
     worker.run(token).await?;
     tracing::info!("worker stopped");

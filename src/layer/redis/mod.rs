@@ -24,16 +24,31 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::RngCore;
 use rand::seq::SliceRandom;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError, Script};
 use switchyard_routing::names::non_local_name;
 use tokio::time::Instant;
 
 use super::metrics::LayerMetrics;
 use super::settings::CapacityRules;
-use super::{Envelope, GroupSendReport, LayerError, LayerSettings, envelopes_for, now_secs, wire};
+use super::{
+    Envelope, GroupSendReport, LayerError, LayerSettings, envelopes_for, membership, now_secs, wire,
+};
 
 mod batch;
+mod conn;
+mod lease;
+mod registry;
+
+pub(crate) use lease::LeaseState;
+
+pub(crate) use conn::SharedConn;
+
+/// How long a shard's connection may sit without a successful command before the keepalive
+/// checks it, so a restart or a dead peer is noticed before traffic meets it.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+/// The keepalive's period while a shard is unreachable: how soon a recovery is noticed.
+const KEEPALIVE_WHILE_DOWN: Duration = Duration::from_millis(250);
 
 /// How much longer than its own block time a pop may take before its connection is deemed dead.
 const DEAD_CONNECTION_MARGIN: Duration = Duration::from_secs(5);
@@ -43,9 +58,11 @@ struct Shard {
     /// Address for logs and errors (no password).
     addr: String,
     client: Client,
-    conn: ConnectionManager,
+    conn: SharedConn,
     /// False after a failed command, until one succeeds (to count reconnects once).
     healthy: AtomicBool,
+    /// When a command last succeeded, in ms since the layer was made (the keepalive's clock).
+    last_ok_ms: AtomicU64,
     /// False once the server refused BZMPOP (Redis before 7.0): batches then take BZPOPMIN and
     /// a ZPOPMIN.
     has_bzmpop: AtomicBool,
@@ -65,6 +82,10 @@ struct Inner {
     batch_script: Script,
     /// The last message score given (µs since the epoch); see [`RedisLayer::next_score`].
     last_score: AtomicU64,
+    /// The origin of the shards' `last_ok_ms` clocks.
+    born: Instant,
+    /// Channels this process has entered in the channel registry (see [`registry`]).
+    registered: dashmap::DashSet<String, rustc_hash::FxBuildHasher>,
 }
 
 /// The Redis channel layer. Clones share connections.
@@ -108,19 +129,17 @@ impl RedisLayer {
             let client = Client::open(*url)
                 .map_err(|e| LayerError::Config(format!("invalid Redis URL {url:?}: {e}")))?;
             let addr = client.get_connection_info().addr().to_string();
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(settings.command_timeout.min(Duration::from_secs(1))))
-                .set_response_timeout(Some(settings.command_timeout))
-                .set_number_of_retries(1)
-                .set_min_delay(Duration::from_millis(50))
-                .set_max_delay(Duration::from_secs(1));
-            let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-                .map_err(|e| LayerError::Config(format!("cannot set up Redis at {addr}: {e}")))?;
+            let conn = SharedConn::new(
+                conn::prefer_resp3(client.clone(), url),
+                settings.command_timeout,
+            )
+            .map_err(|e| LayerError::Config(format!("cannot set up Redis at {addr}: {e}")))?;
             shards.push(Shard {
                 addr,
                 client,
                 conn,
                 healthy: AtomicBool::new(true),
+                last_ok_ms: AtomicU64::new(0),
                 has_bzmpop: AtomicBool::new(true),
                 sends: batch::SendQueue::default(),
                 in_flight: Arc::default(),
@@ -134,6 +153,8 @@ impl RedisLayer {
                 shards,
                 batch_script: Script::new(batch::BATCH_SEND_SCRIPT),
                 last_score: AtomicU64::new(0),
+                born: Instant::now(),
+                registered: dashmap::DashSet::with_hasher(rustc_hash::FxBuildHasher),
             }),
         };
         for i in 0..layer.inner.shards.len() {
@@ -146,7 +167,23 @@ impl RedisLayer {
                 )
                 .await?;
         }
+        for shard in 0..layer.inner.shards.len() {
+            tokio::spawn(keepalive(Arc::downgrade(&layer.inner), shard));
+        }
         Ok(layer)
+    }
+
+    /// True while every shard answered its last command.
+    pub(crate) fn available(&self) -> bool {
+        self.inner
+            .shards
+            .iter()
+            .all(|s| s.healthy.load(Ordering::Relaxed))
+    }
+
+    /// Milliseconds on the layer's clock.
+    fn clock_ms(&self) -> u64 {
+        self.inner.born.elapsed().as_millis() as u64
     }
 
     pub(crate) fn settings(&self) -> &LayerSettings {
@@ -188,7 +225,7 @@ impl RedisLayer {
 
     /// The shard holding `name` (by its non-local name) and its shared connection, for the
     /// per-connection state kept beside the channels (sessions, ordering).
-    pub(crate) fn conn_for(&self, name: &str) -> (usize, ConnectionManager) {
+    pub(crate) fn conn_for(&self, name: &str) -> (usize, SharedConn) {
         let shard = self.shard_of(name);
         (shard, self.inner.shards[shard].conn.clone())
     }
@@ -220,6 +257,7 @@ impl RedisLayer {
                 }
             }
             _ => {
+                shard.last_ok_ms.store(self.clock_ms(), Ordering::Relaxed);
                 if !shard.healthy.swap(true, Ordering::Relaxed) {
                     LayerMetrics::add(&self.inner.metrics.reconnects, 1);
                     tracing::info!(redis = %shard.addr, "Redis connection restored");
@@ -240,7 +278,11 @@ impl RedisLayer {
         channel: &str,
         payload: &[u8],
     ) -> Result<(), LayerError> {
-        let targets: &[&str] = if non_local_name(channel).len() == channel.len() {
+        let key_name = non_local_name(channel);
+        if !self.inner.registered.contains(key_name) {
+            self.register_channel(key_name).await?;
+        }
+        let targets: &[&str] = if key_name.len() == channel.len() {
             &[]
         } else {
             &[channel]
@@ -281,7 +323,19 @@ impl RedisLayer {
             shard,
             async move { pipe.query_async::<()>(&mut conn).await },
         )
-        .await
+        .await?;
+        if let Some(notice_channel) = membership::notice_channel(channel)
+            && self.index_membership(group, channel).await?
+        {
+            self.notify_membership(
+                membership::MembershipOp::Add,
+                group,
+                channel,
+                &notice_channel,
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     pub(crate) async fn group_discard(&self, group: &str, channel: &str) -> Result<(), LayerError> {
@@ -293,8 +347,41 @@ impl RedisLayer {
             shard,
             async move { cmd.query_async::<i64>(&mut conn).await },
         )
-        .await
-        .map(|_| ())
+        .await?;
+        if let Some(notice_channel) = membership::notice_channel(channel)
+            && self.holds_lease(non_local_name(channel)).await?
+        {
+            self.notify_membership(
+                membership::MembershipOp::Discard,
+                group,
+                channel,
+                &notice_channel,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Tells the process holding `channel` of a membership change, through its inbox. Never
+    /// refused for capacity: a full inbox must not make the server forget a membership.
+    async fn notify_membership(
+        &self,
+        op: membership::MembershipOp,
+        group: &str,
+        channel: &str,
+        notice_channel: &str,
+    ) -> Result<(), LayerError> {
+        let payload = membership::MembershipNotice {
+            op,
+            group: group.to_owned(),
+            channel: channel.to_owned(),
+        }
+        .encode()?;
+        let member = self.member(&payload, &[notice_channel])?;
+        let key = self.channel_key(notice_channel);
+        let shard = self.shard_of(notice_channel);
+        self.send_coalesced(shard, key, member, usize::MAX).await?;
+        Ok(())
     }
 
     pub(crate) async fn group_channels(&self, group: &str) -> Result<Vec<String>, LayerError> {
@@ -331,6 +418,9 @@ impl RedisLayer {
         let mut per_shard: Vec<(Vec<batch::KeyBatch>, Vec<usize>)> =
             (0..shard_count).map(|_| (Vec::new(), Vec::new())).collect();
         for (key, targets) in &by_key {
+            if !self.inner.registered.contains(*key) {
+                self.register_channel(key).await?;
+            }
             let (batches, counts) = &mut per_shard[consistent_hash(key, shard_count)];
             batches.push(batch::KeyBatch {
                 key: format!("{}{}", self.inner.settings.prefix, key),
@@ -373,23 +463,6 @@ impl RedisLayer {
         }
     }
 
-    pub(crate) async fn flush(&self) -> Result<(), LayerError> {
-        let pattern = format!("{}*", self.inner.settings.prefix);
-        for shard in 0..self.inner.shards.len() {
-            let keys = self.scan(shard, &pattern).await?;
-            for batch in keys.chunks(1000) {
-                let mut conn = self.inner.shards[shard].conn.clone();
-                let unlink = redis::cmd("UNLINK").arg(batch).to_owned();
-                self.run(
-                    shard,
-                    async move { unlink.query_async::<i64>(&mut conn).await },
-                )
-                .await?;
-            }
-        }
-        Ok(())
-    }
-
     /// Keys under the prefix on one shard (SCAN, never KEYS).
     async fn scan(&self, shard: usize, pattern: &str) -> Result<Vec<Vec<u8>>, LayerError> {
         let mut cursor: u64 = 0;
@@ -412,61 +485,6 @@ impl RedisLayer {
             }
             cursor = next;
         }
-    }
-
-    pub(crate) async fn overview(&self) -> Result<super::Overview, LayerError> {
-        let prefix = &self.inner.settings.prefix;
-        let group_prefix = format!("{prefix}:group:");
-        let channel_cutoff = format!(
-            "({:.6}",
-            now_secs() - self.inner.settings.expiry.as_secs_f64()
-        );
-        let group_cutoff = format!(
-            "({:.6}",
-            now_secs() - self.inner.settings.group_expiry.as_secs_f64()
-        );
-        let mut overview = super::Overview::default();
-        for shard in 0..self.inner.shards.len() {
-            let keys = self.scan(shard, &format!("{prefix}*")).await?;
-            // Channel names cannot contain ':', so `{prefix}:…` keys are groups or app data.
-            let app_data = format!("{prefix}:");
-            let keys: Vec<String> = keys
-                .into_iter()
-                .filter_map(|k| String::from_utf8(k).ok())
-                .filter(|k| !k.ends_with("$inflight"))
-                .filter(|k| k.starts_with(&group_prefix) || !k.starts_with(&app_data))
-                .collect();
-            if keys.is_empty() {
-                continue;
-            }
-            let mut pipe = redis::pipe();
-            for k in &keys {
-                let cutoff = if k.starts_with(&group_prefix) {
-                    &group_cutoff
-                } else {
-                    &channel_cutoff
-                };
-                pipe.cmd("ZCOUNT").arg(k).arg(cutoff).arg("+inf");
-            }
-            let mut conn = self.inner.shards[shard].conn.clone();
-            let counts: Vec<redis::Value> = self
-                .run(shard, async move { pipe.query_async(&mut conn).await })
-                .await?;
-            for (k, count) in keys.iter().zip(counts) {
-                let redis::Value::Int(n) = count else {
-                    continue;
-                };
-                if n <= 0 {
-                    continue;
-                }
-                if let Some(g) = k.strip_prefix(&group_prefix) {
-                    overview.groups.push(super::Count::new(g, n as usize));
-                } else if let Some(c) = k.strip_prefix(prefix.as_str()) {
-                    overview.channels.push(super::Count::new(c, n as usize));
-                }
-            }
-        }
-        Ok(overview)
     }
 
     fn data_key(&self, kind: &str, key: &str) -> String {
@@ -814,6 +832,9 @@ impl RedisReceiver {
         let shard_count = self.layer.inner.shards.len();
         let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); shard_count];
         for c in channels {
+            if !c.ends_with('!') && !self.layer.inner.registered.contains(c.as_str()) {
+                self.layer.register_channel(c).await?;
+            }
             by_shard[self.layer.shard_of(c)].push(format!("{prefix}{c}"));
         }
         let busy: Vec<usize> = (0..shard_count)
@@ -856,6 +877,38 @@ impl RedisReceiver {
                     return Err(e);
                 }
             }
+        }
+    }
+}
+
+/// Pings shard `shard` whenever it sat idle for [`KEEPALIVE`] (more often while it is down), so
+/// a restarted or vanished Redis is noticed (and the connection replaced, and the outage shown in
+/// health) before a request meets it. Ends with the layer.
+async fn keepalive(layer: std::sync::Weak<Inner>, shard: usize) {
+    loop {
+        let period = match layer.upgrade() {
+            Some(inner) if inner.shards[shard].healthy.load(Ordering::Relaxed) => KEEPALIVE,
+            Some(_) => KEEPALIVE_WHILE_DOWN,
+            None => return,
+        };
+        tokio::time::sleep(period).await;
+        let Some(inner) = layer.upgrade() else {
+            return;
+        };
+        let layer_now = RedisLayer { inner };
+        let s = &layer_now.inner.shards[shard];
+        let idle = layer_now
+            .clock_ms()
+            .saturating_sub(s.last_ok_ms.load(Ordering::Relaxed));
+        if idle >= period.as_millis() as u64 || !s.healthy.load(Ordering::Relaxed) {
+            let mut conn = s.conn.clone();
+            let ping = redis::cmd("PING");
+            let _ = layer_now
+                .run(
+                    shard,
+                    async move { ping.query_async::<String>(&mut conn).await },
+                )
+                .await;
         }
     }
 }

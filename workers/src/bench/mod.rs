@@ -10,6 +10,7 @@
 mod broadcast;
 mod connect;
 mod echo;
+mod faults;
 mod http;
 pub mod net;
 pub mod payload;
@@ -28,6 +29,7 @@ use tokio::sync::Semaphore;
 pub use broadcast::BroadcastArgs;
 pub use connect::ConnectArgs;
 pub use echo::EchoArgs;
+pub use faults::{Fault, FaultsArgs};
 pub use http::HttpArgs;
 pub use report::Report;
 
@@ -68,6 +70,10 @@ pub enum Mode {
     Connect(ConnectArgs),
     /// HTTP/1.1 keep-alive GET (or POST with --body-size) load, closed loop or fixed rate.
     Http(HttpArgs),
+    /// Redis and process faults under a live broadcast, each on a fresh stack this command
+    /// starts itself (redis-server, 2 serve, 2 worker): sockets dropped, deliveries lost,
+    /// seconds until deliveries resumed.
+    Faults(FaultsArgs),
 }
 
 /// Flags every mode has.
@@ -191,6 +197,7 @@ pub async fn execute(args: BenchArgs) -> anyhow::Result<Report> {
         Mode::Broadcast(a) => broadcast::run(a).await,
         Mode::Connect(a) => connect::run(a).await,
         Mode::Http(a) => http::run(a).await,
+        Mode::Faults(a) => faults::run(a).await,
     }?;
     report.add_client_cpu(cpu_before, started.elapsed());
     Ok(report)
