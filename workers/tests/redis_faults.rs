@@ -487,3 +487,28 @@ async fn a_workers_health_endpoint_follows_the_layer() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_whose_frames_go_nowhere_too_long_is_closed_1011() {
+    let mut redis = RedisServer::start();
+    let server = serve(&redis, &["--layer-outage-close", "1"]);
+    let _worker = worker(&redis);
+    let mut echo = connect(&format!("{}/ws/echo/", server.ws())).await;
+    echo.send(Message::text("up")).await.unwrap();
+    assert_eq!(text_within(&mut echo, WAIT).await.as_deref(), Some("up"));
+    redis.stop();
+    // Every frame is lost now; after a second of that the server says so with 1011.
+    let started = Instant::now();
+    let code = loop {
+        assert!(started.elapsed() < WAIT, "the socket was never closed");
+        if echo.send(Message::text("anyone?")).await.is_err() {
+            break close_code(&mut echo, WAIT).await;
+        }
+        if let Some(code) = close_code(&mut echo, Duration::from_millis(200)).await {
+            break Some(code);
+        }
+    };
+    assert_eq!(code, Some(1011));
+    let (_, metrics) = http_get(&server.base.clone().unwrap(), "/healthz").await;
+    assert!(metrics.contains(r#""layer":"unavailable""#), "{metrics}");
+}
