@@ -192,11 +192,14 @@ pub(crate) async fn handshake(
     };
     let client = HostPortText(&head.client).to_string();
     let path = head.path.clone();
-    let (client_slot, limiter) = match admit_client(&shared, &req, &head, peer, host.as_ref()) {
+    let Admitted {
+        slot: client_slot,
+        limiter,
+    } = match admit_client(&shared, &req, &head, peer, host.as_ref()) {
         Ok(admitted) => admitted,
         Err(refused) => {
             ws_log(&client, "WSREJECT", &path, Some(refused.status().as_u16()));
-            return refused;
+            return *refused;
         }
     };
     if shared.inbox_gone.is_cancelled() {
@@ -326,7 +329,7 @@ fn admit_client(
     head: &RequestHead,
     peer: SocketAddr,
     host: Option<&RequestHost>,
-) -> Result<(Option<ClientSlot>, Option<FrameLimiter>), Response<Body>> {
+) -> Result<Admitted, Box<Response<Body>>> {
     let config = &shared.config;
     let secure = edge::known_scheme(req.headers(), config.proxy_headers);
     if let Err(refusal) = shared
@@ -335,7 +338,10 @@ fn admit_client(
     {
         ServerMetrics::inc(&shared.metrics.origin_rejected);
         tracing::info!(client = %HostPortText(&head.client), path = %head.path, origin = ?req.headers().get(hyper::header::ORIGIN), reason = ?refusal, "handshake refused by the origin policy");
-        return Err(plain(StatusCode::FORBIDDEN, "Origin not allowed\n"));
+        return Err(Box::new(plain(
+            StatusCode::FORBIDDEN,
+            "Origin not allowed\n",
+        )));
     }
     // The forwarded address when proxy headers are trusted (the peer is then the proxy); one
     // that is not an IP address counts as the peer's.
@@ -352,7 +358,7 @@ fn admit_client(
                 );
                 resp.headers_mut()
                     .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return Err(resp);
+                return Err(Box::new(resp));
             }
         }
     } else {
@@ -362,7 +368,14 @@ fn admit_client(
         .ws_rate_limit
         .filter(|_| config.limit_loopback || !client_ip.is_loopback())
         .and_then(|limit| FrameLimiter::new(&limit, Instant::now()));
-    Ok((slot, limiter))
+    Ok(Admitted { slot, limiter })
+}
+
+/// What a handshake the edge admitted carries into its socket.
+struct Admitted {
+    /// Its forwarded client address's slot (behind a proxy), held while the socket is open.
+    slot: Option<ClientSlot>,
+    limiter: Option<FrameLimiter>,
 }
 
 /// The first subprotocol the client offers that the server agrees to.
