@@ -127,19 +127,31 @@ pub struct ServerArgs {
     )]
     pub max_connections_per_ip: usize,
     /// WebSocket messages per second a socket may sustain (0 = no limit).
-    #[arg(long, env = "SWITCHYARD_WS_MESSAGES_PER_SECOND", default_value_t = 20.0)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_WS_MESSAGES_PER_SECOND",
+        default_value_t = 20.0
+    )]
     pub ws_messages_per_second: f64,
     /// WebSocket messages a quiet socket may send at once.
     #[arg(long, env = "SWITCHYARD_WS_MESSAGE_BURST", default_value_t = 50.0)]
     pub ws_message_burst: f64,
     /// WebSocket payload bytes per second a socket may sustain (0 = no limit).
-    #[arg(long, env = "SWITCHYARD_WS_BYTES_PER_SECOND", default_value_t = 65_536.0)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_WS_BYTES_PER_SECOND",
+        default_value_t = 65_536.0
+    )]
     pub ws_bytes_per_second: f64,
     /// WebSocket payload bytes a quiet socket may send at once.
     #[arg(long, env = "SWITCHYARD_WS_BYTE_BURST", default_value_t = 1_048_576.0)]
     pub ws_byte_burst: f64,
     /// Seconds a socket may stay over its rate limit (its frames delayed) before close 1008.
-    #[arg(long, env = "SWITCHYARD_WS_RATE_LIMIT_CLOSE_AFTER", default_value_t = 10.0)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_WS_RATE_LIMIT_CLOSE_AFTER",
+        default_value_t = 10.0
+    )]
     pub ws_rate_limit_close_after: f64,
     /// Apply the per-client limits to loopback clients too (off: a local proxy without
     /// --proxy-headers, or a load test, puts every client on one loopback address).
