@@ -21,12 +21,12 @@ use switchyard_routing::asgi::{
     HTTP_DISCONNECT, HTTP_REQUEST, HttpDisconnect, HttpRequest, HttpRequestBodyChunk, HttpResponse,
 };
 use switchyard_routing::codec;
-use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::ServerMetrics;
 use super::request::{HostPortText, RequestHead};
-use super::{Shared, websocket};
+use super::{ConnectionPermit, Shared, edge, websocket};
 use crate::layer::{LayerError, LocalChannel};
 
 /// Every response body the server produces.
@@ -39,16 +39,42 @@ pub(crate) const ACCESS_LOG: &str = "switchyard::access";
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     peer: SocketAddr,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<ConnectionPermit>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let host = edge::request_host(
+        req.headers(),
+        req.version() >= hyper::Version::HTTP_11,
+        shared.config.proxy_headers,
+    );
     let path = req.uri().path();
-    if path == "/healthz" || path.strip_prefix(shared.config.root_path.as_str()) == Some("/healthz")
-    {
+    let health = path == "/healthz"
+        || path.strip_prefix(shared.config.root_path.as_str()) == Some("/healthz");
+    // Probes name the pod's address, not the site's: `/healthz` skips only the allowed list.
+    let host = match host {
+        Ok(Some(host))
+            if !health && !edge::host_allowed(&shared.config.allowed_hosts, &host.domain) =>
+        {
+            Err(edge::HostError::NotAllowed)
+        }
+        Ok(None) if !health && !edge::host_allowed(&shared.config.allowed_hosts, "") => {
+            Err(edge::HostError::NotAllowed)
+        }
+        other => other,
+    };
+    let host = match host {
+        Ok(host) => host,
+        Err(refusal) => {
+            ServerMetrics::inc(&shared.metrics.host_rejected);
+            tracing::info!(%peer, host = ?req.headers().get(hyper::header::HOST), reason = ?refusal, "request refused for its Host");
+            return Ok(plain(StatusCode::BAD_REQUEST, refusal.text()));
+        }
+    };
+    if health {
         return Ok(healthz(&shared).await);
     }
     if websocket::is_upgrade(&req) {
-        return Ok(websocket::handshake(shared, peer, permit, req).await);
+        return Ok(websocket::handshake(shared, peer, permit, host, req).await);
     }
     Ok(http_request(shared, peer, req).await)
 }

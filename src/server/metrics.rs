@@ -33,6 +33,11 @@ pub struct ServerMetrics {
     pub(crate) bad_replies: AtomicU64,
     pub(crate) ws_disconnects_lost: AtomicU64,
     pub(crate) ws_outage_closes: AtomicU64,
+    pub(crate) host_rejected: AtomicU64,
+    pub(crate) origin_rejected: AtomicU64,
+    pub(crate) per_ip_refused: AtomicU64,
+    pub(crate) ws_frames_throttled: AtomicU64,
+    pub(crate) ws_rate_limit_closes: AtomicU64,
 }
 
 /// A copy of the counters at one instant.
@@ -90,6 +95,18 @@ pub struct ServerMetricsSnapshot {
     pub ws_disconnects_lost: u64,
     /// Sockets closed with 1011 because the layer stayed unreachable past `layer_outage_close`.
     pub ws_outage_closes: u64,
+    /// Requests and handshakes refused with 400 for their `Host` (missing, repeated, malformed
+    /// or not in `allowed_hosts`).
+    pub host_rejected: u64,
+    /// Handshakes refused with 403 by the origin policy (no worker saw them).
+    pub origin_rejected: u64,
+    /// Connections or handshakes refused with 429: their client address held
+    /// `max_connections_per_ip` already.
+    pub per_ip_refused: u64,
+    /// Client frames delayed by their socket's rate limit.
+    pub ws_frames_throttled: u64,
+    /// Sockets closed with 1008 for staying over their rate limit.
+    pub ws_rate_limit_closes: u64,
 }
 
 impl ServerMetrics {
@@ -134,6 +151,11 @@ impl ServerMetrics {
             bad_replies: r(&self.bad_replies),
             ws_disconnects_lost: r(&self.ws_disconnects_lost),
             ws_outage_closes: r(&self.ws_outage_closes),
+            host_rejected: r(&self.host_rejected),
+            origin_rejected: r(&self.origin_rejected),
+            per_ip_refused: r(&self.per_ip_refused),
+            ws_frames_throttled: r(&self.ws_frames_throttled),
+            ws_rate_limit_closes: r(&self.ws_rate_limit_closes),
         }
     }
 }

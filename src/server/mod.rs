@@ -42,7 +42,13 @@
 //!   past `write_timeout` drops the connection. A streamed HTTP response whose chunks overflow the
 //!   queue is cut (the client sees an incomplete body, never a silently corrupted one).
 //! - `/healthz` (under `root_path` too) is answered by the server itself.
+//! - the edge's rules ([`edge`]): a missing (HTTP/1.1), repeated or malformed `Host`, or one
+//!   outside `allowed_hosts` → 400 (`/healthz` skips only the `allowed_hosts` list); a
+//!   handshake whose `Origin` the [`OriginPolicy`] refuses → 403 before any worker hears of it;
+//!   a client address over `max_connections_per_ip` → 429; a socket sending faster than its
+//!   [`FrameRateLimit`] is read more slowly, then closed with 1008 if it keeps on.
 
+mod edge;
 mod http;
 mod metrics;
 mod outbound;
@@ -64,6 +70,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::layer::{Layer, LayerError, ProcessInbox};
 
+pub use edge::{FrameRateLimit, OriginPolicy};
 pub use metrics::{ServerMetrics, ServerMetricsSnapshot};
 
 /// What the server does when a client reads too slowly to keep up with its outbound queue.
@@ -144,6 +151,23 @@ pub struct ServerConfig {
     /// client offers that is listed here is echoed in `Sec-WebSocket-Protocol` (browsers fail a
     /// handshake that offered protocols and got none back). Empty: none is ever selected.
     pub ws_protocols: Vec<String>,
+    /// Hosts requests may name, with Django's `ALLOWED_HOSTS` semantics: `example.com` exactly,
+    /// `.example.com` that domain and its subdomains, `*` any (the default: a reverse proxy
+    /// usually picks the host; set the list when clients reach the server directly). Missing,
+    /// repeated and malformed `Host` headers are refused whatever the list says.
+    pub allowed_hosts: Vec<String>,
+    /// Which origins may open a WebSocket (default: the request's own only).
+    pub origins: OriginPolicy,
+    /// Connections one client address may hold open (0 = no limit). Without `proxy_headers` it
+    /// counts TCP connections per peer address; with them, open WebSockets per forwarded
+    /// client address (the proxy holds the TCP connections).
+    pub max_connections_per_ip: usize,
+    /// Apply the per-client limits (`max_connections_per_ip`, `ws_rate_limit`) to loopback
+    /// clients too. Off by default: a local proxy without `proxy_headers`, or a load test,
+    /// would put every client behind one loopback address.
+    pub limit_loopback: bool,
+    /// Inbound frame limits per socket; `None` = unlimited.
+    pub ws_rate_limit: Option<FrameRateLimit>,
 }
 
 impl Default for ServerConfig {
@@ -176,6 +200,11 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             inbox_prefix: "switchyard.response".to_owned(),
             ws_protocols: Vec::new(),
+            allowed_hosts: vec!["*".to_owned()],
+            origins: OriginPolicy::default(),
+            max_connections_per_ip: 1000,
+            limit_loopback: false,
+            ws_rate_limit: Some(FrameRateLimit::default()),
         }
     }
 }
@@ -221,6 +250,10 @@ pub(crate) struct Shared {
     pub(crate) shutdown_at: std::sync::OnceLock<tokio::time::Instant>,
     /// Bounds the log lines for frames lost to an unreachable layer (one per second).
     pub(crate) lost_frame_log: LogLimiter,
+    /// The compiled origin policy.
+    pub(crate) origins: edge::OriginRules,
+    /// Open connections per client address.
+    pub(crate) client_slots: Arc<edge::ClientSlots>,
 }
 
 /// Lets through at most one log line per second (a Redis outage loses every frame of every
@@ -239,6 +272,15 @@ impl LogLimiter {
             .swap(now, std::sync::atomic::Ordering::Relaxed)
             != now
     }
+}
+
+/// What holds one of the server's connection slots: the `max_connections` permit and, when the
+/// peer address is limited, its per-address slot. Shared by a connection and the socket it
+/// upgrades to; released when the last holder ends.
+#[derive(Debug)]
+pub(crate) struct ConnectionPermit {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _client: Option<edge::ClientSlot>,
 }
 
 impl Shared {
@@ -269,6 +311,7 @@ impl Server {
     /// Checks the configuration and binds the listening socket.
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         check_config(&config)?;
+        edge::OriginRules::new(&config.origins).map_err(ServerError::Config)?;
         let listener =
             TcpListener::bind(config.bind)
                 .await
@@ -318,6 +361,11 @@ impl Server {
             started: Instant::now(),
             shutdown_at: std::sync::OnceLock::new(),
             lost_frame_log: LogLimiter::default(),
+            origins: edge::OriginRules::new(&self.config.origins).map_err(ServerError::Config)?,
+            client_slots: Arc::new(edge::ClientSlots::new(
+                self.config.max_connections_per_ip,
+                self.config.limit_loopback,
+            )),
             config: self.config,
             layer,
             inbox,
@@ -356,11 +404,30 @@ impl Server {
             };
             let _ = tcp.set_nodelay(true);
             ServerMetrics::inc(&shared.metrics.connections_accepted);
+            // Behind a trusted proxy every connection comes from the proxy: the per-client limit
+            // then counts sockets per forwarded address, at the handshake.
+            let client = if shared.config.proxy_headers {
+                None
+            } else {
+                match shared.client_slots.acquire(peer.ip()) {
+                    Ok(slot) => slot,
+                    Err(()) => {
+                        ServerMetrics::inc(&shared.metrics.per_ip_refused);
+                        tracing::info!(%peer, limit = shared.config.max_connections_per_ip, "connection refused: too many from this address");
+                        shared.tracker.spawn(refuse_connection(tcp, REFUSED_PER_IP));
+                        continue;
+                    }
+                }
+            };
             let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
                 ServerMetrics::inc(&shared.metrics.connections_refused);
                 ServerMetrics::inc(&shared.metrics.http_503);
-                shared.tracker.spawn(refuse_connection(tcp));
+                shared.tracker.spawn(refuse_connection(tcp, REFUSED_FULL));
                 continue;
+            };
+            let permit = ConnectionPermit {
+                _permit: permit,
+                _client: client,
             };
             let shared = Arc::clone(&shared);
             let builder = builder.clone();
@@ -402,7 +469,7 @@ async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     shared: &Arc<Shared>,
-    permit: &Arc<tokio::sync::OwnedSemaphorePermit>,
+    permit: &Arc<ConnectionPermit>,
 ) {
     let service_shared = Arc::clone(shared);
     let service_permit = Arc::clone(permit);
@@ -430,11 +497,15 @@ async fn serve_connection(
     }
 }
 
-/// Answers a connection over `max_connections` with a bare 503 and closes it.
-async fn refuse_connection(mut tcp: TcpStream) {
-    const RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 26\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many open connections\n";
+/// The answer to a connection over `max_connections`.
+const REFUSED_FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 26\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many open connections\n";
+/// The answer to a connection over `max_connections_per_ip`.
+const REFUSED_PER_IP: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 39\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many open connections from this IP\n";
+
+/// Answers a refused connection with a bare response and closes it.
+async fn refuse_connection(mut tcp: TcpStream, response: &'static [u8]) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = tcp.write_all(RESPONSE).await;
+        let _ = tcp.write_all(response).await;
         let _ = tcp.shutdown().await;
     })
     .await;
@@ -478,6 +549,22 @@ fn check_config(c: &ServerConfig) -> Result<(), ServerError> {
     }
     if !c.root_path.is_empty() && (!c.root_path.starts_with('/') || c.root_path.ends_with('/')) {
         return bad("root_path must be empty or start with / and not end with /");
+    }
+    if c.allowed_hosts.iter().all(|h| h.trim().is_empty()) {
+        return bad("allowed_hosts must name at least one host (or `*`)");
+    }
+    if let Some(limit) = &c.ws_rate_limit {
+        let rates = [
+            limit.messages_per_second,
+            limit.message_burst,
+            limit.bytes_per_second,
+            limit.byte_burst,
+        ];
+        if rates.iter().any(|r| !r.is_finite() || *r < 0.0) || limit.close_after.is_zero() {
+            return bad(
+                "WebSocket rate limits must be finite and non-negative, and close_after positive",
+            );
+        }
     }
     Ok(())
 }

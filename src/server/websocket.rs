@@ -30,7 +30,6 @@ use switchyard_routing::asgi::{
     WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT, WEBSOCKET_RECEIVE, WebsocketConnect,
     WebsocketDisconnect,
 };
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -38,11 +37,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use super::edge::{self, Admit, ClientSlot, FrameLimiter, RequestHost};
 use super::http::{ACCESS_LOG, Body, empty, plain, unavailable};
 use super::metrics::ServerMetrics;
 use super::outbound::SocketReply;
 use super::request::{HostPortText, RequestHead};
-use super::{Shared, SlowClientPolicy};
+use super::{ConnectionPermit, Shared, SlowClientPolicy};
 use crate::layer::{Envelope, LayerError, LocalChannel};
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
@@ -148,7 +148,8 @@ fn ws_log(client: &str, what: &str, path: &str, code: Option<u16>) {
 pub(crate) async fn handshake(
     shared: Arc<Shared>,
     peer: SocketAddr,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<ConnectionPermit>,
+    host: Option<RequestHost>,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     if req.method() != Method::GET {
@@ -191,6 +192,16 @@ pub(crate) async fn handshake(
     };
     let client = HostPortText(&head.client).to_string();
     let path = head.path.clone();
+    let Admitted {
+        slot: client_slot,
+        limiter,
+    } = match admit_client(&shared, &req, &head, peer, host.as_ref()) {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            ws_log(&client, "WSREJECT", &path, Some(refused.status().as_u16()));
+            return *refused;
+        }
+    };
     if shared.inbox_gone.is_cancelled() {
         ws_log(&client, "WSREJECT", &path, Some(503));
         return unavailable(&shared, "Replies cannot be received\n");
@@ -289,8 +300,10 @@ pub(crate) async fn handshake(
             ping_sent: None,
             dropped_seen: 0,
             losing_since: None,
+            limiter,
         };
         socket.run(ws, first).await;
+        drop(client_slot);
         drop(permit);
     });
     ServerMetrics::inc(&shared.metrics.ws_accepted);
@@ -306,6 +319,64 @@ pub(crate) async fn handshake(
         headers.insert(SEC_WEBSOCKET_PROTOCOL, protocol);
     }
     resp
+}
+
+/// The edge's checks on a handshake, before any worker hears of it: its origin (403), its
+/// client address's open sockets when a proxy holds the TCP connections (429); and the frame
+/// limiter the socket will run with (none for a loopback client unless `limit_loopback`).
+fn admit_client(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    head: &RequestHead,
+    peer: SocketAddr,
+    host: Option<&RequestHost>,
+) -> Result<Admitted, Box<Response<Body>>> {
+    let config = &shared.config;
+    let secure = edge::known_scheme(req.headers(), config.proxy_headers);
+    if let Err(refusal) = shared
+        .origins
+        .check(req.headers(), &head.path, host, secure)
+    {
+        ServerMetrics::inc(&shared.metrics.origin_rejected);
+        tracing::info!(client = %HostPortText(&head.client), path = %head.path, origin = ?req.headers().get(hyper::header::ORIGIN), reason = ?refusal, "handshake refused by the origin policy");
+        return Err(Box::new(plain(
+            StatusCode::FORBIDDEN,
+            "Origin not allowed\n",
+        )));
+    }
+    // The forwarded address when proxy headers are trusted (the peer is then the proxy); one
+    // that is not an IP address counts as the peer's.
+    let client_ip = head.client.0.parse().unwrap_or(peer.ip());
+    let slot = if config.proxy_headers {
+        match shared.client_slots.acquire(client_ip) {
+            Ok(slot) => slot,
+            Err(()) => {
+                ServerMetrics::inc(&shared.metrics.per_ip_refused);
+                tracing::info!(client = %client_ip, limit = config.max_connections_per_ip, "handshake refused: too many sockets from this address");
+                let mut resp = plain(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many open connections from this IP\n",
+                );
+                resp.headers_mut()
+                    .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return Err(Box::new(resp));
+            }
+        }
+    } else {
+        None
+    };
+    let limiter = config
+        .ws_rate_limit
+        .filter(|_| config.limit_loopback || !client_ip.is_loopback())
+        .and_then(|limit| FrameLimiter::new(&limit, Instant::now()));
+    Ok(Admitted { slot, limiter })
+}
+
+/// What a handshake the edge admitted carries into its socket.
+struct Admitted {
+    /// Its forwarded client address's slot (behind a proxy), held while the socket is open.
+    slot: Option<ClientSlot>,
+    limiter: Option<FrameLimiter>,
 }
 
 /// The first subprotocol the client offers that the server agrees to.
@@ -487,6 +558,8 @@ struct Socket {
     dropped_seen: u64,
     /// Since when every frame of this socket was lost to an unreachable layer.
     losing_since: Option<Instant>,
+    /// The socket's inbound rate limit, when it has one.
+    limiter: Option<FrameLimiter>,
 }
 
 /// `websocket.receive`, serialized straight from the frame (no owned copies before msgpack).
@@ -723,10 +796,16 @@ impl Socket {
                 match message {
                     Message::Text(text) => {
                         self.last_activity = now;
+                        if let Some(end) = self.throttle(ws, now, text.len()).await {
+                            return Some(end);
+                        }
                         self.forward(ws, Some(text.as_str()), None).await
                     }
                     Message::Binary(bytes) => {
                         self.last_activity = now;
+                        if let Some(end) = self.throttle(ws, now, bytes.len()).await {
+                            return Some(end);
+                        }
                         self.forward(ws, None, Some(&bytes)).await
                     }
                     Message::Close(frame) => {
@@ -745,6 +824,36 @@ impl Socket {
                 };
                 tracing::debug!(client = %self.client, error = %e, ?end, "socket read failed");
                 Some(end)
+            }
+        }
+    }
+
+    /// Applies the socket's rate limit to a frame of `len` bytes read at `now`: returns at once
+    /// when it is within the limit; otherwise waits as long as the limit says, reading nothing
+    /// (TCP pushes back on the client) while replies keep going out; or, for a socket over its
+    /// limit longer than `close_after`, ends it with 1008 (the frame is not forwarded).
+    async fn throttle(&mut self, ws: &mut Ws, now: Instant, len: usize) -> Option<End> {
+        let wait = match self.limiter.as_mut()?.admit(now, len) {
+            Admit::Now => return None,
+            Admit::After(wait) => wait,
+            Admit::Close => {
+                ServerMetrics::inc(&self.shared.metrics.ws_rate_limit_closes);
+                tracing::info!(client = %self.client, path = %self.path, "client stayed over its rate limit; closing with 1008");
+                return Some(End::ServerClosed(1008));
+            }
+        };
+        ServerMetrics::inc(&self.shared.metrics.ws_frames_throttled);
+        let pause = tokio::time::sleep(wait);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut pause => return None,
+                Some(envelope) = self.local.recv() => {
+                    if let Some(end) = self.write_outgoing(ws, envelope).await {
+                        return Some(end);
+                    }
+                }
             }
         }
     }

@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use switchyard::layer::Layer;
 use switchyard::prometheus::{self, Exposition, Render};
-use switchyard::server::{Server, ServerConfig, ServerMetrics, SlowClientPolicy};
+use switchyard::server::{
+    FrameRateLimit, OriginPolicy, Server, ServerConfig, ServerMetrics, SlowClientPolicy,
+};
 
 use switchyard::worker::{
     DjangoSessionConfig, DjangoSessions, LATENCY_BUCKETS_MS, Worker, WorkerMetrics,
@@ -99,6 +101,66 @@ pub struct ServerArgs {
     /// is closed with 1011 (so its client reconnects).
     #[arg(long, default_value_t = 10.0)]
     pub layer_outage_close: f64,
+    /// Hosts requests may name, comma-separated, as Django's ALLOWED_HOSTS: `example.com`,
+    /// `.example.com` (and its subdomains), `*` (any). Missing, repeated or malformed Host
+    /// headers get 400 whatever this says.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ALLOWED_HOSTS",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub allowed_hosts: Vec<String>,
+    /// Origins allowed to open WebSockets besides the page's own, comma-separated:
+    /// `https://app.example.com`, `https://*.example.com`, `*.example.com`, or `*` (any).
+    #[arg(long, env = "SWITCHYARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Refuse WebSocket handshakes that carry no Origin header (non-browser clients).
+    #[arg(long, env = "SWITCHYARD_REFUSE_MISSING_ORIGIN")]
+    pub refuse_missing_origin: bool,
+    /// WebSocket paths any origin may open (public APIs), comma-separated globs (`*` matches
+    /// anything, e.g. `/ws/public/*`).
+    #[arg(long, env = "SWITCHYARD_PUBLIC_WS_PATHS", value_delimiter = ',')]
+    pub public_ws_paths: Vec<String>,
+    /// Connections one client address may hold open (0 = no limit); behind --proxy-headers,
+    /// WebSockets per forwarded address.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 1000
+    )]
+    pub max_connections_per_ip: usize,
+    /// WebSocket messages per second a socket may sustain (0 = no limit).
+    #[arg(
+        long,
+        env = "SWITCHYARD_WS_MESSAGES_PER_SECOND",
+        default_value_t = 20.0
+    )]
+    pub ws_messages_per_second: f64,
+    /// WebSocket messages a quiet socket may send at once.
+    #[arg(long, env = "SWITCHYARD_WS_MESSAGE_BURST", default_value_t = 50.0)]
+    pub ws_message_burst: f64,
+    /// WebSocket payload bytes per second a socket may sustain (0 = no limit).
+    #[arg(
+        long,
+        env = "SWITCHYARD_WS_BYTES_PER_SECOND",
+        default_value_t = 65_536.0
+    )]
+    pub ws_bytes_per_second: f64,
+    /// WebSocket payload bytes a quiet socket may send at once.
+    #[arg(long, env = "SWITCHYARD_WS_BYTE_BURST", default_value_t = 1_048_576.0)]
+    pub ws_byte_burst: f64,
+    /// Seconds a socket may stay over its rate limit (its frames delayed) before close 1008.
+    #[arg(
+        long,
+        env = "SWITCHYARD_WS_RATE_LIMIT_CLOSE_AFTER",
+        default_value_t = 10.0
+    )]
+    pub ws_rate_limit_close_after: f64,
+    /// Apply the per-client limits to loopback clients too (off: a local proxy without
+    /// --proxy-headers, or a load test, puts every client on one loopback address).
+    #[arg(long, env = "SWITCHYARD_LIMIT_LOOPBACK")]
+    pub limit_loopback: bool,
 }
 
 /// Longest duration a flag accepts (ten years): beyond it deadlines overflow and mean nothing.
@@ -147,8 +209,44 @@ impl ServerArgs {
             ws_protocols: self.ws_protocols.clone(),
             shutdown_grace: secs("shutdown-grace", self.shutdown_grace)?,
             layer_outage_close: secs("layer-outage-close", self.layer_outage_close)?,
+            allowed_hosts: self.allowed_hosts.clone(),
+            origins: OriginPolicy {
+                allowed: self.allowed_origins.clone(),
+                allow_localhost: false,
+                refuse_missing: self.refuse_missing_origin,
+                public_paths: self.public_ws_paths.clone(),
+            },
+            max_connections_per_ip: self.max_connections_per_ip,
+            limit_loopback: self.limit_loopback,
+            ws_rate_limit: self.rate_limit()?,
             ..ServerConfig::default()
         })
+    }
+
+    /// The per-socket frame limit; `None` when both rates are 0.
+    fn rate_limit(&self) -> anyhow::Result<Option<FrameRateLimit>> {
+        let rates = [
+            ("ws-messages-per-second", self.ws_messages_per_second),
+            ("ws-message-burst", self.ws_message_burst),
+            ("ws-bytes-per-second", self.ws_bytes_per_second),
+            ("ws-byte-burst", self.ws_byte_burst),
+        ];
+        for (name, v) in rates {
+            anyhow::ensure!(
+                v.is_finite() && v >= 0.0,
+                "--{name} must be a number >= 0, got {v}"
+            );
+        }
+        if self.ws_messages_per_second == 0.0 && self.ws_bytes_per_second == 0.0 {
+            return Ok(None);
+        }
+        Ok(Some(FrameRateLimit {
+            messages_per_second: self.ws_messages_per_second,
+            message_burst: self.ws_message_burst,
+            bytes_per_second: self.ws_bytes_per_second,
+            byte_burst: self.ws_byte_burst,
+            close_after: secs("ws-rate-limit-close-after", self.ws_rate_limit_close_after)?,
+        }))
     }
 }
 
@@ -345,6 +443,22 @@ fn server_exposition(e: &mut Exposition, m: &ServerMetrics) {
         "switchyard_bad_replies_total",
         "Worker replies that could not be applied.",
         s.bad_replies,
+    )
+    .counter_by(
+        "switchyard_edge_refusals_total",
+        "Requests, handshakes and sockets the edge rules refused, by rule.",
+        "rule",
+        &[
+            ("host", s.host_rejected),
+            ("origin", s.origin_rejected),
+            ("per_ip", s.per_ip_refused),
+            ("rate_limit", s.ws_rate_limit_closes),
+        ],
+    )
+    .counter(
+        "switchyard_ws_frames_throttled_total",
+        "Client frames delayed by their socket's rate limit.",
+        s.ws_frames_throttled,
     );
 }
 
@@ -590,7 +704,10 @@ pub async fn worker(args: WorkerCommandArgs) -> anyhow::Result<()> {
 pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let layer = args.layer.open("memory://").await?;
     let worker = build_worker(&layer, &args.layer.url("memory://"), &args.worker)?;
-    let server = Server::bind(args.server.config()?).await?;
+    let mut config = args.server.config()?;
+    // A front end on its own dev server (another port of localhost) may open sockets here.
+    config.origins.allow_localhost = true;
+    let server = Server::bind(config).await?;
     let token = CancellationToken::new();
     stop_on_signals(token.clone());
     start_metrics(

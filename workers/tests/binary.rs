@@ -42,11 +42,16 @@ async fn next_text(ws: &mut Ws) -> String {
 }
 
 async fn http(base: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_with(base, method, path, body, "").await
+}
+
+/// [`http`] with extra header lines (each ending in `\r\n`).
+async fn http_with(base: &str, method: &str, path: &str, body: &str, extra: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{extra}content-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
@@ -190,6 +195,74 @@ async fn dev_serves_everything_in_one_process() {
     assert_eq!(value("switchyard_layer_channel_full_total"), 0);
     assert!(text.contains("switchyard_consumer_latency_seconds_bucket{le=\"+Inf\"}"));
     assert!(dev.terminate().success(), "dev exits 0 on SIGTERM");
+}
+
+/// Opens `url` with an `Origin` header; the handshake's status (101 when accepted).
+async fn handshake_status(url: &str, origin: &str) -> u16 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("origin", origin.parse().unwrap());
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("handshake in time")
+    {
+        Ok((_, resp)) => resp.status().as_u16(),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("handshake failed: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_refuses_cross_origin_job_posts_and_sockets() {
+    let metrics_port = support::redis_support::free_port();
+    let metrics = format!("--metrics-bind=127.0.0.1:{metrics_port}");
+    let mut dev = Proc::start(&["dev", "--port", "0", "--no-open", &metrics], true);
+    let base = dev.base.clone().unwrap();
+    let ws_base = dev.ws();
+    let own = base.clone();
+    let form = "ticket=ticket-csrf1&text=abc&rounds=1";
+
+    // A form on another site posting into the job queue: refused, and no job runs.
+    let mut page = connect(&format!("{ws_base}/ws/jobs/ticket-csrf1/")).await;
+    for extra in [
+        "origin: http://evil.example\r\n",
+        "origin: null\r\n",
+        "sec-fetch-site: cross-site\r\n",
+        "referer: http://evil.example/attack.html\r\n",
+    ] {
+        let (status, body) = http_with(&base, "POST", "/jobs/", form, extra).await;
+        assert_eq!(status, 403, "{extra}: {body}");
+        assert!(body.starts_with("Forbidden (CSRF check failed)"), "{body}");
+    }
+    // The page's own post is accepted, and its socket hears only that one job.
+    let (status, body) =
+        http_with(&base, "POST", "/jobs/", form, &format!("origin: {own}\r\n")).await;
+    assert_eq!(status, 202, "{body}");
+    let accepted: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let done: serde_json::Value = serde_json::from_str(&next_text(&mut page).await).unwrap();
+    assert_eq!(done["job"], accepted["job"]);
+
+    // Sockets: another site's page is refused at the edge; the page's own origin and, under
+    // `dev`, a front end on another localhost port are accepted.
+    let chat = format!("{ws_base}/ws/chat/lobby/");
+    assert_eq!(handshake_status(&chat, "http://evil.example").await, 403);
+    assert_eq!(handshake_status(&chat, &own).await, 101);
+    assert_eq!(handshake_status(&chat, "http://localhost:5173").await, 101);
+    let (_, text) = http(
+        &format!("http://127.0.0.1:{metrics_port}"),
+        "GET",
+        "/metrics",
+        "",
+    )
+    .await;
+    assert!(
+        text.lines()
+            .any(|l| l == "switchyard_edge_refusals_total{rule=\"origin\"} 1"),
+        "{text}"
+    );
+    assert!(dev.terminate().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,9 @@
 //! The background-job demo: `POST /jobs/` puts a job on the task channel `jobs.digest` and answers
 //! 202 at once; a worker routed to that channel computes an iterated SHA-256 of the text (real but
 //! light CPU work, off the async threads) and reports to the group `jobs-<ticket>`, which the page
-//! that started it joined over its WebSocket `/ws/jobs/<ticket>/`.
+//! that started it joined over its WebSocket `/ws/jobs/<ticket>/`. The route wraps [`start`] in
+//! `csrf_protect` (see `super::routes`): a post from another site's page gets 403, so it cannot
+//! start jobs that report to someone else's ticket.
 
 use std::time::Instant;
 

@@ -19,7 +19,7 @@ use switchyard_routing::asgi::{
 };
 use switchyard_routing::consumer::{ConsumerError, Ctx};
 use switchyard_routing::router::{RouteError, Router, route};
-use switchyard_routing::{Message, route_class};
+use switchyard_routing::{Message, csrf_protect, route_class};
 
 /// Room names: what the chat URL accepts (and what fits in a group name).
 pub const ROOM_PATTERN: &str = "[A-Za-z0-9_-]{1,50}";
@@ -38,7 +38,8 @@ pub fn routes(layer: Layer) -> Result<Router, RouteError> {
         route(HTTP_REQUEST, pages::jobs_page)
             .path("^/jobs/$")
             .method("^(?:GET|HEAD)$"),
-        route(HTTP_REQUEST, jobs::start)
+        // State-changing: a cross-origin post (a form on another site) gets 403.
+        route(HTTP_REQUEST, csrf_protect(jobs::start))
             .path("^/jobs/$")
             .method("^POST$"),
         route(HTTP_REQUEST, pages::asset)
