@@ -32,6 +32,8 @@ pub struct ServerMetrics {
     pub(crate) ping_timeouts: AtomicU64,
     pub(crate) bad_replies: AtomicU64,
     pub(crate) ws_disconnects_lost: AtomicU64,
+    pub(crate) backpressure_waits: AtomicU64,
+    pub(crate) backpressure_refusals: AtomicU64,
 }
 
 /// A copy of the counters at one instant.
@@ -87,6 +89,13 @@ pub struct ServerMetricsSnapshot {
     /// `websocket.disconnect` messages still refused by the layer (full or unreachable) when
     /// their retries ran out: those consumers never learn the socket closed.
     pub ws_disconnects_lost: u64,
+    /// Messages for a server-fed channel (`http.request`, `websocket.connect`,
+    /// `websocket.receive`, a body chunk) that found it full and waited for room (the socket's
+    /// reader paused meanwhile).
+    pub backpressure_waits: u64,
+    /// Of those, the ones still refused when `backpressure_timeout` ran out: the socket was
+    /// closed with 1013 or the request or handshake answered 503.
+    pub backpressure_refusals: u64,
 }
 
 impl ServerMetrics {
@@ -130,6 +139,8 @@ impl ServerMetrics {
             ping_timeouts: r(&self.ping_timeouts),
             bad_replies: r(&self.bad_replies),
             ws_disconnects_lost: r(&self.ws_disconnects_lost),
+            backpressure_waits: r(&self.backpressure_waits),
+            backpressure_refusals: r(&self.backpressure_refusals),
         }
     }
 }

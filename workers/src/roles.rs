@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use switchyard::layer::Layer;
+use switchyard::layer::{DEFAULT_BACKPRESSURE_TIMEOUT, Layer};
 use switchyard::prometheus::{self, Exposition, Render};
 use switchyard::server::{Server, ServerConfig, ServerMetrics, SlowClientPolicy};
 
@@ -83,6 +83,10 @@ pub struct ServerArgs {
     /// Messages buffered per connection on their way to the socket.
     #[arg(long, default_value_t = 64)]
     pub outbound_queue: usize,
+    /// Seconds a client's message waits for room in a full server-fed channel (its reading
+    /// paused, so TCP pushes back) before the socket is closed 1013 or the request answered 503.
+    #[arg(long, env = "SWITCHYARD_BACKPRESSURE_TIMEOUT", default_value_t = DEFAULT_BACKPRESSURE_TIMEOUT.as_secs_f64())]
+    pub backpressure_timeout: f64,
     /// What to do when a client reads too slowly for its outbound queue.
     #[arg(long, value_enum, default_value_t = SlowClient::Close)]
     pub slow_client: SlowClient,
@@ -140,6 +144,7 @@ impl ServerArgs {
                 SlowClient::Close => SlowClientPolicy::Close1013,
             },
             proxy_headers: self.proxy_headers,
+            backpressure_timeout: secs("backpressure-timeout", self.backpressure_timeout)?,
             ws_protocols: self.ws_protocols.clone(),
             shutdown_grace: secs("shutdown-grace", self.shutdown_grace)?,
             ..ServerConfig::default()
