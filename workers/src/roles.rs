@@ -19,8 +19,43 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::LayerArgs;
 
+/// Default `--concurrency` of a worker process.
+pub const DEFAULT_CONCURRENCY: usize = 256;
+
 /// Default layer for `serve` and `worker`.
 pub const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379/0";
+
+/// The commands, as far as their default runtime threads go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `serve`: every socket of the process on one runtime.
+    Serve,
+    /// `dev`: server and workers in one process.
+    Dev,
+    /// `worker`.
+    Worker,
+    /// The small commands and `bench` (a multi-thread runtime, as before).
+    Tool,
+}
+
+/// Machines with at most this many CPUs run `serve` and `dev` on one runtime thread by default.
+const SHARED_CORES: usize = 2;
+
+/// Default runtime threads of `role` on a machine with `cpus` CPUs (0 = one per CPU).
+///
+/// A worker's work is Redis round trips: one thread per process carries as much as two and
+/// wakes no other thread per message, and more workers are more processes (runworker's way).
+/// `serve` holds every socket of its process, so on a bigger machine it gets every core; on
+/// 2 cores, shared with Redis and the workers, one thread did more: echo1000 with serve on one
+/// thread per CPU fell from ~35k to ~26–29k echoes/s (BENCHMARKS.md, series K and the section
+/// "Defaults, backpressure and ordering").
+pub fn default_threads(role: Role, cpus: usize) -> usize {
+    match role {
+        Role::Worker => 1,
+        Role::Serve | Role::Dev if cpus <= SHARED_CORES => 1,
+        Role::Serve | Role::Dev | Role::Tool => 0,
+    }
+}
 
 /// What to do with a client too slow to read its messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -155,11 +190,12 @@ impl ServerArgs {
 /// Worker flags (shared by `worker` and `dev`).
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
-    /// Messages this process runs at once; one receive loop pops at most this many per batch (at
-    /// most 64). A message holds its slot until its replies are written to Redis, so one
-    /// process carries at most this many per Redis round trip or two: with 1,000 sockets
-    /// echoing on a 2-core machine, 8 gave 21–28k echoes/s, 32 42–46k, 64 47–51k.
-    #[arg(long, env = "SWITCHYARD_CONCURRENCY", default_value_t = 64)]
+    /// Messages this process runs at once; one receive loop pops at most 64 per batch. A message
+    /// holds its slot until its replies are written to Redis, so one process carries at most
+    /// this many per Redis round trip or two: with 1,000 sockets echoing on a 2-core machine, 8
+    /// gave 21–28k echoes/s, 32 42–46k, 64 47–51k; 256 as much as 64 at a sixth less Redis CPU
+    /// per echo, and room for strictly ordered connections waiting their turn.
+    #[arg(long, env = "SWITCHYARD_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
     /// Only listen on channels matching these globs (repeatable, e.g. 'websocket.*').
     #[arg(long = "only-channels", value_name = "GLOB")]
@@ -649,6 +685,16 @@ mod tests {
             django_session_redis(&explicit, "memory://").unwrap(),
             "redis://cache/1"
         );
+    }
+
+    #[test]
+    fn default_threads_per_role() {
+        assert_eq!(default_threads(Role::Worker, 2), 1);
+        assert_eq!(default_threads(Role::Worker, 64), 1);
+        assert_eq!(default_threads(Role::Serve, 2), 1);
+        assert_eq!(default_threads(Role::Dev, 1), 1);
+        assert_eq!(default_threads(Role::Serve, 8), 0);
+        assert_eq!(default_threads(Role::Tool, 2), 0);
     }
 
     #[test]
