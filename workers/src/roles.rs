@@ -352,6 +352,15 @@ fn server_exposition(e: &mut Exposition, m: &ServerMetrics) {
         "Sockets closed 1013 because websocket.receive was full.",
         s.ws_receive_full_closes,
     )
+    .counter_by(
+        "switchyard_backpressure_total",
+        "Client messages that found a server-fed channel full: waited for room (reading paused), and refused past --backpressure-timeout (1013 or 503).",
+        "outcome",
+        &[
+            ("waited", s.backpressure_waits),
+            ("refused", s.backpressure_refusals),
+        ],
+    )
     .counter(
         "switchyard_slow_client_drops_total",
         "Messages dropped for clients reading too slowly.",
