@@ -12,7 +12,10 @@
 #               worker (echo in the socket task, in-process rooms): what the machine allows at all;
 #   tuned:      switchyard with the settings this script used before the binary's defaults were
 #               measured (every process on 1 runtime thread, worker concurrency 256, capacity
-#               10000 for every channel), to compare the defaults against in the same series.
+#               10000 for every channel), to compare the defaults against in the same series;
+#   old:        switchyard with the binary's defaults before they were measured (one runtime
+#               thread per CPU, worker concurrency 64, capacity 100 everywhere, a full
+#               websocket.receive retried for 0.5 s before 1013).
 # Switchyard runs with the binary's own defaults (threads, concurrency, capacities) unless
 # --threads, --serve-threads, --concurrency or --capacity say otherwise.
 # runs `switchyard bench` against it (every scenario bounded in time and in count, loopback
@@ -50,6 +53,7 @@ CAPACITY=""
 PEER=none
 SCENARIOS="echo1 echo1000 bcast1k bcast10k sustained idle http http128 http256"
 DURATION=10
+RELAY_RATE=30
 IDLE_CONNECTIONS=""
 OUT_DIR=target/bench-results
 
@@ -74,6 +78,7 @@ Flags:
                     bare (examples/floor_server.rs: no layer, no worker: the machine's floor)
   --scenarios LIST  comma-separated subset of: $SCENARIOS
   --duration S      seconds of load per scenario (default $DURATION)
+  --relay-rate R    frames/s each socket relays in relay1000 and relay1000u (default $RELAY_RATE)
   --idle N          connections held in the idle scenario (default: what the fd limit allows)
   --run-offset N    number this invocation's runs from N+1 (to add runs to an earlier series)
   --out DIR         results directory (default $OUT_DIR)
@@ -92,6 +97,7 @@ while [ $# -gt 0 ]; do
     --peer) PEER="$2"; shift 2 ;;
     --scenarios) SCENARIOS="${2//,/ }"; shift 2 ;;
     --duration) DURATION="$2"; shift 2 ;;
+    --relay-rate) RELAY_RATE="$2"; shift 2 ;;
     --idle) IDLE_CONNECTIONS="$2"; shift 2 ;;
     --run-offset) RUN_OFFSET="$2"; shift 2 ;;
     --out) OUT_DIR="$2"; shift 2 ;;
@@ -102,7 +108,7 @@ done
 PEERS=()
 if [ "$PEER" != none ]; then
   for p in ${PEER//,/ }; do
-    case "$p" in django|dev|bare|tuned) PEERS+=("$p") ;; *) echo "--peer takes django, dev, bare, tuned (comma-separated) or none" >&2; exit 2 ;; esac
+    case "$p" in django|dev|bare|tuned|old) PEERS+=("$p") ;; *) echo "--peer takes django, dev, bare, tuned, old (comma-separated) or none" >&2; exit 2 ;; esac
   done
 fi
 has_peer() { local p; for p in "${PEERS[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
@@ -182,7 +188,8 @@ start_redis() {
 # the settings this script used before the defaults were measured.
 opt_flags() {
   local role="$1" tuned="${2:-}" threads concurrency capacity
-  if [ -n "$tuned" ]; then threads=1; concurrency=256; capacity=10000
+  if [ "$tuned" = tuned ]; then threads=1; concurrency=256; capacity=10000
+  elif [ "$tuned" = old ]; then threads=0; concurrency=64; capacity=100
   else threads="$THREADS"; concurrency="$CONCURRENCY"; capacity="$CAPACITY"; fi
   if [ "$role" = serve ] && [ -z "$tuned" ] && [ -n "$SERVE_THREADS" ]; then threads="$SERVE_THREADS"; fi
   FLAGS=()
@@ -190,6 +197,8 @@ opt_flags() {
   FLAGS+=("$role")
   if [ -n "$capacity" ]; then FLAGS+=(--capacity "$capacity"); fi
   if [ "$role" != serve ] && [ -n "$concurrency" ]; then FLAGS+=(--concurrency "$concurrency"); fi
+  if [ "$tuned" = old ]; then FLAGS+=(--server-capacity 100); fi
+  if [ "$tuned" = old ] && [ "$role" = serve ]; then FLAGS+=(--backpressure-timeout 0.5); fi
 }
 
 start_switchyard() {
@@ -255,6 +264,7 @@ start_stack() {
   case "$1" in
     switchyard) start_switchyard "$2" ;;
     tuned) start_switchyard "$2" tuned ;;
+    old) start_switchyard "$2" old ;;
     django) start_django "$2" ;;
     dev) start_dev "$2" ;;
     bare) start_bare "$2" ;;
@@ -281,7 +291,7 @@ measure() {
 scenario() {
   local stack="$1" name="$2" run="$3"; shift 3
   log "$stack $name run $run (load $(cut -d' ' -f1 /proc/loadavg))"
-  if ! start_stack "$stack" "$name-$run"; then
+  if ! start_stack "$stack" "$stack-$name-$run"; then
     log "  -> the $stack stack did not start; scenario skipped (logs in $LOGS)"
     cleanup
     LAST_VERDICT='{"rc": -1, "ok": null}'
@@ -363,12 +373,12 @@ run_scenario() {
         --url "ws://127.0.0.1:@PORT@/ws/echo/" -c "$IDLE" --hold "$d" --connect-timeout 60 \
         --connect-concurrency "$cc" ;;
     relay1000|relay1000u)
-      # 1,000 sockets, each alone in its room, each relaying 30 frames/s to itself (30,000/s
-      # offered), ordered (/ws/relay/) or not (/ws/relay-unordered/).
+      # 1,000 sockets, each alone in its room, each relaying --relay-rate frames/s to itself
+      # (30: 30,000/s offered), ordered (/ws/relay/) or not (/ws/relay-unordered/).
       local route=relay
       if [ "$name" = relay1000u ]; then route=relay-unordered; fi
       scenario "$stack" "$name" "$run" 180 -- broadcast --url "ws://127.0.0.1:@PORT@/ws/$route/{room}/" \
-        -c 1000 --rooms 1000 --senders 1000 --rate 30 -d "$d" -n 1000000 --settle 1 --connect-concurrency "$cc" ;;
+        -c 1000 --rooms 1000 --senders 1000 --rate "$RELAY_RATE" -d "$d" -n 1000000 --settle 1 --connect-concurrency "$cc" ;;
     http|http128|http256)
       # Keep-alive GETs of the 2 KB chat page on 64, 128 or 256 connections: the targets ask for
       # a rate at a p99, and in a closed loop the connection count sets where on that curve the
