@@ -46,9 +46,10 @@ const SHARED_CORES: usize = 2;
 /// A worker's work is Redis round trips: one thread per process carries as much as two and
 /// wakes no other thread per message, and more workers are more processes (runworker's way).
 /// `serve` holds every socket of its process, so on a bigger machine it gets every core; on
-/// 2 cores, shared with Redis and the workers, one thread did more: echo1000 with serve on one
-/// thread per CPU fell from ~35k to ~26–29k echoes/s (BENCHMARKS.md, series K and the section
-/// "Defaults, backpressure and ordering").
+/// 2 cores shared with Redis and the workers, a second thread per process only adds
+/// cross-thread wake-ups: the previous defaults (one thread per CPU everywhere, concurrency 64,
+/// capacity 100) cost 1.7× the CPU per echo at 1,000 sockets (BENCHMARKS.md, "Defaults,
+/// backpressure and ordering"; the threads' share of that was not measured apart).
 pub fn default_threads(role: Role, cpus: usize) -> usize {
     match role {
         Role::Worker => 1,
