@@ -9,7 +9,15 @@
 #               Channels 4 + channels_redis), from a venv under target/peer-venv;
 #   dev:        `switchyard dev` (interface server and worker in one process, in-memory layer);
 #   bare:       examples/floor_server.rs, serve's HTTP/WebSocket stack with no layer and no
-#               worker (echo in the socket task, in-process rooms): what the machine allows at all.
+#               worker (echo in the socket task, in-process rooms): what the machine allows at all;
+#   tuned:      switchyard with the settings this script used before the binary's defaults were
+#               measured (every process on 1 runtime thread, worker concurrency 256, capacity
+#               10000 for every channel), to compare the defaults against in the same series;
+#   old:        switchyard with the binary's defaults before they were measured (one runtime
+#               thread per CPU, worker concurrency 64, capacity 100 everywhere, a full
+#               websocket.receive retried for 0.5 s before 1013).
+# Switchyard runs with the binary's own defaults (threads, concurrency, capacities) unless
+# --threads, --serve-threads, --concurrency or --capacity say otherwise.
 # runs `switchyard bench` against it (every scenario bounded in time and in count, loopback
 # only), records per process (serve, each worker, daphne, redis-server, the bench client) CPU
 # seconds and peak RSS (scripts/bench_measure.py), stops the stack, and at the end writes
@@ -20,9 +28,13 @@
 #   scripts/bench.sh --peer django           # the same loads against Django Channels 4 too
 #   scripts/bench.sh --runs 5 --workers 1 --scenarios echo1,http --peer django
 #   scripts/bench.sh --peer django,dev,bare  # every stack, interleaved, in one series
+#   scripts/bench.sh --peer tuned --scenarios echo1000        # defaults vs the old tuned flags
+#   scripts/bench.sh --workers 2 --scenarios relay1000,relay1000u  # the cost of strict ordering
 #
-# Scenarios (default: all): echo1 echo1000 bcast1k bcast10k sustained idle http (64 connections)
-# http128 http256.
+# Scenarios (default: all but relay1000 and relay1000u): echo1 echo1000 bcast1k bcast10k
+# sustained idle http (64 connections) http128 http256; relay1000 (1,000 sockets, each alone in
+# its /ws/relay/ room, relaying 30 frames/s to itself: per-connection ordering on) and
+# relay1000u (the same on /ws/relay-unordered/: ordering off).
 # The Django peer runs the same loads except idle (daphne's own figure is in
 # shared/reference/peer-django-channels.md), with a handshake concurrency of 50 (daphne's
 # listen backlog).
@@ -31,15 +43,17 @@ cd "$(dirname "$0")/.."
 
 RUNS=3
 WORKERS=1
-CONCURRENCY=256
-THREADS=1
+# Empty: the binary's default.
+CONCURRENCY=""
+THREADS=""
 SERVE_THREADS=""
 CLIENT_THREADS=1
 RUN_OFFSET=0
-CAPACITY=10000
+CAPACITY=""
 PEER=none
 SCENARIOS="echo1 echo1000 bcast1k bcast10k sustained idle http http128 http256"
 DURATION=10
+RELAY_RATE=30
 IDLE_CONNECTIONS=""
 OUT_DIR=target/bench-results
 
@@ -49,21 +63,22 @@ usage() {
 Flags:
   --runs N          runs of every scenario (default $RUNS); the table shows medians (min-max)
   --workers N       switchyard worker processes (default $WORKERS)
-  --concurrency N   messages run at once per worker process (default $CONCURRENCY)
-  --threads N       runtime threads of serve and each worker (default $THREADS: on 2 cores shared
-                    by serve, workers, Redis and the client, one thread per process wakes fewer
-                    threads per message; 0 = one per CPU, the binary's default)
+  --concurrency N   messages run at once per worker process (default: the binary's)
+  --threads N       runtime threads of serve and each worker (default: the binary's, which is 1
+                    per process on a 2-core machine; 0 = one per CPU)
   --serve-threads N runtime threads of serve only (default: --threads)
   --client-threads N runtime threads of the load client, `switchyard bench` (default $CLIENT_THREADS,
                     for every stack: one thread cost ~20 % less client CPU per echo than two here
                     and left serve more of the 2 cores; 0 = one per CPU, the tool's default)
-  --capacity N      channel capacity for serve and workers (default $CAPACITY: Channels' 100 is
-                    less than the 1,000 messages echo1000 keeps in flight)
+  --capacity N      channel capacity for serve and workers (default: the binary's, 100 for
+                    channels in general and --server-capacity 10000 for the channels every
+                    connection shares)
   --peer LIST       also run every load against these stacks, interleaved (comma-separated):
                     django (Django Channels 4), dev (switchyard dev, in-memory layer),
                     bare (examples/floor_server.rs: no layer, no worker: the machine's floor)
   --scenarios LIST  comma-separated subset of: $SCENARIOS
   --duration S      seconds of load per scenario (default $DURATION)
+  --relay-rate R    frames/s each socket relays in relay1000 and relay1000u (default $RELAY_RATE)
   --idle N          connections held in the idle scenario (default: what the fd limit allows)
   --run-offset N    number this invocation's runs from N+1 (to add runs to an earlier series)
   --out DIR         results directory (default $OUT_DIR)
@@ -82,6 +97,7 @@ while [ $# -gt 0 ]; do
     --peer) PEER="$2"; shift 2 ;;
     --scenarios) SCENARIOS="${2//,/ }"; shift 2 ;;
     --duration) DURATION="$2"; shift 2 ;;
+    --relay-rate) RELAY_RATE="$2"; shift 2 ;;
     --idle) IDLE_CONNECTIONS="$2"; shift 2 ;;
     --run-offset) RUN_OFFSET="$2"; shift 2 ;;
     --out) OUT_DIR="$2"; shift 2 ;;
@@ -92,7 +108,7 @@ done
 PEERS=()
 if [ "$PEER" != none ]; then
   for p in ${PEER//,/ }; do
-    case "$p" in django|dev|bare) PEERS+=("$p") ;; *) echo "--peer takes django, dev, bare (comma-separated) or none" >&2; exit 2 ;; esac
+    case "$p" in django|dev|bare|tuned|old) PEERS+=("$p") ;; *) echo "--peer takes django, dev, bare, tuned, old (comma-separated) or none" >&2; exit 2 ;; esac
   done
 fi
 has_peer() { local p; for p in "${PEERS[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
@@ -168,19 +184,39 @@ start_redis() {
   wait_for redis-server 10 redis-cli -p "$REDIS_PORT" ping
 }
 
+# Flags for the settings given on the command line (none: the binary's defaults); with "tuned",
+# the settings this script used before the defaults were measured.
+opt_flags() {
+  local role="$1" tuned="${2:-}" threads concurrency capacity
+  if [ "$tuned" = tuned ]; then threads=1; concurrency=256; capacity=10000
+  elif [ "$tuned" = old ]; then threads=0; concurrency=64; capacity=100
+  else threads="$THREADS"; concurrency="$CONCURRENCY"; capacity="$CAPACITY"; fi
+  if [ "$role" = serve ] && [ -z "$tuned" ] && [ -n "$SERVE_THREADS" ]; then threads="$SERVE_THREADS"; fi
+  FLAGS=()
+  if [ -n "$threads" ]; then FLAGS+=(--threads "$threads"); fi
+  FLAGS+=("$role")
+  if [ -n "$capacity" ]; then FLAGS+=(--capacity "$capacity"); fi
+  if [ "$role" != serve ] && [ -n "$concurrency" ]; then FLAGS+=(--concurrency "$concurrency"); fi
+  if [ "$tuned" = old ]; then FLAGS+=(--server-capacity 100); fi
+  if [ "$tuned" = old ] && [ "$role" = serve ]; then FLAGS+=(--backpressure-timeout 0.5); fi
+}
+
 start_switchyard() {
+  local tuned="${2:-}"
   STACK_PROCS=()
   start_redis "$1"
   HTTP_PORT="$(free_port)"
   local layer="redis://127.0.0.1:$REDIS_PORT/0"
   # --log warn: no access log line per request (daphne runs with -v 0 likewise).
-  "$BIN" --threads "${SERVE_THREADS:-$THREADS}" serve --layer "$layer" --capacity "$CAPACITY" --port "$HTTP_PORT" --max-connections 20000 --log warn \
+  opt_flags serve "$tuned"
+  "$BIN" "${FLAGS[@]}" --layer "$layer" --port "$HTTP_PORT" --max-connections 20000 --log warn \
     > "$LOGS/serve-$1.log" 2>&1 &
   PIDS+=($!)
   STACK_PROCS+=("serve=$!")
   local i
+  opt_flags worker "$tuned"
   for i in $(seq 1 "$WORKERS"); do
-    "$BIN" --threads "$THREADS" worker --layer "$layer" --capacity "$CAPACITY" --concurrency "$CONCURRENCY" --log warn > "$LOGS/worker$i-$1.log" 2>&1 &
+    "$BIN" "${FLAGS[@]}" --layer "$layer" --log warn > "$LOGS/worker$i-$1.log" 2>&1 &
     PIDS+=($!)
     STACK_PROCS+=("worker$i=$!")
   done
@@ -192,8 +228,9 @@ start_dev() {
   STACK_PROCS=()
   HTTP_PORT="$(free_port)"
   # serve's and the worker's flags, one process; named serve in the tables (it is the server).
-  "$BIN" --threads "${SERVE_THREADS:-$THREADS}" dev --no-open --capacity "$CAPACITY" --port "$HTTP_PORT" \
-    --max-connections 20000 --concurrency "$CONCURRENCY" --log warn > "$LOGS/dev-$1.log" 2>&1 &
+  opt_flags dev
+  "$BIN" "${FLAGS[@]}" --no-open --port "$HTTP_PORT" \
+    --max-connections 20000 --log warn > "$LOGS/dev-$1.log" 2>&1 &
   PIDS+=($!)
   STACK_PROCS+=("serve=$!")
   wait_for "dev /healthz" 20 curl -fsS "http://127.0.0.1:$HTTP_PORT/healthz"
@@ -204,7 +241,7 @@ start_bare() {
   STACK_PROCS=()
   HTTP_PORT="$(free_port)"
   # The same page size as the reference app's GET / (workers/static/index.html).
-  "$FLOOR_BIN" --port "$HTTP_PORT" --threads "${SERVE_THREADS:-$THREADS}" \
+  "$FLOOR_BIN" --port "$HTTP_PORT" --threads "${SERVE_THREADS:-${THREADS:-1}}" \
     --page-bytes "$(wc -c < workers/static/index.html)" > "$LOGS/bare-$1.log" 2>&1 &
   PIDS+=($!)
   STACK_PROCS+=("serve=$!")
@@ -226,6 +263,8 @@ start_django() {
 start_stack() {
   case "$1" in
     switchyard) start_switchyard "$2" ;;
+    tuned) start_switchyard "$2" tuned ;;
+    old) start_switchyard "$2" old ;;
     django) start_django "$2" ;;
     dev) start_dev "$2" ;;
     bare) start_bare "$2" ;;
@@ -252,7 +291,7 @@ measure() {
 scenario() {
   local stack="$1" name="$2" run="$3"; shift 3
   log "$stack $name run $run (load $(cut -d' ' -f1 /proc/loadavg))"
-  if ! start_stack "$stack" "$name-$run"; then
+  if ! start_stack "$stack" "$stack-$name-$run"; then
     log "  -> the $stack stack did not start; scenario skipped (logs in $LOGS)"
     cleanup
     LAST_VERDICT='{"rc": -1, "ok": null}'
@@ -333,6 +372,13 @@ run_scenario() {
       scenario "$stack" idle "$run" 300 --param connections="$IDLE" -- connect \
         --url "ws://127.0.0.1:@PORT@/ws/echo/" -c "$IDLE" --hold "$d" --connect-timeout 60 \
         --connect-concurrency "$cc" ;;
+    relay1000|relay1000u)
+      # 1,000 sockets, each alone in its room, each relaying --relay-rate frames/s to itself
+      # (30: 30,000/s offered), ordered (/ws/relay/) or not (/ws/relay-unordered/).
+      local route=relay
+      if [ "$name" = relay1000u ]; then route=relay-unordered; fi
+      scenario "$stack" "$name" "$run" 180 -- broadcast --url "ws://127.0.0.1:@PORT@/ws/$route/{room}/" \
+        -c 1000 --rooms 1000 --senders 1000 --rate "$RELAY_RATE" -d "$d" -n 1000000 --settle 1 --connect-concurrency "$cc" ;;
     http|http128|http256)
       # Keep-alive GETs of the 2 KB chat page on 64, 128 or 256 connections: the targets ask for
       # a rate at a p99, and in a closed loop the connection count sets where on that curve the
@@ -352,7 +398,7 @@ STACKS=(switchyard "${PEERS[@]}")
   echo "memory: $(free -g | awk '/Mem:/ {print $2" GiB"}')"
   echo "redis: $(redis-server --version)"
   echo "open files: soft $(ulimit -Sn), hard $(ulimit -Hn)"
-  echo "threads: serve ${SERVE_THREADS:-$THREADS}, workers $THREADS, client $CLIENT_THREADS; workers: $WORKERS x concurrency $CONCURRENCY; capacity: $CAPACITY; runs: $RUNS; duration: ${DURATION}s; scenarios: $SCENARIOS; stacks: ${STACKS[*]}"
+  echo "threads: serve ${SERVE_THREADS:-${THREADS:-default}}, workers ${THREADS:-default}, client $CLIENT_THREADS; workers: $WORKERS x concurrency ${CONCURRENCY:-default}; capacity: ${CAPACITY:-default}; runs: $RUNS; duration: ${DURATION}s; scenarios: $SCENARIOS; stacks: ${STACKS[*]}"
   echo "uptime at start: $(uptime)"
 } > "$OUT_DIR/bench-$STAMP-machine.txt"
 cat "$OUT_DIR/bench-$STAMP-machine.txt" >&2

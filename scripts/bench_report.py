@@ -138,6 +138,7 @@ COLUMNS = {
              ("p99 µs", bench("latency_us", "p99")), ("errors", lambda r: sum((dig(r.get("bench") or {}, "errors") or {}).values()))],
 }
 COLUMNS["http128"] = COLUMNS["http256"] = COLUMNS["http"]
+COLUMNS["relay1000"] = COLUMNS["relay1000u"] = COLUMNS["bcast1k"]
 PROC_COLUMNS = ["serve", "worker", "daphne", "redis", "client"]
 
 
@@ -146,7 +147,8 @@ def messages(r):
     return b.get("received") or b.get("completed") or 0
 
 
-ORDER = ["echo1", "echo1000", "bcast1k", "bcast10k", "sustained", "idle", "http", "http128", "http256"]
+ORDER = ["echo1", "echo1000", "bcast1k", "bcast10k", "sustained", "idle", "http", "http128", "http256",
+         "relay1000", "relay1000u"]
 
 
 def sustained_best(records, stack):
@@ -173,7 +175,7 @@ def report(paths, machine):
     if machine:
         with open(machine) as f:
             w("```\n" + f.read().rstrip() + "\n```\n")
-    stacks = [s for s in ("switchyard", "dev", "bare", "django")
+    stacks = [s for s in ("switchyard", "tuned", "old", "dev", "bare", "django")
               if any(r["stack"] == s for r in records)]
     w("Every figure: median over runs (min–max). Latencies in µs.\n")
     for scen in ORDER:

@@ -375,10 +375,11 @@ async fn concurrent_sends_keep_order_and_capacity(b: Backend) {
 }
 
 async fn capacity_process(b: Backend) {
+    // A process inbox is shared by every connection of its server: it takes the server capacity.
     let f = Fixture::new(
         b,
         LayerSettings {
-            capacity: 5,
+            server_capacity: 5,
             ..Default::default()
         },
     )

@@ -315,7 +315,7 @@ async fn body_channel_that_stays_full_is_503() {
             max_body_size: 1000,
             max_request_body: Some(100_000),
             body_chunk_size: 1000,
-            body_full_retry: Duration::from_millis(300),
+            backpressure_timeout: Duration::from_millis(300),
             ..ServerConfig::default()
         },
     )

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use server_support::*;
-use support::{Backend, Fixture};
+use support::{Backend, Fixture, eventually};
 use switchyard::ByteString;
 use switchyard::asgi::{HTTP_DISCONNECT, HTTP_REQUEST, HttpDisconnect, HttpRequest, HttpResponse};
 use switchyard::layer::{Layer, LayerSettings};
@@ -162,7 +162,7 @@ async fn huge_configured_timeouts_do_not_overflow_deadlines() {
         ServerConfig {
             http_timeout: huge,
             websocket_connect_timeout: huge,
-            body_full_retry: huge,
+            backpressure_timeout: huge,
             ..ServerConfig::default()
         },
     )
@@ -185,11 +185,52 @@ async fn full_request_channel_is_503_with_retry_after() {
         .send(HTTP_REQUEST, &HttpRequest::new("x!y", "GET", "/filler"))
         .await
         .unwrap();
-    let server = TestServer::start(layer, ServerConfig::default()).await;
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            backpressure_timeout: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
     let resp = http_client().get(server.url("/")).send().await.unwrap();
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["retry-after"], "1");
-    assert_eq!(server.metrics.snapshot().http_503, 1);
+    let m = server.metrics.snapshot();
+    assert_eq!(m.http_503, 1);
+    assert_eq!((m.backpressure_waits, m.backpressure_refusals), (1, 1));
+}
+
+/// With the default bound a request meeting a full `http.request` waits for a worker to make
+/// room and is answered, not refused.
+#[tokio::test]
+async fn full_request_channel_waits_for_room_and_is_answered() {
+    let settings = LayerSettings {
+        channel_capacity: vec![("http.request".into(), 1)],
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    layer
+        .send(HTTP_REQUEST, &HttpRequest::new("x!y", "GET", "/filler"))
+        .await
+        .unwrap();
+    let server = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let url = server.url("/waited");
+    let request = tokio::spawn(async move { http_client().get(url).send().await });
+    eventually(Duration::from_secs(5), "the request waits for room", || {
+        server.metrics.snapshot().backpressure_waits == 1
+    })
+    .await;
+    let _worker = Worker::echo(&layer).await;
+    let resp = tokio::time::timeout(WAIT, request)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "echo: /waited");
+    let m = server.metrics.snapshot();
+    assert_eq!((m.http_503, m.backpressure_refusals), (0, 0));
 }
 
 #[tokio::test]

@@ -316,7 +316,7 @@ async fn full_receive_stack(retry: Duration) -> (Layer, TestServer, Worker) {
     let server = TestServer::start(
         layer.clone(),
         ServerConfig {
-            receive_full_retry: retry,
+            backpressure_timeout: retry,
             ..ServerConfig::default()
         },
     )
@@ -373,8 +373,109 @@ async fn full_receive_channel_closes_1013() {
     assert_eq!(close_code(&mut ws).await, Some(1013));
     let d: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
     assert_eq!((d.code, d.order), (1013, 2));
-    assert_eq!(server.metrics.snapshot().ws_receive_full_closes, 1);
+    let m = server.metrics.snapshot();
+    assert_eq!(m.ws_receive_full_closes, 1);
+    assert_eq!((m.backpressure_waits, m.backpressure_refusals), (1, 1));
     assert_eq!(layer.channel_depth(WEBSOCKET_RECEIVE).await.unwrap(), 1);
+}
+
+/// The default bound (10 s): a socket sending faster than a slow worker reads `websocket.receive`
+/// (room for one frame) is slowed down, not closed, and every frame arrives once, in order.
+#[tokio::test]
+async fn a_socket_hitting_a_full_receive_channel_is_slowed_not_closed() {
+    let settings = LayerSettings {
+        channel_capacity: vec![("websocket.receive".into(), 1)],
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    let config = ServerConfig::default();
+    assert_eq!(config.backpressure_timeout, Duration::from_secs(10));
+    let server = TestServer::start(layer.clone(), config).await;
+    let _worker = Worker::spawn(&layer, &[WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT], |e| {
+        if e.channel != WEBSOCKET_CONNECT {
+            return vec![];
+        }
+        let m: WebsocketConnect = e.decode().unwrap();
+        vec![out(&m.reply_channel, &WebsocketSend::accept())]
+    })
+    .await;
+    let mut ws = ws_connect(&server.ws_url("/flood")).await;
+    const FRAMES: u64 = 40;
+    for i in 1..=FRAMES {
+        ws.feed(Message::text(format!("frame {i}"))).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    // The server met the full channel before anything was read: the reader is paused now.
+    eventually(
+        Duration::from_secs(5),
+        "a frame finds websocket.receive full",
+        || layer.metrics().snapshot().channel_full >= 1,
+    )
+    .await;
+    // A slow worker catches up within the bound (10 s), but over a second: one frame every
+    // 25 ms, so a bound as short as the old half second would have closed the socket.
+    let mut receiver = layer.receiver().await.unwrap();
+    for i in 1..=FRAMES {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let r = next_receive(&mut receiver).await;
+        assert_eq!(
+            (r.text.as_deref(), r.order),
+            (Some(format!("frame {i}").as_str()), i)
+        );
+    }
+    // Still open: a later frame goes through with the next order.
+    send_text(&mut ws, "after").await;
+    let r = next_receive(&mut receiver).await;
+    assert_eq!((r.text.as_deref(), r.order), (Some("after"), FRAMES + 1));
+    let m = server.metrics.snapshot();
+    assert_eq!((m.ws_receive_full_closes, m.backpressure_refusals), (0, 0));
+    assert!(m.backpressure_waits >= 1, "{m:?}");
+    assert_eq!(m.ws_frames_in, FRAMES + 1);
+}
+
+/// A full `websocket.connect` holds the handshake until a worker makes room (101), and answers
+/// 503 only past the bound; both counted.
+#[tokio::test]
+async fn a_full_connect_channel_waits_for_room_then_503_past_the_bound() {
+    let settings = LayerSettings {
+        channel_capacity: vec![("websocket.connect".into(), 1)],
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url("memory://", settings).await.unwrap();
+    let filler = WebsocketConnect::new("filler.x!y".to_owned(), "/filler".to_owned());
+    layer.send(WEBSOCKET_CONNECT, &filler).await.unwrap();
+    let server = TestServer::start(
+        layer.clone(),
+        ServerConfig {
+            backpressure_timeout: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    assert_eq!(ws_refused_status(&server.ws_url("/late")).await, 503);
+    let m = server.metrics.snapshot();
+    assert_eq!((m.backpressure_waits, m.backpressure_refusals), (1, 1));
+
+    let patient = TestServer::start(layer.clone(), ServerConfig::default()).await;
+    let url = patient.ws_url("/patient");
+    let handshake = tokio::spawn(async move { ws_connect(&url).await });
+    eventually(
+        Duration::from_secs(5),
+        "the handshake waits for room",
+        || patient.metrics.snapshot().backpressure_waits == 1,
+    )
+    .await;
+    // The worker takes the filler, then the waiting connect, and accepts it.
+    let mut worker = Worker::echo(&layer).await;
+    let first: WebsocketConnect = worker.next_on(WEBSOCKET_CONNECT).await.decode().unwrap();
+    assert_eq!(first.path, "/filler");
+    let mut ws = tokio::time::timeout(WAIT, handshake)
+        .await
+        .unwrap()
+        .unwrap();
+    send_text(&mut ws, "hello").await;
+    assert_eq!(next_message(&mut ws).await, Some(Message::text("hello")));
+    assert_eq!(patient.metrics.snapshot().backpressure_refusals, 0);
 }
 
 #[tokio::test]

@@ -17,7 +17,12 @@ pub trait WebsocketConsumer: Send + Sync + 'static {
     fn groups(&self, _kwargs: &Kwargs) -> Vec<String> {
         Vec::new()
     }
-    /// Run this connection's messages strictly in order, across workers.
+    /// Run this connection's messages strictly in order, across workers and concurrent
+    /// consumers. Off by default, as in Channels 1.x (which kept only connect-before-receive):
+    /// order costs two atomic steps in the layer per message and serialises each connection, and
+    /// measured at saturation it cost ~40 % of relay throughput (BENCHMARKS.md, "Defaults,
+    /// backpressure and ordering"). Turn it on for a consumer whose frames must be handled in the
+    /// order sent (a chat, a relay); without it one connection's frames may run at once.
     fn strict_ordering(&self) -> bool {
         false
     }
@@ -62,7 +67,8 @@ pub trait JsonWebsocketConsumer: Send + Sync + 'static {
     fn groups(&self, _kwargs: &Kwargs) -> Vec<String> {
         Vec::new()
     }
-    /// Run this connection's messages strictly in order, across workers.
+    /// Run this connection's messages strictly in order, across workers (off by default: see
+    /// [`WebsocketConsumer::strict_ordering`]).
     fn strict_ordering(&self) -> bool {
         false
     }

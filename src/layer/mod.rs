@@ -7,6 +7,7 @@
 //! into bounded per-local-channel buffers. Both backends store the same bytes (msgpack maps, with
 //! `__asgi_channel__` for `!` targets; see [`wire`]), so they share the codec and its tests.
 
+pub mod full_retry;
 mod inbox;
 pub mod membership;
 pub mod memory;
@@ -28,13 +29,17 @@ use switchyard_routing::codec::{self, CodecError};
 use switchyard_routing::names::{self, NameError};
 use thiserror::Error;
 
+pub use full_retry::{DEFAULT_BACKPRESSURE_TIMEOUT, FullRetry};
 pub use inbox::{LocalChannel, ProcessInbox};
 pub use memory::MemoryLayer;
 pub use metrics::{LayerMetrics, MetricsSnapshot};
 pub use ordering::{Gate, GateOutcome, Upkeep};
 pub use redis::RedisLayer;
 pub use session::MemoryConnections;
-pub use settings::{LayerLossPolicy, LayerSettings, glob_matches, parse_channel_capacity};
+pub use settings::{
+    DEFAULT_CAPACITY, DEFAULT_SERVER_CAPACITY, LayerLossPolicy, LayerSettings, SERVER_FED_CHANNELS,
+    glob_matches, parse_channel_capacity,
+};
 
 /// What a channel-layer operation can fail with.
 #[derive(Debug, Error)]

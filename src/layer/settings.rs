@@ -7,6 +7,25 @@ use regex::Regex;
 
 use super::LayerError;
 
+/// Capacity of a channel no rule names (100, as channels_redis).
+pub const DEFAULT_CAPACITY: usize = 100;
+
+/// Capacity of the channels an interface server's connections share (10,000): room for one
+/// in-flight message of every connection a server accepts by default (`--max-connections`
+/// 10,000). With channels_redis's 100, 1,000 sockets with one frame each in flight filled
+/// `websocket.receive` ten times over, and sockets were closed 1013 under a load the workers
+/// kept up with.
+pub const DEFAULT_SERVER_CAPACITY: usize = 10_000;
+
+/// The channels every connection of an interface server feeds (one shared queue for all of them).
+pub const SERVER_FED_CHANNELS: [&str; 5] = [
+    "http.request",
+    "http.disconnect",
+    "websocket.connect",
+    "websocket.receive",
+    "websocket.disconnect",
+];
+
 /// Everything a channel layer can be tuned by. [`Default`] gives the ASGI 1.0 defaults.
 #[derive(Debug, Clone)]
 pub struct LayerSettings {
@@ -17,8 +36,13 @@ pub struct LayerSettings {
     pub expiry: Duration,
     /// Group membership lapses this long after the last `group_add` (86400 s).
     pub group_expiry: Duration,
-    /// Messages a channel holds before `send` fails with `ChannelFull` (100).
+    /// Messages a channel holds before `send` fails with `ChannelFull` (100), unless a rule below
+    /// or `server_capacity` applies.
     pub capacity: usize,
+    /// Capacity of the [`SERVER_FED_CHANNELS`] and of process inboxes (`…!`, where every
+    /// socket's replies queue), which all connections of a server share ([`DEFAULT_SERVER_CAPACITY`]).
+    /// A `channel_capacity` glob naming one of them wins.
+    pub server_capacity: usize,
     /// Per-channel capacity overrides: `(glob, capacity)`, first match wins (`*`, `?`, `[...]`).
     pub channel_capacity: Vec<(String, usize)>,
     /// Messages buffered per local (`!`) channel in a process inbox before newer ones are dropped
@@ -71,7 +95,8 @@ impl Default for LayerSettings {
             prefix: "asgi".to_owned(),
             expiry: Duration::from_secs(60),
             group_expiry: Duration::from_secs(86_400),
-            capacity: 100,
+            capacity: DEFAULT_CAPACITY,
+            server_capacity: DEFAULT_SERVER_CAPACITY,
             channel_capacity: Vec::new(),
             local_buffer: None,
             inbox_batch: 512,
@@ -85,7 +110,7 @@ impl Default for LayerSettings {
 impl LayerSettings {
     /// Checks the numbers and compiles the capacity globs.
     pub(crate) fn compile(&self) -> Result<CapacityRules, LayerError> {
-        if self.capacity == 0 {
+        if self.capacity == 0 || self.server_capacity == 0 {
             return Err(LayerError::Config("capacity must be at least 1".into()));
         }
         if self.expiry.is_zero() {
@@ -121,6 +146,7 @@ impl LayerSettings {
         }
         Ok(CapacityRules {
             default: self.capacity,
+            server: self.server_capacity,
             rules,
         })
     }
@@ -198,17 +224,26 @@ pub fn glob_matches(glob: &str, name: &str) -> bool {
 #[derive(Debug, Clone)]
 pub(crate) struct CapacityRules {
     default: usize,
+    server: usize,
     rules: Vec<(Regex, usize)>,
 }
 
 impl CapacityRules {
-    /// Capacity of `channel` (matched on the full name, as asgiref does).
+    /// Capacity of `channel` (matched on the full name, as asgiref does): the first rule that
+    /// matches, else the server capacity for a channel every connection shares, else the default.
     pub(crate) fn capacity(&self, channel: &str) -> usize {
-        self.rules
-            .iter()
-            .find(|(re, _)| re.is_match(channel))
-            .map_or(self.default, |(_, cap)| *cap)
+        match self.rules.iter().find(|(re, _)| re.is_match(channel)) {
+            Some((_, cap)) => *cap,
+            None if is_server_fed(channel) => self.server,
+            None => self.default,
+        }
     }
+}
+
+/// True for the channels all connections of a server share: the server-fed ones and process
+/// inboxes (a `!` channel's capacity counts its whole inbox).
+fn is_server_fed(channel: &str) -> bool {
+    channel.contains('!') || SERVER_FED_CHANNELS.contains(&channel)
 }
 
 #[cfg(test)]
@@ -227,9 +262,16 @@ mod tests {
         };
         let rules = s.compile().expect("compiles");
         assert_eq!(rules.capacity("http.request"), 5);
-        assert_eq!(rules.capacity("websocket.receive"), 100);
+        assert_eq!(rules.capacity("websocket.receive"), DEFAULT_SERVER_CAPACITY);
         assert_eq!(rules.capacity("ws.bx"), 3);
         assert_eq!(rules.capacity("ws.ax"), 100);
+        // Shared by every connection: the server capacity, unless a rule names them.
+        assert_eq!(
+            rules.capacity("switchyard.response.ab!cd"),
+            DEFAULT_SERVER_CAPACITY
+        );
+        assert_eq!(rules.capacity("http.request.body?xy"), 5);
+        assert_eq!(rules.capacity("jobs.digest"), 100);
         assert!(glob_matches("a?c", "abc"));
         assert!(!glob_matches("a.c", "abc"));
     }
@@ -244,6 +286,11 @@ mod tests {
         assert!(parse_channel_capacity("x=ten").is_err());
         let zero = LayerSettings {
             capacity: 0,
+            ..Default::default()
+        };
+        assert!(zero.compile().is_err());
+        let zero = LayerSettings {
+            server_capacity: 0,
             ..Default::default()
         };
         assert!(zero.compile().is_err());

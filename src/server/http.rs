@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::metrics::ServerMetrics;
 use super::request::{HostPortText, RequestHead};
 use super::{ConnectionPermit, Shared, edge, websocket};
-use crate::layer::{LayerError, LocalChannel};
+use crate::layer::{FullRetry, LayerError, LocalChannel};
 
 /// Every response body the server produces.
 pub(crate) type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -323,7 +323,11 @@ async fn respond(
         None
     };
     message.body_channel = body_channel.clone();
-    if let Err(e) = shared.layer.send(HTTP_REQUEST, &message).await {
+    let sent = match codec::to_msgpack(&message) {
+        Ok(payload) => websocket::send_server_fed(shared, HTTP_REQUEST, &payload, None).await,
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = sent {
         return send_failed(shared, &e);
     }
     drop(message);
@@ -653,7 +657,7 @@ enum PumpEnd {
     TooLarge,
     /// No body bytes from the client within `http_timeout`.
     TooSlow,
-    /// The layer refused a chunk (full past `body_full_retry`, or unavailable).
+    /// The layer refused a chunk (full past `backpressure_timeout`, or unavailable).
     Refused(LayerError),
     /// The request ended first (answered, or its connection dropped).
     Stopped,
@@ -727,34 +731,43 @@ impl BodyPump {
         end
     }
 
-    /// One chunk, retried with a growing pause while the channel is full, for `body_full_retry`
-    /// ("wait and try again until it is accepted", bounded so a dead worker cannot pin us).
+    /// One chunk, waiting for room while the channel is full with the layer's retry policy for
+    /// `backpressure_timeout` ("wait and try again until it is accepted", bounded so a dead
+    /// worker cannot pin us); the client's body is not read meanwhile.
     async fn send(&self, content: Bytes, more_content: bool) -> Result<(), PumpEnd> {
         let mut chunk = HttpRequestBodyChunk::default();
         chunk.content = ByteString::from(content.to_vec());
         chunk.more_content = more_content;
         let payload = codec::to_msgpack(&chunk).map_err(|e| PumpEnd::Refused(e.into()))?;
-        let give_up = super::deadline_after(self.shared.config.body_full_retry);
-        let mut pause = Duration::from_millis(5);
+        let metrics = &self.shared.metrics;
+        let mut retry = FullRetry::new(self.shared.config.backpressure_timeout);
         loop {
             if self.stop.is_cancelled() {
                 return Err(PumpEnd::Stopped);
             }
-            match self
+            let error = match self
                 .shared
                 .layer
                 .send_encoded(&self.channel, &payload)
                 .await
             {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_full() && tokio::time::Instant::now() < give_up => {
-                    tokio::select! {
-                        _ = self.stop.cancelled() => return Err(PumpEnd::Stopped),
-                        _ = tokio::time::sleep(pause) => {}
+                Err(e) => e,
+            };
+            if error.is_full() && retry.refusals() == 0 {
+                ServerMetrics::inc(&metrics.backpressure_waits);
+            }
+            match retry.next_pause(&error) {
+                Some(pause) => tokio::select! {
+                    _ = self.stop.cancelled() => return Err(PumpEnd::Stopped),
+                    _ = tokio::time::sleep(pause) => {}
+                },
+                None => {
+                    if error.is_full() {
+                        ServerMetrics::inc(&metrics.backpressure_refusals);
                     }
-                    pause = (pause * 2).min(Duration::from_millis(100));
+                    return Err(PumpEnd::Refused(error));
                 }
-                Err(e) => return Err(PumpEnd::Refused(e)),
             }
         }
     }

@@ -38,6 +38,8 @@ pub struct ServerMetrics {
     pub(crate) per_ip_refused: AtomicU64,
     pub(crate) ws_frames_throttled: AtomicU64,
     pub(crate) ws_rate_limit_closes: AtomicU64,
+    pub(crate) backpressure_waits: AtomicU64,
+    pub(crate) backpressure_refusals: AtomicU64,
 }
 
 /// A copy of the counters at one instant.
@@ -107,6 +109,13 @@ pub struct ServerMetricsSnapshot {
     pub ws_frames_throttled: u64,
     /// Sockets closed with 1008 for staying over their rate limit.
     pub ws_rate_limit_closes: u64,
+    /// Messages for a server-fed channel (`http.request`, `websocket.connect`,
+    /// `websocket.receive`, a body chunk) that found it full and waited for room (the socket's
+    /// reader paused meanwhile).
+    pub backpressure_waits: u64,
+    /// Of those, the ones still refused when `backpressure_timeout` ran out: the socket was
+    /// closed with 1013 or the request or handshake answered 503.
+    pub backpressure_refusals: u64,
 }
 
 impl ServerMetrics {
@@ -156,6 +165,8 @@ impl ServerMetrics {
             per_ip_refused: r(&self.per_ip_refused),
             ws_frames_throttled: r(&self.ws_frames_throttled),
             ws_rate_limit_closes: r(&self.ws_rate_limit_closes),
+            backpressure_waits: r(&self.backpressure_waits),
+            backpressure_refusals: r(&self.backpressure_refusals),
         }
     }
 }

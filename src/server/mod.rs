@@ -15,21 +15,28 @@
 //!   first `max_body_size` bytes in `body`, the rest as `http.request.body?` chunks of
 //!   `body_chunk_size` (64 KiB) on the message's `body_channel`, read from the client as they
 //!   arrive (the server holds one chunk, not the body). A chunk refused as full is retried for
-//!   `body_full_retry`, then the request is abandoned (`closed: true` chunk) with 503; a client
+//!   `backpressure_timeout`, then the request is abandoned (`closed: true` chunk) with 503; a client
 //!   that goes away or stalls past `http_timeout` mid-body also gets a `closed: true` chunk (and
 //!   408 when it merely stalled). The response timeout starts once the whole body is sent.
 //! - request headers over `max_header_size`
 //!   (16 KiB) or `max_headers` (100) → 431; headers not read within `header_read_timeout` (10 s)
 //!   → connection closed; malformed HTTP → 400 (hyper).
-//! - no worker reply within `http_timeout` (60 s) → 504; `http.request` refused because the layer
-//!   is full → 503 with `Retry-After: 1`; layer unreachable → 503 at once.
-//! - handshake: accept (or a frame) → 101, close or `accept: false` → 403, layer full/unreachable
-//!   → 503, no answer within `websocket_connect_timeout` (5 s) → 503 (the worker pool, not the
-//!   client, is at fault, and 503 tells a client it may retry).
+//! - backpressure: a message for a full server-fed channel (`http.request`, `websocket.connect`,
+//!   `websocket.receive`, a body chunk) waits for room with the layer's one retry policy
+//!   ([`FullRetry`](crate::layer::FullRetry): growing, jittered pauses) for `backpressure_timeout`
+//!   (10 s). Meanwhile nothing more is read from that client (a socket's reader pauses, so TCP
+//!   pushes back on the sender; replies keep going out). Past the bound: 503 with `Retry-After: 1`
+//!   (requests, handshakes) or close 1013 (sockets). Both are counted (`backpressure_waits`,
+//!   `backpressure_refusals`).
+//! - no worker reply within `http_timeout` (60 s) → 504; layer unreachable → 503 at once.
+//! - handshake: accept (or a frame) → 101, close or `accept: false` → 403, layer full past the
+//!   backpressure bound or unreachable → 503, no answer within `websocket_connect_timeout` (5 s,
+//!   counted from when `websocket.connect` was sent) → 503 (the worker pool, not the client, is
+//!   at fault, and 503 tells a client it may retry).
 //! - frames over `ws_max_frame_size` / `ws_max_message_size` (1 MiB) → close 1009, invalid UTF-8
-//!   → 1007, protocol violations → 1002; `websocket.receive` still full after `receive_full_retry`
-//!   → 1013; a client frame arriving while the layer is unreachable is dropped and counted, and
-//!   the socket stays open.
+//!   → 1007, protocol violations → 1002; `websocket.receive` still full after
+//!   `backpressure_timeout` → 1013; a client frame arriving while the layer is unreachable is
+//!   dropped and counted, and the socket stays open.
 //! - no pong within `ping_timeout` after a ping (sent after `ping_interval` without client data)
 //!   → the connection is dropped (disconnect code 1006); `idle_timeout` without frames either way
 //!   → close 1000; open longer than the layer's group expiry (or `websocket_lifetime`) → close 1000,
@@ -68,7 +75,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::layer::{Layer, LayerError, ProcessInbox};
+use crate::layer::{DEFAULT_BACKPRESSURE_TIMEOUT, Layer, LayerError, ProcessInbox};
 
 pub use edge::{FrameRateLimit, OriginPolicy};
 pub use metrics::{ServerMetrics, ServerMetricsSnapshot};
@@ -105,9 +112,6 @@ pub struct ServerConfig {
     pub max_request_body: Option<usize>,
     /// Content bytes per `http.request.body?` chunk of a streamed body (64 KiB).
     pub body_chunk_size: usize,
-    /// How long a body chunk is retried while its channel is full (the worker reads too slowly)
-    /// before the request is abandoned with a `closed: true` chunk and answered 503 (10 s).
-    pub body_full_retry: Duration,
     /// Largest request head (request line and headers) in bytes; larger → 431.
     pub max_header_size: usize,
     /// Most request headers; more → 431.
@@ -136,8 +140,11 @@ pub struct ServerConfig {
     /// close frame can get through a stalled socket; counted as a slow-client close, and the
     /// `websocket.disconnect` says 1006).
     pub write_timeout: Duration,
-    /// How long a frame is retried while `websocket.receive` is full before closing with 1013.
-    pub receive_full_retry: Duration,
+    /// How long a message for a full server-fed channel waits for room (the client's reading
+    /// paused) before the socket is closed with 1013, or the request or handshake answered 503
+    /// ([`DEFAULT_BACKPRESSURE_TIMEOUT`], 10 s). Also bounds a body chunk's wait, after which the
+    /// request is abandoned with a `closed: true` chunk.
+    pub backpressure_timeout: Duration,
     /// A socket whose frames have all been lost to an unreachable channel layer for this long
     /// is closed with 1011, so its client reconnects instead of talking to nobody (10 s).
     pub layer_outage_close: Duration,
@@ -180,7 +187,6 @@ impl Default for ServerConfig {
             max_body_size: 1 << 20,
             max_request_body: None,
             body_chunk_size: 64 << 10,
-            body_full_retry: Duration::from_secs(10),
             max_header_size: 16 << 10,
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
@@ -194,7 +200,7 @@ impl Default for ServerConfig {
             outbound_queue: 64,
             slow_client: SlowClientPolicy::Close1013,
             write_timeout: Duration::from_secs(30),
-            receive_full_retry: Duration::from_millis(500),
+            backpressure_timeout: DEFAULT_BACKPRESSURE_TIMEOUT,
             layer_outage_close: Duration::from_secs(10),
             proxy_headers: false,
             shutdown_grace: Duration::from_secs(10),
@@ -513,11 +519,7 @@ async fn refuse_connection(mut tcp: TcpStream, response: &'static [u8]) {
 
 /// `now + after`, or a deadline decades away when that overflows: a configured duration may be
 /// anything up to `Duration::MAX` (`--http-timeout 1e19`), and `Instant + Duration` panics.
-pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
-    const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
-    let now = tokio::time::Instant::now();
-    now.checked_add(after).unwrap_or_else(|| now + FAR)
-}
+pub(crate) use crate::layer::full_retry::deadline_after;
 
 fn check_config(c: &ServerConfig) -> Result<(), ServerError> {
     let bad = |what: &str| Err(ServerError::Config(what.to_owned()));
@@ -544,8 +546,8 @@ fn check_config(c: &ServerConfig) -> Result<(), ServerError> {
     {
         return bad("max_request_body must be at least max_body_size");
     }
-    if c.body_chunk_size == 0 || c.body_full_retry.is_zero() {
-        return bad("body_chunk_size and body_full_retry must be positive");
+    if c.body_chunk_size == 0 {
+        return bad("body_chunk_size must be positive");
     }
     if !c.root_path.is_empty() && (!c.root_path.starts_with('/') || c.root_path.ends_with('/')) {
         return bad("root_path must be empty or start with / and not end with /");

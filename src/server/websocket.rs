@@ -30,6 +30,7 @@ use switchyard_routing::asgi::{
     WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT, WEBSOCKET_RECEIVE, WebsocketConnect,
     WebsocketDisconnect,
 };
+use switchyard_routing::codec;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -43,7 +44,7 @@ use super::metrics::ServerMetrics;
 use super::outbound::SocketReply;
 use super::request::{HostPortText, RequestHead};
 use super::{ConnectionPermit, Shared, SlowClientPolicy};
-use crate::layer::{Envelope, LayerError, LocalChannel};
+use crate::layer::{Envelope, FullRetry, LayerError, LocalChannel};
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -101,25 +102,23 @@ const SHUTDOWN_SPREAD_PER_SOCKET: Duration = Duration::from_micros(200);
 /// expiry (a day by default), so retries go on (with jittered backoff) for `DISCONNECT_RETRY`,
 /// or to the end of the shutdown grace; a disconnect lost even so is counted and logged.
 async fn send_disconnect(shared: &Shared, message: &WebsocketDisconnect) {
-    let mut give_up = shared
-        .shutdown_deadline()
-        .unwrap_or_else(|| super::deadline_after(DISCONNECT_RETRY));
-    let mut pause = Duration::from_millis(5);
+    let mut retry = FullRetry::until(
+        shared
+            .shutdown_deadline()
+            .unwrap_or_else(|| super::deadline_after(DISCONNECT_RETRY)),
+    )
+    .or_unavailable()
+    .max_pause(DISCONNECT_MAX_PAUSE);
     loop {
         let error = match shared.layer.send(WEBSOCKET_DISCONNECT, message).await {
             Ok(()) => return,
             Err(e) => e,
         };
-        if error.is_full() || error.is_unavailable() {
-            if let Some(deadline) = shared.shutdown_deadline() {
-                give_up = give_up.min(deadline);
-            }
-            let wait = pause.mul_f64(0.5 + rand::random::<f64>());
-            if tokio::time::Instant::now() + wait < give_up {
-                tokio::time::sleep(wait).await;
-                pause = (pause * 2).min(DISCONNECT_MAX_PAUSE);
-                continue;
-            }
+        if let Some(deadline) = shared.shutdown_deadline() {
+            retry.shorten_to(deadline);
+        }
+        if retry.wait(&error).await {
+            continue;
         }
         ServerMetrics::inc(&shared.metrics.ws_disconnects_lost);
         tracing::warn!(
@@ -219,7 +218,11 @@ pub(crate) async fn handshake(
     connect.server = Some(head.server);
     ws_log(&client, "WSCONNECTING", &path, None);
     ServerMetrics::inc(&shared.metrics.ws_connects);
-    if let Err(e) = shared.layer.send(WEBSOCKET_CONNECT, &connect).await {
+    let sent = match codec::to_msgpack(&connect) {
+        Ok(payload) => send_server_fed(&shared, WEBSOCKET_CONNECT, &payload, None).await,
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = sent {
         ws_log(&client, "WSREJECT", &path, Some(503));
         return if e.is_full() || e.is_unavailable() {
             tracing::warn!(error = %e, "websocket.connect not sent");
@@ -409,28 +412,32 @@ fn ws_config(shared: &Shared) -> WebSocketConfig {
         .max_message_size(Some(c.ws_max_message_size))
 }
 
-/// Sends an encoded `websocket.receive`, retrying a full channel with backoff for
-/// `receive_full_retry` (and not once `give_up` is set: the socket is closing); the last error
-/// once it stops.
-async fn send_receive(
-    shared: Arc<Shared>,
-    payload: Vec<u8>,
-    give_up: &AtomicBool,
+/// Sends an encoded message to a server-fed channel, waiting for room while it is full with the
+/// layer's retry policy for `backpressure_timeout` (and not once `give_up` is set: the socket is
+/// closing); the last error once it stops. A wait and a refusal past the bound are counted.
+pub(crate) async fn send_server_fed(
+    shared: &Shared,
+    channel: &str,
+    payload: &[u8],
+    give_up: Option<&AtomicBool>,
 ) -> Result<(), LayerError> {
-    let started = Instant::now();
-    let mut backoff = Duration::from_millis(5);
+    let mut retry = FullRetry::new(shared.config.backpressure_timeout);
     loop {
-        match shared.layer.send_encoded(WEBSOCKET_RECEIVE, &payload).await {
-            Err(e)
-                if e.is_full()
-                    && !give_up.load(Ordering::Relaxed)
-                    && started.elapsed() < shared.config.receive_full_retry =>
-            {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(50));
-            }
-            result => return result,
+        let error = match shared.layer.send_encoded(channel, payload).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if error.is_full() && retry.refusals() == 0 {
+            ServerMetrics::inc(&shared.metrics.backpressure_waits);
         }
+        let closing = give_up.is_some_and(|g| g.load(Ordering::Relaxed));
+        if !closing && retry.wait(&error).await {
+            continue;
+        }
+        if error.is_full() && !closing {
+            ServerMetrics::inc(&shared.metrics.backpressure_refusals);
+        }
+        return Err(error);
     }
 }
 
@@ -859,7 +866,7 @@ impl Socket {
     }
 
     /// Sends one client frame as `websocket.receive`. A full layer is retried for
-    /// `receive_full_retry` (reading nothing meanwhile, so TCP pushes back), then the socket is
+    /// `backpressure_timeout` (reading nothing meanwhile, so TCP pushes back), then the socket is
     /// closed with 1013; an unreachable layer loses the frame (counted) but keeps the socket. The
     /// `order` only advances for frames that were sent, so a consumer enforcing order never waits
     /// for a frame that cannot come. Replies keep going out while the send waits: a room member
@@ -889,7 +896,8 @@ impl Socket {
             }
         };
         let give_up = AtomicBool::new(false);
-        let send = send_receive(Arc::clone(&self.shared), payload, &give_up);
+        let shared = Arc::clone(&self.shared);
+        let send = send_server_fed(&shared, WEBSOCKET_RECEIVE, &payload, Some(&give_up));
         tokio::pin!(send);
         let mut ended_meanwhile = None;
         let outcome = loop {

@@ -51,7 +51,10 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::layer::{Envelope, Gate, Layer, LayerError, Receiver, glob_matches};
+use crate::layer::{
+    DEFAULT_BACKPRESSURE_TIMEOUT, Envelope, FullRetry, Gate, Layer, LayerError, Receiver,
+    glob_matches,
+};
 
 pub use django::{DjangoSessionConfig, DjangoSessions};
 pub use metrics::{LATENCY_BUCKETS_MS, WorkerMetrics, WorkerMetricsSnapshot};
@@ -61,9 +64,6 @@ pub const MAX_RETRIES: u32 = 10;
 
 /// Channel-session key remembering the connection's web-session key.
 pub const HTTP_SESSION_KEY: &str = "_http_session_key";
-
-/// How long a send from a consumer's outbox retries a full channel before giving up.
-const FULL_RETRY_FOR: Duration = Duration::from_secs(2);
 
 /// Default wait for each chunk of a streamed request body (Channels 1's `body_receive_timeout`).
 pub const BODY_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -122,6 +122,7 @@ pub struct Worker {
     max_request_body: usize,
     consumer_timeout: Duration,
     stop_grace: Duration,
+    backpressure_timeout: Duration,
     /// Connections with messages parked by this worker, and when to run their upkeep.
     revisits: Arc<Mutex<Vec<(String, Instant)>>>,
     /// Receivers kept for reading streamed request bodies (each holds its own Redis
@@ -153,6 +154,7 @@ impl Worker {
             max_request_body: MAX_REQUEST_BODY,
             consumer_timeout: CONSUMER_TIMEOUT,
             stop_grace: STOP_GRACE,
+            backpressure_timeout: DEFAULT_BACKPRESSURE_TIMEOUT,
             revisits: Arc::default(),
             body_receivers: Arc::default(),
         }
@@ -172,6 +174,13 @@ impl Worker {
     /// it was popping, so this should stay well above the receive timeout.
     pub fn stop_grace(mut self, grace: Duration) -> Self {
         self.stop_grace = grace;
+        self
+    }
+
+    /// How long a consumer's send waits for room in a full channel before it is dropped and
+    /// counted ([`DEFAULT_BACKPRESSURE_TIMEOUT`], 10 s; the server's bound for client messages).
+    pub fn backpressure_timeout(mut self, timeout: Duration) -> Self {
+        self.backpressure_timeout = timeout;
         self
     }
 
@@ -866,17 +875,15 @@ impl Worker {
         }
     }
 
+    /// Sends one message of a consumer's outbox, waiting for room in a full channel with the
+    /// layer's retry policy for [`Worker::backpressure_timeout`] (the consumer's slot stays
+    /// taken meanwhile, so a worker whose replies cannot go out pops no more work).
     async fn send_with_retry(&self, message: &Message, channel: &str, payload: &[u8]) {
-        let mut waited = Duration::ZERO;
-        let mut pause = Duration::from_millis(5);
+        let mut retry = FullRetry::new(self.backpressure_timeout);
         loop {
             match self.layer.send_encoded(channel, payload).await {
                 Ok(()) => return,
-                Err(e) if e.is_full() && waited < FULL_RETRY_FOR => {
-                    tokio::time::sleep(pause).await;
-                    waited += pause;
-                    pause = (pause * 2).min(Duration::from_millis(200));
-                }
+                Err(e) if retry.wait(&e).await => {}
                 Err(e) => {
                     WorkerMetrics::add(&self.metrics.dropped, 1);
                     tracing::error!(from = %message.channel, to = channel, error = %e, "a consumer's send failed");

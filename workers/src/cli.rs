@@ -11,7 +11,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use switchyard::layer::{
-    Layer, LayerError, LayerLossPolicy, LayerSettings, parse_channel_capacity,
+    DEFAULT_CAPACITY, DEFAULT_SERVER_CAPACITY, Layer, LayerError, LayerLossPolicy, LayerSettings,
+    parse_channel_capacity,
 };
 
 /// Exit code: bad usage or configuration.
@@ -50,9 +51,15 @@ pub struct LayerArgs {
     /// Seconds a group membership lasts after its last group_add (also the WebSocket lifetime).
     #[arg(long, env = "SWITCHYARD_GROUP_EXPIRY", default_value_t = 86_400)]
     pub group_expiry: u64,
-    /// Messages a channel (or a process inbox) holds before sends fail with ChannelFull.
-    #[arg(long, env = "SWITCHYARD_CAPACITY", default_value_t = 100)]
+    /// Messages a channel holds before sends fail with ChannelFull (channels_redis's 100), except
+    /// the channels all of a server's connections share (see --server-capacity).
+    #[arg(long, env = "SWITCHYARD_CAPACITY", default_value_t = DEFAULT_CAPACITY)]
     pub capacity: usize,
+    /// Capacity of the channels all of a server's connections share: http.request,
+    /// websocket.connect/receive/disconnect, http.disconnect and each process inbox (…!):
+    /// room for one in-flight message of every connection. A --channel-capacity glob wins.
+    #[arg(long, env = "SWITCHYARD_SERVER_CAPACITY", default_value_t = DEFAULT_SERVER_CAPACITY)]
+    pub server_capacity: usize,
     /// Per-channel capacities as GLOB=N pairs, comma-separated, first match wins
     /// (e.g. "http.request=500,tasks.*=10000").
     #[arg(long, env = "SWITCHYARD_CHANNEL_CAPACITY")]
@@ -90,6 +97,7 @@ impl LayerArgs {
             expiry: Duration::from_secs_f64(self.expiry),
             group_expiry: Duration::from_secs(self.group_expiry),
             capacity: self.capacity,
+            server_capacity: self.server_capacity,
             channel_capacity: match &self.channel_capacity {
                 Some(spec) => parse_channel_capacity(spec)?,
                 None => Vec::new(),

@@ -24,9 +24,10 @@ struct Cli {
     #[command(flatten)]
     log: LogArgs,
     /// Runtime threads: 0 = one per CPU; 1 = everything on one thread (no cross-thread
-    /// wake-ups: the cheapest per message when several processes share few cores).
-    #[arg(long, global = true, env = "SWITCHYARD_THREADS", default_value_t = 0)]
-    threads: usize,
+    /// wake-ups). Default: 1 for `worker` (scale workers by processes, as runworker), and for
+    /// `serve` and `dev` one per CPU on machines with more than 2 CPUs, else 1 (BENCHMARKS.md).
+    #[arg(long, global = true, env = "SWITCHYARD_THREADS")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,15 +50,33 @@ enum Command {
     Bench(switchyard_workers::bench::BenchArgs),
 }
 
+impl Command {
+    /// Which long-running role the command is, for its default runtime threads.
+    fn role(&self) -> roles::Role {
+        match self {
+            Command::Serve(_) => roles::Role::Serve,
+            Command::Dev(_) => roles::Role::Dev,
+            Command::Worker(_) => roles::Role::Worker,
+            Command::Send(_) | Command::Flush(_) | Command::Stats(_) | Command::Bench(_) => {
+                roles::Role::Tool
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cli.log.init();
-    let mut builder = if cli.threads == 1 {
+    let threads = cli.threads.unwrap_or_else(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        roles::default_threads(cli.command.role(), cpus)
+    });
+    let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
-        if cli.threads > 1 {
-            b.worker_threads(cli.threads);
+        if threads > 1 {
+            b.worker_threads(threads);
         }
         b
     };

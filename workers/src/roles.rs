@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use switchyard::layer::Layer;
+use switchyard::layer::{DEFAULT_BACKPRESSURE_TIMEOUT, Layer};
 use switchyard::prometheus::{self, Exposition, Render};
 use switchyard::server::{
     FrameRateLimit, OriginPolicy, Server, ServerConfig, ServerMetrics, SlowClientPolicy,
@@ -21,8 +21,44 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::LayerArgs;
 
+/// Default `--concurrency` of a worker process.
+pub const DEFAULT_CONCURRENCY: usize = 256;
+
 /// Default layer for `serve` and `worker`.
 pub const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379/0";
+
+/// The commands, as far as their default runtime threads go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `serve`: every socket of the process on one runtime.
+    Serve,
+    /// `dev`: server and workers in one process.
+    Dev,
+    /// `worker`.
+    Worker,
+    /// The small commands and `bench` (a multi-thread runtime, as before).
+    Tool,
+}
+
+/// Machines with at most this many CPUs run `serve` and `dev` on one runtime thread by default.
+const SHARED_CORES: usize = 2;
+
+/// Default runtime threads of `role` on a machine with `cpus` CPUs (0 = one per CPU).
+///
+/// A worker's work is Redis round trips: one thread per process carries as much as two and
+/// wakes no other thread per message, and more workers are more processes (runworker's way).
+/// `serve` holds every socket of its process, so on a bigger machine it gets every core; on
+/// 2 cores shared with Redis and the workers, a second thread per process only adds
+/// cross-thread wake-ups: the previous defaults (one thread per CPU everywhere, concurrency 64,
+/// capacity 100) cost 1.7× the CPU per echo at 1,000 sockets (BENCHMARKS.md, "Defaults,
+/// backpressure and ordering"; the threads' share of that was not measured apart).
+pub fn default_threads(role: Role, cpus: usize) -> usize {
+    match role {
+        Role::Worker => 1,
+        Role::Serve | Role::Dev if cpus <= SHARED_CORES => 1,
+        Role::Serve | Role::Dev | Role::Tool => 0,
+    }
+}
 
 /// What to do with a client too slow to read its messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,6 +121,10 @@ pub struct ServerArgs {
     /// Messages buffered per connection on their way to the socket.
     #[arg(long, default_value_t = 64)]
     pub outbound_queue: usize,
+    /// Seconds a client's message waits for room in a full server-fed channel (its reading
+    /// paused, so TCP pushes back) before the socket is closed 1013 or the request answered 503.
+    #[arg(long, env = "SWITCHYARD_BACKPRESSURE_TIMEOUT", default_value_t = DEFAULT_BACKPRESSURE_TIMEOUT.as_secs_f64())]
+    pub backpressure_timeout: f64,
     /// What to do when a client reads too slowly for its outbound queue.
     #[arg(long, value_enum, default_value_t = SlowClient::Close)]
     pub slow_client: SlowClient,
@@ -206,6 +246,7 @@ impl ServerArgs {
                 SlowClient::Close => SlowClientPolicy::Close1013,
             },
             proxy_headers: self.proxy_headers,
+            backpressure_timeout: secs("backpressure-timeout", self.backpressure_timeout)?,
             ws_protocols: self.ws_protocols.clone(),
             shutdown_grace: secs("shutdown-grace", self.shutdown_grace)?,
             layer_outage_close: secs("layer-outage-close", self.layer_outage_close)?,
@@ -253,11 +294,12 @@ impl ServerArgs {
 /// Worker flags (shared by `worker` and `dev`).
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
-    /// Messages this process runs at once; one receive loop pops at most this many per batch (at
-    /// most 64). A message holds its slot until its replies are written to Redis, so one
-    /// process carries at most this many per Redis round trip or two: with 1,000 sockets
-    /// echoing on a 2-core machine, 8 gave 21–28k echoes/s, 32 42–46k, 64 47–51k.
-    #[arg(long, env = "SWITCHYARD_CONCURRENCY", default_value_t = 64)]
+    /// Messages this process runs at once; one receive loop pops at most 64 per batch. A message
+    /// holds its slot until its replies are written to Redis, so one process carries at most
+    /// this many per Redis round trip or two: with 1,000 sockets echoing on a 2-core machine, 8
+    /// gave 21–28k echoes/s, 32 42–46k, 64 47–51k; 256 as much as 64 at a sixth less Redis CPU
+    /// per echo, and room for strictly ordered connections waiting their turn.
+    #[arg(long, env = "SWITCHYARD_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
     /// Only listen on channels matching these globs (repeatable, e.g. 'websocket.*').
     #[arg(long = "only-channels", value_name = "GLOB")]
@@ -423,6 +465,15 @@ fn server_exposition(e: &mut Exposition, m: &ServerMetrics) {
         "switchyard_ws_receive_full_closes_total",
         "Sockets closed 1013 because websocket.receive was full.",
         s.ws_receive_full_closes,
+    )
+    .counter_by(
+        "switchyard_backpressure_total",
+        "Client messages that found a server-fed channel full: waited for room (reading paused), and refused past --backpressure-timeout (1013 or 503).",
+        "outcome",
+        &[
+            ("waited", s.backpressure_waits),
+            ("refused", s.backpressure_refusals),
+        ],
     )
     .counter(
         "switchyard_slow_client_drops_total",
@@ -795,6 +846,16 @@ mod tests {
             django_session_redis(&explicit, "memory://").unwrap(),
             "redis://cache/1"
         );
+    }
+
+    #[test]
+    fn default_threads_per_role() {
+        assert_eq!(default_threads(Role::Worker, 2), 1);
+        assert_eq!(default_threads(Role::Worker, 64), 1);
+        assert_eq!(default_threads(Role::Serve, 2), 1);
+        assert_eq!(default_threads(Role::Dev, 1), 1);
+        assert_eq!(default_threads(Role::Serve, 8), 0);
+        assert_eq!(default_threads(Role::Tool, 2), 0);
     }
 
     #[test]

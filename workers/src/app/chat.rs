@@ -3,7 +3,8 @@
 //! stamped with the server time, kept in the room's history and broadcast to the room.
 //!
 //! History and the list of active rooms live in the channel layer (Redis, or memory under `dev`)
-//! as app data, so any worker can serve any socket.
+//! as app data, so any worker can serve any socket. The consumer keeps strict per-connection
+//! order, so a sender's messages are broadcast and kept in the history in the order sent.
 
 use std::time::Duration;
 
@@ -133,6 +134,13 @@ fn validate(incoming: Incoming) -> Result<(String, String), &'static str> {
 }
 
 impl WebsocketConsumer for ChatRoom {
+    /// A socket's messages run one after the other, whichever worker takes them: each is
+    /// recorded and broadcast before the next, so the room and its history see them in the
+    /// order sent.
+    fn strict_ordering(&self) -> bool {
+        true
+    }
+
     fn groups(&self, kwargs: &Kwargs) -> Vec<String> {
         kwargs
             .get("room")

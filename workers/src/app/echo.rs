@@ -1,6 +1,9 @@
 //! `/ws/echo/` (every frame back unchanged, text or binary) and `/ws/relay/<room>/` (every frame
 //! to all members of group `relay-<room>`, sender included): the consumers the benchmarks and the
-//! Autobahn run use.
+//! Autobahn run use. The relay keeps each socket's frames in the order sent, with any number of
+//! workers (strict ordering); [`Relay::unordered`] (`/ws/relay-unordered/<room>/`) is the same
+//! relay without it, for what order costs to be measured. The echo does not keep order: a client
+//! with several frames in flight may get them back reordered when workers run them at once.
 
 use switchyard_routing::asgi::WebsocketSend;
 use switchyard_routing::{ByteString, ConsumerError, Ctx, Kwargs, Message, WebsocketConsumer};
@@ -22,10 +25,31 @@ pub async fn echo(message: Message, ctx: Ctx) -> Result<(), ConsumerError> {
 }
 
 /// The relay consumer.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Relay;
+#[derive(Debug, Clone, Copy)]
+pub struct Relay {
+    ordered: bool,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Relay { ordered: true }
+    }
+}
+
+impl Relay {
+    /// The relay without strict ordering: a socket's frames may be relayed out of order.
+    pub fn unordered() -> Self {
+        Relay { ordered: false }
+    }
+}
 
 impl WebsocketConsumer for Relay {
+    /// Members see each sender's frames in the order sent (one sender's frames run one after
+    /// the other, so its group sends reach each inbox in order).
+    fn strict_ordering(&self) -> bool {
+        self.ordered
+    }
+
     fn groups(&self, kwargs: &Kwargs) -> Vec<String> {
         kwargs
             .get("room")

@@ -1,6 +1,8 @@
 //! The reference consumers the `switchyard` binary serves, and their routing: the chat rooms
 //! (pages over HTTP through the layer, sockets on `/ws/chat/<room>/`), `/ws/echo/`,
-//! `/ws/relay/<room>/`, and the background-job demo on the task channel `jobs.digest`.
+//! `/ws/relay/<room>/` (and `/ws/relay-unordered/<room>/`, the same without per-connection
+//! order), and the background-job demo on the task channel `jobs.digest`. Chat and relay keep
+//! each socket's messages in the order sent, with any number of workers.
 //!
 //! Room `<room>` is the group `chat-<room>`, so anything sharing the layer (another worker,
 //! `switchyard send --group`, Django's `group_send`) can broadcast into it.
@@ -61,7 +63,9 @@ pub fn routes(layer: Layer) -> Result<Router, RouteError> {
         route(WEBSOCKET_CONNECT, echo::accept).path("^/ws/echo/$"),
         route(WEBSOCKET_RECEIVE, echo::echo).path("^/ws/echo/$"),
         route(WEBSOCKET_DISCONNECT, ignore).path("^/ws/echo/$"),
-        route_class(echo::Relay).path("^/ws/relay/(?P<room>[A-Za-z0-9_-]{1,80})/$"),
+        route_class(echo::Relay::default()).path("^/ws/relay/(?P<room>[A-Za-z0-9_-]{1,80})/$"),
+        route_class(echo::Relay::unordered())
+            .path("^/ws/relay-unordered/(?P<room>[A-Za-z0-9_-]{1,80})/$"),
         route_class(jobs::JobSocket).path("^/ws/jobs/(?P<ticket>[A-Za-z0-9-]{8,64})/$"),
         route(jobs::JOB_CHANNEL, jobs::digest),
         // Anything else: refuse unknown socket paths (403), consume the rest.
