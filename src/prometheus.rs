@@ -164,6 +164,18 @@ pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Answers `GET /metrics` on `listener` until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, render: Render, shutdown: CancellationToken) {
+    serve_guarded(listener, render, None, shutdown).await;
+}
+
+/// As [`serve`], answering 401 unless the request carries `Authorization: Bearer <bearer>`
+/// (when `bearer` is set).
+pub async fn serve_guarded(
+    listener: TcpListener,
+    render: Render,
+    bearer: Option<String>,
+    shutdown: CancellationToken,
+) {
+    let bearer: Option<Arc<str>> = bearer.map(Arc::from);
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -172,8 +184,9 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
         match accepted {
             Ok((stream, _)) => {
                 let render = Arc::clone(&render);
+                let bearer = bearer.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &render).await {
+                    if let Err(e) = answer(stream, &render, bearer.as_deref()).await {
                         tracing::debug!(error = %e, "metrics request failed");
                     }
                 });
@@ -192,13 +205,38 @@ pub async fn spawn(
     render: Render,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
+    spawn_guarded(addr, render, None, shutdown).await
+}
+
+/// As [`spawn`], requiring `Authorization: Bearer <bearer>` when `bearer` is set.
+pub async fn spawn_guarded(
+    addr: SocketAddr,
+    render: Render,
+    bearer: Option<String>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    tokio::spawn(serve(listener, render, shutdown));
+    tokio::spawn(serve_guarded(listener, render, bearer, shutdown));
     Ok(local)
 }
 
-async fn answer(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
+/// Whether a request head carries `Authorization: Bearer <expected>`.
+fn head_has_bearer(head: &[u8], expected: &str) -> bool {
+    head.split(|b| *b == b'\n').skip(1).any(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.split_at_checked(14).is_some_and(|(name, value)| {
+            name.eq_ignore_ascii_case(b"authorization:")
+                && crate::server::auth::bearer_matches(expected, value.trim_ascii())
+        })
+    })
+}
+
+async fn answer(
+    mut stream: TcpStream,
+    render: &Render,
+    bearer: Option<&str>,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let read = async {
@@ -219,7 +257,14 @@ async fn answer(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head timeout"))??;
     let first_line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let ok = first_line.starts_with(b"GET /metrics ") || first_line.starts_with(b"GET /metrics?");
-    let (status, content_type, body) = if ok {
+    let allowed = bearer.is_none_or(|expected| head_has_bearer(&head, expected));
+    let (status, content_type, body) = if ok && !allowed {
+        (
+            "401 Unauthorized\r\nwww-authenticate: Bearer",
+            "text/plain; charset=utf-8",
+            "Authentication required\n".to_owned(),
+        )
+    } else if ok {
         (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
@@ -294,5 +339,17 @@ mod tests {
         );
         assert!(get(addr, "/").await.starts_with("HTTP/1.1 404"));
         token.cancel();
+    }
+
+    #[test]
+    fn the_bearer_is_read_from_the_head() {
+        let head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n\r\n";
+        assert!(head_has_bearer(head, "tok"));
+        assert!(!head_has_bearer(head, "to"));
+        assert!(!head_has_bearer(
+            b"GET /metrics HTTP/1.1\r\nX-Authorization: Bearer tok\r\n\r\n",
+            "tok"
+        ));
+        assert!(!head_has_bearer(b"GET /metrics HTTP/1.1\r\n\r\n", "tok"));
     }
 }

@@ -7,6 +7,7 @@
 //! into bounded per-local-channel buffers. Both backends store the same bytes (msgpack maps, with
 //! `__asgi_channel__` for `!` targets; see [`wire`]), so they share the codec and its tests.
 
+pub mod crypto;
 mod inbox;
 pub mod memory;
 pub mod metrics;
@@ -27,12 +28,14 @@ use switchyard_routing::codec::{self, CodecError};
 use switchyard_routing::names::{self, NameError};
 use thiserror::Error;
 
+pub use crypto::{CryptoError, MessageCrypter};
 pub use inbox::{LocalChannel, ProcessInbox};
 pub use memory::MemoryLayer;
 pub use metrics::{LayerMetrics, MetricsSnapshot};
 pub use ordering::{Gate, GateOutcome, Upkeep};
 pub use redis::RedisLayer;
 pub use session::MemoryConnections;
+pub(crate) use settings::glob_to_regex;
 pub use settings::{LayerSettings, glob_matches, parse_channel_capacity};
 
 /// What a channel-layer operation can fail with.

@@ -32,6 +32,10 @@ pub struct LayerSettings {
     pub inbox_batch: usize,
     /// Bound on every non-blocking Redis command, so that sends during an outage fail fast (2 s).
     pub command_timeout: Duration,
+    /// channels_redis' `symmetric_encryption_keys`: when non-empty, every message is stored in
+    /// Redis as a Fernet token (the first key encrypts, all decrypt); see [`super::crypto`].
+    /// The in-memory layer never leaves the process and ignores them.
+    pub symmetric_encryption_keys: Vec<String>,
 }
 
 impl Default for LayerSettings {
@@ -45,6 +49,7 @@ impl Default for LayerSettings {
             local_buffer: None,
             inbox_batch: 512,
             command_timeout: Duration::from_secs(2),
+            symmetric_encryption_keys: Vec::new(),
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct ServerMetrics {
     pub(crate) ping_timeouts: AtomicU64,
     pub(crate) bad_replies: AtomicU64,
     pub(crate) ws_disconnects_lost: AtomicU64,
+    pub(crate) auth_refused: AtomicU64,
+    pub(crate) token_expired_closes: AtomicU64,
 }
 
 /// A copy of the counters at one instant.
@@ -87,6 +89,12 @@ pub struct ServerMetricsSnapshot {
     /// `websocket.disconnect` messages still refused by the layer (full or unreachable) when
     /// their retries ran out: those consumers never learn the socket closed.
     pub ws_disconnects_lost: u64,
+    /// Requests (401) and handshakes (403) refused at the edge by authentication: a missing
+    /// token on a path that requires one, or an invalid or expired token; `/healthz` without the
+    /// ops token too.
+    pub auth_refused: u64,
+    /// Sockets closed (with the auth close code, 4001) because their token expired.
+    pub token_expired_closes: u64,
 }
 
 impl ServerMetrics {
@@ -130,6 +138,8 @@ impl ServerMetrics {
             ping_timeouts: r(&self.ping_timeouts),
             bad_replies: r(&self.bad_replies),
             ws_disconnects_lost: r(&self.ws_disconnects_lost),
+            auth_refused: r(&self.auth_refused),
+            token_expired_closes: r(&self.token_expired_closes),
         }
     }
 }

@@ -43,10 +43,12 @@
 //!   queue is cut (the client sees an incomplete body, never a silently corrupted one).
 //! - `/healthz` (under `root_path` too) is answered by the server itself.
 
+pub mod auth;
 mod http;
 mod metrics;
 mod outbound;
 mod request;
+pub mod tls;
 mod websocket;
 
 use std::net::SocketAddr;
@@ -64,7 +66,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::layer::{Layer, LayerError, ProcessInbox};
 
+pub use auth::{AuthConfig, JwtConfig, JwtKey, TOKEN_EXPIRED_CLOSE};
 pub use metrics::{ServerMetrics, ServerMetricsSnapshot};
+pub use tls::{TlsConfig, TlsError, TlsReloader};
 
 /// What the server does when a client reads too slowly to keep up with its outbound queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -141,6 +145,11 @@ pub struct ServerConfig {
     /// client offers that is listed here is echoed in `Sec-WebSocket-Protocol` (browsers fail a
     /// handshake that offered protocols and got none back). Empty: none is ever selected.
     pub ws_protocols: Vec<String>,
+    /// Authentication at the edge (signed tokens, paths that require one, the `/healthz` token);
+    /// the default checks nothing. See [`auth`].
+    pub auth: AuthConfig,
+    /// Terminate TLS (HTTPS and WSS on `bind`); `None`, the default: plain TCP. See [`tls`].
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -172,6 +181,8 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             inbox_prefix: "switchyard.response".to_owned(),
             ws_protocols: Vec::new(),
+            auth: AuthConfig::default(),
+            tls: None,
         }
     }
 }
@@ -194,6 +205,9 @@ pub enum ServerError {
     /// A setting that makes no sense.
     #[error("invalid server configuration: {0}")]
     Config(String),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// What every connection of one server shares.
@@ -210,6 +224,7 @@ pub(crate) struct Shared {
     /// 503; open sockets learn it from their local channel, which the ended loop closed (1011).
     pub(crate) inbox_gone: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    pub(crate) auth: auth::Authenticator,
     pub(crate) local_addr: SocketAddr,
     pub(crate) lifetime: Duration,
     pub(crate) started: Instant,
@@ -239,12 +254,16 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     metrics: Arc<ServerMetrics>,
+    auth: auth::Authenticator,
+    tls: Option<TlsReloader>,
 }
 
 impl Server {
     /// Checks the configuration and binds the listening socket.
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         check_config(&config)?;
+        let auth = auth::Authenticator::new(&config.auth).map_err(ServerError::Config)?;
+        let tls = config.tls.clone().map(TlsReloader::new).transpose()?;
         let listener =
             TcpListener::bind(config.bind)
                 .await
@@ -261,7 +280,14 @@ impl Server {
             listener,
             local_addr,
             metrics: Arc::new(ServerMetrics::default()),
+            auth,
+            tls,
         })
+    }
+
+    /// The TLS certificate reloader (what SIGHUP triggers), when TLS is on.
+    pub fn tls_reloader(&self) -> Option<TlsReloader> {
+        self.tls.clone()
     }
 
     /// The address actually bound.
@@ -293,6 +319,7 @@ impl Server {
             tracker: TaskTracker::new(),
             started: Instant::now(),
             shutdown_at: std::sync::OnceLock::new(),
+            auth: self.auth,
             config: self.config,
             layer,
             inbox,
@@ -314,7 +341,10 @@ impl Server {
                 gone.cancel();
             });
         }
-        tracing::info!(addr = %self.local_addr, layer = %shared.layer.describe(), inbox = %shared.inbox.name(), "interface server listening");
+        if let Some(tls) = &self.tls {
+            spawn_reload_on_hangup(tls.clone(), shutdown.clone());
+        }
+        tracing::info!(addr = %self.local_addr, tls = self.tls.is_some(), layer = %shared.layer.describe(), inbox = %shared.inbox.name(), "interface server listening");
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -339,10 +369,31 @@ impl Server {
             };
             let shared = Arc::clone(&shared);
             let builder = builder.clone();
+            let acceptor = self.tls.as_ref().map(TlsReloader::acceptor);
             shared.tracker.clone().spawn(async move {
                 ServerMetrics::inc(&shared.metrics.open_connections);
                 let permit = Arc::new(permit);
-                serve_connection(&builder, tcp, peer, &shared, &permit).await;
+                match acceptor {
+                    None => serve_connection(&builder, tcp, peer, false, &shared, &permit).await,
+                    Some(acceptor) => {
+                        // The TLS handshake counts against the header read timeout: a client
+                        // that opens a connection and says nothing is dropped as in plain HTTP.
+                        let handshake = tokio::time::timeout(
+                            shared.config.header_read_timeout,
+                            acceptor.accept(tcp),
+                        );
+                        match handshake.await {
+                            Ok(Ok(stream)) => {
+                                serve_connection(&builder, stream, peer, true, &shared, &permit)
+                                    .await;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    }
+                }
                 drop(permit);
                 ServerMetrics::dec(&shared.metrics.open_connections);
             });
@@ -372,25 +423,29 @@ impl Server {
 
 /// Serves one TCP connection: HTTP requests until it closes, or a handshake whose upgraded
 /// socket then runs in its own tracked task (holding a clone of `permit`).
-async fn serve_connection(
+async fn serve_connection<S>(
     builder: &http1::Builder,
-    tcp: TcpStream,
+    stream: S,
     peer: SocketAddr,
+    tls: bool,
     shared: &Arc<Shared>,
     permit: &Arc<tokio::sync::OwnedSemaphorePermit>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service_shared = Arc::clone(shared);
     let service_permit = Arc::clone(permit);
     let service = hyper::service::service_fn(move |req| {
         http::handle(
             Arc::clone(&service_shared),
             peer,
+            tls,
             Arc::clone(&service_permit),
             req,
         )
     });
     let conn = builder
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
@@ -402,6 +457,39 @@ async fn serve_connection(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Re-reads the TLS certificate and key on every SIGHUP until shutdown.
+fn spawn_reload_on_hangup(tls: TlsReloader, shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; TLS certificates will not reload");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    got = hangups.recv() => if got.is_none() { return },
+                }
+                match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; the previous one stays in service");
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (tls, shutdown);
     }
 }
 

@@ -42,7 +42,7 @@ use super::http::{ACCESS_LOG, Body, empty, plain, unavailable};
 use super::metrics::ServerMetrics;
 use super::outbound::SocketReply;
 use super::request::{HostPortText, RequestHead};
-use super::{Shared, SlowClientPolicy};
+use super::{Shared, SlowClientPolicy, auth};
 use crate::layer::{Envelope, LayerError, LocalChannel};
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
@@ -148,6 +148,7 @@ fn ws_log(client: &str, what: &str, path: &str, code: Option<u16>) {
 pub(crate) async fn handshake(
     shared: Arc<Shared>,
     peer: SocketAddr,
+    tls: bool,
     permit: Arc<OwnedSemaphorePermit>,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
@@ -178,8 +179,8 @@ pub(crate) async fn handshake(
     else {
         return plain(StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key\n");
     };
-    let subprotocol = choose_subprotocol(&shared.config.ws_protocols, &req);
-    let head = match RequestHead::from_parts(
+    let mut subprotocol = choose_subprotocol(&shared.config.ws_protocols, &req);
+    let mut head = match RequestHead::from_parts(
         req.uri(),
         req.headers(),
         peer,
@@ -189,8 +190,25 @@ pub(crate) async fn handshake(
         Ok(head) => head,
         Err(_) => return plain(StatusCode::BAD_REQUEST, "Invalid characters in path\n"),
     };
+    head.secure |= tls;
     let client = HostPortText(&head.client).to_string();
     let path = head.path.clone();
+    let identity = if shared.auth.is_off() {
+        None
+    } else {
+        match shared.auth.check(&path, req.headers(), req.uri().query()) {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                ServerMetrics::inc(&shared.metrics.auth_refused);
+                tracing::debug!(client = %client, path = %path, ?refusal, "handshake refused by authentication");
+                ws_log(&client, "WSREJECT", &path, Some(403));
+                return plain(StatusCode::FORBIDDEN, refusal.text());
+            }
+        }
+    };
+    if subprotocol.is_none() && identity.is_some() && auth::offers_bearer_protocol(req.headers()) {
+        subprotocol = Some(HeaderValue::from_static("bearer"));
+    }
     if shared.inbox_gone.is_cancelled() {
         ws_log(&client, "WSREJECT", &path, Some(503));
         return unavailable(&shared, "Replies cannot be received\n");
@@ -206,6 +224,11 @@ pub(crate) async fn handshake(
     connect.headers = head.headers;
     connect.client = Some(head.client);
     connect.server = Some(head.server);
+    let (user, token_expires) = match identity {
+        Some(identity) => (Some(identity.user), Some(identity.expires_at)),
+        None => (None, None),
+    };
+    connect.user = user.clone();
     ws_log(&client, "WSCONNECTING", &path, None);
     ServerMetrics::inc(&shared.metrics.ws_connects);
     if let Err(e) = shared.layer.send(WEBSOCKET_CONNECT, &connect).await {
@@ -288,6 +311,8 @@ pub(crate) async fn handshake(
             last_activity: Instant::now(),
             ping_sent: None,
             dropped_seen: 0,
+            user,
+            token_expires: token_expires.map(instant_at),
         };
         socket.run(ws, first).await;
         drop(permit);
@@ -484,6 +509,20 @@ struct Socket {
     last_activity: Instant,
     ping_sent: Option<Instant>,
     dropped_seen: u64,
+    /// The verified token's claims, repeated in every `websocket.receive`.
+    user: Option<switchyard_routing::Map>,
+    /// When the token stops being valid: the socket closes then (auth close code).
+    token_expires: Option<Instant>,
+}
+
+/// The monotonic instant of a wall-clock time (now, when it has passed).
+fn instant_at(at: std::time::SystemTime) -> Instant {
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    let now = Instant::now();
+    now.checked_add(left)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
 }
 
 /// `websocket.receive`, serialized straight from the frame (no owned copies before msgpack).
@@ -496,6 +535,8 @@ struct ReceiveRef<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     bytes: Option<BinRef<'a>>,
     order: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a switchyard_routing::Map>,
 }
 
 struct BinRef<'a>(&'a [u8]);
@@ -767,6 +808,7 @@ impl Socket {
             text,
             bytes: bytes.map(BinRef),
             order: self.order + 1,
+            user: self.user.as_ref(),
         };
         let payload = match switchyard_routing::codec::to_msgpack(&message) {
             Ok(payload) => payload,
@@ -829,6 +871,9 @@ impl Socket {
         if let Some(idle) = c.idle_timeout {
             next = next.min(far(self.last_activity, idle));
         }
+        if let Some(expires) = self.token_expires {
+            next = next.min(expires);
+        }
         next.min(far(self.opened, self.shared.lifetime))
     }
 
@@ -837,6 +882,11 @@ impl Socket {
         let c = &self.shared.config;
         if now.duration_since(self.opened) >= self.shared.lifetime {
             return Some(End::ServerClosed(1000));
+        }
+        if self.token_expires.is_some_and(|expires| now >= expires) {
+            ServerMetrics::inc(&self.shared.metrics.token_expired_closes);
+            tracing::info!(client = %self.client, path = %self.path, "token expired; closing");
+            return Some(End::ServerClosed(self.shared.auth.expired_close_code));
         }
         if c.idle_timeout
             .is_some_and(|idle| now.duration_since(self.last_activity) >= idle)

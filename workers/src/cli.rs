@@ -43,6 +43,16 @@ pub struct LayerArgs {
     /// (e.g. "http.request=500,tasks.*=10000").
     #[arg(long, env = "SWITCHYARD_CHANNEL_CAPACITY")]
     pub channel_capacity: Option<String>,
+    /// channels_redis' `symmetric_encryption_keys`: encrypt every message stored in Redis (Fernet).
+    /// Repeat the flag (or comma-separate in the variable) to rotate keys: the first encrypts,
+    /// all decrypt. Every process sharing the Redis (Django included) needs the same keys.
+    #[arg(
+        long = "symmetric-encryption-key",
+        env = "SWITCHYARD_SYMMETRIC_ENCRYPTION_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub symmetric_encryption_keys: Vec<String>,
 }
 
 impl LayerArgs {
@@ -71,6 +81,7 @@ impl LayerArgs {
                 Some(spec) => parse_channel_capacity(spec)?,
                 None => Vec::new(),
             },
+            symmetric_encryption_keys: self.symmetric_encryption_keys.clone(),
             ..LayerSettings::default()
         })
     }

@@ -95,6 +95,8 @@ pub struct ServerArgs {
     /// Seconds in-flight responses and socket closes get on shutdown.
     #[arg(long, default_value_t = 10.0)]
     pub shutdown_grace: f64,
+    #[command(flatten)]
+    pub edge: crate::edge::EdgeArgs,
 }
 
 /// Longest duration a flag accepts (ten years): beyond it deadlines overflow and mean nothing.
@@ -142,6 +144,8 @@ impl ServerArgs {
             proxy_headers: self.proxy_headers,
             ws_protocols: self.ws_protocols.clone(),
             shutdown_grace: secs("shutdown-grace", self.shutdown_grace)?,
+            auth: self.edge.auth()?,
+            tls: self.edge.tls(),
             ..ServerConfig::default()
         })
     }
@@ -205,6 +209,9 @@ pub struct WorkerCommandArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
     #[arg(long, env = "SWITCHYARD_METRICS_BIND")]
     pub metrics_bind: Option<SocketAddr>,
+    /// Bearer token /metrics requires (Authorization: Bearer <token>).
+    #[arg(long, env = "SWITCHYARD_OPS_TOKEN", hide_env_values = true)]
+    pub ops_token: Option<String>,
 }
 
 /// `switchyard dev`
@@ -300,6 +307,16 @@ fn server_exposition(e: &mut Exposition, m: &ServerMetrics) {
         "switchyard_ws_disconnects_lost_total",
         "websocket.disconnect messages the layer still refused after retrying.",
         s.ws_disconnects_lost,
+    )
+    .counter(
+        "switchyard_auth_refused_total",
+        "Requests (401) and handshakes (403) refused at the edge by authentication.",
+        s.auth_refused,
+    )
+    .counter(
+        "switchyard_token_expired_closes_total",
+        "Sockets closed because their token expired.",
+        s.token_expired_closes,
     )
     .counter(
         "switchyard_ws_frames_lost_total",
@@ -436,6 +453,7 @@ fn worker_exposition(e: &mut Exposition, m: &WorkerMetrics) {
 
 async fn start_metrics(
     bind: Option<SocketAddr>,
+    ops_token: Option<String>,
     layer: &Layer,
     server: Option<Arc<ServerMetrics>>,
     worker: Option<Arc<WorkerMetrics>>,
@@ -454,7 +472,7 @@ async fn start_metrics(
         }
         e.finish()
     });
-    let addr = prometheus::spawn(bind, render, token.clone())
+    let addr = prometheus::spawn_guarded(bind, render, ops_token, token.clone())
         .await
         .with_context(|| format!("cannot serve metrics on {bind}"))?;
     tracing::info!(%addr, "Prometheus metrics on http://{addr}/metrics");
@@ -511,6 +529,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     stop_on_signals(token.clone());
     start_metrics(
         args.metrics_bind,
+        args.server.edge.ops_token.clone(),
         &layer,
         Some(server.metrics()),
         None,
@@ -540,6 +559,7 @@ pub async fn worker(args: WorkerCommandArgs) -> anyhow::Result<()> {
     stop_on_signals(token.clone());
     start_metrics(
         args.metrics_bind,
+        args.ops_token.clone(),
         &layer,
         None,
         Some(worker.metrics()),
@@ -561,6 +581,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     stop_on_signals(token.clone());
     start_metrics(
         args.metrics_bind,
+        args.server.edge.ops_token.clone(),
         &layer,
         Some(server.metrics()),
         Some(worker.metrics()),
