@@ -41,7 +41,11 @@
 //!   [`SlowClientPolicy`] applies (default: close 1013), and every drop is counted; a write stalled
 //!   past `write_timeout` drops the connection. A streamed HTTP response whose chunks overflow the
 //!   queue is cut (the client sees an incomplete body, never a silently corrupted one).
-//! - `/healthz` (under `root_path` too) is answered by the server itself.
+//! - `/healthz` (under `root_path` too) is answered by the server itself (401 without the ops
+//!   token when [`AuthConfig::ops_token`] is set).
+//! - authentication ([`auth`]): a verified token's claims ride under `user`; a bad token, or none
+//!   on a required path → 401 / 403 before any worker hears of it; expiry closes a socket (4001).
+//! - TLS ([`tls`]): HTTPS and WSS on `bind` when [`ServerConfig::tls`] is set, reloaded on SIGHUP.
 
 pub mod auth;
 mod http;
