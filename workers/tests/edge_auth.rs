@@ -238,3 +238,44 @@ async fn the_chat_names_django_and_token_users_and_the_edge_refuses_bad_tokens()
         "{text}"
     );
 }
+
+/// Flags that cannot work stop `serve` before it listens, saying why.
+#[test]
+fn bad_edge_flags_are_refused_with_a_clear_error() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--jwt-algorithm", "ES256"], "--jwt-algorithm needs"),
+        (
+            &["--jwt-public-key", "/nonexistent/key.pem"],
+            "cannot read the JWT public key",
+        ),
+        (
+            &["--jwt-secret", "s", "--jwt-algorithm", "RS256"],
+            "--jwt-secret is for HS256 only",
+        ),
+        (&["--auth-required-paths", "/api/*"], "need a JWT key"),
+        (
+            &["--jwt-secret", "s", "--auth-expired-close-code", "1000"],
+            "4000-4999",
+        ),
+        (
+            &[
+                "--tls-cert",
+                "/nonexistent/cert.pem",
+                "--tls-key",
+                "/nonexistent/key.pem",
+            ],
+            "/nonexistent/cert.pem",
+        ),
+        (&["--tls-cert", "/nonexistent/cert.pem"], "--tls-key"),
+    ];
+    for (flags, expected) in cases {
+        let out = support::bin()
+            .args(["serve", "--layer", "memory://", "--port", "0"])
+            .args(*flags)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} was accepted");
+        assert!(stderr.contains(expected), "{flags:?}: {stderr}");
+    }
+}
