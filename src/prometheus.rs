@@ -193,6 +193,19 @@ pub async fn serve(
     health: Option<Health>,
     shutdown: CancellationToken,
 ) {
+    serve_guarded(listener, render, health, None, shutdown).await;
+}
+
+/// As [`serve`], answering 401 unless the request carries `Authorization: Bearer <bearer>`
+/// (when `bearer` is set).
+pub async fn serve_guarded(
+    listener: TcpListener,
+    render: Render,
+    health: Option<Health>,
+    bearer: Option<String>,
+    shutdown: CancellationToken,
+) {
+    let bearer: Option<Arc<str>> = bearer.map(Arc::from);
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -202,8 +215,11 @@ pub async fn serve(
             Ok((stream, _)) => {
                 let render = Arc::clone(&render);
                 let health = health.clone();
+                let bearer = bearer.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &render, health.as_ref()).await {
+                    if let Err(e) =
+                        answer(stream, &render, health.as_ref(), bearer.as_deref()).await
+                    {
                         tracing::debug!(error = %e, "metrics request failed");
                     }
                 });
@@ -223,16 +239,39 @@ pub async fn spawn(
     health: Option<Health>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
+    spawn_guarded(addr, render, health, None, shutdown).await
+}
+
+/// As [`spawn`], requiring `Authorization: Bearer <bearer>` when `bearer` is set.
+pub async fn spawn_guarded(
+    addr: SocketAddr,
+    render: Render,
+    health: Option<Health>,
+    bearer: Option<String>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    tokio::spawn(serve(listener, render, health, shutdown));
+    tokio::spawn(serve_guarded(listener, render, health, bearer, shutdown));
     Ok(local)
+}
+
+/// Whether a request head carries `Authorization: Bearer <expected>`.
+fn head_has_bearer(head: &[u8], expected: &str) -> bool {
+    head.split(|b| *b == b'\n').skip(1).any(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.split_at_checked(14).is_some_and(|(name, value)| {
+            name.eq_ignore_ascii_case(b"authorization:")
+                && crate::server::auth::bearer_matches(expected, value.trim_ascii())
+        })
+    })
 }
 
 async fn answer(
     mut stream: TcpStream,
     render: &Render,
     health: Option<&Health>,
+    bearer: Option<&str>,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
@@ -256,7 +295,14 @@ async fn answer(
     let ok = first_line.starts_with(b"GET /metrics ") || first_line.starts_with(b"GET /metrics?");
     let wants_health =
         first_line.starts_with(b"GET /healthz ") || first_line.starts_with(b"GET /healthz?");
-    let (status, content_type, body) = if let (true, Some(health)) = (wants_health, health) {
+    let allowed = bearer.is_none_or(|expected| head_has_bearer(&head, expected));
+    let (status, content_type, body) = if (ok || wants_health) && !allowed {
+        (
+            "401 Unauthorized\r\nwww-authenticate: Bearer",
+            "text/plain; charset=utf-8",
+            "Authentication required\n".to_owned(),
+        )
+    } else if let (true, Some(health)) = (wants_health, health) {
         let (healthy, body) = health();
         let status = if healthy {
             "200 OK"
@@ -362,5 +408,17 @@ mod tests {
             "{down}"
         );
         token.cancel();
+    }
+
+    #[test]
+    fn the_bearer_is_read_from_the_head() {
+        let head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n\r\n";
+        assert!(head_has_bearer(head, "tok"));
+        assert!(!head_has_bearer(head, "to"));
+        assert!(!head_has_bearer(
+            b"GET /metrics HTTP/1.1\r\nX-Authorization: Bearer tok\r\n\r\n",
+            "tok"
+        ));
+        assert!(!head_has_bearer(b"GET /metrics HTTP/1.1\r\n\r\n", "tok"));
     }
 }

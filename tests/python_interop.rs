@@ -95,12 +95,25 @@ struct Peer {
 
 impl Peer {
     async fn start(python: &PathBuf, redis_url: &str) -> Peer {
+        Self::start_with_keys(python, redis_url, &[]).await
+    }
+
+    /// A peer whose layer has these `symmetric_encryption_keys` (none: no encryption).
+    async fn start_with_keys(python: &PathBuf, redis_url: &str, keys: &[&str]) -> Peer {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/peer.py");
         let mut child = Command::new(python)
             .arg(&script)
             .arg(redis_url)
             .arg(PEER_LIFETIME.as_secs().to_string())
             .env("PYTHONUNBUFFERED", "1")
+            .env(
+                "SWITCHYARD_PEER_KEYS",
+                if keys.is_empty() {
+                    String::new()
+                } else {
+                    json!(keys).to_string()
+                },
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -144,6 +157,7 @@ impl Peer {
         let ready = peer.next_line(STEP * 2, "the ready line").await;
         assert_eq!(ready["ready"], true, "unexpected first line {ready}");
         assert_eq!(ready["prefix"], "asgi");
+        assert_eq!(ready["encrypted"], !keys.is_empty(), "{ready}");
         let version = ready["versions"]["channels-redis"].as_str().unwrap_or("");
         assert!(
             version.starts_with("4."),
@@ -564,4 +578,128 @@ async fn python_send_to_a_switchyard_local_channel_reaches_it() {
         "delivered to the wrong local channel"
     );
     inbox.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Every member stored under `key`, random prefix and all.
+fn stored_members(redis: &RedisServer, key: &str) -> Vec<Vec<u8>> {
+    let mut conn = redis.client().get_connection().unwrap();
+    redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap()
+}
+
+/// `symmetric_encryption_keys` on both sides: Python's encrypted messages reach Switchyard (a
+/// plain channel and, through a group, a local channel whose `__asgi_channel__` is inside the
+/// token), Switchyard's reach Python, and what sits in Redis is a Fernet token, not msgpack. The
+/// Switchyard side has a newer key first (rotation): it still reads Python's older-key messages,
+/// and Python, configured the other way round, reads the newer key's.
+#[tokio::test]
+async fn encrypted_messages_cross_both_ways_with_channels_redis_keys() {
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    let redis = RedisServer::start();
+    let settings = LayerSettings {
+        symmetric_encryption_keys: vec!["key-2026".to_owned(), "key-2025".to_owned()],
+        ..LayerSettings::default()
+    };
+    let layer = Layer::from_url(&redis.url(), settings).await.unwrap();
+    let mut peer = Peer::start_with_keys(&python, &redis.url(), &["key-2025", "key-2026"]).await;
+
+    // Python -> Switchyard, a plain channel; held in Redis first to look at the stored bytes.
+    let sent = chat_message("secret from python £ ✓");
+    peer.call(json!({"op": "send", "channel": "py.sealed", "message": to_peer_json(&Value::Map(sent.clone()))}))
+        .await;
+    let stored = stored_members(&redis, "asgipy.sealed");
+    assert_eq!(stored.len(), 1);
+    let token = &stored[0][12..];
+    assert!(
+        token.starts_with(b"gAAAAA"),
+        "not a Fernet token: {token:?}"
+    );
+    assert!(
+        !token.windows(6).any(|w| w == b"secret"),
+        "plaintext visible in Redis"
+    );
+    let mut receiver = layer.receiver().await.unwrap();
+    let envelope = receiver
+        .receive(&["py.sealed".to_owned()], STEP)
+        .await
+        .unwrap()
+        .expect("Python's encrypted message did not reach Switchyard");
+    assert_same_message(&envelope.to_map().unwrap(), &sent);
+
+    // Switchyard -> Python.
+    let sent = chat_message("secret from rust £ ✓");
+    let waiting =
+        peer.request(json!({"op": "receive", "channel": "rust.sealed", "timeout": STEP.as_secs()}));
+    layer.send("rust.sealed", &sent).await.unwrap();
+    let received = peer.reply(waiting).await;
+    assert_same_message(from_peer_json(&received).as_map().unwrap(), &sent);
+
+    // Python group_send -> a Switchyard local channel (the target list is encrypted too).
+    let inbox = layer.inbox("specific").await.unwrap();
+    let mut member = inbox.new_channel();
+    layer.group_add("sealed-room", member.name()).await.unwrap();
+    let sent = chat_message("room secret");
+    peer.call(json!({"op": "group_send", "group": "sealed-room", "message": to_peer_json(&Value::Map(sent.clone()))}))
+        .await;
+    let envelope = member
+        .recv_timeout(STEP)
+        .await
+        .expect("Python's encrypted group_send did not reach the local channel");
+    assert_eq!(envelope.channel, member.name());
+    assert_same_message(&envelope.to_map().unwrap(), &sent);
+
+    // Switchyard group_send -> a Python consumer channel.
+    let consumer = peer.new_channel().await;
+    peer.call(json!({"op": "group_add", "group": "sealed-room", "channel": consumer}))
+        .await;
+    let sent = chat_message("room secret from rust");
+    let waiting =
+        peer.request(json!({"op": "receive", "channel": consumer, "timeout": STEP.as_secs()}));
+    layer.group_send("sealed-room", &sent).await.unwrap();
+    let received = peer.reply(waiting).await;
+    assert_same_message(from_peer_json(&received).as_map().unwrap(), &sent);
+    let envelope = member
+        .recv_timeout(STEP)
+        .await
+        .expect("local member missed it");
+    assert_same_message(&envelope.to_map().unwrap(), &sent);
+    assert_eq!(layer.metrics().snapshot().garbage, 0);
+    inbox.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A Switchyard without the key cannot read what an encrypting Django wrote: the message is
+/// dropped and counted, never delivered as garbage.
+#[tokio::test]
+async fn encrypted_python_messages_are_unreadable_without_the_key() {
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    let redis = RedisServer::start();
+    let wrong = LayerSettings {
+        symmetric_encryption_keys: vec!["not-the-key".to_owned()],
+        ..LayerSettings::default()
+    };
+    let mut peer = Peer::start_with_keys(&python, &redis.url(), &["the-key"]).await;
+    for (settings, channel) in [
+        (LayerSettings::default(), "plain.reader"),
+        (wrong, "wrong.reader"),
+    ] {
+        let layer = Layer::from_url(&redis.url(), settings).await.unwrap();
+        peer.call(json!({"op": "send", "channel": channel, "message": to_peer_json(&Value::Map(chat_message("x")))}))
+            .await;
+        let mut receiver = layer.receiver().await.unwrap();
+        let got = receiver
+            .receive(&[channel.to_owned()], Duration::from_millis(500))
+            .await
+            .unwrap();
+        assert!(got.is_none(), "{channel}: read without the key: {got:?}");
+        assert_eq!(layer.metrics().snapshot().garbage, 1, "{channel}");
+        assert_eq!(layer.channel_depth(channel).await.unwrap(), 0);
+    }
 }

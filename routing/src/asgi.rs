@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::value::ByteString;
+use crate::value::{ByteString, Map};
 
 /// `http.request`
 pub const HTTP_REQUEST: &str = "http.request";
@@ -70,6 +70,10 @@ pub struct HttpRequest {
     /// The server's address.
     #[serde(default)]
     pub server: Option<HostPort>,
+    /// Who the interface server authenticated (a verified token's `sub` and configured claims);
+    /// absent when anonymous. Set only by the server, never from anything a client sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<Map>,
 }
 
 impl HttpRequest {
@@ -92,6 +96,7 @@ impl HttpRequest {
             body_channel: None,
             client: None,
             server: None,
+            user: None,
         }
     }
 
@@ -213,6 +218,10 @@ pub struct WebsocketConnect {
     /// Always 0.
     #[serde(default)]
     pub order: u64,
+    /// Who the interface server authenticated (a verified token's `sub` and configured claims);
+    /// absent when anonymous. Set only by the server, never from anything a client sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<Map>,
 }
 
 fn default_ws_scheme() -> String {
@@ -232,6 +241,7 @@ impl WebsocketConnect {
             client: None,
             server: None,
             order: 0,
+            user: None,
         }
     }
 
@@ -258,6 +268,10 @@ pub struct WebsocketReceive {
     /// 1 for the first frame, then 2, 3, …
     #[serde(default)]
     pub order: u64,
+    /// Who the interface server authenticated (a verified token's `sub` and configured claims);
+    /// absent when anonymous. Set only by the server, never from anything a client sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<Map>,
 }
 
 impl WebsocketReceive {
@@ -274,6 +288,7 @@ impl WebsocketReceive {
             text: Some(text.into()),
             bytes: None,
             order,
+            user: None,
         }
     }
     /// A binary frame.
@@ -289,6 +304,7 @@ impl WebsocketReceive {
             text: None,
             bytes: Some(bytes.into()),
             order,
+            user: None,
         }
     }
 }

@@ -69,6 +69,16 @@ impl Message {
         self.get("bytes").and_then(Value::as_bytes)
     }
 
+    /// `user`: who the interface server authenticated (a verified token's `sub` and configured
+    /// claims), on `http.request`, `websocket.connect` and `websocket.receive`; `None` when
+    /// anonymous. Only the server sets it, so a consumer can trust it.
+    pub fn user(&self) -> Option<&crate::Map> {
+        match self.get("user") {
+            Some(crate::Value::Map(user)) => Some(user),
+            _ => None,
+        }
+    }
+
     /// `path` of an HTTP request or WebSocket event.
     pub fn path(&self) -> Option<&str> {
         self.get_str("path")

@@ -7,6 +7,7 @@
 //! into bounded per-local-channel buffers. Both backends store the same bytes (msgpack maps, with
 //! `__asgi_channel__` for `!` targets; see [`wire`]), so they share the codec and its tests.
 
+pub mod crypto;
 pub mod full_retry;
 mod inbox;
 pub mod membership;
@@ -29,6 +30,7 @@ use switchyard_routing::codec::{self, CodecError};
 use switchyard_routing::names::{self, NameError};
 use thiserror::Error;
 
+pub use crypto::{CryptoError, MessageCrypter};
 pub use full_retry::{DEFAULT_BACKPRESSURE_TIMEOUT, FullRetry};
 pub use inbox::{LocalChannel, ProcessInbox};
 pub use memory::MemoryLayer;
@@ -36,6 +38,7 @@ pub use metrics::{LayerMetrics, MetricsSnapshot};
 pub use ordering::{Gate, GateOutcome, Upkeep};
 pub use redis::RedisLayer;
 pub use session::MemoryConnections;
+pub(crate) use settings::glob_to_regex;
 pub use settings::{
     DEFAULT_CAPACITY, DEFAULT_SERVER_CAPACITY, LayerLossPolicy, LayerSettings, SERVER_FED_CHANNELS,
     glob_matches, parse_channel_capacity,

@@ -62,6 +62,10 @@ pub struct LayerSettings {
     pub lease_ttl: Duration,
     /// What an interface server does when it finds that Redis lost its state.
     pub on_layer_loss: LayerLossPolicy,
+    /// channels_redis' `symmetric_encryption_keys`: when non-empty, every message is stored in
+    /// Redis as a Fernet token (the first key encrypts, all decrypt); see [`super::crypto`].
+    /// The in-memory layer never leaves the process and ignores them.
+    pub symmetric_encryption_keys: Vec<String>,
 }
 
 /// What an interface server does when Redis lost its state (restart without persistence,
@@ -103,6 +107,7 @@ impl Default for LayerSettings {
             command_timeout: Duration::from_secs(2),
             lease_ttl: Duration::from_secs(15),
             on_layer_loss: LayerLossPolicy::Resubscribe,
+            symmetric_encryption_keys: Vec::new(),
         }
     }
 }

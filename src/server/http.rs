@@ -39,6 +39,7 @@ pub(crate) const ACCESS_LOG: &str = "switchyard::access";
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     peer: SocketAddr,
+    tls: bool,
     permit: Arc<ConnectionPermit>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -71,12 +72,26 @@ pub(crate) async fn handle(
         }
     };
     if health {
+        if !shared.auth.ops_allowed(req.headers()) {
+            ServerMetrics::inc(&shared.metrics.auth_refused);
+            return Ok(unauthorized("Authentication required\n"));
+        }
         return Ok(healthz(&shared).await);
     }
     if websocket::is_upgrade(&req) {
-        return Ok(websocket::handshake(shared, peer, permit, host, req).await);
+        return Ok(websocket::handshake(shared, peer, tls, permit, host, req).await);
     }
-    Ok(http_request(shared, peer, req).await)
+    Ok(http_request(shared, peer, tls, req).await)
+}
+
+/// 401 with the challenge RFC 6750 asks for.
+pub(crate) fn unauthorized(text: &'static str) -> Response<Body> {
+    let mut resp = plain(StatusCode::UNAUTHORIZED, text);
+    resp.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer"),
+    );
+    resp
 }
 
 /// A small plain-text response.
@@ -205,13 +220,14 @@ impl Drop for DisconnectGuard {
 async fn http_request(
     shared: Arc<Shared>,
     peer: SocketAddr,
+    tls: bool,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
     ServerMetrics::inc(&shared.metrics.http_requests);
     let method = req.method().as_str().to_owned();
     let (parts, body) = req.into_parts();
-    let head = match RequestHead::from_parts(
+    let mut head = match RequestHead::from_parts(
         &parts.uri,
         &parts.headers,
         peer,
@@ -225,10 +241,28 @@ async fn http_request(
             return resp;
         }
     };
+    head.secure |= tls;
+    let user = if shared.auth.is_off() {
+        None
+    } else {
+        match shared
+            .auth
+            .check(&head.path, &parts.headers, parts.uri.query())
+        {
+            Ok(identity) => identity.map(|i| i.user),
+            Err(refusal) => {
+                ServerMetrics::inc(&shared.metrics.auth_refused);
+                tracing::debug!(path = %head.path, ?refusal, "request refused by authentication");
+                let resp = unauthorized(refusal.text());
+                access_log(&peer, &method, &head.path, resp.status(), started);
+                return resp;
+            }
+        }
+    };
     // The access log is usually off (`--log warn`): then nothing is kept or formatted for it.
     let logged = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO)
         .then(|| (head.client.clone(), head.path.clone()));
-    let resp = respond(&shared, parts, body, head, &method).await;
+    let resp = respond(&shared, parts, body, head, user, &method).await;
     if let Some((client, path)) = logged {
         access_log(
             &HostPortText(&client),
@@ -265,6 +299,7 @@ async fn respond(
     parts: hyper::http::request::Parts,
     body: Incoming,
     head: RequestHead,
+    user: Option<switchyard_routing::Map>,
     method: &str,
 ) -> Response<Body> {
     let config = &shared.config;
@@ -311,6 +346,7 @@ async fn respond(
     message.body = ByteString::from(in_message.to_vec());
     message.client = Some(head.client);
     message.server = Some(head.server);
+    message.user = user;
     let body_channel = if rest.is_some() {
         match shared.layer.new_channel(BODY_CHANNEL_PATTERN) {
             Ok(name) => Some(name),

@@ -40,6 +40,8 @@ pub struct ServerMetrics {
     pub(crate) ws_rate_limit_closes: AtomicU64,
     pub(crate) backpressure_waits: AtomicU64,
     pub(crate) backpressure_refusals: AtomicU64,
+    pub(crate) auth_refused: AtomicU64,
+    pub(crate) token_expired_closes: AtomicU64,
 }
 
 /// A copy of the counters at one instant.
@@ -116,6 +118,12 @@ pub struct ServerMetricsSnapshot {
     /// Of those, the ones still refused when `backpressure_timeout` ran out: the socket was
     /// closed with 1013 or the request or handshake answered 503.
     pub backpressure_refusals: u64,
+    /// Requests (401) and handshakes (403) refused at the edge by authentication: a missing
+    /// token on a path that requires one, or an invalid or expired token; `/healthz` without the
+    /// ops token too.
+    pub auth_refused: u64,
+    /// Sockets closed (with the auth close code, 4001) because their token expired.
+    pub token_expired_closes: u64,
 }
 
 impl ServerMetrics {
@@ -167,6 +175,8 @@ impl ServerMetrics {
             ws_rate_limit_closes: r(&self.ws_rate_limit_closes),
             backpressure_waits: r(&self.backpressure_waits),
             backpressure_refusals: r(&self.backpressure_refusals),
+            auth_refused: r(&self.auth_refused),
+            token_expired_closes: r(&self.token_expired_closes),
         }
     }
 }

@@ -48,18 +48,24 @@
 //!   [`SlowClientPolicy`] applies (default: close 1013), and every drop is counted; a write stalled
 //!   past `write_timeout` drops the connection. A streamed HTTP response whose chunks overflow the
 //!   queue is cut (the client sees an incomplete body, never a silently corrupted one).
-//! - `/healthz` (under `root_path` too) is answered by the server itself.
+//! - `/healthz` (under `root_path` too) is answered by the server itself (401 without the ops
+//!   token when [`AuthConfig::ops_token`] is set).
 //! - the edge's rules ([`edge`]): a missing (HTTP/1.1), repeated or malformed `Host`, or one
 //!   outside `allowed_hosts` → 400 (`/healthz` skips only the `allowed_hosts` list); a
 //!   handshake whose `Origin` the [`OriginPolicy`] refuses → 403 before any worker hears of it;
 //!   a client address over `max_connections_per_ip` → 429; a socket sending faster than its
 //!   [`FrameRateLimit`] is read more slowly, then closed with 1008 if it keeps on.
+//! - authentication ([`auth`]): a verified token's claims ride under `user`; a bad token, or none
+//!   on a required path → 401 / 403 before any worker hears of it; expiry closes a socket (4001).
+//! - TLS ([`tls`]): HTTPS and WSS on `bind` when [`ServerConfig::tls`] is set, reloaded on SIGHUP.
 
+pub mod auth;
 mod edge;
 mod http;
 mod metrics;
 mod outbound;
 mod request;
+pub mod tls;
 mod websocket;
 
 use std::net::SocketAddr;
@@ -77,8 +83,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::layer::{DEFAULT_BACKPRESSURE_TIMEOUT, Layer, LayerError, ProcessInbox};
 
+pub use auth::{AuthConfig, JwtConfig, JwtKey, TOKEN_EXPIRED_CLOSE};
 pub use edge::{FrameRateLimit, OriginPolicy};
 pub use metrics::{ServerMetrics, ServerMetricsSnapshot};
+pub use tls::{TlsConfig, TlsError, TlsReloader};
 
 /// What the server does when a client reads too slowly to keep up with its outbound queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -175,6 +183,11 @@ pub struct ServerConfig {
     pub limit_loopback: bool,
     /// Inbound frame limits per socket; `None` = unlimited.
     pub ws_rate_limit: Option<FrameRateLimit>,
+    /// Authentication at the edge (signed tokens, paths that require one, the `/healthz` token);
+    /// the default checks nothing. See [`auth`].
+    pub auth: AuthConfig,
+    /// Terminate TLS (HTTPS and WSS on `bind`); `None`, the default: plain TCP. See [`tls`].
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -211,6 +224,8 @@ impl Default for ServerConfig {
             max_connections_per_ip: 1000,
             limit_loopback: false,
             ws_rate_limit: Some(FrameRateLimit::default()),
+            auth: AuthConfig::default(),
+            tls: None,
         }
     }
 }
@@ -233,6 +248,9 @@ pub enum ServerError {
     /// A setting that makes no sense.
     #[error("invalid server configuration: {0}")]
     Config(String),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// What every connection of one server shares.
@@ -249,6 +267,7 @@ pub(crate) struct Shared {
     /// 503; open sockets learn it from their local channel, which the ended loop closed (1011).
     pub(crate) inbox_gone: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    pub(crate) auth: auth::Authenticator,
     pub(crate) local_addr: SocketAddr,
     pub(crate) lifetime: Duration,
     pub(crate) started: Instant,
@@ -311,6 +330,8 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     metrics: Arc<ServerMetrics>,
+    auth: auth::Authenticator,
+    tls: Option<TlsReloader>,
 }
 
 impl Server {
@@ -318,6 +339,8 @@ impl Server {
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         check_config(&config)?;
         edge::OriginRules::new(&config.origins).map_err(ServerError::Config)?;
+        let auth = auth::Authenticator::new(&config.auth).map_err(ServerError::Config)?;
+        let tls = config.tls.clone().map(TlsReloader::new).transpose()?;
         let listener =
             TcpListener::bind(config.bind)
                 .await
@@ -334,7 +357,14 @@ impl Server {
             listener,
             local_addr,
             metrics: Arc::new(ServerMetrics::default()),
+            auth,
+            tls,
         })
+    }
+
+    /// The TLS certificate reloader (what SIGHUP triggers), when TLS is on.
+    pub fn tls_reloader(&self) -> Option<TlsReloader> {
+        self.tls.clone()
     }
 
     /// The address actually bound.
@@ -372,6 +402,7 @@ impl Server {
                 self.config.max_connections_per_ip,
                 self.config.limit_loopback,
             )),
+            auth: self.auth,
             config: self.config,
             layer,
             inbox,
@@ -393,7 +424,10 @@ impl Server {
                 gone.cancel();
             });
         }
-        tracing::info!(addr = %self.local_addr, layer = %shared.layer.describe(), inbox = %shared.inbox.name(), "interface server listening");
+        if let Some(tls) = &self.tls {
+            spawn_reload_on_hangup(tls.clone(), shutdown.clone());
+        }
+        tracing::info!(addr = %self.local_addr, tls = self.tls.is_some(), layer = %shared.layer.describe(), inbox = %shared.inbox.name(), "interface server listening");
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -437,10 +471,31 @@ impl Server {
             };
             let shared = Arc::clone(&shared);
             let builder = builder.clone();
+            let acceptor = self.tls.as_ref().map(TlsReloader::acceptor);
             shared.tracker.clone().spawn(async move {
                 ServerMetrics::inc(&shared.metrics.open_connections);
                 let permit = Arc::new(permit);
-                serve_connection(&builder, tcp, peer, &shared, &permit).await;
+                match acceptor {
+                    None => serve_connection(&builder, tcp, peer, false, &shared, &permit).await,
+                    Some(acceptor) => {
+                        // The TLS handshake counts against the header read timeout: a client
+                        // that opens a connection and says nothing is dropped as in plain HTTP.
+                        let handshake = tokio::time::timeout(
+                            shared.config.header_read_timeout,
+                            acceptor.accept(tcp),
+                        );
+                        match handshake.await {
+                            Ok(Ok(stream)) => {
+                                serve_connection(&builder, stream, peer, true, &shared, &permit)
+                                    .await;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    }
+                }
                 drop(permit);
                 ServerMetrics::dec(&shared.metrics.open_connections);
             });
@@ -470,25 +525,29 @@ impl Server {
 
 /// Serves one TCP connection: HTTP requests until it closes, or a handshake whose upgraded
 /// socket then runs in its own tracked task (holding a clone of `permit`).
-async fn serve_connection(
+async fn serve_connection<S>(
     builder: &http1::Builder,
-    tcp: TcpStream,
+    stream: S,
     peer: SocketAddr,
+    tls: bool,
     shared: &Arc<Shared>,
     permit: &Arc<ConnectionPermit>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service_shared = Arc::clone(shared);
     let service_permit = Arc::clone(permit);
     let service = hyper::service::service_fn(move |req| {
         http::handle(
             Arc::clone(&service_shared),
             peer,
+            tls,
             Arc::clone(&service_permit),
             req,
         )
     });
     let conn = builder
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
@@ -500,6 +559,39 @@ async fn serve_connection(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Re-reads the TLS certificate and key on every SIGHUP until shutdown.
+fn spawn_reload_on_hangup(tls: TlsReloader, shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; TLS certificates will not reload");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    got = hangups.recv() => if got.is_none() { return },
+                }
+                match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; the previous one stays in service");
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (tls, shutdown);
     }
 }
 

@@ -43,7 +43,7 @@ use super::http::{ACCESS_LOG, Body, empty, plain, unavailable};
 use super::metrics::ServerMetrics;
 use super::outbound::SocketReply;
 use super::request::{HostPortText, RequestHead};
-use super::{ConnectionPermit, Shared, SlowClientPolicy};
+use super::{ConnectionPermit, Shared, SlowClientPolicy, auth};
 use crate::layer::{Envelope, FullRetry, LayerError, LocalChannel};
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
@@ -147,6 +147,7 @@ fn ws_log(client: &str, what: &str, path: &str, code: Option<u16>) {
 pub(crate) async fn handshake(
     shared: Arc<Shared>,
     peer: SocketAddr,
+    tls: bool,
     permit: Arc<ConnectionPermit>,
     host: Option<RequestHost>,
     mut req: Request<Incoming>,
@@ -178,8 +179,8 @@ pub(crate) async fn handshake(
     else {
         return plain(StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key\n");
     };
-    let subprotocol = choose_subprotocol(&shared.config.ws_protocols, &req);
-    let head = match RequestHead::from_parts(
+    let mut subprotocol = choose_subprotocol(&shared.config.ws_protocols, &req);
+    let mut head = match RequestHead::from_parts(
         req.uri(),
         req.headers(),
         peer,
@@ -189,6 +190,7 @@ pub(crate) async fn handshake(
         Ok(head) => head,
         Err(_) => return plain(StatusCode::BAD_REQUEST, "Invalid characters in path\n"),
     };
+    head.secure |= tls;
     let client = HostPortText(&head.client).to_string();
     let path = head.path.clone();
     let Admitted {
@@ -201,6 +203,22 @@ pub(crate) async fn handshake(
             return *refused;
         }
     };
+    let identity = if shared.auth.is_off() {
+        None
+    } else {
+        match shared.auth.check(&path, req.headers(), req.uri().query()) {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                ServerMetrics::inc(&shared.metrics.auth_refused);
+                tracing::debug!(client = %client, path = %path, ?refusal, "handshake refused by authentication");
+                ws_log(&client, "WSREJECT", &path, Some(403));
+                return plain(StatusCode::FORBIDDEN, refusal.text());
+            }
+        }
+    };
+    if subprotocol.is_none() && identity.is_some() && auth::offers_bearer_protocol(req.headers()) {
+        subprotocol = Some(HeaderValue::from_static("bearer"));
+    }
     if shared.inbox_gone.is_cancelled() {
         ws_log(&client, "WSREJECT", &path, Some(503));
         return unavailable(&shared, "Replies cannot be received\n");
@@ -216,6 +234,11 @@ pub(crate) async fn handshake(
     connect.headers = head.headers;
     connect.client = Some(head.client);
     connect.server = Some(head.server);
+    let (user, token_expires) = match identity {
+        Some(identity) => (Some(identity.user), Some(identity.expires_at)),
+        None => (None, None),
+    };
+    connect.user = user.clone();
     ws_log(&client, "WSCONNECTING", &path, None);
     ServerMetrics::inc(&shared.metrics.ws_connects);
     let sent = match codec::to_msgpack(&connect) {
@@ -304,6 +327,8 @@ pub(crate) async fn handshake(
             dropped_seen: 0,
             losing_since: None,
             limiter,
+            user,
+            token_expires: token_expires.map(instant_at),
         };
         socket.run(ws, first).await;
         drop(client_slot);
@@ -567,6 +592,20 @@ struct Socket {
     losing_since: Option<Instant>,
     /// The socket's inbound rate limit, when it has one.
     limiter: Option<FrameLimiter>,
+    /// The verified token's claims, repeated in every `websocket.receive`.
+    user: Option<switchyard_routing::Map>,
+    /// When the token stops being valid: the socket closes then (auth close code).
+    token_expires: Option<Instant>,
+}
+
+/// The monotonic instant of a wall-clock time (now, when it has passed).
+fn instant_at(at: std::time::SystemTime) -> Instant {
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    let now = Instant::now();
+    now.checked_add(left)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
 }
 
 /// `websocket.receive`, serialized straight from the frame (no owned copies before msgpack).
@@ -579,6 +618,8 @@ struct ReceiveRef<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     bytes: Option<BinRef<'a>>,
     order: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a switchyard_routing::Map>,
 }
 
 struct BinRef<'a>(&'a [u8]);
@@ -886,6 +927,7 @@ impl Socket {
             text,
             bytes: bytes.map(BinRef),
             order: self.order + 1,
+            user: self.user.as_ref(),
         };
         let payload = match switchyard_routing::codec::to_msgpack(&message) {
             Ok(payload) => payload,
@@ -962,6 +1004,9 @@ impl Socket {
         if let Some(idle) = c.idle_timeout {
             next = next.min(far(self.last_activity, idle));
         }
+        if let Some(expires) = self.token_expires {
+            next = next.min(expires);
+        }
         next.min(far(self.opened, self.shared.lifetime))
     }
 
@@ -970,6 +1015,11 @@ impl Socket {
         let c = &self.shared.config;
         if now.duration_since(self.opened) >= self.shared.lifetime {
             return Some(End::ServerClosed(1000));
+        }
+        if self.token_expires.is_some_and(|expires| now >= expires) {
+            ServerMetrics::inc(&self.shared.metrics.token_expired_closes);
+            tracing::info!(client = %self.client, path = %self.path, "token expired; closing");
+            return Some(End::ServerClosed(self.shared.auth.expired_close_code));
         }
         if c.idle_timeout
             .is_some_and(|idle| now.duration_since(self.last_activity) >= idle)

@@ -4,7 +4,8 @@ per line.
 Usage: peer.py REDIS_URL [LIFETIME_SECONDS]
 
 It builds one `RedisChannelLayer(hosts=[REDIS_URL])` with every default (prefix "asgi",
-expiry 60, capacity 100), so it behaves like a Django project pointed at the same Redis. Its
+expiry 60, capacity 100; symmetric_encryption_keys from $SWITCHYARD_PEER_KEYS, a JSON list, when
+set), so it behaves like a Django project pointed at the same Redis. Its
 first line is {"ready": true, ...}. Then each request line {"id": N, "op": ..., ...} gets one
 reply line {"id": N, "ok": true, "result": ...} or {"id": N, "ok": false, "error": "..."}.
 Requests run concurrently, so a test can start a `receive` and send while it waits.
@@ -97,9 +98,12 @@ async def main():
     from importlib.metadata import version
     from channels_redis.core import RedisChannelLayer
 
-    layer = RedisChannelLayer(hosts=[url])
+    # $SWITCHYARD_PEER_KEYS: a JSON list of symmetric_encryption_keys (absent: no encryption).
+    keys = json.loads(os.environ.get("SWITCHYARD_PEER_KEYS") or "null")
+    layer = RedisChannelLayer(hosts=[url], symmetric_encryption_keys=keys)
     emit({
         "ready": True,
+        "encrypted": bool(keys),
         "client_prefix": layer.client_prefix,
         "prefix": layer.prefix,
         "versions": {p: version(p) for p in ("channels-redis", "channels", "redis", "msgpack")},

@@ -73,6 +73,16 @@ pub struct LayerArgs {
     /// after a crash, its memberships and inbox are removed within this plus a second.
     #[arg(long, env = "SWITCHYARD_LEASE_TTL", default_value_t = 15.0)]
     pub lease_ttl: f64,
+    /// channels_redis' `symmetric_encryption_keys`: encrypt every message stored in Redis (Fernet).
+    /// Repeat the flag (or comma-separate in the variable) to rotate keys: the first encrypts,
+    /// all decrypt. Every process sharing the Redis (Django included) needs the same keys.
+    #[arg(
+        long = "symmetric-encryption-key",
+        env = "SWITCHYARD_SYMMETRIC_ENCRYPTION_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub symmetric_encryption_keys: Vec<String>,
 }
 
 impl LayerArgs {
@@ -111,6 +121,7 @@ impl LayerArgs {
                     self.lease_ttl
                 )));
             },
+            symmetric_encryption_keys: self.symmetric_encryption_keys.clone(),
             ..LayerSettings::default()
         })
     }

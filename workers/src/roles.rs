@@ -201,6 +201,8 @@ pub struct ServerArgs {
     /// --proxy-headers, or a load test, puts every client on one loopback address).
     #[arg(long, env = "SWITCHYARD_LIMIT_LOOPBACK")]
     pub limit_loopback: bool,
+    #[command(flatten)]
+    pub edge: crate::edge::EdgeArgs,
 }
 
 /// Longest duration a flag accepts (ten years): beyond it deadlines overflow and mean nothing.
@@ -260,6 +262,8 @@ impl ServerArgs {
             max_connections_per_ip: self.max_connections_per_ip,
             limit_loopback: self.limit_loopback,
             ws_rate_limit: self.rate_limit()?,
+            auth: self.edge.auth()?,
+            tls: self.edge.tls(),
             ..ServerConfig::default()
         })
     }
@@ -355,6 +359,9 @@ pub struct WorkerCommandArgs {
     /// cannot) and `/metrics` on this address, for an orchestrator's probes.
     #[arg(long, env = "SWITCHYARD_HEALTH_BIND")]
     pub health_bind: Option<SocketAddr>,
+    /// Bearer token /metrics requires (Authorization: Bearer <token>).
+    #[arg(long, env = "SWITCHYARD_OPS_TOKEN", hide_env_values = true)]
+    pub ops_token: Option<String>,
 }
 
 /// `switchyard dev`
@@ -455,6 +462,16 @@ fn server_exposition(e: &mut Exposition, m: &ServerMetrics) {
         "switchyard_ws_outage_closes_total",
         "Sockets closed 1011 because the channel layer stayed unreachable.",
         s.ws_outage_closes,
+    )
+    .counter(
+        "switchyard_auth_refused_total",
+        "Requests (401) and handshakes (403) refused at the edge by authentication.",
+        s.auth_refused,
+    )
+    .counter(
+        "switchyard_token_expired_closes_total",
+        "Sockets closed because their token expired.",
+        s.token_expired_closes,
     )
     .counter(
         "switchyard_ws_frames_lost_total",
@@ -637,6 +654,7 @@ fn health_check(layer: &Layer, worker: Option<Arc<WorkerMetrics>>) -> prometheus
 
 async fn start_metrics(
     bind: Option<SocketAddr>,
+    ops_token: Option<String>,
     layer: &Layer,
     server: Option<Arc<ServerMetrics>>,
     worker: Option<Arc<WorkerMetrics>>,
@@ -656,7 +674,7 @@ async fn start_metrics(
         }
         e.finish()
     });
-    let addr = prometheus::spawn(bind, render, Some(health), token.clone())
+    let addr = prometheus::spawn_guarded(bind, render, Some(health), ops_token, token.clone())
         .await
         .with_context(|| format!("cannot serve metrics on {bind}"))?;
     tracing::info!(%addr, "Prometheus metrics on http://{addr}/metrics");
@@ -715,6 +733,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     stop_on_signals(token.clone());
     start_metrics(
         args.metrics_bind,
+        args.server.edge.ops_token.clone(),
         &layer,
         Some(server.metrics()),
         None,
@@ -743,7 +762,15 @@ pub async fn worker(args: WorkerCommandArgs) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     stop_on_signals(token.clone());
     for bind in [args.metrics_bind, args.health_bind] {
-        start_metrics(bind, &layer, None, Some(worker.metrics()), &token).await?;
+        start_metrics(
+            bind,
+            args.ops_token.clone(),
+            &layer,
+            None,
+            Some(worker.metrics()),
+            &token,
+        )
+        .await?;
     }
     tracing::info!(channels = ?worker.channels(), concurrency = args.worker.concurrency, layer = %layer.describe(), "worker listening");
     worker.run(token).await?;
@@ -763,6 +790,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     stop_on_signals(token.clone());
     start_metrics(
         args.metrics_bind,
+        args.server.edge.ops_token.clone(),
         &layer,
         Some(server.metrics()),
         Some(worker.metrics()),

@@ -62,6 +62,12 @@
     }
     if (msg.type === "history") {
       log.textContent = "";
+      if (typeof msg.you === "string") {
+        // Signed in (Django session or token): the server writes under this name.
+        handleInput.value = msg.you;
+        handleInput.readOnly = true;
+        handleInput.title = "signed in as " + msg.you;
+      }
       for (const m of msg.messages || []) append(m);
       append({ system: true, message: "joined " + room + (msg.messages && msg.messages.length ? "" : " (no earlier messages)") });
     } else if (msg.type === "message") {

@@ -29,6 +29,7 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Script};
 use switchyard_routing::names::non_local_name;
 use tokio::time::Instant;
 
+use super::crypto::MessageCrypter;
 use super::metrics::LayerMetrics;
 use super::settings::CapacityRules;
 use super::{
@@ -80,6 +81,10 @@ struct Inner {
     metrics: Arc<LayerMetrics>,
     shards: Vec<Shard>,
     batch_script: Script,
+    /// Set when `symmetric_encryption_keys` are: payloads are stored as Fernet tokens.
+    crypter: Option<MessageCrypter>,
+    /// Oldest token the crypter accepts (channels_redis: expiry + 10 s).
+    crypter_ttl: u64,
     /// The last message score given (µs since the epoch); see [`RedisLayer::next_score`].
     last_score: AtomicU64,
     /// The origin of the shards' `last_ok_ms` clocks.
@@ -145,8 +150,19 @@ impl RedisLayer {
                 in_flight: Arc::default(),
             });
         }
+        let crypter = if settings.symmetric_encryption_keys.is_empty() {
+            None
+        } else {
+            Some(
+                MessageCrypter::new(&settings.symmetric_encryption_keys)
+                    .map_err(|e| LayerError::Config(e.to_string()))?,
+            )
+        };
+        let crypter_ttl = settings.expiry.as_secs().saturating_add(10);
         let layer = RedisLayer {
             inner: Arc::new(Inner {
+                crypter,
+                crypter_ttl,
                 settings,
                 rules,
                 metrics: Arc::default(),
@@ -269,6 +285,14 @@ impl RedisLayer {
 
     fn member(&self, payload: &[u8], targets: &[&str]) -> Result<Vec<u8>, LayerError> {
         let mut member = wire::with_targets(payload, targets, wire::RANDOM_PREFIX_LEN)?;
+        if let Some(crypter) = &self.inner.crypter {
+            // channels_redis encrypts the whole map, `__asgi_channel__` included.
+            let mut sealed =
+                Vec::with_capacity(wire::RANDOM_PREFIX_LEN + member.len() * 4 / 3 + 96);
+            sealed.resize(wire::RANDOM_PREFIX_LEN, 0);
+            crypter.encrypt_into(&member[wire::RANDOM_PREFIX_LEN..], &mut sealed);
+            member = sealed;
+        }
         rand::rng().fill_bytes(&mut member[..wire::RANDOM_PREFIX_LEN]);
         Ok(member)
     }
@@ -809,7 +833,20 @@ impl RedisReceiver {
                 );
                 continue;
             }
-            let payload = Bytes::from(member).slice(wire::RANDOM_PREFIX_LEN..);
+            let payload = match &self.layer.inner.crypter {
+                None => Bytes::from(member).slice(wire::RANDOM_PREFIX_LEN..),
+                Some(crypter) => match crypter.decrypt(
+                    &member[wire::RANDOM_PREFIX_LEN..],
+                    self.layer.inner.crypter_ttl,
+                ) {
+                    Ok(plain) => Bytes::from(plain),
+                    Err(e) => {
+                        LayerMetrics::add(&metrics.garbage, 1);
+                        tracing::warn!(channel = read_from, error = %e, "dropped a message");
+                        continue;
+                    }
+                },
+            };
             if let Err(e) = envelopes_for(read_from, payload, out) {
                 LayerMetrics::add(&metrics.garbage, 1);
                 tracing::warn!(channel = read_from, error = %e, "dropped an undecodable message");

@@ -5,6 +5,12 @@
 //! History and the list of active rooms live in the channel layer (Redis, or memory under `dev`)
 //! as app data, so any worker can serve any socket. The consumer keeps strict per-connection
 //! order, so a sender's messages are broadcast and kept in the history in the order sent.
+//!
+//! A signed-in visitor writes under their own name, whatever handle the page sends: the name of
+//! a token verified by the interface server (`user`: its `name` claim, else `sub`), else that of
+//! the Django session of the handshake's `sessionid` cookie (the session's `username` or `name`
+//! key, which a Django project sets at login, else `user <id>`). The history frame says who the
+//! socket is (`"you"`, null when anonymous).
 
 use std::time::Duration;
 
@@ -48,11 +54,34 @@ pub struct ChatMessage {
     pub ts: String,
 }
 
-/// What a browser sends.
+/// What a browser sends (a signed-in visitor's handle is ignored, and may be left out).
 #[derive(Debug, Deserialize)]
 struct Incoming {
+    #[serde(default)]
     handle: String,
     message: String,
+}
+
+/// The name a signed-in visitor writes under: the edge-verified token first, then the Django
+/// session; `None` when anonymous. At most [`MAX_HANDLE`] characters.
+pub fn signed_in_name(message: &Message, ctx: &Ctx) -> Option<String> {
+    let text = |v: &switchyard_routing::Value| v.as_str().map(str::to_owned);
+    let name = if let Some(user) = message.user() {
+        user.get("name")
+            .and_then(text)
+            .or_else(|| user.get("sub").and_then(text))
+    } else {
+        let session = ctx.http_session()?;
+        let id = session.user_id()?;
+        Some(
+            ["username", "name"]
+                .iter()
+                .find_map(|k| session.data.get(*k).and_then(|v| v.as_str()))
+                .map_or_else(|| format!("user {id}"), str::to_owned),
+        )
+    }?;
+    let name: String = name.trim().chars().take(MAX_HANDLE).collect();
+    (!name.is_empty()).then_some(name)
 }
 
 /// Room history and the active-room list, in the channel layer.
@@ -141,6 +170,15 @@ impl WebsocketConsumer for ChatRoom {
         true
     }
 
+    // The Django session of the handshake, remembered in the channel session for the frames.
+    fn http_session(&self) -> bool {
+        true
+    }
+
+    fn channel_session(&self) -> bool {
+        true
+    }
+
     fn groups(&self, kwargs: &Kwargs) -> Vec<String> {
         kwargs
             .get("room")
@@ -148,15 +186,18 @@ impl WebsocketConsumer for ChatRoom {
             .unwrap_or_default()
     }
 
-    async fn connect(&self, _message: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+    async fn connect(&self, message: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
         let room = ctx.kwarg("room").to_owned();
+        let you = signed_in_name(message, ctx);
         ctx.accept()?;
         let history = self
             .store
             .history(&room)
             .await
             .map_err(ConsumerError::other)?;
-        ctx.send_json(&serde_json::json!({"type": "history", "room": room, "messages": history}))
+        ctx.send_json(
+            &serde_json::json!({"type": "history", "room": room, "you": you, "messages": history}),
+        )
     }
 
     async fn receive(&self, message: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
@@ -175,6 +216,10 @@ impl WebsocketConsumer for ChatRoom {
                 );
             }
         };
+        let mut incoming = incoming;
+        if let Some(name) = signed_in_name(message, ctx) {
+            incoming.handle = name;
+        }
         let (handle, body) = match validate(incoming) {
             Ok(v) => v,
             Err(e) => return error_frame(ctx, e),
