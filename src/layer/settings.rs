@@ -32,6 +32,9 @@ pub struct LayerSettings {
     pub inbox_batch: usize,
     /// Bound on every non-blocking Redis command, so that sends during an outage fail fast (2 s).
     pub command_timeout: Duration,
+    /// Globs of durable channels (`--durable-channels`): sends to them go to a Redis stream and
+    /// are kept until a worker ran them successfully (see `switchyard::jobs`). Redis only.
+    pub durable_channels: Vec<String>,
 }
 
 impl Default for LayerSettings {
@@ -45,6 +48,7 @@ impl Default for LayerSettings {
             local_buffer: None,
             inbox_batch: 512,
             command_timeout: Duration::from_secs(2),
+            durable_channels: Vec::new(),
         }
     }
 }
@@ -85,6 +89,23 @@ impl LayerSettings {
             default: self.capacity,
             rules,
         })
+    }
+
+    /// The durable-channel globs, compiled.
+    pub(crate) fn durable_rules(&self) -> Result<Vec<Regex>, LayerError> {
+        self.durable_channels
+            .iter()
+            .map(|glob| {
+                if glob.contains(['!', ':']) {
+                    return Err(LayerError::Config(format!(
+                        "durable channel glob {glob:?}: process-local (!) channels cannot be durable"
+                    )));
+                }
+                Regex::new(&glob_to_regex(glob)).map_err(|e| {
+                    LayerError::Config(format!("invalid durable channel glob {glob:?}: {e}"))
+                })
+            })
+            .collect()
     }
 
     /// The per-local-channel buffer size.

@@ -45,6 +45,8 @@ enum Command {
     Flush(FlushArgs),
     /// Show channel depths, process inbox depths and group sizes.
     Stats(StatsArgs),
+    /// Durable channels: per-channel figures, dead letters (list, retry, purge).
+    Jobs(switchyard_workers::jobs_cmd::JobsArgs),
     /// Generate load against a running server and report latency, throughput and loss.
     Bench(switchyard_workers::bench::BenchArgs),
 }
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
             Command::Send(args) => cli::send(args).await,
             Command::Flush(args) => cli::flush(args).await,
             Command::Stats(args) => cli::stats(args).await,
+            Command::Jobs(args) => switchyard_workers::jobs_cmd::run(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
     });

@@ -34,6 +34,7 @@ use super::settings::CapacityRules;
 use super::{Envelope, GroupSendReport, LayerError, LayerSettings, envelopes_for, now_secs, wire};
 
 mod batch;
+pub mod durable;
 
 /// How much longer than its own block time a pop may take before its connection is deemed dead.
 const DEAD_CONNECTION_MARGIN: Duration = Duration::from_secs(5);
@@ -65,6 +66,9 @@ struct Inner {
     batch_script: Script,
     /// The last message score given (µs since the epoch); see [`RedisLayer::next_score`].
     last_score: AtomicU64,
+    /// Channels whose sends go to a stream (`--durable-channels`).
+    durable: Vec<regex::Regex>,
+    durable_scripts: durable::DurableScripts,
 }
 
 /// The Redis channel layer. Clones share connections.
@@ -103,6 +107,7 @@ impl RedisLayer {
     /// Connects to every shard (one URL each) and checks each answers PING.
     pub async fn connect(urls: &[&str], settings: LayerSettings) -> Result<Self, LayerError> {
         let rules = settings.compile()?;
+        let durable = settings.durable_rules()?;
         let mut shards = Vec::with_capacity(urls.len());
         for url in urls {
             let client = Client::open(*url)
@@ -134,6 +139,8 @@ impl RedisLayer {
                 shards,
                 batch_script: Script::new(batch::BATCH_SEND_SCRIPT),
                 last_score: AtomicU64::new(0),
+                durable,
+                durable_scripts: durable::DurableScripts::default(),
             }),
         };
         for i in 0..layer.inner.shards.len() {
@@ -240,6 +247,12 @@ impl RedisLayer {
         channel: &str,
         payload: &[u8],
     ) -> Result<(), LayerError> {
+        if self.is_durable(channel) {
+            return self
+                .job_send(channel, payload, &durable::JobOptions::default())
+                .await
+                .map(|_| ());
+        }
         let targets: &[&str] = if non_local_name(channel).len() == channel.len() {
             &[]
         } else {
