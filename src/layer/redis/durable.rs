@@ -417,15 +417,13 @@ impl RedisLayer {
             .arg("0")
             .arg("MKSTREAM")
             .to_owned();
-        let created = self
-            .run(shard, async move {
-                match cmd.query_async::<()>(&mut conn).await {
-                    Err(e) if is_busygroup(&e) => Ok(()),
-                    other => other,
-                }
-            })
-            .await;
-        created
+        self.run(shard, async move {
+            match cmd.query_async::<()>(&mut conn).await {
+                Err(e) if is_busygroup(&e) => Ok(()),
+                other => other,
+            }
+        })
+        .await
     }
 
     /// Moves plain sends and due retries into the stream; returns `(moved, promoted)`.
