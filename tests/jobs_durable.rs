@@ -71,10 +71,6 @@ struct Running {
 }
 
 impl Running {
-    fn cancel(&self) {
-        self.token.cancel();
-    }
-
     async fn stop(self) {
         self.token.cancel();
         tokio::time::timeout(WAIT, self.task)
@@ -142,7 +138,7 @@ async fn a_job_that_fails_twice_runs_three_times_and_is_acknowledged_once() {
     let layer = layer(&redis).await;
     let runs: Runs = Arc::default();
     let id = send_job(&layer, 1, 2).await;
-    let token = start_worker(&layer, router(runs.clone(), fast_policy()), WAIT);
+    let worker = start_worker(&layer, router(runs.clone(), fast_policy()), WAIT);
     assert_eq!(done(&layer, 1).await, vec![1]);
     let seen = runs_of(&runs, 1);
     assert_eq!(
@@ -163,7 +159,7 @@ async fn a_job_that_fails_twice_runs_three_times_and_is_acknowledged_once() {
     // And it never runs again.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(runs_of(&runs, 1).len(), 3);
-    token.cancel();
+    worker.stop().await;
 }
 
 #[tokio::test]
@@ -173,7 +169,7 @@ async fn a_job_that_always_fails_is_dead_lettered_with_its_error_and_dead_retry_
     let Layer::Redis(r) = &layer else { panic!() };
     let runs: Runs = Arc::default();
     let id = send_job(&layer, 7, 99).await;
-    let token = start_worker(&layer, router(runs.clone(), fast_policy()), WAIT);
+    let worker = start_worker(&layer, router(runs.clone(), fast_policy()), WAIT);
     let mut dead = Vec::new();
     let deadline = tokio::time::Instant::now() + WAIT;
     while dead.is_empty() {
@@ -197,7 +193,7 @@ async fn a_job_that_always_fails_is_dead_lettered_with_its_error_and_dead_retry_
         (0, 0, 0, 1)
     );
     // Stopped for good before the retry, so it cannot take the requeued job.
-    token.stop().await;
+    worker.stop().await;
 
     // `dead retry` puts it back with fresh attempts; a consumer that now succeeds runs it.
     assert_eq!(r.dead_retry("jobs.flaky", Some("0-1")).await.unwrap(), 0);
@@ -227,7 +223,7 @@ async fn a_job_that_always_fails_is_dead_lettered_with_its_error_and_dead_retry_
     })
     .durable(fast_policy())])
     .unwrap();
-    let token = start_worker(&layer, lenient, WAIT);
+    let worker = start_worker(&layer, lenient, WAIT);
     assert_eq!(done(&layer, 1).await, vec![7]);
     assert_eq!(
         runs_of(&healed, 7),
@@ -235,7 +231,7 @@ async fn a_job_that_always_fails_is_dead_lettered_with_its_error_and_dead_retry_
         "same job id, attempts from 1"
     );
     assert!(r.dead_list("jobs.flaky", 10).await.unwrap().is_empty());
-    token.cancel();
+    worker.stop().await;
 }
 
 #[tokio::test]
@@ -247,13 +243,13 @@ async fn plain_layer_sends_into_a_durable_channel_are_moved_into_the_stream_and_
     plain.send("jobs.flaky", &job(3, 1)).await.unwrap();
     assert_eq!(redis.cmd::<u64>(&[b"ZCARD", b"asgijobs.flaky"]), 1);
     let runs: Runs = Arc::default();
-    let token = start_worker(&plain, router(runs.clone(), fast_policy()), WAIT);
+    let worker = start_worker(&plain, router(runs.clone(), fast_policy()), WAIT);
     assert_eq!(done(&plain, 1).await, vec![3]);
     let seen = runs_of(&runs, 3);
     assert_eq!(seen.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(seen[0].1, seen[1].1, "stable id across the retry");
     assert_eq!(redis.cmd::<u64>(&[b"ZCARD", b"asgijobs.flaky"]), 0);
-    token.cancel();
+    worker.stop().await;
 
     // With --durable-channels, a plain send goes straight to the stream.
     let settings = LayerSettings {
@@ -419,7 +415,7 @@ async fn jobs_pending_across_a_redis_restart_with_appendonly_are_not_lost() {
     redis.restart();
     assert_eq!(redis.cmd::<u64>(&[b"XLEN", b"asgi:jobs:jobs.flaky"]), 20);
     let runs: Runs = Arc::default();
-    let token = start_worker(
+    let worker = start_worker(
         &layer,
         router(runs.clone(), fast_policy()),
         Duration::from_millis(500),
@@ -427,7 +423,7 @@ async fn jobs_pending_across_a_redis_restart_with_appendonly_are_not_lost() {
     assert_eq!(done(&layer, 20).await, (0..20).collect::<Vec<_>>());
     // The job handed to the vanished consumer ran on its second attempt.
     assert_eq!(runs_of(&runs, 0), vec![(2, ids[0].clone())]);
-    token.cancel();
+    worker.stop().await;
 }
 
 fn tempdir() -> std::path::PathBuf {
@@ -519,7 +515,7 @@ async fn a_job_whose_worker_is_killed_runs_on_another_worker_after_the_job_timeo
     );
     let runs: Runs = Arc::default();
     let took = std::time::Instant::now();
-    let token = start_worker(
+    let worker = start_worker(
         &layer,
         router(runs.clone(), fast_policy()),
         Duration::from_millis(1500),
@@ -535,5 +531,99 @@ async fn a_job_whose_worker_is_killed_runs_on_another_worker_after_the_job_timeo
         redis.cmd::<u64>(&[b"XLEN", b"asgi:jobs:jobs.flaky"]) == 0
     })
     .await;
-    token.cancel();
+    worker.stop().await;
+}
+
+/// The Python interpreter with Django and channels_redis (`scripts/setup-python.sh`), or `None`
+/// (after saying why) when the test should be skipped; under `CI` its absence fails the test,
+/// as in tests/python_interop.rs.
+fn python_or_skip() -> Option<std::path::PathBuf> {
+    let python = std::env::var_os("SWITCHYARD_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+        });
+    if python.exists() {
+        return Some(python);
+    }
+    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(
+        !in_ci,
+        "no Python at {}: run scripts/setup-python.sh",
+        python.display()
+    );
+    eprintln!(
+        "skipping the Django test: no Python at {} (run scripts/setup-python.sh)",
+        python.display()
+    );
+    None
+}
+
+/// A Django process: settings with channels_redis as the channel layer (every default, prefix
+/// `asgi`), then `channel_layer.send("jobs.flaky", {...})` as a view would.
+const DJANGO_SEND: &str = r#"
+import sys
+import django
+from django.conf import settings
+settings.configure(CHANNEL_LAYERS={"default": {
+    "BACKEND": "channels_redis.core.RedisChannelLayer",
+    "CONFIG": {"hosts": [sys.argv[1]]},
+}})
+django.setup()
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+async_to_sync(get_channel_layer().send)("jobs.flaky", {"n": int(sys.argv[2]), "fail": 1})
+print("sent")
+"#;
+
+#[tokio::test]
+async fn a_django_channel_layer_send_into_a_durable_channel_runs_like_a_rust_send() {
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    let redis = RedisServer::start();
+    let layer = layer(&redis).await;
+    let runs: Runs = Arc::default();
+    let worker = start_worker(&layer, router(runs.clone(), fast_policy()), WAIT);
+    let url = redis.url();
+    let output = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(&python)
+            .args(["-c", DJANGO_SEND, &url, "11"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "django send failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.stdout, b"sent\n");
+    let rust_id = send_job(&layer, 12, 1).await;
+    assert_eq!(done(&layer, 2).await, vec![11, 12]);
+    // Both ran twice (the first run fails), numbered 1 and 2, under one stable id each.
+    let django = runs_of(&runs, 11);
+    let rust = runs_of(&runs, 12);
+    assert_eq!(django.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(rust, vec![(1, rust_id.clone()), (2, rust_id)]);
+    assert_eq!(django[0].1, django[1].1);
+    // Nothing left behind: not in the channels_redis set, not in the stream.
+    eventually(WAIT, "both acknowledged", || {
+        redis.cmd::<u64>(&[b"XLEN", b"asgi:jobs:jobs.flaky"]) == 0
+    })
+    .await;
+    assert_eq!(redis.cmd::<u64>(&[b"ZCARD", b"asgijobs.flaky"]), 0);
+    worker.stop().await;
 }
