@@ -147,8 +147,19 @@ impl JobRunner {
 
     /// Runs until `shutdown`, then waits for the jobs in hand (up to the stop grace).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), LayerError> {
+        // Redis may be down at startup: wait for it, as the receive loops do.
+        let mut failures = 0u32;
         for (c, _) in &self.channels {
-            self.layer.job_group_create(c).await?;
+            while let Err(e) = self.layer.job_group_create(c).await {
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(20) {
+                    tracing::warn!(channel = %c, error = %e, "durable channels: cannot create the consumer group; retrying");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_millis(50 * u64::from(failures.min(20)))) => {}
+                }
+            }
         }
         tracing::info!(
             consumer = %self.consumer,

@@ -11,6 +11,7 @@ mod broadcast;
 mod connect;
 mod echo;
 mod http;
+mod jobs;
 pub mod net;
 pub mod payload;
 pub mod report;
@@ -68,6 +69,12 @@ pub enum Mode {
     Connect(ConnectArgs),
     /// HTTP/1.1 keep-alive GET (or POST with --body-size) load, closed loop or fixed rate.
     Http(HttpArgs),
+    /// Background jobs through Redis: at-most-once vs durable (jobs/s, send-to-start latency,
+    /// CPU per job), or with --soak a run where worker processes are killed at random.
+    Jobs(jobs::JobsArgs),
+    /// A soak worker process (started by `bench jobs --soak`).
+    #[command(hide = true)]
+    JobsWorker(jobs::JobsWorkerArgs),
 }
 
 /// Flags every mode has.
@@ -191,6 +198,8 @@ pub async fn execute(args: BenchArgs) -> anyhow::Result<Report> {
         Mode::Broadcast(a) => broadcast::run(a).await,
         Mode::Connect(a) => connect::run(a).await,
         Mode::Http(a) => http::run(a).await,
+        Mode::Jobs(a) => jobs::run(a).await,
+        Mode::JobsWorker(a) => jobs::worker(a).await,
     }?;
     report.add_client_cpu(cpu_before, started.elapsed());
     Ok(report)
