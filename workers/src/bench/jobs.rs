@@ -363,16 +363,34 @@ async fn soak(args: JobsArgs) -> anyhow::Result<Report> {
         .collect::<anyhow::Result<_>>()?;
     let started = Instant::now();
     let deadline = started + seconds("timeout", args.timeout)?;
-    for n in 0..args.count {
-        let msg = Map::new().with("n", n as i64);
-        redis_layer
-            .job_send(
-                SOAK,
-                &switchyard::codec::to_msgpack(&msg)?,
-                &Default::default(),
-            )
-            .await?;
-    }
+    // Sent while the kills go on, a few at a time.
+    let sender = {
+        let (redis_layer, count) = (redis_layer.clone(), args.count);
+        tokio::spawn(async move {
+            let next = Arc::new(AtomicU64::new(0));
+            let mut senders = tokio::task::JoinSet::new();
+            for _ in 0..8 {
+                let (next, redis_layer) = (next.clone(), redis_layer.clone());
+                senders.spawn(async move {
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= count {
+                            return Ok::<(), anyhow::Error>(());
+                        }
+                        let msg = Map::new().with("n", n as i64);
+                        let payload = switchyard::codec::to_msgpack(&msg)?;
+                        redis_layer
+                            .job_send(SOAK, &payload, &Default::default())
+                            .await?;
+                    }
+                });
+            }
+            while let Some(done) = senders.join_next().await {
+                done??;
+            }
+            Ok::<(), anyhow::Error>(())
+        })
+    };
     let mut kills = 0u64;
     let mean = seconds("kill-every", args.kill_every)?.max(Duration::from_millis(50));
     let mut next_kill = Instant::now() + mean.mul_f64(rand::rng().random_range(0.5..1.5));
@@ -403,7 +421,7 @@ async fn soak(args: JobsArgs) -> anyhow::Result<Report> {
                 args.count
             );
         }
-        if ran + dead >= args.count {
+        if ran + dead >= args.count && sender.is_finished() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -412,6 +430,11 @@ async fn soak(args: JobsArgs) -> anyhow::Result<Report> {
     for w in &mut workers {
         let _ = w.kill();
         let _ = w.wait();
+    }
+    if sender.is_finished() {
+        sender.await??;
+    } else {
+        sender.abort();
     }
     let duplicates = total_runs - ran;
     let mut report = Report::new("jobs-soak");
