@@ -6,6 +6,7 @@
 //! CLI. The IO-free application API (messages, codecs, names, router, consumers) lives in
 //! [`switchyard_routing`], re-exported here as [`routing`].
 
+pub mod jobs;
 pub mod layer;
 pub mod prometheus;
 pub mod server;

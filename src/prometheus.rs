@@ -66,6 +66,25 @@ impl Exposition {
         self
     }
 
+    /// A gauge with one label, one sample per `(label value, value)`.
+    pub fn gauge_by(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        samples: &[(&str, f64)],
+    ) -> &mut Self {
+        self.header(name, "gauge", help);
+        for (value, v) in samples {
+            let _ = writeln!(
+                self.text,
+                "{name}{{{label}=\"{}\"}} {v}",
+                escape_label(value)
+            );
+        }
+        self
+    }
+
     /// A histogram from cumulative-ready bucket counts: `buckets` are `(upper bound in seconds,
     /// observations in that bucket alone)`, plus the total sum in seconds and count.
     pub fn histogram(

@@ -174,6 +174,7 @@ pub fn route_class<C: WebsocketConsumer>(consumer: C) -> Route {
         strict_ordering: consumer.strict_ordering(),
         channel_session: consumer.channel_session(),
         http_session: consumer.http_session(),
+        durable: None,
     };
     route_channels(
         &[WEBSOCKET_CONNECT, WEBSOCKET_RECEIVE, WEBSOCKET_DISCONNECT],

@@ -8,6 +8,7 @@ pub mod asgi;
 pub mod codec;
 pub mod consumer;
 pub mod csrf;
+pub mod durable;
 pub mod generic;
 pub mod message;
 pub mod names;
@@ -17,6 +18,7 @@ pub mod value;
 
 pub use consumer::{Action, BoxFuture, ConsumerError, Ctx, Handler, HttpSession, Kwargs};
 pub use csrf::csrf_protect;
+pub use durable::DurablePolicy;
 pub use generic::{Json, JsonWebsocketConsumer, WebsocketConsumer, route_class, route_json};
 pub use message::Message;
 pub use router::{Resolved, Route, RouteError, RouteOptions, Router, include, route};

@@ -99,6 +99,20 @@ impl Message {
             .unwrap_or(0)
     }
 
+    /// For a message of a durable channel, which run this is (1 for the first; retries and runs
+    /// after a worker was lost count up). `None` on at-most-once channels.
+    pub fn attempt(&self) -> Option<u32> {
+        self.get(crate::durable::ATTEMPT_KEY)
+            .and_then(Value::as_i64)
+            .and_then(|a| u32::try_from(a).ok())
+    }
+
+    /// For a message of a durable channel, its id: the same on every attempt, so a consumer can
+    /// make its effects idempotent. `None` on at-most-once channels.
+    pub fn job_id(&self) -> Option<&str> {
+        self.get(crate::durable::JOB_ID_KEY).and_then(Value::as_str)
+    }
+
     /// Decodes the content into a typed message (an `asgi` struct or your own).
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
         codec::from_msgpack(&self.payload)

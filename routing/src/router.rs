@@ -13,6 +13,7 @@ use regex::Regex;
 use thiserror::Error;
 
 use crate::consumer::{Handler, Kwargs};
+use crate::durable::DurablePolicy;
 use crate::message::Message;
 use crate::names;
 
@@ -73,6 +74,8 @@ pub struct RouteOptions {
     pub channel_session: bool,
     /// Load the web (Django) session of the connection before the consumer runs.
     pub http_session: bool,
+    /// The channel is durable (at-least-once, retried, dead-lettered) with this policy.
+    pub durable: Option<DurablePolicy>,
 }
 
 impl RouteOptions {
@@ -81,6 +84,7 @@ impl RouteOptions {
             strict_ordering: self.strict_ordering || outer.strict_ordering,
             channel_session: self.channel_session || outer.channel_session,
             http_session: self.http_session || outer.http_session,
+            durable: self.durable.or(outer.durable),
         }
     }
 }
@@ -167,6 +171,14 @@ impl Route {
     /// Load the connection's web (Django) session before the consumer runs.
     pub fn http_session(mut self) -> Self {
         self.options.http_session = true;
+        self
+    }
+
+    /// Makes this route's channels durable: each message is kept in a Redis stream until its
+    /// consumer succeeded, retried with backoff on failure, and dead-lettered after
+    /// `policy.max_attempts` runs (see `switchyard::jobs`).
+    pub fn durable(mut self, policy: DurablePolicy) -> Self {
+        self.options.durable = Some(policy);
         self
     }
 
@@ -366,6 +378,29 @@ impl Router {
     /// The channels a worker must listen on, in route order.
     pub fn channels(&self) -> &[String] {
         &self.channels
+    }
+
+    /// The channels routes declared durable, each with its policy (the first route's wins).
+    pub fn durable_channels(&self) -> Vec<(String, DurablePolicy)> {
+        fn collect(routes: &[CompiledRoute], out: &mut Vec<(String, DurablePolicy)>) {
+            for r in routes {
+                match &r.target {
+                    CompiledTarget::Handler { channels, .. } => {
+                        if let Some(policy) = r.options.durable {
+                            for c in channels {
+                                if !out.iter().any(|(known, _)| known == c) {
+                                    out.push((c.clone(), policy));
+                                }
+                            }
+                        }
+                    }
+                    CompiledTarget::Include(inner) => collect(inner, out),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        collect(&self.routes, &mut out);
+        out
     }
 
     /// True when some route needs strict ordering on `channel`.

@@ -50,10 +50,16 @@ pub struct MemoryLayer {
     shared: Arc<Shared>,
 }
 
+/// Why the in-memory layer refuses durable channels.
+pub const DURABLE_NEEDS_REDIS: &str = "durable channels need the Redis layer: the in-memory layer (dev) keeps nothing across a restart, so it refuses them rather than pretend; use --layer redis://… or drop --durable-channels / .durable(…)";
+
 impl MemoryLayer {
     /// A new, empty layer.
     pub fn new(settings: LayerSettings) -> Result<Self, LayerError> {
         let rules = settings.compile()?;
+        if !settings.durable_channels.is_empty() {
+            return Err(LayerError::Config(DURABLE_NEEDS_REDIS.into()));
+        }
         Ok(MemoryLayer {
             shared: Arc::new(Shared {
                 settings,

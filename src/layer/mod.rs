@@ -235,6 +235,27 @@ impl Layer {
         backend!(self, l => l.send_encoded(channel, payload).await)
     }
 
+    /// Sends a job to a durable channel (`--durable-channels` or not: the channel is made
+    /// durable by this send), with per-send options: an idempotency key, a deadline. Redis only.
+    pub async fn send_job(
+        &self,
+        channel: &str,
+        payload: &[u8],
+        options: &crate::jobs::JobOptions,
+    ) -> Result<crate::jobs::JobSent, LayerError> {
+        names::validate_channel(channel)?;
+        wire::check_is_map(payload)?;
+        if channel.contains(['!', '?']) {
+            return Err(LayerError::Config(format!(
+                "{channel:?} is a single-reader channel; only plain channel names can be durable"
+            )));
+        }
+        match self {
+            Layer::Memory(_) => Err(LayerError::Config(memory::DURABLE_NEEDS_REDIS.into())),
+            Layer::Redis(l) => l.job_send(channel, payload, options).await,
+        }
+    }
+
     /// Adds a channel to a group (idempotent; renews its membership).
     pub async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
         names::validate_group(group)?;

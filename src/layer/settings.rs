@@ -66,6 +66,9 @@ pub struct LayerSettings {
     /// Redis as a Fernet token (the first key encrypts, all decrypt); see [`super::crypto`].
     /// The in-memory layer never leaves the process and ignores them.
     pub symmetric_encryption_keys: Vec<String>,
+    /// Globs of durable channels (`--durable-channels`): sends to them go to a Redis stream and
+    /// are kept until a worker ran them successfully (see `switchyard::jobs`). Redis only.
+    pub durable_channels: Vec<String>,
 }
 
 /// What an interface server does when Redis lost its state (restart without persistence,
@@ -108,6 +111,7 @@ impl Default for LayerSettings {
             lease_ttl: Duration::from_secs(15),
             on_layer_loss: LayerLossPolicy::Resubscribe,
             symmetric_encryption_keys: Vec::new(),
+            durable_channels: Vec::new(),
         }
     }
 }
@@ -154,6 +158,23 @@ impl LayerSettings {
             server: self.server_capacity,
             rules,
         })
+    }
+
+    /// The durable-channel globs, compiled.
+    pub(crate) fn durable_rules(&self) -> Result<Vec<Regex>, LayerError> {
+        self.durable_channels
+            .iter()
+            .map(|glob| {
+                if glob.contains(['!', ':']) {
+                    return Err(LayerError::Config(format!(
+                        "durable channel glob {glob:?}: process-local (!) channels cannot be durable"
+                    )));
+                }
+                Regex::new(&glob_to_regex(glob)).map_err(|e| {
+                    LayerError::Config(format!("invalid durable channel glob {glob:?}: {e}"))
+                })
+            })
+            .collect()
     }
 
     /// The per-local-channel buffer size.

@@ -51,10 +51,14 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::jobs::{JobFailure, JobHandler, JobMetrics, JobRunner, StreamJob};
 use crate::layer::{
     DEFAULT_BACKPRESSURE_TIMEOUT, Envelope, FullRetry, Gate, Layer, LayerError, Receiver,
     glob_matches,
 };
+use futures_util::future::BoxFuture;
+use switchyard_routing::DurablePolicy;
+use switchyard_routing::durable::{ATTEMPT_KEY, JOB_ID_KEY};
 
 pub use django::{DjangoSessionConfig, DjangoSessions};
 pub use metrics::{LATENCY_BUCKETS_MS, WorkerMetrics, WorkerMetricsSnapshot};
@@ -128,6 +132,9 @@ pub struct Worker {
     /// Receivers kept for reading streamed request bodies (each holds its own Redis
     /// connection), at most one per consumer.
     body_receivers: Arc<Mutex<Vec<Receiver>>>,
+    /// Visibility timeout of durable channels (see [`crate::jobs`]).
+    job_timeout: Duration,
+    job_metrics: Arc<JobMetrics>,
 }
 
 /// How a consumer run ended.
@@ -157,6 +164,8 @@ impl Worker {
             backpressure_timeout: DEFAULT_BACKPRESSURE_TIMEOUT,
             revisits: Arc::default(),
             body_receivers: Arc::default(),
+            job_timeout: crate::jobs::JOB_TIMEOUT,
+            job_metrics: Arc::default(),
         }
     }
 
@@ -240,6 +249,41 @@ impl Worker {
         self.metrics.clone()
     }
 
+    /// Durable channels: a job whose worker stopped renewing its lease this long ago runs again
+    /// on another worker (5 min; see [`crate::jobs`]).
+    pub fn job_timeout(mut self, timeout: Duration) -> Self {
+        self.job_timeout = timeout;
+        self
+    }
+
+    /// The durable-channel counters.
+    pub fn job_metrics(&self) -> Arc<JobMetrics> {
+        self.job_metrics.clone()
+    }
+
+    /// The channels this worker listens on that are durable, with their policies: those the
+    /// routes declare durable, then those matching the layer's `--durable-channels` globs
+    /// (default policy).
+    pub fn durable_channels(&self) -> Vec<(String, DurablePolicy)> {
+        let listened = self.channels();
+        let globs = &self.layer.settings().durable_channels;
+        let mut out: Vec<(String, DurablePolicy)> = self
+            .router
+            .durable_channels()
+            .into_iter()
+            .filter(|(c, _)| listened.contains(c))
+            .collect();
+        for c in &listened {
+            if !out.iter().any(|(d, _)| d == c)
+                && !c.contains(['!', '?'])
+                && globs.iter().any(|g| glob_matches(g, c))
+            {
+                out.push((c.clone(), DurablePolicy::default()));
+            }
+        }
+        out
+    }
+
     /// The channels this worker listens on: the router's, filtered by the globs.
     pub fn channels(&self) -> Vec<String> {
         self.router
@@ -266,11 +310,25 @@ impl Worker {
                 "body receive timeout must be positive".into(),
             ));
         }
-        let channels = self.channels();
-        if channels.is_empty() {
+        let durable = self.durable_channels();
+        let channels: Vec<String> = self
+            .channels()
+            .into_iter()
+            .filter(|c| !durable.iter().any(|(d, _)| d == c))
+            .collect();
+        if channels.is_empty() && durable.is_empty() {
             return Err(WorkerError::NoChannels {
                 router: self.router.channels().to_vec(),
             });
+        }
+        let jobs = self.start_jobs(durable, &shutdown).await?;
+        if channels.is_empty() {
+            shutdown.cancelled().await;
+            if let Some(jobs) = jobs {
+                let _ = jobs.await;
+            }
+            tracing::info!("worker stopped");
+            return Ok(());
         }
         tracing::info!(
             layer = %self.layer.describe(),
@@ -362,8 +420,101 @@ impl Worker {
             running.abort_all();
             while running.join_next().await.is_some() {}
         }
+        if let Some(jobs) = jobs {
+            let _ = jobs.await;
+        }
         tracing::info!("worker stopped");
         Ok(())
+    }
+
+    /// Starts the runner of the durable channels (Redis only), after warning when Redis would
+    /// lose them on a restart.
+    async fn start_jobs(
+        &self,
+        durable: Vec<(String, DurablePolicy)>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<tokio::task::JoinHandle<()>>, WorkerError> {
+        if durable.is_empty() {
+            return Ok(None);
+        }
+        let Layer::Redis(redis) = &self.layer else {
+            return Err(WorkerError::Config(
+                crate::layer::memory::DURABLE_NEEDS_REDIS.into(),
+            ));
+        };
+        crate::jobs::warn_if_not_persistent(redis).await;
+        let runner = JobRunner::new(
+            redis.clone(),
+            durable,
+            Arc::new(self.clone()),
+            self.concurrency,
+        )
+        .job_timeout(self.job_timeout)
+        .stop_grace(self.stop_grace)
+        .metrics(self.job_metrics.clone());
+        let shutdown = shutdown.clone();
+        Ok(Some(tokio::spawn(async move {
+            if let Err(e) = runner.run(shutdown).await {
+                tracing::error!(error = %e, "durable channels could not start");
+            }
+        })))
+    }
+
+    /// Runs one durable job: its consumer, then its sends; `Ok` only when both succeeded.
+    async fn run_job(&self, job: &StreamJob) -> Result<(), JobFailure> {
+        let started = Instant::now();
+        self.metrics.received(&job.channel);
+        let mut message = Message::from_payload(job.channel.clone(), job.payload.clone())
+            .map_err(|e| JobFailure::permanent(format!("undecodable message: {e}")))?;
+        message
+            .content
+            .insert(JOB_ID_KEY, Value::Str(job.job_id.clone()));
+        message
+            .content
+            .insert(ATTEMPT_KEY, Value::Int(i64::from(job.attempt)));
+        let Some(resolved) = self.router.resolve(&message) else {
+            WorkerMetrics::add(&self.metrics.unrouted, 1);
+            return Err(JobFailure::permanent("no route for the message"));
+        };
+        let ctx = Ctx::new(&message, resolved.kwargs);
+        let call = AssertUnwindSafe(resolved.handler.call(message.clone(), ctx.clone()));
+        let outcome = match tokio::time::timeout(self.consumer_timeout, call.catch_unwind()).await {
+            Ok(Ok(returned)) => Outcome::Returned(returned),
+            Ok(Err(panic)) => Outcome::Panicked(panic_text(panic)),
+            Err(_) => Outcome::TimedOut,
+        };
+        let result = match outcome {
+            Outcome::Returned(Ok(()))
+            | Outcome::Returned(Err(ConsumerError::DenyConnection | ConsumerError::Close(_))) => {
+                WorkerMetrics::add(&self.metrics.consumed, 1);
+                let mut applied = true;
+                for action in ctx.take_actions() {
+                    applied &= self.apply(&message, action).await;
+                }
+                if applied {
+                    Ok(())
+                } else {
+                    Err(JobFailure::retry("a send of the consumer failed"))
+                }
+            }
+            Outcome::Returned(Err(e)) => {
+                WorkerMetrics::add(&self.metrics.errors, 1);
+                Err(JobFailure::retry(e.to_string()))
+            }
+            Outcome::Panicked(what) => {
+                WorkerMetrics::add(&self.metrics.panics, 1);
+                Err(JobFailure::retry(format!("consumer panicked: {what}")))
+            }
+            Outcome::TimedOut => {
+                WorkerMetrics::add(&self.metrics.timeouts, 1);
+                Err(JobFailure::retry(format!(
+                    "consumer timed out after {} ms",
+                    self.consumer_timeout.as_millis()
+                )))
+            }
+        };
+        self.metrics.observe(started.elapsed());
+        result
     }
 
     /// Starts ordering upkeep for the connections whose parked messages could have expired by
@@ -705,7 +856,9 @@ impl Worker {
             text.as_bytes(),
         );
         match codec::to_msgpack(&response) {
-            Ok(p) => self.send_with_retry(message, reply, &p).await,
+            Ok(p) => {
+                self.send_with_retry(message, reply, &p).await;
+            }
             Err(e) => tracing::error!(error = %e, "cannot encode an HTTP reply"),
         }
     }
@@ -841,7 +994,9 @@ impl Worker {
             return;
         };
         match codec::to_msgpack(&WebsocketSend::close(code)) {
-            Ok(p) => self.send_with_retry(message, reply, &p).await,
+            Ok(p) => {
+                self.send_with_retry(message, reply, &p).await;
+            }
             Err(e) => tracing::error!(error = %e, "cannot encode a close reply"),
         }
     }
@@ -877,28 +1032,29 @@ impl Worker {
 
     /// Sends one message of a consumer's outbox, waiting for room in a full channel with the
     /// layer's retry policy for [`Worker::backpressure_timeout`] (the consumer's slot stays
-    /// taken meanwhile, so a worker whose replies cannot go out pops no more work).
-    async fn send_with_retry(&self, message: &Message, channel: &str, payload: &[u8]) {
+    /// taken meanwhile, so a worker whose replies cannot go out pops no more work). True when
+    /// sent.
+    async fn send_with_retry(&self, message: &Message, channel: &str, payload: &[u8]) -> bool {
         let mut retry = FullRetry::new(self.backpressure_timeout);
         loop {
             match self.layer.send_encoded(channel, payload).await {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(e) if retry.wait(&e).await => {}
                 Err(e) => {
                     WorkerMetrics::add(&self.metrics.dropped, 1);
                     tracing::error!(from = %message.channel, to = channel, error = %e, "a consumer's send failed");
-                    return;
+                    return false;
                 }
             }
         }
     }
 
-    async fn apply(&self, message: &Message, action: Action) {
+    /// True when applied.
+    async fn apply(&self, message: &Message, action: Action) -> bool {
         let result = match action {
             Action::Send { channel, payload } => {
                 self.metrics.sent(metrics::channel_kind(&channel));
-                self.send_with_retry(message, &channel, &payload).await;
-                Ok(())
+                return self.send_with_retry(message, &channel, &payload).await;
             }
             Action::GroupAdd { group, channel } => self.layer.group_add(&group, &channel).await,
             Action::GroupDiscard { group, channel } => {
@@ -927,7 +1083,15 @@ impl Worker {
         if let Err(e) = result {
             WorkerMetrics::add(&self.metrics.dropped, 1);
             tracing::error!(channel = %message.channel, error = %e, "a consumer's action failed");
+            return false;
         }
+        true
+    }
+}
+
+impl JobHandler for Worker {
+    fn run_job<'a>(&'a self, job: &'a StreamJob) -> BoxFuture<'a, Result<(), JobFailure>> {
+        Box::pin(Worker::run_job(self, job))
     }
 }
 

@@ -83,6 +83,11 @@ pub struct LayerArgs {
         hide_env_values = true
     )]
     pub symmetric_encryption_keys: Vec<String>,
+    /// Durable channels: globs, comma-separated (e.g. "jobs.*"). Their messages are kept in a
+    /// Redis stream until a worker ran them successfully, retried on failure and dead-lettered
+    /// after the last attempt (Redis only; see "Background jobs" in the README).
+    #[arg(long, env = "SWITCHYARD_DURABLE_CHANNELS")]
+    pub durable_channels: Option<String>,
 }
 
 impl LayerArgs {
@@ -122,6 +127,14 @@ impl LayerArgs {
                 )));
             },
             symmetric_encryption_keys: self.symmetric_encryption_keys.clone(),
+            durable_channels: self
+                .durable_channels
+                .iter()
+                .flat_map(|spec| spec.split(','))
+                .map(str::trim)
+                .filter(|g| !g.is_empty())
+                .map(str::to_owned)
+                .collect(),
             ..LayerSettings::default()
         })
     }
@@ -179,6 +192,13 @@ pub struct SendArgs {
     /// Send to every member of this group instead of to a channel.
     #[arg(long)]
     pub group: bool,
+    /// Durable channels: drop this send if one with the same key reached the channel in the
+    /// last 24 hours.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Durable channels: seconds after which the job is dead-lettered instead of started.
+    #[arg(long)]
+    pub deadline: Option<f64>,
     /// The channel (or group, with --group) to send to.
     pub target: String,
     /// The message: a JSON object. Byte strings are written {"$bytes": "<base64>"}.
@@ -229,6 +249,31 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
             "sent to group {} ({} members, {} full)",
             args.target, report.members, report.full
         );
+    } else if args.idempotency_key.is_some() || args.deadline.is_some() {
+        let deadline = match args.deadline {
+            Some(d) if d.is_finite() && d > 0.0 => Some(Duration::from_secs_f64(d)),
+            Some(d) => {
+                return Err(LayerError::Config(format!(
+                    "--deadline must be a positive number of seconds, got {d}"
+                ))
+                .into());
+            }
+            None => None,
+        };
+        let options = switchyard::jobs::JobOptions {
+            idempotency_key: args.idempotency_key.clone(),
+            deadline,
+            ..Default::default()
+        };
+        match layer.send_job(&args.target, &payload, &options).await? {
+            switchyard::jobs::JobSent::Queued(id) => {
+                println!("sent to {} (job {id})", args.target);
+            }
+            switchyard::jobs::JobSent::Duplicate(id) => println!(
+                "not sent: duplicate of job {id} on {} (same idempotency key)",
+                args.target
+            ),
+        }
     } else {
         layer.send_encoded(&args.target, &payload).await?;
         println!("sent to {}", args.target);

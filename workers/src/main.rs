@@ -46,6 +46,8 @@ enum Command {
     Flush(FlushArgs),
     /// Show channel depths, process inbox depths and group sizes.
     Stats(StatsArgs),
+    /// Durable channels: per-channel figures, dead letters (list, retry, purge).
+    Jobs(switchyard_workers::jobs_cmd::JobsArgs),
     /// Generate load against a running server and report latency, throughput and loss.
     Bench(switchyard_workers::bench::BenchArgs),
 }
@@ -57,9 +59,11 @@ impl Command {
             Command::Serve(_) => roles::Role::Serve,
             Command::Dev(_) => roles::Role::Dev,
             Command::Worker(_) => roles::Role::Worker,
-            Command::Send(_) | Command::Flush(_) | Command::Stats(_) | Command::Bench(_) => {
-                roles::Role::Tool
-            }
+            Command::Send(_)
+            | Command::Flush(_)
+            | Command::Stats(_)
+            | Command::Jobs(_)
+            | Command::Bench(_) => roles::Role::Tool,
         }
     }
 }
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
             Command::Send(args) => cli::send(args).await,
             Command::Flush(args) => cli::flush(args).await,
             Command::Stats(args) => cli::stats(args).await,
+            Command::Jobs(args) => switchyard_workers::jobs_cmd::run(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
     });

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use switchyard::jobs::JobMetrics;
 use switchyard::layer::{DEFAULT_BACKPRESSURE_TIMEOUT, Layer};
 use switchyard::prometheus::{self, Exposition, Render};
 use switchyard::server::{
@@ -330,6 +331,10 @@ pub struct WorkerArgs {
     /// Seconds a stopping worker waits for the messages in hand before aborting them.
     #[arg(long, default_value_t = 30.0)]
     pub stop_grace: f64,
+    /// Seconds a durable job may go without its worker renewing its lease before another
+    /// worker runs it (a worker renews the jobs it runs every third of this).
+    #[arg(long, env = "SWITCHYARD_JOB_TIMEOUT", default_value_t = 300.0)]
+    pub job_timeout: f64,
 }
 
 /// `switchyard serve`
@@ -633,11 +638,14 @@ fn worker_exposition(e: &mut Exposition, m: &WorkerMetrics) {
 
 /// What `/healthz` on the metrics (or health) address says: the layer is reachable and, for a
 /// worker, its receive loop is receiving.
-fn health_check(layer: &Layer, worker: Option<Arc<WorkerMetrics>>) -> prometheus::Health {
+fn health_check(
+    layer: &Layer,
+    worker: Option<(Arc<WorkerMetrics>, Arc<JobMetrics>)>,
+) -> prometheus::Health {
     let layer = layer.clone();
     Arc::new(move || {
         let layer_ok = layer.available();
-        let receive_failures = worker.as_ref().map_or(0, |w| {
+        let receive_failures = worker.as_ref().map_or(0, |(w, _)| {
             w.receive_failures_in_a_row
                 .load(std::sync::atomic::Ordering::Relaxed)
         });
@@ -657,7 +665,7 @@ async fn start_metrics(
     ops_token: Option<String>,
     layer: &Layer,
     server: Option<Arc<ServerMetrics>>,
-    worker: Option<Arc<WorkerMetrics>>,
+    worker: Option<(Arc<WorkerMetrics>, Arc<JobMetrics>)>,
     token: &CancellationToken,
 ) -> anyhow::Result<()> {
     let Some(bind) = bind else { return Ok(()) };
@@ -669,8 +677,9 @@ async fn start_metrics(
         if let Some(s) = &server {
             server_exposition(&mut e, s);
         }
-        if let Some(w) = &worker {
+        if let Some((w, jobs)) = &worker {
             worker_exposition(&mut e, w);
+            jobs.expose(&mut e);
         }
         e.finish()
     });
@@ -705,7 +714,8 @@ fn build_worker(layer: &Layer, layer_url: &str, args: &WorkerArgs) -> anyhow::Re
         .body_receive_timeout(secs("body-receive-timeout", args.body_receive_timeout)?)
         .max_request_body(args.max_assembled_body)
         .consumer_timeout(secs("consumer-timeout", args.consumer_timeout)?)
-        .stop_grace(secs("stop-grace", args.stop_grace)?);
+        .stop_grace(secs("stop-grace", args.stop_grace)?)
+        .job_timeout(secs("job-timeout", args.job_timeout)?);
     if let Some(secret) = &args.django_secret_key {
         let redis = django_session_redis(args, layer_url)?;
         worker = worker.http_sessions(DjangoSessions::new(DjangoSessionConfig::new(
@@ -729,6 +739,11 @@ fn build_worker(layer: &Layer, layer_url: &str, args: &WorkerArgs) -> anyhow::Re
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let layer = args.layer.open(DEFAULT_REDIS).await?;
     let server = Server::bind(args.server.config()?).await?;
+    if let Layer::Redis(redis) = &layer
+        && !layer.settings().durable_channels.is_empty()
+    {
+        switchyard::jobs::warn_if_not_persistent(redis).await;
+    }
     let token = CancellationToken::new();
     stop_on_signals(token.clone());
     start_metrics(
@@ -767,7 +782,7 @@ pub async fn worker(args: WorkerCommandArgs) -> anyhow::Result<()> {
             args.ops_token.clone(),
             &layer,
             None,
-            Some(worker.metrics()),
+            Some((worker.metrics(), worker.job_metrics())),
             &token,
         )
         .await?;
@@ -793,7 +808,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         args.server.edge.ops_token.clone(),
         &layer,
         Some(server.metrics()),
-        Some(worker.metrics()),
+        Some((worker.metrics(), worker.job_metrics())),
         &token,
     )
     .await?;
@@ -855,6 +870,7 @@ mod tests {
             django_secret_key: Some("s".into()),
             django_session_redis: session_redis.map(str::to_owned),
             body_receive_timeout: 60.0,
+            job_timeout: 300.0,
             max_assembled_body: 1,
             consumer_timeout: 300.0,
             stop_grace: 30.0,

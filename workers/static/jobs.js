@@ -22,13 +22,34 @@
     let msg;
     try { msg = JSON.parse(e.data); } catch (_) { line(String(e.data)); return; }
     if (msg.type === "done") {
-      line("job " + msg.job + " done in " + msg.elapsed_ms + " ms: sha256^" + msg.rounds + " = " + msg.digest, "done");
+      const attempt = msg.attempt ? " (durable, attempt " + msg.attempt + ")" : "";
+      pending.delete(msg.job);
+      line("job " + msg.job + " done in " + msg.elapsed_ms + " ms" + attempt + ": sha256^" + msg.rounds + " = " + msg.digest, "done");
     } else if (msg.type === "error") {
       line("job failed: " + msg.error, "system");
     } else {
       line(e.data);
     }
   };
+
+  // Durable jobs this page started and has not heard back from: a dead one shows up in the
+  // dead letters (GET /api/jobs/dead) with its attempts and last error.
+  const pending = new Map();
+  async function checkDead() {
+    if (pending.size === 0) return;
+    const res = await fetch("/api/jobs/dead").catch(() => null);
+    if (!res || res.status !== 200) return;
+    const dead = await res.json().catch(() => []);
+    for (const d of dead) {
+      let job;
+      try { job = JSON.parse(d.message).job; } catch (_) { continue; }
+      if (pending.has(job)) {
+        pending.delete(job);
+        line("job " + job + " dead after " + d.attempts + " attempts: " + d.error, "system");
+      }
+    }
+  }
+  setInterval(checkDead, 2000);
 
   document.getElementById("job").addEventListener("submit", async (e) => {
     e.preventDefault();
@@ -37,9 +58,16 @@
       text: document.getElementById("text").value,
       rounds: document.getElementById("rounds").value,
     });
+    if (document.getElementById("durable").checked) {
+      body.set("durable", "1");
+      body.set("fail", document.getElementById("fail").value);
+    }
     const res = await fetch("/jobs/", { method: "POST", body: body });
     const reply = await res.json().catch(() => ({}));
-    if (res.status === 202) line("job " + reply.job + " queued on " + reply.channel, "system");
+    if (res.status === 202) {
+      if (body.get("durable")) pending.set(reply.job, Date.now());
+      line("job " + reply.job + " queued on " + reply.channel, "system");
+    }
     else line("could not start the job: " + (reply.error || res.status), "system");
   });
 })();

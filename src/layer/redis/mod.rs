@@ -50,6 +50,7 @@ pub(crate) use conn::SharedConn;
 const KEEPALIVE: Duration = Duration::from_secs(1);
 /// The keepalive's period while a shard is unreachable: how soon a recovery is noticed.
 const KEEPALIVE_WHILE_DOWN: Duration = Duration::from_millis(250);
+pub mod durable;
 
 /// How much longer than its own block time a pop may take before its connection is deemed dead.
 const DEAD_CONNECTION_MARGIN: Duration = Duration::from_secs(5);
@@ -91,6 +92,9 @@ struct Inner {
     born: Instant,
     /// Channels this process has entered in the channel registry (see [`registry`]).
     registered: dashmap::DashSet<String, rustc_hash::FxBuildHasher>,
+    /// Channels whose sends go to a stream (`--durable-channels`).
+    durable: Vec<regex::Regex>,
+    durable_scripts: durable::DurableScripts,
 }
 
 /// The Redis channel layer. Clones share connections.
@@ -129,6 +133,7 @@ impl RedisLayer {
     /// Connects to every shard (one URL each) and checks each answers PING.
     pub async fn connect(urls: &[&str], settings: LayerSettings) -> Result<Self, LayerError> {
         let rules = settings.compile()?;
+        let durable = settings.durable_rules()?;
         let mut shards = Vec::with_capacity(urls.len());
         for url in urls {
             let client = Client::open(*url)
@@ -171,6 +176,8 @@ impl RedisLayer {
                 last_score: AtomicU64::new(0),
                 born: Instant::now(),
                 registered: dashmap::DashSet::with_hasher(rustc_hash::FxBuildHasher),
+                durable,
+                durable_scripts: durable::DurableScripts::default(),
             }),
         };
         for i in 0..layer.inner.shards.len() {
@@ -302,6 +309,12 @@ impl RedisLayer {
         channel: &str,
         payload: &[u8],
     ) -> Result<(), LayerError> {
+        if self.is_durable(channel) {
+            return self
+                .job_send(channel, payload, &durable::JobOptions::default())
+                .await
+                .map(|_| ());
+        }
         let key_name = non_local_name(channel);
         if !self.inner.registered.contains(key_name) {
             self.register_channel(key_name).await?;

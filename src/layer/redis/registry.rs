@@ -20,7 +20,7 @@ use super::{RedisLayer, now_secs};
 use crate::layer::{Count, LayerError, Overview};
 
 /// The kinds of `{prefix}:{kind}:…` keys the layer writes besides groups.
-const DATA_KINDS: &[&str] = &["session", "order", "list", "index", "inbox-groups"];
+const DATA_KINDS: &[&str] = &["session", "order", "list", "index", "inbox-groups", "jobs"];
 
 /// The registry and the leases: what makes the rest recognisable, kept by `flush` (live
 /// processes hold those leases; a flushed registry would hide channels that processes here

@@ -4,6 +4,12 @@
 //! that started it joined over its WebSocket `/ws/jobs/<ticket>/`. The route wraps [`start`] in
 //! `csrf_protect` (see `super::routes`): a post from another site's page gets 403, so it cannot
 //! start jobs that report to someone else's ticket.
+//!
+//! With `durable=1` the job goes to [`DURABLE_CHANNEL`] instead, a durable channel on Redis
+//! (at-most-once under `dev`'s in-memory layer, which has no durable channels): `fail=N` makes
+//! its first N runs fail, so the page shows the retries (the result names the attempt that
+//! succeeded) or, past [`DURABLE_ATTEMPTS`], the dead letter with its error
+//! (`GET /api/jobs/dead`).
 
 use std::time::Instant;
 
@@ -16,6 +22,19 @@ use super::pages::respond;
 
 /// The task channel jobs go to.
 pub const JOB_CHANNEL: &str = "jobs.digest";
+/// The durable task channel (Redis layer only).
+pub const DURABLE_CHANNEL: &str = "jobs.reliable";
+/// Runs a durable job gets before it is dead-lettered.
+pub const DURABLE_ATTEMPTS: u32 = 3;
+
+/// The retry policy of [`DURABLE_CHANNEL`]: quick retries, so the page shows them live.
+pub fn durable_policy() -> switchyard_routing::DurablePolicy {
+    switchyard_routing::DurablePolicy::default()
+        .max_attempts(DURABLE_ATTEMPTS)
+        .initial_delay(std::time::Duration::from_millis(500))
+        .max_delay(std::time::Duration::from_secs(5))
+}
+
 /// Most SHA-256 rounds a job may ask for.
 pub const MAX_ROUNDS: u32 = 200_000;
 /// Longest text a job may digest, in bytes.
@@ -32,6 +51,13 @@ pub struct DigestJob {
     pub text: String,
     /// How many times.
     pub rounds: u32,
+    /// Durable jobs: how many first runs fail on purpose (a demo of retries).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fail: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn valid_ticket(t: &str) -> bool {
@@ -103,12 +129,19 @@ pub async fn start(message: Message, ctx: Ctx) -> Result<(), ConsumerError> {
     let ticket = field("ticket").unwrap_or_default();
     let text = field("text").unwrap_or_default();
     let rounds: Option<u32> = field("rounds").and_then(|r| r.trim().parse().ok());
+    let durable = matches!(field("durable"), Some("1" | "on" | "true"));
+    let fail: Option<u32> = match field("fail").map(str::trim) {
+        None | Some("") => Some(0),
+        Some(n) => n.parse().ok().filter(|n| *n <= 10),
+    };
     let problem = if !valid_ticket(ticket) {
         Some("ticket must be 8-64 letters, digits or '-'")
     } else if text.is_empty() || text.len() > MAX_TEXT {
         Some("text must be 1-10000 bytes")
     } else if !rounds.is_some_and(|r| (1..=MAX_ROUNDS).contains(&r)) {
         Some("rounds must be between 1 and 200000")
+    } else if fail.is_none() {
+        Some("fail must be between 0 and 10")
     } else {
         None
     };
@@ -120,13 +153,19 @@ pub async fn start(message: Message, ctx: Ctx) -> Result<(), ConsumerError> {
         ticket: ticket.to_owned(),
         text: text.to_owned(),
         rounds: rounds.unwrap_or(1),
+        fail: if durable { fail.unwrap_or(0) } else { 0 },
     };
-    ctx.send(JOB_CHANNEL, &job)?;
+    let channel = if durable {
+        DURABLE_CHANNEL
+    } else {
+        JOB_CHANNEL
+    };
+    ctx.send(channel, &job)?;
     json_reply(
         &message,
         &ctx,
         202,
-        &serde_json::json!({"job": job.job, "channel": JOB_CHANNEL}),
+        &serde_json::json!({"job": job.job, "channel": channel}),
     )
 }
 
@@ -153,12 +192,23 @@ pub async fn digest(message: Message, ctx: Ctx) -> Result<(), ConsumerError> {
     let digest = tokio::task::spawn_blocking(move || iterated_sha256(&text, rounds))
         .await
         .map_err(ConsumerError::other)?;
+    let attempt = message.attempt();
+    if let Some(attempt) = attempt
+        && attempt <= job.fail
+    {
+        return Err(ConsumerError::other(format!(
+            "failed on purpose on attempt {attempt} of job {}",
+            job.job
+        )));
+    }
     let done = serde_json::json!({
         "type": "done",
         "job": job.job,
         "rounds": job.rounds,
         "digest": digest,
         "elapsed_ms": started.elapsed().as_millis() as u64,
+        "attempt": attempt,
+        "job_id": message.job_id(),
     });
     ctx.group_send(
         &format!("jobs-{}", job.ticket),

@@ -28,7 +28,7 @@ pub const ROOM_PATTERN: &str = "[A-Za-z0-9_-]{1,50}";
 
 /// The app's routes. Consumers that keep app data (chat history, room list) use `layer`.
 pub fn routes(layer: Layer) -> Result<Router, RouteError> {
-    let store = Arc::new(chat::ChatStore::new(layer));
+    let store = Arc::new(chat::ChatStore::new(layer.clone()));
     Router::new([
         // Pages and the job form, through the layer like any Channels 1 HTTP consumer.
         route(HTTP_REQUEST, pages::index)
@@ -55,6 +55,15 @@ pub fn routes(layer: Layer) -> Result<Router, RouteError> {
             })
             .path("^/api/rooms$")
         },
+        {
+            let layer = layer.clone();
+            route(HTTP_REQUEST, move |m: Message, ctx: Ctx| {
+                let layer = layer.clone();
+                async move { pages::dead_jobs(&layer, &m, &ctx).await }
+            })
+            .path("^/api/jobs/dead$")
+            .method("^(?:GET|HEAD)$")
+        },
         route(HTTP_REQUEST, pages::not_found),
         route(HTTP_DISCONNECT, ignore),
         // Sockets.
@@ -68,6 +77,12 @@ pub fn routes(layer: Layer) -> Result<Router, RouteError> {
             .path("^/ws/relay-unordered/(?P<room>[A-Za-z0-9_-]{1,80})/$"),
         route_class(jobs::JobSocket).path("^/ws/jobs/(?P<ticket>[A-Za-z0-9-]{8,64})/$"),
         route(jobs::JOB_CHANNEL, jobs::digest),
+        // Durable on Redis; `dev`'s in-memory layer has no durable channels.
+        if matches!(layer, Layer::Redis(_)) {
+            route(jobs::DURABLE_CHANNEL, jobs::digest).durable(jobs::durable_policy())
+        } else {
+            route(jobs::DURABLE_CHANNEL, jobs::digest)
+        },
         // Anything else: refuse unknown socket paths (403), consume the rest.
         route(WEBSOCKET_CONNECT, deny),
         route(WEBSOCKET_RECEIVE, ignore),

@@ -90,6 +90,24 @@ pub async fn rooms(store: &ChatStore, message: &Message, ctx: &Ctx) -> Result<()
     respond(message, ctx, 200, "application/json", &body)
 }
 
+/// `GET /api/jobs/dead`: the dead letters of the durable job channel, as JSON (an empty list on
+/// the in-memory layer, which has no durable channels).
+pub async fn dead_jobs(
+    layer: &switchyard::layer::Layer,
+    message: &Message,
+    ctx: &Ctx,
+) -> Result<(), ConsumerError> {
+    let dead = match layer {
+        switchyard::layer::Layer::Redis(r) => r
+            .dead_list(super::jobs::DURABLE_CHANNEL, 100)
+            .await
+            .map_err(ConsumerError::other)?,
+        _ => Vec::new(),
+    };
+    let body = serde_json::to_vec(&dead).map_err(ConsumerError::other)?;
+    respond(message, ctx, 200, "application/json", &body)
+}
+
 /// Anything not routed above.
 pub async fn not_found(message: Message, ctx: Ctx) -> Result<(), ConsumerError> {
     respond(

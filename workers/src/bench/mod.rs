@@ -12,6 +12,7 @@ mod connect;
 mod echo;
 mod faults;
 mod http;
+mod jobs;
 pub mod net;
 pub mod payload;
 pub mod report;
@@ -74,6 +75,12 @@ pub enum Mode {
     /// starts itself (redis-server, 2 serve, 2 worker): sockets dropped, deliveries lost,
     /// seconds until deliveries resumed.
     Faults(FaultsArgs),
+    /// Background jobs through Redis: at-most-once vs durable (jobs/s, send-to-start latency,
+    /// CPU per job), or with --soak a run where worker processes are killed at random.
+    Jobs(jobs::JobsArgs),
+    /// A soak worker process (started by `bench jobs --soak`).
+    #[command(hide = true)]
+    JobsWorker(jobs::JobsWorkerArgs),
 }
 
 /// Flags every mode has.
@@ -198,6 +205,8 @@ pub async fn execute(args: BenchArgs) -> anyhow::Result<Report> {
         Mode::Connect(a) => connect::run(a).await,
         Mode::Http(a) => http::run(a).await,
         Mode::Faults(a) => faults::run(a).await,
+        Mode::Jobs(a) => jobs::run(a).await,
+        Mode::JobsWorker(a) => jobs::worker(a).await,
     }?;
     report.add_client_cpu(cpu_before, started.elapsed());
     Ok(report)
