@@ -255,7 +255,7 @@ impl RedisLayer {
                     cmd.arg(score_text(*score)).arg(member.as_slice());
                 }
             }
-            let mut conn = self.inner.shards[shard].conn.clone();
+            let mut conn = self.inner.shards[shard].conn.for_sends();
             let replies = self
                 .run(shard, async move {
                     pipe.query_async::<Vec<RedisResult<usize>>>(&mut conn).await

@@ -3,9 +3,10 @@
 //! A [`SharedConn`] wraps redis-rs's `ConnectionManager` (one multiplexed connection, replaced
 //! after a failure) and adds the one retry that is always safe: a command whose connection could
 //! not even be opened (refused while Redis restarts) was never written, so it is tried again on a
-//! fresh connection for up to [`UNWRITTEN_RETRY_WINDOW`]. A command that failed after it may have
-//! been written is never retried here: a send must not be duplicated, so that error reaches the
-//! caller and is counted.
+//! fresh connection for up to [`UNWRITTEN_RETRY_WINDOW`]. A command that may have been written
+//! before its connection died is retried only when running it twice is harmless (reads, group
+//! and registry `ZADD`s, lease scripts); a message send must not be duplicated, so its error
+//! reaches the caller and is counted ([`SharedConn::for_sends`]).
 //!
 //! The connection speaks RESP3 unless the URL chose a protocol: on RESP3 the manager learns that
 //! its connection closed the moment Redis closes it (a restart, `CLIENT KILL`) and opens a new one
@@ -28,6 +29,10 @@ pub(super) const UNWRITTEN_RETRY_WINDOW: Duration = Duration::from_millis(300);
 #[derive(Clone)]
 pub(crate) struct SharedConn {
     manager: ConnectionManager,
+    /// The commands sent through this handle may run twice without harm (reads, `ZADD` of a
+    /// name, lease scripts): one that failed with its connection is tried again on a fresh one
+    /// even when it may have reached Redis. Off for message sends ([`SharedConn::for_sends`]).
+    idempotent: bool,
 }
 
 impl std::fmt::Debug for SharedConn {
@@ -65,13 +70,23 @@ impl SharedConn {
             .set_max_delay(Duration::from_millis(200));
         Ok(SharedConn {
             manager: ConnectionManager::new_lazy_with_config(client, config)?,
+            idempotent: true,
         })
+    }
+
+    /// The same connection for commands that must not run twice (message sends): retried only
+    /// when they provably never reached Redis.
+    pub(crate) fn for_sends(&self) -> SharedConn {
+        SharedConn {
+            manager: self.manager.clone(),
+            idempotent: false,
+        }
     }
 }
 
-/// Retries `attempt` while it fails with a connection that could not be opened, within
-/// [`UNWRITTEN_RETRY_WINDOW`].
-async fn retry_unwritten<T, F, Fut>(mut attempt: F) -> Result<T, RedisError>
+/// Retries `attempt` while it fails with a connection that could not be opened (or, for
+/// `idempotent` commands, with any lost connection), within [`UNWRITTEN_RETRY_WINDOW`].
+async fn retry_unwritten<T, F, Fut>(idempotent: bool, mut attempt: F) -> Result<T, RedisError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, RedisError>>,
@@ -80,7 +95,10 @@ where
     let mut pause = Duration::from_millis(10);
     loop {
         match attempt().await {
-            Err(e) if never_written(&e) && started.elapsed() + pause < UNWRITTEN_RETRY_WINDOW => {
+            Err(e)
+                if (never_written(&e) || (idempotent && e.is_connection_dropped()))
+                    && started.elapsed() + pause < UNWRITTEN_RETRY_WINDOW =>
+            {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(100));
             }
@@ -93,7 +111,7 @@ impl ConnectionLike for SharedConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let manager = &self.manager;
-            retry_unwritten(|| {
+            retry_unwritten(self.idempotent, || {
                 let mut m = manager.clone();
                 async move { m.send_packed_command(cmd).await }
             })
@@ -109,7 +127,7 @@ impl ConnectionLike for SharedConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let manager = &self.manager;
-            retry_unwritten(|| {
+            retry_unwritten(self.idempotent, || {
                 let mut m = manager.clone();
                 async move { m.send_packed_commands(cmd, offset, count).await }
             })

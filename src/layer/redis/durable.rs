@@ -380,7 +380,9 @@ impl RedisLayer {
             .arg(now)
             .arg(deadline)
             .arg(window);
-        let (shard, mut conn) = self.conn_for(channel);
+        let (shard, conn) = self.conn_for(channel);
+        // A job send must not run twice: retried only when it provably never reached Redis.
+        let mut conn = conn.for_sends();
         let reply: Vec<Value> = self
             .run(
                 shard,
@@ -875,10 +877,12 @@ impl RedisLayer {
             for name in ["appendonly", "appendfsync", "save"] {
                 pipe.cmd("CONFIG").arg("GET").arg(name);
             }
-            let got: Result<(Vec<String>, Vec<String>, Vec<String>), _> = self
+            // CONFIG GET answers a flat [name, value] list on RESP2 and a map on RESP3.
+            type Answer = HashMap<String, String>;
+            let got: Result<(Answer, Answer, Answer), _> = self
                 .run(shard, async move { pipe.query_async(&mut conn).await })
                 .await;
-            let value = |v: Vec<String>| v.into_iter().nth(1).unwrap_or_default();
+            let value = |v: Answer| v.into_values().next().unwrap_or_default();
             let p = got.ok().map(|(a, f, s)| Persistence {
                 appendonly: value(a),
                 appendfsync: value(f),

@@ -316,9 +316,6 @@ impl RedisLayer {
                 .map(|_| ());
         }
         let key_name = non_local_name(channel);
-        if !self.inner.registered.contains(key_name) {
-            self.register_channel(key_name).await?;
-        }
         let targets: &[&str] = if key_name.len() == channel.len() {
             &[]
         } else {
@@ -329,6 +326,7 @@ impl RedisLayer {
         let capacity = self.inner.rules.capacity(channel);
         let shard = self.shard_of(channel);
         let added = self.send_coalesced(shard, key, member, capacity).await?;
+        self.ensure_registered(key_name).await;
         if added {
             LayerMetrics::add(&self.inner.metrics.sent, 1);
             Ok(())
@@ -455,9 +453,6 @@ impl RedisLayer {
         let mut per_shard: Vec<(Vec<batch::KeyBatch>, Vec<usize>)> =
             (0..shard_count).map(|_| (Vec::new(), Vec::new())).collect();
         for (key, targets) in &by_key {
-            if !self.inner.registered.contains(*key) {
-                self.register_channel(key).await?;
-            }
             let (batches, counts) = &mut per_shard[consistent_hash(key, shard_count)];
             batches.push(batch::KeyBatch {
                 key: format!("{}{}", self.inner.settings.prefix, key),
@@ -489,6 +484,9 @@ impl RedisLayer {
                     }
                 }
             }
+        }
+        for (key, _) in &by_key {
+            self.ensure_registered(key).await;
         }
         let m = &self.inner.metrics;
         LayerMetrics::add(&m.group_sends, 1);
@@ -882,8 +880,8 @@ impl RedisReceiver {
         let shard_count = self.layer.inner.shards.len();
         let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); shard_count];
         for c in channels {
-            if !c.ends_with('!') && !self.layer.inner.registered.contains(c.as_str()) {
-                self.layer.register_channel(c).await?;
+            if !c.ends_with('!') {
+                self.layer.ensure_registered(c).await;
             }
             by_shard[self.layer.shard_of(c)].push(format!("{prefix}{c}"));
         }

@@ -81,8 +81,23 @@ impl RedisLayer {
         format!("{}:channels", self.inner.settings.prefix)
     }
 
-    /// Enters `channel` in the registry of the shard holding it (once per process).
-    pub(crate) async fn register_channel(&self, channel: &str) -> Result<(), LayerError> {
+    /// Enters `channel` in the registry once per process. Best effort: a failure is logged
+    /// and tried again by the next call, never returned (the registry only serves `flush` and
+    /// `stats`). Senders call it after their send, so a first send is never overtaken by a
+    /// later one of the same sender while it registers.
+    pub(crate) async fn ensure_registered(&self, channel: &str) {
+        if self.inner.registered.contains(channel) {
+            return;
+        }
+        self.inner.registered.insert(channel.to_owned());
+        if let Err(e) = self.register_channel(channel).await {
+            self.inner.registered.remove(channel);
+            tracing::debug!(%channel, error = %e, "channel not registered yet; the next send tries again");
+        }
+    }
+
+    /// Enters `channel` in the registry of the shard holding it.
+    async fn register_channel(&self, channel: &str) -> Result<(), LayerError> {
         let shard = self.shard_of(channel);
         let mut conn = self.inner.shards[shard].conn.clone();
         let cmd = redis::cmd("ZADD")
@@ -95,7 +110,6 @@ impl RedisLayer {
             async move { cmd.query_async::<i64>(&mut conn).await },
         )
         .await?;
-        self.inner.registered.insert(channel.to_owned());
         Ok(())
     }
 
