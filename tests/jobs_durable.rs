@@ -438,6 +438,9 @@ fn tempdir() -> std::path::PathBuf {
 
 /// The child worker of the SIGKILL test: started by the test with `CHILD_REDIS` set; runs a
 /// worker whose consumer marks the job started in Redis and then never returns.
+// Ignored because it is not a test of its own: it never returns, so run alone it would hang.
+// CI runs it on every run as the process that
+// `a_job_whose_worker_is_killed_runs_on_another_worker` starts (`--ignored --exact`) and kills.
 #[tokio::test]
 #[ignore = "run as a child process by a_job_whose_worker_is_killed_runs_on_another_worker"]
 async fn child_worker() {
