@@ -9,15 +9,12 @@ mod support;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use support::Proc;
 use support::redis_support::RedisServer;
+use support::{Proc, Ws, next_text};
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(10);
 const FRAMES: usize = 1000;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// `serve` and two workers on one Redis.
 struct Stack {
@@ -42,27 +39,7 @@ impl Stack {
     }
 
     async fn connect(&self, path: &str) -> Ws {
-        let url = format!("{}{path}", self.web.ws());
-        tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-            .await
-            .expect("connects in time")
-            .expect("handshake")
-            .0
-    }
-}
-
-async fn next_text(ws: &mut Ws) -> String {
-    loop {
-        let msg = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a frame in time")
-            .expect("open")
-            .expect("ok");
-        match msg {
-            Message::Text(t) => return t.to_string(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected text, got {other:?}"),
-        }
+        support::connect(&format!("{}{path}", self.web.ws())).await
     }
 }
 

@@ -13,22 +13,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use support::redis_support::RedisServer;
-use support::{Proc, bin};
+use support::{Proc, Ws, bin, connect, http};
 use switchyard::layer::{Layer, LayerSettings};
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(url: &str) -> Ws {
-    tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-        .await
-        .expect("connects in time")
-        .expect("handshake")
-        .0
-}
 
 /// The next text frame within `limit`, skipping pings; `None` on timeout.
 async fn text_within(ws: &mut Ws, limit: Duration) -> Option<String> {
@@ -56,23 +45,7 @@ async fn close_code(ws: &mut Ws, limit: Duration) -> Option<u16> {
 }
 
 async fn http_get(base: &str, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = base.trim_start_matches("http://");
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
-        .await
-        .expect("response in time")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status: u16 = text[9..12].parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    http(base, "GET", path, "").await
 }
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes; returns the time it took.

@@ -10,6 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+
 /// A running `switchyard` child.
 #[derive(Debug)]
 pub struct Proc {
@@ -102,4 +105,73 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// How long the helpers below wait for a socket, a frame or a response.
+pub const CLIENT_WAIT: Duration = Duration::from_secs(20);
+
+/// A client WebSocket.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to `url` (handshake included) within [`CLIENT_WAIT`].
+pub async fn connect(url: &str) -> Ws {
+    tokio::time::timeout(CLIENT_WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connects in time")
+        .expect("handshake")
+        .0
+}
+
+/// The next text frame, skipping pings and pongs; panics on anything else or after
+/// [`CLIENT_WAIT`].
+pub async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        let msg = tokio::time::timeout(CLIENT_WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("open")
+            .expect("ok");
+        match msg {
+            Message::Text(t) => return t.to_string(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+/// One HTTP/1.1 request on its own connection (a form body when `body` is not empty): the
+/// status and the body.
+pub async fn http(base: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_with(base, method, path, body, "").await
+}
+
+/// [`http`] with extra header lines (each ending in `\r\n`).
+pub async fn http_with(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    extra: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{extra}content-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(CLIENT_WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status: u16 = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
