@@ -14,6 +14,7 @@
 //! than the last one this process wrote (a failover to a replica that missed writes) means Redis
 //! lost state, and the inbox puts its memberships back ([`RedisLayer::reassert`]).
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::Script;
@@ -58,6 +59,11 @@ end
 return removed
 ";
 
+// Hashed once: a lease renewal runs every second and the index script on every group_add.
+static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_SCRIPT));
+static INDEX: LazyLock<Script> = LazyLock::new(|| Script::new(INDEX_SCRIPT));
+static REAP_GROUP: LazyLock<Script> = LazyLock::new(|| Script::new(REAP_GROUP_SCRIPT));
+
 /// Most lapsed leases one shard's check takes at once.
 const REAP_BATCH: usize = 16;
 /// Commands per pipeline when memberships are put back.
@@ -92,7 +98,7 @@ impl RedisLayer {
         let inbox = non_local_name(channel);
         let home = self.shard_of(inbox);
         let mut conn = self.inner.shards[home].conn.clone();
-        let invocation = Script::new(INDEX_SCRIPT);
+        let invocation: &Script = &INDEX;
         let (leases, index) = (self.leases_key(), self.inbox_groups_key(inbox));
         let ttl = self.inner.settings.group_expiry.as_secs().max(1);
         let (inbox, group) = (inbox.to_owned(), group.to_owned());
@@ -140,7 +146,7 @@ impl RedisLayer {
         let mut lost = false;
         for shard in 0..shards {
             let mut conn = self.inner.shards[shard].conn.clone();
-            let invocation = Script::new(RENEW_SCRIPT);
+            let invocation: &Script = &RENEW;
             let (key, inbox) = (key.clone(), inbox.to_owned());
             let old: Option<f64> = self
                 .run(shard, async move {
@@ -230,7 +236,7 @@ impl RedisLayer {
         for group in groups {
             let shard = self.shard_of(&group);
             let mut conn = self.inner.shards[shard].conn.clone();
-            let invocation = Script::new(REAP_GROUP_SCRIPT);
+            let invocation: &Script = &REAP_GROUP;
             let group_key = self.group_key(&group);
             let inbox = inbox.to_owned();
             let n: i64 = self
@@ -295,10 +301,11 @@ impl RedisLayer {
             per_shard[home].push(redis::cmd("EXPIRE").arg(&index).arg(group_ttl).to_owned());
         }
         for (shard, cmds) in per_shard.into_iter().enumerate() {
-            for chunk in cmds.chunks(REASSERT_CHUNK) {
+            let mut cmds = cmds.into_iter().peekable();
+            while cmds.peek().is_some() {
                 let mut pipe = redis::pipe();
-                for c in chunk {
-                    pipe.add_command(c.clone()).ignore();
+                for c in cmds.by_ref().take(REASSERT_CHUNK) {
+                    pipe.add_command(c).ignore();
                 }
                 let mut conn = self.inner.shards[shard].conn.clone();
                 self.run(
