@@ -40,9 +40,6 @@ pub const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 /// moved into the stream when the worker is idle.
 const READ_BLOCK: Duration = Duration::from_millis(100);
 
-/// Most jobs one read takes.
-const MAX_BATCH: usize = 64;
-
 /// Most acknowledgements sent in one round trip.
 const MAX_ACKS: usize = 512;
 
@@ -229,20 +226,9 @@ impl JobRunner {
         let mut last_claim: Option<Instant> = None;
         let mut last_stats: Option<Instant> = None;
         loop {
-            let mut permits = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                permit = idle.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
+            let Some(mut permits) = crate::worker::idle_batch(&idle, &shutdown).await else {
+                break;
             };
-            let more = idle.available_permits().min(MAX_BATCH - 1);
-            if more > 0
-                && let Ok(p) = idle.clone().try_acquire_many_owned(more as u32)
-            {
-                permits.merge(p);
-            }
             let round = async {
                 for c in &channels {
                     let (moved, promoted) = self.layer.job_maintain(c).await?;

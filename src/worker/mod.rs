@@ -82,7 +82,28 @@ pub const CONSUMER_TIMEOUT: Duration = Duration::from_secs(300);
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
 
 /// Most messages one pop takes (for that many idle consumers).
-const MAX_BATCH: usize = 64;
+pub(crate) const MAX_BATCH: usize = 64;
+
+/// Waits for at least one idle consumer slot (or shutdown: `None`) and takes every other idle
+/// one too, up to [`MAX_BATCH`]: a receive loop pops only for consumers that are idle now, so no
+/// message waits in this process behind busy ones while another worker could run it.
+pub(crate) async fn idle_batch(
+    idle: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let mut permits = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => return None,
+        permit = Arc::clone(idle).acquire_owned() => permit.ok()?,
+    };
+    let more = idle.available_permits().min(MAX_BATCH - 1);
+    if more > 0
+        && let Ok(p) = Arc::clone(idle).try_acquire_many_owned(more as u32)
+    {
+        permits.merge(p);
+    }
+    Some(permits)
+}
 
 /// Most connections a worker remembers to come back to (see [`Worker::run`]); past it, gaps are
 /// still skipped when the connection's next message arrives.
@@ -343,22 +364,9 @@ impl Worker {
         let mut running = JoinSet::new();
         let mut failures = 0u32;
         loop {
-            // Pop only for consumers that are idle now, so no message waits in this process
-            // behind busy ones while another worker could run it.
-            let mut permits = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                permit = idle.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
+            let Some(mut permits) = idle_batch(&idle, &shutdown).await else {
+                break;
             };
-            let more = idle.available_permits().min(MAX_BATCH - 1);
-            if more > 0
-                && let Ok(p) = idle.clone().try_acquire_many_owned(more as u32)
-            {
-                permits.merge(p);
-            }
             match receiver
                 .receive_many(&channels, this.receive_timeout, permits.num_permits())
                 .await
