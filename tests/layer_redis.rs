@@ -548,20 +548,7 @@ async fn tls_urls_work_and_an_untrusted_certificate_is_a_clear_error() {
         .output()
         .expect("openssl runs");
     assert!(made.status.success(), "{made:?}");
-    let tls_port = support::free_port().to_string();
-    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
-    let _redis = RedisServer::start_with(&[
-        "--tls-port",
-        &tls_port,
-        "--tls-cert-file",
-        cert_s,
-        "--tls-key-file",
-        key_s,
-        "--tls-ca-cert-file",
-        cert_s,
-        "--tls-auth-clients",
-        "no",
-    ]);
+    let (_redis, tls_port) = RedisServer::start_tls(&cert, &key);
     // A self-signed certificate is refused unless the URL says `#insecure`.
     let err = Layer::from_url(
         &format!("rediss://127.0.0.1:{tls_port}/0"),

@@ -191,20 +191,7 @@ async fn rediss_with_an_acl_user_and_encryption() {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    let tls_port = support::free_port().to_string();
-    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
-    let redis = RedisServer::start_with(&[
-        "--tls-port",
-        &tls_port,
-        "--tls-cert-file",
-        cert_s,
-        "--tls-key-file",
-        key_s,
-        "--tls-ca-cert-file",
-        cert_s,
-        "--tls-auth-clients",
-        "no",
-    ]);
+    let (redis, tls_port) = RedisServer::start_tls(&cert, &key);
     lock_down(&redis);
     let layer = Layer::from_url(
         &format!("rediss://alice:s3cret@127.0.0.1:{tls_port}/0#insecure"),

@@ -48,6 +48,26 @@ impl RedisServer {
         server
     }
 
+    /// A server that also listens for TLS on another free port, with the certificate (and
+    /// key) at these paths as its own and as the CA it trusts; returns it and its TLS port.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> (Self, u16) {
+        let tls_port = free_port();
+        let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        let server = Self::start_with(&[
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            cert,
+            "--tls-auth-clients",
+            "no",
+        ]);
+        (server, tls_port)
+    }
+
     fn spawn(&mut self) {
         let child = Command::new(redis_bin())
             .args([
