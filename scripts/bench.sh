@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The end-to-end benchmark suite behind BENCHMARKS.md (issue 6).
+# The end-to-end benchmark suite behind BENCHMARKS.md.
 #
 # For every scenario and run it starts a fresh stack on 127.0.0.1 only:
 #   switchyard: its own redis-server (free port, --save '' --appendonly no), `switchyard serve`
@@ -35,8 +35,7 @@
 # sustained idle http (64 connections) http128 http256; relay1000 (1,000 sockets, each alone in
 # its /ws/relay/ room, relaying 30 frames/s to itself: per-connection ordering on) and
 # relay1000u (the same on /ws/relay-unordered/: ordering off).
-# The Django peer runs the same loads except idle (daphne's own figure is in
-# shared/reference/peer-django-channels.md), with a handshake concurrency of 50 (daphne's
+# The Django peer runs the same loads except idle, with a handshake concurrency of 50 (daphne's
 # listen backlog).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,6 @@
-//! Redis-only channel-layer tests: the three blocking-pop traps of reference/anchors-rust.md §1.5
-//! as regression tests, sharding over two redis-servers, expiry enforced at receive, garbage in
+//! Redis-only channel-layer tests: the blocking-pop traps (a client-side
+//! timeout or a cancelled BZPOPMIN losing the message Redis pops anyway, a shared connection
+//! blocked behind a pop) as regression tests, sharding over two redis-servers, expiry enforced at receive, garbage in
 //! Redis, the stored wire format, an inbox pop bigger than a local buffer, and Redis stopped and
 //! restarted under a live layer.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

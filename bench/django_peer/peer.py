@@ -5,8 +5,8 @@
 /                  a small HTTP response
 
 Run: REDIS_URL=redis://127.0.0.1:6379/0 daphne -b 127.0.0.1 -p 8001 peer:application
-(with this directory on PYTHONPATH). Layer settings follow shared/reference/peer-django-channels.md:
-redis-py 8's pool cap and socket timeout would otherwise measure errors, not Channels.
+(with this directory on PYTHONPATH). The layer settings raise
+redis-py 8's pool cap and socket timeout, which would otherwise measure errors, not Channels.
 """
 import os
 from urllib.parse import urlparse

@@ -17,8 +17,8 @@
 //! [`LayerLossPolicy::Close`], closes them with 1012).
 //!
 //! A local channel's buffer is a [`LocalQueue`], not a tokio mpsc channel: an mpsc channel
-//! allocates its first block of 32 slots and a cache-padded header up front (2.3 KB with
-//! `Envelope`s), which every idle WebSocket would carry; an empty `LocalQueue` is ~200 bytes.
+//! allocates its first block of 32 slots and a cache-padded header up front, which every
+//! idle WebSocket would carry; an empty `LocalQueue` is one small allocation.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -53,9 +53,9 @@ const POP_BLOCK: Duration = Duration::from_secs(1);
 /// of a batch may only mean that its reader has not run since the batch began, so the loop lets
 /// the readers run once and tries again before it drops the message. That covers a reader that
 /// keeps up only if its buffer holds at least this many (the server's default is equal). Not
-/// more often: yielding after every few messages splits a broadcast's fan-out into passes
-/// (yielding every 64 messages, where a broadcast to 1,000 sockets is 1,000 messages, cut the
-/// sustained broadcast rate from 512,000 to 128,000/s), and a buffer refused since its reader
+/// more often: yielding after every few messages splits a broadcast's fan-out into passes,
+/// one wake-up of every reader per pass, which cuts the sustained broadcast rate several
+/// times over; and a buffer refused since its reader
 /// last took a message gets no yield at all, so stuck readers cannot bring that back.
 const YIELD_EVERY: usize = 64;
 

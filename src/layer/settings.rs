@@ -49,9 +49,9 @@ pub struct LayerSettings {
     /// and counted (defaults to `capacity`).
     pub local_buffer: Option<usize>,
     /// Messages popped at once from a process inbox (512). One loop pops for every socket of an
-    /// interface server, one round trip at a time, on a runtime busy with those sockets: with 64
-    /// per pop, replies for 1,000 busy sockets queued in Redis behind the pops (up to 870 of
-    /// them, and the pops cost Redis 18 % more per message). A pop can hold more messages for
+    /// interface server, one round trip at a time, on a runtime busy with those sockets: small
+    /// pops leave the replies of many busy sockets queued in Redis behind them, and cost Redis
+    /// more per message. A pop can hold more messages for
     /// one socket than its buffer: the inbox then lets the readers run before it drops any.
     pub inbox_batch: usize,
     /// Bound on every non-blocking Redis command, so that sends during an outage fail fast (2 s).

@@ -1,5 +1,5 @@
-//! The edge's admission rules, decided by the interface server before any worker sees a message
-//! (DESIGN §4b): which `Host` a request may name (Django's `ALLOWED_HOSTS`, plus RFC 9112's
+//! The edge's admission rules, decided by the interface server before any worker sees a message:
+//! which `Host` a request may name (Django's `ALLOWED_HOSTS`, plus RFC 9112's
 //! missing / repeated / malformed Host → 400), which `Origin` may open a WebSocket (same origin by
 //! default, as Phoenix does), how many connections one client address may hold, and how fast one
 //! socket may send (a token bucket per socket). Everything here is pure or owns its own small

@@ -136,7 +136,8 @@ pub struct ServerConfig {
     pub ping_timeout: Duration,
     /// Close (1000) a socket with no frame in either direction for this long; `None` = never.
     pub idle_timeout: Option<Duration>,
-    /// Close (1000) a socket open this long; `None` = the layer's group expiry (DESIGN §2).
+    /// Close (1000) a socket open this long; `None` = the layer's group expiry (a socket outliving
+    /// it would be dropped from its groups while still open).
     pub websocket_lifetime: Option<Duration>,
     /// Open TCP connections allowed; beyond, new connections get a 503 and are closed.
     pub max_connections: usize,

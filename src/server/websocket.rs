@@ -426,8 +426,8 @@ fn choose_subprotocol(allowed: &[String], req: &Request<Incoming>) -> Option<Hea
 fn ws_config(shared: &Shared) -> WebSocketConfig {
     let c = &shared.config;
     WebSocketConfig::default()
-        // 1 KiB: a small frame still arrives in one read; an idle socket holds ~3 KB less
-        // than with 4 KiB (7.1–7.7 KB RSS per idle socket through Redis, BENCHMARKS.md).
+        // 1 KiB: a small frame still arrives in one read, and the read buffer is most of what
+        // an idle socket costs (BENCHMARKS.md measures the RSS per idle socket).
         .read_buffer_size(1024)
         .write_buffer_size(WRITE_BUFFER)
         // Must hold one whole outgoing message; workers' messages are bounded by the layer and

@@ -14,7 +14,8 @@
 //! command bounded by `command_timeout` so an outage fails fast. Blocking pops (BZPOPMIN for one
 //! message, BZMPOP for a batch, BZPOPMIN + ZPOPMIN before Redis 7) run on a dedicated
 //! connection per receiver and shard with no client-side response timeout (a timed-out or
-//! cancelled BZPOPMIN loses the message it later pops; see reference/anchors-rust.md §1.5).
+//! cancelled BZPOPMIN loses the message Redis pops for it after the client gave up: the pop
+//! happens on the server whether or not anyone still reads the reply).
 
 use std::fmt;
 use std::sync::Arc;

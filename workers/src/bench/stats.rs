@@ -122,8 +122,8 @@ impl LatencyRecorder {
 pub struct LocalLatency {
     /// Starts empty, with nothing allocated, and grows to what the connection's traffic fills in
     /// [`BATCH_AGE`] (a broadcast member's is a sample or two). Reserving [`BATCH`] up front cost
-    /// every connection 2 KiB, touched on its first sample: 10,000 members faulted in 20 MB during
-    /// the first broadcast, ~50 ms of page zeroing that showed up as that broadcast's latency.
+    /// every connection its pages, touched on its first sample: with thousands of members the
+    /// page zeroing of the first broadcast showed up as that broadcast's latency.
     samples: Vec<u64>,
     first_at: Option<Instant>,
 }
