@@ -791,6 +791,7 @@ async fn failed_consumers_answer_the_client(backend: Backend) {
     let fx = Fixture::new(backend, LayerSettings::default()).await;
     let running = start(
         Worker::new(fx.layer.clone(), Arc::new(failing_router()))
+            .concurrency(1)
             .consumer_timeout(Duration::from_millis(300)),
     );
     let inbox = inbox(&fx.layer).await;

@@ -81,6 +81,11 @@ pub const CONSUMER_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default wait, after a stop is asked, for the messages in hand to finish.
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
 
+/// Default number of messages a worker runs at once. A message holds its slot until its replies
+/// are written to the layer, so a process carries at most this many per round trip or two; a
+/// strictly ordered connection waiting its turn holds a slot too.
+pub const DEFAULT_CONCURRENCY: usize = 256;
+
 /// Most messages one pop takes (for that many idle consumers).
 pub(crate) const MAX_BATCH: usize = 64;
 
@@ -166,12 +171,13 @@ enum Outcome {
 }
 
 impl Worker {
-    /// A worker running one message at a time, listening on every channel of the router.
+    /// A worker listening on every channel of the router, running up to
+    /// [`DEFAULT_CONCURRENCY`] messages at once.
     pub fn new(layer: Layer, router: Arc<Router>) -> Self {
         Worker {
             layer,
             router,
-            concurrency: 1,
+            concurrency: DEFAULT_CONCURRENCY,
             only: Vec::new(),
             exclude: Vec::new(),
             receive_timeout: Duration::from_secs(1),
@@ -621,6 +627,15 @@ impl Worker {
         let Some(resolved) = self.router.resolve(&message) else {
             WorkerMetrics::add(&self.metrics.unrouted, 1);
             tracing::warn!(channel = %message.channel, path = ?message.path(), "no route for message; dropped");
+            // A client waiting on the other end gets an answer now, not the server's timeout.
+            match message.channel.as_str() {
+                HTTP_REQUEST => self.reply_http(&message, 404, "Not Found").await,
+                WEBSOCKET_CONNECT => {
+                    self.reply_close(&message, message.reply_channel(), None)
+                        .await;
+                }
+                _ => {}
+            }
             return None;
         };
         let message = if message.channel == HTTP_REQUEST && message.get("body_channel").is_some() {
