@@ -9,6 +9,8 @@
 pub mod jobs;
 pub mod layer;
 pub mod prometheus;
+#[cfg(feature = "cli")]
+pub mod run;
 pub mod server;
 pub mod worker;
 

@@ -1,10 +1,5 @@
-//! The deployable Switchyard app: the reference consumers and their routes (`app`), the command
-//! line of the `switchyard` binary (`cli`), its long-running roles (`roles`) and its load
-//! generator (`bench`), and `switchyard jobs` (`jobs_cmd`).
+//! The reference Switchyard app: its consumers and routes (`app`) and its load generator
+//! (`bench`). The `switchyard` binary is [`switchyard::run::App`] on these routes plus `bench`.
 
 pub mod app;
 pub mod bench;
-pub mod cli;
-pub mod edge;
-pub mod jobs_cmd;
-pub mod roles;

@@ -483,7 +483,7 @@ pub async fn worker(args: JobsWorkerArgs) -> anyhow::Result<Report> {
         .concurrency(args.concurrency)
         .job_timeout(seconds("job-timeout", args.job_timeout)?);
     let token = CancellationToken::new();
-    crate::roles::stop_on_signals(token.clone());
+    switchyard::run::stop_on_signals(token.clone());
     let lifetime = seconds("lifetime", args.lifetime)?;
     let _ = tokio::time::timeout(lifetime, worker.run(token)).await;
     Ok(Report::new("jobs-worker"))

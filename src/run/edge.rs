@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::server::{AuthConfig, JwtConfig, JwtKey, TlsConfig};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use switchyard::server::{AuthConfig, JwtConfig, JwtKey, TlsConfig};
 
 /// Which signature a JWT must carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -57,7 +57,7 @@ pub struct EdgeArgs {
     #[arg(long, env = "SWITCHYARD_AUTH_REQUIRED_PATHS", value_delimiter = ',')]
     pub auth_required_paths: Vec<String>,
     /// Close code (4000-4999) for a socket whose token expires while it is open.
-    #[arg(long, default_value_t = switchyard::server::TOKEN_EXPIRED_CLOSE)]
+    #[arg(long, default_value_t = crate::server::TOKEN_EXPIRED_CLOSE)]
     pub auth_expired_close_code: u16,
     /// Bearer token that /healthz and /metrics require (Authorization: Bearer <token>).
     #[arg(long, env = "SWITCHYARD_OPS_TOKEN", hide_env_values = true)]

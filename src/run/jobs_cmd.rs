@@ -3,11 +3,11 @@
 
 use std::io::Write;
 
+use crate::layer::{Layer, LayerError, RedisLayer};
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use switchyard::layer::{Layer, LayerError, RedisLayer};
 
-use crate::cli::LayerArgs;
+use super::cli::LayerArgs;
 
 /// `switchyard jobs`
 #[derive(Debug, Clone, Args)]
@@ -79,7 +79,7 @@ async fn redis(args: &LayerArgs) -> anyhow::Result<RedisLayer> {
 async fn channels_or(layer: &RedisLayer, one: Option<String>) -> anyhow::Result<Vec<String>> {
     match one {
         Some(c) => {
-            switchyard::names::validate_channel(&c).map_err(LayerError::from)?;
+            crate::names::validate_channel(&c).map_err(LayerError::from)?;
             Ok(vec![c])
         }
         None => Ok(layer.job_channels().await?),
@@ -153,7 +153,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
                 }
             }
             DeadCommand::Retry { channel, id, all } => {
-                switchyard::names::validate_channel(&channel).map_err(LayerError::from)?;
+                crate::names::validate_channel(&channel).map_err(LayerError::from)?;
                 let id = if all { None } else { id };
                 let n = layer
                     .dead_retry(&channel, id.as_deref())

@@ -6,14 +6,15 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Args, ValueEnum};
-use switchyard::layer::{
+use crate::layer::{
     DEFAULT_CAPACITY, DEFAULT_SERVER_CAPACITY, Layer, LayerError, LayerLossPolicy, LayerSettings,
     parse_channel_capacity,
 };
+use anyhow::Context;
+use clap::{Args, ValueEnum};
 
 /// Exit code: bad usage or configuration.
 pub const EXIT_USAGE: u8 = 2;
@@ -34,6 +35,13 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+/// The layer's own defaults, which the layer flags' defaults are read from.
+static LAYER_DEFAULTS: LazyLock<LayerSettings> = LazyLock::new(LayerSettings::default);
+
+fn layer_default() -> &'static LayerSettings {
+    &LAYER_DEFAULTS
+}
+
 /// Where the channel layer is and how it behaves (shared by every subcommand).
 #[derive(Debug, Clone, Args)]
 pub struct LayerArgs {
@@ -43,13 +51,13 @@ pub struct LayerArgs {
     #[arg(long, env = "SWITCHYARD_LAYER")]
     pub layer: Option<String>,
     /// Key prefix in Redis (channels_redis' default is `asgi`; share it to talk to Django).
-    #[arg(long, env = "SWITCHYARD_PREFIX", default_value = "asgi")]
+    #[arg(long, env = "SWITCHYARD_PREFIX", default_value_t = layer_default().prefix.clone())]
     pub prefix: String,
     /// Seconds a message may wait in a channel before it is dropped unread.
-    #[arg(long, env = "SWITCHYARD_EXPIRY", default_value_t = 60.0)]
+    #[arg(long, env = "SWITCHYARD_EXPIRY", default_value_t = layer_default().expiry.as_secs_f64())]
     pub expiry: f64,
     /// Seconds a group membership lasts after its last group_add (also the WebSocket lifetime).
-    #[arg(long, env = "SWITCHYARD_GROUP_EXPIRY", default_value_t = 86_400)]
+    #[arg(long, env = "SWITCHYARD_GROUP_EXPIRY", default_value_t = layer_default().group_expiry.as_secs())]
     pub group_expiry: u64,
     /// Messages a channel holds before sends fail with ChannelFull (channels_redis's 100), except
     /// the channels all of a server's connections share (see --server-capacity).
@@ -71,7 +79,7 @@ pub struct LayerArgs {
     pub on_layer_loss: LayerLossPolicy,
     /// Seconds an interface server's lease outlives its last renewal (renewed every second):
     /// after a crash, its memberships and inbox are removed within this plus a second.
-    #[arg(long, env = "SWITCHYARD_LEASE_TTL", default_value_t = 15.0)]
+    #[arg(long, env = "SWITCHYARD_LEASE_TTL", default_value_t = layer_default().lease_ttl.as_secs_f64())]
     pub lease_ttl: f64,
     /// channels_redis' `symmetric_encryption_keys`: encrypt every message stored in Redis (Fernet).
     /// Repeat the flag (or comma-separate in the variable) to rotate keys: the first encrypts,
@@ -163,7 +171,7 @@ pub struct LogArgs {
     /// Log format.
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
-    /// Log filter (tracing EnvFilter syntax, e.g. "info,switchyard::access=warn"); $RUST_LOG wins.
+    /// Log filter (tracing EnvFilter syntax, e.g. "info,crate::access=warn"); $RUST_LOG wins.
     #[arg(long, env = "SWITCHYARD_LOG", default_value = "info", global = true)]
     pub log: String,
 }
@@ -239,7 +247,7 @@ pub fn exit_code_for(e: &anyhow::Error) -> ExitCode {
 
 /// Sends one message from the command line.
 pub async fn send(args: SendArgs) -> anyhow::Result<()> {
-    let payload = switchyard::codec::json_to_msgpack(&args.message)
+    let payload = crate::codec::json_to_msgpack(&args.message)
         .map_err(LayerError::Codec)
         .with_context(|| format!("the message must be a JSON object, got {:?}", args.message))?;
     let layer = args.layer.open("redis://127.0.0.1:6379/0").await?;
@@ -260,16 +268,16 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
             }
             None => None,
         };
-        let options = switchyard::jobs::JobOptions {
+        let options = crate::jobs::JobOptions {
             idempotency_key: args.idempotency_key.clone(),
             deadline,
             ..Default::default()
         };
         match layer.send_job(&args.target, &payload, &options).await? {
-            switchyard::jobs::JobSent::Queued(id) => {
+            crate::jobs::JobSent::Queued(id) => {
                 println!("sent to {} (job {id})", args.target);
             }
-            switchyard::jobs::JobSent::Duplicate(id) => println!(
+            crate::jobs::JobSent::Duplicate(id) => println!(
                 "not sent: duplicate of job {id} on {} (same idempotency key)",
                 args.target
             ),

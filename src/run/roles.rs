@@ -1,29 +1,39 @@
-//! The long-running roles of the binary: `serve` (the interface server), `worker` (the routed
+//! The long-running roles of an app's binary: `serve` (the interface server), `worker` (the routed
 //! consumers) and `dev` (both in one process on the in-memory layer), with their flags, signal
 //! handling (SIGTERM/SIGINT stop gracefully) and Prometheus metrics on `--metrics-bind`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Args, ValueEnum};
-use switchyard::jobs::JobMetrics;
-use switchyard::layer::{DEFAULT_BACKPRESSURE_TIMEOUT, Layer};
-use switchyard::prometheus::{self, Exposition, Render};
-use switchyard::server::{
+use crate::jobs::JobMetrics;
+use crate::layer::Layer;
+use crate::prometheus::{self, Exposition, Render};
+use crate::server::{
     FrameRateLimit, OriginPolicy, Server, ServerConfig, ServerMetrics, SlowClientPolicy,
 };
+use anyhow::Context;
+use clap::{Args, ValueEnum};
 
-use switchyard::worker::{
-    DjangoSessionConfig, DjangoSessions, LATENCY_BUCKETS_MS, Worker, WorkerMetrics,
+use crate::worker::{
+    self, DjangoSessionConfig, DjangoSessions, LATENCY_BUCKETS_MS, Worker, WorkerMetrics,
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::LayerArgs;
+use super::App;
+use super::cli::LayerArgs;
 
-/// Default `--concurrency` of a worker process.
-pub const DEFAULT_CONCURRENCY: usize = 256;
+/// The server's own defaults: every `serve`/`dev` flag's default is read from here, so the
+/// library and the command line cannot drift apart.
+static SERVER_DEFAULTS: LazyLock<ServerConfig> = LazyLock::new(ServerConfig::default);
+
+fn server_default() -> &'static ServerConfig {
+    &SERVER_DEFAULTS
+}
+
+fn rate_default() -> FrameRateLimit {
+    server_default().ws_rate_limit.unwrap_or_default()
+}
 
 /// Default layer for `serve` and `worker`.
 pub const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379/0";
@@ -50,9 +60,7 @@ const SHARED_CORES: usize = 2;
 /// wakes no other thread per message, and more workers are more processes (runworker's way).
 /// `serve` holds every socket of its process, so on a bigger machine it gets every core; on
 /// 2 cores shared with Redis and the workers, a second thread per process only adds
-/// cross-thread wake-ups: the previous defaults (one thread per CPU everywhere, concurrency 64,
-/// capacity 100) cost 1.7× the CPU per echo at 1,000 sockets (BENCHMARKS.md, "Defaults,
-/// backpressure and ordering"; the threads' share of that was not measured apart).
+/// cross-thread wake-ups (BENCHMARKS.md compares these defaults with one thread per CPU).
 pub fn default_threads(role: Role, cpus: usize) -> usize {
     match role {
         Role::Worker => 1,
@@ -70,27 +78,36 @@ pub enum SlowClient {
     Close,
 }
 
+impl From<SlowClientPolicy> for SlowClient {
+    fn from(policy: SlowClientPolicy) -> Self {
+        match policy {
+            SlowClientPolicy::Drop => SlowClient::Drop,
+            SlowClientPolicy::Close1013 => SlowClient::Close,
+        }
+    }
+}
+
 /// Interface-server flags (shared by `serve` and `dev`).
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// Address to listen on.
-    #[arg(long, env = "SWITCHYARD_BIND", default_value = "127.0.0.1")]
+    #[arg(long, env = "SWITCHYARD_BIND", default_value_t = server_default().bind.ip())]
     pub bind: IpAddr,
     /// Port to listen on (0 picks a free one).
-    #[arg(long, env = "PORT", default_value_t = 8000)]
+    #[arg(long, env = "PORT", default_value_t = server_default().bind.port())]
     pub port: u16,
     /// ASGI root_path (SCRIPT_NAME) put into every request, for mounting under a prefix.
-    #[arg(long, env = "SWITCHYARD_ROOT_PATH", default_value = "")]
+    #[arg(long, env = "SWITCHYARD_ROOT_PATH", default_value_t = server_default().root_path.clone())]
     pub root_path: String,
     /// Seconds an HTTP request waits for a worker's response before 504.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = server_default().http_timeout.as_secs_f64())]
     pub http_timeout: f64,
     /// Seconds a WebSocket handshake waits for a worker's accept before 503.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = server_default().websocket_connect_timeout.as_secs_f64())]
     pub websocket_connect_timeout: f64,
     /// Largest request body in bytes that rides whole in http.request; larger ones are
     /// streamed (see --max-request-body) or get 413.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = server_default().max_body_size)]
     pub max_body_size: usize,
     /// Hard limit on a request body in bytes: larger gets 413. Bodies over --max-body-size up to
     /// this are streamed to the worker in chunks through the request's body_channel. Default:
@@ -98,16 +115,16 @@ pub struct ServerArgs {
     #[arg(long)]
     pub max_request_body: Option<usize>,
     /// Largest WebSocket message in bytes; larger closes with 1009.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = server_default().ws_max_message_size)]
     pub ws_max_message_size: usize,
     /// Largest WebSocket frame in bytes; larger closes with 1009.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = server_default().ws_max_frame_size)]
     pub ws_max_frame_size: usize,
     /// Seconds without client data before a keepalive ping.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = server_default().ping_interval.as_secs_f64())]
     pub ping_interval: f64,
     /// Seconds a ping may go unanswered before the connection is dropped.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = server_default().ping_timeout.as_secs_f64())]
     pub ping_timeout: f64,
     /// Close sockets with no frame either way for this many seconds (default: never).
     #[arg(long)]
@@ -117,17 +134,17 @@ pub struct ServerArgs {
     #[arg(long)]
     pub websocket_lifetime: Option<f64>,
     /// Open connections allowed; more get 503.
-    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = server_default().max_connections)]
     pub max_connections: usize,
     /// Messages buffered per connection on their way to the socket.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = server_default().outbound_queue)]
     pub outbound_queue: usize,
     /// Seconds a client's message waits for room in a full server-fed channel (its reading
     /// paused, so TCP pushes back) before the socket is closed 1013 or the request answered 503.
-    #[arg(long, env = "SWITCHYARD_BACKPRESSURE_TIMEOUT", default_value_t = DEFAULT_BACKPRESSURE_TIMEOUT.as_secs_f64())]
+    #[arg(long, env = "SWITCHYARD_BACKPRESSURE_TIMEOUT", default_value_t = server_default().backpressure_timeout.as_secs_f64())]
     pub backpressure_timeout: f64,
     /// What to do when a client reads too slowly for its outbound queue.
-    #[arg(long, value_enum, default_value_t = SlowClient::Close)]
+    #[arg(long, value_enum, default_value_t = SlowClient::from(server_default().slow_client))]
     pub slow_client: SlowClient,
     /// Trust X-Forwarded-For/-Port/-Proto (only behind a proxy that sets them).
     #[arg(long, env = "SWITCHYARD_PROXY_HEADERS")]
@@ -136,11 +153,11 @@ pub struct ServerArgs {
     #[arg(long, value_delimiter = ',')]
     pub ws_protocols: Vec<String>,
     /// Seconds in-flight responses and socket closes get on shutdown.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = server_default().shutdown_grace.as_secs_f64())]
     pub shutdown_grace: f64,
     /// Seconds a socket may keep losing every frame to an unreachable channel layer before it
     /// is closed with 1011 (so its client reconnects).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = server_default().layer_outage_close.as_secs_f64())]
     pub layer_outage_close: f64,
     /// Hosts requests may name, comma-separated, as Django's ALLOWED_HOSTS: `example.com`,
     /// `.example.com` (and its subdomains), `*` (any). Missing, repeated or malformed Host
@@ -168,34 +185,34 @@ pub struct ServerArgs {
     #[arg(
         long,
         env = "SWITCHYARD_MAX_CONNECTIONS_PER_IP",
-        default_value_t = 1000
+        default_value_t = server_default().max_connections_per_ip
     )]
     pub max_connections_per_ip: usize,
     /// WebSocket messages per second a socket may sustain (0 = no limit).
     #[arg(
         long,
         env = "SWITCHYARD_WS_MESSAGES_PER_SECOND",
-        default_value_t = 20.0
+        default_value_t = rate_default().messages_per_second
     )]
     pub ws_messages_per_second: f64,
     /// WebSocket messages a quiet socket may send at once.
-    #[arg(long, env = "SWITCHYARD_WS_MESSAGE_BURST", default_value_t = 50.0)]
+    #[arg(long, env = "SWITCHYARD_WS_MESSAGE_BURST", default_value_t = rate_default().message_burst)]
     pub ws_message_burst: f64,
     /// WebSocket payload bytes per second a socket may sustain (0 = no limit).
     #[arg(
         long,
         env = "SWITCHYARD_WS_BYTES_PER_SECOND",
-        default_value_t = 65_536.0
+        default_value_t = rate_default().bytes_per_second
     )]
     pub ws_bytes_per_second: f64,
     /// WebSocket payload bytes a quiet socket may send at once.
-    #[arg(long, env = "SWITCHYARD_WS_BYTE_BURST", default_value_t = 1_048_576.0)]
+    #[arg(long, env = "SWITCHYARD_WS_BYTE_BURST", default_value_t = rate_default().byte_burst)]
     pub ws_byte_burst: f64,
     /// Seconds a socket may stay over its rate limit (its frames delayed) before close 1008.
     #[arg(
         long,
         env = "SWITCHYARD_WS_RATE_LIMIT_CLOSE_AFTER",
-        default_value_t = 10.0
+        default_value_t = rate_default().close_after.as_secs_f64()
     )]
     pub ws_rate_limit_close_after: f64,
     /// Apply the per-client limits to loopback clients too (off: a local proxy without
@@ -203,7 +220,7 @@ pub struct ServerArgs {
     #[arg(long, env = "SWITCHYARD_LIMIT_LOOPBACK")]
     pub limit_loopback: bool,
     #[command(flatten)]
-    pub edge: crate::edge::EdgeArgs,
+    pub edge: super::edge::EdgeArgs,
 }
 
 /// Longest duration a flag accepts (ten years): beyond it deadlines overflow and mean nothing.
@@ -301,10 +318,9 @@ impl ServerArgs {
 pub struct WorkerArgs {
     /// Messages this process runs at once; one receive loop pops at most 64 per batch. A message
     /// holds its slot until its replies are written to Redis, so one process carries at most
-    /// this many per Redis round trip or two: with 1,000 sockets echoing on a 2-core machine, 8
-    /// gave 21–28k echoes/s, 32 42–46k, 64 47–51k; 256 as much as 64 at a sixth less Redis CPU
-    /// per echo, and room for strictly ordered connections waiting their turn.
-    #[arg(long, env = "SWITCHYARD_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY)]
+    /// this many per Redis round trip or two: too few slots leave busy sockets waiting on round
+    /// trips, and strictly ordered connections waiting their turn hold slots too.
+    #[arg(long, env = "SWITCHYARD_CONCURRENCY", default_value_t = worker::DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
     /// Only listen on channels matching these globs (repeatable, e.g. 'websocket.*').
     #[arg(long = "only-channels", value_name = "GLOB")]
@@ -320,20 +336,20 @@ pub struct WorkerArgs {
     #[arg(long, env = "DJANGO_SESSION_REDIS")]
     pub django_session_redis: Option<String>,
     /// Seconds to wait for each chunk of a streamed request body before answering 408.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = worker::BODY_RECEIVE_TIMEOUT.as_secs_f64())]
     pub body_receive_timeout: f64,
     /// Largest streamed request body in bytes a worker assembles; larger gets 413.
-    #[arg(long, default_value_t = 64 << 20)]
+    #[arg(long, default_value_t = worker::MAX_REQUEST_BODY)]
     pub max_assembled_body: usize,
     /// Seconds a consumer may run before it is aborted (and its client answered as on an error).
-    #[arg(long, env = "SWITCHYARD_CONSUMER_TIMEOUT", default_value_t = 300.0)]
+    #[arg(long, env = "SWITCHYARD_CONSUMER_TIMEOUT", default_value_t = worker::CONSUMER_TIMEOUT.as_secs_f64())]
     pub consumer_timeout: f64,
     /// Seconds a stopping worker waits for the messages in hand before aborting them.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = worker::STOP_GRACE.as_secs_f64())]
     pub stop_grace: f64,
     /// Seconds a durable job may go without its worker renewing its lease before another
     /// worker runs it (a worker renews the jobs it runs every third of this).
-    #[arg(long, env = "SWITCHYARD_JOB_TIMEOUT", default_value_t = 300.0)]
+    #[arg(long, env = "SWITCHYARD_JOB_TIMEOUT", default_value_t = crate::jobs::JOB_TIMEOUT.as_secs_f64())]
     pub job_timeout: f64,
 }
 
@@ -381,7 +397,7 @@ pub struct DevArgs {
     /// Serve Prometheus metrics on this address.
     #[arg(long, env = "SWITCHYARD_METRICS_BIND")]
     pub metrics_bind: Option<SocketAddr>,
-    /// Do not try to open the chat page in a browser.
+    /// Do not try to open the app's page in a browser.
     #[arg(long)]
     pub no_open: bool,
 }
@@ -705,8 +721,15 @@ fn django_session_redis(args: &WorkerArgs, layer_url: &str) -> anyhow::Result<St
     Ok(first.to_owned())
 }
 
-fn build_worker(layer: &Layer, layer_url: &str, args: &WorkerArgs) -> anyhow::Result<Worker> {
-    let router = crate::app::routes(layer.clone()).context("the app's routes are invalid")?;
+fn build_worker(
+    app: &App,
+    layer: &Layer,
+    layer_url: &str,
+    args: &WorkerArgs,
+) -> anyhow::Result<Worker> {
+    let router = app
+        .routes(layer.clone())
+        .context("the app's routes are invalid")?;
     let mut worker = Worker::new(layer.clone(), Arc::new(router))
         .concurrency(args.concurrency.max(1))
         .only_channels(&args.only_channels)
@@ -724,9 +747,9 @@ fn build_worker(layer: &Layer, layer_url: &str, args: &WorkerArgs) -> anyhow::Re
         ))?);
     }
     if worker.channels().is_empty() {
-        return Err(crate::cli::UsageError(format!(
+        return Err(super::cli::UsageError(format!(
             "the channel globs leave this worker nothing to listen on (routes cover: {})",
-            crate::app::routes(layer.clone())
+            app.routes(layer.clone())
                 .map(|r| r.channels().join(", "))
                 .unwrap_or_default()
         ))
@@ -742,7 +765,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Layer::Redis(redis) = &layer
         && !layer.settings().durable_channels.is_empty()
     {
-        switchyard::jobs::warn_if_not_persistent(redis).await;
+        crate::jobs::warn_if_not_persistent(redis).await;
     }
     let token = CancellationToken::new();
     stop_on_signals(token.clone());
@@ -766,14 +789,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// `switchyard worker`: runs the app's consumers.
-pub async fn worker(args: WorkerCommandArgs) -> anyhow::Result<()> {
+pub async fn worker(app: &App, args: WorkerCommandArgs) -> anyhow::Result<()> {
     let layer = args.layer.open(DEFAULT_REDIS).await?;
     let layer_url = args.layer.url(DEFAULT_REDIS);
     anyhow::ensure!(
         !matches!(layer, Layer::Memory(_)),
         "a worker on memory:// would share nothing with any server; use `switchyard dev`, or point --layer at Redis"
     );
-    let worker = build_worker(&layer, &layer_url, &args.worker)?;
+    let worker = build_worker(app, &layer, &layer_url, &args.worker)?;
     let token = CancellationToken::new();
     stop_on_signals(token.clone());
     for bind in [args.metrics_bind, args.health_bind] {
@@ -794,9 +817,9 @@ pub async fn worker(args: WorkerCommandArgs) -> anyhow::Result<()> {
 }
 
 /// `switchyard dev`: server and workers in one process, in-memory layer by default.
-pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
+pub async fn dev(app: &App, args: DevArgs) -> anyhow::Result<()> {
     let layer = args.layer.open("memory://").await?;
-    let worker = build_worker(&layer, &args.layer.url("memory://"), &args.worker)?;
+    let worker = build_worker(app, &layer, &args.layer.url("memory://"), &args.worker)?;
     let mut config = args.server.config()?;
     // A front end on its own dev server (another port of localhost) may open sockets here.
     config.origins.allow_localhost = true;
@@ -817,9 +840,9 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let worker_token = CancellationToken::new();
     let worker_stop = worker_token.clone();
     let worker_task = tokio::spawn(async move { worker.run(worker_token).await });
-    let url = format!("http://{addr}/chat/lobby/");
+    let url = format!("http://{addr}{}", app.dev_page_path());
     println!(
-        "Switchyard dev: chat at {url} (layer {}); Ctrl-C stops",
+        "Switchyard dev: serving {url} (layer {}); Ctrl-C stops",
         layer.describe()
     );
     if !args.no_open {
@@ -853,7 +876,7 @@ fn open_browser(url: &str) {
         .stderr(std::process::Stdio::null())
         .spawn()
     {
-        Ok(_) => tracing::info!(%url, "opened the chat page"),
+        Ok(_) => tracing::info!(%url, "opened the app's page"),
         Err(e) => tracing::debug!(error = %e, "could not open a browser"),
     }
 }
