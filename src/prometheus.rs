@@ -1,50 +1,177 @@
-//! Prometheus metrics: a small writer for the text exposition format and a `/metrics` listener.
+//! Prometheus metrics: each metric defined once, encoded by `prometheus-client`, served by hyper.
 //!
-//! `serve` and `worker` each expose their counters on `--metrics-bind`. The listener answers
-//! `GET /metrics` (anything else is 404), reads at most 8 KiB of request head with a timeout, and
-//! renders the text afresh per scrape from a caller-supplied closure, so there is no registry to
-//! keep in sync: the counters live where they are counted (atomics).
+//! [`metric_set!`] declares a set of counters in one place: the atomic each is counted in, its
+//! field in the snapshot tests and logs read, and its exported name, label and help text (the
+//! field's doc comment). Sets with labels only known at run time (per-channel counts, a latency
+//! histogram) write themselves through the same [`Exposition`]. The text is rendered afresh per
+//! scrape, so there is no registry to keep in sync: the counters live where they are counted.
+//!
+//! `serve` and `worker` serve `GET /metrics` and `GET /healthz` on `--metrics-bind` (anything
+//! else is 404), optionally behind a bearer token.
 
-use std::fmt::Write as _;
+use std::convert::Infallible;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
+use hyper::server::conn::http1;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::layer::MetricsSnapshot;
+/// Declares a set of counters once: the struct of atomics (`$name`, fields `pub(crate)`), its
+/// snapshot (`$snap`, plain `u64`s documented by the field's doc comment),
+/// `snapshot()`, and `expose()`, which writes each field as the metric named on its line. A
+/// field is `counter` or `gauge`; fields in a row with the same name form one family, told apart
+/// by their `[label = "value"]`, whose help is the first one's `help "…"`.
+macro_rules! metric_set {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident => $snap:ident {
+            $(
+                $(#[doc = $doc:literal])*
+                $field:ident: $kind:ident $metric:literal
+                    $([$lk:literal = $lv:literal])? $(help $help:literal)?;
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Default)]
+        $vis struct $name {
+            $( $(#[doc = $doc])* pub(crate) $field: ::std::sync::atomic::AtomicU64, )*
+        }
 
-/// Builds one exposition text.
-#[derive(Debug, Default)]
-pub struct Exposition {
-    text: String,
+        /// A copy of the counters at one instant.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+        $vis struct $snap {
+            $( $(#[doc = $doc])* pub $field: u64, )*
+        }
+
+        impl $name {
+            /// Reads every counter.
+            pub fn snapshot(&self) -> $snap {
+                $snap {
+                    $( $field: self.$field.load(::std::sync::atomic::Ordering::Relaxed), )*
+                }
+            }
+
+            /// Writes every counter of the set as its metric.
+            pub fn expose(&self, out: &mut $crate::prometheus::Exposition<'_>) {
+                let s = self.snapshot();
+                out.samples(&[
+                    $(
+                        $crate::prometheus::Sample {
+                            kind: $crate::prometheus::Kind::$kind,
+                            name: $metric,
+                            help: $crate::prometheus::metric_set!(@help $($help)? ; $($doc),*),
+                            label: $crate::prometheus::metric_set!(@label $($lk, $lv)?),
+                            value: s.$field,
+                        },
+                    )*
+                ]);
+            }
+        }
+    };
+    (@help $help:literal ; $($doc:literal),*) => { $help };
+    (@help ; $($doc:literal),*) => { concat!($($doc),*) };
+    (@label $lk:literal, $lv:literal) => { Some(($lk, $lv)) };
+    (@label) => { None };
+}
+pub(crate) use metric_set;
+
+/// What a [`metric_set!`] field is exported as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up (exported with `_total`).
+    #[allow(non_camel_case_types)]
+    counter,
+    /// A level.
+    #[allow(non_camel_case_types)]
+    gauge,
 }
 
-impl Exposition {
-    /// An empty exposition.
-    pub fn new() -> Self {
-        Exposition::default()
+/// Writes metrics for one scrape, in the Prometheus text format (0.0.4).
+#[derive(Debug)]
+pub struct Exposition<'a> {
+    encoder: DescriptorEncoder<'a>,
+    result: fmt::Result,
+}
+
+impl<'a> Exposition<'a> {
+    fn new(encoder: DescriptorEncoder<'a>) -> Self {
+        Exposition {
+            encoder,
+            result: Ok(()),
+        }
     }
 
-    fn header(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+    /// The samples of a [`metric_set!`]; consecutive samples of one name form one family.
+    pub fn samples(&mut self, samples: &[Sample]) {
+        let mut rest = samples;
+        while let Some(first) = rest.first() {
+            let len = rest
+                .iter()
+                .take_while(|s| s.name == first.name && s.label.is_some() && first.label.is_some())
+                .count()
+                .max(1);
+            let (family, tail) = rest.split_at(len);
+            rest = tail;
+            let help = first.help.trim();
+            let (base, kind) = match first.kind {
+                Kind::counter => counter_name(first.name),
+                Kind::gauge => (first.name, MetricType::Gauge),
+            };
+            self.write(|e| {
+                let mut m = e.encode_descriptor(base, help, None, kind)?;
+                match first.label {
+                    None => encode_value(m, kind, first.value),
+                    Some(_) => {
+                        for s in family {
+                            let label = s.label.unwrap_or_default();
+                            encode_value(m.encode_family(&[label])?, kind, s.value)?;
+                        }
+                        Ok(())
+                    }
+                }
+            });
+        }
     }
 
-    /// A counter with no labels.
-    pub fn counter(&mut self, name: &str, help: &str, value: u64) -> &mut Self {
-        self.header(name, "counter", help);
-        let _ = writeln!(self.text, "{name} {value}");
+    fn write(&mut self, f: impl FnOnce(&mut DescriptorEncoder<'a>) -> fmt::Result) -> &mut Self {
+        if self.result.is_ok() {
+            self.result = f(&mut self.encoder);
+        }
         self
+    }
+
+    /// A counter with no labels (`name` ends in `_total`).
+    pub fn counter(&mut self, name: &str, help: &str, value: u64) -> &mut Self {
+        let (base, kind) = counter_name(name);
+        self.write(|e| encode_value(e.encode_descriptor(base, help, None, kind)?, kind, value))
     }
 
     /// A gauge with no labels.
     pub fn gauge(&mut self, name: &str, help: &str, value: f64) -> &mut Self {
-        self.header(name, "gauge", help);
-        let _ = writeln!(self.text, "{name} {value}");
-        self
+        self.write(|e| {
+            ConstGauge::new(value).encode(e.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Gauge,
+            )?)
+        })
     }
 
     /// A counter with one label, one sample per `(label value, count)`.
@@ -55,15 +182,14 @@ impl Exposition {
         label: &str,
         samples: &[(&str, u64)],
     ) -> &mut Self {
-        self.header(name, "counter", help);
-        for (value, count) in samples {
-            let _ = writeln!(
-                self.text,
-                "{name}{{{label}=\"{}\"}} {count}",
-                escape_label(value)
-            );
-        }
-        self
+        let (base, kind) = counter_name(name);
+        self.write(|e| {
+            let mut m = e.encode_descriptor(base, help, None, kind)?;
+            for (value, n) in samples {
+                encode_value(m.encode_family(&[(label, *value)])?, kind, *n)?;
+            }
+            Ok(())
+        })
     }
 
     /// A gauge with one label, one sample per `(label value, value)`.
@@ -74,19 +200,17 @@ impl Exposition {
         label: &str,
         samples: &[(&str, f64)],
     ) -> &mut Self {
-        self.header(name, "gauge", help);
-        for (value, v) in samples {
-            let _ = writeln!(
-                self.text,
-                "{name}{{{label}=\"{}\"}} {v}",
-                escape_label(value)
-            );
-        }
-        self
+        self.write(|e| {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (value, v) in samples {
+                ConstGauge::new(*v).encode(m.encode_family(&[(label, *value)])?)?;
+            }
+            Ok(())
+        })
     }
 
-    /// A histogram from cumulative-ready bucket counts: `buckets` are `(upper bound in seconds,
-    /// observations in that bucket alone)`, plus the total sum in seconds and count.
+    /// A histogram from per-bucket counts: `buckets` are `(upper bound in seconds, observations
+    /// in that bucket alone)`, plus the total sum in seconds and count.
     pub fn histogram(
         &mut self,
         name: &str,
@@ -95,117 +219,95 @@ impl Exposition {
         sum_seconds: f64,
         count: u64,
     ) -> &mut Self {
-        self.header(name, "histogram", help);
-        let mut cumulative = 0;
-        for (le, n) in buckets {
-            cumulative += n;
-            let _ = writeln!(self.text, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        let _ = writeln!(self.text, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(self.text, "{name}_sum {sum_seconds}");
-        let _ = writeln!(self.text, "{name}_count {count}");
-        self
-    }
-
-    /// The channel layer's counters, under `switchyard_layer_*`.
-    pub fn layer(&mut self, m: &MetricsSnapshot) -> &mut Self {
-        self.counter(
-            "switchyard_layer_sent_total",
-            "Messages accepted by the channel layer.",
-            m.sent,
-        )
-        .counter(
-            "switchyard_layer_received_total",
-            "Messages handed to a receiver.",
-            m.received,
-        )
-        .counter(
-            "switchyard_layer_channel_full_total",
-            "Sends refused because the channel was full (ChannelFull).",
-            m.channel_full,
-        )
-        .counter(
-            "switchyard_layer_group_sends_total",
-            "group_send calls.",
-            m.group_sends,
-        )
-        .counter(
-            "switchyard_layer_group_member_full_total",
-            "Group members that missed a message because their channel was full.",
-            m.group_member_full,
-        )
-        .counter(
-            "switchyard_layer_expired_total",
-            "Messages found expired at receive and dropped.",
-            m.expired,
-        )
-        .counter(
-            "switchyard_layer_local_full_total",
-            "Messages dropped because a local channel's buffer was full (slow consumer).",
-            m.local_full,
-        )
-        .counter(
-            "switchyard_layer_local_unknown_total",
-            "Messages dropped because no one held their local channel any more.",
-            m.local_unknown,
-        )
-        .counter(
-            "switchyard_layer_garbage_total",
-            "Stored messages that could not be decoded (dropped).",
-            m.garbage,
-        )
-        .counter(
-            "switchyard_layer_unavailable_total",
-            "Operations that failed because the backend was unreachable.",
-            m.unavailable,
-        )
-        .counter(
-            "switchyard_layer_reconnects_total",
-            "Redis connections re-established after a failure.",
-            m.reconnects,
-        )
-        .counter(
-            "switchyard_layer_state_losses_total",
-            "Times Redis was found to have lost this process's state (restart without persistence, FLUSHALL, stale failover).",
-            m.state_losses,
-        )
-        .counter(
-            "switchyard_layer_reasserted_memberships_total",
-            "Group memberships put back by this process after Redis lost state.",
-            m.reasserted_memberships,
-        )
-        .counter(
-            "switchyard_layer_reaped_processes_total",
-            "Processes whose lease lapsed and whose memberships and inbox this process removed.",
-            m.reaped_processes,
-        )
-        .counter(
-            "switchyard_layer_reaped_memberships_total",
-            "Group memberships removed with lapsed processes.",
-            m.reaped_memberships,
-        )
-    }
-
-    /// The finished text.
-    pub fn finish(&mut self) -> String {
-        std::mem::take(&mut self.text)
+        self.write(|e| {
+            e.encode_descriptor(name, help, None, MetricType::Histogram)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    sum_seconds,
+                    count,
+                    buckets,
+                    None,
+                )
+        })
     }
 }
 
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// A counter's name as the encoder wants it (it appends `_total`); a name that does not end in
+/// `_total` (a summary's `_count`) is exported as it is, untyped.
+fn counter_name(name: &str) -> (&str, MetricType) {
+    match name.strip_suffix("_total") {
+        Some(base) => (base, MetricType::Counter),
+        None => (name, MetricType::Unknown),
+    }
 }
 
-/// Renders the metrics text for one scrape.
+fn encode_value(
+    mut m: prometheus_client::encoding::MetricEncoder<'_>,
+    kind: MetricType,
+    value: u64,
+) -> fmt::Result {
+    match kind {
+        MetricType::Counter => ConstCounter::new(value).encode(m),
+        _ => m.encode_gauge(&value),
+    }
+}
+
+/// One sample of a [`metric_set!`].
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Counter or gauge.
+    pub kind: Kind,
+    /// The metric's name (a counter's ends in `_total`).
+    pub name: &'static str,
+    /// Its help text (the first sample's, for a family).
+    pub help: &'static str,
+    /// Its one label, for a family.
+    pub label: Option<(&'static str, &'static str)>,
+    /// Its value.
+    pub value: u64,
+}
+
+/// Writes a scrape's metrics.
+pub type Expose = Arc<dyn Fn(&mut Exposition<'_>) + Send + Sync>;
+
+struct ExposeCollector(Expose);
+
+impl fmt::Debug for ExposeCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ExposeCollector")
+    }
+}
+
+impl Collector for ExposeCollector {
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let mut out = Exposition::new(encoder);
+        (self.0)(&mut out);
+        out.result
+    }
+}
+
+/// Renders a scrape's text.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Says whether the process can do its job: `(healthy, JSON body)` for `GET /healthz`.
+/// A [`Render`] writing what `expose` writes, in the Prometheus text format.
+pub fn render(expose: impl Fn(&mut Exposition<'_>) + Send + Sync + 'static) -> Render {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ExposeCollector(Arc::new(expose))));
+    Arc::new(move || {
+        let mut text = String::new();
+        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut text, &registry) {
+            tracing::warn!(error = %e, "cannot render the metrics");
+        }
+        text
+    })
+}
+
+/// Answers `/healthz`: healthy or not, and a JSON body.
 pub type Health = Arc<dyn Fn() -> (bool, String) + Send + Sync>;
 
-/// Answers `GET /metrics` (and `GET /healthz` when `health` is given) on `listener` until
-/// `shutdown` is cancelled.
+/// How long a client may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `GET /metrics` (and `GET /healthz` with `health`) on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     render: Render,
@@ -215,8 +317,7 @@ pub async fn serve(
     serve_guarded(listener, render, health, None, shutdown).await;
 }
 
-/// As [`serve`], answering 401 unless the request carries `Authorization: Bearer <bearer>`
-/// (when `bearer` is set).
+/// [`serve`], with both paths requiring `Authorization: Bearer <bearer>` when it is set.
 pub async fn serve_guarded(
     listener: TcpListener,
     render: Render,
@@ -224,7 +325,16 @@ pub async fn serve_guarded(
     bearer: Option<String>,
     shutdown: CancellationToken,
 ) {
-    let bearer: Option<Arc<str>> = bearer.map(Arc::from);
+    let routes = Arc::new(Routes {
+        render,
+        health,
+        bearer,
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .keep_alive(false);
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -232,13 +342,16 @@ pub async fn serve_guarded(
         };
         match accepted {
             Ok((stream, _)) => {
-                let render = Arc::clone(&render);
-                let health = health.clone();
-                let bearer = bearer.clone();
+                let routes = Arc::clone(&routes);
+                let connection = builder.serve_connection(
+                    TokioIo::new(stream),
+                    hyper::service::service_fn(move |req| {
+                        let routes = Arc::clone(&routes);
+                        async move { Ok::<_, Infallible>(routes.answer(&req)) }
+                    }),
+                );
                 tokio::spawn(async move {
-                    if let Err(e) =
-                        answer(stream, &render, health.as_ref(), bearer.as_deref()).await
-                    {
+                    if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "metrics request failed");
                     }
                 });
@@ -251,7 +364,7 @@ pub async fn serve_guarded(
     }
 }
 
-/// Binds `addr` and serves metrics on it in a background task; returns the bound address.
+/// Binds `addr` and serves metrics there in the background; returns the bound address.
 pub async fn spawn(
     addr: SocketAddr,
     render: Render,
@@ -261,7 +374,7 @@ pub async fn spawn(
     spawn_guarded(addr, render, health, None, shutdown).await
 }
 
-/// As [`spawn`], requiring `Authorization: Bearer <bearer>` when `bearer` is set.
+/// [`spawn`] behind a bearer token.
 pub async fn spawn_guarded(
     addr: SocketAddr,
     render: Render,
@@ -275,105 +388,106 @@ pub async fn spawn_guarded(
     Ok(local)
 }
 
-/// Whether a request head carries `Authorization: Bearer <expected>`.
-fn head_has_bearer(head: &[u8], expected: &str) -> bool {
-    head.split(|b| *b == b'\n').skip(1).any(|line| {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        line.split_at_checked(14).is_some_and(|(name, value)| {
-            name.eq_ignore_ascii_case(b"authorization:")
-                && crate::server::auth::bearer_matches(expected, value.trim_ascii())
-        })
-    })
+struct Routes {
+    render: Render,
+    health: Option<Health>,
+    bearer: Option<String>,
 }
 
-async fn answer(
-    mut stream: TcpStream,
-    render: &Render,
-    health: Option<&Health>,
-    bearer: Option<&str>,
-) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let read = async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 || head.len() + n > 8192 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "bad request head",
-                ));
-            }
-            head.extend_from_slice(&buf[..n]);
+impl Routes {
+    fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path();
+        let known = path == "/metrics" || (path == "/healthz" && self.health.is_some());
+        if req.method() != Method::GET || !known {
+            return text(
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "only GET /metrics and GET /healthz are served here\n".to_owned(),
+            );
         }
-        Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head timeout"))??;
-    let first_line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let ok = first_line.starts_with(b"GET /metrics ") || first_line.starts_with(b"GET /metrics?");
-    let wants_health =
-        first_line.starts_with(b"GET /healthz ") || first_line.starts_with(b"GET /healthz?");
-    let allowed = bearer.is_none_or(|expected| head_has_bearer(&head, expected));
-    let (status, content_type, body) = if (ok || wants_health) && !allowed {
-        (
-            "401 Unauthorized\r\nwww-authenticate: Bearer",
-            "text/plain; charset=utf-8",
-            "Authentication required\n".to_owned(),
-        )
-    } else if let (true, Some(health)) = (wants_health, health) {
-        let (healthy, body) = health();
-        let status = if healthy {
-            "200 OK"
-        } else {
-            "503 Service Unavailable"
-        };
-        (status, "application/json", body)
-    } else if ok {
-        (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(),
-        )
-    } else {
-        (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "only GET /metrics and GET /healthz are served here\n".to_owned(),
-        )
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+        if let Some(expected) = &self.bearer {
+            let presented = req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes);
+            if !presented.is_some_and(|v| crate::server::auth::bearer_matches(expected, v)) {
+                let mut response = text(
+                    StatusCode::UNAUTHORIZED,
+                    "text/plain; charset=utf-8",
+                    "Authentication required\n".to_owned(),
+                );
+                response
+                    .headers_mut()
+                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
+        }
+        match (&self.health, path) {
+            (Some(health), "/healthz") => {
+                let (healthy, body) = health();
+                let status = if healthy {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                text(status, "application/json", body)
+            }
+            _ => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                (self.render)(),
+            ),
+        }
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    metric_set! {
+        /// Test counters.
+        pub struct TestMetrics => TestSnapshot {
+            /// Things done.
+            done: counter "t_done_total";
+            /// Open now.
+            open: gauge "t_open";
+            /// Refused for host.
+            by_host: counter "t_refused_total" ["rule" = "host"] help "Refusals, by rule.";
+            /// Refused for origin.
+            by_origin: counter "t_refused_total" ["rule" = "origin"];
+        }
+    }
 
     #[test]
     fn text_format() {
-        let text = Exposition::new()
-            .counter("a_total", "A thing.", 3)
-            .counter_by(
-                "b_total",
-                "By type.",
-                "type",
-                &[("websocket.receive", 2), ("x\"y", 1)],
-            )
-            .histogram(
-                "lat_seconds",
-                "Latency.",
-                &[(0.001, 2), (0.01, 1)],
-                0.012,
-                4,
-            )
-            .finish();
+        let render = render(|e| {
+            e.counter("a_total", "A thing.", 3)
+                .counter_by(
+                    "b_total",
+                    "By type.",
+                    "type",
+                    &[("websocket.receive", 2), ("x\"y", 1)],
+                )
+                .histogram(
+                    "lat_seconds",
+                    "Latency.",
+                    &[(0.001, 2), (0.01, 1)],
+                    0.012,
+                    4,
+                );
+        });
         assert_eq!(
-            text,
+            render(),
             "# HELP a_total A thing.\n# TYPE a_total counter\na_total 3\n\
              # HELP b_total By type.\n# TYPE b_total counter\nb_total{type=\"websocket.receive\"} 2\nb_total{type=\"x\\\"y\"} 1\n\
              # HELP lat_seconds Latency.\n# TYPE lat_seconds histogram\nlat_seconds_bucket{le=\"0.001\"} 2\n\
@@ -381,8 +495,47 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_metric_set_is_defined_once_and_exported_as_declared() {
+        let m = Arc::new(TestMetrics::default());
+        m.done.store(3, std::sync::atomic::Ordering::Relaxed);
+        m.open.store(2, std::sync::atomic::Ordering::Relaxed);
+        m.by_origin.store(1, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            m.snapshot(),
+            TestSnapshot {
+                done: 3,
+                open: 2,
+                by_host: 0,
+                by_origin: 1
+            }
+        );
+        let exposed = Arc::clone(&m);
+        let render = render(move |e| exposed.expose(e));
+        assert_eq!(
+            render(),
+            "# HELP t_done_total Things done.\n# TYPE t_done_total counter\nt_done_total 3\n\
+             # HELP t_open Open now.\n# TYPE t_open gauge\nt_open 2\n\
+             # HELP t_refused_total Refusals, by rule.\n# TYPE t_refused_total counter\n\
+             t_refused_total{rule=\"host\"} 0\nt_refused_total{rule=\"origin\"} 1\n"
+        );
+    }
+
+    async fn get(addr: SocketAddr, path: &str, auth: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n{auth}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        out
+    }
+
     #[tokio::test]
-    async fn serves_metrics_and_404s_the_rest() {
+    async fn serves_metrics_and_health_and_404s_the_rest() {
         let token = CancellationToken::new();
         let render: Render = Arc::new(|| "x_total 1\n".to_owned());
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -392,35 +545,30 @@ mod tests {
             (ok, format!("{{\"ok\":{ok}}}"))
         });
         let addr = spawn(
-            "127.0.0.1:0".parse().expect("addr"),
+            "127.0.0.1:0".parse().unwrap(),
             render,
             Some(health),
             token.clone(),
         )
         .await
-        .expect("binds");
-        async fn get(addr: SocketAddr, path: &str) -> String {
-            let mut s = TcpStream::connect(addr).await.expect("connects");
-            s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-                .await
-                .expect("writes");
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.expect("reads");
-            out
-        }
-        let ok = get(addr, "/metrics").await;
+        .unwrap();
+        let ok = get(addr, "/metrics", "").await;
         assert!(
             ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.ends_with("\r\n\r\nx_total 1\n"),
             "{ok}"
         );
-        assert!(get(addr, "/").await.starts_with("HTTP/1.1 404"));
-        let up = get(addr, "/healthz").await;
+        assert!(
+            ok.contains("content-type: text/plain; version=0.0.4"),
+            "{ok}"
+        );
+        assert!(get(addr, "/", "").await.starts_with("HTTP/1.1 404"));
+        let up = get(addr, "/healthz", "").await;
         assert!(
             up.starts_with("HTTP/1.1 200 OK\r\n") && up.ends_with("\r\n\r\n{\"ok\":true}"),
             "{up}"
         );
         healthy.store(false, std::sync::atomic::Ordering::Relaxed);
-        let down = get(addr, "/healthz").await;
+        let down = get(addr, "/healthz", "").await;
         assert!(
             down.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
                 && down.ends_with("\r\n\r\n{\"ok\":false}"),
@@ -429,15 +577,29 @@ mod tests {
         token.cancel();
     }
 
-    #[test]
-    fn the_bearer_is_read_from_the_head() {
-        let head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n\r\n";
-        assert!(head_has_bearer(head, "tok"));
-        assert!(!head_has_bearer(head, "to"));
-        assert!(!head_has_bearer(
-            b"GET /metrics HTTP/1.1\r\nX-Authorization: Bearer tok\r\n\r\n",
-            "tok"
-        ));
-        assert!(!head_has_bearer(b"GET /metrics HTTP/1.1\r\n\r\n", "tok"));
+    #[tokio::test]
+    async fn a_bearer_token_guards_both_paths() {
+        let token = CancellationToken::new();
+        let render: Render = Arc::new(|| "x_total 1\n".to_owned());
+        let health: Health = Arc::new(|| (true, "{}".to_owned()));
+        let addr = spawn_guarded(
+            "127.0.0.1:0".parse().unwrap(),
+            render,
+            Some(health),
+            Some("tok".to_owned()),
+            token.clone(),
+        )
+        .await
+        .unwrap();
+        for path in ["/metrics", "/healthz"] {
+            let refused = get(addr, path, "").await;
+            assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+            assert!(refused.contains("www-authenticate: Bearer"), "{refused}");
+            let wrong = get(addr, path, "authorization: Bearer to\r\n").await;
+            assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+            let right = get(addr, path, "authorization: Bearer tok\r\n").await;
+            assert!(right.starts_with("HTTP/1.1 200"), "{right}");
+        }
+        token.cancel();
     }
 }

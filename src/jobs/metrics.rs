@@ -6,54 +6,48 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::JobStats;
-use crate::prometheus::Exposition;
+use crate::prometheus::{Exposition, metric_set};
 
-/// What a job runner did, since the process started.
+metric_set! {
+    /// What a job runner did, since the process started.
+    pub struct JobCounts => JobMetricsSnapshot {
+        /// Durable job runs started (first runs and retries).
+        started: counter "switchyard_jobs_started_total";
+        /// Durable job runs whose consumer succeeded and whose sends were applied.
+        succeeded: counter "switchyard_jobs_succeeded_total";
+        /// Durable jobs acknowledged (removed from their stream).
+        acked: counter "switchyard_jobs_acked_total";
+        /// Failed durable job runs scheduled to run again.
+        retries_scheduled: counter "switchyard_jobs_retries_scheduled_total";
+        /// Scheduled retries moved back to their stream when due.
+        retries_started: counter "switchyard_jobs_retries_started_total";
+        /// Durable jobs dead-lettered by this worker (deadline ones included).
+        dead: counter "switchyard_jobs_dead_total";
+        /// Durable jobs dead-lettered because their deadline passed before they could start.
+        deadline_dead: counter "switchyard_jobs_deadline_dead_total";
+        /// Durable jobs claimed from a worker that stopped renewing them.
+        claimed: counter "switchyard_jobs_claimed_total";
+        /// Plain channel-layer sends (Django's) moved into a durable channel's stream.
+        moved_from_layer: counter "switchyard_jobs_moved_total";
+    }
+}
+
+/// A job runner's counters, its wait times and the latest per-channel figures.
 #[derive(Debug, Default)]
 pub struct JobMetrics {
-    /// Runs started (first runs and retries).
-    pub started: AtomicU64,
-    /// Runs whose consumer succeeded and whose sends were applied.
-    pub succeeded: AtomicU64,
-    /// Jobs acknowledged (removed from their stream).
-    pub acked: AtomicU64,
-    /// Failed runs scheduled to run again.
-    pub retries_scheduled: AtomicU64,
-    /// Retries moved back to their stream when due.
-    pub retries_started: AtomicU64,
-    /// Jobs dead-lettered by this worker (deadline ones included).
-    pub dead: AtomicU64,
-    /// Jobs dead-lettered because their deadline passed before they could start.
-    pub deadline_dead: AtomicU64,
-    /// Jobs claimed from a worker that stopped renewing them.
-    pub claimed: AtomicU64,
-    /// Plain channel-layer sends (Django's) moved into a stream.
-    pub moved_from_layer: AtomicU64,
+    counts: JobCounts,
     /// Sum and count of the time from a job's send to the start of its run, in µs.
     wait_us: AtomicU64,
     waits: AtomicU64,
     stats: Mutex<Vec<JobStats>>,
 }
 
-/// A copy of the counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct JobMetricsSnapshot {
-    /// See [`JobMetrics::started`].
-    pub started: u64,
-    /// See [`JobMetrics::succeeded`].
-    pub succeeded: u64,
-    /// See [`JobMetrics::acked`].
-    pub acked: u64,
-    /// See [`JobMetrics::retries_scheduled`].
-    pub retries_scheduled: u64,
-    /// See [`JobMetrics::dead`].
-    pub dead: u64,
-    /// See [`JobMetrics::deadline_dead`].
-    pub deadline_dead: u64,
-    /// See [`JobMetrics::claimed`].
-    pub claimed: u64,
-    /// See [`JobMetrics::moved_from_layer`].
-    pub moved_from_layer: u64,
+impl std::ops::Deref for JobMetrics {
+    type Target = JobCounts;
+
+    fn deref(&self) -> &JobCounts {
+        &self.counts
+    }
 }
 
 impl JobMetrics {
@@ -73,64 +67,9 @@ impl JobMetrics {
         }
     }
 
-    /// The counters now.
-    pub fn snapshot(&self) -> JobMetricsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        JobMetricsSnapshot {
-            started: get(&self.started),
-            succeeded: get(&self.succeeded),
-            acked: get(&self.acked),
-            retries_scheduled: get(&self.retries_scheduled),
-            dead: get(&self.dead),
-            deadline_dead: get(&self.deadline_dead),
-            claimed: get(&self.claimed),
-            moved_from_layer: get(&self.moved_from_layer),
-        }
-    }
-
     /// Writes the counters and the per-channel gauges.
-    pub fn expose(&self, out: &mut Exposition) {
-        let s = self.snapshot();
-        out.counter(
-            "switchyard_jobs_started_total",
-            "Durable job runs started.",
-            s.started,
-        )
-        .counter(
-            "switchyard_jobs_succeeded_total",
-            "Durable job runs that succeeded with their sends applied.",
-            s.succeeded,
-        )
-        .counter(
-            "switchyard_jobs_acked_total",
-            "Durable jobs acknowledged.",
-            s.acked,
-        )
-        .counter(
-            "switchyard_jobs_retries_scheduled_total",
-            "Failed durable job runs scheduled to run again.",
-            s.retries_scheduled,
-        )
-        .counter(
-            "switchyard_jobs_dead_total",
-            "Durable jobs dead-lettered by this worker.",
-            s.dead,
-        )
-        .counter(
-            "switchyard_jobs_deadline_dead_total",
-            "Durable jobs dead-lettered because their deadline passed before they started.",
-            s.deadline_dead,
-        )
-        .counter(
-            "switchyard_jobs_claimed_total",
-            "Durable jobs claimed from a worker that stopped renewing them.",
-            s.claimed,
-        )
-        .counter(
-            "switchyard_jobs_moved_total",
-            "Plain channel-layer sends moved into a durable channel's stream.",
-            s.moved_from_layer,
-        );
+    pub fn expose(&self, out: &mut Exposition<'_>) {
+        self.counts.expose(out);
         let waits = self.waits.load(Ordering::Relaxed);
         out.counter(
             "switchyard_jobs_wait_seconds_count",
@@ -143,7 +82,7 @@ impl JobMetrics {
             self.wait_us.load(Ordering::Relaxed) as f64 / 1e6,
         );
         let stats = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
-        let gauge = |out: &mut Exposition, name: &str, help: &str, f: fn(&JobStats) -> f64| {
+        let gauge = |out: &mut Exposition<'_>, name: &str, help: &str, f: fn(&JobStats) -> f64| {
             out.gauge_by(
                 name,
                 help,

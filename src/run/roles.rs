@@ -8,16 +8,14 @@ use std::time::Duration;
 
 use crate::jobs::JobMetrics;
 use crate::layer::Layer;
-use crate::prometheus::{self, Exposition, Render};
+use crate::prometheus;
 use crate::server::{
     FrameRateLimit, OriginPolicy, Server, ServerConfig, ServerMetrics, SlowClientPolicy,
 };
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 
-use crate::worker::{
-    self, DjangoSessionConfig, DjangoSessions, LATENCY_BUCKETS_MS, Worker, WorkerMetrics,
-};
+use crate::worker::{self, DjangoSessionConfig, DjangoSessions, Worker, WorkerMetrics};
 use tokio_util::sync::CancellationToken;
 
 use super::App;
@@ -427,231 +425,6 @@ pub fn stop_on_signals(token: CancellationToken) {
     });
 }
 
-fn server_exposition(e: &mut Exposition, m: &ServerMetrics) {
-    let s = m.snapshot();
-    e.gauge(
-        "switchyard_open_connections",
-        "TCP connections open now.",
-        s.open_connections as f64,
-    )
-    .gauge(
-        "switchyard_open_websockets",
-        "WebSockets open now.",
-        s.open_websockets as f64,
-    )
-    .counter(
-        "switchyard_connections_refused_total",
-        "Connections refused (max connections).",
-        s.connections_refused,
-    )
-    .counter_by(
-        "switchyard_server_messages_in_total",
-        "Messages the interface server put on the layer, by channel.",
-        "channel",
-        &[
-            ("http.request", s.http_requests),
-            ("websocket.connect", s.ws_connects),
-            ("websocket.receive", s.ws_frames_in),
-            ("http.disconnect", s.http_disconnects),
-        ],
-    )
-    .counter_by(
-        "switchyard_server_messages_out_total",
-        "Replies the interface server wrote to clients, by kind.",
-        "kind",
-        &[
-            ("http.response", s.http_responses),
-            ("websocket.frame", s.ws_frames_out),
-        ],
-    )
-    .counter_by(
-        "switchyard_http_errors_total",
-        "HTTP requests answered by the server itself with an error, by status.",
-        "status",
-        &[
-            ("413", s.http_413),
-            ("503", s.http_503),
-            ("504", s.http_504),
-        ],
-    )
-    .counter(
-        "switchyard_ws_disconnects_lost_total",
-        "websocket.disconnect messages the layer still refused after retrying.",
-        s.ws_disconnects_lost,
-    )
-    .counter(
-        "switchyard_ws_outage_closes_total",
-        "Sockets closed 1011 because the channel layer stayed unreachable.",
-        s.ws_outage_closes,
-    )
-    .counter(
-        "switchyard_auth_refused_total",
-        "Requests (401) and handshakes (403) refused at the edge by authentication.",
-        s.auth_refused,
-    )
-    .counter(
-        "switchyard_token_expired_closes_total",
-        "Sockets closed because their token expired.",
-        s.token_expired_closes,
-    )
-    .counter(
-        "switchyard_ws_frames_lost_total",
-        "Client frames dropped because the layer was unreachable.",
-        s.ws_frames_lost,
-    )
-    .counter(
-        "switchyard_ws_receive_full_closes_total",
-        "Sockets closed 1013 because websocket.receive was full.",
-        s.ws_receive_full_closes,
-    )
-    .counter_by(
-        "switchyard_backpressure_total",
-        "Client messages that found a server-fed channel full: waited for room (reading paused), and refused past --backpressure-timeout (1013 or 503).",
-        "outcome",
-        &[
-            ("waited", s.backpressure_waits),
-            ("refused", s.backpressure_refusals),
-        ],
-    )
-    .counter(
-        "switchyard_slow_client_drops_total",
-        "Messages dropped for clients reading too slowly.",
-        s.slow_client_drops,
-    )
-    .counter(
-        "switchyard_slow_client_closes_total",
-        "Sockets closed 1013 for reading too slowly.",
-        s.slow_client_closes,
-    )
-    .counter(
-        "switchyard_ping_timeouts_total",
-        "Sockets dropped for not answering pings.",
-        s.ping_timeouts,
-    )
-    .counter(
-        "switchyard_bad_replies_total",
-        "Worker replies that could not be applied.",
-        s.bad_replies,
-    )
-    .counter_by(
-        "switchyard_edge_refusals_total",
-        "Requests, handshakes and sockets the edge rules refused, by rule.",
-        "rule",
-        &[
-            ("host", s.host_rejected),
-            ("origin", s.origin_rejected),
-            ("per_ip", s.per_ip_refused),
-            ("rate_limit", s.ws_rate_limit_closes),
-        ],
-    )
-    .counter(
-        "switchyard_ws_frames_throttled_total",
-        "Client frames delayed by their socket's rate limit.",
-        s.ws_frames_throttled,
-    );
-}
-
-fn worker_exposition(e: &mut Exposition, m: &WorkerMetrics) {
-    let s = m.snapshot();
-    let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_MS
-        .iter()
-        .zip(&s.latency_buckets)
-        .map(|(ms, n)| (*ms as f64 / 1000.0, *n))
-        .collect();
-    // The histogram's last slot counts the slower-than-every-bucket ones: they only reach +Inf.
-    buckets.truncate(LATENCY_BUCKETS_MS.len());
-    let count: u64 = s.latency_buckets.iter().sum();
-    let received: Vec<(&str, u64)> = s
-        .received_by_channel
-        .iter()
-        .map(|(c, n)| (c.as_str(), *n))
-        .collect();
-    let sent: Vec<(&str, u64)> = s
-        .sent_by_channel
-        .iter()
-        .map(|(c, n)| (c.as_str(), *n))
-        .collect();
-    e.counter_by(
-        "switchyard_worker_messages_in_total",
-        "Messages the worker received, by channel (reply channels as \"reply\").",
-        "channel",
-        &received,
-    )
-    .counter_by(
-        "switchyard_worker_messages_out_total",
-        "Messages consumers sent, by destination (a channel, \"reply\" or \"group\").",
-        "channel",
-        &sent,
-    );
-    e.counter(
-        "switchyard_consumed_total",
-        "Messages consumed by this worker.",
-        s.consumed,
-    )
-    .counter(
-        "switchyard_consumer_errors_total",
-        "Consumers that returned an error.",
-        s.errors,
-    )
-    .counter(
-        "switchyard_consumer_panics_total",
-        "Consumers that panicked.",
-        s.panics,
-    )
-    .counter(
-        "switchyard_requeued_total",
-        "Messages requeued by ConsumeLater.",
-        s.requeued,
-    )
-    .counter(
-        "switchyard_worker_dropped_total",
-        "Messages dropped by the worker (retries exhausted).",
-        s.dropped,
-    )
-    .counter(
-        "switchyard_unrouted_total",
-        "Messages no route matched.",
-        s.unrouted,
-    )
-    .counter_by(
-        "switchyard_streamed_bodies_total",
-        "Streamed request bodies (body_channel) by outcome.",
-        "outcome",
-        &[
-            ("assembled", s.bodies_assembled),
-            ("abandoned", s.bodies_abandoned),
-            ("timed_out", s.bodies_timed_out),
-            ("too_large", s.bodies_too_large),
-        ],
-    )
-    .counter(
-        "switchyard_consumer_timeouts_total",
-        "Consumers aborted for running longer than --consumer-timeout.",
-        s.timeouts,
-    )
-    .counter_by(
-        "switchyard_ordering_total",
-        "Strict-ordering events: parked messages dropped past expiry, gaps skipped.",
-        "event",
-        &[
-            ("expired", s.ordering_expired),
-            ("skipped", s.ordering_skipped),
-        ],
-    )
-    .counter(
-        "switchyard_parked_total",
-        "Messages parked to wait for their predecessors (strict ordering).",
-        s.parked,
-    )
-    .histogram(
-        "switchyard_consumer_latency_seconds",
-        "Time to run a consumer and apply what it sent.",
-        &buckets,
-        s.latency_sum_us as f64 / 1e6,
-        count,
-    );
-}
-
 /// What `/healthz` on the metrics (or health) address says: the layer is reachable and, for a
 /// worker, its receive loop is receiving.
 fn health_check(
@@ -687,17 +460,15 @@ async fn start_metrics(
     let Some(bind) = bind else { return Ok(()) };
     let health = health_check(layer, worker.clone());
     let layer_metrics = Arc::clone(layer.metrics());
-    let render: Render = Arc::new(move || {
-        let mut e = Exposition::new();
-        e.layer(&layer_metrics.snapshot());
+    let render = prometheus::render(move |e| {
+        layer_metrics.expose(e);
         if let Some(s) = &server {
-            server_exposition(&mut e, s);
+            s.expose(e);
         }
         if let Some((w, jobs)) = &worker {
-            worker_exposition(&mut e, w);
-            jobs.expose(&mut e);
+            w.expose(e);
+            jobs.expose(e);
         }
-        e.finish()
     });
     let addr = prometheus::spawn_guarded(bind, render, Some(health), ops_token, token.clone())
         .await

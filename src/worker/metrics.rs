@@ -1,58 +1,79 @@
-//! Worker counters, lock-free, for logs and for the CLI to export: messages consumed, consumer
-//! errors, panics and timeouts, requeues, drops, strict-ordering parks and upkeep, streamed request bodies (assembled,
-//! abandoned, timed out, too large), and a latency histogram.
+//! Worker counters, lock-free, each defined once with its Prometheus name: messages consumed,
+//! consumer errors, panics and timeouts, requeues, drops, strict-ordering parks and upkeep,
+//! streamed request bodies (assembled, abandoned, timed out, too large), messages in and out by
+//! channel, and a latency histogram.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
 
+use crate::prometheus::{Exposition, metric_set};
+
 /// Upper bounds (inclusive, milliseconds) of the latency buckets; one more bucket holds the rest.
 pub const LATENCY_BUCKETS_MS: [u64; 9] = [1, 2, 5, 10, 25, 50, 100, 500, 1000];
 
-/// Counters of one worker (all its loops).
+metric_set! {
+    /// The scalar counters of one worker (all its loops).
+    pub struct WorkerCounts => WorkerCountsSnapshot {
+        /// Receives that failed in a row (0 while the worker is receiving): its health.
+        receive_failures_in_a_row: gauge "switchyard_worker_receive_failures_in_a_row";
+        /// Messages whose consumer ran to `Ok` (or to `DenyConnection` / `Close`).
+        consumed: counter "switchyard_consumed_total";
+        /// Consumers that returned an error (other than the control errors).
+        errors: counter "switchyard_consumer_errors_total";
+        /// Consumers that panicked.
+        panics: counter "switchyard_consumer_panics_total";
+        /// Consumers aborted for running longer than the worker's consumer timeout.
+        timeouts: counter "switchyard_consumer_timeouts_total";
+        /// `ConsumeLater` requeues.
+        requeued: counter "switchyard_requeued_total";
+        /// Messages given up: retries exhausted, undecodable, or an action that could not be applied.
+        dropped: counter "switchyard_worker_dropped_total";
+        /// Messages no route matched.
+        unrouted: counter "switchyard_unrouted_total";
+        /// Messages parked by strict ordering to wait for their predecessors.
+        parked: counter "switchyard_parked_total";
+        /// Duplicates refused by strict ordering.
+        duplicates: counter "switchyard_ordering_duplicates_total";
+        /// Parked messages dropped by strict-ordering upkeep for waiting longer than the expiry.
+        ordering_expired: counter "switchyard_ordering_total" ["event" = "expired"]
+            help "Strict-ordering events: parked messages dropped past expiry, gaps skipped.";
+        /// Orders given up as missing by strict-ordering upkeep (gaps skipped).
+        ordering_skipped: counter "switchyard_ordering_total" ["event" = "skipped"];
+        /// Streamed request bodies assembled from their `body_channel`.
+        bodies_assembled: counter "switchyard_streamed_bodies_total" ["outcome" = "assembled"]
+            help "Streamed request bodies (body_channel) by outcome.";
+        /// Streamed request bodies abandoned because the client went away (`closed` chunk).
+        bodies_abandoned: counter "switchyard_streamed_bodies_total" ["outcome" = "abandoned"];
+        /// Streamed request bodies whose next chunk did not come in time (answered 408).
+        bodies_timed_out: counter "switchyard_streamed_bodies_total" ["outcome" = "timed_out"];
+        /// Streamed request bodies over the worker's limit (answered 413).
+        bodies_too_large: counter "switchyard_streamed_bodies_total" ["outcome" = "too_large"];
+    }
+}
+
+/// Counters of one worker (all its loops): the scalar ones (reached through `Deref`), the
+/// per-channel counts and the latency histogram.
 #[derive(Debug, Default)]
 pub struct WorkerMetrics {
-    /// Receives that failed in a row (0 while the worker is receiving): its health.
-    pub receive_failures_in_a_row: AtomicU64,
-    /// Messages whose consumer ran to `Ok` (or to `DenyConnection` / `Close`).
-    pub consumed: AtomicU64,
-    /// Consumers that returned an error (other than the control errors).
-    pub errors: AtomicU64,
-    /// Consumers that panicked.
-    pub panics: AtomicU64,
-    /// Consumers aborted for running longer than the worker's consumer timeout.
-    pub timeouts: AtomicU64,
-    /// `ConsumeLater` requeues.
-    pub requeued: AtomicU64,
-    /// Messages given up: retries exhausted, undecodable, or an action that could not be applied.
-    pub dropped: AtomicU64,
-    /// Messages no route matched.
-    pub unrouted: AtomicU64,
-    /// Messages parked by strict ordering.
-    pub parked: AtomicU64,
-    /// Duplicates refused by strict ordering.
-    pub duplicates: AtomicU64,
-    /// Parked messages dropped by strict-ordering upkeep for waiting longer than the expiry.
-    pub ordering_expired: AtomicU64,
-    /// Orders given up as missing by strict-ordering upkeep (gaps skipped).
-    pub ordering_skipped: AtomicU64,
-    /// Streamed request bodies assembled from their `body_channel`.
-    pub bodies_assembled: AtomicU64,
-    /// Streamed request bodies abandoned because the client went away (`closed` chunk).
-    pub bodies_abandoned: AtomicU64,
-    /// Streamed request bodies whose next chunk did not come in time (answered 408).
-    pub bodies_timed_out: AtomicU64,
-    /// Streamed request bodies over the worker's limit (answered 413).
-    pub bodies_too_large: AtomicU64,
+    counts: WorkerCounts,
     /// Sum of handling times, microseconds.
-    pub latency_sum_us: AtomicU64,
+    latency_sum_us: AtomicU64,
     /// Handling-time histogram (see [`LATENCY_BUCKETS_MS`]; the last bucket is "slower").
-    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
     /// Messages received, by channel kind (see [`channel_kind`]).
     received_by_channel: DashMap<String, AtomicU64>,
     /// Messages sent by consumers, by destination kind: a channel kind, `reply` or `group`.
     sent_by_channel: DashMap<String, AtomicU64>,
+}
+
+impl std::ops::Deref for WorkerMetrics {
+    type Target = WorkerCounts;
+
+    fn deref(&self) -> &WorkerCounts {
+        &self.counts
+    }
 }
 
 /// The label a channel is counted under: its name, except that a process-local reply channel
@@ -87,47 +108,27 @@ fn read(map: &DashMap<String, AtomicU64>) -> Vec<(String, u64)> {
     out
 }
 
-/// A copy of the counters at one moment.
+/// A copy of the counters at one moment (the scalar ones through `Deref`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerMetricsSnapshot {
-    /// See [`WorkerMetrics::consumed`].
-    pub consumed: u64,
-    /// See [`WorkerMetrics::errors`].
-    pub errors: u64,
-    /// See [`WorkerMetrics::panics`].
-    pub panics: u64,
-    /// See [`WorkerMetrics::timeouts`].
-    pub timeouts: u64,
-    /// See [`WorkerMetrics::requeued`].
-    pub requeued: u64,
-    /// See [`WorkerMetrics::dropped`].
-    pub dropped: u64,
-    /// See [`WorkerMetrics::unrouted`].
-    pub unrouted: u64,
-    /// See [`WorkerMetrics::parked`].
-    pub parked: u64,
-    /// See [`WorkerMetrics::duplicates`].
-    pub duplicates: u64,
-    /// See [`WorkerMetrics::ordering_expired`].
-    pub ordering_expired: u64,
-    /// See [`WorkerMetrics::ordering_skipped`].
-    pub ordering_skipped: u64,
-    /// See [`WorkerMetrics::bodies_assembled`].
-    pub bodies_assembled: u64,
-    /// See [`WorkerMetrics::bodies_abandoned`].
-    pub bodies_abandoned: u64,
-    /// See [`WorkerMetrics::bodies_timed_out`].
-    pub bodies_timed_out: u64,
-    /// See [`WorkerMetrics::bodies_too_large`].
-    pub bodies_too_large: u64,
-    /// See [`WorkerMetrics::latency_sum_us`].
+    /// The scalar counters.
+    pub counts: WorkerCountsSnapshot,
+    /// Sum of handling times, microseconds.
     pub latency_sum_us: u64,
-    /// See [`WorkerMetrics::latency_buckets`].
+    /// Handling-time histogram (see [`LATENCY_BUCKETS_MS`]; the last bucket is "slower").
     pub latency_buckets: Vec<u64>,
     /// Messages received per channel kind, sorted by label.
     pub received_by_channel: Vec<(String, u64)>,
     /// Messages sent by consumers per destination kind, sorted by label.
     pub sent_by_channel: Vec<(String, u64)>,
+}
+
+impl std::ops::Deref for WorkerMetricsSnapshot {
+    type Target = WorkerCountsSnapshot;
+
+    fn deref(&self) -> &WorkerCountsSnapshot {
+        &self.counts
+    }
 }
 
 impl WorkerMetrics {
@@ -158,26 +159,51 @@ impl WorkerMetrics {
     pub fn snapshot(&self) -> WorkerMetricsSnapshot {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
         WorkerMetricsSnapshot {
-            consumed: r(&self.consumed),
-            errors: r(&self.errors),
-            panics: r(&self.panics),
-            timeouts: r(&self.timeouts),
-            requeued: r(&self.requeued),
-            dropped: r(&self.dropped),
-            unrouted: r(&self.unrouted),
-            parked: r(&self.parked),
-            duplicates: r(&self.duplicates),
-            ordering_expired: r(&self.ordering_expired),
-            ordering_skipped: r(&self.ordering_skipped),
-            bodies_assembled: r(&self.bodies_assembled),
-            bodies_abandoned: r(&self.bodies_abandoned),
-            bodies_timed_out: r(&self.bodies_timed_out),
-            bodies_too_large: r(&self.bodies_too_large),
+            counts: self.counts.snapshot(),
             latency_sum_us: r(&self.latency_sum_us),
             latency_buckets: self.latency_buckets.iter().map(r).collect(),
             received_by_channel: read(&self.received_by_channel),
             sent_by_channel: read(&self.sent_by_channel),
         }
+    }
+}
+
+fn as_refs(v: &[(String, u64)]) -> Vec<(&str, u64)> {
+    v.iter().map(|(c, n)| (c.as_str(), *n)).collect()
+}
+
+impl WorkerMetrics {
+    /// Writes every metric of the worker.
+    pub fn expose(&self, out: &mut Exposition<'_>) {
+        let s = self.snapshot();
+        out.counter_by(
+            "switchyard_worker_messages_in_total",
+            "Messages the worker received, by channel (reply channels as \"reply\").",
+            "channel",
+            &as_refs(&s.received_by_channel),
+        )
+        .counter_by(
+            "switchyard_worker_messages_out_total",
+            "Messages consumers sent, by destination (a channel, \"reply\" or \"group\").",
+            "channel",
+            &as_refs(&s.sent_by_channel),
+        );
+        self.counts.expose(out);
+        let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_MS
+            .iter()
+            .zip(&s.latency_buckets)
+            .map(|(ms, n)| (*ms as f64 / 1000.0, *n))
+            .collect();
+        // The histogram's last slot counts the slower-than-every-bucket ones: they only reach +Inf.
+        buckets.truncate(LATENCY_BUCKETS_MS.len());
+        let count: u64 = s.latency_buckets.iter().sum();
+        out.histogram(
+            "switchyard_consumer_latency_seconds",
+            "Time to run a consumer and apply what it sent.",
+            &buckets,
+            s.latency_sum_us as f64 / 1e6,
+            count,
+        );
     }
 }
 
