@@ -13,6 +13,7 @@ pub mod generic;
 pub mod message;
 pub mod names;
 pub mod router;
+pub mod settle;
 pub mod testing;
 pub mod value;
 

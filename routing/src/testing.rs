@@ -8,11 +8,11 @@ use std::collections::{HashMap, VecDeque};
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::asgi::WebsocketSend;
 use crate::codec::{self, CodecError};
 use crate::consumer::{Action, ConsumerError, Ctx, HttpSession};
 use crate::message::Message;
 use crate::router::Router;
+use crate::settle::{Ended, Settlement, settle};
 use crate::value::{Map, Value};
 
 /// Runs consumers against a router, in memory.
@@ -53,8 +53,9 @@ impl Client {
     }
 
     /// Sends `content` on `channel` and runs the routed consumer at once. Returns the actions
-    /// it queued (already applied). A `DenyConnection` or `Close` error also queues the
-    /// close reply the worker would send, then is returned.
+    /// it queued (already applied). On an error, what the worker would leave behind is applied
+    /// (a refused handshake's or a `Close`'s close reply, a failed request's 500, a failed
+    /// disconnect's group discards), then the error is returned.
     pub async fn send_and_consume<M: Serialize + ?Sized>(
         &mut self,
         channel: &str,
@@ -95,27 +96,18 @@ impl Client {
         if resolved.options.http_session {
             ctx = ctx.with_http_session(self.http_session.clone().unwrap_or_default());
         }
-        let reply = message.reply_channel().map(str::to_owned);
-        match resolved.handler.call(message, ctx.clone()).await {
-            Ok(()) => {
-                let actions = ctx.take_actions();
+        let result = resolved.handler.call(message.clone(), ctx.clone()).await;
+        // The worker's own rule for what a run leaves behind: applied sends, a failed
+        // request's 500, a refused handshake, a failed disconnect's group discards.
+        match settle(&message, Ended::Returned(&result), ctx.take_actions()) {
+            Settlement::Apply(actions) => {
                 for a in &actions {
                     self.apply(a.clone());
                 }
-                Ok(actions)
+                result.map(|()| actions)
             }
-            Err(e) => {
-                let close = match &e {
-                    ConsumerError::DenyConnection => Some(WebsocketSend::close(None)),
-                    ConsumerError::Close(code) => Some(WebsocketSend::close(Some(*code))),
-                    _ => None,
-                };
-                if let (Some(close), Some(reply)) = (close, reply) {
-                    let payload = Bytes::from(codec::to_msgpack(&close)?);
-                    self.deliver(&reply, payload);
-                }
-                Err(e)
-            }
+            // `ConsumeLater` goes back to the test as the error it is, for the test to retry.
+            Settlement::Requeue => result.map(|()| Vec::new()),
         }
     }
 
@@ -350,6 +342,35 @@ mod tests {
         );
         assert!(c.group_members("room-lobby").is_empty());
         assert!(c.session_value("nick").is_none());
+    }
+
+    async fn fail(_: Message, ctx: Ctx) -> Result<(), ConsumerError> {
+        ctx.send_text("half-done")?;
+        ctx.group_discard("room-lobby")?;
+        Err(ConsumerError::other("database is down"))
+    }
+
+    #[test]
+    fn failures_leave_what_the_worker_leaves() {
+        let mut c = Client::new(
+            Router::new([
+                crate::route("http.request", fail),
+                crate::route("websocket.disconnect", fail),
+            ])
+            .unwrap(),
+        );
+        let request = Map::new().with("path", "/").with("method", "GET");
+        assert!(block_on(c.send_and_consume("http.request", &request)).is_err());
+        let answer = c.receive().unwrap().unwrap();
+        assert_eq!(answer.get("status"), Some(&Value::Int(500)));
+        assert!(c.receive().unwrap().is_none(), "its own send was discarded");
+        c.join_group("room-lobby");
+        assert!(block_on(c.send_and_consume("websocket.disconnect", &ws("/"))).is_err());
+        assert!(
+            c.group_members("room-lobby").is_empty(),
+            "left its group anyway"
+        );
+        assert!(c.receive().unwrap().is_none());
     }
 
     #[test]

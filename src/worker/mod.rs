@@ -38,10 +38,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use switchyard_routing::asgi::{
-    HTTP_REQUEST, HttpRequestBodyChunk, HttpResponse, WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT,
-    WebsocketSend,
-};
+use switchyard_routing::asgi::{HTTP_REQUEST, HttpRequestBodyChunk, WEBSOCKET_DISCONNECT};
 use switchyard_routing::codec;
 use switchyard_routing::{
     Action, ByteString, ConsumerError, Ctx, Map, Message, Resolved, Router, Value,
@@ -59,6 +56,7 @@ use crate::layer::{
 use futures_util::future::BoxFuture;
 use switchyard_routing::DurablePolicy;
 use switchyard_routing::durable::{ATTEMPT_KEY, JOB_ID_KEY};
+use switchyard_routing::settle::{self, Ended, Settlement};
 
 pub use django::{DjangoSessionConfig, DjangoSessions};
 pub use metrics::{LATENCY_BUCKETS_MS, WorkerMetrics, WorkerMetricsSnapshot};
@@ -627,14 +625,8 @@ impl Worker {
         let Some(resolved) = self.router.resolve(&message) else {
             WorkerMetrics::add(&self.metrics.unrouted, 1);
             tracing::warn!(channel = %message.channel, path = ?message.path(), "no route for message; dropped");
-            // A client waiting on the other end gets an answer now, not the server's timeout.
-            match message.channel.as_str() {
-                HTTP_REQUEST => self.reply_http(&message, 404, "Not Found").await,
-                WEBSOCKET_CONNECT => {
-                    self.reply_close(&message, message.reply_channel(), None)
-                        .await;
-                }
-                _ => {}
+            if let Some(answer) = settle::unrouted(&message) {
+                self.apply(&message, answer).await;
             }
             return None;
         };
@@ -867,22 +859,8 @@ impl Worker {
 
     /// Answers an HTTP request on the worker's own behalf.
     async fn reply_http(&self, message: &Message, status: u16, text: &str) {
-        let Some(reply) = message.reply_channel() else {
-            return;
-        };
-        let response = HttpResponse::new(
-            status,
-            vec![(
-                ByteString::from("content-type"),
-                ByteString::from("text/plain; charset=utf-8"),
-            )],
-            text.as_bytes(),
-        );
-        match codec::to_msgpack(&response) {
-            Ok(p) => {
-                self.send_with_retry(message, reply, &p).await;
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode an HTTP reply"),
+        if let Some(reply) = settle::http_reply(message, status, text) {
+            self.apply(message, reply).await;
         }
     }
 
@@ -915,71 +893,42 @@ impl Worker {
             Err(_) => Outcome::TimedOut,
         };
         let route = &*resolved.route;
-        match outcome {
-            Outcome::Returned(Ok(())) => {
-                WorkerMetrics::add(&self.metrics.consumed, 1);
-                for action in ctx.take_actions() {
-                    self.apply(message, action).await;
+        let returned;
+        let ended = match outcome {
+            Outcome::Returned(result) => {
+                match &result {
+                    Ok(()) | Err(ConsumerError::DenyConnection | ConsumerError::Close(_)) => {
+                        WorkerMetrics::add(&self.metrics.consumed, 1);
+                    }
+                    Err(ConsumerError::ConsumeLater) => {}
+                    Err(e) => {
+                        WorkerMetrics::add(&self.metrics.errors, 1);
+                        tracing::error!(channel = %message.channel, route, reply_channel = ?reply, error = %e, "consumer failed; its sends were discarded");
+                    }
                 }
-                true
-            }
-            Outcome::Returned(Err(ConsumerError::DenyConnection)) => {
-                WorkerMetrics::add(&self.metrics.consumed, 1);
-                self.reply_close(message, reply.as_deref(), None).await;
-                true
-            }
-            Outcome::Returned(Err(ConsumerError::Close(code))) => {
-                WorkerMetrics::add(&self.metrics.consumed, 1);
-                self.reply_close(message, reply.as_deref(), Some(code))
-                    .await;
-                true
-            }
-            // Requeued: its turn is not over. Given up: it is, so its successors can run.
-            Outcome::Returned(Err(ConsumerError::ConsumeLater)) => self.requeue(message).await,
-            Outcome::Returned(Err(e)) => {
-                WorkerMetrics::add(&self.metrics.errors, 1);
-                tracing::error!(channel = %message.channel, route, reply_channel = ?reply, error = %e, "consumer failed; its sends were discarded");
-                self.after_failure(message, &ctx).await;
-                true
+                returned = result;
+                Ended::Returned(&returned)
             }
             Outcome::Panicked(what) => {
                 WorkerMetrics::add(&self.metrics.panics, 1);
                 tracing::error!(channel = %message.channel, route, reply_channel = ?reply, panic = %what, "consumer panicked; its sends were discarded");
-                self.after_failure(message, &ctx).await;
-                true
+                Ended::Aborted
             }
             Outcome::TimedOut => {
                 WorkerMetrics::add(&self.metrics.timeouts, 1);
                 tracing::error!(channel = %message.channel, route, reply_channel = ?reply, timeout_ms = self.consumer_timeout.as_millis() as u64, "consumer timed out and was aborted; its sends were discarded");
-                self.after_failure(message, &ctx).await;
+                Ended::Aborted
+            }
+        };
+        match settle::settle(message, ended, ctx.take_actions()) {
+            Settlement::Apply(actions) => {
+                for action in actions {
+                    self.apply(message, action).await;
+                }
                 true
             }
-        }
-    }
-
-    /// After a consumer failed (error, panic, timeout), its sends are discarded, but the client
-    /// is answered (an `http.request` 500, a `websocket.connect` `{"close": true}`: a failed
-    /// consumer never replied, its outbox being discarded) and a `websocket.disconnect` still
-    /// leaves its groups.
-    async fn after_failure(&self, message: &Message, ctx: &Ctx) {
-        let actions = ctx.take_actions();
-        match message.channel.as_str() {
-            HTTP_REQUEST => {
-                self.reply_http(message, 500, "500 Internal Server Error\n")
-                    .await;
-            }
-            WEBSOCKET_CONNECT => {
-                self.reply_close(message, message.reply_channel(), None)
-                    .await;
-            }
-            WEBSOCKET_DISCONNECT => {
-                for action in actions {
-                    if matches!(action, Action::GroupDiscard { .. }) {
-                        self.apply(message, action).await;
-                    }
-                }
-            }
-            _ => {}
+            // Requeued: its turn is not over. Given up: it is, so its successors can run.
+            Settlement::Requeue => self.requeue(message).await,
         }
     }
 
@@ -1009,19 +958,6 @@ impl Worker {
             let _ = ctx.session_set(HTTP_SESSION_KEY, key);
         }
         session
-    }
-
-    async fn reply_close(&self, message: &Message, reply: Option<&str>, code: Option<u16>) {
-        let Some(reply) = reply else {
-            tracing::warn!(channel = %message.channel, "consumer closed a connection, but the message has no reply_channel");
-            return;
-        };
-        match codec::to_msgpack(&WebsocketSend::close(code)) {
-            Ok(p) => {
-                self.send_with_retry(message, reply, &p).await;
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode a close reply"),
-        }
     }
 
     /// Requeues a `ConsumeLater` message; true when it was given up instead (retries exhausted).
