@@ -71,6 +71,10 @@ pub enum LayerError {
     /// A layer URL or setting that makes no sense.
     #[error("invalid channel layer configuration: {0}")]
     Config(String),
+    /// The backend answers but is a kind this layer cannot use as configured (a Redis Cluster
+    /// node, a Sentinel where a Redis was expected): retrying cannot help, the URL must change.
+    #[error("channel layer unusable: {0}")]
+    Unsupported(String),
 }
 
 impl LayerError {
@@ -180,6 +184,11 @@ impl Layer {
         if urls.is_empty() {
             return Err(LayerError::Config("empty channel layer URL".into()));
         }
+        if url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://") {
+            return Err(LayerError::Unsupported(format!(
+                "Redis Cluster is not supported yet ({url:?}); use one Redis (redis://host:port/db), or several as client-side shards (comma-separated redis:// URLs)"
+            )));
+        }
         for u in &urls {
             if !(u.starts_with("redis://")
                 || u.starts_with("rediss://")
@@ -216,6 +225,15 @@ impl Layer {
     /// A short description for logs (`memory://` or the Redis addresses, without passwords).
     pub fn describe(&self) -> String {
         backend!(self, l => l.describe())
+    }
+
+    /// How the backend is deployed, for the startup line and `/healthz`: `memory`, `single`
+    /// (one Redis) or `shards` (several, client-side sharded).
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Layer::Memory(_) => "memory",
+            Layer::Redis(l) => l.mode(),
+        }
     }
 
     /// Sends a message (anything that serializes to a map) to a channel.

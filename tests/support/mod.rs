@@ -185,6 +185,122 @@ impl Drop for RedisServer {
     }
 }
 
+/// A directory under the system temp dir, removed on drop (the harness's config files and the
+/// replication files redis-server writes, kept out of the source tree).
+#[derive(Debug)]
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// A fresh, empty directory named after `tag`.
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "switchyard-{tag}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// `name` inside it, as a string for command lines.
+    pub fn file(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits (`limit` at most) until `cond` holds, polling every 20 ms; panics with `what`.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A Redis Cluster of `redis-server --cluster-enabled yes` nodes on free ports, every slot
+/// assigned (`redis-cli --cluster create`), all killed on drop.
+#[derive(Debug)]
+pub struct RedisCluster {
+    /// The nodes, masters first (`--cluster-replicas` puts replicas last).
+    pub nodes: Vec<RedisServer>,
+    dir: TempDir,
+}
+
+impl RedisCluster {
+    /// `masters` masters with `replicas` replicas each, waiting (30 s at most) until every
+    /// node says `cluster_state:ok`.
+    pub fn start(masters: usize, replicas: usize) -> Self {
+        let dir = TempDir::new("cluster");
+        let mut nodes = Vec::new();
+        for i in 0..masters * (1 + replicas) {
+            let conf = dir.file(&format!("nodes-{i}.conf"));
+            nodes.push(RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &conf,
+                "--cluster-node-timeout",
+                "2000",
+                "--dir",
+                dir.path().to_str().unwrap(),
+            ]));
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new(cli_bin())
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", cli_bin()));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes, dir };
+        wait_until(
+            Duration::from_secs(30),
+            "cluster_state:ok on every node",
+            || {
+                cluster.nodes.iter().all(|n| {
+                    n.try_cmd::<String>(&[b"CLUSTER", b"INFO"])
+                        .is_ok_and(|i| i.contains("cluster_state:ok"))
+                })
+            },
+        );
+        cluster
+    }
+
+    /// `redis://127.0.0.1:PORT/0` of the first node, as a user would set `REDIS_URL`.
+    pub fn node_url(&self) -> String {
+        self.nodes[0].url()
+    }
+}
+
+fn cli_bin() -> String {
+    std::env::var("REDIS_CLI_BIN").unwrap_or_else(|_| "redis-cli".to_owned())
+}
+
 /// Which backend a fixture runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -653,6 +653,7 @@ fn health_check(
         let body = serde_json::json!({
             "status": if healthy { "ok" } else { "failing" },
             "layer": if layer_ok { "ok" } else { "unavailable" },
+            "layer_mode": layer.mode(),
             "receive_failures_in_a_row": receive_failures,
         })
         .to_string();
@@ -756,9 +757,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .await?;
     println!(
-        "Switchyard serve: listening on http://{}/ (layer {})",
+        "Switchyard serve: listening on http://{}/ (layer {}, mode {})",
         server.local_addr(),
-        layer.describe()
+        layer.describe(),
+        layer.mode()
     );
     server.serve(layer, token).await?;
     tracing::info!("server stopped");
@@ -787,7 +789,7 @@ pub async fn worker(args: WorkerCommandArgs) -> anyhow::Result<()> {
         )
         .await?;
     }
-    tracing::info!(channels = ?worker.channels(), concurrency = args.worker.concurrency, layer = %layer.describe(), "worker listening");
+    tracing::info!(channels = ?worker.channels(), concurrency = args.worker.concurrency, layer = %layer.describe(), mode = layer.mode(), "worker listening");
     worker.run(token).await?;
     tracing::info!("worker stopped");
     Ok(())

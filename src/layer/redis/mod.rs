@@ -189,11 +189,62 @@ impl RedisLayer {
                     async move { ping.query_async::<String>(&mut conn).await },
                 )
                 .await?;
+            layer.check_server_mode(i).await?;
         }
         for shard in 0..layer.inner.shards.len() {
             tokio::spawn(keepalive(Arc::downgrade(&layer.inner), shard));
         }
         Ok(layer)
+    }
+
+    /// Refuses a server this layer cannot use through a plain URL, before any request meets
+    /// it: a Redis Cluster node answers PING but then refuses multi-key scripts (`CROSSSLOT`)
+    /// and keys of other slots (`MOVED`), and a Sentinel answers PING but stores nothing.
+    async fn check_server_mode(&self, i: usize) -> Result<(), LayerError> {
+        let mut conn = self.inner.shards[i].conn.clone();
+        let info = redis::cmd("INFO");
+        // Default sections: `server` (redis_mode) and `cluster` (cluster_enabled).
+        let info = match self
+            .run(
+                i,
+                async move { info.query_async::<String>(&mut conn).await },
+            )
+            .await
+        {
+            Ok(info) => info,
+            // Some managed services rename or restrict INFO: then nothing can be told here.
+            Err(LayerError::Protocol(e)) => {
+                tracing::debug!(error = %e, "INFO refused; cannot check the server's mode");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let addr = &self.inner.shards[i].addr;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        if field("cluster_enabled") == Some("1") || field("redis_mode") == Some("cluster") {
+            return Err(LayerError::Unsupported(format!(
+                "Redis at {addr} is a Redis Cluster node (cluster_enabled:1); Redis Cluster is not supported yet: use a Redis without cluster mode (redis://host:port/db), or several as client-side shards (comma-separated redis:// URLs)"
+            )));
+        }
+        if field("redis_mode") == Some("sentinel") {
+            return Err(LayerError::Unsupported(format!(
+                "{addr} is a Redis Sentinel, not a Redis: point the layer at the master it watches"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `single` or `shards` (see [`super::Layer::mode`]).
+    pub(crate) fn mode(&self) -> &'static str {
+        if self.inner.shards.len() > 1 {
+            "shards"
+        } else {
+            "single"
+        }
     }
 
     /// True while every shard answered its last command.
