@@ -701,7 +701,7 @@ fn django_session_redis(args: &WorkerArgs, layer_url: &str) -> anyhow::Result<St
         ["redis://", "rediss://", "unix://", "redis+unix://"]
             .iter()
             .any(|p| first.starts_with(p)),
-        "--django-session-redis is needed when the channel layer is not Redis ({first})"
+        "--django-session-redis is needed when the channel layer is not one plain Redis URL ({first})"
     );
     Ok(first.to_owned())
 }

@@ -40,6 +40,7 @@ mod batch;
 mod conn;
 mod lease;
 mod registry;
+mod sentinel_url;
 
 pub(crate) use lease::LeaseState;
 
@@ -55,11 +56,24 @@ pub mod durable;
 /// How much longer than its own block time a pop may take before its connection is deemed dead.
 const DEAD_CONNECTION_MARGIN: Duration = Duration::from_secs(5);
 
+impl Shard {
+    fn new(addr: String, conn: SharedConn) -> Self {
+        Shard {
+            addr,
+            conn,
+            healthy: AtomicBool::new(true),
+            last_ok_ms: AtomicU64::new(0),
+            has_bzmpop: AtomicBool::new(true),
+            sends: batch::SendQueue::default(),
+            in_flight: Arc::default(),
+        }
+    }
+}
+
 /// One Redis server of the shard ring.
 struct Shard {
-    /// Address for logs and errors (no password).
+    /// Address for logs and errors (no password); behind Sentinel, the master's name.
     addr: String,
-    client: Client,
     conn: SharedConn,
     /// False after a failed command, until one succeeds (to count reconnects once).
     healthy: AtomicBool,
@@ -78,6 +92,8 @@ struct Shard {
 
 struct Inner {
     settings: LayerSettings,
+    /// Set when the one shard is the master a Sentinel names.
+    sentinel: Option<SentinelInfo>,
     rules: CapacityRules,
     metrics: Arc<LayerMetrics>,
     shards: Vec<Shard>,
@@ -95,6 +111,12 @@ struct Inner {
     /// Channels whose sends go to a stream (`--durable-channels`).
     durable: Vec<regex::Regex>,
     durable_scripts: durable::DurableScripts,
+}
+
+/// What a Sentinel-managed layer says of itself in logs.
+struct SentinelInfo {
+    master: String,
+    sentinels: String,
 }
 
 /// The Redis channel layer. Clones share connections.
@@ -122,7 +144,8 @@ pub fn consistent_hash(name: &str, ring_size: usize) -> usize {
 }
 
 fn is_outage(e: &RedisError) -> bool {
-    e.is_io_error()
+    conn::refused_unrun(e)
+        || e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_timeout()
@@ -132,29 +155,53 @@ fn is_outage(e: &RedisError) -> bool {
 impl RedisLayer {
     /// Connects to every shard (one URL each) and checks each answers PING.
     pub async fn connect(urls: &[&str], settings: LayerSettings) -> Result<Self, LayerError> {
-        let rules = settings.compile()?;
-        let durable = settings.durable_rules()?;
         let mut shards = Vec::with_capacity(urls.len());
         for url in urls {
             let client = Client::open(*url)
                 .map_err(|e| LayerError::Config(format!("invalid Redis URL {url:?}: {e}")))?;
             let addr = client.get_connection_info().addr().to_string();
-            let conn = SharedConn::new(
-                conn::prefer_resp3(client.clone(), url),
-                settings.command_timeout,
-            )
-            .map_err(|e| LayerError::Config(format!("cannot set up Redis at {addr}: {e}")))?;
-            shards.push(Shard {
-                addr,
-                client,
-                conn,
-                healthy: AtomicBool::new(true),
-                last_ok_ms: AtomicU64::new(0),
-                has_bzmpop: AtomicBool::new(true),
-                sends: batch::SendQueue::default(),
-                in_flight: Arc::default(),
-            });
+            let conn = SharedConn::new(conn::prefer_resp3(client, url), settings.command_timeout)
+                .map_err(|e| {
+                LayerError::Config(format!("cannot set up Redis at {addr}: {e}"))
+            })?;
+            shards.push(Shard::new(addr, conn));
         }
+        Self::start(shards, None, settings).await
+    }
+
+    /// Connects to the master that the sentinels of `url`
+    /// (`redis+sentinel://[user:password@]host:port[,host:port…]/<master-name>[/<db>]`) name,
+    /// and follows it across failovers.
+    pub async fn connect_sentinel(url: &str, settings: LayerSettings) -> Result<Self, LayerError> {
+        let target = sentinel_url::parse(url)?;
+        let info = SentinelInfo {
+            master: target.master.clone(),
+            sentinels: target
+                .sentinels
+                .iter()
+                .map(|s| s.trim_start_matches("redis://"))
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        let label = format!("sentinel master {}", target.master);
+        let conn = SharedConn::via_sentinel(target, settings.command_timeout)
+            .await
+            .map_err(|e| {
+                LayerError::Unavailable(format!(
+                    "no master {:?} from the sentinels at {}: {e}",
+                    info.master, info.sentinels
+                ))
+            })?;
+        Self::start(vec![Shard::new(label, conn)], Some(info), settings).await
+    }
+
+    async fn start(
+        shards: Vec<Shard>,
+        sentinel: Option<SentinelInfo>,
+        settings: LayerSettings,
+    ) -> Result<Self, LayerError> {
+        let rules = settings.compile()?;
+        let durable = settings.durable_rules()?;
         let crypter = if settings.symmetric_encryption_keys.is_empty() {
             None
         } else {
@@ -169,6 +216,7 @@ impl RedisLayer {
                 crypter,
                 crypter_ttl,
                 settings,
+                sentinel,
                 rules,
                 metrics: Arc::default(),
                 shards,
@@ -227,20 +275,22 @@ impl RedisLayer {
         };
         if field("cluster_enabled") == Some("1") || field("redis_mode") == Some("cluster") {
             return Err(LayerError::Unsupported(format!(
-                "Redis at {addr} is a Redis Cluster node (cluster_enabled:1); Redis Cluster is not supported yet: use a Redis without cluster mode (redis://host:port/db), or several as client-side shards (comma-separated redis:// URLs)"
+                "Redis at {addr} is a Redis Cluster node (cluster_enabled:1); Redis Cluster is not supported yet: use a Redis without cluster mode (redis://host:port/db), several as client-side shards (comma-separated redis:// URLs), or Sentinel (redis+sentinel://host:port[,host:port…]/<master-name>[/<db>])"
             )));
         }
         if field("redis_mode") == Some("sentinel") {
             return Err(LayerError::Unsupported(format!(
-                "{addr} is a Redis Sentinel, not a Redis: point the layer at the master it watches"
+                "{addr} is a Redis Sentinel, not a Redis: use redis+sentinel://{addr}/<master-name>[/<db>]"
             )));
         }
         Ok(())
     }
 
-    /// `single` or `shards` (see [`super::Layer::mode`]).
+    /// `single`, `shards` or `sentinel` (see [`super::Layer::mode`]).
     pub(crate) fn mode(&self) -> &'static str {
-        if self.inner.shards.len() > 1 {
+        if self.inner.sentinel.is_some() {
+            "sentinel"
+        } else if self.inner.shards.len() > 1 {
             "shards"
         } else {
             "single"
@@ -269,6 +319,14 @@ impl RedisLayer {
     }
 
     pub(crate) fn describe(&self) -> String {
+        if let Some(s) = &self.inner.sentinel {
+            return format!(
+                "redis sentinel {} via {} (master at {})",
+                s.master,
+                s.sentinels,
+                self.inner.shards[0].conn.addr()
+            );
+        }
         let addrs: Vec<&str> = self.inner.shards.iter().map(|s| s.addr.as_str()).collect();
         format!("redis {}", addrs.join(","))
     }
@@ -704,7 +762,8 @@ impl RedisLayer {
 /// with backoff after a failure. Never put a receive in a `select!` that can drop it mid-pop.
 pub struct RedisReceiver {
     layer: RedisLayer,
-    conns: Vec<Option<MultiplexedConnection>>,
+    /// Each shard's pop connection and the generation of the master it was opened to.
+    conns: Vec<Option<(MultiplexedConnection, u64)>>,
     backoff: Duration,
     next_shard: usize,
 }
@@ -725,16 +784,21 @@ type PoppedBatch = (String, Vec<(Vec<u8>, f64)>);
 
 impl RedisReceiver {
     async fn conn(&mut self, shard: usize) -> Result<MultiplexedConnection, LayerError> {
-        if let Some(c) = &self.conns[shard] {
-            return Ok(c.clone());
-        }
         let s = &self.layer.inner.shards[shard];
+        if let Some((c, generation)) = &self.conns[shard] {
+            // Behind Sentinel, a pop connection to a replaced master would go on popping from
+            // a server nobody sends to until Sentinel demotes it.
+            if *generation == s.conn.generation() {
+                return Ok(c.clone());
+            }
+            self.conns[shard] = None;
+        }
         // No response timeout: a blocking pop must never be cut short by the client.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(None);
-        match s
-            .client
+        let (client, generation) = s.conn.client();
+        match client
             .get_multiplexed_async_connection_with_config(&config)
             .await
         {
@@ -744,7 +808,7 @@ impl RedisReceiver {
                     tracing::info!(redis = %s.addr, "receiver reconnected to Redis");
                 }
                 self.backoff = Duration::ZERO;
-                self.conns[shard] = Some(c.clone());
+                self.conns[shard] = Some((c.clone(), generation));
                 Ok(c)
             }
             Err(e) => Err(self.failed(shard, &e)),
@@ -754,6 +818,7 @@ impl RedisReceiver {
     /// The connection to `shard` did not answer in `waited`: forget it and report an outage.
     fn dead(&mut self, shard: usize, waited: Duration) -> LayerError {
         self.conns[shard] = None;
+        self.layer.inner.shards[shard].conn.suspect();
         self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
         LayerMetrics::add(&self.layer.inner.metrics.unavailable, 1);
         let addr = &self.layer.inner.shards[shard].addr;
@@ -765,6 +830,7 @@ impl RedisReceiver {
 
     fn failed(&mut self, shard: usize, e: &RedisError) -> LayerError {
         self.conns[shard] = None;
+        self.layer.inner.shards[shard].conn.failed_with(e);
         self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
         LayerMetrics::add(&self.layer.inner.metrics.unavailable, 1);
         let addr = &self.layer.inner.shards[shard].addr;
