@@ -279,7 +279,7 @@ async fn sockets_follow_a_sentinel_failover_to_a_replica_that_missed_writes() {
         Duration::from_secs(20),
     )
     .await;
-    // Read by scripts/sentinel_failover.sh for BENCHMARKS.md.
+    // The figure BENCHMARKS.md reports (section 4.6).
     eprintln!(
         "sentinel failover: promoted {:.2} s after kill -9; every socket heard a broadcast {:.2} s after the kill",
         promoted.as_secs_f64(),
