@@ -103,7 +103,10 @@ impl RedisServer {
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
                 if s.write_all(b"PING\r\n").is_ok() {
                     let mut buf = [0u8; 7];
-                    if s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
+                    // With `--requirepass` an unauthenticated PING is refused, but answered.
+                    if s.read_exact(&mut buf).is_ok()
+                        && (&buf == b"+PONG\r\n" || &buf == b"-NOAUTH")
+                    {
                         return;
                     }
                 }
@@ -131,9 +134,18 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT/0`
+    /// `redis://127.0.0.1:PORT/0` (`redis://:PASSWORD@…` when started with `--requirepass`)
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match self.password() {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// The `--requirepass` it was started with.
+    pub fn password(&self) -> Option<&str> {
+        let at = self.extra.iter().position(|a| a == "--requirepass")?;
+        self.extra.get(at + 1).map(String::as_str)
     }
 
     /// Kills the server and waits for it to exit (its data is gone: it keeps nothing on disk).
@@ -346,6 +358,8 @@ pub struct SentinelSetup {
     pub replicas: Vec<RedisServer>,
     /// The sentinels.
     pub sentinels: Vec<SentinelProc>,
+    /// The password every Redis of the setup requires.
+    pub password: Option<String>,
     dir: TempDir,
 }
 
@@ -353,15 +367,26 @@ impl SentinelSetup {
     /// Starts `replicas` replicas and `sentinels` sentinels (quorum: a majority of them) and
     /// waits until the replicas are in sync and every sentinel names the master.
     pub fn start(replicas: usize, sentinels: usize) -> Self {
+        Self::start_with(replicas, sentinels, None)
+    }
+
+    /// As [`SentinelSetup::start`], with every Redis (not the sentinels) requiring `password`.
+    pub fn start_with(replicas: usize, sentinels: usize, password: Option<&str>) -> Self {
         let dir = TempDir::new("sentinel");
         let dir_arg = dir.path().to_str().unwrap().to_owned();
-        let master = RedisServer::start_with(&["--dir", &dir_arg]);
+        let auth: Vec<&str> = match password {
+            Some(pw) => vec!["--requirepass", pw, "--masterauth", pw],
+            None => Vec::new(),
+        };
+        let mut args = vec!["--dir", dir_arg.as_str()];
+        args.extend(&auth);
+        let master = RedisServer::start_with(&args);
         let master_port = master.port().to_string();
         let mut reps = Vec::new();
         for i in 0..replicas {
             let rdir = dir.path().join(format!("replica-{i}"));
             std::fs::create_dir_all(&rdir).unwrap();
-            reps.push(RedisServer::start_with(&[
+            let mut args = vec![
                 "--dir",
                 rdir.to_str().unwrap(),
                 "--replicaof",
@@ -369,7 +394,9 @@ impl SentinelSetup {
                 &master_port,
                 "--replica-read-only",
                 "no",
-            ]));
+            ];
+            args.extend(&auth);
+            reps.push(RedisServer::start_with(&args));
         }
         let quorum = sentinels / 2 + 1;
         let mut procs = Vec::new();
@@ -383,7 +410,10 @@ impl SentinelSetup {
                      sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} {quorum}\n\
                      sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
                      sentinel failover-timeout {SENTINEL_MASTER} 3000\n\
-                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n"
+                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n{}",
+                    password
+                        .map(|pw| format!("sentinel auth-pass {SENTINEL_MASTER} {pw}\n"))
+                        .unwrap_or_default()
                 ),
             )
             .unwrap();
@@ -396,6 +426,7 @@ impl SentinelSetup {
             procs.push(SentinelProc { child, port });
         }
         let setup = SentinelSetup {
+            password: password.map(str::to_owned),
             master,
             replicas: reps,
             sentinels: procs,
@@ -424,14 +455,22 @@ impl SentinelSetup {
         setup
     }
 
-    /// `redis+sentinel://127.0.0.1:P1,127.0.0.1:P2,…/mymaster/0`
+    /// `redis+sentinel://[:PASSWORD@]127.0.0.1:P1,127.0.0.1:P2,…/mymaster/0`
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self
             .sentinels
             .iter()
             .map(|s| format!("127.0.0.1:{}", s.port))
             .collect();
-        format!("redis+sentinel://{}/{SENTINEL_MASTER}/0", hosts.join(","))
+        let login = self
+            .password
+            .as_ref()
+            .map(|pw| format!(":{pw}@"))
+            .unwrap_or_default();
+        format!(
+            "redis+sentinel://{login}{}/{SENTINEL_MASTER}/0",
+            hosts.join(",")
+        )
     }
 
     /// The master's port as `sentinel` names it.

@@ -437,3 +437,18 @@ async fn a_master_replaced_while_it_stays_up_is_left_for_the_promoted_one() {
         switched.elapsed()
     );
 }
+
+#[test]
+fn a_password_protected_master_is_reached_through_sentinel() {
+    // The password is the master's (and its replicas'); the sentinels need none.
+    let setup = SentinelSetup::start_with(0, 1, Some("s3cr%t"));
+    let url = setup.url().replace("s3cr%t", "s3cr%25t");
+    let ran = run(&["send", "--layer", &url, "jobs.auth", r#"{"n": 1}"#], &[]);
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+    assert_eq!(setup.master.cmd::<usize>(&[b"ZCARD", b"asgijobs.auth"]), 1);
+    // A wrong password is refused at startup, without echoing it.
+    let wrong = url.replace("s3cr%25t", "nope");
+    let ran = run(&["stats", "--layer", &wrong], &[]);
+    assert_eq!(ran.code, Some(3), "{}", ran.stderr);
+    assert!(!ran.stderr.contains("nope"), "{}", ran.stderr);
+}
