@@ -1,6 +1,7 @@
 //! The channel-layer conformance suite (asgiref 1.x `conformance.py`, plus Switchyard's own
 //! guarantees), instantiated once per backend: every test name appears under `memory::` and
-//! `redis::`, and the Redis tests each run against a fresh redis-server.
+//! `redis::` and `sentinel::`: the Redis tests each run against a fresh redis-server, the
+//! Sentinel ones through a `redis+sentinel://` URL to a fresh master and sentinel.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -746,6 +747,16 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::Backend::Redis).await;
+                }
+            )*
+        }
+        // The same layer reached through the master a sentinel names (its failover is tested
+        // with the real binary in workers/tests/redis_topologies.rs).
+        mod sentinel {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sentinel).await;
                 }
             )*
         }

@@ -220,6 +220,7 @@ impl JobRunner {
         let idle = Arc::new(Semaphore::new(self.concurrency));
         let mut running = JoinSet::new();
         let mut conn = None;
+        let mut conn_generation = 0;
         let mut failures = 0u32;
         let claim_every =
             (self.job_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
@@ -264,8 +265,10 @@ impl JobRunner {
                 }
                 let room = permits.num_permits() - jobs.len();
                 if room > 0 {
-                    if conn.is_none() {
+                    let generation = self.layer.job_reader_generation(shard);
+                    if conn.is_none() || conn_generation != generation {
                         conn = Some(self.layer.job_reader(shard).await?);
+                        conn_generation = generation;
                     }
                     if let Some(c) = conn.as_mut() {
                         let block = if jobs.is_empty() {

@@ -71,6 +71,11 @@ pub enum LayerError {
     /// A layer URL or setting that makes no sense.
     #[error("invalid channel layer configuration: {0}")]
     Config(String),
+    /// The backend answers but is a kind this layer cannot use as configured (a Redis Cluster
+    /// node behind a plain `redis://` URL, a Sentinel where a Redis was expected): retrying
+    /// cannot help, the URL must change.
+    #[error("channel layer unusable: {0}")]
+    Unsupported(String),
 }
 
 impl LayerError {
@@ -180,6 +185,17 @@ impl Layer {
         if urls.is_empty() {
             return Err(LayerError::Config("empty channel layer URL".into()));
         }
+        if url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://") {
+            // One URL lists the sentinels of one master: its commas are not shards.
+            return Ok(Layer::Redis(
+                RedisLayer::connect_sentinel(url, settings).await?,
+            ));
+        }
+        if url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://") {
+            return Err(LayerError::Unsupported(format!(
+                "Redis Cluster is not supported yet ({url:?}); use one Redis (redis://host:port/db), several as client-side shards (comma-separated redis:// URLs), or Sentinel (redis+sentinel://host:port[,host:port…]/<master-name>[/<db>])"
+            )));
+        }
         for u in &urls {
             if !(u.starts_with("redis://")
                 || u.starts_with("rediss://")
@@ -187,7 +203,7 @@ impl Layer {
                 || u.starts_with("redis+unix://"))
             {
                 return Err(LayerError::Config(format!(
-                    "unsupported channel layer URL {u:?}: use memory://, redis://host:port/db, rediss://…, unix:///path, or several redis URLs separated by commas"
+                    "unsupported channel layer URL {u:?}: use memory://, redis://host:port/db, rediss://…, unix:///path, several redis URLs separated by commas, or redis+sentinel://host:port[,host:port…]/<master-name>[/<db>]"
                 )));
             }
         }
@@ -216,6 +232,16 @@ impl Layer {
     /// A short description for logs (`memory://` or the Redis addresses, without passwords).
     pub fn describe(&self) -> String {
         backend!(self, l => l.describe())
+    }
+
+    /// How the backend is deployed, for the startup line and `/healthz`: `memory`, `single`
+    /// (one Redis), `shards` (several, client-side sharded) or `sentinel` (the master Sentinel
+    /// names, followed across failovers).
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Layer::Memory(_) => "memory",
+            Layer::Redis(l) => l.mode(),
+        }
     }
 
     /// Sends a message (anything that serializes to a map) to a channel.

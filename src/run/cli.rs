@@ -2,7 +2,7 @@
 //! and the small commands that only talk to the channel layer (`send`, `flush`, `stats`).
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration, 3 channel layer
-//! unreachable, 4 the channel was full.
+//! unreachable or of a kind it cannot use (a Redis Cluster node), 4 the channel was full.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -18,7 +18,7 @@ use clap::{Args, ValueEnum};
 
 /// Exit code: bad usage or configuration.
 pub const EXIT_USAGE: u8 = 2;
-/// Exit code: the channel layer could not be reached.
+/// Exit code: the channel layer could not be reached, or is a deployment it cannot use.
 pub const EXIT_UNAVAILABLE: u8 = 3;
 /// Exit code: the channel was full.
 pub const EXIT_FULL: u8 = 4;
@@ -236,7 +236,9 @@ pub fn exit_code_for(e: &anyhow::Error) -> ExitCode {
         return ExitCode::from(EXIT_USAGE);
     }
     match e.downcast_ref::<LayerError>() {
-        Some(LayerError::Unavailable(_)) => ExitCode::from(EXIT_UNAVAILABLE),
+        Some(LayerError::Unavailable(_) | LayerError::Unsupported(_)) => {
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
         Some(LayerError::ChannelFull { .. }) => ExitCode::from(EXIT_FULL),
         Some(LayerError::InvalidName(_) | LayerError::Config(_) | LayerError::Codec(_)) => {
             ExitCode::from(EXIT_USAGE)

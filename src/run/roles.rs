@@ -442,6 +442,7 @@ fn health_check(
         let body = serde_json::json!({
             "status": if healthy { "ok" } else { "failing" },
             "layer": if layer_ok { "ok" } else { "unavailable" },
+            "layer_mode": layer.mode(),
             "receive_failures_in_a_row": receive_failures,
         })
         .to_string();
@@ -487,7 +488,7 @@ fn django_session_redis(args: &WorkerArgs, layer_url: &str) -> anyhow::Result<St
         ["redis://", "rediss://", "unix://", "redis+unix://"]
             .iter()
             .any(|p| first.starts_with(p)),
-        "--django-session-redis is needed when the channel layer is not Redis ({first})"
+        "--django-session-redis is needed when the channel layer is not one plain Redis URL ({first})"
     );
     Ok(first.to_owned())
 }
@@ -550,9 +551,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .await?;
     println!(
-        "Switchyard serve: listening on http://{}/ (layer {})",
+        "Switchyard serve: listening on http://{}/ (layer {}, mode {})",
         server.local_addr(),
-        layer.describe()
+        layer.describe(),
+        layer.mode()
     );
     server.serve(layer, token).await?;
     tracing::info!("server stopped");
@@ -581,7 +583,7 @@ pub async fn worker(app: &App, args: WorkerCommandArgs) -> anyhow::Result<()> {
         )
         .await?;
     }
-    tracing::info!(channels = ?worker.channels(), concurrency = args.worker.concurrency, layer = %layer.describe(), "worker listening");
+    tracing::info!(channels = ?worker.channels(), concurrency = args.worker.concurrency, layer = %layer.describe(), mode = layer.mode(), "worker listening");
     worker.run(token).await?;
     tracing::info!("worker stopped");
     Ok(())

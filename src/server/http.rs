@@ -155,6 +155,7 @@ async fn healthz(shared: &Shared) -> Response<Body> {
         "status": status,
         "inbox": if inbox_ok { "ok" } else { "gone" },
         "layer": if layer_ok { "ok" } else { "unavailable" },
+        "layer_mode": shared.layer.mode(),
         "reasserting": reasserting,
         "memberships": shared.inbox.memberships(),
         "open_connections": m.open_connections,

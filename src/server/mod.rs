@@ -428,7 +428,7 @@ impl Server {
         if let Some(tls) = &self.tls {
             spawn_reload_on_hangup(tls.clone(), shutdown.clone());
         }
-        tracing::info!(addr = %self.local_addr, tls = self.tls.is_some(), layer = %shared.layer.describe(), inbox = %shared.inbox.name(), "interface server listening");
+        tracing::info!(addr = %self.local_addr, tls = self.tls.is_some(), layer = %shared.layer.describe(), mode = shared.layer.mode(), inbox = %shared.inbox.name(), "interface server listening");
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,

@@ -357,6 +357,7 @@ impl Worker {
         }
         tracing::info!(
             layer = %self.layer.describe(),
+            mode = self.layer.mode(),
             concurrency = self.concurrency,
             channels = ?channels,
             "worker listening"

@@ -103,7 +103,10 @@ impl RedisServer {
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
                 if s.write_all(b"PING\r\n").is_ok() {
                     let mut buf = [0u8; 7];
-                    if s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
+                    // With `--requirepass` an unauthenticated PING is refused, but answered.
+                    if s.read_exact(&mut buf).is_ok()
+                        && (&buf == b"+PONG\r\n" || &buf == b"-NOAUTH")
+                    {
                         return;
                     }
                 }
@@ -131,9 +134,18 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT/0`
+    /// `redis://127.0.0.1:PORT/0` (`redis://:PASSWORD@…` when started with `--requirepass`)
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match self.password() {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// The `--requirepass` it was started with.
+    pub fn password(&self) -> Option<&str> {
+        let at = self.extra.iter().position(|a| a == "--requirepass")?;
+        self.extra.get(at + 1).map(String::as_str)
     }
 
     /// Kills the server and waits for it to exit (its data is gone: it keeps nothing on disk).
@@ -185,6 +197,328 @@ impl Drop for RedisServer {
     }
 }
 
+/// A directory under the system temp dir, removed on drop (the harness's config files and the
+/// replication files redis-server writes, kept out of the source tree).
+#[derive(Debug)]
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// A fresh, empty directory named after `tag`.
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "switchyard-{tag}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// `name` inside it, as a string for command lines.
+    pub fn file(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits (`limit` at most) until `cond` holds, polling every 20 ms; panics with `what`.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A Redis Cluster of `redis-server --cluster-enabled yes` nodes on free ports, every slot
+/// assigned (`redis-cli --cluster create`), all killed on drop.
+#[derive(Debug)]
+pub struct RedisCluster {
+    /// The nodes, masters first (`--cluster-replicas` puts replicas last).
+    pub nodes: Vec<RedisServer>,
+    dir: TempDir,
+}
+
+impl RedisCluster {
+    /// `masters` masters with `replicas` replicas each, waiting (30 s at most) until every
+    /// node says `cluster_state:ok`.
+    pub fn start(masters: usize, replicas: usize) -> Self {
+        let dir = TempDir::new("cluster");
+        let mut nodes = Vec::new();
+        for i in 0..masters * (1 + replicas) {
+            let conf = dir.file(&format!("nodes-{i}.conf"));
+            nodes.push(RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &conf,
+                "--cluster-node-timeout",
+                "2000",
+                "--dir",
+                dir.path().to_str().unwrap(),
+            ]));
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new(cli_bin())
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", cli_bin()));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes, dir };
+        wait_until(
+            Duration::from_secs(30),
+            "cluster_state:ok on every node",
+            || {
+                cluster.nodes.iter().all(|n| {
+                    n.try_cmd::<String>(&[b"CLUSTER", b"INFO"])
+                        .is_ok_and(|i| i.contains("cluster_state:ok"))
+                })
+            },
+        );
+        cluster
+    }
+
+    /// `redis://127.0.0.1:PORT/0` of the first node, as a user would set `REDIS_URL`.
+    pub fn node_url(&self) -> String {
+        self.nodes[0].url()
+    }
+}
+
+fn cli_bin() -> String {
+    std::env::var("REDIS_CLI_BIN").unwrap_or_else(|_| "redis-cli".to_owned())
+}
+
+/// A `redis-server --sentinel` child on a free port, killed on drop.
+#[derive(Debug)]
+pub struct SentinelProc {
+    child: Child,
+    port: u16,
+}
+
+impl SentinelProc {
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs one command on this sentinel and returns its reply.
+    pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?;
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut conn)
+    }
+}
+
+impl Drop for SentinelProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The master name the Sentinel harness monitors.
+pub const SENTINEL_MASTER: &str = "mymaster";
+
+/// A master, its replicas and sentinels watching it (`down-after-milliseconds` 1000, so a
+/// killed master is failed over within a few seconds), on free ports, all killed on drop.
+#[derive(Debug)]
+pub struct SentinelSetup {
+    /// The master the setup started with (killing it is the failover test).
+    pub master: RedisServer,
+    /// Its replicas; writable (`replica-read-only no`) so a test can make one miss writes.
+    pub replicas: Vec<RedisServer>,
+    /// The sentinels.
+    pub sentinels: Vec<SentinelProc>,
+    /// The password every Redis of the setup requires.
+    pub password: Option<String>,
+    dir: TempDir,
+}
+
+impl SentinelSetup {
+    /// Starts `replicas` replicas and `sentinels` sentinels (quorum: a majority of them) and
+    /// waits until the replicas are in sync and every sentinel names the master.
+    pub fn start(replicas: usize, sentinels: usize) -> Self {
+        Self::start_with(replicas, sentinels, None)
+    }
+
+    /// As [`SentinelSetup::start`], with every Redis (not the sentinels) requiring `password`.
+    pub fn start_with(replicas: usize, sentinels: usize, password: Option<&str>) -> Self {
+        let dir = TempDir::new("sentinel");
+        let dir_arg = dir.path().to_str().unwrap().to_owned();
+        let auth: Vec<&str> = match password {
+            Some(pw) => vec!["--requirepass", pw, "--masterauth", pw],
+            None => Vec::new(),
+        };
+        let mut args = vec!["--dir", dir_arg.as_str()];
+        args.extend(&auth);
+        let master = RedisServer::start_with(&args);
+        let master_port = master.port().to_string();
+        let mut reps = Vec::new();
+        for i in 0..replicas {
+            let rdir = dir.path().join(format!("replica-{i}"));
+            std::fs::create_dir_all(&rdir).unwrap();
+            let mut args = vec![
+                "--dir",
+                rdir.to_str().unwrap(),
+                "--replicaof",
+                "127.0.0.1",
+                &master_port,
+                "--replica-read-only",
+                "no",
+            ];
+            args.extend(&auth);
+            reps.push(RedisServer::start_with(&args));
+        }
+        let quorum = sentinels / 2 + 1;
+        let mut procs = Vec::new();
+        for i in 0..sentinels {
+            let port = free_port();
+            let conf = dir.file(&format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir_arg}\n\
+                     sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} {quorum}\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                     sentinel failover-timeout {SENTINEL_MASTER} 3000\n\
+                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n{}",
+                    password
+                        .map(|pw| format!("sentinel auth-pass {SENTINEL_MASTER} {pw}\n"))
+                        .unwrap_or_default()
+                ),
+            )
+            .unwrap();
+            let child = Command::new(redis_bin())
+                .args([conf.as_str(), "--sentinel"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {} --sentinel: {e}", redis_bin()));
+            procs.push(SentinelProc { child, port });
+        }
+        let setup = SentinelSetup {
+            password: password.map(str::to_owned),
+            master,
+            replicas: reps,
+            sentinels: procs,
+            dir,
+        };
+        wait_until(
+            Duration::from_secs(10),
+            "the replicas to be in sync",
+            || {
+                setup
+                    .master
+                    .try_cmd::<String>(&[b"INFO", b"replication"])
+                    .is_ok_and(|i| i.matches("state=online").count() == replicas)
+            },
+        );
+        wait_until(
+            Duration::from_secs(10),
+            "every sentinel to name the master",
+            || {
+                setup
+                    .sentinels
+                    .iter()
+                    .all(|s| setup.master_port_by(s) == Some(setup.master.port()))
+            },
+        );
+        setup
+    }
+
+    /// `redis+sentinel://[:PASSWORD@]127.0.0.1:P1,127.0.0.1:P2,…/mymaster/0`
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        let login = self
+            .password
+            .as_ref()
+            .map(|pw| format!(":{pw}@"))
+            .unwrap_or_default();
+        format!(
+            "redis+sentinel://{login}{}/{SENTINEL_MASTER}/0",
+            hosts.join(",")
+        )
+    }
+
+    /// The master's port as `sentinel` names it.
+    pub fn master_port_by(&self, sentinel: &SentinelProc) -> Option<u16> {
+        let (_, port): (String, String) = sentinel
+            .try_cmd(&["SENTINEL", "get-master-addr-by-name", SENTINEL_MASTER])
+            .ok()?;
+        port.parse().ok()
+    }
+
+    /// Waits (20 s at most) until every sentinel knows the others and the replicas, so that
+    /// killing the master leads to a failover.
+    pub fn wait_ready_for_failover(&self) {
+        let others = (self.sentinels.len() - 1).to_string();
+        let replicas = self.replicas.len().to_string();
+        wait_until(
+            Duration::from_secs(20),
+            "every sentinel to know the other sentinels and the replicas",
+            || {
+                self.sentinels.iter().all(|s| {
+                    s.try_cmd::<std::collections::HashMap<String, String>>(&[
+                        "SENTINEL",
+                        "MASTER",
+                        SENTINEL_MASTER,
+                    ])
+                    .is_ok_and(|m| {
+                        m.get("num-other-sentinels") == Some(&others)
+                            && m.get("num-slaves") == Some(&replicas)
+                    })
+                })
+            },
+        );
+    }
+
+    /// Waits (`limit` at most) until every sentinel names the master on `port`.
+    pub fn wait_master(&self, port: u16, limit: Duration) {
+        wait_until(
+            limit,
+            &format!("every sentinel to name 127.0.0.1:{port} master"),
+            || {
+                self.sentinels
+                    .iter()
+                    .all(|s| self.master_port_by(s) == Some(port))
+            },
+        );
+    }
+}
+
 /// Which backend a fixture runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -192,6 +526,8 @@ pub enum Backend {
     Memory,
     /// A fresh redis-server.
     Redis,
+    /// A fresh master and one sentinel, through a `redis+sentinel://` URL.
+    Sentinel,
 }
 
 /// A layer and whatever keeps it alive.
@@ -199,6 +535,7 @@ pub enum Backend {
 pub struct Fixture {
     pub layer: Layer,
     pub redis: Option<RedisServer>,
+    pub sentinel: Option<SentinelSetup>,
 }
 
 impl Fixture {
@@ -208,6 +545,7 @@ impl Fixture {
             Backend::Memory => Fixture {
                 layer: Layer::from_url("memory://", settings).await.unwrap(),
                 redis: None,
+                sentinel: None,
             },
             Backend::Redis => {
                 let redis = RedisServer::start();
@@ -215,6 +553,19 @@ impl Fixture {
                 Fixture {
                     layer,
                     redis: Some(redis),
+                    sentinel: None,
+                }
+            }
+            Backend::Sentinel => {
+                let setup = tokio::task::spawn_blocking(|| SentinelSetup::start(0, 1))
+                    .await
+                    .unwrap();
+                let layer = Layer::from_url(&setup.url(), settings).await.unwrap();
+                assert_eq!(layer.mode(), "sentinel");
+                Fixture {
+                    layer,
+                    redis: None,
+                    sentinel: Some(setup),
                 }
             }
         }
@@ -222,9 +573,10 @@ impl Fixture {
 
     /// A second layer (another "process") on the same backend, with its own settings.
     pub async fn peer(&self, settings: LayerSettings) -> Layer {
-        match &self.redis {
-            None => self.layer.clone(),
-            Some(r) => Layer::from_url(&r.url(), settings).await.unwrap(),
+        match (&self.redis, &self.sentinel) {
+            (Some(r), _) => Layer::from_url(&r.url(), settings).await.unwrap(),
+            (None, Some(s)) => Layer::from_url(&s.url(), settings).await.unwrap(),
+            (None, None) => self.layer.clone(),
         }
     }
 }

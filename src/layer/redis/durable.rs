@@ -612,6 +612,12 @@ impl RedisLayer {
         Ok(jobs)
     }
 
+    /// Changes when `shard` follows a new master (Sentinel): a [`RedisLayer::job_reader`]
+    /// connection opened under another generation must be replaced.
+    pub(crate) fn job_reader_generation(&self, shard: usize) -> u64 {
+        self.inner.shards[shard].conn.generation()
+    }
+
     /// A dedicated connection for blocking reads of durable channels on `shard` (no client-side
     /// response timeout: the read is bounded by its BLOCK and a margin instead).
     pub async fn job_reader(&self, shard: usize) -> Result<MultiplexedConnection, LayerError> {
@@ -619,10 +625,15 @@ impl RedisLayer {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(None);
-        s.client
+        s.conn
+            .client()
+            .0
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(|e| LayerError::Unavailable(format!("Redis at {}: {e}", s.addr)))
+            .map_err(|e| {
+                s.conn.failed_with(&e);
+                LayerError::Unavailable(format!("Redis at {}: {e}", s.addr))
+            })
     }
 
     /// Reads up to `count` new jobs from `channels` (all on `shard`) for `consumer`, blocking up
@@ -666,8 +677,12 @@ impl RedisLayer {
             Ok(Err(e)) if e.code() == Some("NOGROUP") => {
                 return Err(LayerError::Protocol(format!("Redis at {addr}: {e}")));
             }
-            Ok(Err(e)) => return Err(LayerError::Unavailable(format!("Redis at {addr}: {e}"))),
+            Ok(Err(e)) => {
+                self.inner.shards[shard].conn.failed_with(&e);
+                return Err(LayerError::Unavailable(format!("Redis at {addr}: {e}")));
+            }
             Err(_) => {
+                self.inner.shards[shard].conn.suspect();
                 return Err(LayerError::Unavailable(format!(
                     "Redis at {addr}: no answer to a blocking read"
                 )));

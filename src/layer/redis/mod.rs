@@ -16,6 +16,45 @@
 //! connection per receiver and shard with no client-side response timeout (a timed-out or
 //! cancelled BZPOPMIN loses the message Redis pops for it after the client gave up: the pop
 //! happens on the server whether or not anyone still reads the reply).
+//!
+//! Behind Sentinel (`redis+sentinel://`) the one shard is the master the sentinels name, and
+//! [`conn`] follows it across failovers.
+//!
+//! ## Redis Cluster (designed, not built)
+//!
+//! Pointed at a cluster node today the layer stops at startup (exit 3). The backend to come uses
+//! redis-rs's async cluster connection (slot map, `MOVED`/`ASK`, topology refresh), never a
+//! home-made router, and needs only these changes to the model above:
+//! - **Key scheme.** Every script already touches one key, except the lease index (the leases
+//!   set and an inbox's group index) and the durable-job scripts (a channel's stream and its
+//!   `:retry`, `:dead` and `:idem:*` keys). A durable channel's keys share its name as hash
+//!   tag: `{prefix}:jobs:{<channel>}` and `{prefix}:jobs:{<channel>}:retry`…. The per-process
+//!   keys share the process's
+//!   hash tag: inbox `{prefix}{<process>!}`, its group index `{prefix}:inbox-groups:{<process>!}`,
+//!   its lease `{prefix}:lease:{<process>!}`; the index script then touches one slot (and the
+//!   receive path strips the braces when it reads a channel name back from a key). The lapse
+//!   scan needs every deadline in one place: `{prefix}:leases` stays one sorted set (one slot,
+//!   one `ZADD` per process per second), and is checked by `ZSCORE` before the one-slot index
+//!   script, not inside it (a lease reaped in between leaves an index entry that expires with
+//!   its TTL). Channels and groups keep their channels_redis names (`{prefix}{name}`,
+//!   `{prefix}:group:{name}`): one key each, no tag, so they spread over the slots. Python
+//!   interop in cluster mode is out of scope (channels_redis has no cluster mode).
+//! - **Group send.** Read the group (one key), build one message per inbox key as today, group
+//!   the inbox keys by slot, and send one single-slot pipeline per slot, all at once: redis-rs
+//!   refuses a pipeline that crosses slots, and its per-node multiplexed connections put
+//!   concurrent pipelines for one node on the wire together.
+//! - **Blocking receive.** `BZMPOP` takes keys of one slot only. The receiver groups its
+//!   channels by slot and takes turns over the groups in short slices on one dedicated
+//!   connection per node, as it does over shards today (no group starves; `--only-channels`
+//!   only changes the set). A pop is never cancelled client-side (at most once stays at most
+//!   once); a per-node parallel pop with a one-batch hand-off is the later optimisation.
+//! - **Commands.** `stats` and `flush` `SCAN` every master (the cluster connection routes a
+//!   `SCAN` to one node only); `send` and `bench` need nothing new.
+//! - **Failover and resharding.** redis-rs follows `MOVED`/`ASK` and refreshes its slot map; a
+//!   promoted replica that missed writes is covered by the leases as behind Sentinel, the lease
+//!   set being one key on one master. Tests: a 3-master cluster from tests/support
+//!   (`RedisCluster::start(3, 1)`), the conformance suite through `redis+cluster://`, then the
+//!   kill, reshard and add-node scenarios under live load.
 
 use std::fmt;
 use std::sync::Arc;
@@ -41,6 +80,7 @@ mod batch;
 mod conn;
 mod lease;
 mod registry;
+mod sentinel_url;
 
 pub(crate) use lease::LeaseState;
 
@@ -56,11 +96,24 @@ pub mod durable;
 /// How much longer than its own block time a pop may take before its connection is deemed dead.
 const DEAD_CONNECTION_MARGIN: Duration = Duration::from_secs(5);
 
+impl Shard {
+    fn new(addr: String, conn: SharedConn) -> Self {
+        Shard {
+            addr,
+            conn,
+            healthy: AtomicBool::new(true),
+            last_ok_ms: AtomicU64::new(0),
+            has_bzmpop: AtomicBool::new(true),
+            sends: batch::SendQueue::default(),
+            in_flight: Arc::default(),
+        }
+    }
+}
+
 /// One Redis server of the shard ring.
 struct Shard {
-    /// Address for logs and errors (no password).
+    /// Address for logs and errors (no password); behind Sentinel, the master's name.
     addr: String,
-    client: Client,
     conn: SharedConn,
     /// False after a failed command, until one succeeds (to count reconnects once).
     healthy: AtomicBool,
@@ -79,6 +132,8 @@ struct Shard {
 
 struct Inner {
     settings: LayerSettings,
+    /// Set when the one shard is the master a Sentinel names.
+    sentinel: Option<SentinelInfo>,
     rules: CapacityRules,
     metrics: Arc<LayerMetrics>,
     shards: Vec<Shard>,
@@ -96,6 +151,12 @@ struct Inner {
     /// Channels whose sends go to a stream (`--durable-channels`).
     durable: Vec<regex::Regex>,
     durable_scripts: durable::DurableScripts,
+}
+
+/// What a Sentinel-managed layer says of itself in logs.
+struct SentinelInfo {
+    master: String,
+    sentinels: String,
 }
 
 /// The Redis channel layer. Clones share connections.
@@ -123,7 +184,8 @@ pub fn consistent_hash(name: &str, ring_size: usize) -> usize {
 }
 
 fn is_outage(e: &RedisError) -> bool {
-    e.is_io_error()
+    conn::refused_unrun(e)
+        || e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_timeout()
@@ -133,29 +195,53 @@ fn is_outage(e: &RedisError) -> bool {
 impl RedisLayer {
     /// Connects to every shard (one URL each) and checks each answers PING.
     pub async fn connect(urls: &[&str], settings: LayerSettings) -> Result<Self, LayerError> {
-        let rules = settings.compile()?;
-        let durable = settings.durable_rules()?;
         let mut shards = Vec::with_capacity(urls.len());
         for url in urls {
             let client = Client::open(*url)
                 .map_err(|e| LayerError::Config(format!("invalid Redis URL {url:?}: {e}")))?;
             let addr = client.get_connection_info().addr().to_string();
-            let conn = SharedConn::new(
-                conn::prefer_resp3(client.clone(), url),
-                settings.command_timeout,
-            )
-            .map_err(|e| LayerError::Config(format!("cannot set up Redis at {addr}: {e}")))?;
-            shards.push(Shard {
-                addr,
-                client,
-                conn,
-                healthy: AtomicBool::new(true),
-                last_ok_ms: AtomicU64::new(0),
-                has_bzmpop: AtomicBool::new(true),
-                sends: batch::SendQueue::default(),
-                in_flight: Arc::default(),
-            });
+            let conn = SharedConn::new(conn::prefer_resp3(client, url), settings.command_timeout)
+                .map_err(|e| {
+                LayerError::Config(format!("cannot set up Redis at {addr}: {e}"))
+            })?;
+            shards.push(Shard::new(addr, conn));
         }
+        Self::start(shards, None, settings).await
+    }
+
+    /// Connects to the master that the sentinels of `url`
+    /// (`redis+sentinel://[user:password@]host:port[,host:port…]/<master-name>[/<db>]`) name,
+    /// and follows it across failovers.
+    pub async fn connect_sentinel(url: &str, settings: LayerSettings) -> Result<Self, LayerError> {
+        let target = sentinel_url::parse(url)?;
+        let info = SentinelInfo {
+            master: target.master.clone(),
+            sentinels: target
+                .sentinels
+                .iter()
+                .map(|s| s.trim_start_matches("redis://"))
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        let label = format!("sentinel master {}", target.master);
+        let conn = SharedConn::via_sentinel(target, settings.command_timeout)
+            .await
+            .map_err(|e| {
+                LayerError::Unavailable(format!(
+                    "no master {:?} from the sentinels at {}: {e}",
+                    info.master, info.sentinels
+                ))
+            })?;
+        Self::start(vec![Shard::new(label, conn)], Some(info), settings).await
+    }
+
+    async fn start(
+        shards: Vec<Shard>,
+        sentinel: Option<SentinelInfo>,
+        settings: LayerSettings,
+    ) -> Result<Self, LayerError> {
+        let rules = settings.compile()?;
+        let durable = settings.durable_rules()?;
         let crypter = if settings.symmetric_encryption_keys.is_empty() {
             None
         } else {
@@ -170,6 +256,7 @@ impl RedisLayer {
                 crypter,
                 crypter_ttl,
                 settings,
+                sentinel,
                 rules,
                 metrics: Arc::default(),
                 shards,
@@ -190,11 +277,64 @@ impl RedisLayer {
                     async move { ping.query_async::<String>(&mut conn).await },
                 )
                 .await?;
+            layer.check_server_mode(i).await?;
         }
         for shard in 0..layer.inner.shards.len() {
             tokio::spawn(keepalive(Arc::downgrade(&layer.inner), shard));
         }
         Ok(layer)
+    }
+
+    /// Refuses a server this layer cannot use through a plain URL, before any request meets
+    /// it: a Redis Cluster node answers PING but then refuses multi-key scripts (`CROSSSLOT`)
+    /// and keys of other slots (`MOVED`), and a Sentinel answers PING but stores nothing.
+    async fn check_server_mode(&self, i: usize) -> Result<(), LayerError> {
+        let mut conn = self.inner.shards[i].conn.clone();
+        let info = redis::cmd("INFO");
+        // Default sections: `server` (redis_mode) and `cluster` (cluster_enabled).
+        let info = match self
+            .run(
+                i,
+                async move { info.query_async::<String>(&mut conn).await },
+            )
+            .await
+        {
+            Ok(info) => info,
+            // Some managed services rename or restrict INFO: then nothing can be told here.
+            Err(LayerError::Protocol(e)) => {
+                tracing::debug!(error = %e, "INFO refused; cannot check the server's mode");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let addr = &self.inner.shards[i].addr;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        if field("cluster_enabled") == Some("1") || field("redis_mode") == Some("cluster") {
+            return Err(LayerError::Unsupported(format!(
+                "Redis at {addr} is a Redis Cluster node (cluster_enabled:1); Redis Cluster is not supported yet: use a Redis without cluster mode (redis://host:port/db), several as client-side shards (comma-separated redis:// URLs), or Sentinel (redis+sentinel://host:port[,host:port…]/<master-name>[/<db>])"
+            )));
+        }
+        if field("redis_mode") == Some("sentinel") {
+            return Err(LayerError::Unsupported(format!(
+                "{addr} is a Redis Sentinel, not a Redis: use redis+sentinel://{addr}/<master-name>[/<db>]"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `single`, `shards` or `sentinel` (see [`super::Layer::mode`]).
+    pub(crate) fn mode(&self) -> &'static str {
+        if self.inner.sentinel.is_some() {
+            "sentinel"
+        } else if self.inner.shards.len() > 1 {
+            "shards"
+        } else {
+            "single"
+        }
     }
 
     /// True while every shard answered its last command.
@@ -219,6 +359,14 @@ impl RedisLayer {
     }
 
     pub(crate) fn describe(&self) -> String {
+        if let Some(s) = &self.inner.sentinel {
+            return format!(
+                "redis sentinel {} via {} (master at {})",
+                s.master,
+                s.sentinels,
+                self.inner.shards[0].conn.addr()
+            );
+        }
         let addrs: Vec<&str> = self.inner.shards.iter().map(|s| s.addr.as_str()).collect();
         format!("redis {}", addrs.join(","))
     }
@@ -654,7 +802,8 @@ impl RedisLayer {
 /// with backoff after a failure. Never put a receive in a `select!` that can drop it mid-pop.
 pub struct RedisReceiver {
     layer: RedisLayer,
-    conns: Vec<Option<MultiplexedConnection>>,
+    /// Each shard's pop connection and the generation of the master it was opened to.
+    conns: Vec<Option<(MultiplexedConnection, u64)>>,
     backoff: Duration,
     next_shard: usize,
 }
@@ -675,16 +824,21 @@ type PoppedBatch = (String, Vec<(Vec<u8>, f64)>);
 
 impl RedisReceiver {
     async fn conn(&mut self, shard: usize) -> Result<MultiplexedConnection, LayerError> {
-        if let Some(c) = &self.conns[shard] {
-            return Ok(c.clone());
-        }
         let s = &self.layer.inner.shards[shard];
+        if let Some((c, generation)) = &self.conns[shard] {
+            // Behind Sentinel, a pop connection to a replaced master would go on popping from
+            // a server nobody sends to until Sentinel demotes it.
+            if *generation == s.conn.generation() {
+                return Ok(c.clone());
+            }
+            self.conns[shard] = None;
+        }
         // No response timeout: a blocking pop must never be cut short by the client.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(None);
-        match s
-            .client
+        let (client, generation) = s.conn.client();
+        match client
             .get_multiplexed_async_connection_with_config(&config)
             .await
         {
@@ -694,7 +848,7 @@ impl RedisReceiver {
                     tracing::info!(redis = %s.addr, "receiver reconnected to Redis");
                 }
                 self.backoff = Duration::ZERO;
-                self.conns[shard] = Some(c.clone());
+                self.conns[shard] = Some((c.clone(), generation));
                 Ok(c)
             }
             Err(e) => Err(self.failed(shard, &e)),
@@ -704,6 +858,7 @@ impl RedisReceiver {
     /// The connection to `shard` did not answer in `waited`: forget it and report an outage.
     fn dead(&mut self, shard: usize, waited: Duration) -> LayerError {
         self.conns[shard] = None;
+        self.layer.inner.shards[shard].conn.suspect();
         self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
         LayerMetrics::add(&self.layer.inner.metrics.unavailable, 1);
         let addr = &self.layer.inner.shards[shard].addr;
@@ -715,6 +870,7 @@ impl RedisReceiver {
 
     fn failed(&mut self, shard: usize, e: &RedisError) -> LayerError {
         self.conns[shard] = None;
+        self.layer.inner.shards[shard].conn.failed_with(e);
         self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
         LayerMetrics::add(&self.layer.inner.metrics.unavailable, 1);
         let addr = &self.layer.inner.shards[shard].addr;

@@ -21,6 +21,8 @@ pub struct Proc {
     pub stdout: mpsc::Receiver<String>,
     /// The URL it announced (`http://127.0.0.1:PORT/`), when it announces one.
     pub base: Option<String>,
+    /// The whole announcement line, when it announces one.
+    pub announcement: Option<String>,
 }
 
 /// The binary under test.
@@ -58,6 +60,7 @@ impl Proc {
             child,
             stdout: rx,
             base: None,
+            announcement: None,
         };
         if announces {
             let line = proc
@@ -70,6 +73,7 @@ impl Proc {
             let rest = &line[start + 7..];
             let host = &rest[..rest.find('/').expect("a path after the address")];
             proc.base = Some(format!("http://{host}"));
+            proc.announcement = Some(line.clone());
         }
         proc
     }
