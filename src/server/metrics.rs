@@ -3,6 +3,7 @@
 //! without a number going up. Plain atomics, read through [`ServerMetrics::snapshot`] (the CLI can
 //! export them to Prometheus).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Counters shared by every connection of one [`super::Server`].
@@ -42,6 +43,8 @@ pub struct ServerMetrics {
     pub(crate) backpressure_refusals: AtomicU64,
     pub(crate) auth_refused: AtomicU64,
     pub(crate) token_expired_closes: AtomicU64,
+    /// Shared with the process inbox, which enforces the cap on groups per socket.
+    pub(crate) ws_group_cap_closes: Arc<AtomicU64>,
 }
 
 /// A copy of the counters at one instant.
@@ -124,6 +127,9 @@ pub struct ServerMetricsSnapshot {
     pub auth_refused: u64,
     /// Sockets closed (with the auth close code, 4001) because their token expired.
     pub token_expired_closes: u64,
+    /// Sockets closed with 1008 because workers added them to more than
+    /// `max_groups_per_socket` groups (the membership over the cap discarded).
+    pub ws_group_cap_closes: u64,
 }
 
 impl ServerMetrics {
@@ -177,6 +183,7 @@ impl ServerMetrics {
             backpressure_refusals: r(&self.backpressure_refusals),
             auth_refused: r(&self.auth_refused),
             token_expired_closes: r(&self.token_expired_closes),
+            ws_group_cap_closes: r(&self.ws_group_cap_closes),
         }
     }
 }

@@ -202,6 +202,14 @@ pub struct ServerArgs {
     /// --proxy-headers, or a load test, puts every client on one loopback address).
     #[arg(long, env = "SWITCHYARD_LIMIT_LOOPBACK")]
     pub limit_loopback: bool,
+    /// Groups one socket may be in (0 = no limit): a worker's group_add past it is discarded
+    /// and the socket closed with 1008.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_GROUPS_PER_SOCKET",
+        default_value_t = switchyard::server::DEFAULT_MAX_GROUPS_PER_SOCKET
+    )]
+    pub max_groups_per_socket: usize,
     #[command(flatten)]
     pub edge: crate::edge::EdgeArgs,
 }
@@ -263,6 +271,7 @@ impl ServerArgs {
             max_connections_per_ip: self.max_connections_per_ip,
             limit_loopback: self.limit_loopback,
             ws_rate_limit: self.rate_limit()?,
+            max_groups_per_socket: self.max_groups_per_socket,
             auth: self.edge.auth()?,
             tls: self.edge.tls(),
             ..ServerConfig::default()
@@ -526,6 +535,7 @@ fn server_exposition(e: &mut Exposition, m: &ServerMetrics) {
             ("origin", s.origin_rejected),
             ("per_ip", s.per_ip_refused),
             ("rate_limit", s.ws_rate_limit_closes),
+            ("groups_per_socket", s.ws_group_cap_closes),
         ],
     )
     .counter(
