@@ -43,6 +43,8 @@ pub struct ServerMetrics {
     pub(crate) backpressure_refusals: AtomicU64,
     pub(crate) auth_refused: AtomicU64,
     pub(crate) token_expired_closes: AtomicU64,
+    pub(crate) token_refreshes: AtomicU64,
+    pub(crate) token_refreshes_refused: AtomicU64,
     /// Shared with the process inbox, which enforces the cap on groups per socket.
     pub(crate) ws_group_cap_closes: Arc<AtomicU64>,
 }
@@ -127,6 +129,11 @@ pub struct ServerMetricsSnapshot {
     pub auth_refused: u64,
     /// Sockets closed (with the auth close code, 4001) because their token expired.
     pub token_expired_closes: u64,
+    /// Refresh frames whose token was taken (the socket's expiry moved).
+    pub token_refreshes: u64,
+    /// Refresh frames refused (invalid, expired, another `sub`): the socket was closed with the
+    /// auth close code.
+    pub token_refreshes_refused: u64,
     /// Sockets closed with 1008 because workers added them to more than
     /// `max_groups_per_socket` groups (the membership over the cap discarded).
     pub ws_group_cap_closes: u64,
@@ -183,6 +190,8 @@ impl ServerMetrics {
             backpressure_refusals: r(&self.backpressure_refusals),
             auth_refused: r(&self.auth_refused),
             token_expired_closes: r(&self.token_expired_closes),
+            token_refreshes: r(&self.token_refreshes),
+            token_refreshes_refused: r(&self.token_refreshes_refused),
             ws_group_cap_closes: r(&self.ws_group_cap_closes),
         }
     }

@@ -58,7 +58,8 @@
 //!   workers add to more than `max_groups_per_socket` groups is closed with 1008 and the group
 //!   that went over discarded (the inbox hears of every `group_add` on its sockets).
 //! - authentication ([`auth`]): a verified token's claims ride under `user`; a bad token, or none
-//!   on a required path → 401 / 403 before any worker hears of it; expiry closes a socket (4001).
+//!   on a required path → 401 / 403 before any worker hears of it; expiry closes a socket (4001)
+//!   unless a refresh frame renewed its token.
 //! - TLS ([`tls`]): HTTPS and WSS on `bind` when [`ServerConfig::tls`] is set, reloaded on SIGHUP.
 
 pub mod auth;

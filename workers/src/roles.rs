@@ -487,6 +487,15 @@ fn server_exposition(e: &mut Exposition, m: &ServerMetrics) {
         "Sockets closed because their token expired.",
         s.token_expired_closes,
     )
+    .counter_by(
+        "switchyard_token_refreshes_total",
+        "Token refresh frames, by outcome (a refused one closes its socket).",
+        "outcome",
+        &[
+            ("accepted", s.token_refreshes),
+            ("refused", s.token_refreshes_refused),
+        ],
+    )
     .counter(
         "switchyard_ws_frames_lost_total",
         "Client frames dropped because the layer was unreachable.",
