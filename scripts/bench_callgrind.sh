@@ -19,7 +19,8 @@
 #   --edge on              serve with every edge check on and the client passing them
 #                          (scripts/edge_profile.sh: allowed hosts and origins, JWT required on
 #                          /ws/, limits on loopback); off (the default): serve's defaults
-#   --process serve        count `serve` (the default), `worker`, or `client` (`switchyard bench`)
+#   --process serve        count `serve` (the default), `worker`, `client` (`switchyard bench`) or
+#                          `redis` (the redis-server): the four give the CPU of a whole echo
 #   --small N --large N    messages of the two runs (broadcasts, echoes, requests or
 #                          connections; defaults 6 and 20 broadcasts, 5,000 and 20,000 echoes,
 #                          2,000 and 8,000 requests, 200 and 1,000 connections)
@@ -67,7 +68,7 @@ case "$EDGE" in
 esac
 [ "$LARGE" -gt "$SMALL" ] 2> /dev/null \
   || { echo "--large ($LARGE) must be a count above --small ($SMALL)" >&2; exit 2; }
-case "$PROCESS" in serve|worker|client) ;; *) echo "--process is serve, worker or client" >&2; exit 2 ;; esac
+case "$PROCESS" in serve|worker|client|redis) ;; *) echo "--process is serve, worker, client or redis" >&2; exit 2 ;; esac
 command -v valgrind > /dev/null || { echo "valgrind is missing (apt-get install -y valgrind)" >&2; exit 1; }
 
 WORK="$(mktemp -d)"
@@ -101,12 +102,15 @@ measure() {
   local bin="$1" n="$2" result="$3" rport hport out="$WORK/callgrind.out" grind=() spid wpid
   rm -f "$out"
   rport="$(free_port)"; hport="$(free_port)"
-  redis-server --bind 127.0.0.1 --port "$rport" --save '' --appendonly no --logfile "" \
-    > /dev/null 2>&1 &
+  local valgrind=(valgrind --tool=callgrind --callgrind-out-file="$out")
+  [ "$PROCESS" = redis ] && grind=("${valgrind[@]}")
+  # Redis writes its count when the cleanup stops it, after serve and the worker are gone.
+  ${grind[@]+"${grind[@]}"} redis-server --bind 127.0.0.1 --port "$rport" --save '' \
+    --appendonly no --logfile "" > /dev/null 2>&1 &
   PIDS+=($!)
-  wait_for "redis-server" 50 redis-cli -p "$rport" ping
-  local layer="redis://127.0.0.1:$rport/0" valgrind=(valgrind --tool=callgrind --callgrind-out-file="$out")
-  [ "$PROCESS" = serve ] && grind=("${valgrind[@]}")
+  wait_for "redis-server" 100 redis-cli -p "$rport" ping
+  local layer="redis://127.0.0.1:$rport/0"
+  grind=(); [ "$PROCESS" = serve ] && grind=("${valgrind[@]}")
   ${grind[@]+"${grind[@]}"} "$bin" --threads 1 serve --layer "$layer" --capacity 10000 --port "$hport" \
     --max-connections 20000 --log warn ${EDGE_SERVE_FLAGS[@]+"${EDGE_SERVE_FLAGS[@]}"} \
     > "$WORK/serve.log" 2>&1 &
