@@ -15,6 +15,11 @@
 # worker reach Redis over loopback TCP (redis://127.0.0.1:PORT) or over its Unix socket
 # (unix:///…/redis.sock); the load itself is always WebSocket over loopback TCP.
 #
+# With --edge off,on every binary runs once per setting in each round: serve's defaults, and
+# every edge check on with the load client passing them (scripts/edge_profile.sh: allowed hosts
+# and origins, a JWT required on /ws/ and sent by the client, the per-client limits applied to
+# loopback with rates that delay nothing). The line names the setting.
+#
 # CONCURRENCY=N in the environment sets the worker's --concurrency (default 32, as in the runs of
 # sessions 2-4; scripts/bench.sh uses 256). CLIENT_BIN=path runs that binary's `bench` as the load
 # client of every run (default: each binary under test is its own client), so that a change to
@@ -24,6 +29,7 @@
 #   scripts/bench_ab.sh --rounds 5 --conns 1 --threads 0 A B
 #   scripts/bench_ab.sh --broadcast 1000:20 A B
 #   scripts/bench_ab.sh --transports tcp,unix target/release/switchyard
+#   scripts/bench_ab.sh --rounds 5 --edge off,on target/release/switchyard
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +38,7 @@ CONNS=1000
 THREADS=1
 BROADCAST=""
 TRANSPORTS=tcp
+EDGES=off
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
@@ -39,12 +46,13 @@ while [ $# -gt 0 ]; do
     --threads) THREADS="$2"; shift 2 ;;
     --broadcast) BROADCAST="$2"; shift 2 ;;
     --transports) TRANSPORTS="$2"; shift 2 ;;
+    --edge) EDGES="$2"; shift 2 ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     --*) echo "unknown flag $1" >&2; exit 2 ;;
     *) break ;;
   esac
 done
-[ $# -ge 1 ] || { echo "usage: $0 [--rounds N] [--conns C] [--threads T] [--broadcast M:R] [--transports tcp,unix] BIN..." >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 [--rounds N] [--conns C] [--threads T] [--broadcast M:R] [--transports tcp,unix] [--edge off,on] BIN..." >&2; exit 2; }
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 WORK="$(mktemp -d)"
@@ -67,6 +75,13 @@ for round in $(seq "$ROUNDS"); do
   for bin in "$@"; do
   client="${CLIENT_BIN:-$bin}"
   for transport in ${TRANSPORTS//,/ }; do
+  for edge in ${EDGES//,/ }; do
+    EDGE_SERVE_FLAGS=(); EDGE_CLIENT_FLAGS=()
+    case "$edge" in
+      off) ;;
+      on) . scripts/edge_profile.sh ;;
+      *) echo "--edge takes off and on, not $edge" >&2; exit 2 ;;
+    esac
     rport="$(free_port)"; hport="$(free_port)"
     rm -f "$WORK/redis.sock"
     redis-server --bind 127.0.0.1 --port "$rport" --unixsocket "$WORK/redis.sock" --unixsocketperm 700 \
@@ -80,7 +95,8 @@ for round in $(seq "$ROUNDS"); do
     esac
     # The environment, not --threads, so that builds from before the flag run too.
     SWITCHYARD_THREADS="$THREADS" "$bin" serve --layer "$layer" --capacity 10000 --port "$hport" \
-      --max-connections 20000 --log warn > "$WORK/serve.log" 2>&1 &
+      --max-connections 20000 --log warn ${EDGE_SERVE_FLAGS[@]+"${EDGE_SERVE_FLAGS[@]}"} \
+      > "$WORK/serve.log" 2>&1 &
     spid=$!; PIDS+=("$spid")
     SWITCHYARD_THREADS="$THREADS" "$bin" worker --layer "$layer" --capacity 10000 --concurrency "${CONCURRENCY:-32}" \
       --log warn > "$WORK/worker.log" 2>&1 &
@@ -89,10 +105,11 @@ for round in $(seq "$ROUNDS"); do
     if [ -n "$BROADCAST" ]; then
       "$client" bench broadcast --url "ws://127.0.0.1:$hport/ws/relay/{room}/" -c "${BROADCAST%%:*}" \
         --rooms 1 --senders 1 --rate "${BROADCAST##*:}" -d 7 -n 20000000 --settle 1 -q \
-        > "$WORK/bench.out" 2> "$WORK/bench.err" &
+        ${EDGE_CLIENT_FLAGS[@]+"${EDGE_CLIENT_FLAGS[@]}"} > "$WORK/bench.out" 2> "$WORK/bench.err" &
     else
       "$client" bench echo --url "ws://127.0.0.1:$hport/ws/echo/" -c "$CONNS" --in-flight 1 -d 7 \
-        -n 20000000 -q > "$WORK/bench.out" 2> "$WORK/bench.err" &
+        -n 20000000 -q ${EDGE_CLIENT_FLAGS[@]+"${EDGE_CLIENT_FLAGS[@]}"} \
+        > "$WORK/bench.out" 2> "$WORK/bench.err" &
     fi
     bpid=$!
     sleep 2
@@ -100,7 +117,7 @@ for round in $(seq "$ROUNDS"); do
     sleep 4
     s1=$(ticks "$spid"); w1=$(ticks "$wpid"); r1=$(ticks "$rpid"); read -r st1 tt1 < <(steal_total)
     wait "$bpid" || true
-    python3 - "$round" "$bin ($transport)" "$((s1 - s0))" "$((w1 - w0))" "$((r1 - r0))" "$(getconf CLK_TCK)" \
+    python3 - "$round" "$bin ($transport, edge $edge)" "$((s1 - s0))" "$((w1 - w0))" "$((r1 - r0))" "$(getconf CLK_TCK)" \
       "$WORK/bench.out" "$((st1 - st0))" "$((tt1 - tt0))" <<'PY'
 import json, sys
 rnd, binary, s, w, r, hz, out, steal, total = sys.argv[1:]
@@ -120,6 +137,7 @@ print(f"round {rnd} {binary}: {rate:,.0f} {unit}/s, p50 {lat.get('p50')} µs, p9
       f"steal {100 * int(steal) / max(1, int(total)):.0f} %")
 PY
     cleanup
+  done
   done
   done
 done

@@ -13,15 +13,24 @@
 #                          instructions per echo
 #   --scenario http        32 keep-alive connections asking for GET / (the 2 KB page, answered
 #                          by the worker through Redis): instructions per request
-#   --process serve        count `serve` (the default), `worker`, or `client` (`switchyard bench`)
-#   --small N --large N    messages of the two runs (broadcasts, echoes or requests; defaults 6
-#                          and 20 broadcasts, 5,000 and 20,000 echoes, 2,000 and 8,000 requests)
+#   --scenario handshake   WebSockets opened on /ws/echo/ (64 at a time), held 0.5 s and closed:
+#                          instructions per connection (TCP accept, handshake and 101 after the
+#                          worker's accept, close, websocket.disconnect)
+#   --edge on              serve with every edge check on and the client passing them
+#                          (scripts/edge_profile.sh: allowed hosts and origins, JWT required on
+#                          /ws/, limits on loopback); off (the default): serve's defaults
+#   --process serve        count `serve` (the default), `worker`, `client` (`switchyard bench`) or
+#                          `redis` (the redis-server): the four give the CPU of a whole echo
+#   --small N --large N    messages of the two runs (broadcasts, echoes, requests or
+#                          connections; defaults 6 and 20 broadcasts, 5,000 and 20,000 echoes,
+#                          2,000 and 8,000 requests, 200 and 1,000 connections)
 #
 # The measured process runs ~50x slower under callgrind, so batches (messages per pop and per
 # wake-up) differ from a real run: compare builds with it, and time them with bench_ab.sh.
 #
 #   scripts/bench_callgrind.sh /tmp/switchyard.before target/release/switchyard
 #   scripts/bench_callgrind.sh --scenario echo --process worker A B
+#   scripts/bench_callgrind.sh --scenario handshake --edge on target/release/switchyard
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,12 +38,14 @@ SCENARIO=broadcast
 PROCESS=serve
 SMALL=""
 LARGE=""
+EDGE=off
 while [ $# -gt 0 ]; do
   case "$1" in
     --scenario) SCENARIO="$2"; shift 2 ;;
     --process) PROCESS="$2"; shift 2 ;;
     --small) SMALL="$2"; shift 2 ;;
     --large) LARGE="$2"; shift 2 ;;
+    --edge) EDGE="$2"; shift 2 ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     -*) echo "unknown flag $1 (see --help)" >&2; exit 2 ;;
@@ -46,11 +57,18 @@ case "$SCENARIO" in
   broadcast) SMALL="${SMALL:-6}"; LARGE="${LARGE:-20}" ;;
   echo) SMALL="${SMALL:-5000}"; LARGE="${LARGE:-20000}" ;;
   http) SMALL="${SMALL:-2000}"; LARGE="${LARGE:-8000}" ;;
-  *) echo "--scenario is broadcast, echo or http, not $SCENARIO" >&2; exit 2 ;;
+  handshake) SMALL="${SMALL:-200}"; LARGE="${LARGE:-1000}" ;;
+  *) echo "--scenario is broadcast, echo, http or handshake, not $SCENARIO" >&2; exit 2 ;;
+esac
+EDGE_SERVE_FLAGS=(); EDGE_CLIENT_FLAGS=()
+case "$EDGE" in
+  off) ;;
+  on) . scripts/edge_profile.sh ;;
+  *) echo "--edge is on or off, not $EDGE" >&2; exit 2 ;;
 esac
 [ "$LARGE" -gt "$SMALL" ] 2> /dev/null \
   || { echo "--large ($LARGE) must be a count above --small ($SMALL)" >&2; exit 2; }
-case "$PROCESS" in serve|worker|client) ;; *) echo "--process is serve, worker or client" >&2; exit 2 ;; esac
+case "$PROCESS" in serve|worker|client|redis) ;; *) echo "--process is serve, worker, client or redis" >&2; exit 2 ;; esac
 command -v valgrind > /dev/null || { echo "valgrind is missing (apt-get install -y valgrind)" >&2; exit 1; }
 
 WORK="$(mktemp -d)"
@@ -84,14 +102,18 @@ measure() {
   local bin="$1" n="$2" result="$3" rport hport out="$WORK/callgrind.out" grind=() spid wpid
   rm -f "$out"
   rport="$(free_port)"; hport="$(free_port)"
-  redis-server --bind 127.0.0.1 --port "$rport" --save '' --appendonly no --logfile "" \
-    > /dev/null 2>&1 &
+  local valgrind=(valgrind --tool=callgrind --callgrind-out-file="$out")
+  [ "$PROCESS" = redis ] && grind=("${valgrind[@]}")
+  # Redis writes its count when the cleanup stops it, after serve and the worker are gone.
+  ${grind[@]+"${grind[@]}"} redis-server --bind 127.0.0.1 --port "$rport" --save '' \
+    --appendonly no --logfile "" > /dev/null 2>&1 &
   PIDS+=($!)
-  wait_for "redis-server" 50 redis-cli -p "$rport" ping
-  local layer="redis://127.0.0.1:$rport/0" valgrind=(valgrind --tool=callgrind --callgrind-out-file="$out")
-  [ "$PROCESS" = serve ] && grind=("${valgrind[@]}")
+  wait_for "redis-server" 100 redis-cli -p "$rport" ping
+  local layer="redis://127.0.0.1:$rport/0"
+  grind=(); [ "$PROCESS" = serve ] && grind=("${valgrind[@]}")
   ${grind[@]+"${grind[@]}"} "$bin" --threads 1 serve --layer "$layer" --capacity 10000 --port "$hport" \
-    --max-connections 20000 --log warn > "$WORK/serve.log" 2>&1 &
+    --max-connections 20000 --log warn ${EDGE_SERVE_FLAGS[@]+"${EDGE_SERVE_FLAGS[@]}"} \
+    > "$WORK/serve.log" 2>&1 &
   spid=$!; PIDS+=("$spid")
   grind=(); [ "$PROCESS" = worker ] && grind=("${valgrind[@]}")
   ${grind[@]+"${grind[@]}"} "$bin" --threads 1 worker --layer "$layer" --capacity 10000 \
@@ -105,11 +127,14 @@ measure() {
       --rate 2 -d 120 -n "$n" --settle 1)
   elif [ "$SCENARIO" = echo ]; then
     load=(echo --url "ws://127.0.0.1:$hport/ws/echo/" -c 100 --in-flight 1 -d 300 -n "$n")
+  elif [ "$SCENARIO" = handshake ]; then
+    load=(connect --url "ws://127.0.0.1:$hport/ws/echo/" -c "$n" --hold 0.5)
   else
     load=(http --url "http://127.0.0.1:$hport/" -c 32 -d 300 -n "$n")
   fi
   ${grind[@]+"${grind[@]}"} "$bin" --threads 1 bench "${load[@]}" --connect-concurrency 64 \
-    --connect-timeout 60 -q > "$WORK/bench.out" 2> "$WORK/bench.err" || true
+    --connect-timeout 60 -q ${EDGE_CLIENT_FLAGS[@]+"${EDGE_CLIENT_FLAGS[@]}"} \
+    > "$WORK/bench.out" 2> "$WORK/bench.err" || true
   # A server process writes its count when it exits; SIGTERM is its graceful shutdown.
   kill -TERM "$spid" "$wpid" 2> /dev/null || true
   local waited=0
@@ -136,7 +161,7 @@ if not os.path.exists(sys.argv[2]):
 total = next((int(m.group(1)) for l in open(sys.argv[2]) if (m := re.match(r"summary: (\d+)", l))), None)
 if total is None:
     sys.exit("no summary line in the callgrind output")
-done = d.get("received", d.get("completed"))
+done = d.get("received", d.get("completed", d.get("connected")))
 if not isinstance(done, int):
     sys.exit("the load client's summary has no message count")
 print(done, total)
@@ -158,6 +183,7 @@ case "$SCENARIO" in
   broadcast) unit=delivery units=deliveries ;;
   echo) unit=echo units=echoes ;;
   http) unit=request units=requests ;;
+  handshake) unit=connection units=connections ;;
 esac
 for bin in "$@"; do
   measure "$bin" "$SMALL" "$WORK/small"
@@ -171,4 +197,4 @@ print(f"{bin_}: {process} {(i2 - i1) / (m2 - m1):,.0f} instructions per {unit} "
       f"({m1:,} {units}: {i1:,}; {m2:,}: {i2:,})")
 PY
 done
-echo "($SCENARIO load, $PROCESS under $(valgrind --version) callgrind)"
+echo "($SCENARIO load, edge checks $EDGE, $PROCESS under $(valgrind --version) callgrind)"

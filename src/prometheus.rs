@@ -35,14 +35,15 @@ use tokio_util::sync::CancellationToken;
 /// snapshot (`$snap`, plain `u64`s documented by the field's doc comment),
 /// `snapshot()`, and `expose()`, which writes each field as the metric named on its line. A
 /// field is `counter` or `gauge`; fields in a row with the same name form one family, told apart
-/// by their `[label = "value"]`, whose help is the first one's `help "…"`.
+/// by their `[label = "value"]`, whose help is the first one's `help "…"`. A field marked
+/// `@shared` is an `Arc<AtomicU64>`, for a counter another component counts in too.
 macro_rules! metric_set {
     (
         $(#[$meta:meta])*
         $vis:vis struct $name:ident => $snap:ident {
             $(
                 $(#[doc = $doc:literal])*
-                $field:ident: $kind:ident $metric:literal
+                $(@$shared:ident)? $field:ident: $kind:ident $metric:literal
                     $([$lk:literal = $lv:literal])? $(help $help:literal)?;
             )*
         }
@@ -50,7 +51,7 @@ macro_rules! metric_set {
         $(#[$meta])*
         #[derive(Debug, Default)]
         $vis struct $name {
-            $( $(#[doc = $doc])* pub(crate) $field: ::std::sync::atomic::AtomicU64, )*
+            $( $(#[doc = $doc])* pub(crate) $field: $crate::prometheus::metric_set!(@ty $($shared)?), )*
         }
 
         /// A copy of the counters at one instant.
@@ -88,6 +89,8 @@ macro_rules! metric_set {
     (@help ; $($doc:literal),*) => { concat!($($doc),*) };
     (@label $lk:literal, $lv:literal) => { Some(($lk, $lv)) };
     (@label) => { None };
+    (@ty shared) => { ::std::sync::Arc<::std::sync::atomic::AtomicU64> };
+    (@ty) => { ::std::sync::atomic::AtomicU64 };
 }
 pub(crate) use metric_set;
 

@@ -3,7 +3,8 @@
 //! the interface server; the claims reach the worker under `user` in `http.request`,
 //! `websocket.connect` and `websocket.receive`; invalid, expired, unsigned (`alg: none`) and
 //! algorithm-confused tokens are refused (401 on HTTP, 403 at the handshake) before any worker
-//! hears of them; paths can require a token; a socket is closed with 4001 when its token expires;
+//! hears of them; paths can require a token; a socket is closed with 4001 when its token expires,
+//! unless a refresh frame brought a new token for the same `sub` (any other refresh closes it);
 //! `/healthz` can require a bearer token.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -64,6 +65,7 @@ fn config(key: JwtKey, required: &[&str]) -> ServerConfig {
             required_paths: required.iter().map(|p| (*p).to_owned()).collect(),
             ops_token: Some("ops-token".into()),
             expired_close_code: None,
+            refresh_prefix: None,
         },
         ..ServerConfig::default()
     }
@@ -318,6 +320,67 @@ async fn a_socket_is_closed_with_4001_when_its_token_expires() {
     let gone: WebsocketDisconnect = worker.next_on(WEBSOCKET_DISCONNECT).await.decode().unwrap();
     assert_eq!(gone.code, 4001);
     assert_eq!(server.metrics.snapshot().token_expired_closes, 1);
+}
+
+const REFRESH: &str = "\u{1}token:";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_token_keeps_its_socket_open_past_the_old_expiry() {
+    let mut config = config(JwtKey::Secret(SECRET.to_vec()), &[]);
+    config.auth.refresh_prefix = Some(REFRESH.into());
+    let (layer, server) = TestServer::on_memory(config).await;
+    let mut worker = Worker::echo(&layer).await;
+    let first_exp = now() + 2;
+    let auth = format!("Bearer {}", hs256(&alice(first_exp)));
+    let (mut ws, _, _) = connect_with(&server.ws_url("/ws/long/"), &[("authorization", &auth)])
+        .await
+        .unwrap();
+    let renewed = json!({"sub": "alice", "name": "Alice B", "role": "admin", "exp": now() + 600});
+    send_text(&mut ws, &format!("{REFRESH}{}", hs256(&renewed))).await;
+    // The deadline under test is the first token's: the socket must outlive it.
+    let past_first = UNIX_EPOCH + Duration::from_secs(first_exp + 1);
+    let wait = past_first
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(wait).await;
+    send_text(&mut ws, "after the old expiry").await;
+    assert_eq!(
+        next_message(&mut ws).await,
+        Some(Message::text("after the old expiry"))
+    );
+    // The worker never saw the refresh frame, and sees the new claims.
+    let receive: WebsocketReceive = worker.next_on(WEBSOCKET_RECEIVE).await.decode().unwrap();
+    assert_eq!(receive.text.as_deref(), Some("after the old expiry"));
+    assert_eq!(
+        receive.user,
+        Some(
+            Map::new()
+                .with("sub", "alice")
+                .with("name", "Alice B")
+                .with("role", "admin")
+        )
+    );
+    let m = server.metrics.snapshot();
+    assert_eq!(
+        (
+            m.token_refreshes,
+            m.token_refreshes_refused,
+            m.token_expired_closes
+        ),
+        (1, 0, 0)
+    );
+
+    // Another user's token, or a bad one, closes the socket with the expiry code.
+    let mallory = hs256(&json!({"sub": "mallory", "exp": now() + 600}));
+    for refresh in [mallory.as_str(), "not.a.token"] {
+        let auth = format!("Bearer {}", hs256(&alice(now() + 600)));
+        let (mut ws, _, _) = connect_with(&server.ws_url("/ws/x/"), &[("authorization", &auth)])
+            .await
+            .unwrap();
+        send_text(&mut ws, &format!("{REFRESH}{refresh}")).await;
+        assert_eq!(close_code(&mut ws).await, Some(4001));
+    }
+    assert_eq!(server.metrics.snapshot().token_refreshes_refused, 2);
 }
 
 /// openssl makes the RSA pair (rcgen cannot); rcgen the P-256 one.

@@ -2,21 +2,27 @@
 //! (cross-origin 403 before any worker hears of it, same-origin 101, no-Origin both ways, allowed
 //! patterns, public paths), Host validation (missing / repeated / malformed → 400 always, the
 //! allowed list), the per-address connection limit (peer address, and forwarded address behind a
-//! proxy), and the per-socket frame rate limit (delayed, then closed with 1008), each counted.
+//! proxy), the per-socket frame rate limit (delayed, then closed with 1008), and the cap on groups
+//! per socket (a real worker's `group_add` past it closes the socket with 1008 and is undone, on
+//! Redis and on the in-memory layer), each counted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod server_support;
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use server_support::*;
 use switchyard::asgi::{WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT, WebsocketDisconnect};
+use switchyard::layer::{Layer, LayerSettings};
+use switchyard::routing::{ConsumerError, Ctx, Message as AsgiMessage, Router, route};
 use switchyard::server::{FrameRateLimit, OriginPolicy, ServerConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_util::sync::CancellationToken;
 
 /// Opens `url` with extra request headers; `Ok(status 101)` or `Err(refused status)`.
 async fn handshake(url: &str, headers: &[(&'static str, &str)]) -> Result<Client, u16> {
@@ -447,4 +453,115 @@ async fn a_socket_within_its_limit_is_never_delayed() {
         Some(Message::binary(vec![7u8; 99_000]))
     );
     assert_eq!(server.metrics.snapshot().ws_frames_throttled, 0);
+}
+
+/// Accepts every socket.
+async fn accept(_: AsgiMessage, ctx: Ctx) -> Result<(), ConsumerError> {
+    ctx.accept()
+}
+
+/// `join N` adds the socket to groups `g0` … `g{N-1}` and answers `joined N as {channel}`.
+async fn join(m: AsgiMessage, ctx: Ctx) -> Result<(), ConsumerError> {
+    let n: usize = m
+        .text()
+        .and_then(|t| t.strip_prefix("join "))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| ConsumerError::other("expected `join N`"))?;
+    for i in 0..n {
+        ctx.group_add(&format!("g{i}"))?;
+    }
+    let channel = ctx.reply_channel().unwrap_or_default().to_owned();
+    ctx.send_text(format!("joined {n} as {channel}"))
+}
+
+/// Sends `join n` and returns the socket's channel from the answer.
+async fn joined(ws: &mut Client, n: usize) -> String {
+    send_text(ws, &format!("join {n}")).await;
+    match next_message(ws).await {
+        Some(Message::Text(t)) => {
+            let prefix = format!("joined {n} as ");
+            t.strip_prefix(prefix.as_str())
+                .unwrap_or_else(|| panic!("unexpected answer {t}"))
+                .to_owned()
+        }
+        other => panic!("expected the join's answer, got {other:?}"),
+    }
+}
+
+/// A server capping sockets at `cap` groups on `server_layer`, a routed worker on
+/// `worker_layer` (the same backend): up to the cap stays open, one more closes with 1008, is
+/// counted once, and the group that went over no longer holds the socket's channel.
+async fn groups_per_socket_are_capped(server_layer: Layer, worker_layer: Layer) {
+    const CAP: usize = 5;
+    let server = TestServer::start(
+        server_layer.clone(),
+        ServerConfig {
+            max_groups_per_socket: CAP,
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let router = Router::new([
+        route("websocket.connect", accept),
+        route("websocket.receive", join),
+    ])
+    .unwrap();
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(
+        switchyard::worker::Worker::new(worker_layer, Arc::new(router))
+            .receive_timeout(Duration::from_millis(200))
+            .run(stop.clone()),
+    );
+
+    let mut within = ws_connect(&server.ws_url("/ws/groups/")).await;
+    let channel = joined(&mut within, CAP).await;
+    // Joining the same groups again is no new membership.
+    assert_eq!(joined(&mut within, CAP).await, channel);
+    for i in 0..CAP {
+        let members = server_layer.group_channels(&format!("g{i}")).await.unwrap();
+        assert!(members.contains(&channel), "g{i}: {members:?}");
+    }
+
+    let mut over = ws_connect(&server.ws_url("/ws/groups/")).await;
+    let over_channel = joined(&mut over, 1).await;
+    // Its answer may come before or after the close: the close is what counts.
+    send_text(&mut over, &format!("join {}", CAP + 1)).await;
+    assert_eq!(close_code(&mut over).await, Some(1008));
+    // The membership is discarded before the close is sent.
+    let last = server_layer
+        .group_channels(&format!("g{CAP}"))
+        .await
+        .unwrap();
+    assert!(!last.contains(&over_channel), "{last:?}");
+    assert_eq!(server.metrics.snapshot().ws_group_cap_closes, 1);
+
+    // The socket within the cap is untouched.
+    assert_eq!(joined(&mut within, CAP).await, channel);
+    assert_eq!(server.metrics.snapshot().ws_group_cap_closes, 1);
+    stop.cancel();
+    tokio::time::timeout(WAIT, worker)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn groups_per_socket_are_capped_on_redis() {
+    let redis = support::RedisServer::start();
+    let server_layer = Layer::from_url(&redis.url(), LayerSettings::default())
+        .await
+        .unwrap();
+    let worker_layer = Layer::from_url(&redis.url(), LayerSettings::default())
+        .await
+        .unwrap();
+    groups_per_socket_are_capped(server_layer, worker_layer).await;
+}
+
+#[tokio::test]
+async fn groups_per_socket_are_capped_in_memory() {
+    let layer = Layer::from_url("memory://", LayerSettings::default())
+        .await
+        .unwrap();
+    groups_per_socket_are_capped(layer.clone(), layer).await;
 }

@@ -16,13 +16,20 @@
 //! Redis lost its state it puts every membership of its sockets back (or, under
 //! [`LayerLossPolicy::Close`], closes them with 1012).
 //!
+//! The inbox also enforces a cap on groups per socket, when the server sets one
+//! ([`ProcessInbox::cap_groups_per_socket`]): the notice of a `group_add` that takes a socket's
+//! channel over it is not recorded; the membership is discarded on the layer and the socket told
+//! to close with 1008 (policy violation), past its buffer's capacity so that a full buffer cannot
+//! lose the close. On the in-memory layer there are no notices on the wire: the layer tells the
+//! inboxes of its own process directly ([`super::memory`]), so `dev` enforces the same cap.
+//!
 //! A local channel's buffer is a [`LocalQueue`], not a tokio mpsc channel: an mpsc channel
 //! allocates its first block of 32 slots and a cache-padded header up front, which every
 //! idle WebSocket would carry; an empty `LocalQueue` is one small allocation.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,7 +40,7 @@ use switchyard_routing::names;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::membership::{MEMBERSHIP_LOCAL, MembershipNotice, MembershipTable};
+use super::membership::{MEMBERSHIP_LOCAL, MembershipNotice, MembershipOp, MembershipTable};
 use super::metrics::LayerMetrics;
 use super::redis::{LeaseState, RedisLayer};
 use super::settings::LayerLossPolicy;
@@ -72,8 +79,10 @@ struct LocalQueue {
     /// Messages refused because the buffer was full (read by the slow-client policy).
     dropped: AtomicU64,
     /// A WebSocket's channel: told to close with 1012 when Redis lost state under
-    /// [`LayerLossPolicy::Close`].
+    /// [`LayerLossPolicy::Close`], and held to the cap on groups per socket.
     socket: bool,
+    /// The socket went over the cap on groups and was told to close (counted once).
+    over_group_cap: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -120,6 +129,7 @@ impl LocalQueue {
             ready: AtomicWaker::new(),
             dropped: AtomicU64::new(0),
             socket,
+            over_group_cap: AtomicBool::new(false),
         }
     }
 
@@ -152,6 +162,19 @@ impl LocalQueue {
         Pushed::Queued
     }
 
+    /// Queues `envelope` whatever the buffer holds (a close the server decided on must not be
+    /// dropped for want of room); false once the buffer is closed.
+    fn push_forced(&self, envelope: Envelope) -> bool {
+        let mut state = self.lock();
+        if state.closed {
+            return false;
+        }
+        state.items.push_back(envelope);
+        drop(state);
+        self.ready.wake();
+        true
+    }
+
     fn pop(&self) -> Popped {
         let mut state = self.lock();
         match state.items.pop_front() {
@@ -173,8 +196,15 @@ impl LocalQueue {
     }
 }
 
+/// The cap on groups per socket and where its closes are counted.
 #[derive(Debug)]
-struct Inner {
+struct GroupCap {
+    max: usize,
+    closes: Arc<AtomicU64>,
+}
+
+#[derive(Debug)]
+pub(super) struct Inner {
     name: String,
     layer: Layer,
     /// Keyed by local channel name. The names are minted here (random local parts), never
@@ -191,6 +221,11 @@ struct Inner {
     reasserting: AtomicBool,
     /// The lease task (Redis only).
     upkeep: Mutex<Option<JoinHandle<()>>>,
+    /// Groups a socket's channel may be in, once the server set it.
+    group_cap: OnceLock<GroupCap>,
+    /// The second of the last log line about the group cap: at most one per second, as a
+    /// client joining groups in a loop would otherwise write one per join.
+    group_cap_logged: AtomicU64,
 }
 
 /// A process's inbox and its receive loop. Clones share them; the loop runs until
@@ -215,7 +250,13 @@ impl ProcessInbox {
             memberships: MembershipTable::default(),
             reasserting: AtomicBool::new(false),
             upkeep: Mutex::new(None),
+            group_cap: OnceLock::new(),
+            group_cap_logged: AtomicU64::new(0),
         });
+        if let Layer::Memory(memory) = &inner.layer {
+            // No notices travel on the in-memory layer: it tells this inbox itself.
+            memory.watch_memberships(&inner.name, Arc::downgrade(&inner));
+        }
         if let Layer::Redis(redis) = &inner.layer {
             let mut lease = LeaseState::default();
             let ttl = redis.settings().lease_ttl;
@@ -328,6 +369,18 @@ impl ProcessInbox {
         self.inner.memberships.len()
     }
 
+    /// Caps the groups each socket's channel may be in at `max`: a `group_add` past it is
+    /// discarded on the layer and the socket closed with 1008, each such socket counted once in
+    /// `closes`. Set once, before sockets open; false (and nothing changed) when already set.
+    pub fn cap_groups_per_socket(&self, max: usize, closes: Arc<AtomicU64>) -> bool {
+        self.inner.group_cap.set(GroupCap { max, closes }).is_ok()
+    }
+
+    /// Groups recorded for local channel `channel`.
+    pub fn groups_of(&self, channel: &str) -> usize {
+        self.inner.memberships.groups_of(channel)
+    }
+
     /// True while memberships are being put back after Redis lost state.
     pub fn reasserting(&self) -> bool {
         self.inner.reasserting.load(Ordering::Relaxed)
@@ -379,18 +432,66 @@ impl Inner {
             .is_some_and(|local| local == MEMBERSHIP_LOCAL)
     }
 
-    /// Records a worker's `group_add`/`group_discard` for a channel this process still holds.
+    /// Decodes a membership notice from the layer and applies it.
     fn apply_notice(&self, envelope: &Envelope) {
         match MembershipNotice::decode(&envelope.payload) {
-            Ok(notice) if self.slots.contains_key(&notice.channel) => {
-                self.memberships.apply(notice);
-            }
-            Ok(_) => {}
+            Ok(notice) => self.on_notice(notice),
             Err(e) => {
                 LayerMetrics::add(&self.layer.metrics().garbage, 1);
                 tracing::warn!(error = %e, "dropped an undecodable membership notice");
             }
         }
+    }
+
+    /// Records a worker's `group_add`/`group_discard` for a channel this process still holds,
+    /// holding sockets to the cap on groups.
+    pub(super) fn on_notice(&self, notice: MembershipNotice) {
+        // Clone the queue out of the map and let the guard go before anything else.
+        let Some(queue) = self
+            .slots
+            .get(&notice.channel)
+            .map(|q| Arc::clone(q.value()))
+        else {
+            return;
+        };
+        let cap = self
+            .group_cap
+            .get()
+            .filter(|_| queue.socket && notice.op == MembershipOp::Add);
+        let Err(refused) = self.memberships.apply_within(notice, cap.map(|c| c.max)) else {
+            return;
+        };
+        let Some(cap) = cap else { return };
+        self.over_group_cap(cap, queue, refused);
+    }
+
+    /// A socket's `group_add` went over the cap: undo the membership, then close the socket
+    /// with 1008 (so a client that sees the close finds the membership gone), counted and
+    /// logged once per socket; every membership past the cap is undone.
+    fn over_group_cap(&self, cap: &GroupCap, queue: Arc<LocalQueue>, refused: MembershipNotice) {
+        let MembershipNotice { group, channel, .. } = refused;
+        let first = !queue.over_group_cap.swap(true, Ordering::Relaxed);
+        if first {
+            let total = cap.closes.fetch_add(1, Ordering::Relaxed) + 1;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if self.group_cap_logged.swap(now, Ordering::Relaxed) != now {
+                tracing::info!(channel = %channel, group = %group, max = cap.max, total, "a socket joined more groups than --max-groups-per-socket: that membership discarded, closing the socket with 1008");
+            }
+        }
+        let layer = self.layer.clone();
+        tokio::spawn(async move {
+            if let Err(e) = layer.group_discard(&group, &channel).await {
+                tracing::warn!(channel = %channel, group = %group, error = %e, "could not discard a membership over the cap on groups; it lapses with the group expiry");
+            }
+            if first {
+                queue.push_forced(Envelope {
+                    channel,
+                    payload: bytes::Bytes::from_static(CLOSE_1008),
+                });
+            }
+        });
     }
 
     /// Redis lost its state: put the memberships back, or close the sockets, as configured.
@@ -546,6 +647,9 @@ impl Drop for LocalChannel {
 /// `{"close": 1012}` in msgpack: what a worker would send to close a socket with "service
 /// restart".
 const CLOSE_1012: &[u8] = &[0x81, 0xa5, b'c', b'l', b'o', b's', b'e', 0xcd, 0x03, 0xf4];
+
+/// `{"close": 1008}` in msgpack: "policy violation", for a socket over the cap on groups.
+const CLOSE_1008: &[u8] = &[0x81, 0xa5, b'c', b'l', b'o', b's', b'e', 0xcd, 0x03, 0xf0];
 
 /// The lease task of an inbox on Redis: renews the lease every second, removes lapsed
 /// processes, and recovers when a renewal shows that Redis lost state. Ends with the inbox.

@@ -66,12 +66,34 @@ pub struct MembershipTable {
 impl MembershipTable {
     /// Applies a notice, for a channel the process holds.
     pub fn apply(&self, notice: MembershipNotice) {
+        // Without a cap nothing is refused.
+        let _ = self.apply_within(notice, None);
+    }
+
+    /// Applies a notice, refusing an `Add` that would give its channel more than `max` groups:
+    /// the refused notice comes back, nothing recorded. A group the channel already has is never
+    /// refused (a renewed `group_add` is not a new membership).
+    pub fn apply_within(
+        &self,
+        notice: MembershipNotice,
+        max: Option<usize>,
+    ) -> Result<(), MembershipNotice> {
         match notice.op {
             MembershipOp::Add => {
-                let mut groups = self.groups.entry(notice.channel).or_default();
-                if !groups.contains(&notice.group) {
-                    groups.push(notice.group);
+                let mut groups = self.groups.entry(notice.channel.clone()).or_default();
+                if groups.contains(&notice.group) {
+                    return Ok(());
                 }
+                if max.is_some_and(|max| groups.len() >= max) {
+                    let empty = groups.is_empty();
+                    drop(groups);
+                    if empty {
+                        // A cap of 0 must not leave an empty entry behind.
+                        self.groups.remove_if(&notice.channel, |_, g| g.is_empty());
+                    }
+                    return Err(notice);
+                }
+                groups.push(notice.group);
             }
             MembershipOp::Discard => {
                 if let Some(mut groups) = self.groups.get_mut(&notice.channel) {
@@ -80,6 +102,12 @@ impl MembershipTable {
                 self.groups.remove_if(&notice.channel, |_, g| g.is_empty());
             }
         }
+        Ok(())
+    }
+
+    /// Groups recorded for `channel`.
+    pub fn groups_of(&self, channel: &str) -> usize {
+        self.groups.get(channel).map_or(0, |g| g.len())
     }
 
     /// Forgets every membership of `channel` (its socket is gone).
@@ -160,6 +188,43 @@ mod tests {
         assert_eq!(table.channels(), vec!["s.x!b".to_owned()]);
         table.forget("s.x!b");
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn a_cap_refuses_new_groups_only() {
+        let table = MembershipTable::default();
+        for g in ["a", "b"] {
+            assert!(
+                table
+                    .apply_within(notice(MembershipOp::Add, g, "s.x!a"), Some(2))
+                    .is_ok()
+            );
+        }
+        // Renewing a group it has is fine; a third is refused and not recorded.
+        assert!(
+            table
+                .apply_within(notice(MembershipOp::Add, "a", "s.x!a"), Some(2))
+                .is_ok()
+        );
+        let refused = table
+            .apply_within(notice(MembershipOp::Add, "c", "s.x!a"), Some(2))
+            .unwrap_err();
+        assert_eq!(refused.group, "c");
+        assert_eq!(table.groups_of("s.x!a"), 2);
+        // Leaving one makes room again.
+        table.apply(notice(MembershipOp::Discard, "a", "s.x!a"));
+        assert!(
+            table
+                .apply_within(notice(MembershipOp::Add, "c", "s.x!a"), Some(2))
+                .is_ok()
+        );
+        // A cap of 0 refuses every group and leaves no empty entry.
+        assert!(
+            table
+                .apply_within(notice(MembershipOp::Add, "a", "s.x!z"), Some(0))
+                .is_err()
+        );
+        assert_eq!(table.channels(), vec!["s.x!a".to_owned()]);
     }
 
     #[test]

@@ -4,9 +4,13 @@
 //! State is one `Mutex` (a receive over several channels and a capacity check need one consistent
 //! view) plus a `Notify` that wakes receivers; the lock is never held across an await. Messages
 //! are stored as the same encoded bytes the Redis backend stores, so a send copies the message.
+//!
+//! Group memberships of a channel whose inbox this process runs are told to that inbox directly
+//! (the Redis backend sends a notice through Redis instead), so it records them and holds its
+//! sockets to the cap on groups; see [`super::inbox`].
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +19,8 @@ use switchyard_routing::names::non_local_name;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::inbox::Inner as InboxInner;
+use super::membership::{MembershipNotice, MembershipOp};
 use super::metrics::LayerMetrics;
 use super::settings::CapacityRules;
 use super::{Envelope, GroupSendReport, LayerError, LayerSettings, envelopes_for, wire};
@@ -42,6 +48,9 @@ struct Shared {
     state: Mutex<State>,
     notify: Notify,
     connections: super::session::MemoryConnections,
+    /// The inboxes started on this layer, by name, told of their channels' memberships. Apart
+    /// from `state`: a membership change takes this lock after letting that one go.
+    inboxes: Mutex<HashMap<String, Weak<InboxInner>>>,
 }
 
 /// The in-memory channel layer. Clones share one state.
@@ -68,6 +77,7 @@ impl MemoryLayer {
                 state: Mutex::new(State::default()),
                 notify: Notify::new(),
                 connections: Default::default(),
+                inboxes: Mutex::default(),
             }),
         })
     }
@@ -87,6 +97,39 @@ impl MemoryLayer {
     /// Per-connection state (channel sessions, ordering), kept beside the channels.
     pub(crate) fn connections(&self) -> &super::session::MemoryConnections {
         &self.shared.connections
+    }
+
+    /// Tells `inbox` of the memberships of its channels from now on (until it is dropped).
+    pub(super) fn watch_memberships(&self, name: &str, inbox: Weak<InboxInner>) {
+        let mut inboxes = self
+            .shared
+            .inboxes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        inboxes.retain(|_, i| i.strong_count() > 0);
+        inboxes.insert(name.to_owned(), inbox);
+    }
+
+    /// Tells the inbox holding `channel`, if this process runs it, of a membership change.
+    fn notify_inbox(&self, op: MembershipOp, group: &str, channel: &str) {
+        let key = non_local_name(channel);
+        if key.len() == channel.len() {
+            return;
+        }
+        let inbox = self
+            .shared
+            .inboxes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(key)
+            .and_then(Weak::upgrade);
+        if let Some(inbox) = inbox {
+            inbox.on_notice(MembershipNotice {
+                op,
+                group: group.to_owned(),
+                channel: channel.to_owned(),
+            });
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -155,17 +198,21 @@ impl MemoryLayer {
             .entry(group.to_owned())
             .or_default()
             .insert(channel.to_owned(), now);
+        self.notify_inbox(MembershipOp::Add, group, channel);
         Ok(())
     }
 
     pub(crate) async fn group_discard(&self, group: &str, channel: &str) -> Result<(), LayerError> {
-        let mut state = self.lock();
-        if let Some(members) = state.groups.get_mut(group) {
-            members.remove(channel);
-            if members.is_empty() {
-                state.groups.remove(group);
+        {
+            let mut state = self.lock();
+            if let Some(members) = state.groups.get_mut(group) {
+                members.remove(channel);
+                if members.is_empty() {
+                    state.groups.remove(group);
+                }
             }
         }
+        self.notify_inbox(MembershipOp::Discard, group, channel);
         Ok(())
     }
 

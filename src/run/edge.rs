@@ -59,6 +59,11 @@ pub struct EdgeArgs {
     /// Close code (4000-4999) for a socket whose token expires while it is open.
     #[arg(long, default_value_t = crate::server::TOKEN_EXPIRED_CLOSE)]
     pub auth_expired_close_code: u16,
+    /// Token refresh: a text frame starting with this prefix carries a new token for its
+    /// socket (the rest of the frame), taken by the server (no worker sees it); a valid one for
+    /// the same sub keeps the socket open past the old expiry, any other closes it. Off by default.
+    #[arg(long, env = "SWITCHYARD_AUTH_REFRESH_PREFIX")]
+    pub auth_refresh_prefix: Option<String>,
     /// Bearer token that /healthz and /metrics require (Authorization: Bearer <token>).
     #[arg(long, env = "SWITCHYARD_OPS_TOKEN", hide_env_values = true)]
     pub ops_token: Option<String>,
@@ -129,6 +134,7 @@ impl EdgeArgs {
                 .collect(),
             ops_token: self.ops_token.clone(),
             expired_close_code: Some(self.auth_expired_close_code),
+            refresh_prefix: self.auth_refresh_prefix.clone(),
         })
     }
 

@@ -217,6 +217,14 @@ pub struct ServerArgs {
     /// --proxy-headers, or a load test, puts every client on one loopback address).
     #[arg(long, env = "SWITCHYARD_LIMIT_LOOPBACK")]
     pub limit_loopback: bool,
+    /// Groups one socket may be in (0 = no limit): a worker's group_add past it is discarded
+    /// and the socket closed with 1008.
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_GROUPS_PER_SOCKET",
+        default_value_t = server_default().max_groups_per_socket
+    )]
+    pub max_groups_per_socket: usize,
     #[command(flatten)]
     pub edge: super::edge::EdgeArgs,
 }
@@ -278,6 +286,7 @@ impl ServerArgs {
             max_connections_per_ip: self.max_connections_per_ip,
             limit_loopback: self.limit_loopback,
             ws_rate_limit: self.rate_limit()?,
+            max_groups_per_socket: self.max_groups_per_socket,
             auth: self.edge.auth()?,
             tls: self.edge.tls(),
             ..ServerConfig::default()

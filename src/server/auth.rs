@@ -14,6 +14,13 @@
 //! Refusals: an invalid or expired token, or none on a path listed in `required_paths` → 401
 //! (with `WWW-Authenticate: Bearer`) on HTTP, 403 at a handshake. A socket whose token expires
 //! while open is closed with [`TOKEN_EXPIRED_CLOSE`] (4001) by default.
+//!
+//! Refresh (off by default, as Centrifugo's): with [`AuthConfig::refresh_prefix`] set, a text
+//! frame that starts with it carries a new token (the rest of the frame). The server takes that
+//! frame itself, no worker sees it: a valid token for the same `sub` moves the socket's expiry
+//! and replaces its `user` from the next frame on; anything else (invalid, expired, another
+//! `sub`, a socket opened without a token) closes the socket with the expiry close code. The
+//! application picks a prefix its own frames never start with.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -81,6 +88,9 @@ pub struct AuthConfig {
     pub ops_token: Option<String>,
     /// Close code for a socket whose token expired (4000–4999; default 4001).
     pub expired_close_code: Option<u16>,
+    /// A text frame starting with this carries a new token for its socket (token refresh, see
+    /// the module docs); `None`, the default: no frame is taken. Needs `jwt`.
+    pub refresh_prefix: Option<String>,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -90,6 +100,7 @@ impl std::fmt::Debug for AuthConfig {
             .field("required_paths", &self.required_paths)
             .field("ops_token", &self.ops_token.as_ref().map(|_| ".."))
             .field("expired_close_code", &self.expired_close_code)
+            .field("refresh_prefix", &self.refresh_prefix)
             .finish()
     }
 }
@@ -128,6 +139,7 @@ pub(crate) struct Authenticator {
     required: Vec<Regex>,
     ops_token: Option<String>,
     pub(crate) expired_close_code: u16,
+    refresh_prefix: Option<String>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -198,6 +210,11 @@ impl Authenticator {
         if config.ops_token.as_deref() == Some("") {
             return Err("the ops token is empty".into());
         }
+        match (&config.refresh_prefix, &jwt) {
+            (Some(p), _) if p.is_empty() => return Err("the token refresh prefix is empty".into()),
+            (Some(_), None) => return Err("token refresh needs a JWT key".into()),
+            _ => {}
+        }
         // Compiled once here so a bad glob is a startup error, not a per-request surprise.
         let required = config
             .required_paths
@@ -212,7 +229,13 @@ impl Authenticator {
             required,
             ops_token: config.ops_token.clone(),
             expired_close_code: code,
+            refresh_prefix: config.refresh_prefix.clone(),
         })
+    }
+
+    /// The token a refresh frame carries, when `text` is one.
+    pub(crate) fn refresh_token<'a>(&self, text: &'a str) -> Option<&'a str> {
+        text.strip_prefix(self.refresh_prefix.as_deref()?)
     }
 
     /// True when nothing is configured: the entry points skip the check entirely.
@@ -227,15 +250,23 @@ impl Authenticator {
         headers: &HeaderMap,
         query: Option<&str>,
     ) -> Result<Option<Identity>, Refusal> {
-        let Some((key, validation, claims, leeway)) = &self.jwt else {
+        if self.jwt.is_none() {
             return Ok(None);
-        };
+        }
         let Some(token) = find_token(headers, query) else {
             return if self.requires(path) {
                 Err(Refusal::Missing)
             } else {
                 Ok(None)
             };
+        };
+        self.verify(&token).map(Some)
+    }
+
+    /// Verifies `token` (whatever carried it); `Missing` when no JWT key is configured.
+    pub(crate) fn verify(&self, token: &str) -> Result<Identity, Refusal> {
+        let Some((key, validation, claims, leeway)) = &self.jwt else {
+            return Err(Refusal::Missing);
         };
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
             token.as_bytes(),
@@ -260,7 +291,7 @@ impl Authenticator {
             .checked_add(Duration::from_secs_f64(exp.min(1e11)))
             .and_then(|t| t.checked_add(*leeway))
             .unwrap_or(SystemTime::now());
-        Ok(Some(Identity { user, expires_at }))
+        Ok(Identity { user, expires_at })
     }
 
     fn requires(&self, path: &str) -> bool {
@@ -393,6 +424,11 @@ mod tests {
             ..AuthConfig::default()
         };
         assert!(Authenticator::new(&required_without_key).is_err());
+        let refresh_without_key = AuthConfig {
+            refresh_prefix: Some("token:".into()),
+            ..AuthConfig::default()
+        };
+        assert!(Authenticator::new(&refresh_without_key).is_err());
         let jwt = JwtConfig {
             key: JwtKey::Secret(b"k".to_vec()),
             claims: vec![],
@@ -406,6 +442,12 @@ mod tests {
             ..AuthConfig::default()
         };
         assert!(Authenticator::new(&bad_code).is_err());
+        let empty_prefix = AuthConfig {
+            jwt: Some(jwt.clone()),
+            refresh_prefix: Some(String::new()),
+            ..AuthConfig::default()
+        };
+        assert!(Authenticator::new(&empty_prefix).is_err());
         let not_pem = AuthConfig {
             jwt: Some(JwtConfig {
                 key: JwtKey::RsaPem(b"not a key".to_vec()),

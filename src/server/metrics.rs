@@ -77,6 +77,10 @@ metric_set! {
         per_ip_refused: counter "switchyard_edge_refusals_total" ["rule" = "per_ip"];
         /// Sockets closed with 1008 for staying over their rate limit.
         ws_rate_limit_closes: counter "switchyard_edge_refusals_total" ["rule" = "rate_limit"];
+        /// Sockets closed with 1008 because workers added them to more than
+        /// `max_groups_per_socket` groups (the membership over the cap discarded). Shared with
+        /// the process inbox, which enforces the cap.
+        @shared ws_group_cap_closes: counter "switchyard_edge_refusals_total" ["rule" = "groups_per_socket"];
         /// Client frames delayed by their socket's rate limit.
         ws_frames_throttled: counter "switchyard_ws_frames_throttled_total";
         /// Messages for a server-fed channel (`http.request`, `websocket.connect`,
@@ -93,6 +97,12 @@ metric_set! {
         auth_refused: counter "switchyard_auth_refused_total";
         /// Sockets closed (with the auth close code, 4001) because their token expired.
         token_expired_closes: counter "switchyard_token_expired_closes_total";
+        /// Refresh frames whose token was taken (the socket's expiry moved).
+        token_refreshes: counter "switchyard_token_refreshes_total" ["outcome" = "accepted"]
+            help "Token refresh frames, by outcome (a refused one closes its socket).";
+        /// Refresh frames refused (invalid, expired, another `sub`): the socket was closed with the
+        /// auth close code.
+        token_refreshes_refused: counter "switchyard_token_refreshes_total" ["outcome" = "refused"];
     }
 }
 

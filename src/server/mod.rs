@@ -54,9 +54,12 @@
 //!   outside `allowed_hosts` → 400 (`/healthz` skips only the `allowed_hosts` list); a
 //!   handshake whose `Origin` the [`OriginPolicy`] refuses → 403 before any worker hears of it;
 //!   a client address over `max_connections_per_ip` → 429; a socket sending faster than its
-//!   [`FrameRateLimit`] is read more slowly, then closed with 1008 if it keeps on.
+//!   [`FrameRateLimit`] is read more slowly, then closed with 1008 if it keeps on; a socket that
+//!   workers add to more than `max_groups_per_socket` groups is closed with 1008 and the group
+//!   that went over discarded (the inbox hears of every `group_add` on its sockets).
 //! - authentication ([`auth`]): a verified token's claims ride under `user`; a bad token, or none
-//!   on a required path → 401 / 403 before any worker hears of it; expiry closes a socket (4001).
+//!   on a required path → 401 / 403 before any worker hears of it; expiry closes a socket (4001)
+//!   unless a refresh frame renewed its token.
 //! - TLS ([`tls`]): HTTPS and WSS on `bind` when [`ServerConfig::tls`] is set, reloaded on SIGHUP.
 
 pub mod auth;
@@ -87,6 +90,13 @@ pub use auth::{AuthConfig, JwtConfig, JwtKey, TOKEN_EXPIRED_CLOSE};
 pub use edge::{FrameRateLimit, OriginPolicy};
 pub use metrics::{ServerMetrics, ServerMetricsSnapshot};
 pub use tls::{TlsConfig, TlsError, TlsReloader};
+
+/// Default cap on groups per socket. A chat socket is in a handful of groups (its rooms, its
+/// user, presence); a client showing many rooms at once stays in the tens. Every membership
+/// costs Redis a sorted-set entry, the server a notice and a row in its record, and the
+/// re-assert after Redis lost its data a write, so the cap bounds that work at
+/// `max_connections` × this. Centrifugo's equivalent (`client_channel_limit`) defaults to 128.
+pub const DEFAULT_MAX_GROUPS_PER_SOCKET: usize = 100;
 
 /// What the server does when a client reads too slowly to keep up with its outbound queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -184,6 +194,10 @@ pub struct ServerConfig {
     pub limit_loopback: bool,
     /// Inbound frame limits per socket; `None` = unlimited.
     pub ws_rate_limit: Option<FrameRateLimit>,
+    /// Groups one socket may be in (0 = no limit; default [`DEFAULT_MAX_GROUPS_PER_SOCKET`]). A
+    /// worker's `group_add` past it is discarded and the socket closed with 1008. Loopback
+    /// clients are not exempt: the groups are chosen by the application, not by the network.
+    pub max_groups_per_socket: usize,
     /// Authentication at the edge (signed tokens, paths that require one, the `/healthz` token);
     /// the default checks nothing. See [`auth`].
     pub auth: AuthConfig,
@@ -225,6 +239,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: 1000,
             limit_loopback: false,
             ws_rate_limit: Some(FrameRateLimit::default()),
+            max_groups_per_socket: DEFAULT_MAX_GROUPS_PER_SOCKET,
             auth: AuthConfig::default(),
             tls: None,
         }
@@ -383,6 +398,12 @@ impl Server {
     /// `shutdown_grace`, and stops the inbox last.
     pub async fn serve(self, layer: Layer, shutdown: CancellationToken) -> Result<(), ServerError> {
         let inbox = layer.inbox(&self.config.inbox_prefix).await?;
+        if self.config.max_groups_per_socket > 0 {
+            inbox.cap_groups_per_socket(
+                self.config.max_groups_per_socket,
+                Arc::clone(&self.metrics.ws_group_cap_closes),
+            );
+        }
         let lifetime = self
             .config
             .websocket_lifetime

@@ -847,6 +847,9 @@ impl Socket {
                         if let Some(end) = self.throttle(ws, now, text.len()).await {
                             return Some(end);
                         }
+                        if let Some(token) = self.shared.auth.refresh_token(text.as_str()) {
+                            return self.refresh(token);
+                        }
                         self.forward(ws, Some(text.as_str()), None).await
                     }
                     Message::Binary(bytes) => {
@@ -874,6 +877,32 @@ impl Socket {
                 Some(end)
             }
         }
+    }
+
+    /// A refresh frame's token: a valid one for the socket's `sub` moves its expiry and replaces
+    /// its `user`; any other closes the socket with the expiry close code (a client must not
+    /// keep a socket on a token it could not renew).
+    fn refresh(&mut self, token: &str) -> Option<End> {
+        let refused = match self.shared.auth.verify(token) {
+            Ok(identity) => {
+                let same = self
+                    .user
+                    .as_ref()
+                    .and_then(|u| u.get("sub"))
+                    .is_some_and(|sub| identity.user.get("sub") == Some(sub));
+                if same {
+                    ServerMetrics::inc(&self.shared.metrics.token_refreshes);
+                    self.token_expires = Some(instant_at(identity.expires_at));
+                    self.user = Some(identity.user);
+                    return None;
+                }
+                "not the socket's sub (or the socket has no token)".to_owned()
+            }
+            Err(refusal) => format!("{refusal:?}"),
+        };
+        ServerMetrics::inc(&self.shared.metrics.token_refreshes_refused);
+        tracing::info!(client = %self.client, path = %self.path, reason = %refused, "token refresh refused; closing");
+        Some(End::ServerClosed(self.shared.auth.expired_close_code))
     }
 
     /// Applies the socket's rate limit to a frame of `len` bytes read at `now`: returns at once

@@ -50,6 +50,7 @@ pub(super) async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
     let hold = super::seconds("hold", args.hold)?;
     let timeout = super::seconds("connect-timeout", args.common.connect_timeout)?;
     let target = Arc::new(net::parse_target(&args.url, &["ws"])?);
+    let headers = Arc::new(net::parse_headers(&args.common.headers)?);
     let fd_limit = net::raise_fd_limit(args.connections as u64 + 64);
 
     let latency = Arc::new(LatencyRecorder::default());
@@ -91,11 +92,13 @@ pub(super) async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
             last_attempt_ns.clone(),
         );
         let (spread, total) = (args.common.source_addrs, args.connections as u64);
+        let headers = headers.clone();
         tasks.push(tokio::spawn(async move {
             let permit = limit.acquire_owned().await.ok();
             live.sent.fetch_add(1, Ordering::Relaxed);
             let began = Instant::now();
-            let result = net::connect_ws(&target, index, spread, net::ws_config(0), timeout).await;
+            let result =
+                net::connect_ws(&target, index, spread, net::ws_config(0), timeout, &headers).await;
             let finished = Instant::now();
             drop(permit);
             let finished_ns = finished.saturating_duration_since(start).as_nanos() as u64;

@@ -99,6 +99,10 @@ pub struct CommonArgs {
     /// No progress line on stderr.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// A header every WebSocket handshake carries, `Name: value` (repeatable), e.g.
+    /// `--header 'Origin: https://app.example'` or `--header 'Authorization: Bearer <token>'`.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
 }
 
 /// How long a load mode runs.
@@ -280,6 +284,7 @@ async fn open_websockets(
 ) -> Result<Opened, BenchError> {
     at_least_one("connect-concurrency", common.connect_concurrency)?;
     let timeout = seconds("connect-timeout", common.connect_timeout)?;
+    let headers = Arc::new(net::parse_headers(&common.headers)?);
     let limit = Arc::new(Semaphore::new(common.connect_concurrency));
     let opened = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(count);
@@ -289,9 +294,11 @@ async fn open_websockets(
         let target = target_of(index);
         let spread = common.source_addrs;
         let opened = opened.clone();
+        let headers = headers.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = limit.acquire_owned().await.ok();
-            let result = net::connect_ws(&targets[target], index, spread, config, timeout).await;
+            let result =
+                net::connect_ws(&targets[target], index, spread, config, timeout, &headers).await;
             if result.is_ok() {
                 opened.fetch_add(1, Ordering::Relaxed);
             }

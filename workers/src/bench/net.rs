@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::Uri;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, Uri};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
@@ -71,6 +71,23 @@ pub fn parse_target(url: &str, schemes: &[&str]) -> Result<Target, BenchError> {
         authority,
         path,
     })
+}
+
+/// A handshake header given as `Name: value`.
+pub type Header = (HeaderName, HeaderValue);
+
+/// Parses `--header` values (`Name: value`).
+pub fn parse_headers(given: &[String]) -> Result<Vec<Header>, BenchError> {
+    given
+        .iter()
+        .map(|h| {
+            let bad = || BenchError::Usage(format!("--header takes `Name: value`, got {h:?}"));
+            let (name, value) = h.split_once(':').ok_or_else(bad)?;
+            let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad())?;
+            let value = HeaderValue::from_str(value.trim()).map_err(|_| bad())?;
+            Ok((name, value))
+        })
+        .collect()
 }
 
 /// The address for a loopback host name or literal; `None` for anything else.
@@ -143,13 +160,15 @@ pub struct ConnectFailure {
     pub detail: String,
 }
 
-/// Opens a TCP connection and completes the WebSocket handshake, within `timeout`.
+/// Opens a TCP connection and completes the WebSocket handshake (with `headers` besides its
+/// own), within `timeout`.
 pub async fn connect_ws(
     target: &Target,
     index: usize,
     spread: u8,
     config: WebSocketConfig,
     timeout: Duration,
+    headers: &[Header],
 ) -> Result<Ws, ConnectFailure> {
     let attempt = async {
         let stream = connect_tcp(target.addr, index, spread)
@@ -158,11 +177,14 @@ pub async fn connect_ws(
                 kind: io_kind(&e).to_owned(),
                 detail: format!("connect: {e}"),
             })?;
-        let request = target
+        let mut request = target
             .url
             .as_str()
             .into_client_request()
             .map_err(|e| ws_failure(&e))?;
+        for (name, value) in headers {
+            request.headers_mut().insert(name.clone(), value.clone());
+        }
         let (ws, _response) =
             tokio_tungstenite::client_async_with_config(request, stream, Some(config))
                 .await
@@ -274,6 +296,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_are_name_colon_value() {
+        let h = parse_headers(&[
+            "Origin: http://bench.example".to_owned(),
+            "authorization:Bearer a.b.c".to_owned(),
+        ])
+        .unwrap();
+        assert_eq!(h[0].0, "origin");
+        assert_eq!(h[0].1, "http://bench.example");
+        assert_eq!(h[1].1, "Bearer a.b.c");
+        assert!(parse_headers(&["no colon".to_owned()]).is_err());
+        assert!(parse_headers(&["bad name: x".to_owned()]).is_err());
+    }
 
     #[test]
     fn loopback_targets_are_accepted() {
