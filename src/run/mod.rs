@@ -219,11 +219,11 @@ struct Cli<E: Subcommand> {
 #[derive(Debug, Subcommand)]
 enum Command<E: Subcommand> {
     /// Run everything in one process on the in-memory layer and serve the app.
-    Dev(roles::DevArgs),
+    Dev(roles::DevCommand),
     /// Run the interface server: HTTP and WebSocket in, channel-layer messages out.
-    Serve(roles::ServeArgs),
+    Serve(roles::ServeCommand),
     /// Run the app's consumers on the channels its routes listen on.
-    Worker(roles::WorkerCommandArgs),
+    Worker(roles::WorkerCommand),
     /// Send one message (JSON) to a channel or a group.
     Send(cli::SendArgs),
     /// Delete every channel and group under the prefix.

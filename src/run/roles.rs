@@ -87,7 +87,7 @@ impl From<SlowClientPolicy> for SlowClient {
 
 /// Interface-server flags (shared by `serve` and `dev`).
 #[derive(Debug, Clone, Args)]
-pub struct ServerArgs {
+pub struct ServerFlags {
     /// Address to listen on.
     #[arg(long, env = "SWITCHYARD_BIND", default_value_t = server_default().bind.ip())]
     pub bind: IpAddr,
@@ -240,7 +240,7 @@ fn secs(name: &str, v: f64) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
-impl ServerArgs {
+impl ServerFlags {
     /// The server configuration these flags describe.
     pub fn config(&self) -> anyhow::Result<ServerConfig> {
         Ok(ServerConfig {
@@ -322,7 +322,7 @@ impl ServerArgs {
 
 /// Worker flags (shared by `worker` and `dev`).
 #[derive(Debug, Clone, Args)]
-pub struct WorkerArgs {
+pub struct WorkerFlags {
     /// Messages this process runs at once; one receive loop pops at most 64 per batch. A message
     /// holds its slot until its replies are written to Redis, so one process carries at most
     /// this many per Redis round trip or two: too few slots leave busy sockets waiting on round
@@ -362,11 +362,11 @@ pub struct WorkerArgs {
 
 /// `switchyard serve`
 #[derive(Debug, Clone, Args)]
-pub struct ServeArgs {
+pub struct ServeCommand {
     #[command(flatten)]
     pub layer: LayerArgs,
     #[command(flatten)]
-    pub server: ServerArgs,
+    pub server: ServerFlags,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100).
     #[arg(long, env = "SWITCHYARD_METRICS_BIND")]
     pub metrics_bind: Option<SocketAddr>,
@@ -374,11 +374,11 @@ pub struct ServeArgs {
 
 /// `switchyard worker`
 #[derive(Debug, Clone, Args)]
-pub struct WorkerCommandArgs {
+pub struct WorkerCommand {
     #[command(flatten)]
     pub layer: LayerArgs,
     #[command(flatten)]
-    pub worker: WorkerArgs,
+    pub worker: WorkerFlags,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101); `/healthz` is served
     /// there too.
     #[arg(long, env = "SWITCHYARD_METRICS_BIND")]
@@ -394,13 +394,13 @@ pub struct WorkerCommandArgs {
 
 /// `switchyard dev`
 #[derive(Debug, Clone, Args)]
-pub struct DevArgs {
+pub struct DevCommand {
     #[command(flatten)]
     pub layer: LayerArgs,
     #[command(flatten)]
-    pub server: ServerArgs,
+    pub server: ServerFlags,
     #[command(flatten)]
-    pub worker: WorkerArgs,
+    pub worker: WorkerFlags,
     /// Serve Prometheus metrics on this address.
     #[arg(long, env = "SWITCHYARD_METRICS_BIND")]
     pub metrics_bind: Option<SocketAddr>,
@@ -488,7 +488,7 @@ async fn start_metrics(
 }
 
 /// The Redis of the Django session cache: the flag, else the layer's first URL when it is Redis.
-fn django_session_redis(args: &WorkerArgs, layer_url: &str) -> anyhow::Result<String> {
+fn django_session_redis(args: &WorkerFlags, layer_url: &str) -> anyhow::Result<String> {
     if let Some(url) = &args.django_session_redis {
         return Ok(url.clone());
     }
@@ -506,7 +506,7 @@ fn build_worker(
     app: &App,
     layer: &Layer,
     layer_url: &str,
-    args: &WorkerArgs,
+    args: &WorkerFlags,
 ) -> anyhow::Result<Worker> {
     let router = app
         .routes(layer.clone())
@@ -540,7 +540,7 @@ fn build_worker(
 }
 
 /// `switchyard serve`: the interface server.
-pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+pub async fn serve(args: ServeCommand) -> anyhow::Result<()> {
     let layer = args.layer.open(DEFAULT_REDIS).await?;
     let server = Server::bind(args.server.config()?).await?;
     if let Layer::Redis(redis) = &layer
@@ -571,7 +571,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// `switchyard worker`: runs the app's consumers.
-pub async fn worker(app: &App, args: WorkerCommandArgs) -> anyhow::Result<()> {
+pub async fn worker(app: &App, args: WorkerCommand) -> anyhow::Result<()> {
     let layer = args.layer.open(DEFAULT_REDIS).await?;
     let layer_url = args.layer.url(DEFAULT_REDIS);
     anyhow::ensure!(
@@ -599,7 +599,7 @@ pub async fn worker(app: &App, args: WorkerCommandArgs) -> anyhow::Result<()> {
 }
 
 /// `switchyard dev`: server and workers in one process, in-memory layer by default.
-pub async fn dev(app: &App, args: DevArgs) -> anyhow::Result<()> {
+pub async fn dev(app: &App, args: DevCommand) -> anyhow::Result<()> {
     let layer = args.layer.open("memory://").await?;
     let worker = build_worker(app, &layer, &args.layer.url("memory://"), &args.worker)?;
     let mut config = args.server.config()?;
@@ -667,8 +667,8 @@ fn open_browser(url: &str) {
 mod tests {
     use super::*;
 
-    fn worker_args(session_redis: Option<&str>) -> WorkerArgs {
-        WorkerArgs {
+    fn worker_args(session_redis: Option<&str>) -> WorkerFlags {
+        WorkerFlags {
             concurrency: 1,
             only_channels: Vec::new(),
             exclude_channels: Vec::new(),

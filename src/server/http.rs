@@ -1,20 +1,17 @@
-//! The hyper service: `/healthz`, WebSocket handshakes (handed to [`super::websocket`]), and plain
-//! HTTP requests, each sent as one `http.request` whose response (status and headers, then body
+//! Plain HTTP requests, each sent as one `http.request` whose response (status and headers, then body
 //! chunks while `more_content`) streams back from the request's reply channel. A request body too
 //! large for the message (when streaming is configured) follows it as `http.request.body?` chunks
 //! from a [`BodyPump`] task, read from the client as they arrive.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited, StreamBody};
+use http_body_util::{BodyExt, LengthLimitError, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+use hyper::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use switchyard_routing::ByteString;
 use switchyard_routing::asgi::{
@@ -24,153 +21,12 @@ use switchyard_routing::codec;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::Shared;
+use super::feed::send_server_fed;
 use super::metrics::ServerMetrics;
 use super::request::{HostPortText, RequestHead};
-use super::{ConnectionPermit, Shared, edge, websocket};
+use super::response::{ACCESS_LOG, Body, full, plain, unauthorized, unavailable};
 use crate::layer::{FullRetry, LayerError, LocalChannel};
-
-/// Every response body the server produces.
-pub(crate) type Body = UnsyncBoxBody<Bytes, std::io::Error>;
-
-/// Target of the access log lines.
-pub(crate) const ACCESS_LOG: &str = "switchyard::access";
-
-/// Entry point for every request on every connection.
-pub(crate) async fn handle(
-    shared: Arc<Shared>,
-    peer: SocketAddr,
-    tls: bool,
-    permit: Arc<ConnectionPermit>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
-    let host = edge::request_host(
-        req.headers(),
-        req.version() >= hyper::Version::HTTP_11,
-        shared.config.proxy_headers,
-    );
-    let path = req.uri().path();
-    let health = path == "/healthz"
-        || path.strip_prefix(shared.config.root_path.as_str()) == Some("/healthz");
-    // Probes name the pod's address, not the site's: `/healthz` skips only the allowed list.
-    let host = match host {
-        Ok(Some(host))
-            if !health && !edge::host_allowed(&shared.config.allowed_hosts, &host.domain) =>
-        {
-            Err(edge::HostError::NotAllowed)
-        }
-        Ok(None) if !health && !edge::host_allowed(&shared.config.allowed_hosts, "") => {
-            Err(edge::HostError::NotAllowed)
-        }
-        other => other,
-    };
-    let host = match host {
-        Ok(host) => host,
-        Err(refusal) => {
-            ServerMetrics::inc(&shared.metrics.host_rejected);
-            tracing::info!(%peer, host = ?req.headers().get(hyper::header::HOST), reason = ?refusal, "request refused for its Host");
-            return Ok(plain(StatusCode::BAD_REQUEST, refusal.text()));
-        }
-    };
-    if health {
-        if !shared.auth.ops_allowed(req.headers()) {
-            ServerMetrics::inc(&shared.metrics.auth_refused);
-            return Ok(unauthorized("Authentication required\n"));
-        }
-        return Ok(healthz(&shared).await);
-    }
-    if websocket::is_upgrade(&req) {
-        return Ok(websocket::handshake(shared, peer, tls, permit, host, req).await);
-    }
-    Ok(http_request(shared, peer, tls, req).await)
-}
-
-/// 401 with the challenge RFC 6750 asks for.
-pub(crate) fn unauthorized(text: &'static str) -> Response<Body> {
-    let mut resp = plain(StatusCode::UNAUTHORIZED, text);
-    resp.headers_mut().insert(
-        hyper::header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer"),
-    );
-    resp
-}
-
-/// A small plain-text response.
-pub(crate) fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut resp = Response::new(full(Bytes::from_static(text.as_bytes())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-/// A 503 telling the client when to come back.
-pub(crate) fn unavailable(shared: &Shared, text: &'static str) -> Response<Body> {
-    ServerMetrics::inc(&shared.metrics.http_503);
-    let mut resp = plain(StatusCode::SERVICE_UNAVAILABLE, text);
-    resp.headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    resp
-}
-
-pub(crate) fn full(bytes: Bytes) -> Body {
-    Full::new(bytes)
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-pub(crate) fn empty() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed_unsync()
-}
-
-/// `/healthz`: answered here, never by a worker. 200 while the server can serve: its inbox runs,
-/// the channel layer answered within a second, and no loss of Redis state is being repaired;
-/// 503 otherwise (a load balancer should send traffic elsewhere meanwhile), with `status`
-/// saying which: `failing` (the inbox is gone: a restart is the cure), `layer_unavailable`,
-/// `reasserting` (memberships being put back after Redis lost them).
-async fn healthz(shared: &Shared) -> Response<Body> {
-    let layer_ok = shared.layer.available()
-        && matches!(
-            tokio::time::timeout(
-                Duration::from_secs(1),
-                shared.layer.channel_depth(HTTP_REQUEST)
-            )
-            .await,
-            Ok(Ok(_))
-        );
-    let m = shared.metrics.snapshot();
-    let inbox_ok = !shared.inbox_gone.is_cancelled();
-    let reasserting = shared.inbox.reasserting();
-    let status = if !inbox_ok {
-        "failing"
-    } else if !layer_ok {
-        "layer_unavailable"
-    } else if reasserting {
-        "reasserting"
-    } else {
-        "ok"
-    };
-    let body = serde_json::json!({
-        "status": status,
-        "inbox": if inbox_ok { "ok" } else { "gone" },
-        "layer": if layer_ok { "ok" } else { "unavailable" },
-        "layer_mode": shared.layer.mode(),
-        "reasserting": reasserting,
-        "memberships": shared.inbox.memberships(),
-        "open_connections": m.open_connections,
-        "open_websockets": m.open_websockets,
-        "uptime_seconds": shared.started.elapsed().as_secs(),
-    })
-    .to_string();
-    let mut resp = Response::new(full(Bytes::from(body)));
-    if status != "ok" {
-        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    }
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
-}
 
 /// Sends `http.disconnect` when dropped while armed: the client went away (or the response was
 /// cut) before the response completed.
@@ -218,7 +74,7 @@ impl Drop for DisconnectGuard {
     }
 }
 
-async fn http_request(
+pub(crate) async fn http_request(
     shared: Arc<Shared>,
     peer: SocketAddr,
     tls: bool,
@@ -361,7 +217,7 @@ async fn respond(
     };
     message.body_channel = body_channel.clone();
     let sent = match codec::to_msgpack(&message) {
-        Ok(payload) => websocket::send_server_fed(shared, HTTP_REQUEST, &payload, None).await,
+        Ok(payload) => send_server_fed(shared, HTTP_REQUEST, &payload, None).await,
         Err(e) => Err(e.into()),
     };
     if let Err(e) = sent {

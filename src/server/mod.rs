@@ -63,11 +63,14 @@
 //! - TLS ([`tls`]): HTTPS and WSS on `bind` when [`ServerConfig::tls`] is set, reloaded on SIGHUP.
 
 pub mod auth;
+mod dispatch;
 mod edge;
+mod feed;
 mod http;
 mod metrics;
 mod outbound;
 mod request;
+mod response;
 pub mod tls;
 mod websocket;
 
@@ -560,7 +563,7 @@ async fn serve_connection<S>(
     let service_shared = Arc::clone(shared);
     let service_permit = Arc::clone(permit);
     let service = hyper::service::service_fn(move |req| {
-        http::handle(
+        dispatch::handle(
             Arc::clone(&service_shared),
             peer,
             tls,

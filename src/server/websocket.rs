@@ -39,12 +39,13 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::edge::{self, Admit, ClientSlot, FrameLimiter, RequestHost};
-use super::http::{ACCESS_LOG, Body, empty, plain, unavailable};
+use super::feed::send_server_fed;
 use super::metrics::ServerMetrics;
 use super::outbound::SocketReply;
 use super::request::{HostPortText, RequestHead};
+use super::response::{ACCESS_LOG, Body, empty, plain, unavailable};
 use super::{ConnectionPermit, Shared, SlowClientPolicy, auth};
-use crate::layer::{Envelope, FullRetry, LayerError, LocalChannel};
+use crate::layer::{Envelope, FullRetry, LocalChannel};
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -435,35 +436,6 @@ fn ws_config(shared: &Shared) -> WebSocketConfig {
         .max_write_buffer_size((c.ws_max_message_size.saturating_mul(2)).max(16 << 20))
         .max_frame_size(Some(c.ws_max_frame_size))
         .max_message_size(Some(c.ws_max_message_size))
-}
-
-/// Sends an encoded message to a server-fed channel, waiting for room while it is full with the
-/// layer's retry policy for `backpressure_timeout` (and not once `give_up` is set: the socket is
-/// closing); the last error once it stops. A wait and a refusal past the bound are counted.
-pub(crate) async fn send_server_fed(
-    shared: &Shared,
-    channel: &str,
-    payload: &[u8],
-    give_up: Option<&AtomicBool>,
-) -> Result<(), LayerError> {
-    let mut retry = FullRetry::new(shared.config.backpressure_timeout);
-    loop {
-        let error = match shared.layer.send_encoded(channel, payload).await {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        if error.is_full() && retry.refusals() == 0 {
-            ServerMetrics::inc(&shared.metrics.backpressure_waits);
-        }
-        let closing = give_up.is_some_and(|g| g.load(Ordering::Relaxed));
-        if !closing && retry.wait(&error).await {
-            continue;
-        }
-        if error.is_full() && !closing {
-            ServerMetrics::inc(&shared.metrics.backpressure_refusals);
-        }
-        return Err(error);
-    }
 }
 
 /// How a socket ended.
