@@ -189,21 +189,9 @@ async fn respond(
         return unavailable(shared, "Replies cannot be received\n");
     }
     let mut local = shared.inbox.channel_with_buffer(config.outbound_queue);
-    let mut message = HttpRequest::new(local.name(), method, head.path.clone());
-    message.http_version = match parts.version {
-        hyper::Version::HTTP_10 => "1.0",
-        hyper::Version::HTTP_2 => "2",
-        _ => "1.1",
-    }
-    .to_owned();
-    message.scheme = if head.secure { "https" } else { "http" }.to_owned();
-    message.query_string = head.query_string;
-    message.root_path = config.root_path.clone();
-    message.headers = head.headers;
-    message.body = ByteString::from(in_message.to_vec());
-    message.client = Some(head.client);
-    message.server = Some(head.server);
-    message.user = user;
+    let path = head.path.clone();
+    let mut message = request_message(config, parts.version, head, &in_message, user, method);
+    message.reply_channel = local.name().to_owned();
     let body_channel = if rest.is_some() {
         match shared.layer.new_channel(BODY_CHANNEL_PATTERN) {
             Ok(name) => Some(name),
@@ -228,7 +216,7 @@ async fn respond(
     let mut guard = DisconnectGuard {
         shared: Arc::clone(shared),
         reply_channel: local.name().to_owned(),
-        path: head.path,
+        path,
         armed: true,
     };
     // The rest of the body goes out from its own task, so the worker's response (which may come
@@ -254,10 +242,65 @@ async fn respond(
         _ => None,
     };
     // While the body is still going out, the worker cannot be expected to answer yet.
-    let mut deadline = pump_end
+    let deadline = pump_end
         .is_none()
         .then(|| super::deadline_after(config.http_timeout));
-    let first = loop {
+    let first = match first_reply(shared, &mut local, &mut guard, &mut pump_end, deadline).await {
+        Ok(first) => first,
+        Err(refusal) => return refusal,
+    };
+    let builder = response_head(shared, &first);
+    let content = Bytes::from(first.content.into_vec());
+    let body = if first.more_content {
+        streaming_body(Arc::clone(shared), local, guard, content)
+    } else {
+        guard.disarm();
+        full(content)
+    };
+    builder
+        .body(body)
+        .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "Invalid response\n"))
+}
+
+/// The `http.request` for a request whose body starts with `in_message` (its reply channel is
+/// set by the caller).
+fn request_message(
+    config: &super::ServerConfig,
+    version: hyper::Version,
+    head: RequestHead,
+    in_message: &[u8],
+    user: Option<switchyard_routing::Map>,
+    method: &str,
+) -> HttpRequest {
+    let mut message = HttpRequest::new(String::new(), method, head.path);
+    message.http_version = match version {
+        hyper::Version::HTTP_10 => "1.0",
+        hyper::Version::HTTP_2 => "2",
+        _ => "1.1",
+    }
+    .to_owned();
+    message.scheme = if head.secure { "https" } else { "http" }.to_owned();
+    message.query_string = head.query_string;
+    message.root_path = config.root_path.clone();
+    message.headers = head.headers;
+    message.body = ByteString::from(in_message.to_vec());
+    message.client = Some(head.client);
+    message.server = Some(head.server);
+    message.user = user;
+    message
+}
+
+/// Waits for the worker's first response message (status and headers), while the rest of the
+/// body may still be going out; `Err` is the answer the server gives instead (400, 503, 504, or
+/// the pump's failure). No deadline runs until the body is out.
+async fn first_reply(
+    shared: &Arc<Shared>,
+    local: &mut LocalChannel,
+    guard: &mut DisconnectGuard,
+    pump_end: &mut Option<oneshot::Receiver<PumpEnd>>,
+    mut deadline: Option<tokio::time::Instant>,
+) -> Result<HttpResponse, Response<Body>> {
+    loop {
         let reply = async {
             match deadline {
                 Some(d) => tokio::time::timeout_at(d, local.recv()).await.ok(),
@@ -277,19 +320,19 @@ async fn respond(
         };
         let next = match next {
             Some(Some(Err(end))) => {
-                pump_end = None;
+                *pump_end = None;
                 match end {
                     PumpEnd::Complete => {
-                        deadline = Some(super::deadline_after(config.http_timeout));
+                        deadline = Some(super::deadline_after(shared.config.http_timeout));
                         continue;
                     }
                     PumpEnd::ClientGone => {
                         // The connection is most likely dead; the guard's drop says so.
-                        return plain(StatusCode::BAD_REQUEST, "Request body incomplete\n");
+                        return Err(plain(StatusCode::BAD_REQUEST, "Request body incomplete\n"));
                     }
                     other => {
                         guard.disarm();
-                        return pump_failed(shared, other);
+                        return Err(pump_failed(shared, other));
                     }
                 }
             }
@@ -299,7 +342,7 @@ async fn respond(
         };
         match next {
             Some(Some(envelope)) => match envelope.decode::<HttpResponse>() {
-                Ok(r) if r.status.is_some() => break r,
+                Ok(r) if r.status.is_some() => return Ok(r),
                 Ok(_) => {
                     ServerMetrics::inc(&shared.metrics.bad_replies);
                     tracing::warn!(channel = %envelope.channel, "HTTP response without a status ignored");
@@ -311,19 +354,24 @@ async fn respond(
             },
             Some(None) => {
                 tracing::warn!(channel = %local.name(), "replies cannot be received; answering 503");
-                return unavailable(shared, "Replies cannot be received\n");
+                return Err(unavailable(shared, "Replies cannot be received\n"));
             }
             None => {
                 // The guard stays armed: a consumer still working on the request (or about to
                 // stream it) learns from `http.disconnect` that nobody waits for it any more.
                 ServerMetrics::inc(&shared.metrics.http_504);
-                return plain(
+                return Err(plain(
                     StatusCode::GATEWAY_TIMEOUT,
                     "Worker failed to respond within time limit\n",
-                );
+                ));
             }
         }
-    };
+    }
+}
+
+/// The response's status and headers from the worker's first message; an invalid header is
+/// dropped and counted.
+fn response_head(shared: &Shared, first: &HttpResponse) -> hyper::http::response::Builder {
     ServerMetrics::inc(&shared.metrics.http_responses);
     let status = first
         .status
@@ -342,16 +390,7 @@ async fn respond(
             }
         }
     }
-    let content = Bytes::from(first.content.into_vec());
-    let body = if first.more_content {
-        streaming_body(Arc::clone(shared), local, guard, content)
-    } else {
-        guard.disarm();
-        full(content)
-    };
     builder
-        .body(body)
-        .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "Invalid response\n"))
 }
 
 /// The rest of a response: chunks from the reply channel until one says `more_content: false`.
