@@ -53,10 +53,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::jobs::{JobFailure, JobHandler, JobMetrics, JobRunner, StreamJob};
 use crate::layer::{
-    DEFAULT_BACKPRESSURE_TIMEOUT, Envelope, FullRetry, Gate, Layer, LayerError, Receiver,
-    glob_matches,
+    DEFAULT_BACKPRESSURE_TIMEOUT, Envelope, FullRetry, Gate, Layer, LayerError, Receiver, glob,
+    glob_set,
 };
 use futures_util::future::BoxFuture;
+use globset::{GlobSet, GlobSetBuilder};
 use switchyard_routing::DurablePolicy;
 use switchyard_routing::durable::{ATTEMPT_KEY, JOB_ID_KEY};
 
@@ -142,8 +143,9 @@ pub struct Worker {
     layer: Layer,
     router: Arc<Router>,
     concurrency: usize,
-    only: Vec<String>,
-    exclude: Vec<String>,
+    /// `None`: every channel of the router.
+    only: Option<GlobSet>,
+    exclude: GlobSet,
     receive_timeout: Duration,
     max_retries: u32,
     metrics: Arc<WorkerMetrics>,
@@ -170,6 +172,21 @@ enum Outcome {
     TimedOut,
 }
 
+/// `--only-channels` / `--exclude-channels` globs, compiled once. A glob that does not compile is
+/// logged and matches nothing (the builder cannot fail; a worker left with no channel says so).
+fn channel_filter<S: AsRef<str>>(globs: &[S]) -> GlobSet {
+    let mut set = GlobSetBuilder::new();
+    for pattern in globs {
+        match glob(pattern.as_ref()) {
+            Ok(g) => {
+                set.add(g);
+            }
+            Err(e) => tracing::warn!(error = %e, "invalid channel glob; it matches nothing"),
+        }
+    }
+    set.build().unwrap_or_else(|_| GlobSet::empty())
+}
+
 impl Worker {
     /// A worker listening on every channel of the router, running up to
     /// [`DEFAULT_CONCURRENCY`] messages at once.
@@ -178,8 +195,8 @@ impl Worker {
             layer,
             router,
             concurrency: DEFAULT_CONCURRENCY,
-            only: Vec::new(),
-            exclude: Vec::new(),
+            only: None,
+            exclude: GlobSet::empty(),
             receive_timeout: Duration::from_secs(1),
             max_retries: MAX_RETRIES,
             metrics: Arc::default(),
@@ -229,13 +246,13 @@ impl Worker {
 
     /// Listen only on the router's channels matching one of these globs.
     pub fn only_channels<S: AsRef<str>>(mut self, globs: &[S]) -> Self {
-        self.only = globs.iter().map(|g| g.as_ref().to_owned()).collect();
+        self.only = (!globs.is_empty()).then(|| channel_filter(globs));
         self
     }
 
     /// Do not listen on channels matching one of these globs.
     pub fn exclude_channels<S: AsRef<str>>(mut self, globs: &[S]) -> Self {
-        self.exclude = globs.iter().map(|g| g.as_ref().to_owned()).collect();
+        self.exclude = channel_filter(globs);
         self
     }
 
@@ -293,7 +310,9 @@ impl Worker {
     /// (default policy).
     pub fn durable_channels(&self) -> Vec<(String, DurablePolicy)> {
         let listened = self.channels();
-        let globs = &self.layer.settings().durable_channels;
+        // The layer refused invalid ones when it was built.
+        let globs =
+            glob_set(&self.layer.settings().durable_channels).unwrap_or_else(|_| GlobSet::empty());
         let mut out: Vec<(String, DurablePolicy)> = self
             .router
             .durable_channels()
@@ -301,10 +320,7 @@ impl Worker {
             .filter(|(c, _)| listened.contains(c))
             .collect();
         for c in &listened {
-            if !out.iter().any(|(d, _)| d == c)
-                && !c.contains(['!', '?'])
-                && globs.iter().any(|g| glob_matches(g, c))
-            {
+            if !out.iter().any(|(d, _)| d == c) && !c.contains(['!', '?']) && globs.is_match(c) {
                 out.push((c.clone(), DurablePolicy::default()));
             }
         }
@@ -316,8 +332,8 @@ impl Worker {
         self.router
             .channels()
             .iter()
-            .filter(|c| self.only.is_empty() || self.only.iter().any(|g| glob_matches(g, c)))
-            .filter(|c| !self.exclude.iter().any(|g| glob_matches(g, c)))
+            .filter(|c| self.only.as_ref().is_none_or(|only| only.is_match(c)))
+            .filter(|c| !self.exclude.is_match(c))
             .cloned()
             .collect()
     }
