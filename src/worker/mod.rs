@@ -29,7 +29,6 @@
 //! without running the consumer. The consumer then sees one message whose `body` is the whole
 //! body and which has no `body_channel`.
 
-pub mod django;
 mod metrics;
 
 use std::panic::AssertUnwindSafe;
@@ -61,7 +60,8 @@ use globset::{GlobSet, GlobSetBuilder};
 use switchyard_routing::DurablePolicy;
 use switchyard_routing::durable::{ATTEMPT_KEY, JOB_ID_KEY};
 
-pub use django::{DjangoSessionConfig, DjangoSessions};
+#[cfg(feature = "django")]
+pub use crate::django::{DjangoSessionConfig, DjangoSessions};
 pub use metrics::{LATENCY_BUCKETS_MS, WorkerMetrics, WorkerMetricsSnapshot};
 
 /// `ConsumeLater` requeues per message before it is dropped (Channels' `message_retries`).
@@ -149,6 +149,7 @@ pub struct Worker {
     receive_timeout: Duration,
     max_retries: u32,
     metrics: Arc<WorkerMetrics>,
+    #[cfg(feature = "django")]
     http_sessions: Option<Arc<DjangoSessions>>,
     body_receive_timeout: Duration,
     max_request_body: usize,
@@ -200,6 +201,7 @@ impl Worker {
             receive_timeout: Duration::from_secs(1),
             max_retries: MAX_RETRIES,
             metrics: Arc::default(),
+            #[cfg(feature = "django")]
             http_sessions: None,
             body_receive_timeout: BODY_RECEIVE_TIMEOUT,
             max_request_body: MAX_REQUEST_BODY,
@@ -283,6 +285,7 @@ impl Worker {
     }
 
     /// Reads web sessions (Django's, in Redis) for routes that ask for them.
+    #[cfg(feature = "django")]
     pub fn http_sessions(mut self, sessions: DjangoSessions) -> Self {
         self.http_sessions = Some(Arc::new(sessions));
         self
@@ -1002,6 +1005,7 @@ impl Worker {
     /// The web session: from the message's cookie or `session_key` parameter, else (for frames
     /// and disconnects, which carry no headers) from the key remembered in the channel session
     /// at connect, as Channels' `channel_session_user_from_http` does.
+    #[cfg(feature = "django")]
     async fn http_session(
         &self,
         message: &Message,
@@ -1011,7 +1015,7 @@ impl Worker {
         let Some(sessions) = &self.http_sessions else {
             return switchyard_routing::HttpSession::anonymous();
         };
-        let from_message = django::session_key_of(message, sessions.cookie_name());
+        let from_message = crate::django::session_key_of(message, sessions.cookie_name());
         let key = from_message.clone().or_else(|| {
             ctx.session_get(HTTP_SESSION_KEY)
                 .and_then(|v| v.as_str().map(str::to_owned))
@@ -1025,6 +1029,17 @@ impl Worker {
             let _ = ctx.session_set(HTTP_SESSION_KEY, key);
         }
         session
+    }
+
+    /// Without the Django integration no web session is read: every user is anonymous.
+    #[cfg(not(feature = "django"))]
+    async fn http_session(
+        &self,
+        _message: &Message,
+        _ctx: &Ctx,
+        _options: switchyard_routing::RouteOptions,
+    ) -> switchyard_routing::HttpSession {
+        switchyard_routing::HttpSession::anonymous()
     }
 
     async fn reply_close(&self, message: &Message, reply: Option<&str>, code: Option<u16>) {
