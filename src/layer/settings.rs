@@ -206,8 +206,8 @@ pub fn parse_channel_capacity(spec: &str) -> Result<Vec<(String, usize)>, LayerE
 /// An fnmatch-style glob, as asgiref and Python's `fnmatch` read one: `*` matches any run of
 /// characters (`/` and `.` included; `**` is the same as `*`), `?` any one character, `[abc]`,
 /// `[a-z]` and `[!abc]` (or `[^abc]`) one character of (not of) a set; an unclosed `[` and a
-/// backslash are themselves. `{a,b}` matches either alternative. Matching is on the bytes of the
-/// name, so `?` and a set stand for one byte: names and paths outside ASCII need `*`.
+/// backslash are themselves. Beyond fnmatch, `{a,b}` matches either alternative. Matching is on
+/// the bytes of the name, so `?` and a set stand for one byte: outside ASCII, use `*`.
 pub(crate) fn glob(pattern: &str) -> Result<Glob, globset::Error> {
     // globset reads `**` next to a `/` as "any number of path segments", which may be none:
     // runs of stars are folded into one so that `/a/**/b` keeps needing a segment, as fnmatch.
