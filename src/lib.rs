@@ -2,10 +2,12 @@
 //! asgi_redis + runworker), in Rust.
 //!
 //! This crate is the framework: the channel layer ([`layer`]: in-memory and Redis backends,
-//! process inboxes) and, in their own modules, the interface server, the worker runtime and the
-//! CLI. The IO-free application API (messages, codecs, names, router, consumers) lives in
+//! process inboxes) and, in their own modules, the interface server, the worker runtime, the
+//! CLI and the Django integration ([`django`], feature `django`, on by default: web sessions). The IO-free application API (messages, codecs, names, router, consumers) lives in
 //! [`switchyard_routing`], re-exported here as [`routing`].
 
+#[cfg(feature = "django")]
+pub mod django;
 pub mod jobs;
 pub mod layer;
 pub mod prometheus;

@@ -5,6 +5,7 @@
 //!
 //! Needs `.venv/bin/python` (from `scripts/setup-python.sh`) or `SWITCHYARD_PYTHON` with Django
 //! and redis installed. Without it the test fails when `CI` is set and is skipped otherwise.
+#![cfg(feature = "django")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -15,12 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::{RedisServer, eventually};
+use switchyard::django::{DjangoSessionConfig, DjangoSessions};
 use switchyard::layer::{Layer, LayerSettings, LocalChannel};
 use switchyard::routing::asgi::{WebsocketConnect, WebsocketReceive};
 use switchyard::routing::{
     ByteString, ConsumerError, Ctx, Map, Message, Router, WebsocketConsumer, route_class,
 };
-use switchyard::worker::{DjangoSessionConfig, DjangoSessions, Worker};
+use switchyard::worker::Worker;
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "django-insecure-switchyard-test-secret";

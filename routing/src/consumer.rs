@@ -376,7 +376,10 @@ impl Ctx {
 
 fn encode_map<M: Serialize + ?Sized>(message: &M) -> Result<Bytes, CodecError> {
     let payload = codec::to_msgpack(message)?;
-    if !matches!(payload.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+    if !matches!(
+        payload.first().map(|&b| rmp::Marker::from_u8(b)),
+        Some(rmp::Marker::FixMap(_) | rmp::Marker::Map16 | rmp::Marker::Map32)
+    ) {
         return Err(CodecError::NotAMap);
     }
     Ok(Bytes::from(payload))

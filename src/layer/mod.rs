@@ -38,11 +38,11 @@ pub use metrics::{LayerMetrics, MetricsSnapshot};
 pub use ordering::{Gate, GateOutcome, Upkeep};
 pub use redis::RedisLayer;
 pub use session::MemoryConnections;
-pub(crate) use settings::glob_to_regex;
 pub use settings::{
     DEFAULT_CAPACITY, DEFAULT_SERVER_CAPACITY, LayerLossPolicy, LayerSettings, SERVER_FED_CHANNELS,
     glob_matches, parse_channel_capacity,
 };
+pub(crate) use settings::{glob, glob_set};
 
 /// What a channel-layer operation can fail with.
 #[derive(Debug, Error)]

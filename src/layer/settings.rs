@@ -1,9 +1,11 @@
 //! Channel-layer settings: one struct that the CLI fills from flags and environment, plus the
-//! compiled per-channel capacity rules (globs, first match wins, as asgiref's `channel_capacity`).
+//! compiled per-channel capacity rules (globs, first match wins, as asgiref's `channel_capacity`),
+//! and the one definition of what a glob means, shared by every option that takes globs
+//! (capacity, durable channels, the worker's channel filters, the server's authenticated paths).
 
 use std::time::Duration;
 
-use regex::Regex;
+use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 
 use super::LayerError;
 
@@ -143,15 +145,16 @@ impl LayerSettings {
             )));
         }
         let mut rules = Vec::with_capacity(self.channel_capacity.len());
-        for (glob, cap) in &self.channel_capacity {
+        for (pattern, cap) in &self.channel_capacity {
             if *cap == 0 {
                 return Err(LayerError::Config(format!(
-                    "capacity for {glob:?} must be at least 1"
+                    "capacity for {pattern:?} must be at least 1"
                 )));
             }
-            let re = Regex::new(&glob_to_regex(glob))
-                .map_err(|e| LayerError::Config(format!("invalid capacity glob {glob:?}: {e}")))?;
-            rules.push((re, *cap));
+            let matcher = glob(pattern)
+                .map_err(|e| LayerError::Config(format!("invalid capacity glob {pattern:?}: {e}")))?
+                .compile_matcher();
+            rules.push((matcher, *cap));
         }
         Ok(CapacityRules {
             default: self.capacity,
@@ -161,20 +164,18 @@ impl LayerSettings {
     }
 
     /// The durable-channel globs, compiled.
-    pub(crate) fn durable_rules(&self) -> Result<Vec<Regex>, LayerError> {
-        self.durable_channels
+    pub(crate) fn durable_rules(&self) -> Result<GlobSet, LayerError> {
+        if let Some(glob) = self
+            .durable_channels
             .iter()
-            .map(|glob| {
-                if glob.contains(['!', ':']) {
-                    return Err(LayerError::Config(format!(
-                        "durable channel glob {glob:?}: process-local (!) channels cannot be durable"
-                    )));
-                }
-                Regex::new(&glob_to_regex(glob)).map_err(|e| {
-                    LayerError::Config(format!("invalid durable channel glob {glob:?}: {e}"))
-                })
-            })
-            .collect()
+            .find(|g| g.contains(['!', ':']))
+        {
+            return Err(LayerError::Config(format!(
+                "durable channel glob {glob:?}: process-local (!) channels cannot be durable"
+            )));
+        }
+        glob_set(&self.durable_channels)
+            .map_err(|e| LayerError::Config(format!("invalid durable channel glob: {e}")))
     }
 
     /// The per-local-channel buffer size.
@@ -202,48 +203,41 @@ pub fn parse_channel_capacity(spec: &str) -> Result<Vec<(String, usize)>, LayerE
         .collect()
 }
 
-/// fnmatch-style glob to an anchored regex.
-pub(crate) fn glob_to_regex(glob: &str) -> String {
-    let mut re = String::with_capacity(glob.len() + 8);
-    re.push('^');
-    let mut chars = glob.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '*' => re.push_str(".*"),
-            '?' => re.push('.'),
-            '[' => {
-                let mut class = String::new();
-                let mut closed = false;
-                for d in chars.by_ref() {
-                    if d == ']' && !class.is_empty() {
-                        closed = true;
-                        break;
-                    }
-                    class.push(d);
-                }
-                if closed {
-                    re.push('[');
-                    if let Some(rest) = class.strip_prefix('!') {
-                        re.push('^');
-                        re.push_str(&rest.replace('\\', "\\\\"));
-                    } else {
-                        re.push_str(&class.replace('\\', "\\\\"));
-                    }
-                    re.push(']');
-                } else {
-                    re.push_str(&regex::escape(&format!("[{class}")));
-                }
-            }
-            other => re.push_str(&regex::escape(&other.to_string())),
+/// An fnmatch-style glob, as asgiref and Python's `fnmatch` read one: `*` matches any run of
+/// characters (`/` and `.` included; `**` is the same as `*`), `?` any one character, `[abc]`,
+/// `[a-z]` and `[!abc]` (or `[^abc]`) one character of (not of) a set; an unclosed `[` and a
+/// backslash are themselves. Beyond fnmatch, `{a,b}` matches either alternative. Matching is on
+/// the bytes of the name, so `?` and a set stand for one byte: outside ASCII, use `*`.
+pub(crate) fn glob(pattern: &str) -> Result<Glob, globset::Error> {
+    // globset reads `**` next to a `/` as "any number of path segments", which may be none:
+    // runs of stars are folded into one so that `/a/**/b` keeps needing a segment, as fnmatch.
+    let mut folded = String::with_capacity(pattern.len());
+    for c in pattern.chars() {
+        if !(c == '*' && folded.ends_with('*')) {
+            folded.push(c);
         }
     }
-    re.push('$');
-    re
+    GlobBuilder::new(&folded)
+        .literal_separator(false)
+        .backslash_escape(false)
+        .allow_unclosed_class(true)
+        .build()
 }
 
-/// True when `name` matches the fnmatch-style `glob`.
-pub fn glob_matches(glob: &str, name: &str) -> bool {
-    Regex::new(&glob_to_regex(glob)).is_ok_and(|re| re.is_match(name))
+/// Several [`glob`]s compiled into one set (matches when any does).
+pub(crate) fn glob_set<S: AsRef<str>>(patterns: &[S]) -> Result<GlobSet, globset::Error> {
+    let mut set = GlobSetBuilder::new();
+    for pattern in patterns {
+        set.add(glob(pattern.as_ref())?);
+    }
+    set.build()
+}
+
+/// True when `name` matches the fnmatch-style `glob` (see [`LayerSettings::channel_capacity`]
+/// for the syntax); an invalid glob matches nothing. Compiles the glob on every call: for a glob
+/// checked against many names, the worker and the layer compile theirs once.
+pub fn glob_matches(pattern: &str, name: &str) -> bool {
+    glob(pattern).is_ok_and(|g| g.compile_matcher().is_match(name))
 }
 
 /// Compiled capacity rules.
@@ -251,14 +245,14 @@ pub fn glob_matches(glob: &str, name: &str) -> bool {
 pub(crate) struct CapacityRules {
     default: usize,
     server: usize,
-    rules: Vec<(Regex, usize)>,
+    rules: Vec<(GlobMatcher, usize)>,
 }
 
 impl CapacityRules {
     /// Capacity of `channel` (matched on the full name, as asgiref does): the first rule that
     /// matches, else the server capacity for a channel every connection shares, else the default.
     pub(crate) fn capacity(&self, channel: &str) -> usize {
-        match self.rules.iter().find(|(re, _)| re.is_match(channel)) {
+        match self.rules.iter().find(|(glob, _)| glob.is_match(channel)) {
             Some((_, cap)) => *cap,
             None if is_server_fed(channel) => self.server,
             None => self.default,
@@ -300,6 +294,56 @@ mod tests {
         assert_eq!(rules.capacity("jobs.digest"), 100);
         assert!(glob_matches("a?c", "abc"));
         assert!(!glob_matches("a.c", "abc"));
+    }
+
+    #[test]
+    fn globs_read_as_fnmatch() {
+        for (glob, name, matches) in [
+            ("*", "", true),
+            ("http.*", "http.request", true),
+            ("http.*", "http", false),
+            ("*.receive", "websocket.receive", true),
+            ("chat.?", "chat.a", true),
+            ("chat.?", "chat.ab", false),
+            ("chat.[ab]", "chat.b", true),
+            ("chat.[a-c]x", "chat.cx", true),
+            ("chat.[!a]", "chat.a", false),
+            ("chat.[^a]", "chat.b", true),
+            ("chat.[]]", "chat.]", true),
+            // An unclosed set and a backslash are literal.
+            ("chat.[ab", "chat.[ab", true),
+            ("chat.[ab", "chat.a", false),
+            (r"a\b", r"a\b", true),
+            (r"a\*", "a*", false),
+            // Dots, slashes and newlines are ordinary characters to `*`.
+            ("a*z", "a.b/c\nz", true),
+            ("/p/*", "/p/a\nb", true),
+            // Runs of stars are one star: a segment is still needed between the slashes.
+            ("/a/**/b", "/a/b", false),
+            ("/a/**/b", "/a/x/y/b", true),
+            ("a**b", "ab", true),
+            ("jobs.*", "Jobs.x", false),
+            ("{chat,jobs}.*", "jobs.x", true),
+        ] {
+            assert_eq!(glob_matches(glob, name), matches, "{glob:?} on {name:?}");
+        }
+        // Invalid globs are refused where they are configured.
+        let bad = LayerSettings {
+            channel_capacity: vec![("chat.{a".into(), 5)],
+            ..Default::default()
+        };
+        assert!(bad.compile().is_err());
+        let durable = LayerSettings {
+            durable_channels: vec!["jobs.*".into(), "mail.[^x]".into()],
+            ..Default::default()
+        };
+        let set = durable.durable_rules().expect("compiles");
+        assert!(set.is_match("jobs.a") && set.is_match("mail.y") && !set.is_match("mail.x"));
+        let local = LayerSettings {
+            durable_channels: vec!["jobs!*".into()],
+            ..Default::default()
+        };
+        assert!(local.durable_rules().is_err());
     }
 
     #[test]

@@ -33,29 +33,14 @@ pub enum Targets {
 
 /// Reads the top-level map header: (entry count, header length).
 fn map_header(payload: &[u8]) -> Result<(u32, usize), CodecError> {
-    match payload.first() {
-        Some(&b) if (0x80..=0x8f).contains(&b) => Ok((u32::from(b & 0x0f), 1)),
-        Some(0xde) if payload.len() >= 3 => {
-            Ok((u32::from(u16::from_be_bytes([payload[1], payload[2]])), 3))
-        }
-        Some(0xdf) if payload.len() >= 5 => Ok((
-            u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]),
-            5,
-        )),
-        _ => Err(CodecError::NotAMap),
-    }
+    let mut rest = payload;
+    let count = rmp::decode::read_map_len(&mut rest).map_err(|_| CodecError::NotAMap)?;
+    Ok((count, payload.len() - rest.len()))
 }
 
 fn write_map_header(out: &mut Vec<u8>, count: u32) {
-    if count <= 15 {
-        out.push(0x80 | count as u8);
-    } else if let Ok(c) = u16::try_from(count) {
-        out.push(0xde);
-        out.extend_from_slice(&c.to_be_bytes());
-    } else {
-        out.push(0xdf);
-        out.extend_from_slice(&count.to_be_bytes());
-    }
+    // Writing msgpack into a Vec cannot fail.
+    let _ = rmp::encode::write_map_len(out, count);
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {
@@ -238,5 +223,24 @@ mod tests {
         assert!(check_is_map(b"").is_err());
         assert!(read_targets(b"\xc1garbage").is_err());
         assert_eq!(read_targets(b"\x80").expect("empty map"), Targets::Unnamed);
+        // A map16/map32 header cut short is not a map.
+        assert!(check_is_map(b"\xde\x00").is_err());
+        assert!(check_is_map(b"\xdf\x00\x00\x00").is_err());
+    }
+
+    #[test]
+    fn headers_take_the_shortest_form() {
+        for (count, header) in [
+            (0, &b"\x80"[..]),
+            (15, b"\x8f"),
+            (16, b"\xde\x00\x10"),
+            (65_535, b"\xde\xff\xff"),
+            (65_536, b"\xdf\x00\x01\x00\x00"),
+        ] {
+            let mut out = Vec::new();
+            write_map_header(&mut out, count);
+            assert_eq!(out, header);
+            assert_eq!(map_header(&out).expect("a map"), (count, header.len()));
+        }
     }
 }

@@ -15,7 +15,9 @@ use crate::server::{
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 
-use crate::worker::{self, DjangoSessionConfig, DjangoSessions, Worker, WorkerMetrics};
+#[cfg(feature = "django")]
+use crate::django::{DjangoSessionConfig, DjangoSessions};
+use crate::worker::{self, Worker, WorkerMetrics};
 use tokio_util::sync::CancellationToken;
 
 use super::App;
@@ -337,9 +339,11 @@ pub struct WorkerFlags {
     pub exclude_channels: Vec<String>,
     /// Django SECRET_KEY: enables HTTP sessions (sessionid cookie → user) for consumers asking
     /// for them.
+    #[cfg(feature = "django")]
     #[arg(long, env = "DJANGO_SECRET_KEY", hide_env_values = true)]
     pub django_secret_key: Option<String>,
     /// Redis of the Django session cache (default: the channel layer's first Redis URL).
+    #[cfg(feature = "django")]
     #[arg(long, env = "DJANGO_SESSION_REDIS")]
     pub django_session_redis: Option<String>,
     /// Seconds to wait for each chunk of a streamed request body before answering 408.
@@ -488,6 +492,7 @@ async fn start_metrics(
 }
 
 /// The Redis of the Django session cache: the flag, else the layer's first URL when it is Redis.
+#[cfg(feature = "django")]
 fn django_session_redis(args: &WorkerFlags, layer_url: &str) -> anyhow::Result<String> {
     if let Some(url) = &args.django_session_redis {
         return Ok(url.clone());
@@ -511,7 +516,7 @@ fn build_worker(
     let router = app
         .routes(layer.clone())
         .context("the app's routes are invalid")?;
-    let mut worker = Worker::new(layer.clone(), Arc::new(router))
+    let worker = Worker::new(layer.clone(), Arc::new(router))
         .concurrency(args.concurrency.max(1))
         .only_channels(&args.only_channels)
         .exclude_channels(&args.exclude_channels)
@@ -520,13 +525,19 @@ fn build_worker(
         .consumer_timeout(secs("consumer-timeout", args.consumer_timeout)?)
         .stop_grace(secs("stop-grace", args.stop_grace)?)
         .job_timeout(secs("job-timeout", args.job_timeout)?);
-    if let Some(secret) = &args.django_secret_key {
-        let redis = django_session_redis(args, layer_url)?;
-        worker = worker.http_sessions(DjangoSessions::new(DjangoSessionConfig::new(
-            redis,
-            secret.clone(),
-        ))?);
-    }
+    #[cfg(feature = "django")]
+    let worker = match &args.django_secret_key {
+        Some(secret) => {
+            let redis = django_session_redis(args, layer_url)?;
+            worker.http_sessions(DjangoSessions::new(DjangoSessionConfig::new(
+                redis,
+                secret.clone(),
+            ))?)
+        }
+        None => worker,
+    };
+    #[cfg(not(feature = "django"))]
+    let _ = layer_url;
     if worker.channels().is_empty() {
         return Err(super::cli::UsageError(format!(
             "the channel globs leave this worker nothing to listen on (routes cover: {})",
@@ -667,12 +678,15 @@ fn open_browser(url: &str) {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "django")]
     fn worker_args(session_redis: Option<&str>) -> WorkerFlags {
         WorkerFlags {
             concurrency: 1,
             only_channels: Vec::new(),
             exclude_channels: Vec::new(),
+            #[cfg(feature = "django")]
             django_secret_key: Some("s".into()),
+            #[cfg(feature = "django")]
             django_session_redis: session_redis.map(str::to_owned),
             body_receive_timeout: 60.0,
             job_timeout: 300.0,
@@ -682,6 +696,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "django")]
     #[test]
     fn django_sessions_use_the_layer_url_as_given() {
         let args = worker_args(None);

@@ -27,10 +27,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use hyper::HeaderMap;
 use hyper::header::{AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use regex::Regex;
+use subtle::ConstantTimeEq;
 use switchyard_routing::{Map, Value};
 
-use crate::layer::glob_to_regex;
+use crate::layer::glob;
+use globset::{GlobSet, GlobSetBuilder};
 
 /// The close code of a socket whose token expired (application range, like Centrifugo's 3xxx
 /// "token expired" family; 4001 is free in the WebSocket registry).
@@ -136,7 +137,7 @@ impl Refusal {
 /// The compiled [`AuthConfig`].
 pub(crate) struct Authenticator {
     jwt: Option<(DecodingKey, Validation, Vec<String>, Duration)>,
-    required: Vec<Regex>,
+    required: GlobSet,
     ops_token: Option<String>,
     pub(crate) expired_close_code: u16,
     refresh_prefix: Option<String>,
@@ -216,14 +217,16 @@ impl Authenticator {
             _ => {}
         }
         // Compiled once here so a bad glob is a startup error, not a per-request surprise.
-        let required = config
-            .required_paths
-            .iter()
-            .map(|glob| {
-                Regex::new(&glob_to_regex(glob))
-                    .map_err(|e| format!("invalid authentication path {glob:?}: {e}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut required = GlobSetBuilder::new();
+        for pattern in &config.required_paths {
+            required.add(
+                glob(pattern)
+                    .map_err(|e| format!("invalid authentication path {pattern:?}: {e}"))?,
+            );
+        }
+        let required = required
+            .build()
+            .map_err(|e| format!("invalid authentication paths: {e}"))?;
         Ok(Authenticator {
             jwt,
             required,
@@ -295,7 +298,7 @@ impl Authenticator {
     }
 
     fn requires(&self, path: &str) -> bool {
-        self.required.iter().any(|re| re.is_match(path))
+        self.required.is_match(path)
     }
 
     /// Whether a request to an ops endpoint may see it.
@@ -315,15 +318,7 @@ pub fn bearer_matches(expected: &str, header: &[u8]) -> bool {
     let Some(given) = strip_bearer(header) else {
         return false;
     };
-    let expected = expected.as_bytes();
-    if given.len() != expected.len() {
-        return false;
-    }
-    given
-        .iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
+    given.ct_eq(expected.as_bytes()).into()
 }
 
 fn strip_bearer(header: &[u8]) -> Option<&[u8]> {
@@ -460,5 +455,36 @@ mod tests {
                 .unwrap_err()
                 .contains("RSA PEM")
         );
+    }
+
+    #[test]
+    fn required_paths_match_any_character() {
+        let config = AuthConfig {
+            jwt: Some(JwtConfig {
+                key: JwtKey::Secret(b"k".to_vec()),
+                claims: vec![],
+                leeway: Duration::ZERO,
+                audience: None,
+                issuer: None,
+            }),
+            required_paths: vec!["/private/*".into(), "/api/v?/admin".into()],
+            ..AuthConfig::default()
+        };
+        let auth = Authenticator::new(&config).unwrap();
+        assert!(auth.requires("/private/a/b"));
+        // A percent-decoded newline is one more character, not the end of the path.
+        assert!(auth.requires("/private/a\nb"));
+        assert!(auth.requires("/api/v2/admin"));
+        assert!(!auth.requires("/api/v10/admin"));
+        assert!(!auth.requires("/public"));
+        assert!(matches!(
+            auth.check("/private/x", &HeaderMap::new(), None),
+            Err(Refusal::Missing)
+        ));
+        let bad = AuthConfig {
+            required_paths: vec!["/a/{b".into()],
+            ..config
+        };
+        assert!(Authenticator::new(&bad).unwrap_err().contains("/a/{b"));
     }
 }

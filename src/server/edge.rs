@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use globset::{GlobSet, GlobSetBuilder};
 use hyper::HeaderMap;
 use hyper::header::{HOST, ORIGIN};
 
@@ -313,7 +314,7 @@ pub(crate) struct OriginRules {
     allowed: Vec<OriginPattern>,
     allow_localhost: bool,
     refuse_missing: bool,
-    public_paths: Vec<String>,
+    public_paths: GlobSet,
 }
 
 impl OriginRules {
@@ -324,16 +325,21 @@ impl OriginRules {
             .filter(|p| !p.trim().is_empty())
             .map(|p| OriginPattern::parse(p))
             .collect::<Result<_, _>>()?;
-        for glob in &policy.public_paths {
-            if !glob.starts_with('/') {
-                return Err(format!("public path {glob:?} must start with /"));
+        let mut public_paths = GlobSetBuilder::new();
+        for path in &policy.public_paths {
+            if !path.starts_with('/') {
+                return Err(format!("public path {path:?} must start with /"));
             }
+            public_paths
+                .add(path_glob(path).map_err(|e| format!("invalid public path {path:?}: {e}"))?);
         }
         Ok(OriginRules {
             allowed,
             allow_localhost: policy.allow_localhost,
             refuse_missing: policy.refuse_missing,
-            public_paths: policy.public_paths.clone(),
+            public_paths: public_paths
+                .build()
+                .map_err(|e| format!("invalid public paths: {e}"))?,
         })
     }
 
@@ -349,11 +355,7 @@ impl OriginRules {
         host: Option<&RequestHost>,
         secure: Option<bool>,
     ) -> Result<(), OriginRefusal> {
-        if self
-            .public_paths
-            .iter()
-            .any(|glob| wildcard_match(glob, path))
-        {
+        if self.public_paths.is_match(path) {
             return Ok(());
         }
         let mut values = headers.get_all(ORIGIN).iter();
@@ -396,26 +398,11 @@ fn is_localhost(host: &str) -> bool {
     matches!(host, "localhost" | "127.0.0.1" | "[::1]") || host.ends_with(".localhost")
 }
 
-/// `*` matches any run of characters (including `/`); everything else matches itself.
-pub(crate) fn wildcard_match(glob: &str, text: &str) -> bool {
-    let mut parts = glob.split('*');
-    let Some(first) = parts.next() else {
-        return text.is_empty();
-    };
-    let Some(mut rest) = text.strip_prefix(first) else {
-        return false;
-    };
-    let tail: Vec<&str> = parts.collect();
-    let Some((last, middle)) = tail.split_last() else {
-        return rest.is_empty();
-    };
-    for part in middle {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    rest.len() >= last.len() && rest.ends_with(last)
+/// A public path: `*` matches any run of characters (including `/`); everything else, `?` and
+/// `[` included, matches itself.
+fn path_glob(path: &str) -> Result<globset::Glob, globset::Error> {
+    let literal_parts: Vec<String> = path.split('*').map(globset::escape).collect();
+    crate::layer::glob(&literal_parts.join("*"))
 }
 
 /// The scheme the server knows a request came over: `Some(true)` for TLS (a trusted
@@ -826,6 +813,10 @@ mod tests {
         }
     }
 
+    fn wildcard_match(glob: &str, path: &str) -> bool {
+        path_glob(glob).unwrap().compile_matcher().is_match(path)
+    }
+
     #[test]
     fn wildcards() {
         assert!(wildcard_match("/ws/public/*", "/ws/public/a/b"));
@@ -834,6 +825,13 @@ mod tests {
         assert!(!wildcard_match("/exact", "/exact/"));
         assert!(!wildcard_match("/a*b*c", "/abx"));
         assert!(wildcard_match("*", ""));
+        assert!(wildcard_match("/a/**/b", "/a/x/b"));
+        assert!(!wildcard_match("/a/**/b", "/a/b"));
+        // Only `*` is special.
+        assert!(wildcard_match("/q?[x]{a,b}\\", "/q?[x]{a,b}\\"));
+        assert!(!wildcard_match("/q?", "/qa"));
+        assert!(!wildcard_match("/[ab]", "/a"));
+        assert!(wildcard_match("/f*", "/f\nx"));
     }
 
     #[test]

@@ -112,33 +112,13 @@ fn ip_text(ip: IpAddr) -> String {
     text
 }
 
-/// Decodes `%XX` escapes, then UTF-8; `None` when the bytes are not UTF-8.
+/// Decodes `%XX` escapes (a `%` not followed by two hex digits stays as it is; `+` is not a
+/// space in a path), then UTF-8; `None` when the bytes are not UTF-8.
 pub(crate) fn percent_decode(raw: &[u8]) -> Option<String> {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        let b = raw[i];
-        if b == b'%'
-            && i + 2 < raw.len()
-            && let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2]))
-        {
-            out.push(h << 4 | l);
-            i += 3;
-            continue;
-        }
-        out.push(b);
-        i += 1;
-    }
-    String::from_utf8(out).ok()
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
+    percent_encoding::percent_decode(raw)
+        .decode_utf8()
+        .ok()
+        .map(std::borrow::Cow::into_owned)
 }
 
 #[cfg(test)]
@@ -169,5 +149,7 @@ mod tests {
         assert_eq!(percent_decode(b"/100%").as_deref(), Some("/100%"));
         assert_eq!(percent_decode(b"/%zz%4").as_deref(), Some("/%zz%4"));
         assert_eq!(percent_decode(b"/%ff"), None);
+        assert_eq!(percent_decode(b"/a+b%2B").as_deref(), Some("/a+b+"));
+        assert_eq!(percent_decode(b"%41").as_deref(), Some("A"));
     }
 }

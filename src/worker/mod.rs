@@ -29,7 +29,6 @@
 //! without running the consumer. The consumer then sees one message whose `body` is the whole
 //! body and which has no `body_channel`.
 
-pub mod django;
 mod metrics;
 
 use std::panic::AssertUnwindSafe;
@@ -50,15 +49,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::jobs::{JobFailure, JobHandler, JobMetrics, JobRunner, StreamJob};
 use crate::layer::{
-    DEFAULT_BACKPRESSURE_TIMEOUT, Envelope, FullRetry, Gate, Layer, LayerError, Receiver,
-    glob_matches,
+    DEFAULT_BACKPRESSURE_TIMEOUT, Envelope, FullRetry, Gate, Layer, LayerError, Receiver, glob,
+    glob_set,
 };
 use futures_util::future::BoxFuture;
+use globset::{GlobSet, GlobSetBuilder};
 use switchyard_routing::DurablePolicy;
 use switchyard_routing::durable::{ATTEMPT_KEY, JOB_ID_KEY};
 use switchyard_routing::settle::{self, Ended, Settlement};
 
-pub use django::{DjangoSessionConfig, DjangoSessions};
+#[cfg(feature = "django")]
+pub use crate::django::{DjangoSessionConfig, DjangoSessions};
 pub use metrics::{LATENCY_BUCKETS_MS, WorkerMetrics, WorkerMetricsSnapshot};
 
 /// `ConsumeLater` requeues per message before it is dropped (Channels' `message_retries`).
@@ -140,11 +141,13 @@ pub struct Worker {
     layer: Layer,
     router: Arc<Router>,
     concurrency: usize,
-    only: Vec<String>,
-    exclude: Vec<String>,
+    /// `None`: every channel of the router.
+    only: Option<GlobSet>,
+    exclude: GlobSet,
     receive_timeout: Duration,
     max_retries: u32,
     metrics: Arc<WorkerMetrics>,
+    #[cfg(feature = "django")]
     http_sessions: Option<Arc<DjangoSessions>>,
     body_receive_timeout: Duration,
     max_request_body: usize,
@@ -168,6 +171,21 @@ enum Outcome {
     TimedOut,
 }
 
+/// `--only-channels` / `--exclude-channels` globs, compiled once. A glob that does not compile is
+/// logged and matches nothing (the builder cannot fail; a worker left with no channel says so).
+fn channel_filter<S: AsRef<str>>(globs: &[S]) -> GlobSet {
+    let mut set = GlobSetBuilder::new();
+    for pattern in globs {
+        match glob(pattern.as_ref()) {
+            Ok(g) => {
+                set.add(g);
+            }
+            Err(e) => tracing::warn!(error = %e, "invalid channel glob; it matches nothing"),
+        }
+    }
+    set.build().unwrap_or_else(|_| GlobSet::empty())
+}
+
 impl Worker {
     /// A worker listening on every channel of the router, running up to
     /// [`DEFAULT_CONCURRENCY`] messages at once.
@@ -176,11 +194,12 @@ impl Worker {
             layer,
             router,
             concurrency: DEFAULT_CONCURRENCY,
-            only: Vec::new(),
-            exclude: Vec::new(),
+            only: None,
+            exclude: GlobSet::empty(),
             receive_timeout: Duration::from_secs(1),
             max_retries: MAX_RETRIES,
             metrics: Arc::default(),
+            #[cfg(feature = "django")]
             http_sessions: None,
             body_receive_timeout: BODY_RECEIVE_TIMEOUT,
             max_request_body: MAX_REQUEST_BODY,
@@ -227,13 +246,13 @@ impl Worker {
 
     /// Listen only on the router's channels matching one of these globs.
     pub fn only_channels<S: AsRef<str>>(mut self, globs: &[S]) -> Self {
-        self.only = globs.iter().map(|g| g.as_ref().to_owned()).collect();
+        self.only = (!globs.is_empty()).then(|| channel_filter(globs));
         self
     }
 
     /// Do not listen on channels matching one of these globs.
     pub fn exclude_channels<S: AsRef<str>>(mut self, globs: &[S]) -> Self {
-        self.exclude = globs.iter().map(|g| g.as_ref().to_owned()).collect();
+        self.exclude = channel_filter(globs);
         self
     }
 
@@ -264,6 +283,7 @@ impl Worker {
     }
 
     /// Reads web sessions (Django's, in Redis) for routes that ask for them.
+    #[cfg(feature = "django")]
     pub fn http_sessions(mut self, sessions: DjangoSessions) -> Self {
         self.http_sessions = Some(Arc::new(sessions));
         self
@@ -291,7 +311,9 @@ impl Worker {
     /// (default policy).
     pub fn durable_channels(&self) -> Vec<(String, DurablePolicy)> {
         let listened = self.channels();
-        let globs = &self.layer.settings().durable_channels;
+        // The layer refused invalid ones when it was built.
+        let globs =
+            glob_set(&self.layer.settings().durable_channels).unwrap_or_else(|_| GlobSet::empty());
         let mut out: Vec<(String, DurablePolicy)> = self
             .router
             .durable_channels()
@@ -299,10 +321,7 @@ impl Worker {
             .filter(|(c, _)| listened.contains(c))
             .collect();
         for c in &listened {
-            if !out.iter().any(|(d, _)| d == c)
-                && !c.contains(['!', '?'])
-                && globs.iter().any(|g| glob_matches(g, c))
-            {
+            if !out.iter().any(|(d, _)| d == c) && !c.contains(['!', '?']) && globs.is_match(c) {
                 out.push((c.clone(), DurablePolicy::default()));
             }
         }
@@ -314,8 +333,8 @@ impl Worker {
         self.router
             .channels()
             .iter()
-            .filter(|c| self.only.is_empty() || self.only.iter().any(|g| glob_matches(g, c)))
-            .filter(|c| !self.exclude.iter().any(|g| glob_matches(g, c)))
+            .filter(|c| self.only.as_ref().is_none_or(|only| only.is_match(c)))
+            .filter(|c| !self.exclude.is_match(c))
             .cloned()
             .collect()
     }
@@ -936,6 +955,7 @@ impl Worker {
     /// The web session: from the message's cookie or `session_key` parameter, else (for frames
     /// and disconnects, which carry no headers) from the key remembered in the channel session
     /// at connect, as Channels' `channel_session_user_from_http` does.
+    #[cfg(feature = "django")]
     async fn http_session(
         &self,
         message: &Message,
@@ -945,7 +965,7 @@ impl Worker {
         let Some(sessions) = &self.http_sessions else {
             return switchyard_routing::HttpSession::anonymous();
         };
-        let from_message = django::session_key_of(message, sessions.cookie_name());
+        let from_message = crate::django::session_key_of(message, sessions.cookie_name());
         let key = from_message.clone().or_else(|| {
             ctx.session_get(HTTP_SESSION_KEY)
                 .and_then(|v| v.as_str().map(str::to_owned))
@@ -959,6 +979,17 @@ impl Worker {
             let _ = ctx.session_set(HTTP_SESSION_KEY, key);
         }
         session
+    }
+
+    /// Without the Django integration no web session is read: every user is anonymous.
+    #[cfg(not(feature = "django"))]
+    async fn http_session(
+        &self,
+        _message: &Message,
+        _ctx: &Ctx,
+        _options: switchyard_routing::RouteOptions,
+    ) -> switchyard_routing::HttpSession {
+        switchyard_routing::HttpSession::anonymous()
     }
 
     /// Requeues a `ConsumeLater` message; true when it was given up instead (retries exhausted).

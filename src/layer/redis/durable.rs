@@ -346,7 +346,9 @@ impl RedisLayer {
 
     /// True when plain sends to `channel` go to its stream (`--durable-channels`).
     pub fn is_durable(&self, channel: &str) -> bool {
-        !channel.contains(['!', '?']) && self.inner.durable.iter().any(|re| re.is_match(channel))
+        !self.inner.durable.is_empty()
+            && !channel.contains(['!', '?'])
+            && self.inner.durable.is_match(channel)
     }
 
     /// Sends a job to durable channel `channel` (XADD), unless the stream already holds

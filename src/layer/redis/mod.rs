@@ -149,7 +149,7 @@ struct Inner {
     /// Channels this process has entered in the channel registry (see [`registry`]).
     registered: dashmap::DashSet<String, rustc_hash::FxBuildHasher>,
     /// Channels whose sends go to a stream (`--durable-channels`).
-    durable: Vec<regex::Regex>,
+    durable: globset::GlobSet,
     durable_scripts: durable::DurableScripts,
 }
 

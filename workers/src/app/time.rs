@@ -1,9 +1,11 @@
-//! Server timestamps for chat messages: RFC 3339 in UTC with milliseconds, from the system clock,
-//! without a date-time dependency.
+//! Server timestamps for chat messages: RFC 3339 in UTC with milliseconds, from the system clock.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Now as `2026-11-21T10:34:13.123Z`.
+/// The last second humantime formats (9999-12-31T23:59:59Z): past it, it fails instead.
+const LAST_FORMATTED_SECOND: u64 = 253_402_300_799;
+
+/// Now as `2026-11-21T10:34:13.123Z` (a clock before 1970 reads as 1970).
 pub fn now_rfc3339() -> String {
     let since = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -11,32 +13,16 @@ pub fn now_rfc3339() -> String {
     format_rfc3339(since.as_secs(), since.subsec_millis())
 }
 
-/// Formats seconds since the Unix epoch (UTC) plus milliseconds.
+/// Formats seconds since the Unix epoch (UTC) plus milliseconds; an instant after the year 9999
+/// is written as its last millisecond.
 pub fn format_rfc3339(secs: u64, millis: u32) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+    let (secs, millis) = if secs > LAST_FORMATTED_SECOND {
+        (LAST_FORMATTED_SECOND, 999)
+    } else {
+        (secs, millis.min(999))
+    };
+    let at = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(u64::from(millis));
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 #[cfg(test)]
@@ -51,5 +37,17 @@ mod tests {
             format_rfc3339(1_795_256_927, 705),
             "2026-11-21T10:28:47.705Z"
         );
+        assert_eq!(
+            format_rfc3339(4_102_444_799, 999),
+            "2099-12-31T23:59:59.999Z"
+        );
+        assert_eq!(format_rfc3339(u64::MAX, 0), "9999-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn now_has_the_same_shape() {
+        let now = now_rfc3339();
+        assert_eq!(now.len(), "2026-11-21T10:28:47.705Z".len());
+        assert!(now.ends_with('Z') && now.as_bytes()[19] == b'.');
     }
 }
