@@ -37,6 +37,9 @@ pub struct WorkerMetrics {
     pub ordering_expired: AtomicU64,
     /// Orders given up as missing by strict-ordering upkeep (gaps skipped).
     pub ordering_skipped: AtomicU64,
+    /// Strictly ordered messages this worker held while it ran their predecessor, gated in the
+    /// same step as that predecessor's done (no park in the layer).
+    pub ordering_held: AtomicU64,
     /// Streamed request bodies assembled from their `body_channel`.
     pub bodies_assembled: AtomicU64,
     /// Streamed request bodies abandoned because the client went away (`closed` chunk).
@@ -112,6 +115,8 @@ pub struct WorkerMetricsSnapshot {
     pub ordering_expired: u64,
     /// See [`WorkerMetrics::ordering_skipped`].
     pub ordering_skipped: u64,
+    /// See [`WorkerMetrics::ordering_held`].
+    pub ordering_held: u64,
     /// See [`WorkerMetrics::bodies_assembled`].
     pub bodies_assembled: u64,
     /// See [`WorkerMetrics::bodies_abandoned`].
@@ -169,6 +174,7 @@ impl WorkerMetrics {
             duplicates: r(&self.duplicates),
             ordering_expired: r(&self.ordering_expired),
             ordering_skipped: r(&self.ordering_skipped),
+            ordering_held: r(&self.ordering_held),
             bodies_assembled: r(&self.bodies_assembled),
             bodies_abandoned: r(&self.bodies_abandoned),
             bodies_timed_out: r(&self.bodies_timed_out),

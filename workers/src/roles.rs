@@ -615,11 +615,13 @@ fn worker_exposition(e: &mut Exposition, m: &WorkerMetrics) {
     )
     .counter_by(
         "switchyard_ordering_total",
-        "Strict-ordering events: parked messages dropped past expiry, gaps skipped.",
+        "Strict-ordering events: parked messages dropped past expiry, gaps skipped, messages \
+         held by the worker running their predecessor (gated with its done).",
         "event",
         &[
             ("expired", s.ordering_expired),
             ("skipped", s.ordering_skipped),
+            ("held", s.ordering_held),
         ],
     )
     .counter(
