@@ -25,7 +25,8 @@ use crate::layer::LayerError;
 /// spends on one call.
 const MAX_STEPS: usize = 128;
 
-/// One step: its key and its arguments (the script's per-key argument block).
+/// One step: its key and its arguments (the script's per-key argument block, after the
+/// arguments all steps of a call share).
 #[derive(Debug, Clone)]
 pub(crate) struct Step {
     pub(crate) key: String,
@@ -116,6 +117,11 @@ impl RedisLayer {
         for s in steps {
             call.key(&s.key);
         }
+        // The arguments every step shares: now (ms), the expiry (ms), the keys' ttl (s).
+        let settings = &self.inner.settings;
+        call.arg((super::now_secs() * 1000.0) as u64)
+            .arg(u64::try_from(settings.expiry.as_millis()).unwrap_or(u64::MAX))
+            .arg(settings.group_expiry.as_secs().max(1));
         for s in steps {
             for a in &s.args {
                 call.arg(a.as_slice());
