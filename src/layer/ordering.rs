@@ -23,10 +23,12 @@
 //!
 //! On Redis the state is one hash per connection, `{prefix}:order:{reply_channel}`: field `next`,
 //! `run` (the hold deadline, ms, of the message running; 0 when none), `u` (present only while
-//! messages are parked: when the oldest of them expires, so that upkeep scans only then) and
-//! `p:{order}` = park time (ms, ASCII), space, original channel, NUL, msgpack payload for each
-//! parked message. Every step is one Lua script call that touches only that key (cluster-safe)
-//! and renews its expiry (the group expiry) when it records a message as done or parks one. A
+//! messages are parked: when the oldest of them expires, so that upkeep scans only then), `e`
+//! (when the key expires) and `p:{order}` = park time (ms, ASCII), space, original channel,
+//! NUL, msgpack payload for each parked message. A step touches only that key and renews its
+//! expiry (the group expiry) once half of it has passed. Steps run in Lua, several
+//! connections' in one script call when a worker has several in flight
+//! ([`super::redis`]'s step task; one shard's keys per call). A
 //! gate sends the message's payload only when the message must park: the script answers that
 //! without writing anything, and the gate is asked again with the payload.
 
@@ -39,8 +41,9 @@ use switchyard_routing::asgi::WEBSOCKET_DISCONNECT;
 use switchyard_routing::names;
 use tokio::time::Instant;
 
+use super::redis::Step;
 use super::session::{Connection, MemoryConnections, Parked};
-use super::{Layer, LayerError, now_secs};
+use super::{Layer, LayerError};
 
 /// What the gate decided for a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,114 +130,128 @@ local function upkeep(key, nxt, now, expiry)
 end
 ";
 
-/// One ordering step on KEYS[1]: record a message as done, then gate one, in one atomic call;
-/// either part may be absent (neither: upkeep alone). ARGV: now (ms), expiry (ms), ttl (s),
-/// done order or '', last ('1' after a disconnect), gated order or '', hold (ms), and the parked
-/// value (channel NUL payload) when the caller sends it. Without it, a message that would park
-/// is answered 3 and nothing of it is written: the caller gates it again with its value (the
-/// check and the park stay one atomic step; the payload crosses only when it is parked).
-/// Returns {verdict (1 run, 0 parked, 2 stale, 3 needs its value, -1 nothing gated), expired,
-/// skipped, resume value or false}.
+/// Ordering steps, one per key. ARGV[1..3]: now (ms), expiry (ms), ttl (s); then for each
+/// KEYS[i] a block of 6 from 3 + 6(i-1) + 1: done order or '', last ('1' after a disconnect),
+/// gated order or '', hold (ms), '1' when the parked value follows, the parked value (channel
+/// NUL payload) or ''.
+/// Each step records a message as done, then gates one, atomically; either part may be absent
+/// (neither: upkeep alone). Without the value, a message that would park is answered 3 and
+/// nothing of it is written: the caller gates it again with its value (the check and the park
+/// stay one atomic step; the payload crosses only when it is parked). Returns per key
+/// {verdict (1 run, 0 parked, 2 stale, 3 needs its value, -1 nothing gated), expired, skipped,
+/// resume value or false}.
 ///
 /// `u` is present only while messages are parked: it is when the oldest of them expires, so
 /// the common step (nothing parked) reads the state with one HMGET and writes it with one
-/// HSET, and scans only once something could have expired. Upkeep alone always scans.
+/// HSET, and scans only once something could have expired. Upkeep alone always scans. Each
+/// `redis.call` costs Redis more than the command itself, so a step makes as few as it can.
 static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{UPKEEP_LUA}
-local key = KEYS[1]
 local now = tonumber(ARGV[1])
 local expiry = tonumber(ARGV[2])
-local done = nil
-if ARGV[4] ~= '' then done = tonumber(ARGV[4]) end
-local gate = nil
-if ARGV[6] ~= '' then gate = tonumber(ARGV[6]) end
-if not done and not gate and redis.call('EXISTS', key) == 0 then
-  return {{-1, 0, 0, false}}
-end
--- With a done, the successor it would hand out is read in the same HMGET.
-local succ = 'next'
-if done then succ = 'p:' .. (done + 1) end
-local st = redis.call('HMGET', key, 'next', 'run', 'u', succ)
-local nxt = tonumber(st[1] or '0')
-local run = tonumber(st[2] or '0')
-local u = tonumber(st[3] or '')
-local advanced = false
-if done then
-  run = 0
-  if done >= nxt then
-    nxt = done + 1
-    advanced = true
+local ttl = tonumber(ARGV[3])
+local function step(key, o)
+  local done = nil
+  if ARGV[o + 1] ~= '' then done = tonumber(ARGV[o + 1]) end
+  local gate = nil
+  if ARGV[o + 3] ~= '' then gate = tonumber(ARGV[o + 3]) end
+  if not done and not gate and redis.call('EXISTS', key) == 0 then
+    return {{-1, 0, 0, false}}
   end
-end
-local expired, skipped, changed, late = 0, 0, false, false
-if run <= now and ((not done and not gate) or (u and u <= now)) then
-  nxt, expired, skipped, changed, late, u = upkeep(key, nxt, now, expiry)
-end
-local verdict = -1
-local hold_until = false
-if gate then
-  if gate < nxt then
-    verdict = 2
-  elseif gate == nxt then
-    if u then redis.call('HDEL', key, 'p:' .. gate) end
-    hold_until = now + tonumber(ARGV[7])
-    verdict = 1
-  elseif #ARGV < 8 then
-    verdict = 3
-  elseif redis.call('HSETNX', key, 'p:' .. gate, ARGV[1] .. ' ' .. ARGV[8]) == 0 then
-    verdict = 2
-  else
-    verdict = 0
-    if not u or now + expiry < u then
-      u = now + expiry
-      redis.call('HSET', key, 'u', u)
+  -- With a done, the successor it would hand out is read in the same HMGET.
+  local succ = 'next'
+  if done then succ = 'p:' .. (done + 1) end
+  local st = redis.call('HMGET', key, 'next', 'run', 'u', 'e', succ)
+  local nxt = tonumber(st[1] or '0')
+  local run = tonumber(st[2] or '0')
+  local u = tonumber(st[3] or '')
+  local e = tonumber(st[4] or '')
+  local ttl_ms = ttl * 1000
+  local advanced = false
+  if done then
+    run = 0
+    if done >= nxt then
+      nxt = done + 1
+      advanced = true
     end
   end
-end
-local fields = {{}}
-if advanced or changed then
-  fields[#fields + 1] = 'next'
-  fields[#fields + 1] = nxt
-end
-if hold_until then
-  fields[#fields + 1] = 'run'
-  fields[#fields + 1] = hold_until
-elseif done then
-  fields[#fields + 1] = 'run'
-  fields[#fields + 1] = 0
-end
-local added = 0
-if #fields > 0 then added = redis.call('HSET', key, unpack(fields)) end
-local resume = false
-if (advanced or changed or late) and gate ~= nxt then
-  if done and nxt == done + 1 then
-    resume = st[4]
-  else
-    resume = redis.call('HGET', key, 'p:' .. nxt)
+  local expired, skipped, changed, late = 0, 0, false, false
+  if run <= now and ((not done and not gate) or (u and u <= now)) then
+    nxt, expired, skipped, changed, late, u = upkeep(key, nxt, now, expiry)
   end
-end
-if done and ARGV[5] == '1' then
-  local parked = redis.call('HLEN', key) - 2
-  if u then parked = parked - 1 end
-  if parked <= 0 then
-    redis.call('DEL', key)
-    return {{verdict, expired, skipped, resume}}
+  local verdict = -1
+  local hold_until = false
+  if gate then
+    if gate < nxt then
+      verdict = 2
+    elseif gate == nxt then
+      if u then redis.call('HDEL', key, 'p:' .. gate) end
+      hold_until = now + tonumber(ARGV[o + 4])
+      verdict = 1
+    elseif ARGV[o + 5] ~= '1' then
+      verdict = 3
+    elseif redis.call('HSETNX', key, 'p:' .. gate, ARGV[1] .. ' ' .. ARGV[o + 6]) == 0 then
+      verdict = 2
+    else
+      verdict = 0
+      if not u or now + expiry < u then
+        u = now + expiry
+        redis.call('HSET', key, 'u', u)
+      end
+    end
   end
+  local fields = {{}}
+  if advanced or changed then
+    fields[#fields + 1] = 'next'
+    fields[#fields + 1] = nxt
+  end
+  if hold_until then
+    fields[#fields + 1] = 'run'
+    fields[#fields + 1] = hold_until
+  elseif done then
+    fields[#fields + 1] = 'run'
+    fields[#fields + 1] = 0
+  end
+  -- The key's expiry is renewed, by a step that writes it, once half of it has passed (`e`
+  -- is when it would expire): most steps then cost one HMGET and one HSET.
+  local renew = (not e or e - now < ttl_ms / 2) and (#fields > 0 or verdict == 0 or expired > 0)
+  if renew then
+    fields[#fields + 1] = 'e'
+    fields[#fields + 1] = now + ttl_ms
+  end
+  if #fields > 0 then redis.call('HSET', key, unpack(fields)) end
+  local resume = false
+  if (advanced or changed or late) and gate ~= nxt then
+    if done and nxt == done + 1 then
+      resume = st[5]
+    else
+      resume = redis.call('HGET', key, 'p:' .. nxt)
+    end
+  end
+  if done and ARGV[o + 2] == '1' then
+    local parked = redis.call('HLEN', key) - 2
+    if u then parked = parked - 1 end
+    if e or renew then parked = parked - 1 end
+    if parked <= 0 then
+      redis.call('DEL', key)
+      return {{verdict, expired, skipped, resume}}
+    end
+  end
+  if renew then redis.call('EXPIRE', key, ttl) end
+  return {{verdict, expired, skipped, resume}}
 end
--- The expiry is renewed by every done and park, and set when a gate creates the state.
-if done or verdict <= 0 or added > 0 then redis.call('EXPIRE', key, ARGV[3]) end
-return {{verdict, expired, skipped, resume}}
+local out = {{}}
+for i, key in ipairs(KEYS) do
+  out[i] = step(key, 3 + (i - 1) * 6)
+end
+return out
 "
     ))
 });
 
 fn order_key(layer: &Layer, reply_channel: &str) -> String {
     format!("{}:order:{}", layer.settings().prefix, reply_channel)
-}
-
-fn now_ms() -> u64 {
-    (now_secs() * 1000.0) as u64
 }
 
 fn millis(d: Duration) -> u64 {
@@ -522,32 +539,30 @@ impl Layer {
             return Err(LayerError::Protocol("not a Redis layer".into()));
         };
         let key = order_key(self, reply_channel);
-        let (shard, mut conn) = l.conn_for(reply_channel);
-        let ttl = self.settings().group_expiry.as_secs().max(1);
-        let expiry = millis(self.settings().expiry);
+        let shard = l.shard_of(reply_channel);
         let mut digits = itoa::Buffer::new();
-        let done_arg = done.map(|(o, _)| digits.format(o).to_owned());
-        let last = done.is_some_and(|(_, last)| last);
-        let mut digits = itoa::Buffer::new();
-        let gate_arg = gated.map(|g| digits.format(g.order).to_owned());
+        let mut num = |n: u64| digits.format(n).as_bytes().to_vec();
         let value = gated
             .filter(|_| with_value)
             .map(|g| pack(g.channel, g.payload));
-        let (v, expired, skipped, resume): (i64, u64, u64, Option<Vec<u8>>) = l
-            .run(shard, async move {
-                let mut call = STEP_SCRIPT.key(&key);
-                call.arg(now_ms())
-                    .arg(expiry)
-                    .arg(ttl)
-                    .arg(done_arg.as_deref().unwrap_or(""))
-                    .arg(if last { "1" } else { "0" })
-                    .arg(gate_arg.as_deref().unwrap_or(""))
-                    .arg(millis(hold).min(365 * 86_400_000));
-                if let Some(value) = value {
-                    call.arg(value);
-                }
-                call.invoke_async(&mut conn).await
-            })
+        let args = vec![
+            done.map(|(o, _)| num(o)).unwrap_or_default(),
+            if done.is_some_and(|(_, last)| last) {
+                b"1".to_vec()
+            } else {
+                b"0".to_vec()
+            },
+            gated.map(|g| num(g.order)).unwrap_or_default(),
+            num(millis(hold).min(365 * 86_400_000)),
+            if value.is_some() {
+                b"1".to_vec()
+            } else {
+                b"0".to_vec()
+            },
+            value.unwrap_or_default(),
+        ];
+        let (v, expired, skipped, resume) = l
+            .ordering_step(shard, &STEP_SCRIPT, Step { key, args })
             .await?;
         Ok((
             v,

@@ -40,10 +40,12 @@ mod batch;
 mod conn;
 mod lease;
 mod registry;
+mod steps;
 
 pub(crate) use lease::LeaseState;
 
 pub(crate) use conn::SharedConn;
+pub(crate) use steps::Step;
 
 /// How long a shard's connection may sit without a successful command before the keepalive
 /// checks it, so a restart or a dead peer is noticed before traffic meets it.
@@ -74,6 +76,8 @@ struct Shard {
     /// Sends in flight on this shard: a direct write, or messages queued for the send task
     /// until written.
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// This process's ordering steps on the shard, coalesced while others are in flight.
+    steps: steps::StepQueue,
 }
 
 struct Inner {
@@ -153,6 +157,7 @@ impl RedisLayer {
                 has_bzmpop: AtomicBool::new(true),
                 sends: batch::SendQueue::default(),
                 in_flight: Arc::default(),
+                steps: steps::StepQueue::default(),
             });
         }
         let crypter = if settings.symmetric_encryption_keys.is_empty() {
