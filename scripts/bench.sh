@@ -22,7 +22,9 @@
 # only), records per process (serve, each worker, daphne, redis-server, the bench client) CPU
 # seconds and peak RSS (scripts/bench_measure.py), stops the stack, and at the end writes
 # JSON lines + a table with medians (scripts/bench_report.py) under target/bench-results/.
-# Every process started here is killed on exit, failure or Ctrl-C included.
+# Every process started here is killed on exit, failure or Ctrl-C included. Run r takes the
+# scenarios and the stacks starting at the r-th of each list (rotated), so no stack always
+# runs first; Redis's INFO commandstats after each scenario go to the logs directory.
 #
 #   scripts/bench.sh                         # switchyard, 3 runs of every scenario
 #   scripts/bench.sh --peer django           # the same loads against Django Channels 4 too
@@ -299,6 +301,11 @@ scenario() {
   local verdict
   verdict="$(measure "$stack" "$name" "$run" "$@" || echo '{"rc": -1, "ok": null}')"
   log "  -> $verdict"
+  # Redis's own count and CPU per command (scripts' inner commands included), for what a
+  # change costs Redis per message.
+  if [ -n "${REDIS_PORT:-}" ] && [ "$stack" != bare ] && [ "$stack" != dev ]; then
+    redis-cli -p "$REDIS_PORT" INFO commandstats > "$LOGS/redis-stats-$stack-$name-$run.txt" 2>/dev/null || true
+  fi
   cleanup
   LAST_VERDICT="$verdict"
 }
@@ -402,10 +409,21 @@ STACKS=(switchyard "${PEERS[@]}")
 } > "$OUT_DIR/bench-$STAMP-machine.txt"
 cat "$OUT_DIR/bench-$STAMP-machine.txt" >&2
 
+# The first of anything in a run meets a different machine from the last (a build finishing,
+# caches, the host's other guests): run r starts its scenarios and, in each, its stacks at the
+# r-th place of their lists, so that over runs every stack and scenario takes every place.
+rotate() {
+  local by="$1"; shift
+  local items=("$@") n="$#" i
+  for ((i = 0; i < n; i++)); do printf '%s\n' "${items[$(((i + by) % n))]}"; done
+}
+read -r -a SCENARIO_LIST <<< "$SCENARIOS"
 for run in $(seq $((RUN_OFFSET + 1)) $((RUN_OFFSET + RUNS))); do
   log "run $run: $(uptime)"
-  for name in $SCENARIOS; do
-    for stack in "${STACKS[@]}"; do
+  mapfile -t RUN_SCENARIOS < <(rotate $((run - 1)) "${SCENARIO_LIST[@]}")
+  mapfile -t RUN_STACKS < <(rotate $((run - 1)) "${STACKS[@]}")
+  for name in "${RUN_SCENARIOS[@]}"; do
+    for stack in "${RUN_STACKS[@]}"; do
       run_scenario "$stack" "$name" "$run"
     done
   done

@@ -511,3 +511,177 @@ async fn permanent_gate_error_is_not_requeued_memory() {
 async fn permanent_gate_error_is_not_requeued_redis() {
     permanent_gate_error_is_not_requeued(Backend::Redis).await;
 }
+
+/// [`Replying`], letting the worker's other tasks run first (so that they come to hold their
+/// messages while this one runs, whatever the layer).
+struct Yielding;
+
+impl WebsocketConsumer for Yielding {
+    fn strict_ordering(&self) -> bool {
+        true
+    }
+    async fn connect(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        Replying::ran(m, ctx)
+    }
+    async fn receive(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        tokio::task::yield_now().await;
+        Replying::ran(m, ctx)
+    }
+}
+
+/// How many ordering steps Redis ran (every step script reads the state with one HMGET).
+fn ordering_steps(fx: &Fixture) -> Option<u64> {
+    let info: String = fx.redis.as_ref()?.cmd(&[b"INFO", b"commandstats"]);
+    let line = info.lines().find(|l| l.starts_with("cmdstat_hmget:"))?;
+    let calls = line.split(['=', ',']).nth(1)?;
+    calls.parse().ok()
+}
+
+/// A worker that holds frames 1..=20 of one socket at once (one pop) runs them one after
+/// another in one task, in order, with one layer step each: the first gated alone, each next
+/// one gated in the step that records its predecessor as done, the last done alone. Nothing
+/// is parked in the layer.
+async fn held_frames_run_in_order_with_one_step_each(backend: Backend) {
+    const HELD: u64 = 20;
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let router = Arc::new(Router::new([route_class(Yielding)]).unwrap());
+    let inbox = fx.layer.inbox("test.held").await.unwrap();
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+
+    // The connect runs first, on a worker stopped afterwards.
+    let first =
+        Worker::new(fx.layer.clone(), router.clone()).receive_timeout(Duration::from_millis(100));
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(first.run(token.clone()));
+    fx.layer
+        .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut ch).await, "ran 0");
+    stop(token, handle).await;
+
+    for order in 1..=HELD {
+        fx.layer
+            .send(
+                "websocket.receive",
+                &WebsocketReceive::text(&reply, "/", format!("f{order}"), order),
+            )
+            .await
+            .unwrap();
+    }
+    let steps_before = ordering_steps(&fx);
+    // Concurrency above the frames: one pop takes them all.
+    let worker = Worker::new(fx.layer.clone(), router)
+        .concurrency(32)
+        .receive_timeout(Duration::from_millis(100));
+    let metrics = worker.metrics();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(worker.run(token.clone()));
+    for order in 1..=HELD {
+        assert_eq!(next_text(&mut ch).await, format!("ran {order}"));
+    }
+    let m = metrics.clone();
+    eventually(WAIT, "the last frame recorded as done", || {
+        m.snapshot().consumed == HELD
+    })
+    .await;
+    stop(token, handle).await;
+    let s = metrics.snapshot();
+    assert_eq!(s.parked, 0, "nothing parked in the layer");
+    assert_eq!(s.duplicates, 0);
+    assert_eq!(
+        s.ordering_held,
+        HELD - 1,
+        "every frame after the first gated with its predecessor's done"
+    );
+    if fx.redis.is_some() {
+        let (before, after) = (steps_before.unwrap(), ordering_steps(&fx).unwrap());
+        assert_eq!(
+            after - before,
+            HELD + 1,
+            "one gate, {} done-and-gate steps, one done",
+            HELD - 1
+        );
+    }
+}
+
+#[tokio::test]
+async fn held_frames_run_in_order_with_one_step_each_memory() {
+    held_frames_run_in_order_with_one_step_each(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn held_frames_run_in_order_with_one_step_each_redis() {
+    held_frames_run_in_order_with_one_step_each(Backend::Redis).await;
+}
+
+/// `ordering_done_then_gate` is a done followed by a gate, atomically: the gated message runs
+/// when it is next, parks when it is ahead (its payload then kept in the layer), and the parked
+/// message whose turn the done brought is handed out when the gated one is not it.
+async fn done_then_gate_is_done_and_gate_in_one_step(backend: Backend) {
+    use switchyard::layer::Gate;
+    let fx = Fixture::new(backend, LayerSettings::default()).await;
+    let layer = &fx.layer;
+    let r = "test.fused!c1";
+    let hold = Duration::from_secs(10);
+    let ch = "websocket.receive";
+    let gate = |order: u64, payload: &'static [u8]| async move {
+        layer
+            .ordering_gate(r, order, ch, payload, hold)
+            .await
+            .unwrap()
+    };
+    assert_eq!(gate(0, b"\x80").await.gate, Gate::Run);
+    // Another worker parks 2.
+    assert_eq!(gate(2, b"\x82").await.gate, Gate::Parked);
+    // Done 0 and gate 3 (ahead of 1): 3 parks, nothing to hand out (1 is not parked).
+    let out = layer
+        .ordering_done_then_gate(r, 0, 3, ch, b"\x83", hold)
+        .await
+        .unwrap();
+    assert_eq!((out.gate, out.upkeep.resume), (Gate::Parked, None));
+    assert_eq!(gate(1, b"\x81").await.gate, Gate::Run);
+    // Done 1 and gate 2, which is next: it runs (its parked copy is unparked), no hand-out.
+    let out = layer
+        .ordering_done_then_gate(r, 1, 2, ch, b"\x82", hold)
+        .await
+        .unwrap();
+    assert_eq!((out.gate, out.upkeep.resume), (Gate::Run, None));
+    // Done 2 and gate 4: 4 parks, and 3 (parked) is handed out.
+    let out = layer
+        .ordering_done_then_gate(r, 2, 4, ch, b"\x84", hold)
+        .await
+        .unwrap();
+    assert_eq!(out.gate, Gate::Parked);
+    let resume = out.upkeep.resume.expect("3 handed out");
+    assert_eq!((resume.0.as_str(), &resume.1[..]), (ch, &b"\x83"[..]));
+    // A stale order is refused in the same step.
+    let out = layer
+        .ordering_done_then_gate(r, 2, 2, ch, b"\x82", hold)
+        .await
+        .unwrap();
+    assert_eq!(out.gate, Gate::Stale);
+    assert_eq!(gate(3, b"\x83").await.gate, Gate::Run);
+    let resume = layer.ordering_done(r, 3, false).await.unwrap().resume;
+    assert_eq!(
+        resume.map(|m| m.1),
+        Some(bytes::Bytes::from_static(b"\x84"))
+    );
+    assert_eq!(gate(4, b"\x84").await.gate, Gate::Run);
+    assert_eq!(layer.ordering_done(r, 4, true).await.unwrap().resume, None);
+    if let Some(redis) = &fx.redis {
+        let exists: i64 = redis.cmd(&[b"EXISTS", b"asgi:order:test.fused!c1"]);
+        assert_eq!(exists, 0, "the state goes with the last message");
+    }
+}
+
+#[tokio::test]
+async fn done_then_gate_is_done_and_gate_in_one_step_memory() {
+    done_then_gate_is_done_and_gate_in_one_step(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn done_then_gate_is_done_and_gate_in_one_step_redis() {
+    done_then_gate_is_done_and_gate_in_one_step(Backend::Redis).await;
+}

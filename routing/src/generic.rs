@@ -19,10 +19,11 @@ pub trait WebsocketConsumer: Send + Sync + 'static {
     }
     /// Run this connection's messages strictly in order, across workers and concurrent
     /// consumers. Off by default, as in Channels 1.x (which kept only connect-before-receive):
-    /// order costs two atomic steps in the layer per message and serialises each connection, and
-    /// measured at saturation it cost ~40 % of relay throughput (BENCHMARKS.md, "Defaults,
-    /// backpressure and ordering"). Turn it on for a consumer whose frames must be handled in the
-    /// order sent (a chat, a relay); without it one connection's frames may run at once.
+    /// order costs two steps in the layer per message (a gate before, a done after) and
+    /// serialises each connection, which at saturation still costs a relay a large share of its
+    /// throughput (measured in BENCHMARKS.md, "Defaults, backpressure and ordering"). Turn it on
+    /// for a consumer whose frames must be handled in the order sent (a chat, a relay); without
+    /// it one connection's frames may run at once.
     fn strict_ordering(&self) -> bool {
         false
     }

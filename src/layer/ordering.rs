@@ -9,6 +9,9 @@
 //! parked, so a worker dying with it in hand loses nothing that upkeep cannot recover). This is
 //! Channels 1's `enforce_ordering` without its race (a message parked between a check and a save).
 //!
+//! A worker that holds the next message of the same connection when one is done records the
+//! one and gates the other in a single step ([`Layer::ordering_done_then_gate`]).
+//!
 //! Upkeep, in the same atomic step of every gate and done call (and of
 //! [`Layer::ordering_upkeep`], which a worker calls for connections it parked messages of): a
 //! parked message that has waited longer than the layer expiry is dropped (never delivered past
@@ -19,9 +22,15 @@
 //! gate was given), so a slow consumer is not overtaken.
 //!
 //! On Redis the state is one hash per connection, `{prefix}:order:{reply_channel}`: field `next`,
-//! `run` (the hold deadline, ms, of the message running), and `p:{order}` = park time (ms, ASCII),
-//! space, original channel, NUL, msgpack payload for each parked message; every script touches
-//! only that key (cluster-safe) and renews its expiry (the group expiry).
+//! `run` (the hold deadline, ms, of the message running; 0 when none), `u` (present only while
+//! messages are parked: when the oldest of them expires, so that upkeep scans only then), `e`
+//! (when the key expires) and `p:{order}` = park time (ms, ASCII), space, original channel,
+//! NUL, msgpack payload for each parked message. A step touches only that key and renews its
+//! expiry (the group expiry) once half of it has passed. Steps run in Lua, several
+//! connections' in one script call when a worker has several in flight
+//! ([`super::redis`]'s step task; one shard's keys per call). A
+//! gate sends the message's payload only when the message must park: the script answers that
+//! without writing anything, and the gate is asked again with the payload.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -32,8 +41,9 @@ use switchyard_routing::asgi::WEBSOCKET_DISCONNECT;
 use switchyard_routing::names;
 use tokio::time::Instant;
 
+use super::redis::Step;
 use super::session::{Connection, MemoryConnections, Parked};
-use super::{Layer, LayerError, now_secs};
+use super::{Layer, LayerError};
 
 /// What the gate decided for a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,18 +77,14 @@ pub struct GateOutcome {
     pub upkeep: Upkeep,
 }
 
-/// Shared Lua: upkeep of KEYS[1] given next, now (ms), expiry (ms). Returns the new next,
-/// expired, skipped, changed (next moved) and late (p:next is an old disconnect to run late).
+/// Shared Lua: a scan of KEYS[1]'s parked messages given next, now (ms), expiry (ms). Drops
+/// those past the expiry (moving next past them), stops at the first one still young or at an
+/// old disconnect (which runs late instead). Returns the new next, expired, skipped, changed
+/// (next moved), late (p:next is an old disconnect to run late) and the new `u`.
 const UPKEEP_LUA: &str = r"
 local function upkeep(key, nxt, now, expiry)
   local expired, skipped, changed, late = 0, 0, false, false
-  local run = tonumber(redis.call('HGET', key, 'run') or '0')
-  if run > now then return nxt, expired, skipped, changed, late end
-  -- 'u' is when the lowest parked message expires: nothing can expire before it, so the scan
-  -- (linear in the parked messages) runs once per expiry instead of on every call.
-  local due = tonumber(redis.call('HGET', key, 'u') or '0')
-  if due > now then return nxt, expired, skipped, changed, late end
-  local due_next = false
+  local due = nil
   local orders = {}
   for _, f in ipairs(redis.call('HKEYS', key)) do
     if string.sub(f, 1, 2) == 'p:' then orders[#orders + 1] = tonumber(string.sub(f, 3)) end
@@ -93,7 +99,7 @@ local function upkeep(key, nxt, now, expiry)
       t, sp = 0, 0
     end
     if now - t < expiry then
-      due_next = t + expiry
+      due = t + expiry
       break
     end
     if string.sub(v, sp + 1, sp + 21) == 'websocket.disconnect\0' then
@@ -103,6 +109,8 @@ local function upkeep(key, nxt, now, expiry)
         changed = true
       end
       late = (o == nxt)
+      -- Stays due, so that upkeep finds it again until it has run.
+      due = t + expiry
       break
     end
     redis.call('HDEL', key, 'p:' .. o)
@@ -113,88 +121,137 @@ local function upkeep(key, nxt, now, expiry)
       changed = true
     end
   end
-  if changed then redis.call('HSET', key, 'next', nxt) end
-  if due_next then
-    redis.call('HSET', key, 'u', due_next)
+  if due then
+    redis.call('HSET', key, 'u', due)
   else
     redis.call('HDEL', key, 'u')
   end
-  return nxt, expired, skipped, changed, late
+  return nxt, expired, skipped, changed, late, due
 end
 ";
 
-/// KEYS[1] state hash; ARGV: order, parked value, ttl (s), now (ms), expiry (ms), hold (ms).
-/// Returns {verdict (1 run, 0 parked, 2 stale), expired, skipped, resume value or false}.
-static GATE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+/// Ordering steps, one per key. ARGV[1..3]: now (ms), expiry (ms), ttl (s); then for each
+/// KEYS[i] a block of 6 from 3 + 6(i-1) + 1: done order or '', last ('1' after a disconnect),
+/// gated order or '', hold (ms), '1' when the parked value follows, the parked value (channel
+/// NUL payload) or ''.
+/// Each step records a message as done, then gates one, atomically; either part may be absent
+/// (neither: upkeep alone). Without the value, a message that would park is answered 3 and
+/// nothing of it is written: the caller gates it again with its value (the check and the park
+/// stay one atomic step; the payload crosses only when it is parked). Returns per key
+/// {verdict (1 run, 0 parked, 2 stale, 3 needs its value, -1 nothing gated), expired, skipped,
+/// resume value or false}.
+///
+/// `u` is present only while messages are parked: it is when the oldest of them expires, so
+/// the common step (nothing parked) reads the state with one HMGET and writes it with one
+/// HSET, and scans only once something could have expired. Upkeep alone always scans. Each
+/// `redis.call` costs Redis more than the command itself, so a step makes as few as it can.
+static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{UPKEEP_LUA}
-local now = tonumber(ARGV[4])
-local nxt = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
-local nxt2, expired, skipped, changed, late = upkeep(KEYS[1], nxt, now, tonumber(ARGV[5]))
-nxt = nxt2
-local order = tonumber(ARGV[1])
-local verdict
-if order < nxt then
-  verdict = 2
-elseif order == nxt then
-  redis.call('HDEL', KEYS[1], 'p:' .. ARGV[1])
-  redis.call('HSET', KEYS[1], 'run', now + tonumber(ARGV[6]))
-  verdict = 1
-elseif redis.call('HSETNX', KEYS[1], 'p:' .. ARGV[1], ARGV[4] .. ' ' .. ARGV[2]) == 0 then
-  verdict = 2
-else
-  verdict = 0
-end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-local resume = false
-if (changed or late) and order ~= nxt then
-  resume = redis.call('HGET', KEYS[1], 'p:' .. nxt)
-end
-return {{verdict, expired, skipped, resume}}
-"
-    ))
-});
-
-/// KEYS[1] state hash; ARGV: order done (empty for upkeep only), ttl (s), last (1 after a
-/// disconnect), now (ms), expiry (ms). Returns {expired, skipped, resume value or false}.
-static DONE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        r"{UPKEEP_LUA}
-local nxt = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
-local advanced = false
-if ARGV[1] ~= '' then
-  local order = tonumber(ARGV[1])
-  redis.call('HDEL', KEYS[1], 'run')
-  if order >= nxt then
-    nxt = order + 1
-    redis.call('HSET', KEYS[1], 'next', nxt)
-    advanced = true
+local now = tonumber(ARGV[1])
+local expiry = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local function step(key, o)
+  local done = nil
+  if ARGV[o + 1] ~= '' then done = tonumber(ARGV[o + 1]) end
+  local gate = nil
+  if ARGV[o + 3] ~= '' then gate = tonumber(ARGV[o + 3]) end
+  if not done and not gate and redis.call('EXISTS', key) == 0 then
+    return {{-1, 0, 0, false}}
   end
-elseif redis.call('EXISTS', KEYS[1]) == 0 then
-  return {{0, 0, false}}
+  -- With a done, the successor it would hand out is read in the same HMGET.
+  local succ = 'next'
+  if done then succ = 'p:' .. (done + 1) end
+  local st = redis.call('HMGET', key, 'next', 'run', 'u', 'e', succ)
+  local nxt = tonumber(st[1] or '0')
+  local run = tonumber(st[2] or '0')
+  local u = tonumber(st[3] or '')
+  local e = tonumber(st[4] or '')
+  local ttl_ms = ttl * 1000
+  local advanced = false
+  if done then
+    run = 0
+    if done >= nxt then
+      nxt = done + 1
+      advanced = true
+    end
+  end
+  local expired, skipped, changed, late = 0, 0, false, false
+  if run <= now and ((not done and not gate) or (u and u <= now)) then
+    nxt, expired, skipped, changed, late, u = upkeep(key, nxt, now, expiry)
+  end
+  local verdict = -1
+  local hold_until = false
+  if gate then
+    if gate < nxt then
+      verdict = 2
+    elseif gate == nxt then
+      if u then redis.call('HDEL', key, 'p:' .. gate) end
+      hold_until = now + tonumber(ARGV[o + 4])
+      verdict = 1
+    elseif ARGV[o + 5] ~= '1' then
+      verdict = 3
+    elseif redis.call('HSETNX', key, 'p:' .. gate, ARGV[1] .. ' ' .. ARGV[o + 6]) == 0 then
+      verdict = 2
+    else
+      verdict = 0
+      if not u or now + expiry < u then
+        u = now + expiry
+        redis.call('HSET', key, 'u', u)
+      end
+    end
+  end
+  local fields = {{}}
+  if advanced or changed then
+    fields[#fields + 1] = 'next'
+    fields[#fields + 1] = nxt
+  end
+  if hold_until then
+    fields[#fields + 1] = 'run'
+    fields[#fields + 1] = hold_until
+  elseif done then
+    fields[#fields + 1] = 'run'
+    fields[#fields + 1] = 0
+  end
+  -- The key's expiry is renewed, by a step that writes it, once half of it has passed (`e`
+  -- is when it would expire): most steps then cost one HMGET and one HSET.
+  local renew = (not e or e - now < ttl_ms / 2) and (#fields > 0 or verdict == 0 or expired > 0)
+  if renew then
+    fields[#fields + 1] = 'e'
+    fields[#fields + 1] = now + ttl_ms
+  end
+  if #fields > 0 then redis.call('HSET', key, unpack(fields)) end
+  local resume = false
+  if (advanced or changed or late) and gate ~= nxt then
+    if done and nxt == done + 1 then
+      resume = st[5]
+    else
+      resume = redis.call('HGET', key, 'p:' .. nxt)
+    end
+  end
+  if done and ARGV[o + 2] == '1' then
+    local parked = redis.call('HLEN', key) - 2
+    if u then parked = parked - 1 end
+    if e or renew then parked = parked - 1 end
+    if parked <= 0 then
+      redis.call('DEL', key)
+      return {{verdict, expired, skipped, resume}}
+    end
+  end
+  if renew then redis.call('EXPIRE', key, ttl) end
+  return {{verdict, expired, skipped, resume}}
 end
-local nxt2, expired, skipped, changed, late = upkeep(KEYS[1], nxt, tonumber(ARGV[4]), tonumber(ARGV[5]))
-nxt = nxt2
-local resume = false
-if advanced or changed or late then
-  resume = redis.call('HGET', KEYS[1], 'p:' .. nxt)
+local out = {{}}
+for i, key in ipairs(KEYS) do
+  out[i] = step(key, 3 + (i - 1) * 6)
 end
-if ARGV[3] == '1' and redis.call('HLEN', KEYS[1]) - redis.call('HEXISTS', KEYS[1], 'u') <= 1 then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-end
-return {{expired, skipped, resume}}
+return out
 "
     ))
 });
 
 fn order_key(layer: &Layer, reply_channel: &str) -> String {
     format!("{}:order:{}", layer.settings().prefix, reply_channel)
-}
-
-fn now_ms() -> u64 {
-    (now_secs() * 1000.0) as u64
 }
 
 fn millis(d: Duration) -> u64 {
@@ -279,6 +336,53 @@ fn parked_at(c: &Connection, order: u64) -> Option<(String, Bytes)> {
         .map(|p| (p.channel.clone(), p.payload.clone()))
 }
 
+/// The message a step gates: its order, the channel it was read from and its payload.
+#[derive(Debug, Clone, Copy)]
+struct Gated<'a> {
+    order: u64,
+    channel: &'a str,
+    payload: &'a [u8],
+}
+
+/// In-memory gate of one message (see the module doc), after upkeep.
+fn memory_gate(c: &mut Connection, g: Gated<'_>, hold: Duration) -> Gate {
+    if g.order < c.next_order || c.parked.contains_key(&g.order) {
+        if g.order == c.next_order {
+            // Its turn, and this is the parked copy coming back: unpark and run.
+            c.parked.remove(&g.order);
+            c.running_until = hold_until(hold);
+            Gate::Run
+        } else {
+            Gate::Stale
+        }
+    } else if g.order == c.next_order {
+        c.running_until = hold_until(hold);
+        Gate::Run
+    } else {
+        c.parked.insert(
+            g.order,
+            Parked {
+                channel: g.channel.to_owned(),
+                payload: Bytes::copy_from_slice(g.payload),
+                at: Instant::now(),
+            },
+        );
+        Gate::Parked
+    }
+}
+
+fn verdict(v: i64) -> Option<Gate> {
+    match v {
+        1 => Some(Gate::Run),
+        0 => Some(Gate::Parked),
+        2 => Some(Gate::Stale),
+        _ => None,
+    }
+}
+
+/// Verdict 3 of the step script: the message would park, and its value was not sent.
+const NEEDS_VALUE: i64 = 3;
+
 impl Layer {
     /// Decides whether the message `order` of connection `reply_channel`, read from `channel`
     /// as `payload`, runs now; parks it in the layer when it is ahead. A message that runs holds
@@ -291,81 +395,45 @@ impl Layer {
         payload: &[u8],
         hold: Duration,
     ) -> Result<GateOutcome, LayerError> {
-        names::validate_channel(reply_channel)?;
-        match self {
-            Layer::Memory(l) => {
-                let expiry = l.settings().expiry;
-                let group_expiry = l.settings().group_expiry;
-                let sweep = l.connections().sweep_due();
-                let mut map = l.connections().lock();
-                if sweep {
-                    MemoryConnections::sweep(&mut map, group_expiry);
-                }
-                let c = MemoryConnections::entry(&mut map, reply_channel, group_expiry);
-                let mut upkeep = Upkeep::default();
-                let (changed, late) = memory_upkeep(c, expiry, &mut upkeep);
-                let gate = if order < c.next_order || c.parked.contains_key(&order) {
-                    if order == c.next_order {
-                        // Its turn, and this is the parked copy coming back: unpark and run.
-                        c.parked.remove(&order);
-                        c.running_until = hold_until(hold);
-                        Gate::Run
-                    } else {
-                        Gate::Stale
-                    }
-                } else if order == c.next_order {
-                    c.running_until = hold_until(hold);
-                    Gate::Run
-                } else {
-                    c.parked.insert(
-                        order,
-                        Parked {
-                            channel: channel.to_owned(),
-                            payload: Bytes::copy_from_slice(payload),
-                            at: Instant::now(),
-                        },
-                    );
-                    Gate::Parked
-                };
-                if (changed || late) && order != c.next_order {
-                    upkeep.resume = parked_at(c, c.next_order);
-                }
-                Ok(GateOutcome { gate, upkeep })
-            }
-            Layer::Redis(l) => {
-                let key = order_key(self, reply_channel);
-                let (shard, mut conn) = l.conn_for(reply_channel);
-                let ttl = self.settings().group_expiry.as_secs().max(1);
-                let expiry = millis(self.settings().expiry);
-                let value = pack(channel, payload);
-                let (verdict, expired, skipped, resume): (i64, u64, u64, Option<Vec<u8>>) = l
-                    .run(shard, async move {
-                        GATE_SCRIPT
-                            .key(&key)
-                            .arg(order)
-                            .arg(value)
-                            .arg(ttl)
-                            .arg(now_ms())
-                            .arg(expiry)
-                            .arg(millis(hold).min(365 * 86_400_000))
-                            .invoke_async(&mut conn)
-                            .await
-                    })
-                    .await?;
-                Ok(GateOutcome {
-                    gate: match verdict {
-                        1 => Gate::Run,
-                        0 => Gate::Parked,
-                        _ => Gate::Stale,
-                    },
-                    upkeep: Upkeep {
-                        expired,
-                        skipped,
-                        resume: unpack_resume(resume)?,
-                    },
-                })
-            }
-        }
+        let gated = Gated {
+            order,
+            channel,
+            payload,
+        };
+        let (gate, upkeep) = self
+            .ordering_step(reply_channel, None, Some(gated), hold)
+            .await?;
+        Ok(GateOutcome {
+            gate: gate.unwrap_or(Gate::Stale),
+            upkeep,
+        })
+    }
+
+    /// [`Layer::ordering_done`] of `done`, then [`Layer::ordering_gate`] of the next message
+    /// of the same connection the caller holds, in one atomic step (one script call on Redis
+    /// where it would be two). The outcome's `resume` is a parked message other than the one
+    /// gated, whose turn came with `done`.
+    pub async fn ordering_done_then_gate(
+        &self,
+        reply_channel: &str,
+        done: u64,
+        order: u64,
+        channel: &str,
+        payload: &[u8],
+        hold: Duration,
+    ) -> Result<GateOutcome, LayerError> {
+        let gated = Gated {
+            order,
+            channel,
+            payload,
+        };
+        let (gate, upkeep) = self
+            .ordering_step(reply_channel, Some((done, false)), Some(gated), hold)
+            .await?;
+        Ok(GateOutcome {
+            gate: gate.unwrap_or(Gate::Stale),
+            upkeep,
+        })
     }
 
     /// Records that message `order` of the connection has run (`last`: it was the disconnect, so
@@ -377,34 +445,46 @@ impl Layer {
         order: u64,
         last: bool,
     ) -> Result<Upkeep, LayerError> {
-        self.ordering_finish(reply_channel, Some(order), last).await
+        let (_, upkeep) = self
+            .ordering_step(reply_channel, Some((order, last)), None, Duration::ZERO)
+            .await?;
+        Ok(upkeep)
     }
 
     /// Upkeep alone, for a connection with parked messages and nothing else arriving: drops
     /// parked messages older than the expiry, skips a gap behind them, and returns the parked
     /// message whose turn has come, if any (the caller runs it).
     pub async fn ordering_upkeep(&self, reply_channel: &str) -> Result<Upkeep, LayerError> {
-        self.ordering_finish(reply_channel, None, false).await
+        let (_, upkeep) = self
+            .ordering_step(reply_channel, None, None, Duration::ZERO)
+            .await?;
+        Ok(upkeep)
     }
 
-    async fn ordering_finish(
+    /// Done (with `last`), then upkeep, then the gate, as one atomic step; each part optional.
+    async fn ordering_step(
         &self,
         reply_channel: &str,
-        order: Option<u64>,
-        last: bool,
-    ) -> Result<Upkeep, LayerError> {
+        done: Option<(u64, bool)>,
+        gated: Option<Gated<'_>>,
+        hold: Duration,
+    ) -> Result<(Option<Gate>, Upkeep), LayerError> {
         names::validate_channel(reply_channel)?;
         match self {
             Layer::Memory(l) => {
                 let expiry = l.settings().expiry;
                 let group_expiry = l.settings().group_expiry;
+                let sweep = gated.is_some() && l.connections().sweep_due();
                 let mut map = l.connections().lock();
-                if order.is_none() && !map.contains_key(reply_channel) {
-                    return Ok(Upkeep::default());
+                if sweep {
+                    MemoryConnections::sweep(&mut map, group_expiry);
+                }
+                if done.is_none() && gated.is_none() && !map.contains_key(reply_channel) {
+                    return Ok((None, Upkeep::default()));
                 }
                 let c = MemoryConnections::entry(&mut map, reply_channel, group_expiry);
                 let mut advanced = false;
-                if let Some(order) = order {
+                if let Some((order, _)) = done {
                     c.running_until = None;
                     if order >= c.next_order {
                         c.next_order = order + 1;
@@ -413,40 +493,85 @@ impl Layer {
                 }
                 let mut upkeep = Upkeep::default();
                 let (changed, late) = memory_upkeep(c, expiry, &mut upkeep);
-                if advanced || changed || late {
+                let gate = gated.map(|g| memory_gate(c, g, hold));
+                if (advanced || changed || late) && gated.map(|g| g.order) != Some(c.next_order) {
                     upkeep.resume = parked_at(c, c.next_order);
                 }
-                if last && c.parked.is_empty() && c.session.is_empty() {
+                if let Some((_, true)) = done
+                    && c.parked.is_empty()
+                    && c.session.is_empty()
+                {
                     map.remove(reply_channel);
                 }
-                Ok(upkeep)
+                Ok((gate, upkeep))
             }
-            Layer::Redis(l) => {
-                let key = order_key(self, reply_channel);
-                let (shard, mut conn) = l.conn_for(reply_channel);
-                let ttl = self.settings().group_expiry.as_secs().max(1);
-                let expiry = millis(self.settings().expiry);
-                let order = order.map(|o| o.to_string()).unwrap_or_default();
-                let (expired, skipped, resume): (u64, u64, Option<Vec<u8>>) = l
-                    .run(shard, async move {
-                        DONE_SCRIPT
-                            .key(&key)
-                            .arg(order)
-                            .arg(ttl)
-                            .arg(if last { "1" } else { "0" })
-                            .arg(now_ms())
-                            .arg(expiry)
-                            .invoke_async(&mut conn)
-                            .await
-                    })
+            Layer::Redis(_) => {
+                let (v, mut upkeep) = self
+                    .redis_step(reply_channel, done, gated, hold, false)
                     .await?;
-                Ok(Upkeep {
-                    expired,
-                    skipped,
-                    resume: unpack_resume(resume)?,
-                })
+                if v != NEEDS_VALUE {
+                    return Ok((verdict(v), upkeep));
+                }
+                // It would park: gate it again, with its value this time (the done, if any,
+                // is recorded already).
+                let (v, again) = self
+                    .redis_step(reply_channel, None, gated, hold, true)
+                    .await?;
+                upkeep.expired += again.expired;
+                upkeep.skipped += again.skipped;
+                if again.resume.is_some() {
+                    upkeep.resume = again.resume;
+                }
+                Ok((verdict(v).or(Some(Gate::Stale)), upkeep))
             }
         }
+    }
+
+    async fn redis_step(
+        &self,
+        reply_channel: &str,
+        done: Option<(u64, bool)>,
+        gated: Option<Gated<'_>>,
+        hold: Duration,
+        with_value: bool,
+    ) -> Result<(i64, Upkeep), LayerError> {
+        let Layer::Redis(l) = self else {
+            return Err(LayerError::Protocol("not a Redis layer".into()));
+        };
+        let key = order_key(self, reply_channel);
+        let shard = l.shard_of(reply_channel);
+        let mut digits = itoa::Buffer::new();
+        let mut num = |n: u64| digits.format(n).as_bytes().to_vec();
+        let value = gated
+            .filter(|_| with_value)
+            .map(|g| pack(g.channel, g.payload));
+        let args = vec![
+            done.map(|(o, _)| num(o)).unwrap_or_default(),
+            if done.is_some_and(|(_, last)| last) {
+                b"1".to_vec()
+            } else {
+                b"0".to_vec()
+            },
+            gated.map(|g| num(g.order)).unwrap_or_default(),
+            num(millis(hold).min(365 * 86_400_000)),
+            if value.is_some() {
+                b"1".to_vec()
+            } else {
+                b"0".to_vec()
+            },
+            value.unwrap_or_default(),
+        ];
+        let (v, expired, skipped, resume) = l
+            .ordering_step(shard, &STEP_SCRIPT, Step { key, args })
+            .await?;
+        Ok((
+            v,
+            Upkeep {
+                expired,
+                skipped,
+                resume: unpack_resume(resume)?,
+            },
+        ))
     }
 }
 

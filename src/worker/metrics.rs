@@ -38,9 +38,12 @@ metric_set! {
         duplicates: counter "switchyard_ordering_duplicates_total";
         /// Parked messages dropped by strict-ordering upkeep for waiting longer than the expiry.
         ordering_expired: counter "switchyard_ordering_total" ["event" = "expired"]
-            help "Strict-ordering events: parked messages dropped past expiry, gaps skipped.";
+            help "Strict-ordering events: parked messages dropped past expiry, gaps skipped, messages held by the worker running their predecessor (gated with its done).";
         /// Orders given up as missing by strict-ordering upkeep (gaps skipped).
         ordering_skipped: counter "switchyard_ordering_total" ["event" = "skipped"];
+        /// Strictly ordered messages this worker held while it ran their predecessor, gated in
+        /// the same step as that predecessor's done (no park in the layer).
+        ordering_held: counter "switchyard_ordering_total" ["event" = "held"];
         /// Streamed request bodies assembled from their `body_channel`.
         bodies_assembled: counter "switchyard_streamed_bodies_total" ["outcome" = "assembled"]
             help "Streamed request bodies (body_channel) by outcome.";

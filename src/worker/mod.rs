@@ -17,7 +17,10 @@
 //! `ConsumeLater` requeues with `__retries__` counted, at most [`MAX_RETRIES`] times. Strict
 //! ordering and channel sessions are kept in the layer, so any worker can take any message. The
 //! task that finished a strictly ordered message runs its parked successor itself (no re-send:
-//! nothing to lose on a full channel, no fresh expiry). A worker that parked a message comes back
+//! nothing to lose on a full channel, no fresh expiry), and so the messages of the same
+//! connection this worker receives while it runs one: they wait in that task's lane, holding
+//! their consumer slots, and each is gated in the layer step that records its predecessor as
+//! done; only messages split across workers park in the layer. A worker that parked a message comes back
 //! to its connection once the message could have expired, so that a gap (a predecessor that
 //! never came) is skipped by the layer's upkeep even when nothing else arrives.
 //!
@@ -31,6 +34,7 @@
 
 mod metrics;
 
+use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,7 +47,7 @@ use switchyard_routing::{
     Action, ByteString, ConsumerError, Ctx, Map, Message, Resolved, Router, Value,
 };
 use thiserror::Error;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -156,12 +160,42 @@ pub struct Worker {
     backpressure_timeout: Duration,
     /// Connections with messages parked by this worker, and when to run their upkeep.
     revisits: Arc<Mutex<Vec<(String, Instant)>>>,
+    /// Connections whose turn a task of this worker runs now, with the messages of them this
+    /// worker holds meanwhile.
+    lanes: Arc<Mutex<HashMap<String, Lane>>>,
     /// Receivers kept for reading streamed request bodies (each holds its own Redis
     /// connection), at most one per consumer.
     body_receivers: Arc<Mutex<Vec<Receiver>>>,
     /// Visibility timeout of durable channels (see [`crate::jobs`]).
     job_timeout: Duration,
     job_metrics: Arc<JobMetrics>,
+}
+
+/// The messages of one connection this worker holds while one of its tasks runs the
+/// connection's turn (see [`Worker::run_ordered`]), by order.
+#[derive(Debug, Default)]
+struct Lane {
+    waiting: BTreeMap<u64, Held>,
+}
+
+/// A strictly ordered message in hand, decoded and routed, with the consumer slot it holds.
+#[derive(Debug)]
+struct Held {
+    message: Message,
+    resolved: Resolved,
+    order: u64,
+    started: Instant,
+    /// Released when the message has run (or left the worker).
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+/// What the gate decided for a message in a lane.
+enum Turn {
+    /// Its turn: run it.
+    Run,
+    /// Not run here (parked, stale, requeued, dropped); the parked message whose turn came
+    /// instead, if any.
+    Over(Option<Envelope>),
 }
 
 /// How a consumer run ended.
@@ -207,6 +241,7 @@ impl Worker {
             stop_grace: STOP_GRACE,
             backpressure_timeout: DEFAULT_BACKPRESSURE_TIMEOUT,
             revisits: Arc::default(),
+            lanes: Arc::default(),
             body_receivers: Arc::default(),
             job_timeout: crate::jobs::JOB_TIMEOUT,
             job_metrics: Arc::default(),
@@ -409,8 +444,7 @@ impl Worker {
                         // copied several times (a third of the worker's instructions per
                         // echo went to those copies).
                         running.spawn(async move {
-                            Box::pin(this.handle(envelope)).await;
-                            drop(permit);
+                            Box::pin(this.handle_in_slot(envelope, permit)).await;
                         });
                     }
                 }
@@ -624,15 +658,38 @@ impl Worker {
     /// Runs one message through routing, ordering, the consumer and its outbox, then the parked
     /// messages of the same connection whose turn that brings.
     pub async fn handle(&self, envelope: Envelope) {
-        let mut next = Some(envelope);
-        while let Some(envelope) = next.take() {
-            next = self.handle_one(envelope).await;
-        }
+        self.handle_in_slot(envelope, None).await;
     }
 
-    /// Handles one message; returns a parked message of the same connection whose turn has come.
-    async fn handle_one(&self, envelope: Envelope) -> Option<Envelope> {
+    /// [`Worker::handle`] for a message that holds one of the consumer slots (`slot`): a strictly
+    /// ordered message that waits behind its connection's running message keeps its slot until
+    /// it has run.
+    async fn handle_in_slot(&self, envelope: Envelope, slot: Option<OwnedSemaphorePermit>) {
         let started = Instant::now();
+        let Some((message, resolved)) = self.prepare(envelope).await else {
+            return;
+        };
+        if resolved.options.strict_ordering
+            && let (Some(reply), Some(order)) = (message.reply_channel(), message.order())
+        {
+            let reply = reply.to_owned();
+            let held = Held {
+                message,
+                resolved,
+                order,
+                started,
+                _slot: slot,
+            };
+            self.run_ordered(reply, held).await;
+            return;
+        }
+        self.run_consumer(&message, resolved).await;
+        self.metrics.observe(started.elapsed());
+    }
+
+    /// Decodes and routes a message (and completes a streamed request body); `None` when it was
+    /// dropped or answered instead.
+    async fn prepare(&self, envelope: Envelope) -> Option<(Message, Resolved)> {
         self.metrics.received(&envelope.channel);
         let message = match Message::from_payload(envelope.channel.clone(), envelope.payload) {
             Ok(m) => m,
@@ -651,75 +708,222 @@ impl Worker {
             return None;
         };
         let message = if message.channel == HTTP_REQUEST && message.get("body_channel").is_some() {
-            match self.assemble_body(message).await {
-                Some(whole) => whole,
-                None => return None,
-            }
+            self.assemble_body(message).await?
         } else {
             message
         };
-        let ordered = match (
-            resolved.options.strict_ordering,
-            message.reply_channel(),
-            message.order(),
-        ) {
-            (true, Some(reply), Some(order)) => Some((reply.to_owned(), order)),
-            _ => None,
-        };
-        if let Some((reply, order)) = &ordered {
-            let hold = self.consumer_timeout.saturating_add(HOLD_MARGIN);
-            match self
-                .layer
-                .ordering_gate(reply, *order, &message.channel, &message.payload, hold)
-                .await
-            {
-                Ok(outcome) => {
-                    let u = outcome.upkeep;
-                    let resume = self.note_upkeep(reply, u.expired, u.skipped, u.resume);
-                    match outcome.gate {
-                        Gate::Run => {}
-                        Gate::Parked => {
-                            WorkerMetrics::add(&self.metrics.parked, 1);
-                            tracing::debug!(channel = %message.channel, reply_channel = %reply, order, "parked until its predecessors have run");
-                            self.revisit_later(reply);
-                            return resume;
-                        }
-                        Gate::Stale => {
-                            WorkerMetrics::add(&self.metrics.duplicates, 1);
-                            tracing::warn!(channel = %message.channel, reply_channel = %reply, order, "message already run (duplicate order); dropped");
-                            return resume;
+        Some((message, resolved))
+    }
+
+    fn lanes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lane>> {
+        self.lanes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a strictly ordered message, then every message of the same connection this worker
+    /// came to hold meanwhile, one after another in this task: while a task of this worker runs
+    /// a connection's turn (its lane), the connection's other messages this worker receives
+    /// wait in the lane, not parked in the layer, and the next one is gated in the same layer
+    /// step that records its predecessor as done. Only messages split across workers park in
+    /// the layer. A waiting message keeps the consumer slot it came with, so a worker holds no
+    /// more messages than its concurrency, as without ordering.
+    async fn run_ordered(&self, reply: String, held: Held) {
+        {
+            let mut lanes = self.lanes();
+            if let Some(lane) = lanes.get_mut(&reply) {
+                match lane.waiting.entry(held.order) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(held);
+                    }
+                    std::collections::btree_map::Entry::Occupied(_) => {
+                        WorkerMetrics::add(&self.metrics.duplicates, 1);
+                        tracing::warn!(channel = %held.message.channel, reply_channel = %reply, order = held.order, "message already in hand (duplicate order); dropped");
+                    }
+                }
+                return;
+            }
+            lanes.insert(reply.clone(), Lane::default());
+        }
+        let hold = self.consumer_timeout.saturating_add(HOLD_MARGIN);
+        let mut next = Some(held);
+        // True when `next` passed the gate already (in the step that recorded its predecessor).
+        let mut gated = false;
+        loop {
+            let current = match next.take() {
+                Some(h) => h,
+                None => {
+                    let mut lanes = self.lanes();
+                    match lanes.get_mut(&reply).and_then(|l| l.waiting.pop_first()) {
+                        Some((_, h)) => h,
+                        None => {
+                            lanes.remove(&reply);
+                            return;
                         }
                     }
                 }
-                Err(e) if e.is_unavailable() => {
-                    // Without the gate we cannot keep order; requeue rather than run out of turn.
-                    tracing::warn!(channel = %message.channel, error = %e, "ordering gate unavailable; requeueing");
-                    if self.requeue(&message).await {
-                        // Given up: free its turn if the layer is back, else upkeep skips it.
-                        self.revisit_later(reply);
-                        let last = message.channel == WEBSOCKET_DISCONNECT;
-                        return self.ordering_done(reply, *order, last).await;
+            };
+            if !std::mem::take(&mut gated) {
+                match self.gate(&reply, &current, hold).await {
+                    Turn::Run => {}
+                    Turn::Over(resume) => {
+                        next = self.held_from(&reply, resume).await;
+                        continue;
                     }
-                    return None;
                 }
-                Err(e) => {
-                    // A permanent error (a bad reply channel name): retrying cannot help.
-                    WorkerMetrics::add(&self.metrics.dropped, 1);
-                    tracing::error!(channel = %message.channel, reply_channel = %reply, error = %e, "strict ordering refused the message; dropped");
-                    return None;
+            }
+            let Held {
+                message,
+                resolved,
+                order,
+                started,
+                _slot,
+            } = current;
+            let finished = self.run_consumer(&message, resolved).await;
+            self.metrics.observe(started.elapsed());
+            if !finished {
+                // Requeued: its turn is not over, so the next message gates on its own.
+                continue;
+            }
+            let last = message.channel == WEBSOCKET_DISCONNECT;
+            let waiting = if last {
+                None
+            } else {
+                self.lanes()
+                    .get_mut(&reply)
+                    .and_then(|l| l.waiting.pop_first())
+                    .map(|(_, h)| h)
+            };
+            let resume = match waiting {
+                None => self.ordering_done(&reply, order, last).await,
+                Some(w) => match self
+                    .layer
+                    .ordering_done_then_gate(
+                        &reply,
+                        order,
+                        w.order,
+                        &w.message.channel,
+                        &w.message.payload,
+                        hold,
+                    )
+                    .await
+                {
+                    Ok(outcome) => {
+                        let u = outcome.upkeep;
+                        let resume = self.note_upkeep(&reply, u.expired, u.skipped, u.resume);
+                        match self.verdict(&reply, &w.message, w.order, outcome.gate, resume) {
+                            Turn::Run => {
+                                WorkerMetrics::add(&self.metrics.ordering_held, 1);
+                                next = Some(w);
+                                gated = true;
+                                None
+                            }
+                            Turn::Over(resume) => resume,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(reply_channel = %reply, order, error = %e, "could not record the message as run; its successors wait for ordering upkeep (up to the expiry)");
+                        self.revisit_later(&reply);
+                        next = Some(w);
+                        None
+                    }
+                },
+            };
+            if let Some(h) = self.held_from(&reply, resume).await {
+                match next.take() {
+                    None => next = Some(h),
+                    Some(n) => {
+                        // Not expected (a resume comes only when the held one does not run);
+                        // kept in the lane rather than lost.
+                        next = Some(n);
+                        if let Some(lane) = self.lanes().get_mut(&reply) {
+                            lane.waiting.entry(h.order).or_insert(h);
+                        }
+                    }
                 }
             }
         }
-        let finished = self.run_consumer(&message, resolved).await;
-        let mut resume = None;
-        if let Some((reply, order)) = ordered
-            && finished
-        {
-            let last = message.channel == WEBSOCKET_DISCONNECT;
-            resume = self.ordering_done(&reply, order, last).await;
+    }
+
+    /// A parked message handed back by the layer, ready to run in the lane of `reply`. One that
+    /// is not strictly ordered for `reply` after all is run right away.
+    async fn held_from(&self, reply: &str, resume: Option<Envelope>) -> Option<Held> {
+        let envelope = resume?;
+        let started = Instant::now();
+        let (message, resolved) = self.prepare(envelope).await?;
+        match (message.reply_channel(), message.order()) {
+            (Some(r), Some(order)) if r == reply && resolved.options.strict_ordering => {
+                Some(Held {
+                    message,
+                    resolved,
+                    order,
+                    started,
+                    _slot: None,
+                })
+            }
+            _ => {
+                self.run_consumer(&message, resolved).await;
+                self.metrics.observe(started.elapsed());
+                None
+            }
         }
-        self.metrics.observe(started.elapsed());
-        resume
+    }
+
+    /// Passes a message of `reply`'s lane through the layer's gate.
+    async fn gate(&self, reply: &str, held: &Held, hold: Duration) -> Turn {
+        let message = &held.message;
+        let order = held.order;
+        match self
+            .layer
+            .ordering_gate(reply, order, &message.channel, &message.payload, hold)
+            .await
+        {
+            Ok(outcome) => {
+                let u = outcome.upkeep;
+                let resume = self.note_upkeep(reply, u.expired, u.skipped, u.resume);
+                self.verdict(reply, message, order, outcome.gate, resume)
+            }
+            Err(e) if e.is_unavailable() => {
+                // Without the gate we cannot keep order; requeue rather than run out of turn.
+                tracing::warn!(channel = %message.channel, error = %e, "ordering gate unavailable; requeueing");
+                if self.requeue(message).await {
+                    // Given up: free its turn if the layer is back, else upkeep skips it.
+                    self.revisit_later(reply);
+                    let last = message.channel == WEBSOCKET_DISCONNECT;
+                    return Turn::Over(self.ordering_done(reply, order, last).await);
+                }
+                Turn::Over(None)
+            }
+            Err(e) => {
+                // A permanent error (a bad reply channel name): retrying cannot help.
+                WorkerMetrics::add(&self.metrics.dropped, 1);
+                tracing::error!(channel = %message.channel, reply_channel = %reply, error = %e, "strict ordering refused the message; dropped");
+                Turn::Over(None)
+            }
+        }
+    }
+
+    /// What the gate's verdict means for the message.
+    fn verdict(
+        &self,
+        reply: &str,
+        message: &Message,
+        order: u64,
+        gate: Gate,
+        resume: Option<Envelope>,
+    ) -> Turn {
+        match gate {
+            Gate::Run => Turn::Run,
+            Gate::Parked => {
+                WorkerMetrics::add(&self.metrics.parked, 1);
+                tracing::debug!(channel = %message.channel, reply_channel = %reply, order, "parked until its predecessors have run");
+                self.revisit_later(reply);
+                Turn::Over(resume)
+            }
+            Gate::Stale => {
+                WorkerMetrics::add(&self.metrics.duplicates, 1);
+                tracing::warn!(channel = %message.channel, reply_channel = %reply, order, "message already run (duplicate order); dropped");
+                Turn::Over(resume)
+            }
+        }
     }
 
     /// Records a strictly ordered message as run; returns its parked successor to run next.

@@ -79,14 +79,14 @@ pub(super) struct InFlight(Arc<AtomicUsize>);
 
 impl InFlight {
     /// Counts a direct write only if nothing is in flight.
-    fn first(count: &Arc<AtomicUsize>) -> Option<Self> {
+    pub(super) fn first(count: &Arc<AtomicUsize>) -> Option<Self> {
         count
             .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
             .ok()
             .map(|_| InFlight(Arc::clone(count)))
     }
 
-    fn add(count: &Arc<AtomicUsize>) -> Self {
+    pub(super) fn add(count: &Arc<AtomicUsize>) -> Self {
         count.fetch_add(1, Ordering::AcqRel);
         InFlight(Arc::clone(count))
     }

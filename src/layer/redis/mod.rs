@@ -81,10 +81,12 @@ mod conn;
 mod lease;
 mod registry;
 mod sentinel_url;
+mod steps;
 
 pub(crate) use lease::LeaseState;
 
 pub(crate) use conn::SharedConn;
+pub(crate) use steps::Step;
 
 /// How long a shard's connection may sit without a successful command before the keepalive
 /// checks it, so a restart or a dead peer is noticed before traffic meets it.
@@ -106,6 +108,7 @@ impl Shard {
             has_bzmpop: AtomicBool::new(true),
             sends: batch::SendQueue::default(),
             in_flight: Arc::default(),
+            steps: steps::StepQueue::default(),
         }
     }
 }
@@ -128,6 +131,8 @@ struct Shard {
     /// Sends in flight on this shard: a direct write, or messages queued for the send task
     /// until written.
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// This process's ordering steps on the shard, coalesced while others are in flight.
+    steps: steps::StepQueue,
 }
 
 struct Inner {
