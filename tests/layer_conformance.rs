@@ -760,6 +760,16 @@ macro_rules! conformance {
                 }
             )*
         }
+        // The same again on a Redis Cluster of three masters, through `redis+cluster://`
+        // (failover and resharding under load: workers/tests/redis_topologies.rs).
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Cluster).await;
+                }
+            )*
+        }
     };
 }
 

@@ -192,9 +192,8 @@ impl Layer {
             ));
         }
         if url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://") {
-            return Err(LayerError::Unsupported(format!(
-                "Redis Cluster is not supported yet ({url:?}); use one Redis (redis://host:port/db), several as client-side shards (comma-separated redis:// URLs), or Sentinel (redis+sentinel://host:port[,host:port…]/<master-name>[/<db>])"
-            )));
+            // One URL lists seed nodes of one cluster: its commas are not shards.
+            return Ok(Layer::Redis(RedisLayer::connect_cluster(url, settings).await?));
         }
         for u in &urls {
             if !(u.starts_with("redis://")
@@ -203,7 +202,7 @@ impl Layer {
                 || u.starts_with("redis+unix://"))
             {
                 return Err(LayerError::Config(format!(
-                    "unsupported channel layer URL {u:?}: use memory://, redis://host:port/db, rediss://…, unix:///path, several redis URLs separated by commas, or redis+sentinel://host:port[,host:port…]/<master-name>[/<db>]"
+                    "unsupported channel layer URL {u:?}: use memory://, redis://host:port/db, rediss://…, unix:///path, several redis URLs separated by commas, redis+sentinel://host:port[,host:port…]/<master-name>[/<db>], or redis+cluster://host:port[,host:port…]"
                 )));
             }
         }
@@ -235,8 +234,8 @@ impl Layer {
     }
 
     /// How the backend is deployed, for the startup line and `/healthz`: `memory`, `single`
-    /// (one Redis), `shards` (several, client-side sharded) or `sentinel` (the master Sentinel
-    /// names, followed across failovers).
+    /// (one Redis), `shards` (several, client-side sharded), `sentinel` (the master Sentinel
+    /// names, followed across failovers) or `cluster` (a Redis Cluster).
     pub fn mode(&self) -> &'static str {
         match self {
             Layer::Memory(_) => "memory",

@@ -307,6 +307,16 @@ impl RedisCluster {
     pub fn node_url(&self) -> String {
         self.nodes[0].url()
     }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,…` of every node.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
 }
 
 fn cli_bin() -> String {
@@ -528,6 +538,8 @@ pub enum Backend {
     Redis,
     /// A fresh master and one sentinel, through a `redis+sentinel://` URL.
     Sentinel,
+    /// A fresh Redis Cluster of three masters, through a `redis+cluster://` URL.
+    Cluster,
 }
 
 /// A layer and whatever keeps it alive.
@@ -536,6 +548,7 @@ pub struct Fixture {
     pub layer: Layer,
     pub redis: Option<RedisServer>,
     pub sentinel: Option<SentinelSetup>,
+    pub cluster: Option<RedisCluster>,
 }
 
 impl Fixture {
@@ -546,6 +559,7 @@ impl Fixture {
                 layer: Layer::from_url("memory://", settings).await.unwrap(),
                 redis: None,
                 sentinel: None,
+                cluster: None,
             },
             Backend::Redis => {
                 let redis = RedisServer::start();
@@ -554,6 +568,7 @@ impl Fixture {
                     layer,
                     redis: Some(redis),
                     sentinel: None,
+                    cluster: None,
                 }
             }
             Backend::Sentinel => {
@@ -566,6 +581,20 @@ impl Fixture {
                     layer,
                     redis: None,
                     sentinel: Some(setup),
+                    cluster: None,
+                }
+            }
+            Backend::Cluster => {
+                let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 0))
+                    .await
+                    .unwrap();
+                let layer = Layer::from_url(&cluster.url(), settings).await.unwrap();
+                assert_eq!(layer.mode(), "cluster");
+                Fixture {
+                    layer,
+                    redis: None,
+                    sentinel: None,
+                    cluster: Some(cluster),
                 }
             }
         }
@@ -573,10 +602,11 @@ impl Fixture {
 
     /// A second layer (another "process") on the same backend, with its own settings.
     pub async fn peer(&self, settings: LayerSettings) -> Layer {
-        match (&self.redis, &self.sentinel) {
-            (Some(r), _) => Layer::from_url(&r.url(), settings).await.unwrap(),
-            (None, Some(s)) => Layer::from_url(&s.url(), settings).await.unwrap(),
-            (None, None) => self.layer.clone(),
+        match (&self.redis, &self.sentinel, &self.cluster) {
+            (Some(r), _, _) => Layer::from_url(&r.url(), settings).await.unwrap(),
+            (None, Some(s), _) => Layer::from_url(&s.url(), settings).await.unwrap(),
+            (None, None, Some(c)) => Layer::from_url(&c.url(), settings).await.unwrap(),
+            (None, None, None) => self.layer.clone(),
         }
     }
 }

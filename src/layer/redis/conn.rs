@@ -23,11 +23,17 @@
 //! another master, swaps in a manager for it. Commands in their retry window pick it up. The
 //! task also asks a sentinel for the master's address every second, for a master replaced
 //! while it stayed up and still accepts writes.
+//!
+//! In front of a Redis Cluster the connection is redis-rs's cluster connection (slot map,
+//! `MOVED`/`ASK`, topology refresh), and a pipeline is sent as one pipeline per hash slot (see
+//! [`super::cluster`]).
 
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use redis::{Client, Cmd, Pipeline, ProtocolVersion, RedisError, RedisFuture, Value};
 use tokio::sync::Notify;
@@ -58,6 +64,8 @@ struct Node {
     current: RwLock<Arc<Current>>,
     /// Wakes the task that asks the sentinels for the master; `None` for a fixed address.
     rediscover: Option<Arc<Notify>>,
+    /// In front of a Redis Cluster: the client that opens dedicated (blocking) connections.
+    cluster: Option<ClusterClient>,
 }
 
 /// The Redis commands go to now.
@@ -66,9 +74,16 @@ struct Current {
     /// server that is no longer the master.
     generation: u64,
     client: Client,
-    manager: ConnectionManager,
+    commands: Commands,
     /// `host:port`, for logs.
     addr: String,
+}
+
+/// Where commands go: one server (a manager that reconnects to it), or a Redis Cluster.
+#[derive(Clone)]
+enum Commands {
+    Server(ConnectionManager),
+    Cluster(ClusterConnection),
 }
 
 impl Drop for Node {
@@ -149,7 +164,10 @@ fn current_for(
     Ok(Arc::new(Current {
         generation,
         addr: client.get_connection_info().addr().to_string(),
-        manager: ConnectionManager::new_lazy_with_config(client.clone(), config)?,
+        commands: Commands::Server(ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            config,
+        )?),
         client,
     }))
 }
@@ -189,9 +207,46 @@ impl SharedConn {
             node: Arc::new(Node {
                 current: RwLock::new(current_for(0, client, manager_config(command_timeout))?),
                 rediscover: None,
+                cluster: None,
             }),
             idempotent: true,
         })
+    }
+
+    /// A connection to the Redis Cluster that `cluster` names (its seed nodes): `seed` is one
+    /// of them as a plain client, kept for [`SharedConn::client`]'s callers' logs.
+    pub(super) async fn to_cluster(
+        cluster: ClusterClient,
+        seed: Client,
+    ) -> Result<Self, RedisError> {
+        let conn = cluster.get_async_connection().await?;
+        Ok(SharedConn {
+            node: Arc::new(Node {
+                current: RwLock::new(Arc::new(Current {
+                    generation: 0,
+                    addr: seed.get_connection_info().addr().to_string(),
+                    commands: Commands::Cluster(conn),
+                    client: seed,
+                })),
+                rediscover: None,
+                cluster: Some(cluster),
+            }),
+            idempotent: true,
+        })
+    }
+
+    /// In front of a Redis Cluster: the client for dedicated connections.
+    pub(super) fn cluster_client(&self) -> Option<&ClusterClient> {
+        self.node.cluster.as_ref()
+    }
+
+    /// In front of a Redis Cluster: the shared cluster connection, for commands routed to one
+    /// node by address (`SCAN`).
+    pub(super) fn cluster_connection(&self) -> Option<ClusterConnection> {
+        match &self.current().commands {
+            Commands::Cluster(c) => Some(c.clone()),
+            Commands::Server(_) => None,
+        }
     }
 
     /// A connection to the master the sentinels of `target` name, following it across
@@ -207,6 +262,7 @@ impl SharedConn {
         let node = Arc::new(Node {
             current: RwLock::new(current_for(0, client, config.clone())?),
             rediscover: Some(Arc::clone(&notify)),
+            cluster: None,
         });
         tokio::spawn(follow_master(
             Arc::downgrade(&node),
@@ -395,13 +451,13 @@ async fn retry_unwritten<T, F, Fut>(
     mut attempt: F,
 ) -> Result<T, RedisError>
 where
-    F: FnMut(ConnectionManager) -> Fut,
+    F: FnMut(Commands) -> Fut,
     Fut: Future<Output = Result<T, RedisError>>,
 {
     let started = Instant::now();
     let mut pause = Duration::from_millis(10);
     loop {
-        match attempt(conn.current().manager.clone()).await {
+        match attempt(conn.current().commands.clone()).await {
             Err(e) => {
                 conn.failed_with(&e);
                 let retry = never_written(&e)
@@ -422,8 +478,11 @@ impl ConnectionLike for SharedConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let idempotent = self.idempotent;
-            retry_unwritten(self, idempotent, |mut m| async move {
-                m.send_packed_command(cmd).await
+            retry_unwritten(self, idempotent, |commands| async move {
+                match commands {
+                    Commands::Server(mut m) => m.send_packed_command(cmd).await,
+                    Commands::Cluster(mut c) => c.req_packed_command(cmd).await,
+                }
             })
             .await
         })
@@ -437,15 +496,21 @@ impl ConnectionLike for SharedConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let idempotent = self.idempotent;
-            retry_unwritten(self, idempotent, |mut m| async move {
-                m.send_packed_commands(cmd, offset, count).await
+            retry_unwritten(self, idempotent, |commands| async move {
+                match commands {
+                    Commands::Server(mut m) => m.send_packed_commands(cmd, offset, count).await,
+                    Commands::Cluster(c) => super::cluster::pipeline(c, cmd, offset, count).await,
+                }
             })
             .await
         })
     }
 
     fn get_db(&self) -> i64 {
-        self.current().manager.get_db()
+        match &self.current().commands {
+            Commands::Server(m) => m.get_db(),
+            Commands::Cluster(_) => 0,
+        }
     }
 }
 

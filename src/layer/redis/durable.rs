@@ -334,9 +334,14 @@ pub fn is_nogroup(e: &LayerError) -> bool {
 }
 
 impl RedisLayer {
-    /// The stream of durable channel `channel`.
+    /// The stream of durable channel `channel`; in a Redis Cluster the channel's name is its
+    /// hash tag, as for the channel's own key, so every script of the channel runs in one slot.
     pub(crate) fn job_stream_key(&self, channel: &str) -> String {
-        format!("{}:jobs:{channel}", self.inner.settings.prefix)
+        if self.is_cluster() {
+            format!("{}:jobs:{{{channel}}}", self.inner.settings.prefix)
+        } else {
+            format!("{}:jobs:{channel}", self.inner.settings.prefix)
+        }
     }
 
     fn job_keys(&self, channel: &str) -> [String; 3] {
@@ -735,6 +740,10 @@ impl RedisLayer {
                     continue;
                 };
                 let channel = rest.split(':').next().unwrap_or(rest);
+                let channel = channel
+                    .strip_prefix('{')
+                    .and_then(|c| c.strip_suffix('}'))
+                    .unwrap_or(channel);
                 if !channel.is_empty() && !out.iter().any(|c| c == channel) {
                     out.push(channel.to_owned());
                 }

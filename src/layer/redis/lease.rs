@@ -97,6 +97,9 @@ impl RedisLayer {
     ) -> Result<bool, LayerError> {
         let inbox = non_local_name(channel);
         let home = self.shard_of(inbox);
+        if self.is_cluster() {
+            return self.index_membership_across_slots(home, group, inbox).await;
+        }
         let mut conn = self.inner.shards[home].conn.clone();
         let invocation: &Script = &INDEX;
         let (leases, index) = (self.leases_key(), self.inbox_groups_key(inbox));
@@ -115,6 +118,38 @@ impl RedisLayer {
             })
             .await?;
         Ok(held == 1)
+    }
+
+    /// [`RedisLayer::index_membership`] in a Redis Cluster, where the leases set and the index
+    /// live in different slots: the lease is checked first, then the index written (one slot).
+    /// A lease reaped in between leaves an index entry that lapses with the index's ttl.
+    async fn index_membership_across_slots(
+        &self,
+        home: usize,
+        group: &str,
+        inbox: &str,
+    ) -> Result<bool, LayerError> {
+        if !self.holds_lease(inbox).await? {
+            return Ok(false);
+        }
+        let index = self.inbox_groups_key(inbox);
+        let ttl = self.inner.settings.group_expiry.as_secs().max(1);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD")
+            .arg(&index)
+            .arg(group)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&index)
+            .arg(ttl)
+            .ignore();
+        let mut conn = self.inner.shards[home].conn.clone();
+        self.run(
+            home,
+            async move { pipe.query_async::<()>(&mut conn).await },
+        )
+        .await?;
+        Ok(true)
     }
 
     /// True when a Switchyard process holds a lease on `inbox`.
@@ -251,11 +286,15 @@ impl RedisLayer {
             removed += n.max(0) as usize;
         }
         let mut conn = self.inner.shards[home].conn.clone();
-        let del = redis::cmd("DEL")
+        // One key per DEL: in a Redis Cluster the two live in different slots.
+        let mut del = redis::pipe();
+        del.cmd("DEL")
             .arg(&index)
+            .ignore()
+            .cmd("DEL")
             .arg(self.channel_key(inbox))
-            .to_owned();
-        self.run(home, async move { del.query_async::<i64>(&mut conn).await })
+            .ignore();
+        self.run(home, async move { del.query_async::<()>(&mut conn).await })
             .await?;
         Ok(removed)
     }

@@ -77,6 +77,7 @@ use super::{
 };
 
 mod batch;
+mod cluster;
 mod conn;
 mod lease;
 mod registry;
@@ -139,6 +140,9 @@ struct Inner {
     settings: LayerSettings,
     /// Set when the one shard is the master a Sentinel names.
     sentinel: Option<SentinelInfo>,
+    /// Set when the one shard is a Redis Cluster (its seed nodes, for logs): keys carry hash
+    /// tags (see [`cluster`]).
+    cluster: Option<String>,
     rules: CapacityRules,
     metrics: Arc<LayerMetrics>,
     shards: Vec<Shard>,
@@ -188,6 +192,24 @@ pub fn consistent_hash(name: &str, ring_size: usize) -> usize {
     ((f64::from(bigval) / ring_divisor) as usize).min(ring_size - 1)
 }
 
+/// Why the nodes of a `redis+cluster://` URL could not be used: not in cluster mode (a
+/// configuration error, exit 3) or not reachable.
+fn cluster_refusal(hosts: &[String], e: &RedisError) -> LayerError {
+    let text = e.to_string().to_ascii_lowercase();
+    if text.contains("cluster support disabled") || text.contains("cluster mode") {
+        LayerError::Unsupported(format!(
+            "Redis at {} is not in cluster mode: use redis://{}/0",
+            hosts.join(","),
+            hosts.first().map_or("host:port", String::as_str)
+        ))
+    } else {
+        LayerError::Unavailable(format!(
+            "no Redis Cluster at {}: {e}",
+            hosts.join(",")
+        ))
+    }
+}
+
 fn is_outage(e: &RedisError) -> bool {
     conn::refused_unrun(e)
         || e.is_io_error()
@@ -211,7 +233,7 @@ impl RedisLayer {
             })?;
             shards.push(Shard::new(addr, conn));
         }
-        Self::start(shards, None, settings).await
+        Self::start(shards, None, None, settings).await
     }
 
     /// Connects to the master that the sentinels of `url`
@@ -237,12 +259,64 @@ impl RedisLayer {
                     info.master, info.sentinels
                 ))
             })?;
-        Self::start(vec![Shard::new(label, conn)], Some(info), settings).await
+        Self::start(vec![Shard::new(label, conn)], Some(info), None, settings).await
+    }
+
+    /// Connects to the Redis Cluster whose nodes `url`
+    /// (`redis+cluster://[user:password@]host:port[,host:port…]`) names (any of them is enough:
+    /// the others are learnt from the cluster), through redis-rs's cluster connection.
+    pub async fn connect_cluster(url: &str, settings: LayerSettings) -> Result<Self, LayerError> {
+        let seeds = cluster::seed_urls(url)?;
+        let seed = Client::open(seeds[0].as_str())
+            .map_err(|e| LayerError::Config(format!("invalid Redis Cluster URL {url:?}: {e}")))?;
+        let timeout = settings.command_timeout;
+        let client = redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
+            .connection_timeout(timeout.min(Duration::from_secs(1)))
+            .response_timeout(timeout)
+            .retries(6)
+            .min_retry_wait(10)
+            .max_retry_wait(400)
+            .build()
+            .map_err(|e| LayerError::Config(format!("invalid Redis Cluster URL {url:?}: {e}")))?;
+        let hosts: Vec<String> = seeds
+            .iter()
+            .map(|s| {
+                Client::open(s.as_str())
+                    .map(|c| c.get_connection_info().addr().to_string())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let label = format!("cluster {}", hosts.join(","));
+        let conn = match tokio::time::timeout(
+            timeout.max(Duration::from_secs(2)),
+            SharedConn::to_cluster(client, seed),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                return Err(cluster_refusal(&hosts, &e));
+            }
+            Err(_) => {
+                return Err(LayerError::Unavailable(format!(
+                    "no Redis Cluster node at {} answered in time",
+                    hosts.join(",")
+                )));
+            }
+        };
+        Self::start(
+            vec![Shard::new(label, conn)],
+            None,
+            Some(hosts.join(",")),
+            settings,
+        )
+        .await
     }
 
     async fn start(
         shards: Vec<Shard>,
         sentinel: Option<SentinelInfo>,
+        cluster: Option<String>,
         settings: LayerSettings,
     ) -> Result<Self, LayerError> {
         let rules = settings.compile()?;
@@ -262,6 +336,7 @@ impl RedisLayer {
                 crypter_ttl,
                 settings,
                 sentinel,
+                cluster,
                 rules,
                 metrics: Arc::default(),
                 shards,
@@ -294,6 +369,10 @@ impl RedisLayer {
     /// it: a Redis Cluster node answers PING but then refuses multi-key scripts (`CROSSSLOT`)
     /// and keys of other slots (`MOVED`), and a Sentinel answers PING but stores nothing.
     async fn check_server_mode(&self, i: usize) -> Result<(), LayerError> {
+        if self.inner.cluster.is_some() {
+            // The cluster connection only opens to nodes in cluster mode.
+            return Ok(());
+        }
         let mut conn = self.inner.shards[i].conn.clone();
         let info = redis::cmd("INFO");
         // Default sections: `server` (redis_mode) and `cluster` (cluster_enabled).
@@ -318,9 +397,11 @@ impl RedisLayer {
                 .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
                 .map(str::trim)
         };
-        if field("cluster_enabled") == Some("1") || field("redis_mode") == Some("cluster") {
+        let cluster_node =
+            field("cluster_enabled") == Some("1") || field("redis_mode") == Some("cluster");
+        if cluster_node {
             return Err(LayerError::Unsupported(format!(
-                "Redis at {addr} is a Redis Cluster node (cluster_enabled:1); Redis Cluster is not supported yet: use a Redis without cluster mode (redis://host:port/db), several as client-side shards (comma-separated redis:// URLs), or Sentinel (redis+sentinel://host:port[,host:port…]/<master-name>[/<db>])"
+                "Redis at {addr} is a Redis Cluster node (cluster_enabled:1): use redis+cluster://{addr} (any node of the cluster; several comma-separated ride over a node that is down)"
             )));
         }
         if field("redis_mode") == Some("sentinel") {
@@ -333,7 +414,9 @@ impl RedisLayer {
 
     /// `single`, `shards` or `sentinel` (see [`super::Layer::mode`]).
     pub(crate) fn mode(&self) -> &'static str {
-        if self.inner.sentinel.is_some() {
+        if self.inner.cluster.is_some() {
+            "cluster"
+        } else if self.inner.sentinel.is_some() {
             "sentinel"
         } else if self.inner.shards.len() > 1 {
             "shards"
@@ -372,6 +455,9 @@ impl RedisLayer {
                 self.inner.shards[0].conn.addr()
             );
         }
+        if let Some(seeds) = &self.inner.cluster {
+            return format!("redis cluster via {seeds}");
+        }
         let addrs: Vec<&str> = self.inner.shards.iter().map(|s| s.addr.as_str()).collect();
         format!("redis {}", addrs.join(","))
     }
@@ -386,14 +472,27 @@ impl RedisLayer {
         consistent_hash(non_local_name(name), self.inner.shards.len())
     }
 
-    /// Built by hand: `format!` cost ~650 instructions per send here, ten times the copy.
+    /// The key of a channel (of its inbox, for a `!` name): `{prefix}{name}`, or in a Redis
+    /// Cluster `{prefix}{{name}}`, the name its hash tag. Built by hand: `format!` costs ten
+    /// times the copy on a path every send takes.
     fn channel_key(&self, channel: &str) -> String {
         let prefix = &self.inner.settings.prefix;
         let name = non_local_name(channel);
-        let mut key = String::with_capacity(prefix.len() + name.len());
+        let mut key = String::with_capacity(prefix.len() + name.len() + 2);
         key.push_str(prefix);
-        key.push_str(name);
+        if self.inner.cluster.is_some() {
+            key.push('{');
+            key.push_str(name);
+            key.push('}');
+        } else {
+            key.push_str(name);
+        }
         key
+    }
+
+    /// True in front of a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.inner.cluster.is_some()
     }
 
     fn group_key(&self, group: &str) -> String {
@@ -609,7 +708,7 @@ impl RedisLayer {
         for (key, targets) in &by_key {
             let (batches, counts) = &mut per_shard[consistent_hash(key, shard_count)];
             batches.push(batch::KeyBatch {
-                key: format!("{}{}", self.inner.settings.prefix, key),
+                key: self.channel_key(key),
                 capacity: self.inner.rules.capacity(targets[0]),
                 messages: vec![(self.next_score(), self.member(payload, targets)?)],
             });
@@ -652,8 +751,12 @@ impl RedisLayer {
         }
     }
 
-    /// Keys under the prefix on one shard (SCAN, never KEYS).
+    /// Keys under the prefix on one shard (SCAN, never KEYS); in a Redis Cluster, on every
+    /// master.
     async fn scan(&self, shard: usize, pattern: &str) -> Result<Vec<Vec<u8>>, LayerError> {
+        if let Some(conn) = self.inner.shards[shard].conn.cluster_connection() {
+            return self.scan_cluster(shard, conn, pattern).await;
+        }
         let mut cursor: u64 = 0;
         let mut out = Vec::new();
         loop {
@@ -674,6 +777,38 @@ impl RedisLayer {
             }
             cursor = next;
         }
+    }
+
+    async fn scan_cluster(
+        &self,
+        shard: usize,
+        mut conn: redis::cluster_async::ClusterConnection,
+        pattern: &str,
+    ) -> Result<Vec<Vec<u8>>, LayerError> {
+        let mut ask = conn.clone();
+        let masters = self
+            .run(shard, async move { cluster::masters(&mut ask).await })
+            .await?;
+        let mut out = Vec::new();
+        for (host, port) in masters {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut conn = conn.clone();
+                let (host, pattern) = (host.clone(), pattern.to_owned());
+                let (next, keys) = self
+                    .run(shard, async move {
+                        cluster::scan_page(&mut conn, &host, port, cursor, &pattern).await
+                    })
+                    .await?;
+                out.extend(keys);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        let _ = &mut conn;
+        Ok(out)
     }
 
     fn data_key(&self, kind: &str, key: &str) -> String {
@@ -808,7 +943,7 @@ impl RedisLayer {
 pub struct RedisReceiver {
     layer: RedisLayer,
     /// Each shard's pop connection and the generation of the master it was opened to.
-    conns: Vec<Option<(MultiplexedConnection, u64)>>,
+    conns: Vec<Option<(PopConn, u64)>>,
     backoff: Duration,
     next_shard: usize,
 }
@@ -821,6 +956,42 @@ impl fmt::Debug for RedisReceiver {
     }
 }
 
+/// A receiver's own connection for blocking pops: to one server, or (a cluster connection of
+/// its own) to a Redis Cluster, where each pop goes to the node of its keys' slot.
+#[derive(Clone)]
+enum PopConn {
+    Server(MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for PopConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            PopConn::Server(c) => c.req_packed_command(cmd),
+            PopConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            PopConn::Server(c) => c.req_packed_commands(cmd, offset, count),
+            PopConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            PopConn::Server(c) => c.get_db(),
+            PopConn::Cluster(_) => 0,
+        }
+    }
+}
+
 /// A popped member: key it came from, bytes, score.
 type Popped = (String, Vec<u8>, f64);
 
@@ -828,7 +999,7 @@ type Popped = (String, Vec<u8>, f64);
 type PoppedBatch = (String, Vec<(Vec<u8>, f64)>);
 
 impl RedisReceiver {
-    async fn conn(&mut self, shard: usize) -> Result<MultiplexedConnection, LayerError> {
+    async fn conn(&mut self, shard: usize) -> Result<PopConn, LayerError> {
         let s = &self.layer.inner.shards[shard];
         if let Some((c, generation)) = &self.conns[shard] {
             // Behind Sentinel, a pop connection to a replaced master would go on popping from
@@ -843,10 +1014,21 @@ impl RedisReceiver {
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(None);
         let (client, generation) = s.conn.client();
-        match client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-        {
+        let opened = match s.conn.cluster_client() {
+            Some(cluster) => cluster
+                .get_async_connection_with_config(
+                    redis::cluster::ClusterConfig::new()
+                        .set_connection_timeout(Duration::from_secs(1))
+                        .set_response_timeout(Duration::from_secs(3600)),
+                )
+                .await
+                .map(PopConn::Cluster),
+            None => client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map(PopConn::Server),
+        };
+        match opened {
             Ok(c) => {
                 if !self.backoff.is_zero() {
                     LayerMetrics::add(&self.layer.inner.metrics.reconnects, 1);
@@ -989,6 +1171,10 @@ impl RedisReceiver {
     fn unpack(&self, key: &str, members: Vec<(Vec<u8>, f64)>, out: &mut Vec<Envelope>) {
         let prefix_len = self.layer.inner.settings.prefix.len();
         let read_from = key.get(prefix_len..).unwrap_or(key);
+        let read_from = read_from
+            .strip_prefix('{')
+            .and_then(|r| r.strip_suffix('}'))
+            .unwrap_or(read_from);
         let expiry = self.layer.inner.settings.expiry.as_secs_f64();
         let now = now_secs();
         let metrics = &self.layer.inner.metrics;
@@ -1038,22 +1224,30 @@ impl RedisReceiver {
         max: usize,
     ) -> Result<Vec<Envelope>, LayerError> {
         let mut out = Vec::new();
-        let prefix = &self.layer.inner.settings.prefix;
-        let shard_count = self.layer.inner.shards.len();
-        let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); shard_count];
+        // Lanes: the keys one pop can cover, with their shard. A pop takes keys of one shard,
+        // and in a Redis Cluster of one slot.
+        let mut lanes: Vec<(usize, Vec<String>)> = Vec::new();
+        let mut lane_slots: Vec<Option<redis::cluster_routing::Slot>> = Vec::new();
+        let cluster = self.layer.is_cluster();
         for c in channels {
             if !c.ends_with('!') {
                 self.layer.ensure_registered(c).await;
             }
-            by_shard[self.layer.shard_of(c)].push(format!("{prefix}{c}"));
+            let key = self.layer.channel_key(c);
+            let shard = self.layer.shard_of(c);
+            let slot = cluster.then(|| cluster::slot_of(&key));
+            match (0..lanes.len()).find(|&i| lanes[i].0 == shard && lane_slots[i] == slot) {
+                Some(i) => lanes[i].1.push(key),
+                None => {
+                    lanes.push((shard, vec![key]));
+                    lane_slots.push(slot);
+                }
+            }
         }
-        let busy: Vec<usize> = (0..shard_count)
-            .filter(|s| !by_shard[*s].is_empty())
-            .collect();
         let deadline = Instant::now() + timeout;
-        // With channels on several shards no single BZPOPMIN covers them all: take turns in
-        // short slices. On one shard (the usual case) the pop blocks for the whole timeout.
-        let slice = if busy.len() > 1 {
+        // With channels on several shards (or slots) no single pop covers them all: take
+        // turns in short slices. On one (the usual case) the pop blocks for the whole timeout.
+        let slice = if lanes.len() > 1 {
             Duration::from_millis(50)
         } else {
             timeout
@@ -1063,14 +1257,14 @@ impl RedisReceiver {
             if now >= deadline && !timeout.is_zero() {
                 return Ok(out);
             }
-            let shard = busy[self.next_shard % busy.len()];
+            let lane = self.next_shard % lanes.len();
+            let (shard, keys) = &mut lanes[lane];
             self.next_shard = self.next_shard.wrapping_add(1);
-            let keys = &mut by_shard[shard];
             if keys.len() > 1 {
                 keys.shuffle(&mut rand::rng());
             }
             let block = slice.min(deadline.saturating_duration_since(now));
-            match self.pop_batch(shard, keys, block, max).await {
+            match self.pop_batch(*shard, keys, block, max).await {
                 Ok(Some((key, members))) => {
                     self.unpack(&key, members, &mut out);
                     if !out.is_empty() {

@@ -54,6 +54,11 @@ pub(crate) fn classify<'a>(
     let Some(rest) = key.strip_prefix(prefix) else {
         return KeyKind::Foreign;
     };
+    // A Redis Cluster's channel keys carry the name as hash tag; no name holds a brace.
+    let rest = rest
+        .strip_prefix('{')
+        .and_then(|r| r.strip_suffix('}'))
+        .unwrap_or(rest);
     if let Some(data) = rest.strip_prefix(':') {
         if let Some(group) = data.strip_prefix("group:") {
             return KeyKind::Group(group);
@@ -161,10 +166,14 @@ impl RedisLayer {
             let keys = self.own_keys(shard).await?;
             for batch in keys.chunks(1000) {
                 let mut conn = self.inner.shards[shard].conn.clone();
-                let unlink = redis::cmd("UNLINK").arg(batch).to_owned();
+                // One key per UNLINK: a Redis Cluster splits the pipeline by slot.
+                let mut unlink = redis::pipe();
+                for key in batch {
+                    unlink.cmd("UNLINK").arg(key).ignore();
+                }
                 self.run(
                     shard,
-                    async move { unlink.query_async::<i64>(&mut conn).await },
+                    async move { unlink.query_async::<()>(&mut conn).await },
                 )
                 .await?;
             }
@@ -207,7 +216,7 @@ impl RedisLayer {
                         .arg("+inf");
                 } else {
                     pipe.cmd("ZCOUNT")
-                        .arg(format!("{prefix}{name}"))
+                        .arg(self.channel_key(name))
                         .arg(&channel_cutoff)
                         .arg("+inf");
                 }
@@ -245,6 +254,12 @@ mod tests {
         let c = |k| classify(k, "asgi", &channels, &inboxes);
         assert_eq!(c("asgitasks"), KeyKind::Channel("tasks"));
         assert_eq!(c("asgihttp.request"), KeyKind::Channel("http.request"));
+        // A Redis Cluster's keys: the name is the hash tag.
+        assert_eq!(c("asgi{tasks}"), KeyKind::Channel("tasks"));
+        assert_eq!(
+            c("asgi{switchyard.response.AbC!}"),
+            KeyKind::Inbox("switchyard.response.AbC!")
+        );
         assert_eq!(
             c("asgiswitchyard.response.AbC!"),
             KeyKind::Inbox("switchyard.response.AbC!")

@@ -159,7 +159,13 @@ async fn drive(layer: Weak<Inner>, shard: usize, mut queue: mpsc::UnboundedRecei
         let layer = RedisLayer { inner };
         let timeout = layer.inner.settings.command_timeout;
         // One script per call: steps of another script (none today) go in a call of their own.
-        let mut calls: Vec<(&'static Script, Vec<Step>, Vec<QueuedStep>)> = Vec::new();
+        #[allow(clippy::type_complexity)]
+        let mut calls: Vec<(
+            &'static Script,
+            Option<redis::cluster_routing::Slot>,
+            Vec<Step>,
+            Vec<QueuedStep>,
+        )> = Vec::new();
         for mut q in taken.drain(..) {
             if q.done.is_closed() {
                 continue;
@@ -178,18 +184,22 @@ async fn drive(layer: Weak<Inner>, shard: usize, mut queue: mpsc::UnboundedRecei
                     args: Vec::new(),
                 },
             );
+            // In a Redis Cluster one call takes the keys of one slot.
+            let slot = layer
+                .is_cluster()
+                .then(|| super::cluster::slot_of(&step.key));
             match calls
                 .iter_mut()
-                .find(|(s, _, _)| std::ptr::eq(*s, q.script))
+                .find(|(s, at, _, _)| std::ptr::eq(*s, q.script) && *at == slot)
             {
-                Some((_, steps, waiting)) => {
+                Some((_, _, steps, waiting)) => {
                     steps.push(step);
                     waiting.push(q);
                 }
-                None => calls.push((q.script, vec![step], vec![q])),
+                None => calls.push((q.script, slot, vec![step], vec![q])),
             }
         }
-        for (script, steps, waiting) in calls {
+        for (script, _, steps, waiting) in calls {
             match layer.run_steps(shard, script, &steps).await {
                 Ok(replies) => {
                     for (q, reply) in waiting.into_iter().zip(replies) {
