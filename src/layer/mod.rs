@@ -193,7 +193,9 @@ impl Layer {
         }
         if url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://") {
             // One URL lists seed nodes of one cluster: its commas are not shards.
-            return Ok(Layer::Redis(RedisLayer::connect_cluster(url, settings).await?));
+            return Ok(Layer::Redis(
+                RedisLayer::connect_cluster(url, settings).await?,
+            ));
         }
         for u in &urls {
             if !(u.starts_with("redis://")

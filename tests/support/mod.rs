@@ -261,7 +261,11 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         for i in 0..masters * (1 + replicas) {
             let conf = dir.file(&format!("nodes-{i}.conf"));
+            // Each node its own RDB file: a replica's full sync writes one into the shared dir.
+            let rdb = format!("node-{i}.rdb");
             nodes.push(RedisServer::start_with(&[
+                "--dbfilename",
+                &rdb,
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -306,6 +310,28 @@ impl RedisCluster {
     /// `redis://127.0.0.1:PORT/0` of the first node, as a user would set `REDIS_URL`.
     pub fn node_url(&self) -> String {
         self.nodes[0].url()
+    }
+
+    /// Starts one more node in cluster mode, not yet part of the cluster (`redis-cli
+    /// --cluster add-node` joins it); returns its port.
+    pub fn add_node(&mut self) -> u16 {
+        let conf = self.dir.file(&format!("nodes-{}.conf", self.nodes.len()));
+        let rdb = format!("node-{}.rdb", self.nodes.len());
+        let node = RedisServer::start_with(&[
+            "--dbfilename",
+            &rdb,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            &conf,
+            "--cluster-node-timeout",
+            "2000",
+            "--dir",
+            self.dir.path().to_str().unwrap(),
+        ]);
+        let port = node.port();
+        self.nodes.push(node);
+        port
     }
 
     /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,…` of every node.

@@ -1,5 +1,5 @@
-//! The Redis deployments users run, under the real binary: a Redis Cluster node behind a plain
-//! URL is refused at startup (exit 3, a message naming the cause) by every command, the
+//! The Redis deployments users run, under the real binary (Redis Cluster: redis_cluster.rs): a
+//! sentinel behind a plain URL is refused at startup (exit 3, a message naming the cause), the
 //! startup line and `/healthz` say which mode is in use, and behind Sentinel the layer follows
 //! a failover (master killed, replica promoted) without a restart: sockets stay open and hear
 //! broadcasts again, memberships the promoted replica never saw are put back, and `send`,
@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use support::redis_support::{RedisCluster, RedisServer, SentinelSetup, free_port};
+use support::redis_support::{RedisServer, SentinelSetup, free_port};
 use support::{Proc, Ws, bin, connect, http};
 use switchyard::layer::{Layer, LayerSettings};
 use tokio_tungstenite::tungstenite::Message;
@@ -75,58 +75,7 @@ async fn healthz(base: &str) -> (u16, serde_json::Value) {
 }
 
 #[test]
-fn a_cluster_node_is_refused_at_startup_with_exit_3_by_every_command() {
-    let cluster = RedisCluster::start(3, 0);
-    let url = cluster.node_url();
-    let cases: [&[&str]; 5] = [
-        &["serve", "--port", "0"],
-        &["worker"],
-        &["send", "jobs.x", r#"{"a": 1}"#],
-        &["stats"],
-        &["flush"],
-    ];
-    for args in cases {
-        // As the user of the report did: REDIS_URL pointing at one node.
-        let ran = run(args, &[("REDIS_URL", &url)]);
-        assert_eq!(
-            ran.code,
-            Some(3),
-            "{args:?}: stdout {:?} stderr {:?}",
-            ran.stdout,
-            ran.stderr
-        );
-        assert!(
-            ran.stderr
-                .contains("is a Redis Cluster node (cluster_enabled:1)")
-                && ran.stderr.contains("not supported yet"),
-            "{args:?}: {}",
-            ran.stderr
-        );
-        assert!(
-            !ran.stdout.contains("listening"),
-            "{args:?}: {}",
-            ran.stdout
-        );
-    }
-    // And through the flag, and with the cluster scheme a user might try.
-    let ran = run(&["stats", "--layer", &url], &[]);
-    assert_eq!(ran.code, Some(3), "{}", ran.stderr);
-    let ran = run(
-        &[
-            "serve",
-            "--port",
-            "0",
-            "--layer",
-            &format!("redis+cluster://127.0.0.1:{}", cluster.nodes[0].port()),
-        ],
-        &[],
-    );
-    assert_eq!(ran.code, Some(3), "{}", ran.stderr);
-    assert!(
-        ran.stderr.contains("Redis Cluster is not supported yet"),
-        "{}",
-        ran.stderr
-    );
+fn a_sentinel_behind_a_plain_url_is_refused_with_exit_3() {
     // A sentinel's port behind a plain URL is named for what it is.
     let setup = SentinelSetup::start(0, 1);
     let sentinel_url = format!("redis://127.0.0.1:{}/0", setup.sentinels[0].port());

@@ -92,8 +92,7 @@ fn slots(pipe: &Pipeline) -> Vec<Option<Slot>> {
 fn failed_part(e: &RedisError) -> Value {
     let text = format!("-ERR this command's part of the pipeline failed: {e}\r\n")
         .replace(['\r', '\n'], " ");
-    redis::parse_redis_value(format!("{}\r\n", text.trim_end()).as_bytes())
-        .unwrap_or(Value::Nil)
+    redis::parse_redis_value(format!("{}\r\n", text.trim_end()).as_bytes()).unwrap_or(Value::Nil)
 }
 
 /// Sends `pipe` (`count` replies from `offset`) through `conn`: whole when it is a

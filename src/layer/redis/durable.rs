@@ -23,8 +23,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Script, Value};
+use rand::seq::SliceRandom;
+use redis::{Script, Value};
 
 use super::RedisLayer;
 use crate::layer::LayerError;
@@ -333,6 +333,15 @@ pub fn is_nogroup(e: &LayerError) -> bool {
     matches!(e, LayerError::Protocol(m) if m.contains("NOGROUP"))
 }
 
+/// A dedicated connection for blocking reads of durable channels ([`RedisLayer::job_reader`]).
+pub struct JobReader(super::PopConn);
+
+impl std::fmt::Debug for JobReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JobReader")
+    }
+}
+
 impl RedisLayer {
     /// The stream of durable channel `channel`; in a Redis Cluster the channel's name is its
     /// hash tag, as for the channel's own key, so every script of the channel runs in one slot.
@@ -627,16 +636,11 @@ impl RedisLayer {
 
     /// A dedicated connection for blocking reads of durable channels on `shard` (no client-side
     /// response timeout: the read is bounded by its BLOCK and a margin instead).
-    pub async fn job_reader(&self, shard: usize) -> Result<MultiplexedConnection, LayerError> {
+    pub async fn job_reader(&self, shard: usize) -> Result<JobReader, LayerError> {
         let s = &self.inner.shards[shard];
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(None);
-        s.conn
-            .client()
-            .0
-            .get_multiplexed_async_connection_with_config(&config)
+        super::open_pop_conn(&s.conn)
             .await
+            .map(JobReader)
             .map_err(|e| {
                 s.conn.failed_with(&e);
                 LayerError::Unavailable(format!("Redis at {}: {e}", s.addr))
@@ -648,13 +652,53 @@ impl RedisLayer {
     /// pending and is claimed again after the job timeout.
     pub async fn job_read(
         &self,
-        conn: &mut MultiplexedConnection,
+        reader: &mut JobReader,
         shard: usize,
         channels: &[String],
         consumer: &str,
         count: usize,
         block: Duration,
     ) -> Result<Vec<StreamJob>, LayerError> {
+        // In a Redis Cluster one read takes streams of one slot: the channels' slots take
+        // turns, each with its share of the block, in a random order so none starves.
+        if self.is_cluster() {
+            let mut lanes: Vec<(redis::cluster_routing::Slot, Vec<String>)> = Vec::new();
+            for c in channels {
+                let slot = super::cluster::slot_of(&self.job_stream_key(c));
+                match lanes.iter_mut().find(|(s, _)| *s == slot) {
+                    Some((_, lane)) => lane.push(c.clone()),
+                    None => lanes.push((slot, vec![c.clone()])),
+                }
+            }
+            if lanes.len() > 1 {
+                lanes.shuffle(&mut rand::rng());
+                let share = (block / lanes.len() as u32).max(Duration::from_millis(1));
+                for (_, lane) in &lanes {
+                    let jobs = self
+                        .job_read_streams(reader, shard, lane, consumer, count, share)
+                        .await?;
+                    if !jobs.is_empty() {
+                        return Ok(jobs);
+                    }
+                }
+                return Ok(Vec::new());
+            }
+        }
+        self.job_read_streams(reader, shard, channels, consumer, count, block)
+            .await
+    }
+
+    /// One XREADGROUP over the streams of `channels`.
+    async fn job_read_streams(
+        &self,
+        reader: &mut JobReader,
+        shard: usize,
+        channels: &[String],
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<StreamJob>, LayerError> {
+        let conn = &mut reader.0;
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(GROUP)

@@ -144,11 +144,8 @@ impl RedisLayer {
             .arg(ttl)
             .ignore();
         let mut conn = self.inner.shards[home].conn.clone();
-        self.run(
-            home,
-            async move { pipe.query_async::<()>(&mut conn).await },
-        )
-        .await?;
+        self.run(home, async move { pipe.query_async::<()>(&mut conn).await })
+            .await?;
         Ok(true)
     }
 

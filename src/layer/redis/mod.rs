@@ -203,10 +203,7 @@ fn cluster_refusal(hosts: &[String], e: &RedisError) -> LayerError {
             hosts.first().map_or("host:port", String::as_str)
         ))
     } else {
-        LayerError::Unavailable(format!(
-            "no Redis Cluster at {}: {e}",
-            hosts.join(",")
-        ))
+        LayerError::Unavailable(format!("no Redis Cluster at {}: {e}", hosts.join(",")))
     }
 }
 
@@ -959,13 +956,16 @@ impl fmt::Debug for RedisReceiver {
 /// A receiver's own connection for blocking pops: to one server, or (a cluster connection of
 /// its own) to a Redis Cluster, where each pop goes to the node of its keys' slot.
 #[derive(Clone)]
-enum PopConn {
+pub(crate) enum PopConn {
     Server(MultiplexedConnection),
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
 impl redis::aio::ConnectionLike for PopConn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
             PopConn::Server(c) => c.req_packed_command(cmd),
             PopConn::Cluster(c) => c.req_packed_command(cmd),
@@ -992,6 +992,33 @@ impl redis::aio::ConnectionLike for PopConn {
     }
 }
 
+/// Opens a dedicated connection for blocking commands to what `shared` reaches: the server
+/// (its master now, behind Sentinel) or the cluster. No response timeout: a blocking pop must
+/// never be cut short by the client (callers bound it by its block time and a margin).
+pub(crate) async fn open_pop_conn(shared: &SharedConn) -> Result<PopConn, RedisError> {
+    match shared.cluster_client() {
+        Some(cluster) => cluster
+            .get_async_connection_with_config(
+                redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(Duration::from_secs(1))
+                    .set_response_timeout(Duration::from_secs(24 * 3600)),
+            )
+            .await
+            .map(PopConn::Cluster),
+        None => {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(1)))
+                .set_response_timeout(None);
+            shared
+                .client()
+                .0
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map(PopConn::Server)
+        }
+    }
+}
+
 /// A popped member: key it came from, bytes, score.
 type Popped = (String, Vec<u8>, f64);
 
@@ -1009,26 +1036,8 @@ impl RedisReceiver {
             }
             self.conns[shard] = None;
         }
-        // No response timeout: a blocking pop must never be cut short by the client.
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(None);
-        let (client, generation) = s.conn.client();
-        let opened = match s.conn.cluster_client() {
-            Some(cluster) => cluster
-                .get_async_connection_with_config(
-                    redis::cluster::ClusterConfig::new()
-                        .set_connection_timeout(Duration::from_secs(1))
-                        .set_response_timeout(Duration::from_secs(3600)),
-                )
-                .await
-                .map(PopConn::Cluster),
-            None => client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-                .map(PopConn::Server),
-        };
-        match opened {
+        let generation = s.conn.generation();
+        match open_pop_conn(&s.conn).await {
             Ok(c) => {
                 if !self.backoff.is_zero() {
                     LayerMetrics::add(&self.layer.inner.metrics.reconnects, 1);
