@@ -45,9 +45,10 @@ fn layer_default() -> &'static LayerSettings {
 /// Where the channel layer is and how it behaves (shared by every subcommand).
 #[derive(Debug, Clone, Args)]
 pub struct LayerArgs {
-    /// Channel layer URL: memory://, redis://host:port/db, rediss://…, unix:///path, or several
-    /// comma-separated Redis URLs (shards). Falls back to $REDIS_URL, then to the command's
-    /// default (redis://127.0.0.1:6379/0; memory:// for `dev`).
+    /// Channel layer URL: memory://, redis://host:port/db, rediss://…, unix:///path, several
+    /// comma-separated Redis URLs (shards), redis+sentinel://host:port,…/<master>[/<db>] or
+    /// redis+cluster://host:port,… . Falls back to $REDIS_URL, then to the command's default
+    /// (redis://127.0.0.1:6379/0; memory:// for `dev`).
     #[arg(long, env = "SWITCHYARD_LAYER")]
     pub layer: Option<String>,
     /// Key prefix in Redis (channels_redis' default is `asgi`; share it to talk to Django).

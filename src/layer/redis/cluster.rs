@@ -11,7 +11,10 @@
 //! Keys: every script touches keys of one slot. A channel's keys carry its name as hash tag
 //! (`{prefix}{<name>}`, and a durable channel's `{prefix}:jobs:{<name>}`, `…:retry`, `…:dead`,
 //! `…:idem:*`), so a durable channel's scripts stay in one slot and channels spread over the
-//! slots. Everything else is one key per command already.
+//! slots. The lease index script, which reads the leases set and writes an inbox's group index,
+//! becomes a `ZSCORE` then a one-slot write; coalesced ordering steps are coalesced per slot;
+//! a receiver's blocking pops take the keys of one slot each, the slots taking turns (as shards
+//! do); durable-job reads likewise. Everything else is one key per command already.
 
 use futures_util::future::join_all;
 use redis::aio::ConnectionLike;

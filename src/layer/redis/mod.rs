@@ -20,41 +20,9 @@
 //! Behind Sentinel (`redis+sentinel://`) the one shard is the master the sentinels name, and
 //! [`conn`] follows it across failovers.
 //!
-//! ## Redis Cluster (designed, not built)
-//!
-//! Pointed at a cluster node today the layer stops at startup (exit 3). The backend to come uses
-//! redis-rs's async cluster connection (slot map, `MOVED`/`ASK`, topology refresh), never a
-//! home-made router, and needs only these changes to the model above:
-//! - **Key scheme.** Every script already touches one key, except the lease index (the leases
-//!   set and an inbox's group index) and the durable-job scripts (a channel's stream and its
-//!   `:retry`, `:dead` and `:idem:*` keys). A durable channel's keys share its name as hash
-//!   tag: `{prefix}:jobs:{<channel>}` and `{prefix}:jobs:{<channel>}:retry`…. The per-process
-//!   keys share the process's
-//!   hash tag: inbox `{prefix}{<process>!}`, its group index `{prefix}:inbox-groups:{<process>!}`,
-//!   its lease `{prefix}:lease:{<process>!}`; the index script then touches one slot (and the
-//!   receive path strips the braces when it reads a channel name back from a key). The lapse
-//!   scan needs every deadline in one place: `{prefix}:leases` stays one sorted set (one slot,
-//!   one `ZADD` per process per second), and is checked by `ZSCORE` before the one-slot index
-//!   script, not inside it (a lease reaped in between leaves an index entry that expires with
-//!   its TTL). Channels and groups keep their channels_redis names (`{prefix}{name}`,
-//!   `{prefix}:group:{name}`): one key each, no tag, so they spread over the slots. Python
-//!   interop in cluster mode is out of scope (channels_redis has no cluster mode).
-//! - **Group send.** Read the group (one key), build one message per inbox key as today, group
-//!   the inbox keys by slot, and send one single-slot pipeline per slot, all at once: redis-rs
-//!   refuses a pipeline that crosses slots, and its per-node multiplexed connections put
-//!   concurrent pipelines for one node on the wire together.
-//! - **Blocking receive.** `BZMPOP` takes keys of one slot only. The receiver groups its
-//!   channels by slot and takes turns over the groups in short slices on one dedicated
-//!   connection per node, as it does over shards today (no group starves; `--only-channels`
-//!   only changes the set). A pop is never cancelled client-side (at most once stays at most
-//!   once); a per-node parallel pop with a one-batch hand-off is the later optimisation.
-//! - **Commands.** `stats` and `flush` `SCAN` every master (the cluster connection routes a
-//!   `SCAN` to one node only); `send` and `bench` need nothing new.
-//! - **Failover and resharding.** redis-rs follows `MOVED`/`ASK` and refreshes its slot map; a
-//!   promoted replica that missed writes is covered by the leases as behind Sentinel, the lease
-//!   set being one key on one master. Tests: a 3-master cluster from tests/support
-//!   (`RedisCluster::start(3, 1)`), the conformance suite through `redis+cluster://`, then the
-//!   kill, reshard and add-node scenarios under live load.
+//! In a Redis Cluster (`redis+cluster://`) the one shard is the cluster, reached through
+//! redis-rs's cluster connection; [`cluster`] says what changes in the model (hash tags,
+//! pipelines split by slot, pops grouped by slot, SCAN on every master).
 
 use std::fmt;
 use std::sync::Arc;

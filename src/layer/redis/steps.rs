@@ -159,13 +159,14 @@ async fn drive(layer: Weak<Inner>, shard: usize, mut queue: mpsc::UnboundedRecei
         let layer = RedisLayer { inner };
         let timeout = layer.inner.settings.command_timeout;
         // One script per call: steps of another script (none today) go in a call of their own.
-        #[allow(clippy::type_complexity)]
-        let mut calls: Vec<(
+        // Per call: its script, its slot in a Redis Cluster, the steps and who waits on each.
+        type Call = (
             &'static Script,
             Option<redis::cluster_routing::Slot>,
             Vec<Step>,
             Vec<QueuedStep>,
-        )> = Vec::new();
+        );
+        let mut calls: Vec<Call> = Vec::new();
         for mut q in taken.drain(..) {
             if q.done.is_closed() {
                 continue;
