@@ -685,3 +685,18 @@ async fn done_then_gate_is_done_and_gate_in_one_step_memory() {
 async fn done_then_gate_is_done_and_gate_in_one_step_redis() {
     done_then_gate_is_done_and_gate_in_one_step(Backend::Redis).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_in_order_cluster() {
+    every_connection_in_order(Backend::Cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gave_up_message_does_not_stall_cluster() {
+    gave_up_message_does_not_stall(Backend::Cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successor_runs_even_when_its_channel_is_full_cluster() {
+    successor_runs_even_when_its_channel_is_full(Backend::Cluster).await;
+}

@@ -1127,6 +1127,23 @@ impl RedisReceiver {
         Ok(Some((key, members)))
     }
 
+    /// Up to `count` members of the first non-empty of `keys`, without waiting (ZPOPMIN per key:
+    /// a blocking pop with a short timeout may wait for the server's next timer tick instead).
+    async fn pop_now(
+        &mut self,
+        shard: usize,
+        keys: &[String],
+        count: usize,
+    ) -> Result<Option<PoppedBatch>, LayerError> {
+        for key in keys {
+            let members = self.zpopmin(shard, key, count).await?;
+            if !members.is_empty() {
+                return Ok(Some((key.clone(), members)));
+            }
+        }
+        Ok(None)
+    }
+
     /// ZPOPMIN `count` more from `key` (non-blocking).
     async fn zpopmin(
         &mut self,
@@ -1233,6 +1250,27 @@ impl RedisReceiver {
             let now = Instant::now();
             if now >= deadline && !timeout.is_zero() {
                 return Ok(out);
+            }
+            if lanes.len() > 1 {
+                // Every lane once without waiting first, so what waits anywhere is taken at
+                // once; only then one lane blocks for a slice.
+                for k in 0..lanes.len() {
+                    let (shard, keys) = &lanes[(self.next_shard + k) % lanes.len()];
+                    match self.pop_now(*shard, keys, max).await {
+                        Ok(Some((key, members))) => {
+                            self.unpack(&key, members, &mut out);
+                            if !out.is_empty() {
+                                self.next_shard = self.next_shard.wrapping_add(k + 1);
+                                return Ok(out);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            self.pause_after_failure(deadline).await;
+                            return Err(e);
+                        }
+                    }
+                }
             }
             let lane = self.next_shard % lanes.len();
             let (shard, keys) = &mut lanes[lane];

@@ -200,19 +200,25 @@ async fn drive(layer: Weak<Inner>, shard: usize, mut queue: mpsc::UnboundedRecei
                 None => calls.push((q.script, slot, vec![step], vec![q])),
             }
         }
-        for (script, _, steps, waiting) in calls {
-            match layer.run_steps(shard, script, &steps).await {
-                Ok(replies) => {
-                    for (q, reply) in waiting.into_iter().zip(replies) {
-                        let _ = q.done.send(Ok(reply));
+        // All at once: in a Redis Cluster there is a call per slot, and they go to the nodes
+        // together (one call otherwise).
+        let layer = &layer;
+        futures_util::future::join_all(calls.into_iter().map(
+            |(script, _, steps, waiting)| async move {
+                match layer.run_steps(shard, script, &steps).await {
+                    Ok(replies) => {
+                        for (q, reply) in waiting.into_iter().zip(replies) {
+                            let _ = q.done.send(Ok(reply));
+                        }
+                    }
+                    Err(e) => {
+                        for q in waiting {
+                            let _ = q.done.send(Err(shared_error(&e)));
+                        }
                     }
                 }
-                Err(e) => {
-                    for q in waiting {
-                        let _ = q.done.send(Err(shared_error(&e)));
-                    }
-                }
-            }
-        }
+            },
+        ))
+        .await;
     }
 }
