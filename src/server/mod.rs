@@ -69,6 +69,7 @@ mod feed;
 mod http;
 mod metrics;
 mod outbound;
+mod receive;
 mod request;
 mod response;
 pub mod tls;

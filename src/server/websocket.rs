@@ -25,7 +25,6 @@ use hyper::header::{
 use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
 use switchyard_routing::asgi::{
     WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT, WEBSOCKET_RECEIVE, WebsocketConnect,
     WebsocketDisconnect,
@@ -42,6 +41,7 @@ use super::edge::{self, Admit, ClientSlot, FrameLimiter, RequestHost};
 use super::feed::send_server_fed;
 use super::metrics::ServerMetrics;
 use super::outbound::SocketReply;
+use super::receive::{self, BinRef, ReceiveRef, UserEntry};
 use super::request::{HostPortText, RequestHead};
 use super::response::{ACCESS_LOG, Body, empty, plain, unavailable};
 use super::{ConnectionPermit, Shared, SlowClientPolicy, auth};
@@ -235,11 +235,21 @@ pub(crate) async fn handshake(
     connect.headers = head.headers;
     connect.client = Some(head.client);
     connect.server = Some(head.server);
-    let (user, token_expires) = match identity {
+    let (claims, token_expires) = match identity {
         Some(identity) => (Some(identity.user), Some(identity.expires_at)),
         None => (None, None),
     };
-    connect.user = user.clone();
+    // Encoded once for every frame of the socket. Claims the connect can carry always encode,
+    // so a failure here is the connect's own.
+    let user = match claims.clone().map(UserEntry::new).transpose() {
+        Ok(user) => user,
+        Err(e) => {
+            ws_log(&client, "WSREJECT", &path, Some(500));
+            tracing::error!(error = %e, "websocket.connect not sent");
+            return plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error\n");
+        }
+    };
+    connect.user = claims;
     ws_log(&client, "WSCONNECTING", &path, None);
     ServerMetrics::inc(&shared.metrics.ws_connects);
     let sent = match codec::to_msgpack(&connect) {
@@ -564,8 +574,8 @@ struct Socket {
     losing_since: Option<Instant>,
     /// The socket's inbound rate limit, when it has one.
     limiter: Option<FrameLimiter>,
-    /// The verified token's claims, repeated in every `websocket.receive`.
-    user: Option<switchyard_routing::Map>,
+    /// The verified token's claims, repeated in every `websocket.receive` (encoded once).
+    user: Option<UserEntry>,
     /// When the token stops being valid: the socket closes then (auth close code).
     token_expires: Option<Instant>,
 }
@@ -578,28 +588,6 @@ fn instant_at(at: std::time::SystemTime) -> Instant {
     let now = Instant::now();
     now.checked_add(left)
         .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
-}
-
-/// `websocket.receive`, serialized straight from the frame (no owned copies before msgpack).
-#[derive(Serialize)]
-struct ReceiveRef<'a> {
-    reply_channel: &'a str,
-    path: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    text: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bytes: Option<BinRef<'a>>,
-    order: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    user: Option<&'a switchyard_routing::Map>,
-}
-
-struct BinRef<'a>(&'a [u8]);
-
-impl Serialize for BinRef<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(self.0)
-    }
 }
 
 impl Socket {
@@ -860,15 +848,21 @@ impl Socket {
                 let same = self
                     .user
                     .as_ref()
-                    .and_then(|u| u.get("sub"))
+                    .and_then(|u| u.claims().get("sub"))
                     .is_some_and(|sub| identity.user.get("sub") == Some(sub));
                 if same {
-                    ServerMetrics::inc(&self.shared.metrics.token_refreshes);
-                    self.token_expires = Some(instant_at(identity.expires_at));
-                    self.user = Some(identity.user);
-                    return None;
+                    match UserEntry::new(identity.user) {
+                        Ok(user) => {
+                            ServerMetrics::inc(&self.shared.metrics.token_refreshes);
+                            self.token_expires = Some(instant_at(identity.expires_at));
+                            self.user = Some(user);
+                            return None;
+                        }
+                        Err(e) => e.to_string(),
+                    }
+                } else {
+                    "not the socket's sub (or the socket has no token)".to_owned()
                 }
-                "not the socket's sub (or the socket has no token)".to_owned()
             }
             Err(refusal) => format!("{refusal:?}"),
         };
@@ -928,9 +922,8 @@ impl Socket {
             text,
             bytes: bytes.map(BinRef),
             order: self.order + 1,
-            user: self.user.as_ref(),
         };
-        let payload = match switchyard_routing::codec::to_msgpack(&message) {
+        let payload = match receive::encode(&message, self.user.as_ref()) {
             Ok(payload) => payload,
             Err(e) => {
                 ServerMetrics::inc(&self.shared.metrics.ws_frames_lost);

@@ -555,7 +555,7 @@ impl Worker {
                 WorkerMetrics::add(&self.metrics.consumed, 1);
                 let mut applied = true;
                 for action in ctx.take_actions() {
-                    applied &= self.apply(&message, action).await;
+                    applied &= self.apply(&message.channel, action).await;
                 }
                 if applied {
                     Ok(())
@@ -683,7 +683,7 @@ impl Worker {
             self.run_ordered(reply, held).await;
             return;
         }
-        self.run_consumer(&message, resolved).await;
+        self.run_consumer(message, resolved).await;
         self.metrics.observe(started.elapsed());
     }
 
@@ -703,7 +703,7 @@ impl Worker {
             WorkerMetrics::add(&self.metrics.unrouted, 1);
             tracing::warn!(channel = %message.channel, path = ?message.path(), "no route for message; dropped");
             if let Some(answer) = settle::unrouted(&message) {
-                self.apply(&message, answer).await;
+                self.apply(&message.channel, answer).await;
             }
             return None;
         };
@@ -777,13 +777,13 @@ impl Worker {
                 started,
                 _slot,
             } = current;
-            let finished = self.run_consumer(&message, resolved).await;
+            let last = message.channel == WEBSOCKET_DISCONNECT;
+            let finished = self.run_consumer(message, resolved).await;
             self.metrics.observe(started.elapsed());
             if !finished {
                 // Requeued: its turn is not over, so the next message gates on its own.
                 continue;
             }
-            let last = message.channel == WEBSOCKET_DISCONNECT;
             let waiting = if last {
                 None
             } else {
@@ -860,7 +860,7 @@ impl Worker {
                 })
             }
             _ => {
-                self.run_consumer(&message, resolved).await;
+                self.run_consumer(message, resolved).await;
                 self.metrics.observe(started.elapsed());
                 None
             }
@@ -1084,14 +1084,14 @@ impl Worker {
     /// Answers an HTTP request on the worker's own behalf.
     async fn reply_http(&self, message: &Message, status: u16, text: &str) {
         if let Some(reply) = settle::http_reply(message, status, text) {
-            self.apply(message, reply).await;
+            self.apply(&message.channel, reply).await;
         }
     }
 
     /// Runs the consumer and applies its outcome. False when the message was requeued (its turn
     /// is not over); true when it ran, failed, or was given up.
-    async fn run_consumer(&self, message: &Message, resolved: Resolved) -> bool {
-        let mut ctx = Ctx::new(message, resolved.kwargs);
+    async fn run_consumer(&self, message: Message, resolved: Resolved) -> bool {
+        let mut ctx = Ctx::new(&message, resolved.kwargs);
         let reply = message.reply_channel().map(str::to_owned);
         if resolved.options.channel_session
             && let Some(reply) = &reply
@@ -1100,17 +1100,25 @@ impl Worker {
                 Ok(s) => ctx = ctx.with_session(s),
                 Err(e) => {
                     tracing::warn!(channel = %message.channel, error = %e, "channel session unavailable; requeueing");
-                    return self.requeue(message).await;
+                    return self.requeue(&message).await;
                 }
             }
         }
         if resolved.options.http_session {
-            let session = self.http_session(message, &ctx, resolved.options).await;
+            let session = self.http_session(&message, &ctx, resolved.options).await;
             ctx = ctx.with_http_session(session);
         }
+        // The consumer gets the message itself, not a copy of its decoded content (which cost
+        // more than decoding it). What settling needs afterwards is kept: the channel, and the
+        // bytes, decoded again only when the consumer did not simply return (a refusal, a close,
+        // a failure and a requeue answer from the message). Those bytes are its content: a
+        // message is decoded from them, and a worker that changes it (a streamed body put
+        // together) encodes them anew.
+        let channel = message.channel.clone();
+        let payload = message.payload.clone();
         // Run inline in this message's own task: a panic is caught here, a timeout drops the
         // consumer's future, and aborting this task (stop grace over) drops it too.
-        let call = AssertUnwindSafe(resolved.handler.call(message.clone(), ctx.clone()));
+        let call = AssertUnwindSafe(resolved.handler.call(message, ctx.clone()));
         let outcome = match tokio::time::timeout(self.consumer_timeout, call.catch_unwind()).await {
             Ok(Ok(returned)) => Outcome::Returned(returned),
             Ok(Err(panic)) => Outcome::Panicked(panic_text(panic)),
@@ -1127,7 +1135,7 @@ impl Worker {
                     Err(ConsumerError::ConsumeLater) => {}
                     Err(e) => {
                         WorkerMetrics::add(&self.metrics.errors, 1);
-                        tracing::error!(channel = %message.channel, route, reply_channel = ?reply, error = %e, "consumer failed; its sends were discarded");
+                        tracing::error!(channel = %channel, route, reply_channel = ?reply, error = %e, "consumer failed; its sends were discarded");
                     }
                 }
                 returned = result;
@@ -1135,24 +1143,39 @@ impl Worker {
             }
             Outcome::Panicked(what) => {
                 WorkerMetrics::add(&self.metrics.panics, 1);
-                tracing::error!(channel = %message.channel, route, reply_channel = ?reply, panic = %what, "consumer panicked; its sends were discarded");
+                tracing::error!(channel = %channel, route, reply_channel = ?reply, panic = %what, "consumer panicked; its sends were discarded");
                 Ended::Aborted
             }
             Outcome::TimedOut => {
                 WorkerMetrics::add(&self.metrics.timeouts, 1);
-                tracing::error!(channel = %message.channel, route, reply_channel = ?reply, timeout_ms = self.consumer_timeout.as_millis() as u64, "consumer timed out and was aborted; its sends were discarded");
+                tracing::error!(channel = %channel, route, reply_channel = ?reply, timeout_ms = self.consumer_timeout.as_millis() as u64, "consumer timed out and was aborted; its sends were discarded");
                 Ended::Aborted
             }
         };
-        match settle::settle(message, ended, ctx.take_actions()) {
+        if let Ended::Returned(Ok(())) = ended {
+            for action in ctx.take_actions() {
+                self.apply(&channel, action).await;
+            }
+            return true;
+        }
+        let message = match Message::from_payload(channel, payload) {
+            Ok(message) => message,
+            Err(e) => {
+                // It decoded before the consumer ran, from these same bytes.
+                WorkerMetrics::add(&self.metrics.dropped, 1);
+                tracing::error!(error = %e, "a consumed message no longer decodes; its outcome is dropped");
+                return true;
+            }
+        };
+        match settle::settle(&message, ended, ctx.take_actions()) {
             Settlement::Apply(actions) => {
                 for action in actions {
-                    self.apply(message, action).await;
+                    self.apply(&message.channel, action).await;
                 }
                 true
             }
             // Requeued: its turn is not over. Given up: it is, so its successors can run.
-            Settlement::Requeue => self.requeue(message).await,
+            Settlement::Requeue => self.requeue(&message).await,
         }
     }
 
@@ -1229,7 +1252,7 @@ impl Worker {
     /// layer's retry policy for [`Worker::backpressure_timeout`] (the consumer's slot stays
     /// taken meanwhile, so a worker whose replies cannot go out pops no more work). True when
     /// sent.
-    async fn send_with_retry(&self, message: &Message, channel: &str, payload: &[u8]) -> bool {
+    async fn send_with_retry(&self, from: &str, channel: &str, payload: &[u8]) -> bool {
         let mut retry = FullRetry::new(self.backpressure_timeout);
         loop {
             match self.layer.send_encoded(channel, payload).await {
@@ -1237,19 +1260,19 @@ impl Worker {
                 Err(e) if retry.wait(&e).await => {}
                 Err(e) => {
                     WorkerMetrics::add(&self.metrics.dropped, 1);
-                    tracing::error!(from = %message.channel, to = channel, error = %e, "a consumer's send failed");
+                    tracing::error!(from = %from, to = channel, error = %e, "a consumer's send failed");
                     return false;
                 }
             }
         }
     }
 
-    /// True when applied.
-    async fn apply(&self, message: &Message, action: Action) -> bool {
+    /// Applies an action of a consumer of a message from channel `from`; true when applied.
+    async fn apply(&self, from: &str, action: Action) -> bool {
         let result = match action {
             Action::Send { channel, payload } => {
                 self.metrics.sent(metrics::channel_kind(&channel));
-                return self.send_with_retry(message, &channel, &payload).await;
+                return self.send_with_retry(from, &channel, &payload).await;
             }
             Action::GroupAdd { group, channel } => self.layer.group_add(&group, &channel).await,
             Action::GroupDiscard { group, channel } => {
@@ -1277,7 +1300,7 @@ impl Worker {
         };
         if let Err(e) = result {
             WorkerMetrics::add(&self.metrics.dropped, 1);
-            tracing::error!(channel = %message.channel, error = %e, "a consumer's action failed");
+            tracing::error!(channel = %from, error = %e, "a consumer's action failed");
             return false;
         }
         true
