@@ -58,8 +58,9 @@ TMP="$(mktemp -d /tmp/bench-cluster.XXXXXX)"
 PIDS=()
 WATCHDOG=""
 cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  local pid i
+  # Newest first: serve and workers stop before Redis goes (no reconnect noise in their logs).
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill -TERM "${PIDS[$i]}" 2>/dev/null || true; done
   sleep 0.3
   for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
   PIDS=()
@@ -146,7 +147,7 @@ start_stack() {
 key_kinds() {
   local port="$1" dbsize
   dbsize="$(redis-cli -p "$port" DBSIZE 2>/dev/null || echo -1)"
-  timeout 10 redis-cli -p "$port" --scan --count 1000 2>/dev/null | awk -v d="$dbsize" '
+  { timeout 10 redis-cli -p "$port" --scan 2>/dev/null || true; } | awk -v d="$dbsize" '
     /^asgi:group:/ {g++; next} /^asgi:/ {o++; next} /^asgi/ {c++; next} {o++}
     END {printf "{\"dbsize\": %d, \"groups\": %d, \"channels\": %d, \"other\": %d}", d, g, c, o}'
 }
@@ -163,12 +164,13 @@ measure() {
   local params=() procs=() bench=() p port i
   while [ "$1" != -- ]; do params+=("$1" "$2"); shift 2; done
   shift
-  for p in "$@"; do bench+=("${p//@PORT@/$HTTP_PORT}"); done
   if [ "${#params[@]}" -gt 0 ]; then tag="$tag-${params[1]#*=}"; fi
   log "$topo $name run $run ${params[*]:-} (load $(cut -d' ' -f1 /proc/loadavg))"
   if ! start_stack "$topo" "$tag"; then
     log "  -> the $topo stack did not start; skipped (logs in $LOGS)"; cleanup; return 0
   fi
+  # @PORT@ in the bench arguments: the stack's HTTP port, known once it started.
+  for p in "$@"; do bench+=("${p//@PORT@/$HTTP_PORT}"); done
   for p in "${STACK_PROCS[@]}"; do procs+=(--proc "$p"); done
   for port in "${REDIS_PORTS[@]}"; do redis-cli -p "$port" CONFIG RESETSTAT >/dev/null; done
   # Keys in the middle of the load window (connects take ~1-2 s before it).
@@ -229,6 +231,10 @@ with open(out, "a") as f:
     f.write(json.dumps({"stack": topo, "scenario": name, "run": int(run), "params": params,
                         "nodes": nodes}) + "\n")
 EOF
+  # The logs up to here (the teardown's reconnect warnings left out of the summary).
+  for p in "$LOGS"/serve-"$tag".log "$LOGS"/worker*-"$tag".log; do
+    sed 's/\x1b\[[0-9;]*m//g' "$p" > "$p.during" 2>/dev/null || true
+  done
   log "  -> $verdict"
   cleanup
 }
@@ -400,11 +406,13 @@ for r in recs:
     print(f"| {r['stack']} | {r['scenario']} | {r['run']} | {r['params'].get('offered', '')} | "
           f"{x['rate'] or 0:,.0f} | {x['p99']} | {x['lost']} | {x['ok']} | {x['problems'] or ''} | "
           f"{x['redis_cpu_s']:.2f} | {x['wall']} | {x['load']} | {x['steal']} |")
-print("\n## Log lines at warn or above (serve, workers, Redis cluster messages excluded)\n")
-for p in sorted(glob.glob(f"{logs}/serve-*.log") + glob.glob(f"{logs}/worker*-*.log")):
-    lines = [l.rstrip() for l in open(p, errors="replace") if l.strip()]
+print("\n## Warnings and errors of serve and workers up to the end of each scenario\n")
+print("(teardown left out; the startup line and the workers' persistence-off warning not counted)\n")
+for p in sorted(glob.glob(f"{logs}/serve-*.during") + glob.glob(f"{logs}/worker*-*.during")):
+    lines = [l.rstrip() for l in open(p, errors="replace")
+             if (" WARN " in l or " ERROR " in l) and "persistence off" not in l]
     if lines:
-        print(f"- {os.path.basename(p)}: {len(lines)} lines, first: `{lines[0][:200]}`")
+        print(f"- {os.path.basename(p)[:-7]}: {len(lines)}, first: `{lines[0][:220]}`")
 EOF
 cat "$OUT_DIR/cluster-$STAMP.md"
 log "results: $RESULTS, $NODES, $OUT_DIR/cluster-$STAMP.md, logs in $LOGS"

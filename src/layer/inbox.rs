@@ -40,6 +40,7 @@ use switchyard_routing::names;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::backend::ChannelBackend;
 use super::membership::{MEMBERSHIP_LOCAL, MembershipNotice, MembershipOp, MembershipTable};
 use super::metrics::LayerMetrics;
 use super::redis::{LeaseState, RedisLayer};

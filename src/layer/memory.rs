@@ -19,6 +19,7 @@ use switchyard_routing::names::non_local_name;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::backend::{AppStore, BackendReceiver, ChannelBackend};
 use super::inbox::Inner as InboxInner;
 use super::membership::{MembershipNotice, MembershipOp};
 use super::metrics::LayerMetrics;
@@ -47,7 +48,7 @@ struct Shared {
     metrics: Arc<LayerMetrics>,
     state: Mutex<State>,
     notify: Notify,
-    connections: super::session::MemoryConnections,
+    connections: super::memory_state::MemoryConnections,
     /// The inboxes started on this layer, by name, told of their channels' memberships. Apart
     /// from `state`: a membership change takes this lock after letting that one go.
     inboxes: Mutex<HashMap<String, Weak<InboxInner>>>,
@@ -82,20 +83,8 @@ impl MemoryLayer {
         })
     }
 
-    pub(crate) fn settings(&self) -> &LayerSettings {
-        &self.shared.settings
-    }
-
-    pub(crate) fn metrics(&self) -> &Arc<LayerMetrics> {
-        &self.shared.metrics
-    }
-
-    pub(crate) fn describe(&self) -> String {
-        "memory://".to_owned()
-    }
-
     /// Per-connection state (channel sessions, ordering), kept beside the channels.
-    pub(crate) fn connections(&self) -> &super::session::MemoryConnections {
+    pub(crate) fn connections(&self) -> &super::memory_state::MemoryConnections {
         &self.shared.connections
     }
 
@@ -156,66 +145,6 @@ impl MemoryLayer {
         }
     }
 
-    pub(crate) async fn send_encoded(
-        &self,
-        channel: &str,
-        payload: &[u8],
-    ) -> Result<(), LayerError> {
-        let key = non_local_name(channel);
-        let stored = if key.len() == channel.len() {
-            Bytes::copy_from_slice(payload)
-        } else {
-            Bytes::from(wire::with_targets(payload, &[channel], 0)?)
-        };
-        let capacity = self.shared.rules.capacity(channel);
-        {
-            let now = Instant::now();
-            let mut state = self.lock();
-            let queue = state.channels.entry(key.to_owned()).or_default();
-            self.trim_expired(queue, now);
-            if queue.len() >= capacity {
-                drop(state);
-                LayerMetrics::add(&self.shared.metrics.channel_full, 1);
-                return Err(LayerError::ChannelFull {
-                    channel: channel.to_owned(),
-                    capacity,
-                });
-            }
-            queue.push_back(Stored {
-                at: now,
-                payload: stored,
-            });
-        }
-        LayerMetrics::add(&self.shared.metrics.sent, 1);
-        self.shared.notify.notify_waiters();
-        Ok(())
-    }
-
-    pub(crate) async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
-        let now = Instant::now();
-        self.lock()
-            .groups
-            .entry(group.to_owned())
-            .or_default()
-            .insert(channel.to_owned(), now);
-        self.notify_inbox(MembershipOp::Add, group, channel);
-        Ok(())
-    }
-
-    pub(crate) async fn group_discard(&self, group: &str, channel: &str) -> Result<(), LayerError> {
-        {
-            let mut state = self.lock();
-            if let Some(members) = state.groups.get_mut(group) {
-                members.remove(channel);
-                if members.is_empty() {
-                    state.groups.remove(group);
-                }
-            }
-        }
-        self.notify_inbox(MembershipOp::Discard, group, channel);
-        Ok(())
-    }
-
     fn live_members(&self, state: &mut State, group: &str) -> Vec<String> {
         let now = Instant::now();
         let group_expiry = self.shared.settings.group_expiry;
@@ -229,189 +158,6 @@ impl MemoryLayer {
         }
         names.sort_unstable();
         names
-    }
-
-    pub(crate) async fn group_channels(&self, group: &str) -> Result<Vec<String>, LayerError> {
-        let mut state = self.lock();
-        Ok(self.live_members(&mut state, group))
-    }
-
-    pub(crate) async fn group_send_encoded(
-        &self,
-        group: &str,
-        payload: &[u8],
-    ) -> Result<GroupSendReport, LayerError> {
-        let mut state = self.lock();
-        let members = self.live_members(&mut state, group);
-        let by_key = super::by_inbox(&members);
-        let now = Instant::now();
-        let mut report = GroupSendReport {
-            members: members.len(),
-            full: 0,
-        };
-        let mut written = 0;
-        for (key, targets) in by_key {
-            let stored = Bytes::from(wire::with_targets(payload, &targets, 0)?);
-            let capacity = self.shared.rules.capacity(targets[0]);
-            let queue = state.channels.entry(key.to_owned()).or_default();
-            self.trim_expired(queue, now);
-            if queue.len() >= capacity {
-                report.full += targets.len();
-            } else {
-                queue.push_back(Stored {
-                    at: now,
-                    payload: stored,
-                });
-                written += 1;
-            }
-        }
-        drop(state);
-        let m = &self.shared.metrics;
-        LayerMetrics::add(&m.group_sends, 1);
-        LayerMetrics::add(&m.sent, written);
-        LayerMetrics::add(&m.group_member_full, report.full as u64);
-        if written > 0 {
-            self.shared.notify.notify_waiters();
-        }
-        Ok(report)
-    }
-
-    pub(crate) async fn flush(&self) -> Result<(), LayerError> {
-        let mut state = self.lock();
-        state.channels.clear();
-        state.groups.clear();
-        state.lists.clear();
-        state.indexes.clear();
-        drop(state);
-        self.shared.connections.clear();
-        Ok(())
-    }
-
-    pub(crate) async fn list_push(
-        &self,
-        key: &str,
-        item: &[u8],
-        keep: usize,
-        ttl: Duration,
-    ) -> Result<(), LayerError> {
-        let now = Instant::now();
-        let mut state = self.lock();
-        let entry = state
-            .lists
-            .entry(key.to_owned())
-            .or_insert_with(|| (VecDeque::new(), now));
-        if entry.1 <= now {
-            entry.0.clear();
-        }
-        entry.0.push_back(Bytes::copy_from_slice(item));
-        while entry.0.len() > keep {
-            entry.0.pop_front();
-        }
-        entry.1 = now + ttl;
-        Ok(())
-    }
-
-    pub(crate) async fn list_items(&self, key: &str) -> Result<Vec<Bytes>, LayerError> {
-        let now = Instant::now();
-        let state = self.lock();
-        Ok(match state.lists.get(key) {
-            Some((items, lapses)) if *lapses > now => items.iter().cloned().collect(),
-            _ => Vec::new(),
-        })
-    }
-
-    pub(crate) async fn index_touch(
-        &self,
-        key: &str,
-        member: &str,
-        keep: usize,
-        ttl: Duration,
-    ) -> Result<(), LayerError> {
-        let now = Instant::now();
-        let mut state = self.lock();
-        let entry = state
-            .indexes
-            .entry(key.to_owned())
-            .or_insert_with(|| (HashMap::new(), now));
-        if entry.1 <= now {
-            entry.0.clear();
-        }
-        entry.0.insert(member.to_owned(), now);
-        if entry.0.len() > keep {
-            let mut by_age: Vec<(Instant, String)> =
-                entry.0.iter().map(|(m, at)| (*at, m.clone())).collect();
-            by_age.sort();
-            for (_, oldest) in by_age.into_iter().take(entry.0.len() - keep) {
-                entry.0.remove(&oldest);
-            }
-        }
-        entry.1 = now + ttl;
-        Ok(())
-    }
-
-    pub(crate) async fn index_recent(
-        &self,
-        key: &str,
-        limit: usize,
-    ) -> Result<Vec<String>, LayerError> {
-        let now = Instant::now();
-        let state = self.lock();
-        let Some((members, lapses)) = state.indexes.get(key) else {
-            return Ok(Vec::new());
-        };
-        if *lapses <= now {
-            return Ok(Vec::new());
-        }
-        let mut by_recency: Vec<(&String, &Instant)> = members.iter().collect();
-        by_recency.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
-        Ok(by_recency
-            .into_iter()
-            .take(limit)
-            .map(|(m, _)| m.clone())
-            .collect())
-    }
-
-    pub(crate) async fn channel_depth(&self, channel: &str) -> Result<usize, LayerError> {
-        let now = Instant::now();
-        let mut state = self.lock();
-        Ok(match state.channels.get_mut(non_local_name(channel)) {
-            Some(q) => {
-                self.trim_expired(q, now);
-                q.len()
-            }
-            None => 0,
-        })
-    }
-
-    pub(crate) async fn overview(&self) -> Result<super::Overview, LayerError> {
-        let now = Instant::now();
-        let group_expiry = self.shared.settings.group_expiry;
-        let mut state = self.lock();
-        let mut channels = Vec::new();
-        for (name, queue) in state.channels.iter_mut() {
-            self.trim_expired(queue, now);
-            if !queue.is_empty() {
-                channels.push(super::Count::new(name.clone(), queue.len()));
-            }
-        }
-        let groups = state
-            .groups
-            .iter()
-            .map(|(g, m)| {
-                let live = m
-                    .values()
-                    .filter(|at| now.duration_since(**at) < group_expiry);
-                super::Count::new(g.clone(), live.count())
-            })
-            .filter(|c| c.count > 0)
-            .collect();
-        Ok(super::Overview { channels, groups })
-    }
-
-    pub(crate) fn receiver(&self) -> MemoryReceiver {
-        MemoryReceiver {
-            layer: self.clone(),
-        }
     }
 
     /// Pops up to `max` stored messages from the first non-empty channel (in random order).
@@ -456,15 +202,278 @@ impl MemoryReceiver {
         }
         LayerMetrics::add(&metrics.received, out.len() as u64);
     }
+}
 
+impl ChannelBackend for MemoryLayer {
+    type Receiver = MemoryReceiver;
+
+    fn settings(&self) -> &LayerSettings {
+        &self.shared.settings
+    }
+
+    fn metrics(&self) -> &Arc<LayerMetrics> {
+        &self.shared.metrics
+    }
+
+    fn available(&self) -> bool {
+        true
+    }
+
+    fn describe(&self) -> String {
+        "memory://".to_owned()
+    }
+
+    fn mode(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn send_encoded(&self, channel: &str, payload: &[u8]) -> Result<(), LayerError> {
+        let key = non_local_name(channel);
+        let stored = if key.len() == channel.len() {
+            Bytes::copy_from_slice(payload)
+        } else {
+            Bytes::from(wire::with_targets(payload, &[channel], 0)?)
+        };
+        let capacity = self.shared.rules.capacity(channel);
+        {
+            let now = Instant::now();
+            let mut state = self.lock();
+            let queue = state.channels.entry(key.to_owned()).or_default();
+            self.trim_expired(queue, now);
+            if queue.len() >= capacity {
+                drop(state);
+                LayerMetrics::add(&self.shared.metrics.channel_full, 1);
+                return Err(LayerError::ChannelFull {
+                    channel: channel.to_owned(),
+                    capacity,
+                });
+            }
+            queue.push_back(Stored {
+                at: now,
+                payload: stored,
+            });
+        }
+        LayerMetrics::add(&self.shared.metrics.sent, 1);
+        self.shared.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        let now = Instant::now();
+        self.lock()
+            .groups
+            .entry(group.to_owned())
+            .or_default()
+            .insert(channel.to_owned(), now);
+        self.notify_inbox(MembershipOp::Add, group, channel);
+        Ok(())
+    }
+
+    async fn group_discard(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        {
+            let mut state = self.lock();
+            if let Some(members) = state.groups.get_mut(group) {
+                members.remove(channel);
+                if members.is_empty() {
+                    state.groups.remove(group);
+                }
+            }
+        }
+        self.notify_inbox(MembershipOp::Discard, group, channel);
+        Ok(())
+    }
+
+    async fn group_channels(&self, group: &str) -> Result<Vec<String>, LayerError> {
+        let mut state = self.lock();
+        Ok(self.live_members(&mut state, group))
+    }
+
+    async fn group_send_encoded(
+        &self,
+        group: &str,
+        payload: &[u8],
+    ) -> Result<GroupSendReport, LayerError> {
+        let mut state = self.lock();
+        let members = self.live_members(&mut state, group);
+        let by_key = super::by_inbox(&members);
+        let now = Instant::now();
+        let mut report = GroupSendReport {
+            members: members.len(),
+            full: 0,
+        };
+        let mut written = 0;
+        for (key, targets) in by_key {
+            let stored = Bytes::from(wire::with_targets(payload, &targets, 0)?);
+            let capacity = self.shared.rules.capacity(targets[0]);
+            let queue = state.channels.entry(key.to_owned()).or_default();
+            self.trim_expired(queue, now);
+            if queue.len() >= capacity {
+                report.full += targets.len();
+            } else {
+                queue.push_back(Stored {
+                    at: now,
+                    payload: stored,
+                });
+                written += 1;
+            }
+        }
+        drop(state);
+        let m = &self.shared.metrics;
+        LayerMetrics::add(&m.group_sends, 1);
+        LayerMetrics::add(&m.sent, written);
+        LayerMetrics::add(&m.group_member_full, report.full as u64);
+        if written > 0 {
+            self.shared.notify.notify_waiters();
+        }
+        Ok(report)
+    }
+
+    async fn flush(&self) -> Result<(), LayerError> {
+        let mut state = self.lock();
+        state.channels.clear();
+        state.groups.clear();
+        state.lists.clear();
+        state.indexes.clear();
+        drop(state);
+        self.shared.connections.clear();
+        Ok(())
+    }
+
+    async fn channel_depth(&self, channel: &str) -> Result<usize, LayerError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        Ok(match state.channels.get_mut(non_local_name(channel)) {
+            Some(q) => {
+                self.trim_expired(q, now);
+                q.len()
+            }
+            None => 0,
+        })
+    }
+
+    async fn overview(&self) -> Result<super::Overview, LayerError> {
+        let now = Instant::now();
+        let group_expiry = self.shared.settings.group_expiry;
+        let mut state = self.lock();
+        let mut channels = Vec::new();
+        for (name, queue) in state.channels.iter_mut() {
+            self.trim_expired(queue, now);
+            if !queue.is_empty() {
+                channels.push(super::Count::new(name.clone(), queue.len()));
+            }
+        }
+        let groups = state
+            .groups
+            .iter()
+            .map(|(g, m)| {
+                let live = m
+                    .values()
+                    .filter(|at| now.duration_since(**at) < group_expiry);
+                super::Count::new(g.clone(), live.count())
+            })
+            .filter(|c| c.count > 0)
+            .collect();
+        Ok(super::Overview { channels, groups })
+    }
+
+    fn receiver(&self) -> MemoryReceiver {
+        MemoryReceiver {
+            layer: self.clone(),
+        }
+    }
+}
+
+impl AppStore for MemoryLayer {
+    async fn list_push(
+        &self,
+        key: &str,
+        item: &[u8],
+        keep: usize,
+        ttl: Duration,
+    ) -> Result<(), LayerError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let entry = state
+            .lists
+            .entry(key.to_owned())
+            .or_insert_with(|| (VecDeque::new(), now));
+        if entry.1 <= now {
+            entry.0.clear();
+        }
+        entry.0.push_back(Bytes::copy_from_slice(item));
+        while entry.0.len() > keep {
+            entry.0.pop_front();
+        }
+        entry.1 = now + ttl;
+        Ok(())
+    }
+
+    async fn list_items(&self, key: &str) -> Result<Vec<Bytes>, LayerError> {
+        let now = Instant::now();
+        let state = self.lock();
+        Ok(match state.lists.get(key) {
+            Some((items, lapses)) if *lapses > now => items.iter().cloned().collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    async fn index_touch(
+        &self,
+        key: &str,
+        member: &str,
+        keep: usize,
+        ttl: Duration,
+    ) -> Result<(), LayerError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let entry = state
+            .indexes
+            .entry(key.to_owned())
+            .or_insert_with(|| (HashMap::new(), now));
+        if entry.1 <= now {
+            entry.0.clear();
+        }
+        entry.0.insert(member.to_owned(), now);
+        if entry.0.len() > keep {
+            let mut by_age: Vec<(Instant, String)> =
+                entry.0.iter().map(|(m, at)| (*at, m.clone())).collect();
+            by_age.sort();
+            for (_, oldest) in by_age.into_iter().take(entry.0.len() - keep) {
+                entry.0.remove(&oldest);
+            }
+        }
+        entry.1 = now + ttl;
+        Ok(())
+    }
+
+    async fn index_recent(&self, key: &str, limit: usize) -> Result<Vec<String>, LayerError> {
+        let now = Instant::now();
+        let state = self.lock();
+        let Some((members, lapses)) = state.indexes.get(key) else {
+            return Ok(Vec::new());
+        };
+        if *lapses <= now {
+            return Ok(Vec::new());
+        }
+        let mut by_recency: Vec<(&String, &Instant)> = members.iter().collect();
+        by_recency.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+        Ok(by_recency
+            .into_iter()
+            .take(limit)
+            .map(|(m, _)| m.clone())
+            .collect())
+    }
+}
+
+impl BackendReceiver for MemoryReceiver {
     /// Up to `max` messages from the first of `channels` found non-empty, waiting up to
     /// `timeout` (every target of a group message, even past `max`).
-    pub(crate) async fn receive_many(
+    async fn receive_many(
         &mut self,
         channels: &[String],
         timeout: Duration,
         max: usize,
-    ) -> Vec<Envelope> {
+    ) -> Result<Vec<Envelope>, LayerError> {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.layer.shared.notify.notified();
@@ -474,13 +483,13 @@ impl MemoryReceiver {
                 let mut out = Vec::with_capacity(stored.len());
                 self.unpack(&read_from, stored, &mut out);
                 if !out.is_empty() {
-                    return out;
+                    return Ok(out);
                 }
                 continue;
             }
             tokio::select! {
                 () = &mut notified => {}
-                () = tokio::time::sleep_until(deadline) => return Vec::new(),
+                () = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
             }
         }
     }

@@ -7,11 +7,23 @@
 //! into bounded per-local-channel buffers. Both backends store the same bytes (msgpack maps, with
 //! `__asgi_channel__` for `!` targets; see [`wire`]), so they share the codec and its tests.
 
+/// Dispatches a call to the backend.
+macro_rules! backend {
+    ($self:expr, $layer:ident => $call:expr) => {
+        match $self {
+            Layer::Memory($layer) => $call,
+            Layer::Redis($layer) => $call,
+        }
+    };
+}
+
+pub(crate) mod backend;
 pub mod crypto;
 pub mod full_retry;
 mod inbox;
 pub mod membership;
 pub mod memory;
+mod memory_state;
 pub mod metrics;
 mod ordering;
 pub mod redis;
@@ -37,7 +49,6 @@ pub use memory::MemoryLayer;
 pub use metrics::{LayerMetrics, MetricsSnapshot};
 pub use ordering::{Gate, GateOutcome, Upkeep};
 pub use redis::RedisLayer;
-pub use session::MemoryConnections;
 pub use settings::{
     DEFAULT_CAPACITY, DEFAULT_SERVER_CAPACITY, LayerLossPolicy, LayerSettings, SERVER_FED_CHANNELS,
     glob_matches, parse_channel_capacity,
@@ -159,15 +170,7 @@ pub enum Layer {
     Redis(RedisLayer),
 }
 
-/// Dispatches a call to the backend.
-macro_rules! backend {
-    ($self:expr, $layer:ident => $call:expr) => {
-        match $self {
-            Layer::Memory($layer) => $call,
-            Layer::Redis($layer) => $call,
-        }
-    };
-}
+use backend::{AppStore, BackendReceiver, ChannelBackend};
 
 impl Layer {
     /// Opens a layer from a URL: `memory://`, `redis://host:port/db`, `rediss://…`, `unix:///path`,
@@ -486,7 +489,7 @@ impl Receiver {
             return Ok(out);
         }
         match &mut self.backend {
-            ReceiverBackend::Memory(r) => Ok(r.receive_many(channels, timeout, max).await),
+            ReceiverBackend::Memory(r) => r.receive_many(channels, timeout, max).await,
             ReceiverBackend::Redis(r) => r.receive_many(channels, timeout, max).await,
         }
     }

@@ -32,17 +32,12 @@
 //! gate sends the message's payload only when the message must park: the script answers that
 //! without writing anything, and the gate is asked again with the payload.
 
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::Script;
-use switchyard_routing::asgi::WEBSOCKET_DISCONNECT;
 use switchyard_routing::names;
-use tokio::time::Instant;
 
-use super::redis::Step;
-use super::session::{Connection, MemoryConnections, Parked};
+use super::backend::StateBackend;
 use super::{Layer, LayerError};
 
 /// What the gate decided for a message.
@@ -77,311 +72,13 @@ pub struct GateOutcome {
     pub upkeep: Upkeep,
 }
 
-/// Shared Lua: a scan of KEYS[1]'s parked messages given next, now (ms), expiry (ms). Drops
-/// those past the expiry (moving next past them), stops at the first one still young or at an
-/// old disconnect (which runs late instead). Returns the new next, expired, skipped, changed
-/// (next moved), late (p:next is an old disconnect to run late) and the new `u`.
-const UPKEEP_LUA: &str = r"
-local function upkeep(key, nxt, now, expiry)
-  local expired, skipped, changed, late = 0, 0, false, false
-  local due = nil
-  local orders = {}
-  for _, f in ipairs(redis.call('HKEYS', key)) do
-    if string.sub(f, 1, 2) == 'p:' then orders[#orders + 1] = tonumber(string.sub(f, 3)) end
-  end
-  table.sort(orders)
-  for _, o in ipairs(orders) do
-    local v = redis.call('HGET', key, 'p:' .. o)
-    local sp = string.find(v, ' ', 1, true)
-    local t = sp and tonumber(string.sub(v, 1, sp - 1))
-    if not t then
-      -- Parked before park times were stored: as old as can be.
-      t, sp = 0, 0
-    end
-    if now - t < expiry then
-      due = t + expiry
-      break
-    end
-    if string.sub(v, sp + 1, sp + 21) == 'websocket.disconnect\0' then
-      if o > nxt then
-        skipped = skipped + (o - nxt)
-        nxt = o
-        changed = true
-      end
-      late = (o == nxt)
-      -- Stays due, so that upkeep finds it again until it has run.
-      due = t + expiry
-      break
-    end
-    redis.call('HDEL', key, 'p:' .. o)
-    expired = expired + 1
-    if o >= nxt then
-      skipped = skipped + (o - nxt)
-      nxt = o + 1
-      changed = true
-    end
-  end
-  if due then
-    redis.call('HSET', key, 'u', due)
-  else
-    redis.call('HDEL', key, 'u')
-  end
-  return nxt, expired, skipped, changed, late, due
-end
-";
-
-/// Ordering steps, one per key. ARGV[1..3]: now (ms), expiry (ms), ttl (s); then for each
-/// KEYS[i] a block of 6 from 3 + 6(i-1) + 1: done order or '', last ('1' after a disconnect),
-/// gated order or '', hold (ms), '1' when the parked value follows, the parked value (channel
-/// NUL payload) or ''.
-/// Each step records a message as done, then gates one, atomically; either part may be absent
-/// (neither: upkeep alone). Without the value, a message that would park is answered 3 and
-/// nothing of it is written: the caller gates it again with its value (the check and the park
-/// stay one atomic step; the payload crosses only when it is parked). Returns per key
-/// {verdict (1 run, 0 parked, 2 stale, 3 needs its value, -1 nothing gated), expired, skipped,
-/// resume value or false}.
-///
-/// `u` is present only while messages are parked: it is when the oldest of them expires, so
-/// the common step (nothing parked) reads the state with one HMGET and writes it with one
-/// HSET, and scans only once something could have expired. Upkeep alone always scans. Each
-/// `redis.call` costs Redis more than the command itself, so a step makes as few as it can.
-static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        r"{UPKEEP_LUA}
-local now = tonumber(ARGV[1])
-local expiry = tonumber(ARGV[2])
-local ttl = tonumber(ARGV[3])
-local function step(key, o)
-  local done = nil
-  if ARGV[o + 1] ~= '' then done = tonumber(ARGV[o + 1]) end
-  local gate = nil
-  if ARGV[o + 3] ~= '' then gate = tonumber(ARGV[o + 3]) end
-  if not done and not gate and redis.call('EXISTS', key) == 0 then
-    return {{-1, 0, 0, false}}
-  end
-  -- With a done, the successor it would hand out is read in the same HMGET.
-  local succ = 'next'
-  if done then succ = 'p:' .. (done + 1) end
-  local st = redis.call('HMGET', key, 'next', 'run', 'u', 'e', succ)
-  local nxt = tonumber(st[1] or '0')
-  local run = tonumber(st[2] or '0')
-  local u = tonumber(st[3] or '')
-  local e = tonumber(st[4] or '')
-  local ttl_ms = ttl * 1000
-  local advanced = false
-  if done then
-    run = 0
-    if done >= nxt then
-      nxt = done + 1
-      advanced = true
-    end
-  end
-  local expired, skipped, changed, late = 0, 0, false, false
-  if run <= now and ((not done and not gate) or (u and u <= now)) then
-    nxt, expired, skipped, changed, late, u = upkeep(key, nxt, now, expiry)
-  end
-  local verdict = -1
-  local hold_until = false
-  if gate then
-    if gate < nxt then
-      verdict = 2
-    elseif gate == nxt then
-      if u then redis.call('HDEL', key, 'p:' .. gate) end
-      hold_until = now + tonumber(ARGV[o + 4])
-      verdict = 1
-    elseif ARGV[o + 5] ~= '1' then
-      verdict = 3
-    elseif redis.call('HSETNX', key, 'p:' .. gate, ARGV[1] .. ' ' .. ARGV[o + 6]) == 0 then
-      verdict = 2
-    else
-      verdict = 0
-      if not u or now + expiry < u then
-        u = now + expiry
-        redis.call('HSET', key, 'u', u)
-      end
-    end
-  end
-  local fields = {{}}
-  if advanced or changed then
-    fields[#fields + 1] = 'next'
-    fields[#fields + 1] = nxt
-  end
-  if hold_until then
-    fields[#fields + 1] = 'run'
-    fields[#fields + 1] = hold_until
-  elseif done then
-    fields[#fields + 1] = 'run'
-    fields[#fields + 1] = 0
-  end
-  -- The key's expiry is renewed, by a step that writes it, once half of it has passed (`e`
-  -- is when it would expire): most steps then cost one HMGET and one HSET.
-  local renew = (not e or e - now < ttl_ms / 2) and (#fields > 0 or verdict == 0 or expired > 0)
-  if renew then
-    fields[#fields + 1] = 'e'
-    fields[#fields + 1] = now + ttl_ms
-  end
-  if #fields > 0 then redis.call('HSET', key, unpack(fields)) end
-  local resume = false
-  if (advanced or changed or late) and gate ~= nxt then
-    if done and nxt == done + 1 then
-      resume = st[5]
-    else
-      resume = redis.call('HGET', key, 'p:' .. nxt)
-    end
-  end
-  if done and ARGV[o + 2] == '1' then
-    local parked = redis.call('HLEN', key) - 2
-    if u then parked = parked - 1 end
-    if e or renew then parked = parked - 1 end
-    if parked <= 0 then
-      redis.call('DEL', key)
-      return {{verdict, expired, skipped, resume}}
-    end
-  end
-  if renew then redis.call('EXPIRE', key, ttl) end
-  return {{verdict, expired, skipped, resume}}
-end
-local out = {{}}
-for i, key in ipairs(KEYS) do
-  out[i] = step(key, 3 + (i - 1) * 6)
-end
-return out
-"
-    ))
-});
-
-fn order_key(layer: &Layer, reply_channel: &str) -> String {
-    format!("{}:order:{}", layer.settings().prefix, reply_channel)
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn pack(channel: &str, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(channel.len() + 1 + payload.len());
-    v.extend_from_slice(channel.as_bytes());
-    v.push(0);
-    v.extend_from_slice(payload);
-    v
-}
-
-/// Reads a parked value, `park time, space, channel, NUL, payload` (the park time is optional:
-/// the format before park times were stored had none).
-fn unpack(value: &[u8]) -> Result<(String, Bytes), LayerError> {
-    let value = match value.iter().position(|b| *b == b' ') {
-        Some(sp) if value[..sp].iter().all(u8::is_ascii_digit) => &value[sp + 1..],
-        _ => value,
-    };
-    let nul = value
-        .iter()
-        .position(|b| *b == 0)
-        .ok_or_else(|| LayerError::Protocol("parked message without its channel".into()))?;
-    let channel = std::str::from_utf8(&value[..nul])
-        .map_err(|_| LayerError::Protocol("parked message with a non-UTF-8 channel".into()))?;
-    Ok((
-        channel.to_owned(),
-        Bytes::copy_from_slice(&value[nul + 1..]),
-    ))
-}
-
-fn unpack_resume(value: Option<Vec<u8>>) -> Result<Option<(String, Bytes)>, LayerError> {
-    value.map(|v| unpack(&v)).transpose()
-}
-
-/// In-memory upkeep of one connection (see the module doc); returns whether `next` moved and
-/// whether the parked message at `next` is an old disconnect to run late.
-fn memory_upkeep(c: &mut Connection, expiry: Duration, up: &mut Upkeep) -> (bool, bool) {
-    let now = Instant::now();
-    if c.running_until.is_some_and(|t| t > now) {
-        return (false, false);
-    }
-    let mut changed = false;
-    let mut late = false;
-    while let Some((&order, parked)) = c.parked.first_key_value() {
-        if now.duration_since(parked.at) < expiry {
-            break;
-        }
-        if parked.channel == WEBSOCKET_DISCONNECT {
-            if order > c.next_order {
-                up.skipped += order - c.next_order;
-                c.next_order = order;
-                changed = true;
-            }
-            late = order == c.next_order;
-            break;
-        }
-        c.parked.remove(&order);
-        up.expired += 1;
-        if order >= c.next_order {
-            up.skipped += order - c.next_order;
-            c.next_order = order + 1;
-            changed = true;
-        }
-    }
-    (changed, late)
-}
-
-fn hold_until(hold: Duration) -> Option<Instant> {
-    let now = Instant::now();
-    Some(
-        now.checked_add(hold)
-            .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400)),
-    )
-}
-
-fn parked_at(c: &Connection, order: u64) -> Option<(String, Bytes)> {
-    c.parked
-        .get(&order)
-        .map(|p| (p.channel.clone(), p.payload.clone()))
-}
-
 /// The message a step gates: its order, the channel it was read from and its payload.
 #[derive(Debug, Clone, Copy)]
-struct Gated<'a> {
-    order: u64,
-    channel: &'a str,
-    payload: &'a [u8],
+pub(crate) struct Gated<'a> {
+    pub(crate) order: u64,
+    pub(crate) channel: &'a str,
+    pub(crate) payload: &'a [u8],
 }
-
-/// In-memory gate of one message (see the module doc), after upkeep.
-fn memory_gate(c: &mut Connection, g: Gated<'_>, hold: Duration) -> Gate {
-    if g.order < c.next_order || c.parked.contains_key(&g.order) {
-        if g.order == c.next_order {
-            // Its turn, and this is the parked copy coming back: unpark and run.
-            c.parked.remove(&g.order);
-            c.running_until = hold_until(hold);
-            Gate::Run
-        } else {
-            Gate::Stale
-        }
-    } else if g.order == c.next_order {
-        c.running_until = hold_until(hold);
-        Gate::Run
-    } else {
-        c.parked.insert(
-            g.order,
-            Parked {
-                channel: g.channel.to_owned(),
-                payload: Bytes::copy_from_slice(g.payload),
-                at: Instant::now(),
-            },
-        );
-        Gate::Parked
-    }
-}
-
-fn verdict(v: i64) -> Option<Gate> {
-    match v {
-        1 => Some(Gate::Run),
-        0 => Some(Gate::Parked),
-        2 => Some(Gate::Stale),
-        _ => None,
-    }
-}
-
-/// Verdict 3 of the step script: the message would park, and its value was not sent.
-const NEEDS_VALUE: i64 = 3;
 
 impl Layer {
     /// Decides whether the message `order` of connection `reply_channel`, read from `channel`
@@ -470,108 +167,7 @@ impl Layer {
         hold: Duration,
     ) -> Result<(Option<Gate>, Upkeep), LayerError> {
         names::validate_channel(reply_channel)?;
-        match self {
-            Layer::Memory(l) => {
-                let expiry = l.settings().expiry;
-                let group_expiry = l.settings().group_expiry;
-                let sweep = gated.is_some() && l.connections().sweep_due();
-                let mut map = l.connections().lock();
-                if sweep {
-                    MemoryConnections::sweep(&mut map, group_expiry);
-                }
-                if done.is_none() && gated.is_none() && !map.contains_key(reply_channel) {
-                    return Ok((None, Upkeep::default()));
-                }
-                let c = MemoryConnections::entry(&mut map, reply_channel, group_expiry);
-                let mut advanced = false;
-                if let Some((order, _)) = done {
-                    c.running_until = None;
-                    if order >= c.next_order {
-                        c.next_order = order + 1;
-                        advanced = true;
-                    }
-                }
-                let mut upkeep = Upkeep::default();
-                let (changed, late) = memory_upkeep(c, expiry, &mut upkeep);
-                let gate = gated.map(|g| memory_gate(c, g, hold));
-                if (advanced || changed || late) && gated.map(|g| g.order) != Some(c.next_order) {
-                    upkeep.resume = parked_at(c, c.next_order);
-                }
-                if let Some((_, true)) = done
-                    && c.parked.is_empty()
-                    && c.session.is_empty()
-                {
-                    map.remove(reply_channel);
-                }
-                Ok((gate, upkeep))
-            }
-            Layer::Redis(_) => {
-                let (v, mut upkeep) = self
-                    .redis_step(reply_channel, done, gated, hold, false)
-                    .await?;
-                if v != NEEDS_VALUE {
-                    return Ok((verdict(v), upkeep));
-                }
-                // It would park: gate it again, with its value this time (the done, if any,
-                // is recorded already).
-                let (v, again) = self
-                    .redis_step(reply_channel, None, gated, hold, true)
-                    .await?;
-                upkeep.expired += again.expired;
-                upkeep.skipped += again.skipped;
-                if again.resume.is_some() {
-                    upkeep.resume = again.resume;
-                }
-                Ok((verdict(v).or(Some(Gate::Stale)), upkeep))
-            }
-        }
-    }
-
-    async fn redis_step(
-        &self,
-        reply_channel: &str,
-        done: Option<(u64, bool)>,
-        gated: Option<Gated<'_>>,
-        hold: Duration,
-        with_value: bool,
-    ) -> Result<(i64, Upkeep), LayerError> {
-        let Layer::Redis(l) = self else {
-            return Err(LayerError::Protocol("not a Redis layer".into()));
-        };
-        let key = order_key(self, reply_channel);
-        let shard = l.shard_of(reply_channel);
-        let mut digits = itoa::Buffer::new();
-        let mut num = |n: u64| digits.format(n).as_bytes().to_vec();
-        let value = gated
-            .filter(|_| with_value)
-            .map(|g| pack(g.channel, g.payload));
-        let args = vec![
-            done.map(|(o, _)| num(o)).unwrap_or_default(),
-            if done.is_some_and(|(_, last)| last) {
-                b"1".to_vec()
-            } else {
-                b"0".to_vec()
-            },
-            gated.map(|g| num(g.order)).unwrap_or_default(),
-            num(millis(hold).min(365 * 86_400_000)),
-            if value.is_some() {
-                b"1".to_vec()
-            } else {
-                b"0".to_vec()
-            },
-            value.unwrap_or_default(),
-        ];
-        let (v, expired, skipped, resume) = l
-            .ordering_step(shard, &STEP_SCRIPT, Step { key, args })
-            .await?;
-        Ok((
-            v,
-            Upkeep {
-                expired,
-                skipped,
-                resume: unpack_resume(resume)?,
-            },
-        ))
+        backend!(self, l => l.ordering_step(reply_channel, done, gated, hold).await)
     }
 }
 
@@ -579,6 +175,7 @@ impl Layer {
 mod tests {
     use super::*;
     use crate::layer::LayerSettings;
+    use switchyard_routing::asgi::WEBSOCKET_DISCONNECT;
 
     const HOLD: Duration = Duration::from_secs(10);
 
@@ -676,21 +273,5 @@ mod tests {
             layer.ordering_done(r, 5, true).await.unwrap(),
             Upkeep::default()
         );
-    }
-
-    #[test]
-    fn pack_round_trip() {
-        let p = pack("websocket.receive", b"\x81\x00x");
-        let mut timed = b"1763726400000 ".to_vec();
-        timed.extend_from_slice(&p);
-        assert_eq!(unpack(&timed).unwrap(), unpack(&p).unwrap());
-        assert_eq!(
-            unpack(&p).unwrap(),
-            (
-                "websocket.receive".to_owned(),
-                Bytes::from_static(b"\x81\x00x")
-            )
-        );
-        assert!(unpack(b"nochannel").is_err());
     }
 }

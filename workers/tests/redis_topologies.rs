@@ -379,9 +379,10 @@ async fn a_master_replaced_while_it_stays_up_is_left_for_the_promoted_one() {
         switched.elapsed().as_secs_f64()
     );
     // Sentinel demotes the old master up to 10 s after the promotion (its INFO period); the
-    // layer asks the sentinels every second instead of waiting for READONLY.
+    // layer asks the sentinels every second instead of waiting for READONLY, so it follows
+    // before that (the failover itself takes seconds on a loaded machine: a generous bound).
     assert!(
-        switched.elapsed() < Duration::from_secs(6),
+        switched.elapsed() < Duration::from_secs(9),
         "followed only {:?} after SENTINEL FAILOVER",
         switched.elapsed()
     );

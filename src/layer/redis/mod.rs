@@ -37,6 +37,7 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Script};
 use switchyard_routing::names::non_local_name;
 use tokio::time::Instant;
 
+use super::backend::{BackendReceiver, ChannelBackend};
 use super::crypto::MessageCrypter;
 use super::metrics::LayerMetrics;
 use super::settings::CapacityRules;
@@ -45,12 +46,15 @@ use super::{
 };
 
 mod batch;
+mod channels;
 mod cluster;
 mod conn;
 mod lease;
 mod registry;
 mod sentinel_url;
+mod state;
 mod steps;
+mod store;
 
 pub(crate) use lease::LeaseState;
 
@@ -377,54 +381,9 @@ impl RedisLayer {
         Ok(())
     }
 
-    /// `single`, `shards` or `sentinel` (see [`super::Layer::mode`]).
-    pub(crate) fn mode(&self) -> &'static str {
-        if self.inner.cluster.is_some() {
-            "cluster"
-        } else if self.inner.sentinel.is_some() {
-            "sentinel"
-        } else if self.inner.shards.len() > 1 {
-            "shards"
-        } else {
-            "single"
-        }
-    }
-
-    /// True while every shard answered its last command.
-    pub(crate) fn available(&self) -> bool {
-        self.inner
-            .shards
-            .iter()
-            .all(|s| s.healthy.load(Ordering::Relaxed))
-    }
-
     /// Milliseconds on the layer's clock.
     fn clock_ms(&self) -> u64 {
         self.inner.born.elapsed().as_millis() as u64
-    }
-
-    pub(crate) fn settings(&self) -> &LayerSettings {
-        &self.inner.settings
-    }
-
-    pub(crate) fn metrics(&self) -> &Arc<LayerMetrics> {
-        &self.inner.metrics
-    }
-
-    pub(crate) fn describe(&self) -> String {
-        if let Some(s) = &self.inner.sentinel {
-            return format!(
-                "redis sentinel {} via {} (master at {})",
-                s.master,
-                s.sentinels,
-                self.inner.shards[0].conn.addr()
-            );
-        }
-        if let Some(seeds) = &self.inner.cluster {
-            return format!("redis cluster via {seeds}");
-        }
-        let addrs: Vec<&str> = self.inner.shards.iter().map(|s| s.addr.as_str()).collect();
-        format!("redis {}", addrs.join(","))
     }
 
     /// Number of shards.
@@ -522,99 +481,6 @@ impl RedisLayer {
         Ok(member)
     }
 
-    pub(crate) async fn send_encoded(
-        &self,
-        channel: &str,
-        payload: &[u8],
-    ) -> Result<(), LayerError> {
-        if self.is_durable(channel) {
-            return self
-                .job_send(channel, payload, &durable::JobOptions::default())
-                .await
-                .map(|_| ());
-        }
-        let key_name = non_local_name(channel);
-        let targets: &[&str] = if key_name.len() == channel.len() {
-            &[]
-        } else {
-            &[channel]
-        };
-        let member = self.member(payload, targets)?;
-        let key = self.channel_key(channel);
-        let capacity = self.inner.rules.capacity(channel);
-        let shard = self.shard_of(channel);
-        let added = self.send_coalesced(shard, key, member, capacity).await?;
-        self.ensure_registered(key_name).await;
-        if added {
-            LayerMetrics::add(&self.inner.metrics.sent, 1);
-            Ok(())
-        } else {
-            LayerMetrics::add(&self.inner.metrics.channel_full, 1);
-            Err(LayerError::ChannelFull {
-                channel: channel.to_owned(),
-                capacity,
-            })
-        }
-    }
-
-    pub(crate) async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
-        let key = self.group_key(group);
-        let shard = self.shard_of(group);
-        let mut conn = self.inner.shards[shard].conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("ZADD")
-            .arg(&key)
-            .arg(format!("{:.6}", now_secs()))
-            .arg(channel)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(self.inner.settings.group_expiry.as_secs().max(1))
-            .ignore();
-        self.run(
-            shard,
-            async move { pipe.query_async::<()>(&mut conn).await },
-        )
-        .await?;
-        if let Some(notice_channel) = membership::notice_channel(channel)
-            && self.index_membership(group, channel).await?
-        {
-            self.notify_membership(
-                membership::MembershipOp::Add,
-                group,
-                channel,
-                &notice_channel,
-            )
-            .await?;
-        }
-        Ok(())
-    }
-
-    pub(crate) async fn group_discard(&self, group: &str, channel: &str) -> Result<(), LayerError> {
-        let key = self.group_key(group);
-        let shard = self.shard_of(group);
-        let mut conn = self.inner.shards[shard].conn.clone();
-        let cmd = redis::cmd("ZREM").arg(&key).arg(channel).to_owned();
-        self.run(
-            shard,
-            async move { cmd.query_async::<i64>(&mut conn).await },
-        )
-        .await?;
-        if let Some(notice_channel) = membership::notice_channel(channel)
-            && self.holds_lease(non_local_name(channel)).await?
-        {
-            self.notify_membership(
-                membership::MembershipOp::Discard,
-                group,
-                channel,
-                &notice_channel,
-            )
-            .await?;
-        }
-        Ok(())
-    }
-
     /// Tells the process holding `channel` of a membership change, through its inbox. Never
     /// refused for capacity: a full inbox must not make the server forget a membership.
     async fn notify_membership(
@@ -635,85 +501,6 @@ impl RedisLayer {
         let shard = self.shard_of(notice_channel);
         self.send_coalesced(shard, key, member, usize::MAX).await?;
         Ok(())
-    }
-
-    pub(crate) async fn group_channels(&self, group: &str) -> Result<Vec<String>, LayerError> {
-        let key = self.group_key(group);
-        let shard = self.shard_of(group);
-        let mut conn = self.inner.shards[shard].conn.clone();
-        let cutoff = now_secs() - self.inner.settings.group_expiry.as_secs_f64();
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZREMRANGEBYSCORE")
-            .arg(&key)
-            .arg("-inf")
-            .arg(format!("{cutoff:.6}"))
-            .ignore()
-            .cmd("ZRANGE")
-            .arg(&key)
-            .arg(0)
-            .arg(-1);
-        let (members,): (Vec<String>,) = self
-            .run(shard, async move { pipe.query_async(&mut conn).await })
-            .await?;
-        Ok(members)
-    }
-
-    pub(crate) async fn group_send_encoded(
-        &self,
-        group: &str,
-        payload: &[u8],
-    ) -> Result<GroupSendReport, LayerError> {
-        let members = self.group_channels(group).await?;
-        // One message per Redis key: every member behind one inbox shares it (`__asgi_channel__`
-        // is then a list), so the cost grows with the number of inboxes, not members.
-        let by_key = super::by_inbox(&members);
-        let shard_count = self.inner.shards.len();
-        let mut per_shard: Vec<(Vec<batch::KeyBatch>, Vec<usize>)> =
-            (0..shard_count).map(|_| (Vec::new(), Vec::new())).collect();
-        for (key, targets) in &by_key {
-            let (batches, counts) = &mut per_shard[consistent_hash(key, shard_count)];
-            batches.push(batch::KeyBatch {
-                key: self.channel_key(key),
-                capacity: self.inner.rules.capacity(targets[0]),
-                messages: vec![(self.next_score(), self.member(payload, targets)?)],
-            });
-            counts.push(targets.len());
-        }
-        let mut report = GroupSendReport {
-            members: members.len(),
-            full: 0,
-        };
-        let mut written = 0u64;
-        let mut first_error = None;
-        for (shard, (batches, counts)) in per_shard.into_iter().enumerate() {
-            if batches.is_empty() {
-                continue;
-            }
-            let outcomes = self.write_key_batches(shard, &batches).await;
-            for (outcome, n) in outcomes.into_iter().zip(counts) {
-                match outcome {
-                    Ok(1..) => written += 1,
-                    Ok(0) => report.full += n,
-                    Err(e) => {
-                        // Members on an unreachable shard miss the message, like full ones;
-                        // the caller still learns of it when no shard could be written.
-                        report.full += n;
-                        first_error.get_or_insert(e);
-                    }
-                }
-            }
-        }
-        for (key, _) in &by_key {
-            self.ensure_registered(key).await;
-        }
-        let m = &self.inner.metrics;
-        LayerMetrics::add(&m.group_sends, 1);
-        LayerMetrics::add(&m.sent, written);
-        LayerMetrics::add(&m.group_member_full, report.full as u64);
-        match first_error {
-            Some(e) if written == 0 => Err(e),
-            _ => Ok(report),
-        }
     }
 
     /// Keys under the prefix on one shard (SCAN, never KEYS); in a Redis Cluster, on every
@@ -778,128 +565,6 @@ impl RedisLayer {
 
     fn data_key(&self, kind: &str, key: &str) -> String {
         format!("{}:{kind}:{key}", self.inner.settings.prefix)
-    }
-
-    pub(crate) async fn list_push(
-        &self,
-        key: &str,
-        item: &[u8],
-        keep: usize,
-        ttl: Duration,
-    ) -> Result<(), LayerError> {
-        let key = self.data_key("list", key);
-        let shard = consistent_hash(&key, self.inner.shards.len());
-        let mut conn = self.inner.shards[shard].conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("RPUSH")
-            .arg(&key)
-            .arg(item)
-            .ignore()
-            .cmd("LTRIM")
-            .arg(&key)
-            .arg(-(keep as i64))
-            .arg(-1)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(ttl.as_secs().max(1))
-            .ignore();
-        self.run(
-            shard,
-            async move { pipe.query_async::<()>(&mut conn).await },
-        )
-        .await
-    }
-
-    pub(crate) async fn list_items(&self, key: &str) -> Result<Vec<Bytes>, LayerError> {
-        let key = self.data_key("list", key);
-        let shard = consistent_hash(&key, self.inner.shards.len());
-        let mut conn = self.inner.shards[shard].conn.clone();
-        let cmd = redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).to_owned();
-        let items: Vec<Vec<u8>> = self
-            .run(shard, async move { cmd.query_async(&mut conn).await })
-            .await?;
-        Ok(items.into_iter().map(Bytes::from).collect())
-    }
-
-    pub(crate) async fn index_touch(
-        &self,
-        key: &str,
-        member: &str,
-        keep: usize,
-        ttl: Duration,
-    ) -> Result<(), LayerError> {
-        let key = self.data_key("index", key);
-        let shard = consistent_hash(&key, self.inner.shards.len());
-        let mut conn = self.inner.shards[shard].conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("ZADD")
-            .arg(&key)
-            .arg(format!("{:.6}", now_secs()))
-            .arg(member)
-            .ignore()
-            .cmd("ZREMRANGEBYRANK")
-            .arg(&key)
-            .arg(0)
-            .arg(-(keep as i64) - 1)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(ttl.as_secs().max(1))
-            .ignore();
-        self.run(
-            shard,
-            async move { pipe.query_async::<()>(&mut conn).await },
-        )
-        .await
-    }
-
-    pub(crate) async fn index_recent(
-        &self,
-        key: &str,
-        limit: usize,
-    ) -> Result<Vec<String>, LayerError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let key = self.data_key("index", key);
-        let shard = consistent_hash(&key, self.inner.shards.len());
-        let mut conn = self.inner.shards[shard].conn.clone();
-        let cmd = redis::cmd("ZREVRANGE")
-            .arg(&key)
-            .arg(0)
-            .arg(limit - 1)
-            .to_owned();
-        self.run(shard, async move { cmd.query_async(&mut conn).await })
-            .await
-    }
-
-    pub(crate) async fn channel_depth(&self, channel: &str) -> Result<usize, LayerError> {
-        let key = self.channel_key(channel);
-        let shard = self.shard_of(channel);
-        let mut conn = self.inner.shards[shard].conn.clone();
-        let cutoff = now_secs() - self.inner.settings.expiry.as_secs_f64();
-        let cmd = redis::cmd("ZCOUNT")
-            .arg(&key)
-            .arg(format!("({cutoff:.6}"))
-            .arg("+inf")
-            .to_owned();
-        self.run(
-            shard,
-            async move { cmd.query_async::<usize>(&mut conn).await },
-        )
-        .await
-    }
-
-    pub(crate) fn receiver(&self) -> RedisReceiver {
-        RedisReceiver {
-            layer: self.clone(),
-            conns: (0..self.inner.shards.len()).map(|_| None).collect(),
-            backoff: Duration::ZERO,
-            next_shard: 0,
-        }
     }
 }
 
@@ -1207,11 +872,13 @@ impl RedisReceiver {
         }
         LayerMetrics::add(&metrics.received, (out.len() - before) as u64);
     }
+}
 
+impl BackendReceiver for RedisReceiver {
     /// Up to `max` messages from one of `channels` in one blocking BZMPOP, so a busy channel
     /// costs one command per batch instead of one per message. Every envelope of a group
     /// message comes back, even past `max`.
-    pub(crate) async fn receive_many(
+    async fn receive_many(
         &mut self,
         channels: &[String],
         timeout: Duration,

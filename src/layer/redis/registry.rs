@@ -161,7 +161,7 @@ impl RedisLayer {
 
     /// Deletes every channel, inbox, group and piece of data of this layer (see the module
     /// docs), leaving other prefixes' keys and the registry and leases.
-    pub(crate) async fn flush(&self) -> Result<(), LayerError> {
+    pub(crate) async fn flush_own_keys(&self) -> Result<(), LayerError> {
         for shard in 0..self.inner.shards.len() {
             let keys = self.own_keys(shard).await?;
             for batch in keys.chunks(1000) {
@@ -182,7 +182,7 @@ impl RedisLayer {
     }
 
     /// Every channel (with waiting messages), inbox and group of this layer, with its size.
-    pub(crate) async fn overview(&self) -> Result<Overview, LayerError> {
+    pub(crate) async fn own_overview(&self) -> Result<Overview, LayerError> {
         let prefix = self.inner.settings.prefix.clone();
         let channel_cutoff = format!(
             "({:.6}",

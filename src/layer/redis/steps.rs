@@ -54,7 +54,7 @@ pub(super) struct StepQueue {
 impl RedisLayer {
     /// Runs one ordering step on shard `shard`: directly when no other step is in flight
     /// there, else with whatever else is waiting, in one script call.
-    pub(crate) async fn ordering_step(
+    pub(crate) async fn run_step(
         &self,
         shard: usize,
         script: &'static Script,

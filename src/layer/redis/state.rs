@@ -1,0 +1,413 @@
+//! The Redis layer's per-connection state: a connection's channel session is the hash
+//! `{prefix}:session:{reply_channel}` (one field per key, the msgpack of its value, `EXPIRE`
+//! group expiry renewed on every write); its strict-ordering state is the hash
+//! `{prefix}:order:{reply_channel}`, stepped by one Lua script (see `ordering.rs` for the
+//! rules and the fields). Both live on the shard (or slot) of the reply channel.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::Script;
+use switchyard_routing::codec;
+use switchyard_routing::{Map, Value};
+
+use super::{RedisLayer, Step};
+use crate::layer::LayerError;
+use crate::layer::backend::{ChannelBackend, StateBackend};
+use crate::layer::ordering::{Gate, Gated, Upkeep};
+
+fn session_key(layer: &RedisLayer, reply_channel: &str) -> String {
+    format!("{}:session:{}", layer.settings().prefix, reply_channel)
+}
+
+/// Shared Lua: a scan of KEYS[1]'s parked messages given next, now (ms), expiry (ms). Drops
+/// those past the expiry (moving next past them), stops at the first one still young or at an
+/// old disconnect (which runs late instead). Returns the new next, expired, skipped, changed
+/// (next moved), late (p:next is an old disconnect to run late) and the new `u`.
+const UPKEEP_LUA: &str = r"
+local function upkeep(key, nxt, now, expiry)
+  local expired, skipped, changed, late = 0, 0, false, false
+  local due = nil
+  local orders = {}
+  for _, f in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(f, 1, 2) == 'p:' then orders[#orders + 1] = tonumber(string.sub(f, 3)) end
+  end
+  table.sort(orders)
+  for _, o in ipairs(orders) do
+    local v = redis.call('HGET', key, 'p:' .. o)
+    local sp = string.find(v, ' ', 1, true)
+    local t = sp and tonumber(string.sub(v, 1, sp - 1))
+    if not t then
+      -- Parked before park times were stored: as old as can be.
+      t, sp = 0, 0
+    end
+    if now - t < expiry then
+      due = t + expiry
+      break
+    end
+    if string.sub(v, sp + 1, sp + 21) == 'websocket.disconnect\0' then
+      if o > nxt then
+        skipped = skipped + (o - nxt)
+        nxt = o
+        changed = true
+      end
+      late = (o == nxt)
+      -- Stays due, so that upkeep finds it again until it has run.
+      due = t + expiry
+      break
+    end
+    redis.call('HDEL', key, 'p:' .. o)
+    expired = expired + 1
+    if o >= nxt then
+      skipped = skipped + (o - nxt)
+      nxt = o + 1
+      changed = true
+    end
+  end
+  if due then
+    redis.call('HSET', key, 'u', due)
+  else
+    redis.call('HDEL', key, 'u')
+  end
+  return nxt, expired, skipped, changed, late, due
+end
+";
+
+/// Ordering steps, one per key. ARGV[1..3]: now (ms), expiry (ms), ttl (s); then for each
+/// KEYS[i] a block of 6 from 3 + 6(i-1) + 1: done order or '', last ('1' after a disconnect),
+/// gated order or '', hold (ms), '1' when the parked value follows, the parked value (channel
+/// NUL payload) or ''.
+/// Each step records a message as done, then gates one, atomically; either part may be absent
+/// (neither: upkeep alone). Without the value, a message that would park is answered 3 and
+/// nothing of it is written: the caller gates it again with its value (the check and the park
+/// stay one atomic step; the payload crosses only when it is parked). Returns per key
+/// {verdict (1 run, 0 parked, 2 stale, 3 needs its value, -1 nothing gated), expired, skipped,
+/// resume value or false}.
+///
+/// `u` is present only while messages are parked: it is when the oldest of them expires, so
+/// the common step (nothing parked) reads the state with one HMGET and writes it with one
+/// HSET, and scans only once something could have expired. Upkeep alone always scans. Each
+/// `redis.call` costs Redis more than the command itself, so a step makes as few as it can.
+static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{UPKEEP_LUA}
+local now = tonumber(ARGV[1])
+local expiry = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local function step(key, o)
+  local done = nil
+  if ARGV[o + 1] ~= '' then done = tonumber(ARGV[o + 1]) end
+  local gate = nil
+  if ARGV[o + 3] ~= '' then gate = tonumber(ARGV[o + 3]) end
+  if not done and not gate and redis.call('EXISTS', key) == 0 then
+    return {{-1, 0, 0, false}}
+  end
+  -- With a done, the successor it would hand out is read in the same HMGET.
+  local succ = 'next'
+  if done then succ = 'p:' .. (done + 1) end
+  local st = redis.call('HMGET', key, 'next', 'run', 'u', 'e', succ)
+  local nxt = tonumber(st[1] or '0')
+  local run = tonumber(st[2] or '0')
+  local u = tonumber(st[3] or '')
+  local e = tonumber(st[4] or '')
+  local ttl_ms = ttl * 1000
+  local advanced = false
+  if done then
+    run = 0
+    if done >= nxt then
+      nxt = done + 1
+      advanced = true
+    end
+  end
+  local expired, skipped, changed, late = 0, 0, false, false
+  if run <= now and ((not done and not gate) or (u and u <= now)) then
+    nxt, expired, skipped, changed, late, u = upkeep(key, nxt, now, expiry)
+  end
+  local verdict = -1
+  local hold_until = false
+  if gate then
+    if gate < nxt then
+      verdict = 2
+    elseif gate == nxt then
+      if u then redis.call('HDEL', key, 'p:' .. gate) end
+      hold_until = now + tonumber(ARGV[o + 4])
+      verdict = 1
+    elseif ARGV[o + 5] ~= '1' then
+      verdict = 3
+    elseif redis.call('HSETNX', key, 'p:' .. gate, ARGV[1] .. ' ' .. ARGV[o + 6]) == 0 then
+      verdict = 2
+    else
+      verdict = 0
+      if not u or now + expiry < u then
+        u = now + expiry
+        redis.call('HSET', key, 'u', u)
+      end
+    end
+  end
+  local fields = {{}}
+  if advanced or changed then
+    fields[#fields + 1] = 'next'
+    fields[#fields + 1] = nxt
+  end
+  if hold_until then
+    fields[#fields + 1] = 'run'
+    fields[#fields + 1] = hold_until
+  elseif done then
+    fields[#fields + 1] = 'run'
+    fields[#fields + 1] = 0
+  end
+  -- The key's expiry is renewed, by a step that writes it, once half of it has passed (`e`
+  -- is when it would expire): most steps then cost one HMGET and one HSET.
+  local renew = (not e or e - now < ttl_ms / 2) and (#fields > 0 or verdict == 0 or expired > 0)
+  if renew then
+    fields[#fields + 1] = 'e'
+    fields[#fields + 1] = now + ttl_ms
+  end
+  if #fields > 0 then redis.call('HSET', key, unpack(fields)) end
+  local resume = false
+  if (advanced or changed or late) and gate ~= nxt then
+    if done and nxt == done + 1 then
+      resume = st[5]
+    else
+      resume = redis.call('HGET', key, 'p:' .. nxt)
+    end
+  end
+  if done and ARGV[o + 2] == '1' then
+    local parked = redis.call('HLEN', key) - 2
+    if u then parked = parked - 1 end
+    if e or renew then parked = parked - 1 end
+    if parked <= 0 then
+      redis.call('DEL', key)
+      return {{verdict, expired, skipped, resume}}
+    end
+  end
+  if renew then redis.call('EXPIRE', key, ttl) end
+  return {{verdict, expired, skipped, resume}}
+end
+local out = {{}}
+for i, key in ipairs(KEYS) do
+  out[i] = step(key, 3 + (i - 1) * 6)
+end
+return out
+"
+    ))
+});
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn pack(channel: &str, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(channel.len() + 1 + payload.len());
+    v.extend_from_slice(channel.as_bytes());
+    v.push(0);
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Reads a parked value, `park time, space, channel, NUL, payload` (the park time is optional:
+/// the format before park times were stored had none).
+fn unpack(value: &[u8]) -> Result<(String, Bytes), LayerError> {
+    let value = match value.iter().position(|b| *b == b' ') {
+        Some(sp) if value[..sp].iter().all(u8::is_ascii_digit) => &value[sp + 1..],
+        _ => value,
+    };
+    let nul = value
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or_else(|| LayerError::Protocol("parked message without its channel".into()))?;
+    let channel = std::str::from_utf8(&value[..nul])
+        .map_err(|_| LayerError::Protocol("parked message with a non-UTF-8 channel".into()))?;
+    Ok((
+        channel.to_owned(),
+        Bytes::copy_from_slice(&value[nul + 1..]),
+    ))
+}
+
+fn unpack_resume(value: Option<Vec<u8>>) -> Result<Option<(String, Bytes)>, LayerError> {
+    value.map(|v| unpack(&v)).transpose()
+}
+
+fn verdict(v: i64) -> Option<Gate> {
+    match v {
+        1 => Some(Gate::Run),
+        0 => Some(Gate::Parked),
+        2 => Some(Gate::Stale),
+        _ => None,
+    }
+}
+
+/// Verdict 3 of the step script: the message would park, and its value was not sent.
+const NEEDS_VALUE: i64 = 3;
+
+impl RedisLayer {
+    async fn redis_step(
+        &self,
+        reply_channel: &str,
+        done: Option<(u64, bool)>,
+        gated: Option<Gated<'_>>,
+        hold: Duration,
+        with_value: bool,
+    ) -> Result<(i64, Upkeep), LayerError> {
+        let l = self;
+        let key = format!("{}:order:{}", self.settings().prefix, reply_channel);
+        let shard = l.shard_of(reply_channel);
+        let mut digits = itoa::Buffer::new();
+        let mut num = |n: u64| digits.format(n).as_bytes().to_vec();
+        let value = gated
+            .filter(|_| with_value)
+            .map(|g| pack(g.channel, g.payload));
+        let args = vec![
+            done.map(|(o, _)| num(o)).unwrap_or_default(),
+            if done.is_some_and(|(_, last)| last) {
+                b"1".to_vec()
+            } else {
+                b"0".to_vec()
+            },
+            gated.map(|g| num(g.order)).unwrap_or_default(),
+            num(millis(hold).min(365 * 86_400_000)),
+            if value.is_some() {
+                b"1".to_vec()
+            } else {
+                b"0".to_vec()
+            },
+            value.unwrap_or_default(),
+        ];
+        let (v, expired, skipped, resume) =
+            l.run_step(shard, &STEP_SCRIPT, Step { key, args }).await?;
+        Ok((
+            v,
+            Upkeep {
+                expired,
+                skipped,
+                resume: unpack_resume(resume)?,
+            },
+        ))
+    }
+}
+
+impl StateBackend for RedisLayer {
+    async fn session_load(&self, reply_channel: &str) -> Result<Map, LayerError> {
+        let l = self;
+        let key = session_key(self, reply_channel);
+        let (shard, mut conn) = l.conn_for(reply_channel);
+        let cmd = redis::cmd("HGETALL").arg(&key).to_owned();
+        let fields: Vec<(String, Vec<u8>)> = l
+            .run(shard, async move { cmd.query_async(&mut conn).await })
+            .await?;
+        let mut out = Map::new();
+        for (k, v) in fields {
+            match codec::from_msgpack::<Value>(&v) {
+                Ok(v) => {
+                    out.insert(&k, v);
+                }
+                Err(e) => {
+                    tracing::warn!(reply_channel, key = %k, error = %e, "skipped an undecodable channel-session value");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn session_set(
+        &self,
+        reply_channel: &str,
+        key: &str,
+        value: &Value,
+    ) -> Result<(), LayerError> {
+        let l = self;
+        let packed = codec::to_msgpack(value)?;
+        let hkey = session_key(self, reply_channel);
+        let (shard, mut conn) = l.conn_for(reply_channel);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HSET")
+            .arg(&hkey)
+            .arg(key)
+            .arg(packed)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&hkey)
+            .arg(self.settings().group_expiry.as_secs().max(1))
+            .ignore();
+        l.run(
+            shard,
+            async move { pipe.query_async::<()>(&mut conn).await },
+        )
+        .await
+    }
+
+    async fn session_delete(&self, reply_channel: &str, key: &str) -> Result<(), LayerError> {
+        let l = self;
+        let hkey = session_key(self, reply_channel);
+        let (shard, mut conn) = l.conn_for(reply_channel);
+        let cmd = redis::cmd("HDEL").arg(&hkey).arg(key).to_owned();
+        l.run(
+            shard,
+            async move { cmd.query_async::<i64>(&mut conn).await },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn session_clear(&self, reply_channel: &str) -> Result<(), LayerError> {
+        let l = self;
+        let hkey = session_key(self, reply_channel);
+        let (shard, mut conn) = l.conn_for(reply_channel);
+        let cmd = redis::cmd("DEL").arg(&hkey).to_owned();
+        l.run(
+            shard,
+            async move { cmd.query_async::<i64>(&mut conn).await },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn ordering_step(
+        &self,
+        reply_channel: &str,
+        done: Option<(u64, bool)>,
+        gated: Option<Gated<'_>>,
+        hold: Duration,
+    ) -> Result<(Option<Gate>, Upkeep), LayerError> {
+        let (v, mut upkeep) = self
+            .redis_step(reply_channel, done, gated, hold, false)
+            .await?;
+        if v != NEEDS_VALUE {
+            return Ok((verdict(v), upkeep));
+        }
+        // It would park: gate it again, with its value this time (the done, if any,
+        // is recorded already).
+        let (v, again) = self
+            .redis_step(reply_channel, None, gated, hold, true)
+            .await?;
+        upkeep.expired += again.expired;
+        upkeep.skipped += again.skipped;
+        if again.resume.is_some() {
+            upkeep.resume = again.resume;
+        }
+        Ok((verdict(v).or(Some(Gate::Stale)), upkeep))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_round_trip() {
+        let p = pack("websocket.receive", b"\x81\x00x");
+        let mut timed = b"1763726400000 ".to_vec();
+        timed.extend_from_slice(&p);
+        assert_eq!(unpack(&timed).unwrap(), unpack(&p).unwrap());
+        assert_eq!(
+            unpack(&p).unwrap(),
+            (
+                "websocket.receive".to_owned(),
+                Bytes::from_static(b"\x81\x00x")
+            )
+        );
+        assert!(unpack(b"nochannel").is_err());
+    }
+}

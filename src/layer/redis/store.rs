@@ -1,0 +1,99 @@
+//! The app's store on Redis: capped lists (`{prefix}:list:{key}`) and recency indexes
+//! (`{prefix}:index:{key}`), one key each, under the prefix where no channel name can be.
+
+use super::*;
+use crate::layer::backend::AppStore;
+
+impl AppStore for RedisLayer {
+    async fn list_push(
+        &self,
+        key: &str,
+        item: &[u8],
+        keep: usize,
+        ttl: Duration,
+    ) -> Result<(), LayerError> {
+        let key = self.data_key("list", key);
+        let shard = consistent_hash(&key, self.inner.shards.len());
+        let mut conn = self.inner.shards[shard].conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("RPUSH")
+            .arg(&key)
+            .arg(item)
+            .ignore()
+            .cmd("LTRIM")
+            .arg(&key)
+            .arg(-(keep as i64))
+            .arg(-1)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(ttl.as_secs().max(1))
+            .ignore();
+        self.run(
+            shard,
+            async move { pipe.query_async::<()>(&mut conn).await },
+        )
+        .await
+    }
+
+    async fn list_items(&self, key: &str) -> Result<Vec<Bytes>, LayerError> {
+        let key = self.data_key("list", key);
+        let shard = consistent_hash(&key, self.inner.shards.len());
+        let mut conn = self.inner.shards[shard].conn.clone();
+        let cmd = redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).to_owned();
+        let items: Vec<Vec<u8>> = self
+            .run(shard, async move { cmd.query_async(&mut conn).await })
+            .await?;
+        Ok(items.into_iter().map(Bytes::from).collect())
+    }
+
+    async fn index_touch(
+        &self,
+        key: &str,
+        member: &str,
+        keep: usize,
+        ttl: Duration,
+    ) -> Result<(), LayerError> {
+        let key = self.data_key("index", key);
+        let shard = consistent_hash(&key, self.inner.shards.len());
+        let mut conn = self.inner.shards[shard].conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("ZADD")
+            .arg(&key)
+            .arg(format!("{:.6}", now_secs()))
+            .arg(member)
+            .ignore()
+            .cmd("ZREMRANGEBYRANK")
+            .arg(&key)
+            .arg(0)
+            .arg(-(keep as i64) - 1)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(ttl.as_secs().max(1))
+            .ignore();
+        self.run(
+            shard,
+            async move { pipe.query_async::<()>(&mut conn).await },
+        )
+        .await
+    }
+
+    async fn index_recent(&self, key: &str, limit: usize) -> Result<Vec<String>, LayerError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.data_key("index", key);
+        let shard = consistent_hash(&key, self.inner.shards.len());
+        let mut conn = self.inner.shards[shard].conn.clone();
+        let cmd = redis::cmd("ZREVRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(limit - 1)
+            .to_owned();
+        self.run(shard, async move { cmd.query_async(&mut conn).await })
+            .await
+    }
+}
