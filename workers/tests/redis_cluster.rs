@@ -16,41 +16,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use support::redis_support::{RedisCluster, RedisServer};
-use support::{Proc, Ws, bin, connect, http};
+use support::{Proc, Ws, connect, http, run_to_end};
 use switchyard::layer::{Layer, LayerSettings};
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
-
-/// What a one-shot command did: exit code, stdout, stderr.
-struct Ran {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `switchyard ARGS` to completion, 20 s at most.
-fn run(args: &[&str]) -> Ran {
-    let mut cmd = bin();
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn().expect("the switchyard binary starts");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let Ok(out) = rx.recv_timeout(Duration::from_secs(20)) else {
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
-        panic!("switchyard {args:?} did not exit within 20 s");
-    };
-    let out = out.expect("waits");
-    Ran {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 fn cli(args: &[&str]) -> String {
     let out = Command::new(std::env::var("REDIS_CLI_BIN").unwrap_or_else(|_| "redis-cli".into()))
@@ -82,7 +51,7 @@ fn a_mode_mismatch_stops_every_command_at_startup_with_exit_3() {
         let mut args = args.clone();
         let url = cluster.node_url();
         args.extend(["--layer", &url]);
-        let ran = run(&args);
+        let ran = run_to_end(&args, &[]);
         assert_eq!(ran.code, Some(3), "{args:?}: {}", ran.stderr);
         assert!(
             ran.stderr.contains("is a Redis Cluster node")
@@ -94,11 +63,11 @@ fn a_mode_mismatch_stops_every_command_at_startup_with_exit_3() {
     }
     // The cluster scheme in front of a Redis without cluster mode.
     let url = format!("redis+cluster://127.0.0.1:{}", plain.port());
-    let ran = run(&["serve", "--port", "0", "--layer", &url]);
+    let ran = run_to_end(&["serve", "--port", "0", "--layer", &url], &[]);
     assert_eq!(ran.code, Some(3), "{}", ran.stderr);
     assert!(ran.stderr.contains("not in cluster mode"), "{}", ran.stderr);
     // A database other than 0 does not exist in a cluster: a configuration error (exit 2).
-    let ran = run(&["stats", "--layer", &format!("{}/2", cluster.url())]);
+    let ran = run_to_end(&["stats", "--layer", &format!("{}/2", cluster.url())], &[]);
     assert_eq!(ran.code, Some(2), "{}", ran.stderr);
     assert!(ran.stderr.contains("database 0"), "{}", ran.stderr);
 }
@@ -111,7 +80,7 @@ async fn send_stats_flush_and_the_startup_line_work_on_a_cluster() {
     let url = cluster.url();
     for n in 0..5 {
         let channel = format!("jobs.cluster{n}");
-        let ran = run(&["send", "--layer", &url, &channel, r#"{"n": 1}"#]);
+        let ran = run_to_end(&["send", "--layer", &url, &channel, r#"{"n": 1}"#], &[]);
         assert_eq!(ran.code, Some(0), "{}", ran.stderr);
     }
     // The channels spread over the masters: their keys carry the channel's name as hash tag.
@@ -130,7 +99,7 @@ async fn send_stats_flush_and_the_startup_line_work_on_a_cluster() {
         holders.insert(held[0]);
     }
     assert!(holders.len() > 1, "all five channels on one master");
-    let ran = run(&["stats", "--json", "--layer", &url]);
+    let ran = run_to_end(&["stats", "--json", "--layer", &url], &[]);
     assert_eq!(ran.code, Some(0), "{}", ran.stderr);
     let stats: serde_json::Value = serde_json::from_str(ran.stdout.trim()).unwrap();
     let listed: HashSet<String> = stats["channels"]
@@ -143,7 +112,7 @@ async fn send_stats_flush_and_the_startup_line_work_on_a_cluster() {
     for n in 0..5 {
         assert!(listed.contains(&format!("jobs.cluster{n}")), "{stats}");
     }
-    let ran = run(&["flush", "--layer", &url]);
+    let ran = run_to_end(&["flush", "--layer", &url], &[]);
     assert_eq!(ran.code, Some(0), "{}", ran.stderr);
     for node in &cluster.nodes {
         assert_eq!(

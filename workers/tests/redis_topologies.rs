@@ -9,48 +9,13 @@
 mod support;
 
 use std::collections::HashSet;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use support::redis_support::{RedisServer, SentinelSetup, free_port};
-use support::{Proc, Ws, bin, connect, http};
+use support::{Proc, Ws, connect, http, run_to_end};
 use switchyard::layer::{Layer, LayerSettings};
 use tokio_tungstenite::tungstenite::Message;
-
-/// What a one-shot command did: exit code, stdout, stderr.
-struct Ran {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `switchyard ARGS` (with `env` set) to completion, 20 s at most.
-fn run(args: &[&str], env: &[(&str, &str)]) -> Ran {
-    let mut cmd = bin();
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().expect("the switchyard binary starts");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let Ok(out) = rx.recv_timeout(Duration::from_secs(20)) else {
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
-        panic!("switchyard {args:?} did not exit within 20 s");
-    };
-    let out = out.expect("waits");
-    Ran {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// The next text frame within `limit`, skipping pings; `None` on timeout. A close or any other
 /// frame fails the test: no socket may be closed by a failover.
@@ -79,7 +44,7 @@ fn a_sentinel_behind_a_plain_url_is_refused_with_exit_3() {
     // A sentinel's port behind a plain URL is named for what it is.
     let setup = SentinelSetup::start(0, 1);
     let sentinel_url = format!("redis://127.0.0.1:{}/0", setup.sentinels[0].port());
-    let ran = run(&["stats", "--layer", &sentinel_url], &[]);
+    let ran = run_to_end(&["stats", "--layer", &sentinel_url], &[]);
     assert_eq!(ran.code, Some(3), "{}", ran.stderr);
     assert!(ran.stderr.contains("redis+sentinel://"), "{}", ran.stderr);
 }
@@ -276,7 +241,7 @@ async fn sockets_follow_a_sentinel_failover_to_a_replica_that_missed_writes() {
 fn send_stats_and_flush_work_through_sentinel() {
     let setup = SentinelSetup::start(0, 1);
     let url = setup.url();
-    let ran = run(
+    let ran = run_to_end(
         &["send", "--layer", &url, "jobs.sentinel", r#"{"n": 1}"#],
         &[],
     );
@@ -290,7 +255,7 @@ fn send_stats_and_flush_work_through_sentinel() {
         setup.master.cmd::<usize>(&[b"ZCARD", b"asgijobs.sentinel"]),
         1
     );
-    let ran = run(&["stats", "--json"], &[("REDIS_URL", &url)]);
+    let ran = run_to_end(&["stats", "--json"], &[("REDIS_URL", &url)]);
     assert_eq!(ran.code, Some(0), "{}", ran.stderr);
     let stats: serde_json::Value = serde_json::from_str(ran.stdout.trim()).unwrap();
     assert!(
@@ -301,7 +266,7 @@ fn send_stats_and_flush_work_through_sentinel() {
             .any(|c| c["name"] == "jobs.sentinel" && c["count"] == 1),
         "{stats}"
     );
-    let ran = run(&["flush", "--layer", &url], &[]);
+    let ran = run_to_end(&["flush", "--layer", &url], &[]);
     assert_eq!(ran.code, Some(0), "{}", ran.stderr);
     assert_eq!(
         setup
@@ -311,10 +276,10 @@ fn send_stats_and_flush_work_through_sentinel() {
     );
     // No sentinel where the URL says, or no such master: the layer is unreachable (exit 3).
     let nowhere = format!("redis+sentinel://127.0.0.1:{}/mymaster", free_port());
-    let ran = run(&["stats", "--layer", &nowhere], &[]);
+    let ran = run_to_end(&["stats", "--layer", &nowhere], &[]);
     assert_eq!(ran.code, Some(3), "{}", ran.stderr);
     let wrong = url.replace("/mymaster/", "/othermaster/");
-    let ran = run(&["stats", "--layer", &wrong], &[]);
+    let ran = run_to_end(&["stats", "--layer", &wrong], &[]);
     assert_eq!(ran.code, Some(3), "{}", ran.stderr);
     assert!(ran.stderr.contains("othermaster"), "{}", ran.stderr);
 }
@@ -393,12 +358,12 @@ fn a_password_protected_master_is_reached_through_sentinel() {
     // The password is the master's (and its replicas'); the sentinels need none.
     let setup = SentinelSetup::start_with(0, 1, Some("s3cr%t"));
     let url = setup.url().replace("s3cr%t", "s3cr%25t");
-    let ran = run(&["send", "--layer", &url, "jobs.auth", r#"{"n": 1}"#], &[]);
+    let ran = run_to_end(&["send", "--layer", &url, "jobs.auth", r#"{"n": 1}"#], &[]);
     assert_eq!(ran.code, Some(0), "{}", ran.stderr);
     assert_eq!(setup.master.cmd::<usize>(&[b"ZCARD", b"asgijobs.auth"]), 1);
     // A wrong password is refused at startup, without echoing it.
     let wrong = url.replace("s3cr%25t", "nope");
-    let ran = run(&["stats", "--layer", &wrong], &[]);
+    let ran = run_to_end(&["stats", "--layer", &wrong], &[]);
     assert_eq!(ran.code, Some(3), "{}", ran.stderr);
     assert!(!ran.stderr.contains("nope"), "{}", ran.stderr);
 }

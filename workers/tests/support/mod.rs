@@ -179,3 +179,37 @@ pub async fn http_with(
         .unwrap_or_default();
     (status, body)
 }
+
+/// What a one-shot command did: exit code, stdout, stderr.
+pub struct Ran {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `switchyard ARGS` (with `env` set) to completion, 20 s at most.
+pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> Ran {
+    let mut cmd = bin();
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("the switchyard binary starts");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(20)) else {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        panic!("switchyard {args:?} did not exit within 20 s");
+    };
+    let out = out.expect("waits");
+    Ran {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
