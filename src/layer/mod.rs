@@ -1,5 +1,8 @@
 //! The channel layer: named FIFO channels with expiry and capacity, groups, and process inboxes,
-//! over two backends (in-memory for `dev` and tests, Redis for production).
+//! over two backends (in-memory for `dev` and tests, Redis for production: one server, shards,
+//! Sentinel or Redis Cluster), each implementing the traits of `backend.rs`. On top of the
+//! channels, per connection: channel sessions (`session.rs`) and strict ordering
+//! (`ordering.rs`); beside them, the app's small store (lists, indexes).
 //!
 //! [`Layer`] is the cheap-to-clone sending half (send, groups, flush); [`Receiver`] is the
 //! receiving half, one blocking receive at a time (`&mut self`), with its own connection on Redis.
