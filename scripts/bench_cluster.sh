@@ -23,7 +23,7 @@
 # Every process started here is killed on exit (failure and Ctrl-C included); the whole script
 # stops after MAX_SECONDS, every client after its own timeout.
 #
-#   scripts/bench_cluster.sh                       # 3 runs, ~15 min on 2 cores
+#   scripts/bench_cluster.sh                       # 3 runs, ~8 min on 2 cores
 #   RUNS=1 DURATION=5 scripts/bench_cluster.sh     # a quick look
 #   SWITCHYARD_BIN=/tmp/switchyard.cluster SCENARIOS="echo1000 rooms100" scripts/bench_cluster.sh
 #
@@ -68,8 +68,10 @@ cleanup() {
 on_exit() {
   cleanup
   if [ -n "$WATCHDOG" ]; then
-    pkill -P "$WATCHDOG" 2>/dev/null || true   # its sleep
+    local sleeper
+    sleeper="$(pgrep -P "$WATCHDOG" || true)"   # its sleep, by its parent's id
     kill "$WATCHDOG" 2>/dev/null || true; wait "$WATCHDOG" 2>/dev/null || true
+    if [ -n "$sleeper" ]; then kill $sleeper 2>/dev/null || true; fi
   fi
   rm -rf "$TMP"
 }
