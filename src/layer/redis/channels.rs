@@ -254,7 +254,7 @@ impl ChannelBackend for RedisLayer {
             layer: self.clone(),
             conns: (0..self.inner.shards.len()).map(|_| None).collect(),
             backoff: Duration::ZERO,
-            next_shard: 0,
+            lane_pops: Default::default(),
         }
     }
 }

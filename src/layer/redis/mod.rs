@@ -49,6 +49,7 @@ mod batch;
 mod channels;
 mod cluster;
 mod conn;
+mod lanes;
 mod lease;
 mod registry;
 mod sentinel_url;
@@ -575,7 +576,8 @@ pub struct RedisReceiver {
     /// Each shard's pop connection and the generation of the master it was opened to.
     conns: Vec<Option<(PopConn, u64)>>,
     backoff: Duration,
-    next_shard: usize,
+    /// Blocking pops in flight when the channels span several lanes, and what they brought.
+    lane_pops: lanes::LanePops,
 }
 
 impl fmt::Debug for RedisReceiver {
@@ -874,6 +876,84 @@ impl RedisReceiver {
     }
 }
 
+impl RedisReceiver {
+    /// [`BackendReceiver::receive_many`] over several lanes (see [`lanes`]): what a pop in
+    /// flight brought first, then every lane without a pop in flight swept without waiting, then
+    /// a blocking pop on each of those, all at once, until one brings something or `deadline`.
+    async fn receive_lanes(
+        &mut self,
+        mut lanes: Vec<(usize, Vec<String>)>,
+        deadline: Instant,
+        max: usize,
+    ) -> Result<Vec<Envelope>, LayerError> {
+        let mut out = Vec::new();
+        lanes.shuffle(&mut rand::rng());
+        let all_keys: Vec<String> = lanes.iter().flat_map(|(_, k)| k.iter().cloned()).collect();
+        let key_refs: Vec<&str> = all_keys.iter().map(String::as_str).collect();
+        loop {
+            if let Err((shard, e)) = self.lane_pops.harvest().await {
+                let e = self.failed(shard, &e);
+                self.pause_after_failure(deadline).await;
+                return Err(e);
+            }
+            while let Some((key, members)) = self.lane_pops.take_held(&key_refs) {
+                self.unpack(&key, members, &mut out);
+                if !out.is_empty() {
+                    return Ok(out);
+                }
+            }
+            for (shard, keys) in &lanes {
+                if self.lane_pops.in_flight(keys) {
+                    continue;
+                }
+                match self.pop_now(*shard, keys, max).await {
+                    Ok(Some((key, members))) => {
+                        self.unpack(&key, members, &mut out);
+                        if !out.is_empty() {
+                            return Ok(out);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.pause_after_failure(deadline).await;
+                        return Err(e);
+                    }
+                }
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Ok(out);
+            }
+            // A pop may outlive this call (what it brings is held for the next): bound it so
+            // a receiver that stops asking does not keep connections blocked for long.
+            let block = remaining.clamp(Duration::from_millis(1), Duration::from_secs(5));
+            for (shard, keys) in &lanes {
+                if self.lane_pops.in_flight(keys) {
+                    continue;
+                }
+                let conn = match self.lane_pops.idle_conn(*shard) {
+                    Some(c) => c,
+                    None => match open_pop_conn(&self.layer.inner.shards[*shard].conn).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let e = self.failed(*shard, &e);
+                            self.pause_after_failure(deadline).await;
+                            return Err(e);
+                        }
+                    },
+                };
+                let bzmpop = self.layer.inner.shards[*shard]
+                    .has_bzmpop
+                    .load(Ordering::Relaxed);
+                let layer = self.layer.clone();
+                self.lane_pops
+                    .start(&layer, *shard, conn, keys.clone(), block, max, bzmpop);
+            }
+            self.lane_pops.wait(deadline).await;
+        }
+    }
+}
+
 impl BackendReceiver for RedisReceiver {
     /// Up to `max` messages from one of `channels` in one blocking BZMPOP, so a busy channel
     /// costs one command per batch instead of one per message. Every envelope of a group
@@ -906,46 +986,19 @@ impl BackendReceiver for RedisReceiver {
             }
         }
         let deadline = Instant::now() + timeout;
-        // With channels on several shards (or slots) no single pop covers them all: take
-        // turns in short slices. On one (the usual case) the pop blocks for the whole timeout.
-        let slice = if lanes.len() > 1 {
-            Duration::from_millis(50)
-        } else {
-            timeout
-        };
+        if lanes.len() > 1 {
+            return self.receive_lanes(lanes, deadline, max).await;
+        }
         loop {
             let now = Instant::now();
             if now >= deadline && !timeout.is_zero() {
                 return Ok(out);
             }
-            if lanes.len() > 1 {
-                // Every lane once without waiting first, so what waits anywhere is taken at
-                // once; only then one lane blocks for a slice.
-                for k in 0..lanes.len() {
-                    let (shard, keys) = &lanes[(self.next_shard + k) % lanes.len()];
-                    match self.pop_now(*shard, keys, max).await {
-                        Ok(Some((key, members))) => {
-                            self.unpack(&key, members, &mut out);
-                            if !out.is_empty() {
-                                self.next_shard = self.next_shard.wrapping_add(k + 1);
-                                return Ok(out);
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            self.pause_after_failure(deadline).await;
-                            return Err(e);
-                        }
-                    }
-                }
-            }
-            let lane = self.next_shard % lanes.len();
-            let (shard, keys) = &mut lanes[lane];
-            self.next_shard = self.next_shard.wrapping_add(1);
+            let (shard, keys) = &mut lanes[0];
             if keys.len() > 1 {
                 keys.shuffle(&mut rand::rng());
             }
-            let block = slice.min(deadline.saturating_duration_since(now));
+            let block = deadline.saturating_duration_since(now);
             match self.pop_batch(*shard, keys, block, max).await {
                 Ok(Some((key, members))) => {
                     self.unpack(&key, members, &mut out);
