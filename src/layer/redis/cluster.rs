@@ -13,8 +13,8 @@
 //! `…:idem:*`), so a durable channel's scripts stay in one slot and channels spread over the
 //! slots. The lease index script, which reads the leases set and writes an inbox's group index,
 //! becomes a `ZSCORE` then a one-slot write; coalesced ordering steps are coalesced per slot;
-//! a receiver's blocking pops take the keys of one slot each, the slots taking turns (as shards
-//! do); durable-job reads likewise. Everything else is one key per command already.
+//! a receiver's blocking pops take the keys of one slot each, one pop per slot at once (see
+//! [`super::lanes`]); durable-job reads take turns over the slots. Everything else is one key per command already.
 
 use futures_util::future::join_all;
 use redis::aio::ConnectionLike;
