@@ -153,32 +153,9 @@ pub(crate) async fn handshake(
     host: Option<RequestHost>,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
-    if req.method() != Method::GET {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "WebSocket handshake must be a GET\n",
-        );
-    }
-    if req
-        .headers()
-        .get(SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
-        let mut resp = plain(
-            StatusCode::UPGRADE_REQUIRED,
-            "Unsupported WebSocket version\n",
-        );
-        resp.headers_mut()
-            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-        return resp;
-    }
-    let Some(key) = req
-        .headers()
-        .get(SEC_WEBSOCKET_KEY)
-        .map(|k| k.as_bytes().to_vec())
-    else {
-        return plain(StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key\n");
+    let key = match upgrade_key(&req) {
+        Ok(key) => key,
+        Err(refused) => return *refused,
     };
     let mut subprotocol = choose_subprotocol(&shared.config.ws_protocols, &req);
     let mut head = match RequestHead::from_parts(
@@ -276,36 +253,9 @@ pub(crate) async fn handshake(
             1,
         )),
     };
-    let deadline = super::deadline_after(shared.config.websocket_connect_timeout);
-    let first = loop {
-        let reply = tokio::select! {
-            _ = shared.inbox_gone.cancelled() => Ok(None),
-            reply = tokio::time::timeout_at(deadline, local.recv()) => reply,
-        };
-        match reply {
-            Ok(Some(envelope)) => match shared.frames.decode(&envelope) {
-                Ok(reply) if reply.accepts() => break reply,
-                Ok(reply) if reply.accept == Some(false) || reply.close.is_some() => {
-                    ServerMetrics::inc(&shared.metrics.ws_rejected);
-                    ws_log(&client, "WSREJECT", &path, Some(403));
-                    return plain(StatusCode::FORBIDDEN, "Access denied\n");
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    ServerMetrics::inc(&shared.metrics.bad_replies);
-                    tracing::warn!(channel = %reply_channel, error = %e, "socket reply ignored");
-                }
-            },
-            Ok(None) => {
-                ws_log(&client, "WSREJECT", &path, Some(503));
-                return unavailable(&shared, "Replies cannot be received\n");
-            }
-            Err(_) => {
-                ServerMetrics::inc(&shared.metrics.ws_connect_timeouts);
-                ws_log(&client, "WSREJECT", &path, Some(503));
-                return unavailable(&shared, "Worker did not answer the connection in time\n");
-            }
-        }
+    let first = match worker_verdict(&shared, &mut local, &client, &path).await {
+        Ok(first) => first,
+        Err(refused) => return *refused,
     };
     let upgrade = hyper::upgrade::on(&mut req);
     let task_shared = Arc::clone(&shared);
@@ -346,12 +296,100 @@ pub(crate) async fn handshake(
         drop(permit);
     });
     ServerMetrics::inc(&shared.metrics.ws_accepted);
+    switching_protocols(&key, subprotocol)
+}
+
+/// The `Sec-WebSocket-Key` of a well-formed upgrade request (a GET of WebSocket version 13),
+/// or the answer to one that is not.
+fn upgrade_key(req: &Request<Incoming>) -> Result<Vec<u8>, Box<Response<Body>>> {
+    if req.method() != Method::GET {
+        return Err(Box::new(plain(
+            StatusCode::BAD_REQUEST,
+            "WebSocket handshake must be a GET\n",
+        )));
+    }
+    if req
+        .headers()
+        .get(SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut resp = plain(
+            StatusCode::UPGRADE_REQUIRED,
+            "Unsupported WebSocket version\n",
+        );
+        resp.headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return Err(Box::new(resp));
+    }
+    req.headers()
+        .get(SEC_WEBSOCKET_KEY)
+        .map(|k| k.as_bytes().to_vec())
+        .ok_or_else(|| {
+            Box::new(plain(
+                StatusCode::BAD_REQUEST,
+                "Missing Sec-WebSocket-Key\n",
+            ))
+        })
+}
+
+/// Waits (up to the connect timeout) for the worker's answer to `websocket.connect` on the
+/// socket's channel: its accepting reply, or the handshake's answer when it refused (403), did
+/// not answer in time (503) or replies cannot be received (503). Undecodable replies are
+/// counted and skipped.
+async fn worker_verdict(
+    shared: &Arc<Shared>,
+    local: &mut LocalChannel,
+    client: &str,
+    path: &str,
+) -> Result<SocketReply, Box<Response<Body>>> {
+    let deadline = super::deadline_after(shared.config.websocket_connect_timeout);
+    loop {
+        let reply = tokio::select! {
+            _ = shared.inbox_gone.cancelled() => Ok(None),
+            reply = tokio::time::timeout_at(deadline, local.recv()) => reply,
+        };
+        match reply {
+            Ok(Some(envelope)) => match shared.frames.decode(&envelope) {
+                Ok(reply) if reply.accepts() => return Ok(reply),
+                Ok(reply) if reply.accept == Some(false) || reply.close.is_some() => {
+                    ServerMetrics::inc(&shared.metrics.ws_rejected);
+                    ws_log(client, "WSREJECT", path, Some(403));
+                    return Err(Box::new(plain(StatusCode::FORBIDDEN, "Access denied\n")));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    ServerMetrics::inc(&shared.metrics.bad_replies);
+                    tracing::warn!(channel = %local.name(), error = %e, "socket reply ignored");
+                }
+            },
+            Ok(None) => {
+                ws_log(client, "WSREJECT", path, Some(503));
+                return Err(Box::new(unavailable(
+                    shared,
+                    "Replies cannot be received\n",
+                )));
+            }
+            Err(_) => {
+                ServerMetrics::inc(&shared.metrics.ws_connect_timeouts);
+                ws_log(client, "WSREJECT", path, Some(503));
+                return Err(Box::new(unavailable(
+                    shared,
+                    "Worker did not answer the connection in time\n",
+                )));
+            }
+        }
+    }
+}
+
+/// The 101 that completes a handshake.
+fn switching_protocols(key: &[u8], subprotocol: Option<HeaderValue>) -> Response<Body> {
     let mut resp = Response::new(empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = resp.headers_mut();
     headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(&key)) {
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key)) {
         headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
     }
     if let Some(protocol) = subprotocol {
