@@ -263,7 +263,12 @@ impl RedisCluster {
             let conf = dir.file(&format!("nodes-{i}.conf"));
             // Each node its own RDB file: a replica's full sync writes one into the shared dir.
             let rdb = format!("node-{i}.rdb");
+            // The bus port is chosen free too: by default it is the port + 10000, which may be
+            // taken, or past 65535.
+            let bus = free_port().to_string();
             nodes.push(RedisServer::start_with(&[
+                "--cluster-port",
+                &bus,
                 "--dbfilename",
                 &rdb,
                 "--cluster-enabled",
@@ -317,7 +322,10 @@ impl RedisCluster {
     pub fn add_node(&mut self) -> u16 {
         let conf = self.dir.file(&format!("nodes-{}.conf", self.nodes.len()));
         let rdb = format!("node-{}.rdb", self.nodes.len());
+        let bus = free_port().to_string();
         let node = RedisServer::start_with(&[
+            "--cluster-port",
+            &bus,
             "--dbfilename",
             &rdb,
             "--cluster-enabled",
