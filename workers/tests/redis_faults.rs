@@ -8,29 +8,15 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use support::redis_support::RedisServer;
-use support::{Proc, Ws, bin, connect, http};
+use support::{Proc, Ws, bin, broadcasts_resume, connect, http, text_within};
 use switchyard::layer::{Layer, LayerSettings};
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// The next text frame within `limit`, skipping pings; `None` on timeout.
-async fn text_within(ws: &mut Ws, limit: Duration) -> Option<String> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next()).await.ok()??;
-        match msg.expect("frame") {
-            Message::Text(t) => return Some(t.to_string()),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected text, got {other:?}"),
-        }
-    }
-}
 
 /// The close code the server sends within `limit`.
 async fn close_code(ws: &mut Ws, limit: Duration) -> Option<u16> {
@@ -123,51 +109,6 @@ async fn join_room(
     })
     .await;
     sockets
-}
-
-/// Broadcasts numbered frames into `group` every 50 ms until every socket has received one
-/// sent after this call began; returns how long that took.
-async fn broadcasts_resume(
-    layer: &Layer,
-    group: &str,
-    sockets: &mut [Ws],
-    limit: Duration,
-) -> Duration {
-    let start = Instant::now();
-    let mut reached: HashSet<usize> = HashSet::new();
-    let mut sent: HashSet<String> = HashSet::new();
-    let mut n = 0u64;
-    while reached.len() < sockets.len() {
-        assert!(
-            start.elapsed() < limit,
-            "only {} of {} sockets received a broadcast within {limit:?} of Redis answering",
-            reached.len(),
-            sockets.len()
-        );
-        n += 1;
-        let text = format!("after-{n}");
-        // During recovery a send may still fail; the next one is tried 50 ms later.
-        if layer
-            .group_send(group, &serde_json::json!({ "text": text }))
-            .await
-            .is_ok()
-        {
-            sent.insert(text);
-        }
-        for (i, ws) in sockets.iter_mut().enumerate() {
-            if reached.contains(&i) {
-                continue;
-            }
-            while let Some(t) = text_within(ws, Duration::from_millis(1)).await {
-                if sent.contains(&t) {
-                    reached.insert(i);
-                    break;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    start.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

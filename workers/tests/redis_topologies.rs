@@ -8,28 +8,13 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use support::redis_support::{RedisServer, SentinelSetup, free_port};
-use support::{Proc, Ws, connect, http, run_to_end};
+use support::{Proc, broadcasts_resume, connect, http, run_to_end, text_within};
 use switchyard::layer::{Layer, LayerSettings};
 use tokio_tungstenite::tungstenite::Message;
-
-/// The next text frame within `limit`, skipping pings; `None` on timeout. A close or any other
-/// frame fails the test: no socket may be closed by a failover.
-async fn text_within(ws: &mut Ws, limit: Duration) -> Option<String> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next()).await.ok()??;
-        match msg.expect("frame") {
-            Message::Text(t) => return Some(t.to_string()),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected text, got {other:?}"),
-        }
-    }
-}
 
 async fn healthz(base: &str) -> (u16, serde_json::Value) {
     let (status, body) = http(base, "GET", "/healthz", "").await;
@@ -68,51 +53,6 @@ async fn the_startup_line_and_healthz_name_the_mode() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["layer_mode"], mode, "{body}");
     }
-}
-
-/// Broadcasts numbered frames into `group` every 50 ms until every socket has received one
-/// sent after this call began; returns how long that took.
-async fn broadcasts_resume(
-    layer: &Layer,
-    group: &str,
-    sockets: &mut [Ws],
-    limit: Duration,
-) -> Duration {
-    let start = Instant::now();
-    let mut reached: HashSet<usize> = HashSet::new();
-    let mut sent: HashSet<String> = HashSet::new();
-    let mut n = 0u64;
-    while reached.len() < sockets.len() {
-        assert!(
-            start.elapsed() < limit,
-            "only {} of {} sockets received a broadcast within {limit:?}",
-            reached.len(),
-            sockets.len()
-        );
-        n += 1;
-        let text = format!("after-{n}");
-        // During the failover a send fails; the next one is tried 50 ms later.
-        if layer
-            .group_send(group, &serde_json::json!({ "text": text }))
-            .await
-            .is_ok()
-        {
-            sent.insert(text);
-        }
-        for (i, ws) in sockets.iter_mut().enumerate() {
-            if reached.contains(&i) {
-                continue;
-            }
-            while let Some(t) = text_within(ws, Duration::from_millis(1)).await {
-                if sent.contains(&t) {
-                    reached.insert(i);
-                    break;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    start.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,12 +5,14 @@
 #[path = "../../../tests/support/mod.rs"]
 pub mod redis_support;
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use switchyard::layer::Layer;
 use tokio_tungstenite::tungstenite::Message;
 
 /// A running `switchyard` child.
@@ -212,4 +214,64 @@ pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> Ran {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// The next text frame within `limit`, skipping pings; `None` on timeout. A close or any other
+/// frame fails the test: no socket may be closed by a failover.
+pub async fn text_within(ws: &mut Ws, limit: Duration) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.ok()??;
+        match msg.expect("frame") {
+            Message::Text(t) => return Some(t.to_string()),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+/// Broadcasts numbered frames into `group` every 50 ms until every socket has received one
+/// sent after this call began; returns how long that took.
+pub async fn broadcasts_resume(
+    layer: &Layer,
+    group: &str,
+    sockets: &mut [Ws],
+    limit: Duration,
+) -> Duration {
+    let start = Instant::now();
+    let mut reached: HashSet<usize> = HashSet::new();
+    let mut sent: HashSet<String> = HashSet::new();
+    let mut n = 0u64;
+    while reached.len() < sockets.len() {
+        assert!(
+            start.elapsed() < limit,
+            "only {} of {} sockets received a broadcast within {limit:?}",
+            reached.len(),
+            sockets.len()
+        );
+        n += 1;
+        let text = format!("after-{n}");
+        // While Redis recovers (a restart, a failover) a send may fail; the next one is
+        // tried 50 ms later.
+        if layer
+            .group_send(group, &serde_json::json!({ "text": text }))
+            .await
+            .is_ok()
+        {
+            sent.insert(text);
+        }
+        for (i, ws) in sockets.iter_mut().enumerate() {
+            if reached.contains(&i) {
+                continue;
+            }
+            while let Some(t) = text_within(ws, Duration::from_millis(1)).await {
+                if sent.contains(&t) {
+                    reached.insert(i);
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start.elapsed()
 }
