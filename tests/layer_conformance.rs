@@ -1,7 +1,8 @@
 //! The channel-layer conformance suite (asgiref 1.x `conformance.py`, plus Switchyard's own
-//! guarantees), instantiated once per backend: every test name appears under `memory::` and
-//! `redis::` and `sentinel::`: the Redis tests each run against a fresh redis-server, the
-//! Sentinel ones through a `redis+sentinel://` URL to a fresh master and sentinel.
+//! guarantees), instantiated once per backend: every test name appears under `memory::`,
+//! `redis::`, `sentinel::` and `cluster::`: the Redis tests each run against a fresh
+//! redis-server, the Sentinel ones through a `redis+sentinel://` URL to a fresh master and
+//! sentinel, the Cluster ones through `redis+cluster://` to a fresh 3-master cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;

@@ -580,67 +580,74 @@ pub enum Backend {
 #[derive(Debug)]
 pub struct Fixture {
     pub layer: Layer,
+    /// The redis-server of `Backend::Redis`, for tests that stop, restart or inspect it.
     pub redis: Option<RedisServer>,
-    pub sentinel: Option<SentinelSetup>,
-    pub cluster: Option<RedisCluster>,
+    /// The layer URL, for peers (`None` on memory, where peers share the layer).
+    url: Option<String>,
+    /// Keeps a Sentinel or Cluster deployment running as long as the fixture.
+    _deployment: Option<Deployment>,
+}
+
+#[derive(Debug)]
+enum Deployment {
+    Sentinel(SentinelSetup),
+    Cluster(RedisCluster),
 }
 
 impl Fixture {
-    /// A layer on `backend` with `settings` (a fresh redis-server for Redis).
+    /// A layer on `backend` with `settings` (a fresh redis-server, sentinel or cluster).
     pub async fn new(backend: Backend, settings: LayerSettings) -> Fixture {
-        match backend {
-            Backend::Memory => Fixture {
-                layer: Layer::from_url("memory://", settings).await.unwrap(),
-                redis: None,
-                sentinel: None,
-                cluster: None,
-            },
+        let (url, redis, deployment, mode) = match backend {
+            Backend::Memory => {
+                return Fixture {
+                    layer: Layer::from_url("memory://", settings).await.unwrap(),
+                    redis: None,
+                    url: None,
+                    _deployment: None,
+                };
+            }
             Backend::Redis => {
                 let redis = RedisServer::start();
-                let layer = Layer::from_url(&redis.url(), settings).await.unwrap();
-                Fixture {
-                    layer,
-                    redis: Some(redis),
-                    sentinel: None,
-                    cluster: None,
-                }
+                (redis.url(), Some(redis), None, "single")
             }
             Backend::Sentinel => {
                 let setup = tokio::task::spawn_blocking(|| SentinelSetup::start(0, 1))
                     .await
                     .unwrap();
-                let layer = Layer::from_url(&setup.url(), settings).await.unwrap();
-                assert_eq!(layer.mode(), "sentinel");
-                Fixture {
-                    layer,
-                    redis: None,
-                    sentinel: Some(setup),
-                    cluster: None,
-                }
+                (
+                    setup.url(),
+                    None,
+                    Some(Deployment::Sentinel(setup)),
+                    "sentinel",
+                )
             }
             Backend::Cluster => {
                 let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 0))
                     .await
                     .unwrap();
-                let layer = Layer::from_url(&cluster.url(), settings).await.unwrap();
-                assert_eq!(layer.mode(), "cluster");
-                Fixture {
-                    layer,
-                    redis: None,
-                    sentinel: None,
-                    cluster: Some(cluster),
-                }
+                (
+                    cluster.url(),
+                    None,
+                    Some(Deployment::Cluster(cluster)),
+                    "cluster",
+                )
             }
+        };
+        let layer = Layer::from_url(&url, settings).await.unwrap();
+        assert_eq!(layer.mode(), mode);
+        Fixture {
+            layer,
+            redis,
+            url: Some(url),
+            _deployment: deployment,
         }
     }
 
     /// A second layer (another "process") on the same backend, with its own settings.
     pub async fn peer(&self, settings: LayerSettings) -> Layer {
-        match (&self.redis, &self.sentinel, &self.cluster) {
-            (Some(r), _, _) => Layer::from_url(&r.url(), settings).await.unwrap(),
-            (None, Some(s), _) => Layer::from_url(&s.url(), settings).await.unwrap(),
-            (None, None, Some(c)) => Layer::from_url(&c.url(), settings).await.unwrap(),
-            (None, None, None) => self.layer.clone(),
+        match &self.url {
+            Some(url) => Layer::from_url(url, settings).await.unwrap(),
+            None => self.layer.clone(),
         }
     }
 }
