@@ -6,7 +6,7 @@
 //! several slots, and the layer pipelines freely (a group send writes one message per inbox key,
 //! a flush one `UNLINK` per key): [`pipeline`] sends such a pipeline as one pipeline per slot,
 //! all at once (redis-rs puts those for one node on its connection together), and puts the
-//! replies back in order. A command without a key (`SCRIPT LOAD`) goes with every part.
+//! replies back in order. A command without a key (`SCRIPT LOAD`) goes first in every part.
 //!
 //! Keys: every script touches keys of one slot. A channel's keys carry its name as hash tag
 //! (`{prefix}{<name>}`, and a durable channel's `{prefix}:jobs:{<name>}`, `…:retry`, `…:dead`,
@@ -15,6 +15,8 @@
 //! becomes a `ZSCORE` then a one-slot write; coalesced ordering steps are coalesced per slot;
 //! a receiver's blocking pops take the keys of one slot each, one pop per slot at once (see
 //! [`super::lanes`]); durable-job reads take turns over the slots. Everything else is one key per command already.
+
+use std::collections::HashMap;
 
 use futures_util::future::join_all;
 use redis::aio::ConnectionLike;
@@ -109,31 +111,29 @@ pub(super) async fn pipeline(
     count: usize,
 ) -> RedisResult<Vec<Value>> {
     let slots = slots(pipe);
-    let mut distinct: Vec<Slot> = Vec::new();
-    for s in slots.iter().flatten() {
-        if !distinct.contains(s) {
-            distinct.push(*s);
-        }
-    }
-    if pipe.is_transaction() || distinct.len() <= 1 {
+    let first = slots.iter().flatten().next().copied();
+    if pipe.is_transaction() || slots.iter().flatten().all(|s| Some(*s) == first) {
         return conn.req_packed_commands(pipe, offset, count).await;
     }
+    // One part per slot, in the order the slots first appear, each with the indices in `pipe`
+    // of its commands. A keyless command (`SCRIPT LOAD`) goes first in every part.
     let commands: Vec<&Cmd> = pipe.cmd_iter().collect();
-    // Per part: its pipeline and, per command in it, the index in `pipe`.
-    let parts: Vec<(Pipeline, Vec<usize>)> = distinct
-        .iter()
-        .map(|slot| {
+    let keyless: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
+    let mut part_of: HashMap<Slot, usize> = HashMap::new();
+    let mut parts: Vec<(Pipeline, Vec<usize>)> = Vec::new();
+    for (i, slot) in slots.iter().enumerate() {
+        let Some(slot) = slot else { continue };
+        let at = *part_of.entry(*slot).or_insert_with(|| {
             let mut part = redis::pipe();
-            let mut indices = Vec::new();
-            for (i, s) in slots.iter().enumerate() {
-                if s.is_none() || s.as_ref() == Some(slot) {
-                    part.add_command(commands[i].clone());
-                    indices.push(i);
-                }
+            for &k in &keyless {
+                part.add_command(commands[k].clone());
             }
-            (part, indices)
-        })
-        .collect();
+            parts.push((part, keyless.clone()));
+            parts.len() - 1
+        });
+        parts[at].0.add_command(commands[i].clone());
+        parts[at].1.push(i);
+    }
     let replies = join_all(parts.iter().map(|(part, _)| {
         let mut conn = conn.clone();
         async move { conn.req_packed_commands(part, 0, part.len()).await }
@@ -144,7 +144,7 @@ pub(super) async fn pipeline(
     {
         return Err(first.clone());
     }
-    let mut out: Vec<Option<Value>> = vec![None; commands.len()];
+    let mut out: Vec<Option<Value>> = vec![None; slots.len()];
     for ((_, indices), reply) in parts.iter().zip(replies) {
         match reply {
             Ok(values) => {

@@ -532,10 +532,11 @@ impl RedisLayer {
         }
     }
 
+    /// [`RedisLayer::scan`] on every master of a Redis Cluster.
     async fn scan_cluster(
         &self,
         shard: usize,
-        mut conn: redis::cluster_async::ClusterConnection,
+        conn: redis::cluster_async::ClusterConnection,
         pattern: &str,
     ) -> Result<Vec<Vec<u8>>, LayerError> {
         let mut ask = conn.clone();
@@ -560,12 +561,7 @@ impl RedisLayer {
                 cursor = next;
             }
         }
-        let _ = &mut conn;
         Ok(out)
-    }
-
-    fn data_key(&self, kind: &str, key: &str) -> String {
-        format!("{}:{kind}:{key}", self.inner.settings.prefix)
     }
 }
 

@@ -4,6 +4,16 @@
 use super::*;
 use crate::layer::backend::AppStore;
 
+impl RedisLayer {
+    /// The key of app data `key` of `kind`, its shard and that shard's connection.
+    fn data_home(&self, kind: &str, key: &str) -> (String, usize, SharedConn) {
+        let key = format!("{}:{kind}:{key}", self.inner.settings.prefix);
+        let shard = consistent_hash(&key, self.inner.shards.len());
+        let conn = self.inner.shards[shard].conn.clone();
+        (key, shard, conn)
+    }
+}
+
 impl AppStore for RedisLayer {
     async fn list_push(
         &self,
@@ -12,9 +22,7 @@ impl AppStore for RedisLayer {
         keep: usize,
         ttl: Duration,
     ) -> Result<(), LayerError> {
-        let key = self.data_key("list", key);
-        let shard = consistent_hash(&key, self.inner.shards.len());
-        let mut conn = self.inner.shards[shard].conn.clone();
+        let (key, shard, mut conn) = self.data_home("list", key);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("RPUSH")
@@ -38,9 +46,7 @@ impl AppStore for RedisLayer {
     }
 
     async fn list_items(&self, key: &str) -> Result<Vec<Bytes>, LayerError> {
-        let key = self.data_key("list", key);
-        let shard = consistent_hash(&key, self.inner.shards.len());
-        let mut conn = self.inner.shards[shard].conn.clone();
+        let (key, shard, mut conn) = self.data_home("list", key);
         let cmd = redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).to_owned();
         let items: Vec<Vec<u8>> = self
             .run(shard, async move { cmd.query_async(&mut conn).await })
@@ -55,9 +61,7 @@ impl AppStore for RedisLayer {
         keep: usize,
         ttl: Duration,
     ) -> Result<(), LayerError> {
-        let key = self.data_key("index", key);
-        let shard = consistent_hash(&key, self.inner.shards.len());
-        let mut conn = self.inner.shards[shard].conn.clone();
+        let (key, shard, mut conn) = self.data_home("index", key);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("ZADD")
@@ -85,9 +89,7 @@ impl AppStore for RedisLayer {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let key = self.data_key("index", key);
-        let shard = consistent_hash(&key, self.inner.shards.len());
-        let mut conn = self.inner.shards[shard].conn.clone();
+        let (key, shard, mut conn) = self.data_home("index", key);
         let cmd = redis::cmd("ZREVRANGE")
             .arg(&key)
             .arg(0)
