@@ -254,7 +254,7 @@ impl ChannelBackend for RedisLayer {
             layer: self.clone(),
             conns: (0..self.inner.shards.len()).map(|_| None).collect(),
             backoff: Duration::ZERO,
-            lane_pops: Default::default(),
+            lane_pops: super::lanes::LanePops::new(self.clone()),
         }
     }
 }

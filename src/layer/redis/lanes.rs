@@ -18,7 +18,6 @@ use super::{DEAD_CONNECTION_MARGIN, PopConn, PoppedBatch, RedisLayer, parse_bzmp
 use crate::layer::backend::ChannelBackend;
 
 /// The pops in flight of one receiver, and what they brought that no receive took yet.
-#[derive(Default)]
 pub(super) struct LanePops {
     inflight: Vec<LanePop>,
     held: Vec<PoppedBatch>,
@@ -26,7 +25,7 @@ pub(super) struct LanePops {
     idle: Vec<(usize, PopConn)>,
     /// Woken by every pop that finishes.
     finished: Arc<Notify>,
-    layer: Option<RedisLayer>,
+    layer: RedisLayer,
 }
 
 /// What a pop hands back: its connection (unless it failed), and what it popped.
@@ -86,6 +85,16 @@ async fn blocking_pop(
 }
 
 impl LanePops {
+    pub(super) fn new(layer: RedisLayer) -> Self {
+        LanePops {
+            inflight: Vec::new(),
+            held: Vec::new(),
+            idle: Vec::new(),
+            finished: Arc::default(),
+            layer,
+        }
+    }
+
     /// Takes the finished pops: their connections go back to the pool, their batches are held.
     /// The first failure is returned (after every finished pop is taken).
     pub(super) async fn harvest(&mut self) -> Result<(), (usize, RedisError)> {
@@ -147,18 +156,17 @@ impl LanePops {
     }
 
     /// Starts a blocking pop on `keys` of `shard`.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         &mut self,
-        layer: &RedisLayer,
         shard: usize,
         conn: PopConn,
         keys: Vec<String>,
         block: Duration,
         count: usize,
-        bzmpop: bool,
     ) {
-        self.layer.get_or_insert_with(|| layer.clone());
+        let bzmpop = self.layer.inner.shards[shard]
+            .has_bzmpop
+            .load(std::sync::atomic::Ordering::Relaxed);
         let finished = Arc::clone(&self.finished);
         let mut sorted = keys.clone();
         sorted.sort();
@@ -210,8 +218,7 @@ impl RedisLayer {
 
 impl Drop for LanePops {
     fn drop(&mut self) {
-        let (Some(layer), Ok(runtime)) = (self.layer.take(), tokio::runtime::Handle::try_current())
-        else {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let inflight = std::mem::take(&mut self.inflight);
@@ -219,6 +226,7 @@ impl Drop for LanePops {
         if inflight.is_empty() && held.is_empty() {
             return;
         }
+        let layer = self.layer.clone();
         runtime.spawn(async move {
             for pop in inflight {
                 if let Ok((_, Ok(Some(batch)))) = pop.handle.await {

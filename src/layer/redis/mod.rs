@@ -938,12 +938,7 @@ impl RedisReceiver {
                         }
                     },
                 };
-                let bzmpop = self.layer.inner.shards[*shard]
-                    .has_bzmpop
-                    .load(Ordering::Relaxed);
-                let layer = self.layer.clone();
-                self.lane_pops
-                    .start(&layer, *shard, conn, keys.clone(), block, max, bzmpop);
+                self.lane_pops.start(*shard, conn, keys.clone(), block, max);
             }
             self.lane_pops.wait(deadline).await;
         }
