@@ -35,7 +35,7 @@ fn default_scheme() -> String {
 }
 
 /// `http.request`: one HTTP request, with its body (or its start, when `body_channel` is set).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct HttpRequest {
     /// Where the response goes.
@@ -89,14 +89,7 @@ impl HttpRequest {
             method: method.into(),
             scheme: default_scheme(),
             path: path.into(),
-            query_string: ByteString::default(),
-            root_path: String::new(),
-            headers: Vec::new(),
-            body: ByteString::default(),
-            body_channel: None,
-            client: None,
-            server: None,
-            user: None,
+            ..Default::default()
         }
     }
 
@@ -190,7 +183,7 @@ impl HttpDisconnect {
 }
 
 /// `websocket.connect`: a client asks to open a socket; the reply decides the handshake.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct WebsocketConnect {
     /// Where frames for this socket go.
@@ -235,13 +228,7 @@ impl WebsocketConnect {
             reply_channel: reply_channel.into(),
             scheme: default_ws_scheme(),
             path: path.into(),
-            query_string: ByteString::default(),
-            root_path: String::new(),
-            headers: Vec::new(),
-            client: None,
-            server: None,
-            order: 0,
-            user: None,
+            ..Default::default()
         }
     }
 
@@ -282,14 +269,13 @@ impl WebsocketReceive {
         text: impl Into<String>,
         order: u64,
     ) -> Self {
-        WebsocketReceive {
-            reply_channel: reply_channel.into(),
-            path: path.into(),
-            text: Some(text.into()),
-            bytes: None,
+        Self::frame(
+            reply_channel.into(),
+            path.into(),
+            Some(text.into()),
+            None,
             order,
-            user: None,
-        }
+        )
     }
     /// A binary frame.
     pub fn bytes(
@@ -298,11 +284,26 @@ impl WebsocketReceive {
         bytes: impl Into<ByteString>,
         order: u64,
     ) -> Self {
+        Self::frame(
+            reply_channel.into(),
+            path.into(),
+            None,
+            Some(bytes.into()),
+            order,
+        )
+    }
+    fn frame(
+        reply_channel: String,
+        path: String,
+        text: Option<String>,
+        bytes: Option<ByteString>,
+        order: u64,
+    ) -> Self {
         WebsocketReceive {
-            reply_channel: reply_channel.into(),
-            path: path.into(),
-            text: None,
-            bytes: Some(bytes.into()),
+            reply_channel,
+            path,
+            text,
+            bytes,
             order,
             user: None,
         }

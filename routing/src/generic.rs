@@ -62,34 +62,11 @@ pub trait WebsocketConsumer: Send + Sync + 'static {
     }
 }
 
-/// A WebSocket consumer speaking JSON text frames.
-pub trait JsonWebsocketConsumer: Send + Sync + 'static {
-    /// Groups the connection joins on connect and leaves on disconnect.
-    fn groups(&self, _kwargs: &Kwargs) -> Vec<String> {
-        Vec::new()
-    }
-    /// Run this connection's messages strictly in order, across workers (off by default: see
-    /// [`WebsocketConsumer::strict_ordering`]).
-    fn strict_ordering(&self) -> bool {
-        false
-    }
-    /// Load the channel session before each hook.
-    fn channel_session(&self) -> bool {
-        false
-    }
-    /// Load the web (Django) session of the connection before each hook.
-    fn http_session(&self) -> bool {
-        false
-    }
-    /// The handshake. Accepts by default.
-    fn connect(
-        &self,
-        _message: &Message,
-        ctx: &Ctx,
-    ) -> impl Future<Output = Result<(), ConsumerError>> + Send {
-        let accepted = ctx.accept();
-        async move { accepted }
-    }
+/// A WebSocket consumer speaking JSON text frames: a [`WebsocketConsumer`] (its groups, options,
+/// connect and disconnect hooks) whose text frames arrive decoded, as Channels'
+/// `JsonWebsocketConsumer` subclasses `WebsocketConsumer`. Route it with [`route_json`]; its
+/// `WebsocketConsumer::receive` is not called.
+pub trait JsonWebsocketConsumer: WebsocketConsumer {
     /// A JSON text frame, decoded. Reply with [`Ctx::send_json`].
     fn receive_json(
         &self,
@@ -97,14 +74,6 @@ pub trait JsonWebsocketConsumer: Send + Sync + 'static {
         message: &Message,
         ctx: &Ctx,
     ) -> impl Future<Output = Result<(), ConsumerError>> + Send;
-    /// The socket closed.
-    fn disconnect(
-        &self,
-        _message: &Message,
-        _ctx: &Ctx,
-    ) -> impl Future<Output = Result<(), ConsumerError>> + Send {
-        async { Ok(()) }
-    }
 }
 
 /// Adapts a [`JsonWebsocketConsumer`] to a [`WebsocketConsumer`]: text frames are parsed as JSON

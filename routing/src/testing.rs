@@ -252,6 +252,7 @@ mod tests {
     }
 
     struct Calc;
+    impl WebsocketConsumer for Calc {}
     impl JsonWebsocketConsumer for Calc {
         async fn receive_json(
             &self,

@@ -42,6 +42,9 @@ pub struct JobMetrics {
     stats: Mutex<Vec<JobStats>>,
 }
 
+/// A per-channel gauge: its name, its help, and how to read it from a channel's stats.
+type PerChannelGauge = (&'static str, &'static str, fn(&JobStats) -> f64);
+
 impl std::ops::Deref for JobMetrics {
     type Target = JobCounts;
 
@@ -82,46 +85,39 @@ impl JobMetrics {
             self.wait_us.load(Ordering::Relaxed) as f64 / 1e6,
         );
         let stats = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
-        let gauge = |out: &mut Exposition<'_>, name: &str, help: &str, f: fn(&JobStats) -> f64| {
-            out.gauge_by(
-                name,
-                help,
-                "channel",
-                &stats
-                    .iter()
-                    .map(|s| (s.channel.as_str(), f(s)))
-                    .collect::<Vec<_>>(),
-            );
-        };
-        gauge(
-            out,
-            "switchyard_jobs_pending",
-            "Durable jobs waiting to start.",
-            |s| s.pending as f64,
-        );
-        gauge(
-            out,
-            "switchyard_jobs_in_progress",
-            "Durable jobs handed to a worker and not yet acknowledged.",
-            |s| s.in_progress as f64,
-        );
-        gauge(
-            out,
-            "switchyard_jobs_scheduled_retries",
-            "Failed durable jobs waiting for their next run.",
-            |s| s.scheduled_retries as f64,
-        );
-        gauge(
-            out,
-            "switchyard_jobs_dead_letters",
-            "Dead letters held per durable channel.",
-            |s| s.dead as f64,
-        );
-        gauge(
-            out,
-            "switchyard_jobs_oldest_age_seconds",
-            "Age of the oldest durable job not yet done.",
-            |s| s.oldest_age_ms as f64 / 1e3,
-        );
+        let per_channel: [PerChannelGauge; 5] = [
+            (
+                "switchyard_jobs_pending",
+                "Durable jobs waiting to start.",
+                |s| s.pending as f64,
+            ),
+            (
+                "switchyard_jobs_in_progress",
+                "Durable jobs handed to a worker and not yet acknowledged.",
+                |s| s.in_progress as f64,
+            ),
+            (
+                "switchyard_jobs_scheduled_retries",
+                "Failed durable jobs waiting for their next run.",
+                |s| s.scheduled_retries as f64,
+            ),
+            (
+                "switchyard_jobs_dead_letters",
+                "Dead letters held per durable channel.",
+                |s| s.dead as f64,
+            ),
+            (
+                "switchyard_jobs_oldest_age_seconds",
+                "Age of the oldest durable job not yet done.",
+                |s| s.oldest_age_ms as f64 / 1e3,
+            ),
+        ];
+        for (name, help, value) in per_channel {
+            let by_channel: Vec<(&str, f64)> = stats
+                .iter()
+                .map(|s| (s.channel.as_str(), value(s)))
+                .collect();
+            out.gauge_by(name, help, "channel", &by_channel);
+        }
     }
 }

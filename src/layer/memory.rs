@@ -383,6 +383,21 @@ impl ChannelBackend for MemoryLayer {
     }
 }
 
+/// App data `key` with the instant it lapses, emptied first when it has lapsed.
+fn live_entry<'a, T: Default>(
+    data: &'a mut HashMap<String, (T, Instant)>,
+    key: &str,
+    now: Instant,
+) -> &'a mut (T, Instant) {
+    let entry = data
+        .entry(key.to_owned())
+        .or_insert_with(|| (T::default(), now));
+    if entry.1 <= now {
+        entry.0 = T::default();
+    }
+    entry
+}
+
 impl AppStore for MemoryLayer {
     async fn list_push(
         &self,
@@ -393,13 +408,7 @@ impl AppStore for MemoryLayer {
     ) -> Result<(), LayerError> {
         let now = Instant::now();
         let mut state = self.lock();
-        let entry = state
-            .lists
-            .entry(key.to_owned())
-            .or_insert_with(|| (VecDeque::new(), now));
-        if entry.1 <= now {
-            entry.0.clear();
-        }
+        let entry = live_entry(&mut state.lists, key, now);
         entry.0.push_back(Bytes::copy_from_slice(item));
         while entry.0.len() > keep {
             entry.0.pop_front();
@@ -426,13 +435,7 @@ impl AppStore for MemoryLayer {
     ) -> Result<(), LayerError> {
         let now = Instant::now();
         let mut state = self.lock();
-        let entry = state
-            .indexes
-            .entry(key.to_owned())
-            .or_insert_with(|| (HashMap::new(), now));
-        if entry.1 <= now {
-            entry.0.clear();
-        }
+        let entry = live_entry(&mut state.indexes, key, now);
         entry.0.insert(member.to_owned(), now);
         if entry.0.len() > keep {
             let mut by_age: Vec<(Instant, String)> =

@@ -167,9 +167,8 @@ fn memory_gate(c: &mut Connection, g: Gated<'_>, hold: Duration) -> Gate {
 
 impl StateBackend for MemoryLayer {
     async fn session_load(&self, reply_channel: &str) -> Result<Map, LayerError> {
-        let l = self;
-        let expiry = l.settings().group_expiry;
-        let mut map = l.connections().lock();
+        let expiry = self.settings().group_expiry;
+        let mut map = self.connections().lock();
         let now = Instant::now();
         Ok(match map.get(reply_channel) {
             Some(c) if c.touched.is_some_and(|t| now.duration_since(t) < expiry) => {
@@ -189,10 +188,9 @@ impl StateBackend for MemoryLayer {
         key: &str,
         value: &Value,
     ) -> Result<(), LayerError> {
-        let l = self;
-        let expiry = l.settings().group_expiry;
-        let sweep = l.connections().sweep_due();
-        let mut map = l.connections().lock();
+        let expiry = self.settings().group_expiry;
+        let sweep = self.connections().sweep_due();
+        let mut map = self.connections().lock();
         if sweep {
             MemoryConnections::sweep(&mut map, expiry);
         }
@@ -203,16 +201,14 @@ impl StateBackend for MemoryLayer {
     }
 
     async fn session_delete(&self, reply_channel: &str, key: &str) -> Result<(), LayerError> {
-        let l = self;
-        if let Some(c) = l.connections().lock().get_mut(reply_channel) {
+        if let Some(c) = self.connections().lock().get_mut(reply_channel) {
             c.session.remove(key);
         }
         Ok(())
     }
 
     async fn session_clear(&self, reply_channel: &str) -> Result<(), LayerError> {
-        let l = self;
-        if let Some(c) = l.connections().lock().get_mut(reply_channel) {
+        if let Some(c) = self.connections().lock().get_mut(reply_channel) {
             c.session = Map::new();
         }
         Ok(())
@@ -225,11 +221,10 @@ impl StateBackend for MemoryLayer {
         gated: Option<Gated<'_>>,
         hold: Duration,
     ) -> Result<(Option<Gate>, Upkeep), LayerError> {
-        let l = self;
-        let expiry = l.settings().expiry;
-        let group_expiry = l.settings().group_expiry;
-        let sweep = gated.is_some() && l.connections().sweep_due();
-        let mut map = l.connections().lock();
+        let expiry = self.settings().expiry;
+        let group_expiry = self.settings().group_expiry;
+        let sweep = gated.is_some() && self.connections().sweep_due();
+        let mut map = self.connections().lock();
         if sweep {
             MemoryConnections::sweep(&mut map, group_expiry);
         }

@@ -92,18 +92,8 @@ impl Layer {
         payload: &[u8],
         hold: Duration,
     ) -> Result<GateOutcome, LayerError> {
-        let gated = Gated {
-            order,
-            channel,
-            payload,
-        };
-        let (gate, upkeep) = self
-            .ordering_step(reply_channel, None, Some(gated), hold)
-            .await?;
-        Ok(GateOutcome {
-            gate: gate.unwrap_or(Gate::Stale),
-            upkeep,
-        })
+        self.gate_after(reply_channel, None, order, channel, payload, hold)
+            .await
     }
 
     /// [`Layer::ordering_done`] of `done`, then [`Layer::ordering_gate`] of the next message
@@ -119,18 +109,8 @@ impl Layer {
         payload: &[u8],
         hold: Duration,
     ) -> Result<GateOutcome, LayerError> {
-        let gated = Gated {
-            order,
-            channel,
-            payload,
-        };
-        let (gate, upkeep) = self
-            .ordering_step(reply_channel, Some((done, false)), Some(gated), hold)
-            .await?;
-        Ok(GateOutcome {
-            gate: gate.unwrap_or(Gate::Stale),
-            upkeep,
-        })
+        self.gate_after(reply_channel, Some(done), order, channel, payload, hold)
+            .await
     }
 
     /// Records that message `order` of the connection has run (`last`: it was the disconnect, so
@@ -156,6 +136,30 @@ impl Layer {
             .ordering_step(reply_channel, None, None, Duration::ZERO)
             .await?;
         Ok(upkeep)
+    }
+
+    /// The gate of message `order`, after recording `done` (a predecessor the caller ran).
+    async fn gate_after(
+        &self,
+        reply_channel: &str,
+        done: Option<u64>,
+        order: u64,
+        channel: &str,
+        payload: &[u8],
+        hold: Duration,
+    ) -> Result<GateOutcome, LayerError> {
+        let gated = Gated {
+            order,
+            channel,
+            payload,
+        };
+        let (gate, upkeep) = self
+            .ordering_step(reply_channel, done.map(|d| (d, false)), Some(gated), hold)
+            .await?;
+        Ok(GateOutcome {
+            gate: gate.unwrap_or(Gate::Stale),
+            upkeep,
+        })
     }
 
     /// Done (with `last`), then upkeep, then the gate, as one atomic step; each part optional.

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::seq::SliceRandom;
-use redis::{Script, Value};
+use redis::{Cmd, FromRedisValue, Script, ScriptInvocation, Value};
 
 use super::RedisLayer;
 use crate::layer::LayerError;
@@ -358,6 +358,27 @@ impl RedisLayer {
         [format!("{stream}:retry"), format!("{stream}:dead"), stream]
     }
 
+    /// Runs one of the durable scripts on the shard (or slot) that holds `channel`'s jobs.
+    async fn invoke_for<T: FromRedisValue>(
+        &self,
+        channel: &str,
+        invocation: ScriptInvocation<'_>,
+    ) -> Result<T, LayerError> {
+        let (shard, mut conn) = self.conn_for(channel);
+        self.run(
+            shard,
+            async move { invocation.invoke_async(&mut conn).await },
+        )
+        .await
+    }
+
+    /// Runs one command on the shard (or slot) that holds `channel`'s jobs.
+    async fn query_for<T: FromRedisValue>(&self, channel: &str, cmd: Cmd) -> Result<T, LayerError> {
+        let (shard, mut conn) = self.conn_for(channel);
+        self.run(shard, async move { cmd.query_async(&mut conn).await })
+            .await
+    }
+
     /// True when plain sends to `channel` go to its stream (`--durable-channels`).
     pub fn is_durable(&self, channel: &str) -> bool {
         !self.inner.durable.is_empty()
@@ -454,13 +475,7 @@ impl RedisLayer {
             .key(&retry)
             .arg(now_ms())
             .arg(MAINTENANCE_BATCH);
-        let (shard, mut conn) = self.conn_for(channel);
-        let (moved, promoted): (u64, u64) = self
-            .run(
-                shard,
-                async move { invocation.invoke_async(&mut conn).await },
-            )
-            .await?;
+        let (moved, promoted): (u64, u64) = self.invoke_for(channel, invocation).await?;
         Ok((moved, promoted))
     }
 
@@ -512,13 +527,7 @@ impl RedisLayer {
             .arg(retry_at_ms.map(|t| t.to_string()).unwrap_or_default())
             .arg(now_ms())
             .arg(DEAD_LETTERS_KEPT);
-        let (shard, mut conn) = self.conn_for(channel);
-        let done: i64 = self
-            .run(
-                shard,
-                async move { invocation.invoke_async(&mut conn).await },
-            )
-            .await?;
+        let done: i64 = self.invoke_for(channel, invocation).await?;
         Ok(done != 0)
     }
 
@@ -541,13 +550,7 @@ impl RedisLayer {
             .arg(entry_ids)
             .arg("JUSTID")
             .to_owned();
-        let (shard, mut conn) = self.conn_for(channel);
-        self.run(
-            shard,
-            async move { cmd.query_async::<Value>(&mut conn).await },
-        )
-        .await
-        .map(|_| ())
+        self.query_for::<Value>(channel, cmd).await.map(|_| ())
     }
 
     /// Claims up to `count` jobs idle for `min_idle` (their worker is gone) for `consumer`, with
@@ -569,10 +572,7 @@ impl RedisLayer {
             .arg("COUNT")
             .arg(count.max(1))
             .to_owned();
-        let (shard, mut conn) = self.conn_for(channel);
-        let reply: Value = self
-            .run(shard, async move { cmd.query_async(&mut conn).await })
-            .await?;
+        let reply: Value = self.query_for(channel, cmd).await?;
         let Value::Array(mut parts) = reply else {
             return Ok(Vec::new());
         };
@@ -612,10 +612,7 @@ impl RedisLayer {
             .arg(jobs.len() * 4 + 16)
             .arg(consumer)
             .to_owned();
-        let mut conn = self.inner.shards[shard].conn.clone();
-        let rows: Vec<(String, String, u64, u64)> = self
-            .run(shard, async move { pending.query_async(&mut conn).await })
-            .await?;
+        let rows: Vec<(String, String, u64, u64)> = self.query_for(channel, pending).await?;
         let deliveries: HashMap<String, u64> =
             rows.into_iter().map(|(id, _, _, n)| (id, n)).collect();
         for job in &mut jobs {
@@ -863,10 +860,7 @@ impl RedisLayer {
             .arg("COUNT")
             .arg(limit.max(1))
             .to_owned();
-        let (shard, mut conn) = self.conn_for(channel);
-        let reply: Value = self
-            .run(shard, async move { cmd.query_async(&mut conn).await })
-            .await?;
+        let reply: Value = self.query_for(channel, cmd).await?;
         let Value::Array(entries) = reply else {
             return Ok(Vec::new());
         };
@@ -906,13 +900,7 @@ impl RedisLayer {
                 .arg(entry_id.unwrap_or_default())
                 .arg(now_ms())
                 .arg(MAINTENANCE_BATCH);
-            let (shard, mut conn) = self.conn_for(channel);
-            let n: u64 = self
-                .run(
-                    shard,
-                    async move { invocation.invoke_async(&mut conn).await },
-                )
-                .await?;
+            let n: u64 = self.invoke_for(channel, invocation).await?;
             total += n;
             if entry_id.is_some() || n < MAINTENANCE_BATCH as u64 {
                 return Ok(total);

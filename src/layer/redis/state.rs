@@ -250,9 +250,8 @@ impl RedisLayer {
         hold: Duration,
         with_value: bool,
     ) -> Result<(i64, Upkeep), LayerError> {
-        let l = self;
         let key = format!("{}:order:{}", self.settings().prefix, reply_channel);
-        let shard = l.shard_of(reply_channel);
+        let shard = self.shard_of(reply_channel);
         let mut digits = itoa::Buffer::new();
         let mut num = |n: u64| digits.format(n).as_bytes().to_vec();
         let value = gated
@@ -274,8 +273,9 @@ impl RedisLayer {
             },
             value.unwrap_or_default(),
         ];
-        let (v, expired, skipped, resume) =
-            l.run_step(shard, &STEP_SCRIPT, Step { key, args }).await?;
+        let (v, expired, skipped, resume) = self
+            .run_step(shard, &STEP_SCRIPT, Step { key, args })
+            .await?;
         Ok((
             v,
             Upkeep {
@@ -289,11 +289,10 @@ impl RedisLayer {
 
 impl StateBackend for RedisLayer {
     async fn session_load(&self, reply_channel: &str) -> Result<Map, LayerError> {
-        let l = self;
         let key = session_key(self, reply_channel);
-        let (shard, mut conn) = l.conn_for(reply_channel);
+        let (shard, mut conn) = self.conn_for(reply_channel);
         let cmd = redis::cmd("HGETALL").arg(&key).to_owned();
-        let fields: Vec<(String, Vec<u8>)> = l
+        let fields: Vec<(String, Vec<u8>)> = self
             .run(shard, async move { cmd.query_async(&mut conn).await })
             .await?;
         let mut out = Map::new();
@@ -316,10 +315,9 @@ impl StateBackend for RedisLayer {
         key: &str,
         value: &Value,
     ) -> Result<(), LayerError> {
-        let l = self;
         let packed = codec::to_msgpack(value)?;
         let hkey = session_key(self, reply_channel);
-        let (shard, mut conn) = l.conn_for(reply_channel);
+        let (shard, mut conn) = self.conn_for(reply_channel);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("HSET")
@@ -331,7 +329,7 @@ impl StateBackend for RedisLayer {
             .arg(&hkey)
             .arg(self.settings().group_expiry.as_secs().max(1))
             .ignore();
-        l.run(
+        self.run(
             shard,
             async move { pipe.query_async::<()>(&mut conn).await },
         )
@@ -339,11 +337,10 @@ impl StateBackend for RedisLayer {
     }
 
     async fn session_delete(&self, reply_channel: &str, key: &str) -> Result<(), LayerError> {
-        let l = self;
         let hkey = session_key(self, reply_channel);
-        let (shard, mut conn) = l.conn_for(reply_channel);
+        let (shard, mut conn) = self.conn_for(reply_channel);
         let cmd = redis::cmd("HDEL").arg(&hkey).arg(key).to_owned();
-        l.run(
+        self.run(
             shard,
             async move { cmd.query_async::<i64>(&mut conn).await },
         )
@@ -352,11 +349,10 @@ impl StateBackend for RedisLayer {
     }
 
     async fn session_clear(&self, reply_channel: &str) -> Result<(), LayerError> {
-        let l = self;
         let hkey = session_key(self, reply_channel);
-        let (shard, mut conn) = l.conn_for(reply_channel);
+        let (shard, mut conn) = self.conn_for(reply_channel);
         let cmd = redis::cmd("DEL").arg(&hkey).to_owned();
-        l.run(
+        self.run(
             shard,
             async move { cmd.query_async::<i64>(&mut conn).await },
         )

@@ -12,6 +12,30 @@ impl RedisLayer {
         let conn = self.inner.shards[shard].conn.clone();
         (key, shard, conn)
     }
+
+    /// One atomic write to app data `key` of `kind`: the commands `write` adds for the key,
+    /// then its lifetime renewed to `ttl`.
+    async fn write_lapsing(
+        &self,
+        kind: &str,
+        key: &str,
+        ttl: Duration,
+        write: impl FnOnce(&mut redis::Pipeline, &str),
+    ) -> Result<(), LayerError> {
+        let (key, shard, mut conn) = self.data_home(kind, key);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        write(&mut pipe, &key);
+        pipe.cmd("EXPIRE")
+            .arg(&key)
+            .arg(ttl.as_secs().max(1))
+            .ignore();
+        self.run(
+            shard,
+            async move { pipe.query_async::<()>(&mut conn).await },
+        )
+        .await
+    }
 }
 
 impl AppStore for RedisLayer {
@@ -22,26 +46,17 @@ impl AppStore for RedisLayer {
         keep: usize,
         ttl: Duration,
     ) -> Result<(), LayerError> {
-        let (key, shard, mut conn) = self.data_home("list", key);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("RPUSH")
-            .arg(&key)
-            .arg(item)
-            .ignore()
-            .cmd("LTRIM")
-            .arg(&key)
-            .arg(-(keep as i64))
-            .arg(-1)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(ttl.as_secs().max(1))
-            .ignore();
-        self.run(
-            shard,
-            async move { pipe.query_async::<()>(&mut conn).await },
-        )
+        self.write_lapsing("list", key, ttl, |pipe, key| {
+            pipe.cmd("RPUSH")
+                .arg(key)
+                .arg(item)
+                .ignore()
+                .cmd("LTRIM")
+                .arg(key)
+                .arg(-(keep as i64))
+                .arg(-1)
+                .ignore();
+        })
         .await
     }
 
@@ -61,27 +76,18 @@ impl AppStore for RedisLayer {
         keep: usize,
         ttl: Duration,
     ) -> Result<(), LayerError> {
-        let (key, shard, mut conn) = self.data_home("index", key);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("ZADD")
-            .arg(&key)
-            .arg(format!("{:.6}", now_secs()))
-            .arg(member)
-            .ignore()
-            .cmd("ZREMRANGEBYRANK")
-            .arg(&key)
-            .arg(0)
-            .arg(-(keep as i64) - 1)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(ttl.as_secs().max(1))
-            .ignore();
-        self.run(
-            shard,
-            async move { pipe.query_async::<()>(&mut conn).await },
-        )
+        self.write_lapsing("index", key, ttl, |pipe, key| {
+            pipe.cmd("ZADD")
+                .arg(key)
+                .arg(format!("{:.6}", now_secs()))
+                .arg(member)
+                .ignore()
+                .cmd("ZREMRANGEBYRANK")
+                .arg(key)
+                .arg(0)
+                .arg(-(keep as i64) - 1)
+                .ignore();
+        })
         .await
     }
 
