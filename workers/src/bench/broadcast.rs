@@ -5,23 +5,19 @@
 //! against received deliveries, and duplicates and reordering per sender.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
-use super::payload::{self, PayloadWriter, Stamp};
-use super::report::{self, Live, Report};
-use super::stats::{
-    Arrival, Clock, LatencyRecorder, LocalLatency, Percentiles, SeqTracker, due_by, latency_origin,
-    micros_between, wake_for,
-};
+use super::client::{self, Checks, Run, Tally};
+use super::report::{self, Report};
+use super::stats::{Percentiles, SeqTracker, latency_origin};
 use super::{BenchError, CommonArgs, LoadArgs, net};
 
 /// `switchyard bench broadcast`
@@ -64,17 +60,7 @@ pub struct BroadcastArgs {
 /// State shared by every connection of one run.
 #[derive(Debug)]
 struct Shared {
-    clock: Clock,
-    latency: Arc<LatencyRecorder>,
-    live: Arc<Live>,
-    /// Corrupted frames (valid first deliveries are `live.done`); together, every delivery once.
-    corrupted: AtomicU64,
-    stop_sending: CancellationToken,
-    stop_reading: CancellationToken,
-    writers_active: AtomicUsize,
-    writers_done: Notify,
-    size: usize,
-    binary: bool,
+    run: Run,
     rooms: usize,
     senders: usize,
     interval: Duration,
@@ -109,14 +95,7 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         ))
         .into());
     }
-    if args.size < payload::HEADER_LEN {
-        return Err(BenchError::Usage(format!(
-            "--size must be at least {} bytes (the message header), got {}",
-            payload::HEADER_LEN,
-            args.size
-        ))
-        .into());
-    }
+    client::check_size(args.size)?;
     if !args.url.contains("{room}") {
         return Err(
             BenchError::Usage(format!("--url must contain {{room}}, got {:?}", args.url)).into(),
@@ -148,7 +127,6 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
             args.url.replace("{room}", &format!("{prefix}N"))
         );
     }
-    let setup_start = Instant::now();
     let room_count = args.rooms;
     let mut opened = super::open_websockets(
         Arc::new(targets),
@@ -158,7 +136,6 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         net::ws_config(args.size),
     )
     .await?;
-    let setup = setup_start.elapsed();
     let mut members = vec![0u64; args.rooms];
     for (i, s) in opened.sockets.iter().enumerate() {
         if s.is_some() {
@@ -172,16 +149,7 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         .filter(|s| s.is_some())
         .count();
     let shared = Arc::new(Shared {
-        clock: Clock::start(),
-        latency: Arc::new(LatencyRecorder::default()),
-        live: Arc::new(Live::default()),
-        corrupted: AtomicU64::new(0),
-        stop_sending: CancellationToken::new(),
-        stop_reading: CancellationToken::new(),
-        writers_active: AtomicUsize::new(senders_connected),
-        writers_done: Notify::new(),
-        size: args.size,
-        binary: args.binary,
+        run: Run::new(senders_connected, args.size, args.binary),
         rooms: args.rooms,
         senders: args.senders,
         interval: Duration::from_secs_f64(1.0 / rate),
@@ -193,25 +161,16 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
                 .collect()
         },
     });
-    let progress_stop = CancellationToken::new();
-    let progress = report::spawn_progress(
-        "broadcast",
-        "deliveries",
-        shared.live.clone(),
-        shared.latency.clone(),
-        progress_stop.clone(),
-        args.common.quiet,
-    );
+    let progress = shared
+        .run
+        .progress("broadcast", "deliveries", args.common.quiet);
 
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (index, ws) in std::mem::take(&mut opened.sockets).into_iter().enumerate() {
         let Some(ws) = ws else { continue };
         let sender = (index < args.senders).then_some(index as u32);
-        let quota = match (sender, args.load.count) {
-            (Some(s), Some(n)) => super::share(n, args.senders, s as usize),
-            _ => u64::MAX,
-        };
+        let quota = sender.map_or(u64::MAX, |s| args.load.quota(args.senders, s as usize));
         // Stagger the senders over one interval.
         let offset = shared
             .interval
@@ -226,36 +185,28 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         )));
     }
 
-    let deadline = tokio::time::Instant::from_std(start + duration);
-    super::wait_until_idle(&shared.writers_active, &shared.writers_done, deadline).await;
-    shared.stop_sending.cancel();
-    let load_elapsed = start.elapsed();
+    let run = &shared.run;
+    let load_elapsed = run.end_load(start, duration).await;
     // Senders stop promptly once told; their final counts fix the expected deliveries.
     let mut poll = tokio::time::interval(Duration::from_millis(5));
     let writers_deadline = Instant::now() + Duration::from_secs(5);
-    while shared.writers_active.load(Ordering::Acquire) > 0 && Instant::now() < writers_deadline {
+    while run.writers_active.load(Ordering::Acquire) > 0 && Instant::now() < writers_deadline {
         poll.tick().await;
     }
     let drain_deadline = Instant::now() + drain;
     loop {
         poll.tick().await;
         let expected = expected_deliveries(&shared, &members);
-        let delivered =
-            shared.live.done.load(Ordering::Acquire) + shared.corrupted.load(Ordering::Acquire);
-        if delivered >= expected || Instant::now() >= drain_deadline {
+        if run.arrived() >= expected || Instant::now() >= drain_deadline {
             break;
         }
     }
-    shared.stop_reading.cancel();
-    let mut outcomes = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        outcomes.push(task.await.unwrap_or_else(|e| ConnOutcome {
-            error: Some(format!("connection task failed: {e}")),
+    let outcomes = run
+        .stop_and_join(tasks, progress, |why| ConnOutcome {
+            error: Some(why),
             ..ConnOutcome::default()
-        }));
-    }
-    progress_stop.cancel();
-    let _ = progress.await;
+        })
+        .await;
 
     // Per sender: what it sent, and what every member of its room received from it.
     let mut sent_by = vec![0u64; args.senders];
@@ -292,13 +243,18 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         .sum();
     let unexpected: u64 = unexpected_by.iter().sum();
     let received: u64 = per_sender.iter().map(|t| t.unique).sum::<u64>() - unexpected;
-    let missing: u64 = lost_by.iter().sum();
-    let lost = missing.saturating_sub(corrupted);
-    let corrupted = corrupted + unexpected;
-    let duplicates: u64 = per_sender.iter().map(|t| t.duplicates).sum();
-    let out_of_order: u64 = per_sender.iter().map(|t| t.out_of_order).sum();
+    let checks = Checks {
+        misrouted: Some(misrouted),
+        ..Checks::new(
+            lost_by.iter().sum(),
+            corrupted,
+            unexpected,
+            per_sender.iter().map(|t| t.duplicates).sum(),
+            per_sender.iter().map(|t| t.out_of_order).sum(),
+        )
+    };
     let sent: u64 = sent_by.iter().sum();
-    let latency = Percentiles::of(&shared.latency.total());
+    let latency = Percentiles::of(&run.latency.total());
     // Latency to the last member, over the broadcasts every member received.
     let mut last_hist = super::stats::new_histogram();
     // Which broadcast was the slowest to reach its whole room (sender, its n-th send from 0,
@@ -329,7 +285,7 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         args.size,
         if args.binary { "binary" } else { "text" }
     ));
-    opened.report_to(&mut r, setup);
+    opened.report_to(&mut r);
     r.line(format!(
         "load        {:.2} s: sent {sent}, deliveries expected {expected}, received {received}, {} deliveries/s",
         load_elapsed.as_secs_f64(),
@@ -343,9 +299,7 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
             "slowest"
         ));
     }
-    r.line(format!(
-        "checks      lost {lost}, corrupted {corrupted}, misrouted {misrouted}, duplicates {duplicates}, out of order {out_of_order}"
-    ));
+    r.line(checks.line());
     let mut senders_json = Vec::with_capacity(args.senders);
     for s in 0..args.senders {
         let t = &per_sender[s];
@@ -384,11 +338,6 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         "deliveries_per_s",
         report::per_second(received, load_elapsed),
     );
-    r.field("lost", lost);
-    r.field("corrupted", corrupted);
-    r.field("misrouted", misrouted);
-    r.field("duplicates", duplicates);
-    r.field("out_of_order", out_of_order);
     r.field("latency_us", report::latency_json(&latency));
     r.field("last_member_latency_us", report::latency_json(&last));
     r.field(
@@ -398,11 +347,7 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         }),
     );
     r.field("per_sender", json!(senders_json));
-    r.must_be_zero("lost", lost);
-    r.must_be_zero("corrupted", corrupted);
-    r.must_be_zero("misrouted", misrouted);
-    r.must_be_zero("duplicates", duplicates);
-    r.must_be_zero("out of order", out_of_order);
+    checks.report_to(&mut r);
     Ok(r)
 }
 
@@ -492,61 +437,30 @@ async fn write_loop<S>(
 where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
-    // Built once: a fresh cancellation future per message costs a registration each time.
-    let stop_sending = shared.stop_sending.cancelled();
-    let stop_reading = shared.stop_reading.cancelled();
-    tokio::pin!(stop_sending, stop_reading);
-    let mut writer = PayloadWriter::new(shared.size);
+    let run = &shared.run;
+    let mut sender = client::Sender::new(id, run);
     let first_at = Instant::now() + offset;
-    let mut seq = 0u64;
     let mut error = None;
-    'run: while seq < quota {
-        let due = first_at + shared.interval.mul_f64(seq as f64);
-        tokio::select! {
-            biased;
-            _ = &mut stop_sending => break 'run,
-            _ = tokio::time::sleep_until(wake_for(due).into()) => {}
-        }
-        let batch = due_by(due, shared.interval, Instant::now())
-            .min(quota - seq)
-            .min(1024);
-        for _ in 0..batch {
-            let scheduled = first_at + shared.interval.mul_f64(seq as f64);
-            let stamp = Stamp {
-                id,
-                seq,
-                sent_ns: shared
-                    .clock
-                    .ns_at(latency_origin(scheduled, Instant::now())),
-            };
-            let msg = net::ws_message(writer.write(stamp), shared.binary);
-            let fed = tokio::select! {
-                biased;
-                _ = &mut stop_reading => break 'run,
-                r = sink.feed(msg) => r,
-            };
-            if let Err(e) = fed {
-                error = Some(format!("send: {e}"));
-                break 'run;
-            }
-            seq += 1;
-            shared.live.sent.fetch_add(1, Ordering::Relaxed);
-            shared.sent_in_room[id as usize % shared.rooms].fetch_add(1, Ordering::Release);
-        }
-        let flushed = tokio::select! {
-            biased;
-            _ = &mut stop_reading => break 'run,
-            r = sink.flush() => r,
+    'run: while sender.seq < quota {
+        let Some((batch, _)) = sender.due_batch(first_at, shared.interval, quota).await else {
+            break 'run;
         };
-        if let Err(e) = flushed {
-            error = Some(format!("send: {e}"));
+        let first_seq = sender.seq;
+        let sent_ns = |i: u64| {
+            let scheduled = first_at + shared.interval.mul_f64((first_seq + i) as f64);
+            run.clock.ns_at(latency_origin(scheduled, Instant::now()))
+        };
+        let fed = || {
+            run.live.sent.fetch_add(1, Ordering::Relaxed);
+            shared.sent_in_room[id as usize % shared.rooms].fetch_add(1, Ordering::Release);
+        };
+        if let ControlFlow::Break(why) = sender.send_batch(sink, batch, sent_ns, fed).await {
+            error = why;
             break 'run;
         }
     }
-    if shared.writers_active.fetch_sub(1, Ordering::AcqRel) == 1 {
-        shared.writers_done.notify_one();
-    }
-    (seq, error)
+    run.writer_finished();
+    (sender.seq, error)
 }
 
 async fn read_loop<S>(
@@ -557,52 +471,32 @@ async fn read_loop<S>(
 where
     S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
+    let run = &shared.run;
     let mut from = vec![SeqTracker::default(); shared.senders];
-    let (mut corrupted, mut misrouted) = (0u64, 0u64);
-    let mut latency = LocalLatency::default();
-    let mut error = None;
-    let stop_reading = shared.stop_reading.cancelled();
-    tokio::pin!(stop_reading);
-    loop {
-        let bytes = match super::net::next_data(stream, &mut stop_reading).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => break,
-            Err(why) => {
-                error = Some(why);
-                break;
+    let mut misrouted = 0u64;
+    let mut tally = Tally::default();
+    let error = client::read_stamps(stream, run, |frame, now| match frame {
+        Ok(stamp) if (stamp.id as usize) < shared.senders => {
+            let sender = stamp.id as usize;
+            if sender % shared.rooms != room {
+                misrouted += 1;
+                run.live.errors.fetch_add(1, Ordering::Relaxed);
+                return;
             }
-        };
-        let now = Instant::now();
-        match payload::read(&bytes, shared.size) {
-            Ok(stamp) if (stamp.id as usize) < shared.senders => {
-                if stamp.id as usize % shared.rooms != room {
-                    misrouted += 1;
-                    shared.live.errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                if from[stamp.id as usize].record(stamp.seq) != Arrival::Duplicate {
-                    let us = micros_between(stamp.sent_ns, shared.clock.ns_at(now));
-                    latency.record(&shared.latency, us, now);
-                    if let Some(slot) = usize::try_from(stamp.seq)
-                        .ok()
-                        .and_then(|seq| shared.slowest[stamp.id as usize].get(seq))
-                    {
-                        slot_add(slot, us);
-                    }
-                    shared.live.done.fetch_add(1, Ordering::Release);
-                } else {
-                    shared.live.errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            _ => {
-                corrupted += 1;
-                shared.live.errors.fetch_add(1, Ordering::Relaxed);
-                shared.corrupted.fetch_add(1, Ordering::Release);
+            // The slots are bounded (see `tracked_broadcasts`): a broadcast past them goes
+            // without a last-member latency.
+            if let Some(us) = tally.stamped(run, &mut from[sender], &stamp, now)
+                && let Some(slot) = usize::try_from(stamp.seq)
+                    .ok()
+                    .and_then(|seq| shared.slowest[sender].get(seq))
+            {
+                slot_add(slot, us);
             }
         }
-    }
-    latency.flush(&shared.latency);
-    (from, corrupted, misrouted, error)
+        _ => tally.corrupted(run),
+    })
+    .await;
+    (from, tally.finish(run), misrouted, error)
 }
 
 #[cfg(test)]

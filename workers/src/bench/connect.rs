@@ -58,15 +58,8 @@ pub(super) async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
     let limit = Arc::new(Semaphore::new(args.common.connect_concurrency));
     let release = CancellationToken::new();
     let attempted_all = Arc::new(AtomicU64::new(0));
-    let progress_stop = CancellationToken::new();
-    let progress = report::spawn_progress(
-        "connect",
-        "connected",
-        live.clone(),
-        latency.clone(),
-        progress_stop.clone(),
-        args.common.quiet,
-    );
+    let progress =
+        report::Progress::start("connect", "connected", &live, &latency, args.common.quiet);
     if !args.common.quiet {
         eprintln!(
             "bench connect: {} connections to {}, {} at once (open-file limit {fd_limit})",
@@ -169,8 +162,7 @@ pub(super) async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
         }
     }
     let close_phase = close_start.elapsed();
-    progress_stop.cancel();
-    let _ = progress.await;
+    progress.stop().await;
 
     let p = Percentiles::of(&latency.total());
     let failed: u64 = failures.values().sum();

@@ -4,24 +4,23 @@
 //! message's scheduled send time so that a stalled server cannot hide behind a slowed client.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
-use super::payload::{self, PayloadWriter, Stamp};
-use super::report::{self, Live, Report};
+use super::client::{self, Checks, Run, Tally};
+use super::report::{self, Report};
 use super::stats::{
-    Clock, LatencyRecorder, LocalLatency, Percentiles, SeqTracker, due_by, latency_origin,
-    micros_between, wake_for,
+    LatencyRecorder, LocalLatency, Percentiles, SeqTracker, latency_origin, micros_between,
 };
-use super::{BenchError, CommonArgs, LoadArgs, net};
+use super::{CommonArgs, LoadArgs, net};
 
 /// `switchyard bench echo`
 #[derive(Debug, Clone, Args)]
@@ -62,19 +61,9 @@ enum Pace {
 /// State shared by every connection of one run.
 #[derive(Debug)]
 struct Shared {
-    clock: Clock,
-    latency: Arc<LatencyRecorder>,
-    live: Arc<Live>,
+    run: Run,
     /// Latency of the client itself: actual minus scheduled send time (open loop).
     send_lag: LatencyRecorder,
-    /// Corrupted echoes (valid new ones are `live.done`); together, every answer once.
-    corrupted: AtomicU64,
-    stop_sending: CancellationToken,
-    stop_reading: CancellationToken,
-    writers_active: AtomicUsize,
-    writers_done: Notify,
-    size: usize,
-    binary: bool,
     pace: Pace,
     /// Closed loop: how long a connection waits for an echo before sending regardless.
     reply_timeout: Duration,
@@ -92,14 +81,7 @@ struct ConnOutcome {
 pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
     super::at_least_one("connections", args.connections)?;
     super::at_least_one("in-flight", args.in_flight)?;
-    if args.size < payload::HEADER_LEN {
-        return Err(BenchError::Usage(format!(
-            "--size must be at least {} bytes (the message header), got {}",
-            payload::HEADER_LEN,
-            args.size
-        ))
-        .into());
-    }
+    client::check_size(args.size)?;
     let duration = super::seconds("duration", args.load.duration)?;
     let drain = super::seconds("drain", args.load.drain)?;
     let rate = args
@@ -113,7 +95,6 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
     if !args.common.quiet {
         eprintln!("bench echo: opening {conns} connections to {}", target.url);
     }
-    let setup_start = Instant::now();
     let mut opened = super::open_websockets(
         Arc::new(vec![target.clone()]),
         |_| 0,
@@ -122,8 +103,7 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
         net::ws_config(args.size),
     )
     .await?;
-    let setup = setup_start.elapsed();
-    let connected = opened.sockets.iter().filter(|s| s.is_some()).count();
+    let connected = opened.connected();
 
     let pace = match rate {
         Some(r) => Pace::Open {
@@ -134,40 +114,19 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
         },
     };
     let shared = Arc::new(Shared {
-        clock: Clock::start(),
-        latency: Arc::new(LatencyRecorder::default()),
-        live: Arc::new(Live::default()),
+        run: Run::new(connected, args.size, args.binary),
         send_lag: LatencyRecorder::default(),
-        corrupted: AtomicU64::new(0),
-        stop_sending: CancellationToken::new(),
-        stop_reading: CancellationToken::new(),
-        writers_active: AtomicUsize::new(connected),
-        writers_done: Notify::new(),
-        size: args.size,
-        binary: args.binary,
         pace,
         reply_timeout: drain.max(Duration::from_millis(10)),
     });
-    let progress_stop = CancellationToken::new();
-    let progress = report::spawn_progress(
-        "echo",
-        "echoes",
-        shared.live.clone(),
-        shared.latency.clone(),
-        progress_stop.clone(),
-        args.common.quiet,
-    );
+    let progress = shared.run.progress("echo", "echoes", args.common.quiet);
 
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(connected);
     for ws in std::mem::take(&mut opened.sockets) {
         let Some(ws) = ws else { continue };
         let id = tasks.len();
-        let quota = args
-            .load
-            .count
-            .map(|n| super::share(n, connected, id))
-            .unwrap_or(u64::MAX);
+        let quota = args.load.quota(connected, id);
         let offset = match pace {
             // Stagger the connections over one interval so the total rate is smooth.
             Pace::Open { interval } => interval.mul_f64(id as f64 / connected as f64),
@@ -182,34 +141,25 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
         )));
     }
 
-    // Load phase: until the duration is over or every connection has sent its quota.
-    let deadline = tokio::time::Instant::from_std(start + duration);
-    super::wait_until_idle(&shared.writers_active, &shared.writers_done, deadline).await;
-    shared.stop_sending.cancel();
-    let load_elapsed = start.elapsed();
+    let run = &shared.run;
+    let load_elapsed = run.end_load(start, duration).await;
     // Drain: wait for the outstanding echoes, up to --drain.
     let drain_deadline = Instant::now() + drain;
     let mut poll = tokio::time::interval(Duration::from_millis(5));
     loop {
         poll.tick().await;
-        let writers_left = shared.writers_active.load(Ordering::Acquire);
-        let sent = shared.live.sent.load(Ordering::Acquire);
-        let answered =
-            shared.live.done.load(Ordering::Acquire) + shared.corrupted.load(Ordering::Acquire);
-        if (writers_left == 0 && answered >= sent) || Instant::now() >= drain_deadline {
+        let writers_left = run.writers_active.load(Ordering::Acquire);
+        let sent = run.live.sent.load(Ordering::Acquire);
+        if (writers_left == 0 && run.arrived() >= sent) || Instant::now() >= drain_deadline {
             break;
         }
     }
-    shared.stop_reading.cancel();
-    let mut outcomes = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        outcomes.push(task.await.unwrap_or_else(|e| ConnOutcome {
-            error: Some(format!("connection task failed: {e}")),
+    let outcomes = run
+        .stop_and_join(tasks, progress, |why| ConnOutcome {
+            error: Some(why),
             ..ConnOutcome::default()
-        }));
-    }
-    progress_stop.cancel();
-    let _ = progress.await;
+        })
+        .await;
 
     let mut total = SeqTracker::default();
     let (mut sent, mut corrupted, mut missing, mut unexpected) = (0u64, 0u64, 0u64, 0u64);
@@ -224,11 +174,15 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
             *errors.entry(e.clone()).or_insert(0) += 1;
         }
     }
-    // A corrupted echo cannot be matched to its message, which therefore also shows as missing.
-    let lost = missing.saturating_sub(corrupted);
-    let corrupted = corrupted + unexpected;
+    let checks = Checks::new(
+        missing,
+        corrupted,
+        unexpected,
+        total.duplicates,
+        total.out_of_order,
+    );
     let received = total.unique - unexpected;
-    let latency = Percentiles::of(&shared.latency.total());
+    let latency = Percentiles::of(&run.latency.total());
     let lag = Percentiles::of(&shared.send_lag.total());
 
     let mut r = Report::new("echo");
@@ -242,7 +196,7 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
         args.size,
         if args.binary { "binary" } else { "text" }
     ));
-    opened.report_to(&mut r, setup);
+    opened.report_to(&mut r);
     r.line(format!(
         "load        {:.2} s: sent {sent}, echoed {received}, {} echoes/s",
         load_elapsed.as_secs_f64(),
@@ -252,10 +206,7 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
     if rate.is_some() {
         r.line(report::latency_line("send lag", &lag));
     }
-    r.line(format!(
-        "checks      lost {lost}, corrupted {corrupted}, duplicates {}, out of order {}",
-        total.duplicates, total.out_of_order
-    ));
+    r.line(checks.line());
     report::connection_errors(&mut r, &errors);
     r.field("url", target.url.as_str());
     r.field("connections", connected as u64);
@@ -267,18 +218,11 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<Report> {
     r.field("sent", sent);
     r.field("received", received);
     r.field("echoes_per_s", report::per_second(received, load_elapsed));
-    r.field("lost", lost);
-    r.field("corrupted", corrupted);
-    r.field("duplicates", total.duplicates);
-    r.field("out_of_order", total.out_of_order);
     r.field("rtt_us", report::latency_json(&latency));
     if rate.is_some() {
         r.field("send_lag_us", report::latency_json(&lag));
     }
-    r.must_be_zero("lost", lost);
-    r.must_be_zero("corrupted", corrupted);
-    r.must_be_zero("duplicates", total.duplicates);
-    r.must_be_zero("out of order", total.out_of_order);
+    checks.report_to(&mut r);
     Ok(r)
 }
 
@@ -319,12 +263,8 @@ async fn write_loop<S>(
 where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
-    // Built once: a fresh cancellation future per message costs a registration each time.
-    let stop_sending = shared.stop_sending.cancelled();
-    let stop_reading = shared.stop_reading.cancelled();
-    tokio::pin!(stop_sending, stop_reading);
-    let mut writer = PayloadWriter::new(shared.size);
-    let mut seq = 0u64;
+    let run = &shared.run;
+    let mut sender = client::Sender::new(id, run);
     let mut error = None;
     let first_at = Instant::now() + offset;
     let mut lag = LocalLatency::default();
@@ -332,7 +272,7 @@ where
     // fresh sleep per message cost two timer-wheel operations (a lock each) per echo.
     let give_up = tokio::time::sleep(shared.reply_timeout);
     tokio::pin!(give_up);
-    'run: while seq < quota {
+    'run: while sender.seq < quota {
         // How many messages to send now, and their timestamps.
         let (batch, scheduled_base) = match shared.pace {
             Pace::Closed { .. } => {
@@ -342,7 +282,7 @@ where
                 loop {
                     tokio::select! {
                         biased;
-                        _ = &mut stop_sending => break 'run,
+                        _ = sender.stop_sending() => break 'run,
                         permit = permits.acquire() => match permit {
                             Ok(p) => {
                                 p.forget();
@@ -360,7 +300,7 @@ where
                     }
                 }
                 let mut n = 1u64;
-                while n < quota - seq {
+                while n < quota - sender.seq {
                     match permits.try_acquire() {
                         Ok(p) => {
                             p.forget();
@@ -371,61 +311,35 @@ where
                 }
                 (n, None)
             }
-            Pace::Open { interval } => {
-                let due = first_at + interval.mul_f64(seq as f64);
-                tokio::select! {
-                    biased;
-                    _ = &mut stop_sending => break 'run,
-                    _ = tokio::time::sleep_until(wake_for(due).into()) => {}
-                }
-                let n = due_by(due, interval, Instant::now())
-                    .min(quota - seq)
-                    .min(1024);
-                (n, Some(due))
-            }
+            Pace::Open { interval } => match sender.due_batch(first_at, interval, quota).await {
+                Some((n, due)) => (n, Some(due)),
+                None => break 'run,
+            },
         };
-        for i in 0..batch {
-            let sent_ns = match (scheduled_base, shared.pace) {
-                (Some(base), Pace::Open { interval }) => {
-                    let due = base + interval.mul_f64(i as f64);
-                    let now = Instant::now();
-                    lag.record(
-                        &shared.send_lag,
-                        micros_between(shared.clock.ns_at(due), shared.clock.ns_at(now)),
-                        now,
-                    );
-                    shared.clock.ns_at(latency_origin(due, now))
-                }
-                _ => shared.clock.now_ns(),
-            };
-            let msg = net::ws_message(writer.write(Stamp { id, seq, sent_ns }), shared.binary);
-            let fed = tokio::select! {
-                biased;
-                _ = &mut stop_reading => break 'run,
-                r = sink.feed(msg) => r,
-            };
-            if let Err(e) = fed {
-                error = Some(format!("send: {e}"));
-                break 'run;
+        let sent_ns = |i: u64| match (scheduled_base, shared.pace) {
+            (Some(base), Pace::Open { interval }) => {
+                let due = base + interval.mul_f64(i as f64);
+                let now = Instant::now();
+                lag.record(
+                    &shared.send_lag,
+                    micros_between(run.clock.ns_at(due), run.clock.ns_at(now)),
+                    now,
+                );
+                run.clock.ns_at(latency_origin(due, now))
             }
-            seq += 1;
-            shared.live.sent.fetch_add(1, Ordering::Release);
-        }
-        let flushed = tokio::select! {
-            biased;
-            _ = &mut stop_reading => break 'run,
-            r = sink.flush() => r,
+            _ => run.clock.now_ns(),
         };
-        if let Err(e) = flushed {
-            error = Some(format!("send: {e}"));
+        let fed = || {
+            run.live.sent.fetch_add(1, Ordering::Release);
+        };
+        if let ControlFlow::Break(why) = sender.send_batch(sink, batch, sent_ns, fed).await {
+            error = why;
             break 'run;
         }
     }
     lag.flush(&shared.send_lag);
-    if shared.writers_active.fetch_sub(1, Ordering::AcqRel) == 1 {
-        shared.writers_done.notify_one();
-    }
-    (seq, error)
+    run.writer_finished();
+    (sender.seq, error)
 }
 
 async fn read_loop<S>(
@@ -437,41 +351,20 @@ async fn read_loop<S>(
 where
     S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
+    let run = &shared.run;
     let mut tracker = SeqTracker::default();
-    let mut corrupted = 0u64;
-    let mut latency = LocalLatency::default();
-    let mut error = None;
-    let stop_reading = shared.stop_reading.cancelled();
-    tokio::pin!(stop_reading);
-    loop {
-        let bytes = match super::net::next_data(stream, &mut stop_reading).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => break,
-            Err(why) => {
-                error = Some(why);
-                break;
-            }
-        };
-        let now = Instant::now();
-        match payload::read(&bytes, shared.size) {
-            Ok(stamp) if stamp.id == id => {
-                if tracker.record(stamp.seq) != super::stats::Arrival::Duplicate {
-                    let us = micros_between(stamp.sent_ns, shared.clock.ns_at(now));
-                    latency.record(&shared.latency, us, now);
-                    shared.live.done.fetch_add(1, Ordering::Release);
-                    permits.add_permits(1);
-                } else {
-                    shared.live.errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            _ => {
-                corrupted += 1;
-                shared.live.errors.fetch_add(1, Ordering::Relaxed);
-                shared.corrupted.fetch_add(1, Ordering::Release);
+    let mut tally = Tally::default();
+    let error = client::read_stamps(stream, run, |frame, now| match frame {
+        Ok(stamp) if stamp.id == id => {
+            if tally.stamped(run, &mut tracker, &stamp, now).is_some() {
                 permits.add_permits(1);
             }
         }
-    }
-    latency.flush(&shared.latency);
-    (tracker, corrupted, error)
+        _ => {
+            tally.corrupted(run);
+            permits.add_permits(1);
+        }
+    })
+    .await;
+    (tracker, tally.finish(run), error)
 }

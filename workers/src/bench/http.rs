@@ -106,13 +106,11 @@ pub(super) async fn run(args: HttpArgs) -> anyhow::Result<Report> {
         active: AtomicUsize::new(conns),
         all_done: Notify::new(),
     });
-    let progress_stop = CancellationToken::new();
-    let progress = report::spawn_progress(
+    let progress = report::Progress::start(
         "http",
         "responses",
-        shared.live.clone(),
-        shared.latency.clone(),
-        progress_stop.clone(),
+        &shared.live,
+        &shared.latency,
         args.common.quiet,
     );
     if !args.common.quiet {
@@ -130,11 +128,7 @@ pub(super) async fn run(args: HttpArgs) -> anyhow::Result<Report> {
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(conns);
     for index in 0..conns {
-        let quota = args
-            .load
-            .count
-            .map(|n| super::share(n, conns, index))
-            .unwrap_or(u64::MAX);
+        let quota = args.load.quota(conns, index);
         let offset = shared
             .interval
             .map(|i| i.mul_f64(index as f64 / conns as f64))
@@ -146,21 +140,25 @@ pub(super) async fn run(args: HttpArgs) -> anyhow::Result<Report> {
             shared.clone(),
         )));
     }
-    let deadline = tokio::time::Instant::from_std(start + duration);
-    super::wait_until_idle(&shared.active, &shared.all_done, deadline).await;
-    shared.stop_sending.cancel();
-    let load_elapsed = start.elapsed();
+    let load_elapsed = super::end_load(
+        &shared.active,
+        &shared.all_done,
+        &shared.stop_sending,
+        start,
+        duration,
+    )
+    .await;
     // Requests in flight get --drain to finish.
     let drain_deadline = tokio::time::Instant::now() + drain;
     super::wait_until_idle(&shared.active, &shared.all_done, drain_deadline).await;
     shared.stop_all.cancel();
+    let outcomes = super::join_all(tasks, |e| ConnOutcome {
+        errors: BTreeMap::from([(format!("task: {e}"), 1)]),
+        ..ConnOutcome::default()
+    })
+    .await;
     let mut total = ConnOutcome::default();
-    for task in tasks {
-        let o = task.await.unwrap_or_else(|e| {
-            let mut o = ConnOutcome::default();
-            o.errors.insert(format!("task: {e}"), 1);
-            o
-        });
+    for o in outcomes {
         total.sent += o.sent;
         total.completed += o.completed;
         total.reconnects += o.reconnects;
@@ -171,8 +169,7 @@ pub(super) async fn run(args: HttpArgs) -> anyhow::Result<Report> {
             *total.errors.entry(k).or_insert(0) += v;
         }
     }
-    progress_stop.cancel();
-    let _ = progress.await;
+    progress.stop().await;
 
     let latency = Percentiles::of(&shared.latency.total());
     let lag = Percentiles::of(&shared.send_lag.total());

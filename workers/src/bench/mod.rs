@@ -8,6 +8,7 @@
 //! target that is not on the loopback interface.
 
 mod broadcast;
+mod client;
 mod connect;
 mod echo;
 mod faults;
@@ -119,6 +120,15 @@ pub struct LoadArgs {
     pub drain: f64,
 }
 
+impl LoadArgs {
+    /// What the `index`-th of `parts` senders may send: its share of --count, else no limit.
+    fn quota(&self, parts: usize, index: usize) -> u64 {
+        self.count
+            .map(|n| share(n, parts, index))
+            .unwrap_or(u64::MAX)
+    }
+}
+
 /// Errors that stop a bench run before or after the load (bad usage, refused target, failed
 /// correctness counters).
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +198,35 @@ pub(crate) async fn wait_until_idle(
     }
 }
 
+/// Ends the load phase the same way in every mode that has one: when each of the `active`
+/// senders has sent its quota or `duration` after `start`, whichever comes first, tells them to
+/// stop, and returns how long the load ran.
+async fn end_load(
+    active: &std::sync::atomic::AtomicUsize,
+    done: &tokio::sync::Notify,
+    stop_sending: &tokio_util::sync::CancellationToken,
+    start: std::time::Instant,
+    duration: Duration,
+) -> Duration {
+    let deadline = tokio::time::Instant::from_std(start + duration);
+    wait_until_idle(active, done, deadline).await;
+    stop_sending.cancel();
+    start.elapsed()
+}
+
+/// Waits for every connection task, in order; a task that panicked or was cancelled gives the
+/// outcome `failed` makes of its error, so that it is reported instead of ending the run.
+async fn join_all<T>(
+    tasks: Vec<tokio::task::JoinHandle<T>>,
+    failed: impl Fn(tokio::task::JoinError) -> T,
+) -> Vec<T> {
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        outcomes.push(task.await.unwrap_or_else(&failed));
+    }
+    outcomes
+}
+
 /// Runs the bench, prints its report on stdout, and fails when a correctness counter is not
 /// zero.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -251,19 +290,26 @@ fn share(total: u64, parts: usize, index: usize) -> u64 {
     total / parts + u64::from(index < total % parts)
 }
 
-/// Opened WebSockets, in index order (`None` where opening failed), and the failures by kind.
+/// Opened WebSockets, in index order (`None` where opening failed), the failures by kind, and
+/// how long opening them all took.
 struct Opened {
     sockets: Vec<Option<Ws>>,
     failures: BTreeMap<String, u64>,
     first_failure: Option<String>,
+    setup: Duration,
 }
 
 impl Opened {
+    /// How many sockets opened.
+    fn connected(&self) -> usize {
+        self.sockets.iter().filter(|s| s.is_some()).count()
+    }
+
     /// The report's connect line (and first failure), `connect_failures` field and check.
-    fn report_to(&self, r: &mut Report, setup: Duration) {
+    fn report_to(&self, r: &mut Report) {
         r.line(format!(
             "connect     {:.2} s, failures: {}",
-            setup.as_secs_f64(),
+            self.setup.as_secs_f64(),
             report::kinds_text(&self.failures)
         ));
         if let Some(first) = &self.first_failure {
@@ -282,6 +328,7 @@ async fn open_websockets(
     common: &CommonArgs,
     config: WebSocketConfig,
 ) -> Result<Opened, BenchError> {
+    let setup_start = std::time::Instant::now();
     at_least_one("connect-concurrency", common.connect_concurrency)?;
     let timeout = seconds("connect-timeout", common.connect_timeout)?;
     let headers = Arc::new(net::parse_headers(&common.headers)?);
@@ -333,6 +380,7 @@ async fn open_websockets(
         sockets,
         failures,
         first_failure,
+        setup: setup_start.elapsed(),
     })
 }
 

@@ -181,8 +181,44 @@ pub struct Live {
     pub errors: AtomicU64,
 }
 
-/// Prints one progress line per second to stderr until `stop` is cancelled.
-pub fn spawn_progress(
+/// The progress line of a running mode; every mode starts it the same way and stops it before
+/// its report, so that no progress line lands in the middle of the summary.
+#[derive(Debug)]
+pub struct Progress {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    /// Prints one progress line per second to stderr (nothing when `quiet`) until
+    /// [`Progress::stop`].
+    pub fn start(
+        mode: &'static str,
+        done_label: &'static str,
+        live: &Arc<Live>,
+        latency: &Arc<LatencyRecorder>,
+        quiet: bool,
+    ) -> Self {
+        let stop = CancellationToken::new();
+        let task = spawn_progress(
+            mode,
+            done_label,
+            live.clone(),
+            latency.clone(),
+            stop.clone(),
+            quiet,
+        );
+        Progress { stop, task }
+    }
+
+    /// Stops the line and waits until the last one is printed.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn spawn_progress(
     mode: &'static str,
     done_label: &'static str,
     live: Arc<Live>,
