@@ -7,58 +7,19 @@
 //! default to one per 100 members, at least 1; `REASSERT_GROUPS` overrides).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Child, Command, Stdio};
+// The repo's redis-server harness (free port, no persistence, killed on drop), as the worker
+// bench uses it, so that how a test Redis starts is written once.
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use switchyard::layer::{Layer, LayerSettings};
 
-struct Redis(Child, u16);
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_redis() -> Redis {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server starts");
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client
-        .get_connection()
-        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Redis(child, port)
-}
-
 async fn measure(members: usize) {
-    let redis = start_redis();
-    let url = format!("redis://127.0.0.1:{}/0", redis.1);
+    let redis = support::RedisServer::start();
+    let url = redis.url();
     let groups = std::env::var("REASSERT_GROUPS")
         .ok()
         .and_then(|g| g.parse().ok())
