@@ -137,21 +137,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# Waits up to $2 seconds for a command ($3...) to succeed.
-wait_for() {
-  local what="$1" limit="$2"; shift 2
-  local deadline=$((SECONDS + limit))
-  until "$@" >/dev/null 2>&1; do
-    if [ "$SECONDS" -ge "$deadline" ]; then log "$what not ready after ${limit}s"; return 1; fi
-    sleep 0.1
-  done
-}
+BENCH_LOG_NAME=bench
+# log, free_port, wait_for and the switchyard stack's start-up, shared with bench_cluster.sh.
+source scripts/bench_common.sh
 
 if [ -z "${SWITCHYARD_BIN:-}" ]; then
   log "building the release binary (a no-op when up to date)"
@@ -178,10 +166,7 @@ HTTP_PORT=""
 
 start_redis() {
   REDIS_PORT="$(free_port)"
-  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
-    --maxclients 10000 --logfile "" > "$LOGS/redis-$1.log" 2>&1 &
-  PIDS+=($!)
-  STACK_PROCS+=("redis=$!")
+  start_redis_server redis "$REDIS_PORT" "$LOGS/redis-$1.log"
   wait_for redis-server 10 redis-cli -p "$REDIS_PORT" ping
 }
 
@@ -208,21 +193,11 @@ start_switchyard() {
   start_redis "$1"
   HTTP_PORT="$(free_port)"
   local layer="redis://127.0.0.1:$REDIS_PORT/0"
-  # --log warn: no access log line per request (daphne runs with -v 0 likewise).
   opt_flags serve "$tuned"
-  "$BIN" "${FLAGS[@]}" --layer "$layer" --port "$HTTP_PORT" --max-connections 20000 --log warn \
-    > "$LOGS/serve-$1.log" 2>&1 &
-  PIDS+=($!)
-  STACK_PROCS+=("serve=$!")
-  local i
+  start_serve "$1" "$layer" "${FLAGS[@]}"
   opt_flags worker "$tuned"
-  for i in $(seq 1 "$WORKERS"); do
-    "$BIN" "${FLAGS[@]}" --layer "$layer" --log warn > "$LOGS/worker$i-$1.log" 2>&1 &
-    PIDS+=($!)
-    STACK_PROCS+=("worker$i=$!")
-  done
-  wait_for "serve /healthz" 20 curl -fsS "http://127.0.0.1:$HTTP_PORT/healthz"
-  wait_for "a page through the workers" 20 curl -fsS -m 2 "http://127.0.0.1:$HTTP_PORT/"
+  start_workers "$1" "$layer" "${FLAGS[@]}"
+  wait_serving serve workers
 }
 
 start_dev() {
@@ -234,8 +209,7 @@ start_dev() {
     --max-connections 20000 --log warn > "$LOGS/dev-$1.log" 2>&1 &
   PIDS+=($!)
   STACK_PROCS+=("serve=$!")
-  wait_for "dev /healthz" 20 curl -fsS "http://127.0.0.1:$HTTP_PORT/healthz"
-  wait_for "a page through the worker" 20 curl -fsS -m 2 "http://127.0.0.1:$HTTP_PORT/"
+  wait_serving dev worker
 }
 
 start_bare() {
@@ -351,28 +325,9 @@ run_scenario() {
       # >= 90 % of the offer delivered within the load window), or down until one is. Senders:
       # one per 10 broadcasts/s, 1 to 10. At most 10 rungs (from 45k: up to 1,000,000/s). The
       # report takes each run's best clean rung.
-      local ladder=(1000 1400 2000 2800 4000 5600 8000 11000 16000 22000 32000 45000 64000 90000
-        128000 180000 256000 360000 512000 720000 1000000)
-      local i dir=up steps=0 rate
-      if [ "$stack" = django ]; then i=2; else i=11; fi
-      while [ "$i" -ge 0 ] && [ "$i" -lt "${#ladder[@]}" ] && [ "$steps" -lt 10 ]; do
-        local senders per_sender
-        rate="${ladder[$i]}"
-        senders=$(python3 -c "print(min(10, max(1, $rate // 10000)))")
-        per_sender=$(python3 -c "print($rate / 1000 / $senders)")
-        scenario "$stack" sustained "$run" 180 --param offered="$rate" -- broadcast \
-          --url "ws://127.0.0.1:@PORT@/ws/relay/{room}/" -c 1000 --rooms 1 --senders "$senders" \
-          --rate "$per_sender" -d "$d" -n 4000000 --settle 1 --connect-concurrency "$cc"
-        steps=$((steps + 1))
-        if python3 scripts/bench_report.py --rung-ok "$RESULTS" "$stack" "$run" "$rate"; then
-          [ "$dir" = down ] && break
-          i=$((i + 1))
-        else
-          [ "$dir" = up ] && [ "$steps" -gt 1 ] && break
-          dir=down
-          i=$((i - 1))
-        fi
-      done ;;
+      local first=11
+      if [ "$stack" = django ]; then first=2; fi
+      sustained_ladder "$stack" "$run" "$first" 10 "$cc" scenario "$stack" sustained "$run" 180 ;;
     idle)
       if [ "$stack" = django ]; then return; fi
       scenario "$stack" idle "$run" 300 --param connections="$IDLE" -- connect \

@@ -81,18 +81,9 @@ trap 'exit 130' INT TERM
 ( sleep "$MAX_SECONDS"; echo "[bench-cluster] $MAX_SECONDS s limit reached; stopping" >&2; kill -TERM $$ ) &
 WATCHDOG=$!
 
-log() { printf '[bench-cluster %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-wait_for() {
-  local what="$1" limit="$2"; shift 2
-  local deadline=$((SECONDS + limit))
-  until "$@" >/dev/null 2>&1; do
-    if [ "$SECONDS" -ge "$deadline" ]; then log "$what not ready after ${limit}s"; return 1; fi
-    sleep 0.1
-  done
-}
+BENCH_LOG_NAME=bench-cluster
+# log, free_port, wait_for and the stack's start-up, as scripts/bench.sh starts it.
+source scripts/bench_common.sh
 cluster_ok() { redis-cli -p "$1" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; }
 
 REDIS_PORTS=()
@@ -102,9 +93,8 @@ HTTP_PORT=""
 start_single() {
   local tag="$1" port
   port="$(free_port)"
-  redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no --maxclients 10000 \
-    --logfile "" > "$LOGS/redis-$tag.log" 2>&1 &
-  PIDS+=($!); STACK_PROCS+=("redis1=$!"); REDIS_PORTS=("$port")
+  start_redis_server redis1 "$port" "$LOGS/redis-$tag.log"
+  REDIS_PORTS=("$port")
   wait_for redis-server 10 redis-cli -p "$port" ping
   LAYER="redis://127.0.0.1:$port/0"
 }
@@ -115,11 +105,10 @@ start_cluster() {
   REDIS_PORTS=()
   for i in 1 2 3; do
     port="$(free_port)"; bus="$(free_port)"
-    redis-server --bind 127.0.0.1 --port "$port" --cluster-enabled yes --cluster-port "$bus" \
-      --cluster-config-file "$dir/nodes-$i.conf" --save '' --appendonly no \
-      --dbfilename "node-$i.rdb" --dir "$dir" --maxclients 10000 --logfile "" \
-      > "$LOGS/redis$i-$tag.log" 2>&1 &
-    PIDS+=($!); STACK_PROCS+=("redis$i=$!"); REDIS_PORTS+=("$port")
+    start_redis_server "redis$i" "$port" "$LOGS/redis$i-$tag.log" --cluster-enabled yes \
+      --cluster-port "$bus" --cluster-config-file "$dir/nodes-$i.conf" \
+      --dbfilename "node-$i.rdb" --dir "$dir"
+    REDIS_PORTS+=("$port")
     addrs+=("127.0.0.1:$port"); urls+=("127.0.0.1:$port")
   done
   for port in "${REDIS_PORTS[@]}"; do wait_for "redis-server :$port" 10 redis-cli -p "$port" ping; done
@@ -130,19 +119,13 @@ start_cluster() {
 }
 
 start_stack() {
-  local topo="$1" tag="$2" i
+  local topo="$1" tag="$2"
   STACK_PROCS=()
   if [ "$topo" = single ]; then start_single "$tag"; else start_cluster "$tag"; fi
   HTTP_PORT="$(free_port)"
-  "$BIN" serve --layer "$LAYER" --port "$HTTP_PORT" --max-connections 20000 --log warn \
-    > "$LOGS/serve-$tag.log" 2>&1 &
-  PIDS+=($!); STACK_PROCS+=("serve=$!")
-  for i in $(seq 1 "$WORKERS"); do
-    "$BIN" worker --layer "$LAYER" --log warn > "$LOGS/worker$i-$tag.log" 2>&1 &
-    PIDS+=($!); STACK_PROCS+=("worker$i=$!")
-  done
-  wait_for "serve /healthz" 20 curl -fsS "http://127.0.0.1:$HTTP_PORT/healthz"
-  wait_for "a page through the workers" 20 curl -fsS -m 2 "http://127.0.0.1:$HTTP_PORT/"
+  start_serve "$tag" "$LAYER" serve
+  start_workers "$tag" "$LAYER" worker
+  wait_serving serve workers
 }
 
 # Keys of one node by kind: total, groups (asgi:group:*), channels and inboxes, the rest.
@@ -255,26 +238,9 @@ run_scenario() {
         -c 1000 --rooms 100 --senders 100 --rate 5 -d "$d" -n 1000000 --settle 1 --connect-concurrency 256 ;;
     sustained)
       # bench.sh's ladder and its clean-rung rule (scripts/bench_report.py --rung-ok), shortened.
-      local ladder=(1000 1400 2000 2800 4000 5600 8000 11000 16000 22000 32000 45000 64000 90000
-        128000 180000 256000 360000 512000 720000 1000000)
-      local i=0 dir=up steps=0 rate senders per_sender
-      while [ "${ladder[$i]}" != "$SUSTAINED_START" ]; do i=$((i + 1)); done
-      while [ "$i" -ge 0 ] && [ "$i" -lt "${#ladder[@]}" ] && [ "$steps" -lt "$SUSTAINED_STEPS" ]; do
-        rate="${ladder[$i]}"
-        senders=$(python3 -c "print(min(10, max(1, $rate // 10000)))")
-        per_sender=$(python3 -c "print($rate / 1000 / $senders)")
-        measure "$topo" sustained "$run" --param offered="$rate" -- broadcast \
-          --url "ws://127.0.0.1:@PORT@/ws/relay/{room}/" -c 1000 --rooms 1 --senders "$senders" \
-          --rate "$per_sender" -d "$d" -n 4000000 --settle 1 --connect-concurrency 256
-        steps=$((steps + 1))
-        if python3 scripts/bench_report.py --rung-ok "$RESULTS" "$topo" "$run" "$rate"; then
-          [ "$dir" = down ] && break
-          i=$((i + 1))
-        else
-          [ "$dir" = up ] && [ "$steps" -gt 1 ] && break
-          dir=down; i=$((i - 1))
-        fi
-      done ;;
+      local i=0
+      while [ "${SUSTAINED_LADDER[$i]}" != "$SUSTAINED_START" ]; do i=$((i + 1)); done
+      sustained_ladder "$topo" "$run" "$i" "$SUSTAINED_STEPS" 256 measure "$topo" sustained "$run" ;;
     *) echo "unknown scenario $name" >&2; exit 2 ;;
   esac
 }
