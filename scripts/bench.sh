@@ -32,11 +32,13 @@
 #   scripts/bench.sh --peer django,dev,bare  # every stack, interleaved, in one series
 #   scripts/bench.sh --peer tuned --scenarios echo1000        # defaults vs the old tuned flags
 #   scripts/bench.sh --workers 2 --scenarios relay1000,relay1000u  # the cost of strict ordering
+#   scripts/bench.sh --workers 2 --scenarios rooms1000,rooms1000u  # the same in rooms of 10
 #
-# Scenarios (default: all but relay1000 and relay1000u): echo1 echo1000 bcast1k bcast10k
+# Scenarios (default: all but the relay and rooms pairs): echo1 echo1000 bcast1k bcast10k
 # sustained idle http (64 connections) http128 http256; relay1000 (1,000 sockets, each alone in
 # its /ws/relay/ room, relaying 30 frames/s to itself: per-connection ordering on) and
-# relay1000u (the same on /ws/relay-unordered/: ordering off).
+# relay1000u (the same on /ws/relay-unordered/: ordering off); rooms1000 and rooms1000u (1,000
+# sockets in 100 rooms of 10, every socket relaying --relay-rate frames/s to its room).
 # The Django peer runs the same loads except idle, with a handshake concurrency of 50 (daphne's
 # listen backlog).
 set -euo pipefail
@@ -79,7 +81,7 @@ Flags:
                     bare (examples/floor_server.rs: no layer, no worker: the machine's floor)
   --scenarios LIST  comma-separated subset of: $SCENARIOS
   --duration S      seconds of load per scenario (default $DURATION)
-  --relay-rate R    frames/s each socket relays in relay1000 and relay1000u (default $RELAY_RATE)
+  --relay-rate R    frames/s each socket relays in relay1000* and rooms1000* (default $RELAY_RATE)
   --idle N          connections held in the idle scenario (default: what the fd limit allows)
   --run-offset N    number this invocation's runs from N+1 (to add runs to an earlier series)
   --out DIR         results directory (default $OUT_DIR)
@@ -333,13 +335,15 @@ run_scenario() {
       scenario "$stack" idle "$run" 300 --param connections="$IDLE" -- connect \
         --url "ws://127.0.0.1:@PORT@/ws/echo/" -c "$IDLE" --hold "$d" --connect-timeout 60 \
         --connect-concurrency "$cc" ;;
-    relay1000|relay1000u)
-      # 1,000 sockets, each alone in its room, each relaying --relay-rate frames/s to itself
-      # (30: 30,000/s offered), ordered (/ws/relay/) or not (/ws/relay-unordered/).
-      local route=relay
-      if [ "$name" = relay1000u ]; then route=relay-unordered; fi
+    relay1000|relay1000u|rooms1000|rooms1000u)
+      # 1,000 sockets, each relaying --relay-rate frames/s, ordered (/ws/relay/) or not
+      # (/ws/relay-unordered/): relay1000* each alone in its room (30: 30,000 deliveries/s
+      # offered), rooms1000* in 100 rooms of 10 (30: 300,000 deliveries/s offered).
+      local route=relay rooms=1000
+      case "$name" in *u) route=relay-unordered ;; esac
+      case "$name" in rooms*) rooms=100 ;; esac
       scenario "$stack" "$name" "$run" 180 -- broadcast --url "ws://127.0.0.1:@PORT@/ws/$route/{room}/" \
-        -c 1000 --rooms 1000 --senders 1000 --rate "$RELAY_RATE" -d "$d" -n 1000000 --settle 1 --connect-concurrency "$cc" ;;
+        -c 1000 --rooms "$rooms" --senders 1000 --rate "$RELAY_RATE" -d "$d" -n 1000000 --settle 1 --connect-concurrency "$cc" ;;
     http|http128|http256)
       # Keep-alive GETs of the 2 KB chat page on 64, 128 or 256 connections: the targets ask for
       # a rate at a p99, and in a closed loop the connection count sets where on that curve the

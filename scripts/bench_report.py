@@ -138,7 +138,8 @@ COLUMNS = {
              ("p99 µs", bench("latency_us", "p99")), ("errors", lambda r: sum((dig(r.get("bench") or {}, "errors") or {}).values()))],
 }
 COLUMNS["http128"] = COLUMNS["http256"] = COLUMNS["http"]
-COLUMNS["relay1000"] = COLUMNS["relay1000u"] = COLUMNS["bcast1k"]
+for relay in ("relay1000", "relay1000u", "rooms1000", "rooms1000u"):
+    COLUMNS[relay] = COLUMNS["bcast1k"]
 PROC_COLUMNS = ["serve", "worker", "daphne", "redis", "client"]
 
 
@@ -148,7 +149,7 @@ def messages(r):
 
 
 ORDER = ["echo1", "echo1000", "bcast1k", "bcast10k", "sustained", "idle", "http", "http128", "http256",
-         "relay1000", "relay1000u"]
+         "relay1000", "relay1000u", "rooms1000", "rooms1000u"]
 
 
 def sustained_best(records, stack):
