@@ -1,6 +1,6 @@
 //! Strict ordering per connection across workers: 3 workers (separate layer connections, as
-//! separate processes would have), 100 connections, each connection's connect / frames /
-//! disconnect sent in a shuffled order and consumed with shuffled delays. Every connection's
+//! separate processes would have), 100 connections, each connection's frames and disconnect
+//! sent in a shuffled order after its connect and consumed with shuffled delays. Every connection's
 //! messages must run in order, none lost, none twice.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -86,14 +86,15 @@ async fn every_connection_in_order(backend: Backend) {
         handles.push(tokio::spawn(worker.run(token.clone())));
     }
 
-    // Every message of every connection, shuffled (a frame may reach the layer before the
-    // connect; the gate parks it).
+    // Every connection's connect first, as an interface server does (it reads no frame before
+    // the connect ran and accepted), then all frames and disconnects shuffled.
+    let mut connects: Vec<(&'static str, Map, String)> = Vec::new();
     let mut sends: Vec<(&'static str, Map, String)> = Vec::new();
     let to_map = |v: &dyn erased::Ser| v.map();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for c in 0..CONNECTIONS {
         let reply = format!("test.ordering!conn{c}");
-        sends.push((
+        connects.push((
             "websocket.connect",
             to_map(&WebsocketConnect::new(&reply, "/ordered/")),
             reply.clone(),
@@ -122,7 +123,15 @@ async fn every_connection_in_order(backend: Backend) {
         ));
     }
     sends.shuffle(&mut rng);
-    let total = sends.len();
+    let total = connects.len() + sends.len();
+    for (channel, m, _) in &connects {
+        fx.layer.send(channel, m).await.unwrap();
+    }
+    let l = log.clone();
+    eventually(Duration::from_secs(60), "every connect consumed", || {
+        l.lock().unwrap().len() == CONNECTIONS
+    })
+    .await;
     for (channel, m, _) in &sends {
         fx.layer.send(channel, m).await.unwrap();
     }
@@ -234,6 +243,14 @@ async fn gave_up_message_does_not_stall(backend: Backend) {
         .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
         .await
         .unwrap();
+    let accepted = ch
+        .recv_timeout(Duration::from_secs(10))
+        .await
+        .expect("the accept")
+        .to_map()
+        .unwrap();
+    assert_eq!(accepted, Map::new().with("accept", true));
+    // Frames only after the accept, as an interface server sends them.
     for (order, t) in [(3, "ok"), (2, "twice"), (1, "never")] {
         fx.layer
             .send(
@@ -243,19 +260,8 @@ async fn gave_up_message_does_not_stall(backend: Backend) {
             .await
             .unwrap();
     }
-    let mut texts = Vec::new();
-    for _ in 0..3 {
-        let m = ch
-            .recv_timeout(Duration::from_secs(10))
-            .await
-            .expect("a reply")
-            .to_map()
-            .unwrap();
-        texts.push(m);
-    }
-    assert_eq!(texts[0], Map::new().with("accept", true));
-    assert_eq!(texts[1], Map::new().with("text", "ran 2"));
-    assert_eq!(texts[2], Map::new().with("text", "ran 3"));
+    assert_eq!(next_text(&mut ch).await, "ran 2");
+    assert_eq!(next_text(&mut ch).await, "ran 3");
     assert_eq!(log.lock().unwrap()[&reply], [2, 3]);
     let s = metrics.snapshot();
     assert_eq!(s.dropped, 1, "frame 1 given up");
@@ -327,9 +333,9 @@ async fn stop(
 }
 
 /// The successor of a finished message is run by the worker that finished it, not re-sent to
-/// its channel: a full `websocket.receive` (capacity 2, filled by another connection's frames
-/// nobody reads now) used to make the re-send give up after 10 s and lose the frame, the
-/// connection's later frames staying parked for the group expiry.
+/// its channel: a full `websocket.receive` (capacity 2, frame 1 and another connection's frame)
+/// used to make the re-send give up after 10 s and lose the frame, the connection's later
+/// frames staying parked for the group expiry.
 async fn successor_runs_even_when_its_channel_is_full(backend: Backend) {
     let settings = LayerSettings {
         channel_capacity: vec![("websocket.receive".to_owned(), 2)],
@@ -340,54 +346,12 @@ async fn successor_runs_even_when_its_channel_is_full(backend: Backend) {
     let inbox = fx.layer.inbox("test.full").await.unwrap();
     let mut ch = inbox.new_channel();
     let reply = ch.name().to_owned();
+    let frame = |order: u64| WebsocketReceive::text(&reply, "/", format!("f{order}"), order);
 
-    // A frames-only worker parks frames 2 and 1 (the connect is not there yet).
-    let frames = Worker::new(fx.layer.clone(), router.clone())
-        .only_channels(&["websocket.receive"])
+    // The connect runs; then a frames-only worker parks frame 2 (frame 1 is not there yet).
+    let connects = Worker::new(fx.layer.clone(), router.clone())
+        .only_channels(&["websocket.connect"])
         .receive_timeout(Duration::from_millis(100));
-    let frames_metrics = frames.metrics();
-    let token = CancellationToken::new();
-    let handle = tokio::spawn(frames.run(token.clone()));
-    for order in [2, 1] {
-        fx.layer
-            .send(
-                "websocket.receive",
-                &WebsocketReceive::text(&reply, "/", format!("f{order}"), order),
-            )
-            .await
-            .unwrap();
-    }
-    eventually(WAIT, "frames 1 and 2 parked", || {
-        frames_metrics.snapshot().parked == 2
-    })
-    .await;
-    stop(token, handle).await;
-
-    // websocket.receive is full now.
-    for order in [7, 8] {
-        fx.layer
-            .send(
-                "websocket.receive",
-                &WebsocketReceive::text("test.full!other", "/", "x", order),
-            )
-            .await
-            .unwrap();
-    }
-    let refused = fx
-        .layer
-        .send(
-            "websocket.receive",
-            &WebsocketReceive::text("test.full!other", "/", "x", 9),
-        )
-        .await
-        .unwrap_err();
-    assert!(refused.is_full(), "{refused}");
-
-    // A connect-only worker runs the connect, then the parked frames in order.
-    let connects = Worker::new(fx.layer.clone(), router)
-        .only_channels(&["websocket.connect", "websocket.disconnect"])
-        .receive_timeout(Duration::from_millis(100));
-    let metrics = connects.metrics();
     let token = CancellationToken::new();
     let handle = tokio::spawn(connects.run(token.clone()));
     fx.layer
@@ -395,10 +359,54 @@ async fn successor_runs_even_when_its_channel_is_full(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(next_text(&mut ch).await, "ran 0");
+    stop(token, handle).await;
+    let frames = Worker::new(fx.layer.clone(), router.clone())
+        .only_channels(&["websocket.receive"])
+        .receive_timeout(Duration::from_millis(100));
+    let frames_metrics = frames.metrics();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(frames.run(token.clone()));
+    fx.layer.send("websocket.receive", &frame(2)).await.unwrap();
+    eventually(WAIT, "frame 2 parked", || {
+        frames_metrics.snapshot().parked == 1
+    })
+    .await;
+    stop(token, handle).await;
+
+    // Frame 1 and another connection's frame fill websocket.receive.
+    fx.layer.send("websocket.receive", &frame(1)).await.unwrap();
+    fx.layer
+        .send(
+            "websocket.receive",
+            &WebsocketReceive::text("test.full!other", "/", "x", 7),
+        )
+        .await
+        .unwrap();
+    let refused = fx
+        .layer
+        .send(
+            "websocket.receive",
+            &WebsocketReceive::text("test.full!other", "/", "x", 8),
+        )
+        .await
+        .unwrap_err();
+    assert!(refused.is_full(), "{refused}");
+
+    // A worker runs frame 1, then the parked frame 2 itself, though its channel is full.
+    let worker = Worker::new(fx.layer.clone(), router)
+        .concurrency(1)
+        .receive_timeout(Duration::from_millis(100));
+    let metrics = worker.metrics();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(worker.run(token.clone()));
     assert_eq!(next_text(&mut ch).await, "ran 1");
     assert_eq!(next_text(&mut ch).await, "ran 2");
-    let s = metrics.snapshot();
-    assert_eq!((s.consumed, s.dropped), (3, 0));
+    let m = metrics.clone();
+    eventually(WAIT, "the other connection's frame ran too", || {
+        m.snapshot().consumed == 3
+    })
+    .await;
+    assert_eq!(metrics.snapshot().dropped, 0);
     stop(token, handle).await;
 }
 
@@ -477,6 +485,56 @@ async fn gap_is_skipped_after_the_expiry_memory() {
 #[tokio::test]
 async fn gap_is_skipped_after_the_expiry_redis() {
     gap_is_skipped_after_the_expiry(Backend::Redis).await;
+}
+
+/// Redis loses the ordering state of an open connection (a restart without persistence, a
+/// flush, a failover to a replica that missed it): the next frame restarts the connection's
+/// order at itself, and the frames after it run in order at once, instead of parking until the
+/// expiry (60 s by default) skips the orders that ran before. Counted, and nothing else changes.
+#[tokio::test]
+async fn order_restarts_when_redis_loses_the_state() {
+    let fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
+    let router = Arc::new(Router::new([route_class(Replying)]).unwrap());
+    let worker = Worker::new(fx.layer.clone(), router).receive_timeout(Duration::from_millis(100));
+    let metrics = worker.metrics();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let inbox = fx.layer.inbox("test.lost").await.unwrap();
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    let frame = |order: u64| WebsocketReceive::text(&reply, "/", format!("f{order}"), order);
+
+    fx.layer
+        .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut ch).await, "ran 0");
+    for order in 1..=2 {
+        fx.layer
+            .send("websocket.receive", &frame(order))
+            .await
+            .unwrap();
+        assert_eq!(next_text(&mut ch).await, format!("ran {order}"));
+    }
+
+    let redis = fx.redis.as_ref().expect("a Redis fixture");
+    let _: () = redis.cmd(&[b"FLUSHALL"]);
+    // The inbox's own keys went with the flush; the reply channel is read again as before.
+    for order in 3..=6 {
+        fx.layer
+            .send("websocket.receive", &frame(order))
+            .await
+            .unwrap();
+    }
+    for order in 3..=6 {
+        assert_eq!(next_text(&mut ch).await, format!("ran {order}"));
+    }
+    let s = metrics.snapshot();
+    assert_eq!(
+        (s.ordering_restarted, s.parked, s.ordering_skipped),
+        (1, 0, 0)
+    );
+    stop(token, handle).await;
 }
 
 /// A strictly ordered message the gate refuses for good (a reply channel that is not a valid

@@ -669,6 +669,14 @@ async fn redis_layout_of_sessions_and_ordering() {
     let hold = Duration::from_secs(10);
     assert_eq!(
         fx.layer
+            .ordering_gate(reply, 0, "websocket.connect", b"\x80", hold)
+            .await
+            .unwrap()
+            .gate,
+        Gate::Run
+    );
+    assert_eq!(
+        fx.layer
             .ordering_gate(reply, 2, "websocket.receive", b"\x81\xa1k\x01", hold)
             .await
             .unwrap()
@@ -685,14 +693,6 @@ async fn redis_layout_of_sessions_and_ordering() {
         .as_millis() as f64;
     assert!((now - at).abs() < 10_000.0, "parked at {at}, now {now}");
     assert_eq!(rest, b" websocket.receive\x00\x81\xa1k\x01");
-    assert_eq!(
-        fx.layer
-            .ordering_gate(reply, 0, "websocket.connect", b"\x80", hold)
-            .await
-            .unwrap()
-            .gate,
-        Gate::Run
-    );
     assert_eq!(
         fx.layer
             .ordering_done(reply, 0, false)

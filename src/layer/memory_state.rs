@@ -233,6 +233,18 @@ impl StateBackend for MemoryLayer {
         }
         let c = MemoryConnections::entry(&mut map, reply_channel, group_expiry);
         let mut advanced = false;
+        let mut upkeep = Upkeep::default();
+        if let Some(g) = gated
+            && done.is_none()
+            && g.order > c.next_order
+            && g.may_restart()
+            && c.next_order == 0
+            && c.running_until.is_none()
+            && c.parked.is_empty()
+        {
+            c.next_order = g.order;
+            upkeep.restarted = true;
+        }
         if let Some((order, _)) = done {
             c.running_until = None;
             if order >= c.next_order {
@@ -240,7 +252,6 @@ impl StateBackend for MemoryLayer {
                 advanced = true;
             }
         }
-        let mut upkeep = Upkeep::default();
         let (changed, late) = memory_upkeep(c, expiry, &mut upkeep);
         let gate = gated.map(|g| memory_gate(c, g, hold));
         if (advanced || changed || late) && gated.map(|g| g.order) != Some(c.next_order) {

@@ -21,6 +21,13 @@
 //! still leaves its groups. Upkeep waits while the message at `next` runs (until the hold the
 //! gate was given), so a slow consumer is not overtaken.
 //!
+//! State lost: a gate that finds nothing recorded for its connection (no `next`, no running
+//! message, nothing parked) for a frame past the connect restarts the order at that frame
+//! ([`Upkeep::restarted`]). Only a lost state looks like that (a Redis restart, flush or failover
+//! to a replica that missed it; or the state lapsed after the group expiry idle): the connect
+//! records the state before the server reads the socket's first frame. Waiting instead would
+//! park every frame until the expiry skipped the orders that ran before the loss.
+//!
 //! On Redis the state is one hash per connection, `{prefix}:order:{reply_channel}`: field `next`,
 //! `run` (the hold deadline, ms, of the message running; 0 when none), `u` (present only while
 //! messages are parked: when the oldest of them expires, so that upkeep scans only then), `e`
@@ -35,6 +42,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use switchyard_routing::asgi::WEBSOCKET_DISCONNECT;
 use switchyard_routing::names;
 
 use super::backend::StateBackend;
@@ -61,6 +69,9 @@ pub struct Upkeep {
     /// The parked message whose turn it now is, `(original channel, payload)`: the caller runs
     /// it (through the gate again, which unparks it).
     pub resume: Option<(String, Bytes)>,
+    /// The gated message found nothing recorded for its connection (the layer lost the state:
+    /// a Redis restart, flush or failover, or it lapsed idle) and restarted the order at itself.
+    pub restarted: bool,
 }
 
 /// The gate's verdict and the upkeep done with it.
@@ -78,6 +89,15 @@ pub(crate) struct Gated<'a> {
     pub(crate) order: u64,
     pub(crate) channel: &'a str,
     pub(crate) payload: &'a [u8],
+}
+
+impl Gated<'_> {
+    /// Whether this message may restart its connection's order when the layer has nothing
+    /// recorded for it. A disconnect may not: it can come before its connect ran (the client
+    /// left during the handshake), and it runs late after the expiry anyway.
+    pub(crate) fn may_restart(&self) -> bool {
+        self.channel != WEBSOCKET_DISCONNECT
+    }
 }
 
 impl Layer {
@@ -191,16 +211,55 @@ mod tests {
             .gate
     }
 
+    /// The in-memory layer forgets a connection idle past the group expiry: its next frame
+    /// restarts the order instead of parking behind orders that ran long ago. A disconnect
+    /// never restarts it (it can come before its connect ran).
+    #[tokio::test(start_paused = true)]
+    async fn memory_order_restarts_when_the_state_is_gone() {
+        let settings = LayerSettings {
+            group_expiry: Duration::from_secs(5),
+            ..LayerSettings::default()
+        };
+        let layer = Layer::from_url("memory://", settings).await.unwrap();
+        let r = "w.x!lost";
+        assert_eq!(gate(&layer, r, 0, b"\x80").await, Gate::Run);
+        layer.ordering_done(r, 0, false).await.unwrap();
+        assert_eq!(gate(&layer, r, 1, b"\x81").await, Gate::Run);
+        layer.ordering_done(r, 1, false).await.unwrap();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let outcome = layer
+            .ordering_gate(r, 7, "websocket.receive", b"\x87", HOLD)
+            .await
+            .unwrap();
+        assert_eq!(outcome.gate, Gate::Run);
+        assert!(outcome.upkeep.restarted);
+        layer.ordering_done(r, 7, false).await.unwrap();
+        assert_eq!(gate(&layer, r, 8, b"\x88").await, Gate::Run);
+        assert_eq!(gate(&layer, r, 6, b"\x86").await, Gate::Stale);
+
+        let other = "w.x!left";
+        let outcome = layer
+            .ordering_gate(other, 1, WEBSOCKET_DISCONNECT, b"\x81", HOLD)
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome.gate,
+            Gate::Parked,
+            "a disconnect waits for its connect"
+        );
+        assert!(!outcome.upkeep.restarted);
+    }
+
     #[tokio::test]
     async fn memory_gate_parks_and_resumes_in_order() {
         let layer = Layer::from_url("memory://", LayerSettings::default())
             .await
             .unwrap();
         let r = "w.x!c1";
+        assert_eq!(gate(&layer, r, 0, b"\x82").await, Gate::Run);
         assert_eq!(gate(&layer, r, 2, b"\x80").await, Gate::Parked);
         assert_eq!(gate(&layer, r, 2, b"\x80").await, Gate::Stale);
         assert_eq!(gate(&layer, r, 1, b"\x81").await, Gate::Parked);
-        assert_eq!(gate(&layer, r, 0, b"\x82").await, Gate::Run);
         let next = layer.ordering_done(r, 0, false).await.unwrap().resume;
         assert_eq!(next, Some(("ch".to_owned(), Bytes::from_static(b"\x81"))));
         // Handing it out did not unpark it: were it lost, it would be handed out again by upkeep.
@@ -250,6 +309,7 @@ mod tests {
                 expired: 1,
                 skipped: 1,
                 resume: Some(("ch".to_owned(), Bytes::from_static(b"\x83"))),
+                restarted: false,
             }
         );
         assert_eq!(gate(&layer, r, 2, b"\x82").await, Gate::Stale);
@@ -270,6 +330,7 @@ mod tests {
                 expired: 1,
                 skipped: 0,
                 resume: Some((WEBSOCKET_DISCONNECT.to_owned(), Bytes::from_static(b"\x85"))),
+                restarted: false,
             }
         );
         assert_eq!(gate(&layer, r, 5, b"\x85").await, Gate::Run);

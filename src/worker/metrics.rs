@@ -38,12 +38,15 @@ metric_set! {
         duplicates: counter "switchyard_ordering_duplicates_total";
         /// Parked messages dropped by strict-ordering upkeep for waiting longer than the expiry.
         ordering_expired: counter "switchyard_ordering_total" ["event" = "expired"]
-            help "Strict-ordering events: parked messages dropped past expiry, gaps skipped, messages held by the worker running their predecessor (gated with its done).";
+            help "Strict-ordering events: parked messages dropped past expiry, gaps skipped, messages held by the worker running their predecessor (gated with its done), orders restarted after the layer lost their state.";
         /// Orders given up as missing by strict-ordering upkeep (gaps skipped).
         ordering_skipped: counter "switchyard_ordering_total" ["event" = "skipped"];
         /// Strictly ordered messages this worker held while it ran their predecessor, gated in
         /// the same step as that predecessor's done (no park in the layer).
         ordering_held: counter "switchyard_ordering_total" ["event" = "held"];
+        /// Connections whose ordering state the layer had lost (a Redis restart, flush or
+        /// failover): their order restarted at the next frame instead of waiting for the expiry.
+        ordering_restarted: counter "switchyard_ordering_total" ["event" = "restarted"];
         /// Streamed request bodies assembled from their `body_channel`.
         bodies_assembled: counter "switchyard_streamed_bodies_total" ["outcome" = "assembled"]
             help "Streamed request bodies (body_channel) by outcome.";

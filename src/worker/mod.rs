@@ -53,8 +53,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::jobs::{JobFailure, JobHandler, JobMetrics, JobRunner, StreamJob};
 use crate::layer::{
-    DEFAULT_BACKPRESSURE_TIMEOUT, Envelope, FullRetry, Gate, Layer, LayerError, Receiver, glob,
-    glob_set,
+    DEFAULT_BACKPRESSURE_TIMEOUT, Envelope, FullRetry, Gate, Layer, LayerError, Receiver, Upkeep,
+    glob, glob_set,
 };
 use futures_util::future::BoxFuture;
 use globset::{GlobSet, GlobSetBuilder};
@@ -614,7 +614,7 @@ impl Worker {
     async fn revisit(&self, reply: &str) {
         match self.layer.ordering_upkeep(reply).await {
             Ok(u) => {
-                if let Some(resume) = self.note_upkeep(reply, u.expired, u.skipped, u.resume) {
+                if let Some(resume) = self.note_upkeep(reply, u) {
                     self.handle(resume).await;
                 }
             }
@@ -635,13 +635,20 @@ impl Worker {
     }
 
     /// Counts what ordering upkeep did; returns the parked message to run next.
-    fn note_upkeep(
-        &self,
-        reply: &str,
-        expired: u64,
-        skipped: u64,
-        resume: Option<(String, Bytes)>,
-    ) -> Option<Envelope> {
+    fn note_upkeep(&self, reply: &str, upkeep: Upkeep) -> Option<Envelope> {
+        let Upkeep {
+            expired,
+            skipped,
+            resume,
+            restarted,
+        } = upkeep;
+        if restarted {
+            WorkerMetrics::add(&self.metrics.ordering_restarted, 1);
+            tracing::warn!(
+                reply_channel = %reply,
+                "strict ordering: no state recorded for this connection (the layer lost it); its order restarts at this message"
+            );
+        }
         if expired > 0 || skipped > 0 {
             WorkerMetrics::add(&self.metrics.ordering_expired, expired);
             WorkerMetrics::add(&self.metrics.ordering_skipped, skipped);
@@ -808,7 +815,7 @@ impl Worker {
                 {
                     Ok(outcome) => {
                         let u = outcome.upkeep;
-                        let resume = self.note_upkeep(&reply, u.expired, u.skipped, u.resume);
+                        let resume = self.note_upkeep(&reply, u);
                         match self.verdict(&reply, &w.message, w.order, outcome.gate, resume) {
                             Turn::Run => {
                                 WorkerMetrics::add(&self.metrics.ordering_held, 1);
@@ -878,7 +885,7 @@ impl Worker {
         {
             Ok(outcome) => {
                 let u = outcome.upkeep;
-                let resume = self.note_upkeep(reply, u.expired, u.skipped, u.resume);
+                let resume = self.note_upkeep(reply, u);
                 self.verdict(reply, message, order, outcome.gate, resume)
             }
             Err(e) if e.is_unavailable() => {
@@ -929,7 +936,7 @@ impl Worker {
     /// Records a strictly ordered message as run; returns its parked successor to run next.
     async fn ordering_done(&self, reply: &str, order: u64, last: bool) -> Option<Envelope> {
         match self.layer.ordering_done(reply, order, last).await {
-            Ok(u) => self.note_upkeep(reply, u.expired, u.skipped, u.resume),
+            Ok(u) => self.note_upkeep(reply, u),
             Err(e) => {
                 tracing::error!(reply_channel = %reply, order, error = %e, "could not record the message as run; its successors wait for ordering upkeep (up to the expiry)");
                 self.revisit_later(reply);

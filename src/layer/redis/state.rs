@@ -75,15 +75,21 @@ end
 ";
 
 /// Ordering steps, one per key. ARGV[1..3]: now (ms), expiry (ms), ttl (s); then for each
-/// KEYS[i] a block of 6 from 3 + 6(i-1) + 1: done order or '', last ('1' after a disconnect),
+/// KEYS[i] a block of 7 from 3 + 7(i-1) + 1: done order or '', last ('1' after a disconnect),
 /// gated order or '', hold (ms), '1' when the parked value follows, the parked value (channel
-/// NUL payload) or ''.
+/// NUL payload) or '', '1' when the gated message may restart a lost order (not a disconnect).
 /// Each step records a message as done, then gates one, atomically; either part may be absent
 /// (neither: upkeep alone). Without the value, a message that would park is answered 3 and
 /// nothing of it is written: the caller gates it again with its value (the check and the park
 /// stay one atomic step; the payload crosses only when it is parked). Returns per key
-/// {verdict (1 run, 0 parked, 2 stale, 3 needs its value, -1 nothing gated), expired, skipped,
-/// resume value or false}.
+/// {verdict (1 run, 0 parked, 2 stale, 3 needs its value, 4 run and the order restarted at it,
+/// -1 nothing gated), expired, skipped, resume value or false}.
+///
+/// A step that finds nothing recorded (no `next`, no running hold, nothing parked) for a gated
+/// frame past the connect means Redis lost the state (a restart, a flush, a failover to a
+/// replica that had not seen it) or it lapsed idle: the frame restarts the connection's order
+/// at itself. Waiting instead would park every frame until the expiry skipped the orders that
+/// ran before the loss (a minute of silence on every ordered socket after a Redis restart).
 ///
 /// `u` is present only while messages are parked: it is when the oldest of them expires, so
 /// the common step (nothing parked) reads the state with one HMGET and writes it with one
@@ -113,6 +119,13 @@ local function step(key, o)
   local e = tonumber(st[4] or '')
   local ttl_ms = ttl * 1000
   local advanced = false
+  local restarted = false
+  if gate and not done and gate > nxt and ARGV[o + 7] == '1'
+      and not st[1] and not st[2] and not u then
+    nxt = gate
+    advanced = true
+    restarted = true
+  end
   if done then
     run = 0
     if done >= nxt then
@@ -133,6 +146,7 @@ local function step(key, o)
       if u then redis.call('HDEL', key, 'p:' .. gate) end
       hold_until = now + tonumber(ARGV[o + 4])
       verdict = 1
+      if restarted then verdict = 4 end
     elseif ARGV[o + 5] ~= '1' then
       verdict = 3
     elseif redis.call('HSETNX', key, 'p:' .. gate, ARGV[1] .. ' ' .. ARGV[o + 6]) == 0 then
@@ -187,7 +201,7 @@ local function step(key, o)
 end
 local out = {{}}
 for i, key in ipairs(KEYS) do
-  out[i] = step(key, 3 + (i - 1) * 6)
+  out[i] = step(key, 3 + (i - 1) * 7)
 end
 return out
 "
@@ -229,9 +243,12 @@ fn unpack_resume(value: Option<Vec<u8>>) -> Result<Option<(String, Bytes)>, Laye
     value.map(|v| unpack(&v)).transpose()
 }
 
+/// Verdict 4 of the step script: the gated message runs, its connection's order restarted at it.
+const RESTARTED: i64 = 4;
+
 fn verdict(v: i64) -> Option<Gate> {
     match v {
-        1 => Some(Gate::Run),
+        1 | RESTARTED => Some(Gate::Run),
         0 => Some(Gate::Parked),
         2 => Some(Gate::Stale),
         _ => None,
@@ -272,6 +289,11 @@ impl RedisLayer {
                 b"0".to_vec()
             },
             value.unwrap_or_default(),
+            if gated.is_some_and(|g| g.may_restart()) {
+                b"1".to_vec()
+            } else {
+                b"0".to_vec()
+            },
         ];
         let (v, expired, skipped, resume) = self
             .run_step(shard, &STEP_SCRIPT, Step { key, args })
@@ -282,6 +304,7 @@ impl RedisLayer {
                 expired,
                 skipped,
                 resume: unpack_resume(resume)?,
+                restarted: v == RESTARTED,
             },
         ))
     }
@@ -380,6 +403,7 @@ impl StateBackend for RedisLayer {
             .await?;
         upkeep.expired += again.expired;
         upkeep.skipped += again.skipped;
+        upkeep.restarted |= again.restarted;
         if again.resume.is_some() {
             upkeep.resume = again.resume;
         }
