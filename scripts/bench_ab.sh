@@ -20,8 +20,8 @@
 # and origins, a JWT required on /ws/ and sent by the client, the per-client limits applied to
 # loopback with rates that delay nothing). The line names the setting.
 #
-# CONCURRENCY=N in the environment sets the worker's --concurrency (default 32, as in the runs of
-# sessions 2-4; scripts/bench.sh uses 256). CLIENT_BIN=path runs that binary's `bench` as the load
+# CONCURRENCY=N and CAPACITY=N in the environment set the worker's --concurrency and both
+# processes' --capacity (default: the binary's own defaults). CLIENT_BIN=path runs that binary's `bench` as the load
 # client of every run (default: each binary under test is its own client), so that a change to
 # the server is measured with the same client on both sides.
 #
@@ -94,11 +94,12 @@ for round in $(seq "$ROUNDS"); do
       *) echo "unknown transport $transport (tcp or unix)" >&2; exit 2 ;;
     esac
     # The environment, not --threads, so that builds from before the flag run too.
-    SWITCHYARD_THREADS="$THREADS" "$bin" serve --layer "$layer" --capacity 10000 --port "$hport" \
+    SWITCHYARD_THREADS="$THREADS" "$bin" serve --layer "$layer" ${CAPACITY:+--capacity "$CAPACITY"} --port "$hport" \
       --max-connections 20000 --log warn ${EDGE_SERVE_FLAGS[@]+"${EDGE_SERVE_FLAGS[@]}"} \
       > "$WORK/serve.log" 2>&1 &
     spid=$!; PIDS+=("$spid")
-    SWITCHYARD_THREADS="$THREADS" "$bin" worker --layer "$layer" --capacity 10000 --concurrency "${CONCURRENCY:-32}" \
+    SWITCHYARD_THREADS="$THREADS" "$bin" worker --layer "$layer" ${CAPACITY:+--capacity "$CAPACITY"} \
+      ${CONCURRENCY:+--concurrency "$CONCURRENCY"} \
       --log warn > "$WORK/worker.log" 2>&1 &
     wpid=$!; PIDS+=("$wpid")
     for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$hport/healthz" > /dev/null 2>&1 && break; sleep 0.1; done
