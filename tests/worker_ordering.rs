@@ -537,6 +537,109 @@ async fn order_restarts_when_redis_loses_the_state() {
     stop(token, handle).await;
 }
 
+/// Replies `ran {order}`; a frame whose text is `slow` first signals `started` and takes 3 s.
+struct SlowOnce {
+    started: Arc<tokio::sync::Notify>,
+}
+
+impl WebsocketConsumer for SlowOnce {
+    fn strict_ordering(&self) -> bool {
+        true
+    }
+    async fn connect(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        Replying::ran(m, ctx)
+    }
+    async fn receive(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        if m.text() == Some("slow") {
+            self.started.notify_one();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        Replying::ran(m, ctx)
+    }
+}
+
+/// A message that passed the quick gate (no hold recorded) and runs longer than the layer
+/// expiry (2 s here) is not overtaken: it records its hold at half the expiry, so the upkeep
+/// of a successor parked meanwhile waits for it instead of skipping it, and a later frame
+/// parks too. When it is done, the successor parked past the expiry is dropped (counted) and
+/// the later frame runs: "ran 1" comes before "ran 3".
+async fn long_run_is_not_overtaken(backend: Backend) {
+    let settings = LayerSettings {
+        expiry: Duration::from_secs(2),
+        ..LayerSettings::default()
+    };
+    let fx = Fixture::new(backend, settings.clone()).await;
+    let started = Arc::new(tokio::sync::Notify::new());
+    let router = Arc::new(
+        Router::new([route_class(SlowOnce {
+            started: started.clone(),
+        })])
+        .unwrap(),
+    );
+    let inbox = fx.layer.inbox("test.slow").await.unwrap();
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    let frame = |order: u64, text: &str| WebsocketReceive::text(&reply, "/", text, order);
+
+    // One slot: the first worker takes nothing while frame 1 runs.
+    let first = Worker::new(fx.layer.clone(), router.clone())
+        .concurrency(1)
+        .receive_timeout(Duration::from_millis(100));
+    let token = CancellationToken::new();
+    let first_handle = tokio::spawn(first.run(token.clone()));
+    fx.layer
+        .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut ch).await, "ran 0");
+    fx.layer
+        .send("websocket.receive", &frame(1, "slow"))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, started.notified())
+        .await
+        .expect("frame 1 started");
+
+    let second =
+        Worker::new(fx.peer(settings).await, router).receive_timeout(Duration::from_millis(100));
+    let metrics = second.metrics();
+    let second_handle = tokio::spawn(second.run(token.clone()));
+    fx.layer
+        .send("websocket.receive", &frame(2, "f2"))
+        .await
+        .unwrap();
+    let m = metrics.clone();
+    eventually(WAIT, "frame 2 parked", || m.snapshot().parked == 1).await;
+    // Past the expiry of frame 2's park (the second worker's upkeep has come and gone), with
+    // frame 1 still running.
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    fx.layer
+        .send("websocket.receive", &frame(3, "f3"))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut ch).await, "ran 1");
+    assert_eq!(next_text(&mut ch).await, "ran 3");
+    token.cancel();
+    for h in [first_handle, second_handle] {
+        tokio::time::timeout(WAIT, h)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    assert!(ch.try_recv().is_none(), "frame 2 expired, never ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_run_is_not_overtaken_memory() {
+    long_run_is_not_overtaken(Backend::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_run_is_not_overtaken_redis() {
+    long_run_is_not_overtaken(Backend::Redis).await;
+}
+
 /// A strictly ordered message the gate refuses for good (a reply channel that is not a valid
 /// name) is dropped once, not requeued ten times.
 async fn permanent_gate_error_is_not_requeued(backend: Backend) {

@@ -785,7 +785,9 @@ impl Worker {
                 _slot,
             } = current;
             let last = message.channel == WEBSOCKET_DISCONNECT;
-            let finished = self.run_consumer(message, resolved).await;
+            let finished = self
+                .run_holding_turn(&reply, order, message, resolved, hold)
+                .await;
             self.metrics.observe(started.elapsed());
             if !finished {
                 // Requeued: its turn is not over, so the next message gates on its own.
@@ -846,6 +848,39 @@ impl Worker {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Runs a strictly ordered message that passed its gate. The layer's quick gate records no
+    /// hold against ordering upkeep (it only reads `next`), so a consumer still running at half
+    /// the layer expiry records one then, through the full gate, before any successor parked
+    /// meanwhile could have waited the expiry and had upkeep skip this message.
+    async fn run_holding_turn(
+        &self,
+        reply: &str,
+        order: u64,
+        message: Message,
+        resolved: Resolved,
+        hold: Duration,
+    ) -> bool {
+        let channel = message.channel.clone();
+        let payload = message.payload.clone();
+        let consumer = self.run_consumer(message, resolved);
+        tokio::pin!(consumer);
+        tokio::select! {
+            finished = &mut consumer => finished,
+            () = tokio::time::sleep(self.layer.settings().expiry / 2) => {
+                match self.layer.ordering_gate(reply, order, &channel, &payload, hold).await {
+                    Ok(outcome) if outcome.gate == Gate::Run => {}
+                    Ok(outcome) => {
+                        tracing::warn!(reply_channel = %reply, order, gate = ?outcome.gate, "strict ordering: a long-running message lost its turn before recording its hold");
+                    }
+                    Err(e) => {
+                        tracing::warn!(reply_channel = %reply, order, error = %e, "strict ordering: could not record a long-running message's hold");
+                    }
+                }
+                consumer.await
             }
         }
     }
