@@ -19,7 +19,10 @@
 //! (expired in its queue, given up): by then any missing predecessor has expired too. A parked
 //! `websocket.disconnect` is never dropped for age: it runs late instead, so the connection
 //! still leaves its groups. Upkeep waits while the message at `next` runs (until the hold the
-//! gate was given), so a slow consumer is not overtaken.
+//! gate was given), so a slow consumer is not overtaken. On Redis the gate of the common case
+//! (nothing parked, `order == next`) is one HMGET that records no hold: upkeep can act only on
+//! a message parked for the whole expiry, so the worker records the hold through the full gate
+//! once a consumer has run half the expiry.
 //!
 //! State lost: a gate that finds nothing recorded for its connection (no `next`, no running
 //! message, nothing parked) for a frame past the connect restarts the order at that frame
