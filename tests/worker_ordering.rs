@@ -420,6 +420,50 @@ async fn successor_runs_even_when_its_channel_is_full_redis() {
     successor_runs_even_when_its_channel_is_full(Backend::Redis).await;
 }
 
+/// A worker running [`Replying`] on `fx`'s layer, and a socket of `tag`'s inbox whose connect it
+/// ran ("ran 0"): the worker's metrics, its stop token and task, the inbox (kept open) and the
+/// socket's reply channel.
+struct ConnectedSocket {
+    metrics: Arc<switchyard::worker::WorkerMetrics>,
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), switchyard::worker::WorkerError>>,
+    _inbox: switchyard::layer::ProcessInbox,
+    ch: switchyard::layer::LocalChannel,
+    reply: String,
+}
+
+impl ConnectedSocket {
+    async fn open(fx: &Fixture, tag: &str) -> ConnectedSocket {
+        let router = Arc::new(Router::new([route_class(Replying)]).unwrap());
+        let worker =
+            Worker::new(fx.layer.clone(), router).receive_timeout(Duration::from_millis(100));
+        let metrics = worker.metrics();
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(token.clone()));
+        let inbox = fx.layer.inbox(tag).await.unwrap();
+        let mut ch = inbox.new_channel();
+        let reply = ch.name().to_owned();
+        fx.layer
+            .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
+            .await
+            .unwrap();
+        assert_eq!(next_text(&mut ch).await, "ran 0");
+        ConnectedSocket {
+            metrics,
+            token,
+            handle,
+            _inbox: inbox,
+            ch,
+            reply,
+        }
+    }
+
+    /// Frame `order` of this socket, text `f{order}`.
+    fn frame(&self, order: u64) -> WebsocketReceive {
+        WebsocketReceive::text(&self.reply, "/", format!("f{order}"), order)
+    }
+}
+
 /// A gap in the orders (a frame that never reaches a worker) no longer freezes the connection:
 /// once the message parked behind it has waited the layer expiry (1 s here) it is dropped
 /// (never delivered past expiry), the gap is skipped and counted, and later frames run. A
@@ -430,21 +474,15 @@ async fn gap_is_skipped_after_the_expiry(backend: Backend) {
         ..LayerSettings::default()
     };
     let fx = Fixture::new(backend, settings).await;
-    let router = Arc::new(Router::new([route_class(Replying)]).unwrap());
-    let worker = Worker::new(fx.layer.clone(), router).receive_timeout(Duration::from_millis(100));
-    let metrics = worker.metrics();
-    let token = CancellationToken::new();
-    let handle = tokio::spawn(worker.run(token.clone()));
-    let inbox = fx.layer.inbox("test.gap").await.unwrap();
-    let mut ch = inbox.new_channel();
-    let reply = ch.name().to_owned();
+    let ConnectedSocket {
+        metrics,
+        token,
+        handle,
+        _inbox,
+        mut ch,
+        reply,
+    } = ConnectedSocket::open(&fx, "test.gap").await;
     let frame = |order: u64| WebsocketReceive::text(&reply, "/", format!("f{order}"), order);
-
-    fx.layer
-        .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
-        .await
-        .unwrap();
-    assert_eq!(next_text(&mut ch).await, "ran 0");
     // Frame 1 never comes; frame 2 parks behind the gap.
     fx.layer.send("websocket.receive", &frame(2)).await.unwrap();
     let m = metrics.clone();
@@ -494,27 +532,13 @@ async fn gap_is_skipped_after_the_expiry_redis() {
 #[tokio::test]
 async fn order_restarts_when_redis_loses_the_state() {
     let fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
-    let router = Arc::new(Router::new([route_class(Replying)]).unwrap());
-    let worker = Worker::new(fx.layer.clone(), router).receive_timeout(Duration::from_millis(100));
-    let metrics = worker.metrics();
-    let token = CancellationToken::new();
-    let handle = tokio::spawn(worker.run(token.clone()));
-    let inbox = fx.layer.inbox("test.lost").await.unwrap();
-    let mut ch = inbox.new_channel();
-    let reply = ch.name().to_owned();
-    let frame = |order: u64| WebsocketReceive::text(&reply, "/", format!("f{order}"), order);
-
-    fx.layer
-        .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
-        .await
-        .unwrap();
-    assert_eq!(next_text(&mut ch).await, "ran 0");
+    let mut socket = ConnectedSocket::open(&fx, "test.lost").await;
     for order in 1..=2 {
         fx.layer
-            .send("websocket.receive", &frame(order))
+            .send("websocket.receive", &socket.frame(order))
             .await
             .unwrap();
-        assert_eq!(next_text(&mut ch).await, format!("ran {order}"));
+        assert_eq!(next_text(&mut socket.ch).await, format!("ran {order}"));
     }
 
     let redis = fx.redis.as_ref().expect("a Redis fixture");
@@ -522,19 +546,19 @@ async fn order_restarts_when_redis_loses_the_state() {
     // The inbox's own keys went with the flush; the reply channel is read again as before.
     for order in 3..=6 {
         fx.layer
-            .send("websocket.receive", &frame(order))
+            .send("websocket.receive", &socket.frame(order))
             .await
             .unwrap();
     }
     for order in 3..=6 {
-        assert_eq!(next_text(&mut ch).await, format!("ran {order}"));
+        assert_eq!(next_text(&mut socket.ch).await, format!("ran {order}"));
     }
-    let s = metrics.snapshot();
+    let s = socket.metrics.snapshot();
     assert_eq!(
         (s.ordering_restarted, s.parked, s.ordering_skipped),
         (1, 0, 0)
     );
-    stop(token, handle).await;
+    stop(socket.token, socket.handle).await;
 }
 
 /// Replies `ran {order}`; a frame whose text is `slow` first signals `started` and takes 3 s.
