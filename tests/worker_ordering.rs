@@ -320,6 +320,15 @@ async fn next_text(ch: &mut switchyard::layer::LocalChannel) -> String {
     m.get_str("text").expect("a text frame").to_owned()
 }
 
+/// Sends the connect of socket `reply` and waits for a [`Replying`] consumer's "ran 0".
+async fn connect(fx: &Fixture, reply: &str, ch: &mut switchyard::layer::LocalChannel) {
+    fx.layer
+        .send("websocket.connect", &WebsocketConnect::new(reply, "/"))
+        .await
+        .unwrap();
+    assert_eq!(next_text(ch).await, "ran 0");
+}
+
 async fn stop(
     token: CancellationToken,
     handle: tokio::task::JoinHandle<Result<(), switchyard::worker::WorkerError>>,
@@ -354,11 +363,7 @@ async fn successor_runs_even_when_its_channel_is_full(backend: Backend) {
         .receive_timeout(Duration::from_millis(100));
     let token = CancellationToken::new();
     let handle = tokio::spawn(connects.run(token.clone()));
-    fx.layer
-        .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
-        .await
-        .unwrap();
-    assert_eq!(next_text(&mut ch).await, "ran 0");
+    connect(&fx, &reply, &mut ch).await;
     stop(token, handle).await;
     let frames = Worker::new(fx.layer.clone(), router.clone())
         .only_channels(&["websocket.receive"])
@@ -443,11 +448,7 @@ impl ConnectedSocket {
         let inbox = fx.layer.inbox(tag).await.unwrap();
         let mut ch = inbox.new_channel();
         let reply = ch.name().to_owned();
-        fx.layer
-            .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
-            .await
-            .unwrap();
-        assert_eq!(next_text(&mut ch).await, "ran 0");
+        connect(fx, &reply, &mut ch).await;
         ConnectedSocket {
             metrics,
             token,
@@ -611,11 +612,7 @@ async fn long_run_is_not_overtaken(backend: Backend) {
         .receive_timeout(Duration::from_millis(100));
     let token = CancellationToken::new();
     let first_handle = tokio::spawn(first.run(token.clone()));
-    fx.layer
-        .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
-        .await
-        .unwrap();
-    assert_eq!(next_text(&mut ch).await, "ran 0");
+    connect(&fx, &reply, &mut ch).await;
     fx.layer
         .send("websocket.receive", &frame(1, "slow"))
         .await
@@ -739,11 +736,7 @@ async fn held_frames_run_in_order_with_one_step_each(backend: Backend) {
         Worker::new(fx.layer.clone(), router.clone()).receive_timeout(Duration::from_millis(100));
     let token = CancellationToken::new();
     let handle = tokio::spawn(first.run(token.clone()));
-    fx.layer
-        .send("websocket.connect", &WebsocketConnect::new(&reply, "/"))
-        .await
-        .unwrap();
-    assert_eq!(next_text(&mut ch).await, "ran 0");
+    connect(&fx, &reply, &mut ch).await;
     stop(token, handle).await;
 
     for order in 1..=HELD {
