@@ -1,7 +1,7 @@
 //! What users get when Redis fails under the real binary: `serve` and `worker` processes on a
 //! redis-server the harness stops, restarts and flushes, with real WebSocket and HTTP clients.
 //! Sockets keep receiving broadcasts after Redis lost its data (memberships put back by the
-//! server that holds them), the first request after a restart succeeds, `/healthz` tells the
+//! server that holds them) and a socket's ordered frames are relayed again at once, the first request after a restart succeeds, `/healthz` tells the
 //! truth, a killed server's memberships and inbox go with its lease, `flush` touches only its
 //! own keys, and `--on-layer-loss close` closes sockets with 1012.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -126,6 +126,7 @@ async fn sockets_hear_broadcasts_again_after_a_restart_and_after_flushall() {
         broadcasts_resume(&layer, "relay-faults", &mut sockets, Duration::from_secs(5)).await;
     eprintln!("after a restart, all 200 sockets heard a broadcast {took:?} after Redis answered");
     assert_eq!(zcard(&redis, "asgi:group:relay-faults"), 200);
+    a_socket_relays_again(&mut sockets, "relayed after the restart").await;
 
     // (b) FLUSHALL with Redis up.
     redis.cmd::<()>(&[b"FLUSHALL"]);
@@ -133,6 +134,26 @@ async fn sockets_hear_broadcasts_again_after_a_restart_and_after_flushall() {
         broadcasts_resume(&layer, "relay-faults", &mut sockets, Duration::from_secs(5)).await;
     eprintln!("after FLUSHALL, all 200 sockets heard a broadcast {took:?} later");
     assert_eq!(zcard(&redis, "asgi:group:relay-faults"), 200);
+    a_socket_relays_again(&mut sockets, "relayed after FLUSHALL").await;
+}
+
+/// Socket 0 sends `text` through the relay, which keeps each socket's frames in order: Redis
+/// lost that socket's ordering state with the rest, and every socket must still hear the frame
+/// within 5 s (its order restarts; it used to park until the 60-s expiry).
+async fn a_socket_relays_again(sockets: &mut [Ws], text: &str) {
+    sockets[0].send(Message::text(text)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let got = text_within(ws, left).await;
+            match got.as_deref() {
+                Some(t) if t == text => break,
+                Some(_) => continue,
+                None => panic!("socket {i} did not hear {text:?} within 5 s"),
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
