@@ -559,6 +559,16 @@ async fn order_restarts_when_redis_loses_the_state() {
         (s.ordering_restarted, s.parked, s.ordering_skipped),
         (1, 0, 0)
     );
+
+    // Garbage in the state (not a number where `next` and `run` go) reads as no state.
+    let key = format!("asgi:order:{}", socket.reply);
+    let _: () = redis.cmd(&[b"HSET", key.as_bytes(), b"next", b"zz", b"run", b"?"]);
+    fx.layer
+        .send("websocket.receive", &socket.frame(7))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut socket.ch).await, "ran 7");
+    assert_eq!(socket.metrics.snapshot().ordering_restarted, 2);
     stop(socket.token, socket.handle).await;
 }
 

@@ -113,19 +113,22 @@ local function step(key, o)
   local succ = 'next'
   if done then succ = 'p:' .. (done + 1) end
   local st = redis.call('HMGET', key, 'next', 'run', 'u', 'e', succ)
-  local nxt = tonumber(st[1] or '0')
-  local run = tonumber(st[2] or '0')
+  -- A field that is not a number (garbage written by something else) counts as absent.
+  local nxt = tonumber(st[1] or '')
+  local run = tonumber(st[2] or '')
   local u = tonumber(st[3] or '')
   local e = tonumber(st[4] or '')
   local ttl_ms = ttl * 1000
   local advanced = false
   local restarted = false
-  if gate and not done and gate > nxt and ARGV[o + 7] == '1'
-      and not st[1] and not st[2] and not u then
+  if gate and not done and gate > 0 and ARGV[o + 7] == '1'
+      and not nxt and not run and not u then
     nxt = gate
     advanced = true
     restarted = true
   end
+  nxt = nxt or 0
+  run = run or 0
   if done then
     run = 0
     if done >= nxt then
@@ -278,9 +281,11 @@ impl RedisLayer {
             .arg("next")
             .arg("u")
             .to_owned();
-        let (next, parked): (Option<u64>, Option<Vec<u8>>) = self
+        let (next, parked): (Option<Vec<u8>>, Option<Vec<u8>>) = self
             .run(shard, async move { cmd.query_async(&mut conn).await })
             .await?;
+        // Anything but digits (garbage written by something else) is the script's to judge.
+        let next = next.and_then(|n| std::str::from_utf8(&n).ok()?.parse::<u64>().ok());
         Ok(match (next, parked) {
             (Some(next), None) if order == next => Some(Gate::Run),
             (Some(next), None) if order < next => Some(Gate::Stale),
