@@ -572,9 +572,11 @@ async fn order_restarts_when_redis_loses_the_state() {
     stop(socket.token, socket.handle).await;
 }
 
-/// Replies `ran {order}`; a frame whose text is `slow` first signals `started` and takes 3 s.
+/// Replies `ran {order}`; a frame whose text is `slow` first signals `started`, then runs until
+/// the test signals `release` (10 s at most).
 struct SlowOnce {
     started: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
 }
 
 impl WebsocketConsumer for SlowOnce {
@@ -587,7 +589,7 @@ impl WebsocketConsumer for SlowOnce {
     async fn receive(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
         if m.text() == Some("slow") {
             self.started.notify_one();
-            tokio::time::sleep(Duration::from_secs(3)).await;
+            let _ = tokio::time::timeout(WAIT, self.release.notified()).await;
         }
         Replying::ran(m, ctx)
     }
@@ -605,9 +607,11 @@ async fn long_run_is_not_overtaken(backend: Backend) {
     };
     let fx = Fixture::new(backend, settings.clone()).await;
     let started = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
     let router = Arc::new(
         Router::new([route_class(SlowOnce {
             started: started.clone(),
+            release: release.clone(),
         })])
         .unwrap(),
     );
@@ -648,6 +652,12 @@ async fn long_run_is_not_overtaken(backend: Backend) {
         .send("websocket.receive", &frame(3, "f3"))
         .await
         .unwrap();
+    let m = metrics.clone();
+    eventually(WAIT, "frame 3 parked behind the running frame 1", || {
+        m.snapshot().parked == 2
+    })
+    .await;
+    release.notify_one();
     assert_eq!(next_text(&mut ch).await, "ran 1");
     assert_eq!(next_text(&mut ch).await, "ran 3");
     token.cancel();
