@@ -106,7 +106,9 @@ impl Gated<'_> {
 impl Layer {
     /// Decides whether the message `order` of connection `reply_channel`, read from `channel`
     /// as `payload`, runs now; parks it in the layer when it is ahead. A message that runs holds
-    /// its turn against upkeep for `hold` (the caller's limit on running it).
+    /// its turn against upkeep for `hold` (the caller's limit on running it), except on Redis
+    /// when nothing was parked: that gate only reads the state, so a caller still running the
+    /// message at half the layer expiry gates it again to record the hold (the worker does).
     pub async fn ordering_gate(
         &self,
         reply_channel: &str,
