@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::seq::SliceRandom;
-use redis::{Cmd, FromRedisValue, Script, ScriptInvocation, Value};
+use redis::{FromRedisValue, Script, ScriptInvocation, Value};
 
 use super::RedisLayer;
 use crate::layer::LayerError;
@@ -370,13 +370,6 @@ impl RedisLayer {
             async move { invocation.invoke_async(&mut conn).await },
         )
         .await
-    }
-
-    /// Runs one command on the shard (or slot) that holds `channel`'s jobs.
-    async fn query_for<T: FromRedisValue>(&self, channel: &str, cmd: Cmd) -> Result<T, LayerError> {
-        let (shard, mut conn) = self.conn_for(channel);
-        self.run(shard, async move { cmd.query_async(&mut conn).await })
-            .await
     }
 
     /// True when plain sends to `channel` go to its stream (`--durable-channels`).

@@ -431,6 +431,18 @@ impl RedisLayer {
         (shard, self.inner.shards[shard].conn.clone())
     }
 
+    /// Runs one command on the shard (or slot) that holds `name` (a channel or reply channel,
+    /// whose keys live where the name does).
+    pub(crate) async fn query_for<T: redis::FromRedisValue>(
+        &self,
+        name: &str,
+        cmd: redis::Cmd,
+    ) -> Result<T, LayerError> {
+        let (shard, mut conn) = self.conn_for(name);
+        self.run(shard, async move { cmd.query_async(&mut conn).await })
+            .await
+    }
+
     /// Runs one command future on shard `i` with the command timeout, mapping failures.
     pub(crate) async fn run<T, F>(&self, i: usize, fut: F) -> Result<T, LayerError>
     where

@@ -275,15 +275,13 @@ impl RedisLayer {
         order: u64,
     ) -> Result<Option<Gate>, LayerError> {
         let key = format!("{}:order:{}", self.settings().prefix, reply_channel);
-        let (shard, mut conn) = self.conn_for(reply_channel);
         let cmd = redis::cmd("HMGET")
             .arg(&key)
             .arg("next")
             .arg("u")
             .to_owned();
-        let (next, parked): (Option<Vec<u8>>, Option<Vec<u8>>) = self
-            .run(shard, async move { cmd.query_async(&mut conn).await })
-            .await?;
+        let (next, parked): (Option<Vec<u8>>, Option<Vec<u8>>) =
+            self.query_for(reply_channel, cmd).await?;
         // Anything but digits (garbage written by something else) is the script's to judge.
         let next = next.and_then(|n| std::str::from_utf8(&n).ok()?.parse::<u64>().ok());
         Ok(match (next, parked) {
@@ -347,11 +345,8 @@ impl RedisLayer {
 impl StateBackend for RedisLayer {
     async fn session_load(&self, reply_channel: &str) -> Result<Map, LayerError> {
         let key = session_key(self, reply_channel);
-        let (shard, mut conn) = self.conn_for(reply_channel);
         let cmd = redis::cmd("HGETALL").arg(&key).to_owned();
-        let fields: Vec<(String, Vec<u8>)> = self
-            .run(shard, async move { cmd.query_async(&mut conn).await })
-            .await?;
+        let fields: Vec<(String, Vec<u8>)> = self.query_for(reply_channel, cmd).await?;
         let mut out = Map::new();
         for (k, v) in fields {
             match codec::from_msgpack::<Value>(&v) {
@@ -395,26 +390,14 @@ impl StateBackend for RedisLayer {
 
     async fn session_delete(&self, reply_channel: &str, key: &str) -> Result<(), LayerError> {
         let hkey = session_key(self, reply_channel);
-        let (shard, mut conn) = self.conn_for(reply_channel);
         let cmd = redis::cmd("HDEL").arg(&hkey).arg(key).to_owned();
-        self.run(
-            shard,
-            async move { cmd.query_async::<i64>(&mut conn).await },
-        )
-        .await
-        .map(|_| ())
+        self.query_for::<i64>(reply_channel, cmd).await.map(|_| ())
     }
 
     async fn session_clear(&self, reply_channel: &str) -> Result<(), LayerError> {
         let hkey = session_key(self, reply_channel);
-        let (shard, mut conn) = self.conn_for(reply_channel);
         let cmd = redis::cmd("DEL").arg(&hkey).to_owned();
-        self.run(
-            shard,
-            async move { cmd.query_async::<i64>(&mut conn).await },
-        )
-        .await
-        .map(|_| ())
+        self.query_for::<i64>(reply_channel, cmd).await.map(|_| ())
     }
 
     async fn ordering_step(
