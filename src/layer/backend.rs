@@ -126,6 +126,14 @@ pub trait StateBackend {
         gated: Option<Gated<'_>>,
         hold: Duration,
     ) -> impl Future<Output = Result<(Option<Gate>, Upkeep), LayerError>> + Send;
+    /// Holds the turn of running message `order` against upkeep for `hold` from now when it
+    /// is still the connection's turn (true); writes nothing otherwise (false).
+    fn ordering_hold(
+        &self,
+        reply_channel: &str,
+        order: u64,
+        hold: Duration,
+    ) -> impl Future<Output = Result<bool, LayerError>> + Send;
 }
 
 /// The app's small store beside its channels (a chat room's history, the list of rooms).

@@ -265,4 +265,20 @@ impl StateBackend for MemoryLayer {
         }
         Ok((gate, upkeep))
     }
+
+    async fn ordering_hold(
+        &self,
+        reply_channel: &str,
+        order: u64,
+        hold: Duration,
+    ) -> Result<bool, LayerError> {
+        let mut map = self.connections().lock();
+        Ok(match map.get_mut(reply_channel) {
+            Some(c) if c.next_order == order => {
+                c.running_until = hold_until(hold);
+                true
+            }
+            _ => false,
+        })
+    }
 }

@@ -21,8 +21,8 @@
 //! still leaves its groups. Upkeep waits while the message at `next` runs (until the hold the
 //! gate was given), so a slow consumer is not overtaken. On Redis the gate of the common case
 //! (nothing parked, `order == next`) is one HMGET that records no hold: upkeep can act only on
-//! a message parked for the whole expiry, so the worker records the hold through the full gate
-//! once a consumer has run half the expiry.
+//! a message parked for the whole expiry, so the worker records the hold
+//! ([`Layer::ordering_hold`]) once a consumer has run half the expiry.
 //!
 //! State lost: a gate that finds nothing recorded for its connection (no `next`, no running
 //! message, nothing parked) for a frame past the connect restarts the order at that frame
@@ -108,7 +108,7 @@ impl Layer {
     /// as `payload`, runs now; parks it in the layer when it is ahead. A message that runs holds
     /// its turn against upkeep for `hold` (the caller's limit on running it), except on Redis
     /// when nothing was parked: that gate only reads the state, so a caller still running the
-    /// message at half the layer expiry gates it again to record the hold (the worker does).
+    /// message at half the layer expiry records the hold with [`Layer::ordering_hold`].
     pub async fn ordering_gate(
         &self,
         reply_channel: &str,
@@ -185,6 +185,20 @@ impl Layer {
             gate: gate.unwrap_or(Gate::Stale),
             upkeep,
         })
+    }
+
+    /// Records that message `order`, which passed the gate and is still running, holds its
+    /// turn against upkeep for `hold` from now; false when it is no longer the connection's
+    /// turn. Never parks or restarts anything: for a consumer that outlives half the layer
+    /// expiry after a gate that recorded no hold (Redis's quick gate).
+    pub async fn ordering_hold(
+        &self,
+        reply_channel: &str,
+        order: u64,
+        hold: Duration,
+    ) -> Result<bool, LayerError> {
+        names::validate_channel(reply_channel)?;
+        backend!(self, l => l.ordering_hold(reply_channel, order, hold).await)
     }
 
     /// Done (with `last`), then upkeep, then the gate, as one atomic step; each part optional.

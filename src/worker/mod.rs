@@ -854,8 +854,8 @@ impl Worker {
 
     /// Runs a strictly ordered message that passed its gate. The layer's quick gate records no
     /// hold against ordering upkeep (it only reads `next`), so a consumer still running at half
-    /// the layer expiry records one then, through the full gate, before any successor parked
-    /// meanwhile could have waited the expiry and had upkeep skip this message.
+    /// the layer expiry records one then, before any successor parked meanwhile could have
+    /// waited the expiry and had upkeep skip this message.
     async fn run_holding_turn(
         &self,
         reply: &str,
@@ -864,17 +864,15 @@ impl Worker {
         resolved: Resolved,
         hold: Duration,
     ) -> bool {
-        let channel = message.channel.clone();
-        let payload = message.payload.clone();
         let consumer = self.run_consumer(message, resolved);
         tokio::pin!(consumer);
         tokio::select! {
             finished = &mut consumer => finished,
             () = tokio::time::sleep(self.layer.settings().expiry / 2) => {
-                match self.layer.ordering_gate(reply, order, &channel, &payload, hold).await {
-                    Ok(outcome) if outcome.gate == Gate::Run => {}
-                    Ok(outcome) => {
-                        tracing::warn!(reply_channel = %reply, order, gate = ?outcome.gate, "strict ordering: a long-running message lost its turn before recording its hold");
+                match self.layer.ordering_hold(reply, order, hold).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(reply_channel = %reply, order, "strict ordering: a long-running message was no longer its connection's turn when it recorded its hold");
                     }
                     Err(e) => {
                         tracing::warn!(reply_channel = %reply, order, error = %e, "strict ordering: could not record a long-running message's hold");

@@ -298,6 +298,7 @@ impl RedisLayer {
         gated: Option<Gated<'_>>,
         hold: Duration,
         with_value: bool,
+        may_restart: bool,
     ) -> Result<(i64, Upkeep), LayerError> {
         let key = format!("{}:order:{}", self.settings().prefix, reply_channel);
         let shard = self.shard_of(reply_channel);
@@ -321,7 +322,7 @@ impl RedisLayer {
                 b"0".to_vec()
             },
             value.unwrap_or_default(),
-            if gated.is_some_and(|g| g.may_restart()) {
+            if may_restart {
                 b"1".to_vec()
             } else {
                 b"0".to_vec()
@@ -400,6 +401,25 @@ impl StateBackend for RedisLayer {
         self.query_for::<i64>(reply_channel, cmd).await.map(|_| ())
     }
 
+    async fn ordering_hold(
+        &self,
+        reply_channel: &str,
+        order: u64,
+        hold: Duration,
+    ) -> Result<bool, LayerError> {
+        // The step's gate without the value: it records the hold when `order == next`, and
+        // where it would park it answers "needs the value" and writes nothing.
+        let gated = Gated {
+            order,
+            channel: "",
+            payload: &[],
+        };
+        let (v, _) = self
+            .redis_step(reply_channel, None, Some(gated), hold, false, false)
+            .await?;
+        Ok(verdict(v) == Some(Gate::Run))
+    }
+
     async fn ordering_step(
         &self,
         reply_channel: &str,
@@ -414,7 +434,14 @@ impl StateBackend for RedisLayer {
             return Ok((Some(gate), Upkeep::default()));
         }
         let (v, mut upkeep) = self
-            .redis_step(reply_channel, done, gated, hold, false)
+            .redis_step(
+                reply_channel,
+                done,
+                gated,
+                hold,
+                false,
+                gated.is_some_and(|g| g.may_restart()),
+            )
             .await?;
         if v != NEEDS_VALUE {
             return Ok((verdict(v), upkeep));
@@ -422,7 +449,14 @@ impl StateBackend for RedisLayer {
         // It would park: gate it again, with its value this time (the done, if any,
         // is recorded already).
         let (v, again) = self
-            .redis_step(reply_channel, None, gated, hold, true)
+            .redis_step(
+                reply_channel,
+                None,
+                gated,
+                hold,
+                true,
+                gated.is_some_and(|g| g.may_restart()),
+            )
             .await?;
         upkeep.expired += again.expired;
         upkeep.skipped += again.skipped;
