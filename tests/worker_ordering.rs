@@ -546,15 +546,15 @@ async fn order_restarts_when_redis_loses_the_state() {
     // The reply goes out before frame 2 is recorded as done: wait for the record, or the flush
     // could come first and the done would write the state again.
     let key = format!("asgi:order:{}", socket.reply);
-    eventually(WAIT, "frame 2 recorded as done", || {
+    let recorded_next = |next: &str| {
         redis
             .try_cmd::<Option<String>>(&[b"HGET", key.as_bytes(), b"next"])
             .ok()
             .flatten()
             .as_deref()
-            == Some("3")
-    })
-    .await;
+            == Some(next)
+    };
+    eventually(WAIT, "frame 2 recorded as done", || recorded_next("3")).await;
     let _: () = redis.cmd(&[b"FLUSHALL"]);
     // The inbox's own keys went with the flush; the reply channel is read again as before.
     for order in 3..=6 {
@@ -573,6 +573,7 @@ async fn order_restarts_when_redis_loses_the_state() {
     );
 
     // Garbage in the state (not a number where `next` and `run` go) reads as no state.
+    eventually(WAIT, "frame 6 recorded as done", || recorded_next("7")).await;
     let _: () = redis.cmd(&[b"HSET", key.as_bytes(), b"next", b"zz", b"run", b"?"]);
     fx.layer
         .send("websocket.receive", &socket.frame(7))
