@@ -44,6 +44,15 @@ impl RedisServer {
             port: free_port(),
             extra,
         };
+        // A free port can be taken by another test between the probe and redis-server's bind;
+        // the server then exits at once, and another port is tried.
+        for _ in 0..4 {
+            if server.try_spawn() {
+                return server;
+            }
+            server.stop();
+            server.port = free_port();
+        }
         server.spawn();
         server
     }
@@ -69,6 +78,16 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
+        if !self.try_spawn() {
+            panic!(
+                "redis-server on port {} did not answer PING within 10 s",
+                self.port
+            );
+        }
+    }
+
+    /// Starts redis-server on this port; false when it exited or did not answer PING in 10 s.
+    fn try_spawn(&mut self) -> bool {
         let child = Command::new(redis_bin())
             .args([
                 "--port",
@@ -93,12 +112,17 @@ impl RedisServer {
                 )
             });
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && matches!(child.try_wait(), Ok(Some(_)))
+            {
+                return false;
+            }
             if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
                 if s.write_all(b"PING\r\n").is_ok() {
@@ -107,16 +131,17 @@ impl RedisServer {
                     if s.read_exact(&mut buf).is_ok()
                         && (&buf == b"+PONG\r\n" || &buf == b"-NOAUTH")
                     {
-                        return;
+                        // Answered, and by ours unless it just exited (its port was taken).
+                        return self
+                            .child
+                            .as_mut()
+                            .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
                     }
                 }
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!(
-            "redis-server on port {} did not answer PING within 10 s",
-            self.port
-        );
+        false
     }
 
     /// Sends a signal to the server process (`STOP` freezes it with its connections open).
