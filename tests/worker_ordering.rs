@@ -439,12 +439,7 @@ struct ConnectedSocket {
 
 impl ConnectedSocket {
     async fn open(fx: &Fixture, tag: &str) -> ConnectedSocket {
-        let router = Arc::new(Router::new([route_class(Replying)]).unwrap());
-        let worker =
-            Worker::new(fx.layer.clone(), router).receive_timeout(Duration::from_millis(100));
-        let metrics = worker.metrics();
-        let token = CancellationToken::new();
-        let handle = tokio::spawn(worker.run(token.clone()));
+        let (metrics, token, handle) = replying_worker(fx.layer.clone());
         let inbox = fx.layer.inbox(tag).await.unwrap();
         let mut ch = inbox.new_channel();
         let reply = ch.name().to_owned();
@@ -530,6 +525,11 @@ async fn gap_is_skipped_after_the_expiry_redis() {
 /// flush, a failover to a replica that missed it): the next frame restarts the connection's
 /// order at itself, and the frames after it run in order at once, instead of parking until the
 /// expiry (60 s by default) skips the orders that ran before. Counted, and nothing else changes.
+/// Redis loses a socket's ordering state (FLUSHALL, then garbage in it). The worker that
+/// recorded the socket's last frame knows the next turn without it and writes the state again
+/// with that frame's done; a worker that does not (another process) finds nothing recorded and
+/// restarts the order at the frame it has. Either way every frame runs, in order, at once
+/// (before the restart rule they all parked until the expiry).
 #[tokio::test]
 async fn order_restarts_when_redis_loses_the_state() {
     let fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
@@ -543,7 +543,7 @@ async fn order_restarts_when_redis_loses_the_state() {
     }
 
     let redis = fx.redis.as_ref().expect("a Redis fixture");
-    // The reply goes out before frame 2 is recorded as done: wait for the record, or the flush
+    // The reply goes out before a frame is recorded as done: wait for the record, or the flush
     // could come first and the done would write the state again.
     let key = format!("asgi:order:{}", socket.reply);
     let recorded_next = |next: &str| {
@@ -569,19 +569,49 @@ async fn order_restarts_when_redis_loses_the_state() {
     let s = socket.metrics.snapshot();
     assert_eq!(
         (s.ordering_restarted, s.parked, s.ordering_skipped),
+        (0, 0, 0),
+        "the worker knew frame 3's turn"
+    );
+    eventually(WAIT, "the state written again", || recorded_next("7")).await;
+    let (frame7, frame8) = (socket.frame(7), socket.frame(8));
+    stop(socket.token, socket.handle).await;
+
+    // Lost again, and the next frame goes to another process's worker.
+    let _: () = redis.cmd(&[b"FLUSHALL"]);
+    let (metrics, token, handle) = replying_worker(fx.peer(LayerSettings::default()).await);
+    fx.layer.send("websocket.receive", &frame7).await.unwrap();
+    assert_eq!(next_text(&mut socket.ch).await, "ran 7");
+    let s = metrics.snapshot();
+    assert_eq!(
+        (s.ordering_restarted, s.parked, s.ordering_skipped),
         (1, 0, 0)
     );
+    eventually(WAIT, "frame 7 recorded as done", || recorded_next("8")).await;
+    stop(token, handle).await;
 
     // Garbage in the state (not a number where `next` and `run` go) reads as no state.
-    eventually(WAIT, "frame 6 recorded as done", || recorded_next("7")).await;
     let _: () = redis.cmd(&[b"HSET", key.as_bytes(), b"next", b"zz", b"run", b"?"]);
-    fx.layer
-        .send("websocket.receive", &socket.frame(7))
-        .await
-        .unwrap();
-    assert_eq!(next_text(&mut socket.ch).await, "ran 7");
-    assert_eq!(socket.metrics.snapshot().ordering_restarted, 2);
-    stop(socket.token, socket.handle).await;
+    let (metrics, token, handle) = replying_worker(fx.peer(LayerSettings::default()).await);
+    fx.layer.send("websocket.receive", &frame8).await.unwrap();
+    assert_eq!(next_text(&mut socket.ch).await, "ran 8");
+    assert_eq!(metrics.snapshot().ordering_restarted, 1);
+    stop(token, handle).await;
+}
+
+/// A worker running [`Replying`] on `layer`.
+fn replying_worker(
+    layer: switchyard::layer::Layer,
+) -> (
+    Arc<switchyard::worker::WorkerMetrics>,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), switchyard::worker::WorkerError>>,
+) {
+    let router = Arc::new(Router::new([route_class(Replying)]).unwrap());
+    let worker = Worker::new(layer, router).receive_timeout(Duration::from_millis(100));
+    let metrics = worker.metrics();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(worker.run(token.clone()));
+    (metrics, token, handle)
 }
 
 /// Replies `ran {order}`; a frame whose text is `slow` first signals `started`, then runs until
@@ -743,7 +773,8 @@ impl WebsocketConsumer for Yielding {
     }
 }
 
-/// How many ordering steps Redis ran (every step script reads the state with one HMGET).
+/// How many ordering steps read the state in Redis (each reads it with one HMGET, in a script
+/// or not).
 fn ordering_steps(fx: &Fixture) -> Option<u64> {
     let info: String = fx.redis.as_ref()?.cmd(&[b"INFO", b"commandstats"]);
     let line = info.lines().find(|l| l.starts_with("cmdstat_hmget:"))?;
@@ -752,9 +783,9 @@ fn ordering_steps(fx: &Fixture) -> Option<u64> {
 }
 
 /// A worker that holds frames 1..=20 of one socket at once (one pop) runs them one after
-/// another in one task, in order, with one layer step each: the first gated alone, each next
-/// one gated in the step that records its predecessor as done, the last done alone. Nothing
-/// is parked in the layer.
+/// another in one task, in order, with one layer step each: the first gated alone (from what
+/// this process knows: it recorded the connect), each next one gated in the step that records
+/// its predecessor as done, the last done alone. Nothing is parked in the layer.
 async fn held_frames_run_in_order_with_one_step_each(backend: Backend) {
     const HELD: u64 = 20;
     let fx = Fixture::new(backend, LayerSettings::default()).await;
@@ -809,8 +840,9 @@ async fn held_frames_run_in_order_with_one_step_each(backend: Backend) {
         let (before, after) = (steps_before.unwrap(), ordering_steps(&fx).unwrap());
         assert_eq!(
             after - before,
-            HELD + 1,
-            "one gate, {} done-and-gate steps, one done",
+            HELD,
+            "{} done-and-gate steps and one done, each one read; the first gate none (this \
+             process recorded the connect's done)",
             HELD - 1
         );
     }
@@ -879,6 +911,13 @@ async fn done_then_gate_is_done_and_gate_in_one_step(backend: Backend) {
         Some(bytes::Bytes::from_static(b"\x84"))
     );
     assert_eq!(gate(4, b"\x84").await.gate, Gate::Run);
+    if let Some(redis) = &fx.redis {
+        let parked_until: i64 = redis.cmd(&[b"HEXISTS", b"asgi:order:test.fused!c1", b"u"]);
+        assert_eq!(
+            parked_until, 0,
+            "with the last parked message unparked, the quick paths are back"
+        );
+    }
     assert_eq!(layer.ordering_done(r, 4, true).await.unwrap().resume, None);
     if let Some(redis) = &fx.redis {
         let exists: i64 = redis.cmd(&[b"EXISTS", b"asgi:order:test.fused!c1"]);
@@ -909,4 +948,73 @@ async fn gave_up_message_does_not_stall_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn successor_runs_even_when_its_channel_is_full_cluster() {
     successor_runs_even_when_its_channel_is_full(Backend::Cluster).await;
+}
+
+/// The done of the common case runs without the script (see `ordering.rs`); what the script
+/// did besides is mended from what it read. Where the state was lost, the done writes it again
+/// with its expiry; where the order had restarted at a later frame that ran first (a consumer
+/// still running across a state loss), `next` goes back to where that frame left it instead of
+/// behind it; a worker that recorded a done knows the next turn without reading Redis, and a
+/// worker that did not reads it.
+#[tokio::test]
+async fn script_free_done_mends_lost_and_restarted_state() {
+    use switchyard::layer::Gate;
+    let fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
+    let redis = fx.redis.as_ref().expect("a Redis fixture");
+    let other = fx.peer(LayerSettings::default()).await;
+    let (a, b) = (&fx.layer, &other);
+    let r = "test.mend!c1";
+    let key = format!("asgi:order:{r}");
+    let hold = Duration::from_secs(10);
+    let ch = "websocket.receive";
+    let gate = |layer: &switchyard::layer::Layer, order: u64| {
+        let layer = layer.clone();
+        async move {
+            layer
+                .ordering_gate(r, order, ch, b"\x80", hold)
+                .await
+                .unwrap()
+                .gate
+        }
+    };
+    let next = || redis.cmd::<Option<String>>(&[b"HGET", key.as_bytes(), b"next"]);
+    let hmgets = || ordering_steps(&fx).unwrap();
+
+    assert_eq!(gate(a, 0).await, Gate::Run);
+    a.ordering_done(r, 0, false).await.unwrap();
+    let before = hmgets();
+    assert_eq!(gate(a, 1).await, Gate::Run, "the turn a recorded");
+    assert_eq!(hmgets(), before, "known to a without a read");
+
+    // The state is lost while 1 runs; its done writes it again, with an expiry.
+    let _: () = redis.cmd(&[b"FLUSHALL"]);
+    a.ordering_done(r, 1, false).await.unwrap();
+    assert_eq!(next().as_deref(), Some("2"));
+    let ttl: i64 = redis.cmd(&[b"TTL", key.as_bytes()]);
+    assert!(ttl > 0, "the state written again expires (ttl {ttl})");
+    assert_eq!(gate(b, 2).await, Gate::Run, "b reads the turn");
+    assert_eq!(gate(b, 1).await, Gate::Stale);
+
+    // Lost again while 2 runs on b: frame 5 restarts the order on a and runs first.
+    let _: () = redis.cmd(&[b"FLUSHALL"]);
+    let restarted = a.ordering_gate(r, 5, ch, b"\x85", hold).await.unwrap();
+    assert_eq!(restarted.gate, Gate::Run);
+    assert!(restarted.upkeep.restarted);
+    a.ordering_done(r, 5, false).await.unwrap();
+    assert_eq!(next().as_deref(), Some("6"));
+    // Frame 7 comes to b and parks behind 6.
+    let parked = b.ordering_gate(r, 7, ch, b"\x87", hold).await.unwrap();
+    assert_eq!(parked.gate, Gate::Parked);
+    // 2 finishes: next is not set back behind 5, which ran.
+    let up = b.ordering_done(r, 2, false).await.unwrap();
+    assert_eq!(up.resume, None, "7 waits for 6");
+    assert_eq!(next().as_deref(), Some("6"));
+    assert_eq!(gate(b, 6).await, Gate::Run);
+    let up = b.ordering_done(r, 6, false).await.unwrap();
+    let resume = up.resume.expect("7 handed out with 6's done");
+    assert_eq!(&resume.1[..], b"\x87");
+    assert_eq!(gate(b, 7).await, Gate::Run);
+    assert_eq!(b.ordering_done(r, 7, true).await.unwrap().resume, None);
+    let exists: i64 = redis.cmd(&[b"EXISTS", key.as_bytes()]);
+    assert_eq!(exists, 0, "the state goes with the last message");
 }

@@ -22,7 +22,11 @@
 //! gate was given), so a slow consumer is not overtaken. On Redis the gate of the common case
 //! (nothing parked, `order == next`) is one HMGET that records no hold: upkeep can act only on
 //! a message parked for the whole expiry, so the worker records the hold
-//! ([`Layer::ordering_hold`]) once a consumer has run half the expiry.
+//! ([`Layer::ordering_hold`]) once a consumer has run half the expiry. The done of the common
+//! case is one MULTI (read the state, write `next`), no script; and a process that recorded
+//! message `n` as done with nothing parked knows that `n + 1` is the turn, so when it gets
+//! `n + 1` itself (always for the next message in its hand, one time in N workers otherwise)
+//! its gate reads nothing at all (see `redis/turns.rs`).
 //!
 //! State lost: a gate that finds nothing recorded for its connection (no `next`, no running
 //! message, nothing parked) for a frame past the connect restarts the order at that frame
@@ -75,6 +79,18 @@ pub struct Upkeep {
     /// The gated message found nothing recorded for its connection (the layer lost the state:
     /// a Redis restart, flush or failover, or it lapsed idle) and restarted the order at itself.
     pub restarted: bool,
+}
+
+impl Upkeep {
+    /// Adds what a later step of the same call did; its resume, if any, is the current one.
+    pub(crate) fn absorb(&mut self, later: Upkeep) {
+        self.expired += later.expired;
+        self.skipped += later.skipped;
+        self.restarted |= later.restarted;
+        if later.resume.is_some() {
+            self.resume = later.resume;
+        }
+    }
 }
 
 /// The gate's verdict and the upkeep done with it.

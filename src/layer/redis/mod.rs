@@ -56,6 +56,7 @@ mod sentinel_url;
 mod state;
 mod steps;
 mod store;
+mod turns;
 
 pub(crate) use lease::LeaseState;
 
@@ -133,6 +134,9 @@ struct Inner {
     /// Channels whose sends go to a stream (`--durable-channels`).
     durable: globset::GlobSet,
     durable_scripts: durable::DurableScripts,
+    /// The connections' next turns this process knows from recording their last message as
+    /// run (see [`turns`]).
+    handed_turns: turns::HandedTurns,
 }
 
 /// What a Sentinel-managed layer says of itself in logs.
@@ -316,6 +320,7 @@ impl RedisLayer {
                 registered: dashmap::DashSet::with_hasher(rustc_hash::FxBuildHasher),
                 durable,
                 durable_scripts: durable::DurableScripts::default(),
+                handed_turns: turns::HandedTurns::default(),
             }),
         };
         for i in 0..layer.inner.shards.len() {

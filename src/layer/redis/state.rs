@@ -93,7 +93,8 @@ end
 ///
 /// `u` is present only while messages are parked: it is when the oldest of them expires, so
 /// the common step (nothing parked) reads the state with one HMGET and writes it with one
-/// HSET, and scans only once something could have expired. Upkeep alone always scans. Each
+/// HSET, and scans only once something could have expired. (The common done and gate do not
+/// come here at all: [`RedisLayer::quick_done`], [`RedisLayer::quick_gate`].) Upkeep alone always scans. Each
 /// `redis.call` costs Redis more than the command itself, so a step makes as few as it can.
 static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
@@ -146,7 +147,19 @@ local function step(key, o)
     if gate < nxt then
       verdict = 2
     elseif gate == nxt then
-      if u then redis.call('HDEL', key, 'p:' .. gate) end
+      if u then
+        redis.call('HDEL', key, 'p:' .. gate)
+        -- The last parked message unparked: drop `u`, so that the connection's next steps
+        -- take the quick paths again instead of until the expiry.
+        local others = 1
+        if st[1] then others = others + 1 end
+        if st[2] then others = others + 1 end
+        if st[4] then others = others + 1 end
+        if redis.call('HLEN', key) <= others then
+          redis.call('HDEL', key, 'u')
+          u = nil
+        end
+      end
       hold_until = now + tonumber(ARGV[o + 4])
       verdict = 1
       if restarted then verdict = 4 end
@@ -262,6 +275,112 @@ fn verdict(v: i64) -> Option<Gate> {
 const NEEDS_VALUE: i64 = 3;
 
 impl RedisLayer {
+    /// The key of a connection's ordering state.
+    fn order_key(&self, reply_channel: &str) -> String {
+        format!("{}:order:{}", self.settings().prefix, reply_channel)
+    }
+
+    /// How long a turn this process handed on is trusted without asking Redis (see
+    /// [`super::turns`]): half the expiry, well inside the time upkeep needs to skip it.
+    fn turn_trust(&self) -> Duration {
+        self.settings().expiry / 2
+    }
+
+    /// The done of the common case without the script: one MULTI that reads `next`, `u`, `e`
+    /// and the parked successor and writes `next = order + 1`, `run = 0`. What the script
+    /// would have done differently is mended after, from what was read: a `next` already past
+    /// `order + 1` (the order restarted at a later frame after a state loss, which ran first)
+    /// is put back with a script step; due upkeep runs as a script step; the key's expiry is
+    /// renewed once half of it has passed, and set where the state was lost. Meanwhile a gate
+    /// sees either the old `next` (and parks, to be handed out here) or the new one, as with the
+    /// script. Returns the upkeep and whether the turn passed on cleanly (`next` was `order`
+    /// or nothing, and nothing is parked): then `order + 1` is the connection's turn.
+    async fn quick_done(
+        &self,
+        reply_channel: &str,
+        order: u64,
+    ) -> Result<(Upkeep, bool), LayerError> {
+        let key = self.order_key(reply_channel);
+        let successor = order.saturating_add(1);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HMGET")
+            .arg(&key)
+            .arg("next")
+            .arg("u")
+            .arg("e")
+            .arg(format!("p:{successor}"))
+            .cmd("HSET")
+            .arg(&key)
+            .arg("next")
+            .arg(successor)
+            .arg("run")
+            .arg(0)
+            .ignore();
+        let (shard, mut conn) = self.conn_for(reply_channel);
+        type Read = (
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+        );
+        let ((next, parked_until, expires, parked_successor),): (Read,) = self
+            .run(shard, async move { pipe.query_async(&mut conn).await })
+            .await?;
+        let number =
+            |v: Option<Vec<u8>>| v.and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u64>().ok());
+        let next = number(next);
+        let parked_until = number(parked_until);
+        let now = millis(Duration::from_secs_f64(super::now_secs()));
+        let ttl = self.settings().group_expiry.as_secs().max(1);
+        if number(expires).is_none_or(|e| e.saturating_sub(now) < ttl * 1000 / 2) {
+            let mut renew = redis::pipe();
+            renew
+                .cmd("HSET")
+                .arg(&key)
+                .arg("e")
+                .arg(now + ttl * 1000)
+                .ignore()
+                .cmd("EXPIRE")
+                .arg(&key)
+                .arg(ttl)
+                .ignore();
+            let mut conn = self.inner.shards[shard].conn.clone();
+            self.run(
+                shard,
+                async move { renew.query_async::<()>(&mut conn).await },
+            )
+            .await?;
+        }
+        if let Some(ahead) = next.filter(|n| *n > successor) {
+            let (_, upkeep) = self
+                .redis_step(
+                    reply_channel,
+                    Some((ahead - 1, false)),
+                    None,
+                    Duration::ZERO,
+                    false,
+                    false,
+                )
+                .await?;
+            return Ok((upkeep, false));
+        }
+        // A repeated done (`next` is past `order` already) hands nothing out: the first did.
+        let advanced = next.is_none_or(|n| n <= order);
+        let mut upkeep = Upkeep {
+            resume: unpack_resume(parked_successor.filter(|_| advanced))?,
+            ..Upkeep::default()
+        };
+        if parked_until.is_some_and(|u| u <= now) {
+            let (_, due) = self
+                .redis_step(reply_channel, None, None, Duration::ZERO, false, false)
+                .await?;
+            upkeep.absorb(due);
+        }
+        let clean = advanced && parked_until.is_none() && upkeep.resume.is_none();
+        Ok((upkeep, clean))
+    }
+
     /// The gate of the common case without the script: one HMGET of `next` and `u`. With
     /// nothing parked (`u` absent) and `next` recorded, `order == next` runs and `order < next`
     /// is stale, as the script would say; anything else (`None`) goes to the script, which
@@ -274,7 +393,14 @@ impl RedisLayer {
         reply_channel: &str,
         order: u64,
     ) -> Result<Option<Gate>, LayerError> {
-        let key = format!("{}:order:{}", self.settings().prefix, reply_channel);
+        if self
+            .inner
+            .handed_turns
+            .take(reply_channel, order, self.turn_trust())
+        {
+            return Ok(Some(Gate::Run));
+        }
+        let key = self.order_key(reply_channel);
         let cmd = redis::cmd("HMGET")
             .arg(&key)
             .arg("next")
@@ -300,7 +426,7 @@ impl RedisLayer {
         with_value: bool,
         may_restart: bool,
     ) -> Result<(i64, Upkeep), LayerError> {
-        let key = format!("{}:order:{}", self.settings().prefix, reply_channel);
+        let key = self.order_key(reply_channel);
         let shard = self.shard_of(reply_channel);
         let mut digits = itoa::Buffer::new();
         let mut num = |n: u64| digits.format(n).as_bytes().to_vec();
@@ -427,21 +553,70 @@ impl StateBackend for RedisLayer {
         gated: Option<Gated<'_>>,
         hold: Duration,
     ) -> Result<(Option<Gate>, Upkeep), LayerError> {
-        if done.is_none()
-            && let Some(g) = gated
-            && let Some(gate) = self.quick_gate(reply_channel, g.order).await?
-        {
-            return Ok((Some(gate), Upkeep::default()));
+        match (done, gated) {
+            (Some((order, false)), gated) => {
+                let (mut upkeep, clean) = self.quick_done(reply_channel, order).await?;
+                let successor = order.saturating_add(1);
+                let Some(g) = gated else {
+                    if clean {
+                        let trust = self.turn_trust();
+                        self.inner
+                            .handed_turns
+                            .remember(reply_channel, successor, trust);
+                    }
+                    return Ok((None, upkeep));
+                };
+                if g.order == successor {
+                    if clean {
+                        return Ok((Some(Gate::Run), upkeep));
+                    }
+                    // The successor parked is a copy of the one gated here: the gate decides
+                    // (and unparks it), as the script's done-and-gate would.
+                    upkeep.resume = None;
+                }
+                let (gate, more) = self.gate_step(reply_channel, g, hold).await?;
+                upkeep.absorb(more);
+                Ok((gate, upkeep))
+            }
+            (None, Some(g)) => self.gate_step(reply_channel, g, hold).await,
+            (Some((_, true)), _) | (None, None) => {
+                if done.is_some() {
+                    self.inner.handed_turns.forget(reply_channel);
+                }
+                self.script_step(reply_channel, done, gated, hold).await
+            }
         }
+    }
+}
+
+impl RedisLayer {
+    /// The gate alone: the quick gate, else the script.
+    async fn gate_step(
+        &self,
+        reply_channel: &str,
+        gated: Gated<'_>,
+        hold: Duration,
+    ) -> Result<(Option<Gate>, Upkeep), LayerError> {
+        match self.quick_gate(reply_channel, gated.order).await? {
+            Some(gate) => Ok((Some(gate), Upkeep::default())),
+            None => {
+                self.script_step(reply_channel, None, Some(gated), hold)
+                    .await
+            }
+        }
+    }
+
+    /// A step by the script; a gated message that would park is gated again with its value.
+    async fn script_step(
+        &self,
+        reply_channel: &str,
+        done: Option<(u64, bool)>,
+        gated: Option<Gated<'_>>,
+        hold: Duration,
+    ) -> Result<(Option<Gate>, Upkeep), LayerError> {
+        let may_restart = gated.is_some_and(|g| g.may_restart());
         let (v, mut upkeep) = self
-            .redis_step(
-                reply_channel,
-                done,
-                gated,
-                hold,
-                false,
-                gated.is_some_and(|g| g.may_restart()),
-            )
+            .redis_step(reply_channel, done, gated, hold, false, may_restart)
             .await?;
         if v != NEEDS_VALUE {
             return Ok((verdict(v), upkeep));
@@ -449,21 +624,9 @@ impl StateBackend for RedisLayer {
         // It would park: gate it again, with its value this time (the done, if any,
         // is recorded already).
         let (v, again) = self
-            .redis_step(
-                reply_channel,
-                None,
-                gated,
-                hold,
-                true,
-                gated.is_some_and(|g| g.may_restart()),
-            )
+            .redis_step(reply_channel, None, gated, hold, true, may_restart)
             .await?;
-        upkeep.expired += again.expired;
-        upkeep.skipped += again.skipped;
-        upkeep.restarted |= again.restarted;
-        if again.resume.is_some() {
-            upkeep.resume = again.resume;
-        }
+        upkeep.absorb(again);
         Ok((verdict(v).or(Some(Gate::Stale)), upkeep))
     }
 }
