@@ -57,6 +57,8 @@ PEER=none
 SCENARIOS="echo1 echo1000 bcast1k bcast10k sustained idle http http128 http256"
 DURATION=10
 RELAY_RATE=30
+# Empty: open loop at RELAY_RATE; N: closed loop, N frames in flight per socket.
+RELAY_WINDOW=""
 IDLE_CONNECTIONS=""
 OUT_DIR=target/bench-results
 
@@ -82,6 +84,9 @@ Flags:
   --scenarios LIST  comma-separated subset of: $SCENARIOS
   --duration S      seconds of load per scenario (default $DURATION)
   --relay-rate R    frames/s each socket relays in relay1000* and rooms1000* (default $RELAY_RATE)
+  --relay-window N  instead: closed loop, each socket keeps N frames in flight (sent, not yet
+                    back to itself) in relay1000* and rooms1000*: the saturated rate without
+                    queues growing without bound
   --idle N          connections held in the idle scenario (default: what the fd limit allows)
   --run-offset N    number this invocation's runs from N+1 (to add runs to an earlier series)
   --out DIR         results directory (default $OUT_DIR)
@@ -101,6 +106,7 @@ while [ $# -gt 0 ]; do
     --scenarios) SCENARIOS="${2//,/ }"; shift 2 ;;
     --duration) DURATION="$2"; shift 2 ;;
     --relay-rate) RELAY_RATE="$2"; shift 2 ;;
+    --relay-window) RELAY_WINDOW="$2"; shift 2 ;;
     --idle) IDLE_CONNECTIONS="$2"; shift 2 ;;
     --run-offset) RUN_OFFSET="$2"; shift 2 ;;
     --out) OUT_DIR="$2"; shift 2 ;;
@@ -343,7 +349,8 @@ run_scenario() {
       case "$name" in *u) route=relay-unordered ;; esac
       case "$name" in rooms*) rooms=100 ;; esac
       scenario "$stack" "$name" "$run" 180 -- broadcast --url "ws://127.0.0.1:@PORT@/ws/$route/{room}/" \
-        -c 1000 --rooms "$rooms" --senders 1000 --rate "$RELAY_RATE" -d "$d" -n 1000000 --settle 1 --connect-concurrency "$cc" ;;
+        -c 1000 --rooms "$rooms" --senders 1000 --rate "$RELAY_RATE" ${RELAY_WINDOW:+--window "$RELAY_WINDOW"} \
+        -d "$d" -n 1000000 --settle 1 --connect-concurrency "$cc" ;;
     http|http128|http256)
       # Keep-alive GETs of the 2 KB chat page on 64, 128 or 256 connections: the targets ask for
       # a rate at a p99, and in a closed loop the connection count sets where on that curve the
@@ -357,13 +364,15 @@ run_scenario() {
 
 STACKS=(switchyard "${PEERS[@]}")
 
+RELAY_PACE="rate $RELAY_RATE/s"
+if [ -n "$RELAY_WINDOW" ]; then RELAY_PACE="closed loop, window $RELAY_WINDOW"; fi
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "nproc: $(nproc); $(lscpu | grep 'Model name' | sed 's/  */ /g')"
   echo "memory: $(free -g | awk '/Mem:/ {print $2" GiB"}')"
   echo "redis: $(redis-server --version)"
   echo "open files: soft $(ulimit -Sn), hard $(ulimit -Hn)"
-  echo "threads: serve ${SERVE_THREADS:-${THREADS:-default}}, workers ${THREADS:-default}, client $CLIENT_THREADS; workers: $WORKERS x concurrency ${CONCURRENCY:-default}; capacity: ${CAPACITY:-default}; runs: $RUNS; duration: ${DURATION}s; scenarios: $SCENARIOS; stacks: ${STACKS[*]}"
+  echo "threads: serve ${SERVE_THREADS:-${THREADS:-default}}, workers ${THREADS:-default}, client $CLIENT_THREADS; workers: $WORKERS x concurrency ${CONCURRENCY:-default}; capacity: ${CAPACITY:-default}; runs: $RUNS; duration: ${DURATION}s; scenarios: $SCENARIOS; stacks: ${STACKS[*]}; relay: $RELAY_PACE"
   echo "uptime at start: $(uptime)"
 } > "$OUT_DIR/bench-$STAMP-machine.txt"
 cat "$OUT_DIR/bench-$STAMP-machine.txt" >&2

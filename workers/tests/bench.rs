@@ -382,6 +382,51 @@ async fn broadcast_delivers_every_message_to_every_member() {
     }
 }
 
+/// `--window`: a closed loop. At 1 msg/s an open loop would send ~2 messages per sender in
+/// the run; with 2 in flight each sender sends its whole share as fast as its frames come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_window_sends_as_fast_as_frames_come_back() {
+    let addr = relay_server().await;
+    let url = format!("ws://{addr}/ws/relay/{{room}}/");
+    let report = bench(&[
+        "broadcast",
+        "-q",
+        "--url",
+        &url,
+        "-c",
+        "10",
+        "--rooms",
+        "2",
+        "--senders",
+        "3",
+        "--rate",
+        "1",
+        "--window",
+        "2",
+        "--count",
+        "300",
+        "--settle",
+        "0",
+        "-d",
+        "2",
+    ])
+    .await
+    .unwrap();
+    let v = json_line(&report);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(u(&v, "window"), 2);
+    assert_eq!(u(&v, "sent"), 300);
+    assert_eq!(u(&v, "received"), 1500);
+    for key in ["lost", "duplicates", "out_of_order"] {
+        assert_eq!(u(&v, key), 0, "{key}");
+    }
+    let zero = bench(&["broadcast", "-q", "--url", &url, "--window", "0"]).await;
+    assert!(
+        zero.is_err_and(|e| e.to_string().contains("--window must be at least 1")),
+        "a zero window is refused"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_counts_members_that_missed_messages() {
     // An echo server is a relay whose rooms have one member: the others get nothing.

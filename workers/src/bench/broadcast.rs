@@ -2,7 +2,9 @@
 //! endpoint (every frame sent to a room reaches every member, sender included), S of them
 //! sending stamped messages at a fixed rate. Every receiver tracks each sender's sequence, so
 //! the run reports per-delivery latency (from the scheduled send time), deliveries/s, expected
-//! against received deliveries, and duplicates and reordering per sender.
+//! against received deliveries, and duplicates and reordering per sender. With `--window W` the
+//! senders run a closed loop instead: each keeps W of its frames in flight (sent, not yet back
+//! to itself), as fast as they come back; latency is then counted from the actual send.
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -38,6 +40,11 @@ pub struct BroadcastArgs {
     /// Messages per second sent by each sender.
     #[arg(long, short = 'r', default_value_t = 10.0)]
     pub rate: f64,
+    /// Closed loop: each sender keeps this many of its frames in flight (sent and not yet
+    /// heard back by itself) and sends the next as one comes back; `--rate` is then ignored.
+    /// Measures what the stack delivers at saturation without queues growing without bound.
+    #[arg(long)]
+    pub window: Option<u64>,
     /// Message size in bytes (at least the 49-byte header).
     #[arg(long, short = 's', default_value_t = 64)]
     pub size: usize,
@@ -64,11 +71,21 @@ struct Shared {
     rooms: usize,
     senders: usize,
     interval: Duration,
+    /// `--window`, and per sender how many of its own frames it heard back.
+    window: Option<u64>,
+    heard: Vec<Heard>,
     /// Messages sent into each room so far.
     sent_in_room: Vec<AtomicU64>,
     /// Per sender, per sequence number: members reached and the slowest delivery so far (see
     /// [`slot_add`]), giving the latency to the last member of the room for each broadcast.
     slowest: Vec<Vec<AtomicU64>>,
+}
+
+/// A sender's own frames heard back, and the wake-up of its writer waiting for one.
+#[derive(Debug, Default)]
+struct Heard {
+    count: AtomicU64,
+    wake: tokio::sync::Notify,
 }
 
 /// What one connection saw (and sent, for senders).
@@ -102,6 +119,9 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         );
     }
     let rate = super::positive_rate("rate", args.rate)?;
+    if args.window == Some(0) {
+        return Err(BenchError::Usage("--window must be at least 1".into()).into());
+    }
     let duration = super::seconds("duration", args.load.duration)?;
     let drain = super::seconds("drain", args.load.drain)?;
     let settle = super::seconds("settle", args.settle)?;
@@ -153,6 +173,8 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
         rooms: args.rooms,
         senders: args.senders,
         interval: Duration::from_secs_f64(1.0 / rate),
+        window: args.window,
+        heard: (0..args.senders).map(|_| Heard::default()).collect(),
         sent_in_room: (0..args.rooms).map(|_| AtomicU64::new(0)).collect(),
         slowest: {
             let per_sender = tracked_broadcasts(rate, duration, args.load.count, args.senders);
@@ -275,8 +297,12 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
     let last = Percentiles::of(&last_hist);
 
     let mut r = Report::new("broadcast");
+    let pace = match args.window {
+        Some(w) => format!("closed loop, {w} in flight each"),
+        None => format!("at {rate} msg/s"),
+    };
     r.line(format!(
-        "broadcast {}: {} connections over {} rooms ({} members max), {} senders at {rate} msg/s, {} B {}",
+        "broadcast {}: {} connections over {} rooms ({} members max), {} senders {pace}, {} B {}",
         args.url,
         members.iter().sum::<u64>(),
         args.rooms,
@@ -328,6 +354,10 @@ pub(super) async fn run(args: BroadcastArgs) -> anyhow::Result<Report> {
     r.field("members", json!(members));
     r.field("senders", args.senders as u64);
     r.field("rate", rate);
+    r.field(
+        "window",
+        args.window.map_or(serde_json::Value::Null, |w| json!(w)),
+    );
     r.field("size", args.size as u64);
     r.field("binary", args.binary);
     r.field("duration_s", report::seconds(load_elapsed));
@@ -402,7 +432,7 @@ async fn connection(
     let ((sent, write_error), (from, corrupted, misrouted, read_error)) = match sender {
         // Most members only read: no split halves, whose shared lock every read would take.
         None => {
-            let read = read_loop(&mut ws, room, &shared).await;
+            let read = read_loop(&mut ws, room, None, &shared).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
             ((0, None), read)
         }
@@ -410,7 +440,7 @@ async fn connection(
             let (mut sink, mut stream) = ws.split();
             let outcome = tokio::join!(
                 write_loop(&mut sink, id, quota, offset, &shared),
-                read_loop(&mut stream, room, &shared)
+                read_loop(&mut stream, room, Some(id), &shared)
             );
             let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
             outcome
@@ -442,13 +472,36 @@ where
     let first_at = Instant::now() + offset;
     let mut error = None;
     'run: while sender.seq < quota {
-        let Some((batch, _)) = sender.due_batch(first_at, shared.interval, quota).await else {
-            break 'run;
+        let batch = match shared.window {
+            Some(window) => {
+                let heard = &shared.heard[id as usize];
+                loop {
+                    let in_flight =
+                        sender.seq - heard.count.load(Ordering::Acquire).min(sender.seq);
+                    if in_flight < window {
+                        break (window - in_flight).min(quota - sender.seq);
+                    }
+                    tokio::select! {
+                        biased;
+                        () = sender.stop_sending() => break 'run,
+                        () = heard.wake.notified() => {}
+                    }
+                }
+            }
+            None => match sender.due_batch(first_at, shared.interval, quota).await {
+                Some((batch, _)) => batch,
+                None => break 'run,
+            },
         };
         let first_seq = sender.seq;
+        let closed_loop = shared.window.is_some();
         let sent_ns = |i: u64| {
+            let now = Instant::now();
+            if closed_loop {
+                return run.clock.ns_at(now);
+            }
             let scheduled = first_at + shared.interval.mul_f64((first_seq + i) as f64);
-            run.clock.ns_at(latency_origin(scheduled, Instant::now()))
+            run.clock.ns_at(latency_origin(scheduled, now))
         };
         let fed = || {
             run.live.sent.fetch_add(1, Ordering::Relaxed);
@@ -466,6 +519,7 @@ where
 async fn read_loop<S>(
     stream: &mut S,
     room: usize,
+    own: Option<u32>,
     shared: &Shared,
 ) -> (Vec<SeqTracker>, u64, u64, Option<String>)
 where
@@ -478,6 +532,11 @@ where
     let error = client::read_stamps(stream, run, |frame, now| match frame {
         Ok(stamp) if (stamp.id as usize) < shared.senders => {
             let sender = stamp.id as usize;
+            if own == Some(stamp.id) && shared.window.is_some() {
+                let heard = &shared.heard[sender];
+                heard.count.fetch_add(1, Ordering::AcqRel);
+                heard.wake.notify_one();
+            }
             if sender % shared.rooms != room {
                 misrouted += 1;
                 run.live.errors.fetch_add(1, Ordering::Relaxed);
