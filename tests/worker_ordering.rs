@@ -1018,3 +1018,47 @@ async fn script_free_done_mends_lost_and_restarted_state() {
     let exists: i64 = redis.cmd(&[b"EXISTS", key.as_bytes()]);
     assert_eq!(exists, 0, "the state goes with the last message");
 }
+
+/// Dones in flight together on one shard go to Redis together: one MULTI for those that came
+/// while another was in flight, not one each. Each is recorded all the same.
+#[tokio::test]
+async fn concurrent_dones_share_a_multi() {
+    use switchyard::layer::Gate;
+    const CONNECTIONS: u64 = 50;
+    let fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
+    let redis = fx.redis.as_ref().expect("a Redis fixture");
+    let layer = &fx.layer;
+    let reply = |i: u64| format!("test.multi!c{i}");
+    for i in 0..CONNECTIONS {
+        let outcome = layer
+            .ordering_gate(&reply(i), 0, "websocket.connect", b"\x80", WAIT)
+            .await
+            .unwrap();
+        assert_eq!(outcome.gate, Gate::Run);
+    }
+    let transactions = || {
+        let info: String = redis.cmd(&[b"INFO", b"commandstats"]);
+        info.lines()
+            .find(|l| l.starts_with("cmdstat_exec:"))
+            .and_then(|l| l.split(['=', ',']).nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = transactions();
+    let dones = (0..CONNECTIONS).map(|i| {
+        let r = reply(i);
+        async move { layer.ordering_done(&r, 0, false).await.unwrap() }
+    });
+    for upkeep in futures_util::future::join_all(dones).await {
+        assert_eq!(upkeep.resume, None);
+    }
+    let used = transactions() - before;
+    assert!(
+        (1..CONNECTIONS / 2).contains(&used),
+        "{CONNECTIONS} dones in {used} MULTIs"
+    );
+    for i in 0..CONNECTIONS {
+        let key = format!("asgi:order:{}", reply(i));
+        let next: Option<String> = redis.cmd(&[b"HGET", key.as_bytes(), b"next"]);
+        assert_eq!(next.as_deref(), Some("1"), "{key}");
+    }
+}

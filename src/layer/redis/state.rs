@@ -302,31 +302,13 @@ impl RedisLayer {
     ) -> Result<(Upkeep, bool), LayerError> {
         let key = self.order_key(reply_channel);
         let successor = order.saturating_add(1);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HMGET")
-            .arg(&key)
-            .arg("next")
-            .arg("u")
-            .arg("e")
-            .arg(format!("p:{successor}"))
-            .cmd("HSET")
-            .arg(&key)
-            .arg("next")
-            .arg(successor)
-            .arg("run")
-            .arg(0)
-            .ignore();
-        let (shard, mut conn) = self.conn_for(reply_channel);
-        type Read = (
-            Option<Vec<u8>>,
-            Option<Vec<u8>>,
-            Option<Vec<u8>>,
-            Option<Vec<u8>>,
-        );
-        let ((next, parked_until, expires, parked_successor),): (Read,) = self
-            .run(shard, async move { pipe.query_async(&mut conn).await })
-            .await?;
+        let shard = self.shard_of(reply_channel);
+        let step = Step {
+            key: key.clone(),
+            args: vec![itoa::Buffer::new().format(successor).as_bytes().to_vec()],
+        };
+        let (next, parked_until, expires, parked_successor) =
+            self.run_done_step(shard, step).await?;
         let number =
             |v: Option<Vec<u8>>| v.and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u64>().ok());
         let next = number(next);
@@ -455,7 +437,7 @@ impl RedisLayer {
             },
         ];
         let (v, expired, skipped, resume) = self
-            .run_step(shard, &STEP_SCRIPT, Step { key, args })
+            .run_script_step(shard, &STEP_SCRIPT, Step { key, args })
             .await?;
         Ok((
             v,

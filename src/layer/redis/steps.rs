@@ -1,10 +1,10 @@
 //! Coalesced ordering steps (see [`crate::layer::ordering`]). A step on a shard with nothing
 //! else in flight goes straight out; the steps that come while others are in flight go to the
-//! shard's step task, which takes all those waiting and runs them with one call of the step
-//! script, one key per connection (the script takes each key in turn, each step atomic as
-//! alone). Under load N steps then cost Redis one script call and the worker one request
-//! instead of N: what strict ordering costs per message is the few hash commands of its steps,
-//! not a script call each. A queued step that waited the command timeout fails unrun (as fast
+//! shard's step task, which takes all those waiting and runs them together: script steps with
+//! one call of the step script, one key per connection (the script takes each key in turn,
+//! each step atomic as alone), script-free dones ([`StepKind::Done`]) in one MULTI. Under load
+//! N steps then cost Redis one call and the worker one request instead of N: what strict
+//! ordering costs per message is the few hash commands of its steps. A queued step that waited the command timeout fails unrun (as fast
 //! as alone), and one whose caller gave up is not run (as if the caller had stopped before it).
 //!
 //! One call's keys all live on one shard. On Redis Cluster they would also need one hash slot,
@@ -33,12 +33,47 @@ pub(crate) struct Step {
     pub(crate) args: Vec<Vec<u8>>,
 }
 
+/// How a step runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StepKind {
+    /// By this script: one key and argument block per step, the steps of a call in one call.
+    Script(&'static Script),
+    /// The script-free done of the common case: an HMGET of the key's `next`, `u`, `e` and
+    /// `p:{successor}`, then an HSET of `next = successor` and `run = 0`; the steps of a call
+    /// in one MULTI. Its one argument: the successor's order, in digits.
+    Done,
+}
+
+impl StepKind {
+    fn same(self, other: StepKind) -> bool {
+        match (self, other) {
+            (StepKind::Script(a), StepKind::Script(b)) => std::ptr::eq(a, b),
+            (StepKind::Done, StepKind::Done) => true,
+            _ => false,
+        }
+    }
+}
+
 /// What the script answered for one step: verdict, expired, skipped, resume value.
-pub(crate) type StepReply = (i64, u64, u64, Option<Vec<u8>>);
+pub(crate) type ScriptReply = (i64, u64, u64, Option<Vec<u8>>);
+
+/// What a script-free done read before its write: `next`, `u`, `e`, the parked successor.
+pub(crate) type DoneRead = (
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+);
+
+/// The answer to one step, by its kind.
+enum StepReply {
+    Script(ScriptReply),
+    Done(DoneRead),
+}
 
 struct QueuedStep {
     step: Step,
-    script: &'static Script,
+    kind: StepKind,
     done: oneshot::Sender<Result<StepReply, LayerError>>,
     queued_at: Instant,
     _counted: InFlight,
@@ -52,18 +87,50 @@ pub(super) struct StepQueue {
 }
 
 impl RedisLayer {
-    /// Runs one ordering step on shard `shard`: directly when no other step is in flight
-    /// there, else with whatever else is waiting, in one script call.
-    pub(crate) async fn run_step(
+    /// Runs one step of `script` on shard `shard` (see [`RedisLayer::run_step`]).
+    pub(crate) async fn run_script_step(
         &self,
         shard: usize,
         script: &'static Script,
+        step: Step,
+    ) -> Result<ScriptReply, LayerError> {
+        match self.run_step(shard, StepKind::Script(script), step).await? {
+            StepReply::Script(reply) => Ok(reply),
+            StepReply::Done(_) => Err(self.mismatched_reply(shard)),
+        }
+    }
+
+    /// Runs one script-free done on shard `shard` (see [`RedisLayer::run_step`]).
+    pub(crate) async fn run_done_step(
+        &self,
+        shard: usize,
+        step: Step,
+    ) -> Result<DoneRead, LayerError> {
+        match self.run_step(shard, StepKind::Done, step).await? {
+            StepReply::Done(read) => Ok(read),
+            StepReply::Script(_) => Err(self.mismatched_reply(shard)),
+        }
+    }
+
+    fn mismatched_reply(&self, shard: usize) -> LayerError {
+        LayerError::Protocol(format!(
+            "Redis at {}: an ordering step got the reply of another kind",
+            self.inner.shards[shard].addr
+        ))
+    }
+
+    /// Runs one ordering step on shard `shard`: directly when no other step is in flight
+    /// there, else with whatever else of its kind is waiting, in one call.
+    async fn run_step(
+        &self,
+        shard: usize,
+        kind: StepKind,
         step: Step,
     ) -> Result<StepReply, LayerError> {
         let queue = &self.inner.shards[shard].steps;
         if let Some(_alone) = InFlight::first(&queue.in_flight) {
             let mut replies = self
-                .run_steps(shard, script, std::slice::from_ref(&step))
+                .run_steps(shard, kind, std::slice::from_ref(&step))
                 .await?;
             return replies
                 .pop()
@@ -72,7 +139,7 @@ impl RedisLayer {
         let (done, reply) = oneshot::channel();
         let queued = QueuedStep {
             step,
-            script,
+            kind,
             done,
             queued_at: Instant::now(),
             _counted: InFlight::add(&queue.in_flight),
@@ -105,14 +172,78 @@ impl RedisLayer {
         ))
     }
 
-    /// Runs `steps` with one call of `script` (one key and argument block per step), within
-    /// the command timeout; a reply per step, in order.
+    /// Runs `steps` of one kind in one call, within the command timeout; a reply per step, in
+    /// order.
     async fn run_steps(
+        &self,
+        shard: usize,
+        kind: StepKind,
+        steps: &[Step],
+    ) -> Result<Vec<StepReply>, LayerError> {
+        let replies = match kind {
+            StepKind::Script(script) => self
+                .run_script_steps(shard, script, steps)
+                .await?
+                .into_iter()
+                .map(StepReply::Script)
+                .collect::<Vec<_>>(),
+            StepKind::Done => self
+                .run_done_steps(shard, steps)
+                .await?
+                .into_iter()
+                .map(StepReply::Done)
+                .collect(),
+        };
+        if replies.len() != steps.len() {
+            return Err(LayerError::Protocol(format!(
+                "Redis at {} answered {} ordering steps of {}",
+                self.inner.shards[shard].addr,
+                replies.len(),
+                steps.len()
+            )));
+        }
+        Ok(replies)
+    }
+
+    /// Script-free dones, all in one MULTI.
+    async fn run_done_steps(
+        &self,
+        shard: usize,
+        steps: &[Step],
+    ) -> Result<Vec<DoneRead>, LayerError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for s in steps {
+            let successor = s.args.first().map_or(&[][..], Vec::as_slice);
+            let mut parked = Vec::with_capacity(2 + successor.len());
+            parked.extend_from_slice(b"p:");
+            parked.extend_from_slice(successor);
+            pipe.cmd("HMGET")
+                .arg(&s.key)
+                .arg("next")
+                .arg("u")
+                .arg("e")
+                .arg(parked)
+                .cmd("HSET")
+                .arg(&s.key)
+                .arg("next")
+                .arg(successor)
+                .arg("run")
+                .arg(0)
+                .ignore();
+        }
+        let mut conn = self.inner.shards[shard].conn.clone();
+        self.run(shard, async move { pipe.query_async(&mut conn).await })
+            .await
+    }
+
+    /// Script steps, with one call of `script` (one key and argument block per step).
+    async fn run_script_steps(
         &self,
         shard: usize,
         script: &'static Script,
         steps: &[Step],
-    ) -> Result<Vec<StepReply>, LayerError> {
+    ) -> Result<Vec<ScriptReply>, LayerError> {
         let mut call = script.prepare_invoke();
         for s in steps {
             call.key(&s.key);
@@ -128,18 +259,8 @@ impl RedisLayer {
             }
         }
         let mut conn = self.inner.shards[shard].conn.clone();
-        let replies: Vec<StepReply> = self
-            .run(shard, async move { call.invoke_async(&mut conn).await })
-            .await?;
-        if replies.len() != steps.len() {
-            return Err(LayerError::Protocol(format!(
-                "Redis at {} answered {} ordering steps of {}",
-                self.inner.shards[shard].addr,
-                replies.len(),
-                steps.len()
-            )));
-        }
-        Ok(replies)
+        self.run(shard, async move { call.invoke_async(&mut conn).await })
+            .await
     }
 }
 
@@ -158,10 +279,10 @@ async fn drive(layer: Weak<Inner>, shard: usize, mut queue: mpsc::UnboundedRecei
         let Some(inner) = layer.upgrade() else { break };
         let layer = RedisLayer { inner };
         let timeout = layer.inner.settings.command_timeout;
-        // One script per call: steps of another script (none today) go in a call of their own.
-        // Per call: its script, its slot in a Redis Cluster, the steps and who waits on each.
+        // One kind per call: steps of another kind go in a call of their own.
+        // Per call: its kind, its slot in a Redis Cluster, the steps and who waits on each.
         type Call = (
-            &'static Script,
+            StepKind,
             Option<redis::cluster_routing::Slot>,
             Vec<Step>,
             Vec<QueuedStep>,
@@ -191,21 +312,21 @@ async fn drive(layer: Weak<Inner>, shard: usize, mut queue: mpsc::UnboundedRecei
                 .then(|| super::cluster::slot_of(&step.key));
             match calls
                 .iter_mut()
-                .find(|(s, at, _, _)| std::ptr::eq(*s, q.script) && *at == slot)
+                .find(|(kind, at, _, _)| kind.same(q.kind) && *at == slot)
             {
                 Some((_, _, steps, waiting)) => {
                     steps.push(step);
                     waiting.push(q);
                 }
-                None => calls.push((q.script, slot, vec![step], vec![q])),
+                None => calls.push((q.kind, slot, vec![step], vec![q])),
             }
         }
         // All at once: in a Redis Cluster there is a call per slot, and they go to the nodes
         // together (one call otherwise).
         let layer = &layer;
         futures_util::future::join_all(calls.into_iter().map(
-            |(script, _, steps, waiting)| async move {
-                match layer.run_steps(shard, script, &steps).await {
+            |(kind, _, steps, waiting)| async move {
+                match layer.run_steps(shard, kind, &steps).await {
                     Ok(replies) => {
                         for (q, reply) in waiting.into_iter().zip(replies) {
                             let _ = q.done.send(Ok(reply));
