@@ -382,14 +382,9 @@ impl RedisLayer {
         {
             return Ok(Some(Gate::Run));
         }
-        let key = self.order_key(reply_channel);
-        let cmd = redis::cmd("HMGET")
-            .arg(&key)
-            .arg("next")
-            .arg("u")
-            .to_owned();
-        let (next, parked): (Option<Vec<u8>>, Option<Vec<u8>>) =
-            self.query_for(reply_channel, cmd).await?;
+        let (next, parked) = self
+            .run_gate_step(self.shard_of(reply_channel), self.order_key(reply_channel))
+            .await?;
         // Anything but digits (garbage written by something else) is the script's to judge.
         let next = next.and_then(|n| std::str::from_utf8(&n).ok()?.parse::<u64>().ok());
         Ok(match (next, parked) {

@@ -2,7 +2,8 @@
 //! else in flight goes straight out; the steps that come while others are in flight go to the
 //! shard's step task, which takes all those waiting and runs them together: script steps with
 //! one call of the step script, one key per connection (the script takes each key in turn,
-//! each step atomic as alone), script-free dones ([`StepKind::Done`]) in one MULTI. Under load
+//! each step atomic as alone), script-free dones ([`StepKind::Done`]) in one MULTI, quick gates
+//! ([`StepKind::Gate`]) in one pipeline. Under load
 //! N steps then cost Redis one call and the worker one request instead of N: what strict
 //! ordering costs per message is the few hash commands of its steps. A queued step that waited the command timeout fails unrun (as fast
 //! as alone), and one whose caller gave up is not run (as if the caller had stopped before it).
@@ -42,13 +43,15 @@ pub(crate) enum StepKind {
     /// `p:{successor}`, then an HSET of `next = successor` and `run = 0`; the steps of a call
     /// in one MULTI. Its one argument: the successor's order, in digits.
     Done,
+    /// The quick gate: an HMGET of the key's `next` and `u`; no arguments.
+    Gate,
 }
 
 impl StepKind {
     fn same(self, other: StepKind) -> bool {
         match (self, other) {
             (StepKind::Script(a), StepKind::Script(b)) => std::ptr::eq(a, b),
-            (StepKind::Done, StepKind::Done) => true,
+            (StepKind::Done, StepKind::Done) | (StepKind::Gate, StepKind::Gate) => true,
             _ => false,
         }
     }
@@ -65,10 +68,13 @@ pub(crate) type DoneRead = (
     Option<Vec<u8>>,
 );
 
-/// The answer to one step, by its kind.
+/// What a quick gate read: `next`, `u`.
+pub(crate) type GateRead = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// The answer to one step, by its kind: the script's, or the fields read, in the order asked.
 enum StepReply {
     Script(ScriptReply),
-    Done(DoneRead),
+    Read(Vec<Option<Vec<u8>>>),
 }
 
 struct QueuedStep {
@@ -96,7 +102,7 @@ impl RedisLayer {
     ) -> Result<ScriptReply, LayerError> {
         match self.run_step(shard, StepKind::Script(script), step).await? {
             StepReply::Script(reply) => Ok(reply),
-            StepReply::Done(_) => Err(self.mismatched_reply(shard)),
+            StepReply::Read(_) => Err(self.mismatched_reply(shard)),
         }
     }
 
@@ -106,8 +112,43 @@ impl RedisLayer {
         shard: usize,
         step: Step,
     ) -> Result<DoneRead, LayerError> {
-        match self.run_step(shard, StepKind::Done, step).await? {
-            StepReply::Done(read) => Ok(read),
+        let mut read = self
+            .run_read_step(shard, StepKind::Done, step)
+            .await?
+            .into_iter();
+        Ok((
+            read.next().flatten(),
+            read.next().flatten(),
+            read.next().flatten(),
+            read.next().flatten(),
+        ))
+    }
+
+    /// Runs one quick gate's read on shard `shard` (see [`RedisLayer::run_step`]).
+    pub(crate) async fn run_gate_step(
+        &self,
+        shard: usize,
+        key: String,
+    ) -> Result<GateRead, LayerError> {
+        let step = Step {
+            key,
+            args: Vec::new(),
+        };
+        let mut read = self
+            .run_read_step(shard, StepKind::Gate, step)
+            .await?
+            .into_iter();
+        Ok((read.next().flatten(), read.next().flatten()))
+    }
+
+    async fn run_read_step(
+        &self,
+        shard: usize,
+        kind: StepKind,
+        step: Step,
+    ) -> Result<Vec<Option<Vec<u8>>>, LayerError> {
+        match self.run_step(shard, kind, step).await? {
+            StepReply::Read(read) => Ok(read),
             StepReply::Script(_) => Err(self.mismatched_reply(shard)),
         }
     }
@@ -187,11 +228,11 @@ impl RedisLayer {
                 .into_iter()
                 .map(StepReply::Script)
                 .collect::<Vec<_>>(),
-            StepKind::Done => self
-                .run_done_steps(shard, steps)
+            StepKind::Done | StepKind::Gate => self
+                .run_read_steps(shard, kind, steps)
                 .await?
                 .into_iter()
-                .map(StepReply::Done)
+                .map(StepReply::Read)
                 .collect(),
         };
         if replies.len() != steps.len() {
@@ -205,24 +246,28 @@ impl RedisLayer {
         Ok(replies)
     }
 
-    /// Script-free dones, all in one MULTI.
-    async fn run_done_steps(
+    /// Script-free dones, all in one MULTI; or quick gates' reads, in one pipeline.
+    async fn run_read_steps(
         &self,
         shard: usize,
+        kind: StepKind,
         steps: &[Step],
-    ) -> Result<Vec<DoneRead>, LayerError> {
+    ) -> Result<Vec<Vec<Option<Vec<u8>>>>, LayerError> {
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        let done = matches!(kind, StepKind::Done);
+        if done {
+            pipe.atomic();
+        }
         for s in steps {
+            pipe.cmd("HMGET").arg(&s.key).arg("next").arg("u");
+            if !done {
+                continue;
+            }
             let successor = s.args.first().map_or(&[][..], Vec::as_slice);
             let mut parked = Vec::with_capacity(2 + successor.len());
             parked.extend_from_slice(b"p:");
             parked.extend_from_slice(successor);
-            pipe.cmd("HMGET")
-                .arg(&s.key)
-                .arg("next")
-                .arg("u")
-                .arg("e")
+            pipe.arg("e")
                 .arg(parked)
                 .cmd("HSET")
                 .arg(&s.key)
