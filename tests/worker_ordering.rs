@@ -773,6 +773,13 @@ impl WebsocketConsumer for Yielding {
     }
 }
 
+/// How many scripts Redis ran.
+fn script_calls(fx: &Fixture) -> Option<u64> {
+    let info: String = fx.redis.as_ref()?.cmd(&[b"INFO", b"commandstats"]);
+    let line = info.lines().find(|l| l.starts_with("cmdstat_evalsha:"))?;
+    line.split(['=', ',']).nth(1)?.parse().ok()
+}
+
 /// How many ordering steps read the state in Redis (each reads it with one HMGET, in a script
 /// or not).
 fn ordering_steps(fx: &Fixture) -> Option<u64> {
@@ -890,12 +897,21 @@ async fn done_then_gate_is_done_and_gate_in_one_step(backend: Backend) {
         .await
         .unwrap();
     assert_eq!((out.gate, out.upkeep.resume), (Gate::Run, None));
-    // Done 2 and gate 4: 4 parks, and 3 (parked) is handed out.
+    // Done 2 and gate 4: 4 parks, and 3 (parked) is handed out. The done needs no script, and
+    // 4, seen ahead of `next`, goes to the script with its value: one call in all.
+    let scripts_before = script_calls(&fx);
     let out = layer
         .ordering_done_then_gate(r, 2, 4, ch, b"\x84", hold)
         .await
         .unwrap();
     assert_eq!(out.gate, Gate::Parked);
+    if let Some(before) = scripts_before {
+        assert_eq!(
+            script_calls(&fx),
+            Some(before + 1),
+            "one script call to park"
+        );
+    }
     let resume = out.upkeep.resume.expect("3 handed out");
     assert_eq!((resume.0.as_str(), &resume.1[..]), (ch, &b"\x83"[..]));
     // A stale order is refused in the same step.

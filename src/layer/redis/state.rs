@@ -271,6 +271,16 @@ fn verdict(v: i64) -> Option<Gate> {
     }
 }
 
+/// What the quick gate found.
+enum QuickGate {
+    /// Decided without the script.
+    Decided(Gate),
+    /// Ahead of `next` with nothing parked: the script decides, most likely parking it.
+    Ahead,
+    /// The script decides (something is parked, or the state is missing or not a number).
+    Ask,
+}
+
 /// Verdict 3 of the step script: the message would park, and its value was not sent.
 const NEEDS_VALUE: i64 = 3;
 
@@ -365,22 +375,20 @@ impl RedisLayer {
 
     /// The gate of the common case without the script: one HMGET of `next` and `u`. With
     /// nothing parked (`u` absent) and `next` recorded, `order == next` runs and `order < next`
-    /// is stale, as the script would say; anything else (`None`) goes to the script, which
-    /// parks, restarts a lost order or runs upkeep. Unlike the script this records no hold:
+    /// is stale, as the script would say; anything else goes to the script, which parks,
+    /// restarts a lost order or runs upkeep ([`QuickGate::Ahead`] when `order > next`: it will
+    /// most likely park, so the script gets its value at once). Unlike the script this records
+    /// no hold:
     /// upkeep acts only on a message parked for the layer expiry, so a successor parked from
     /// now on cannot overtake this one before the worker records a hold for a consumer still
     /// running at half the expiry (`Worker`'s ordered run does).
-    async fn quick_gate(
-        &self,
-        reply_channel: &str,
-        order: u64,
-    ) -> Result<Option<Gate>, LayerError> {
+    async fn quick_gate(&self, reply_channel: &str, order: u64) -> Result<QuickGate, LayerError> {
         if self
             .inner
             .handed_turns
             .take(reply_channel, order, self.turn_trust())
         {
-            return Ok(Some(Gate::Run));
+            return Ok(QuickGate::Decided(Gate::Run));
         }
         let (next, parked) = self
             .run_gate_step(self.shard_of(reply_channel), self.order_key(reply_channel))
@@ -388,9 +396,10 @@ impl RedisLayer {
         // Anything but digits (garbage written by something else) is the script's to judge.
         let next = next.and_then(|n| std::str::from_utf8(&n).ok()?.parse::<u64>().ok());
         Ok(match (next, parked) {
-            (Some(next), None) if order == next => Some(Gate::Run),
-            (Some(next), None) if order < next => Some(Gate::Stale),
-            _ => None,
+            (Some(next), None) if order == next => QuickGate::Decided(Gate::Run),
+            (Some(next), None) if order < next => QuickGate::Decided(Gate::Stale),
+            (Some(next), _) if order > next => QuickGate::Ahead,
+            _ => QuickGate::Ask,
         })
     }
 
@@ -560,7 +569,8 @@ impl StateBackend for RedisLayer {
                 if done.is_some() {
                     self.inner.handed_turns.forget(reply_channel);
                 }
-                self.script_step(reply_channel, done, gated, hold).await
+                self.script_step(reply_channel, done, gated, hold, false)
+                    .await
             }
         }
     }
@@ -574,26 +584,28 @@ impl RedisLayer {
         gated: Gated<'_>,
         hold: Duration,
     ) -> Result<(Option<Gate>, Upkeep), LayerError> {
-        match self.quick_gate(reply_channel, gated.order).await? {
-            Some(gate) => Ok((Some(gate), Upkeep::default())),
-            None => {
-                self.script_step(reply_channel, None, Some(gated), hold)
-                    .await
-            }
-        }
+        let with_value = match self.quick_gate(reply_channel, gated.order).await? {
+            QuickGate::Decided(gate) => return Ok((Some(gate), Upkeep::default())),
+            QuickGate::Ahead => true,
+            QuickGate::Ask => false,
+        };
+        self.script_step(reply_channel, None, Some(gated), hold, with_value)
+            .await
     }
 
-    /// A step by the script; a gated message that would park is gated again with its value.
+    /// A step by the script, with the gated message's value or without (then a gated message
+    /// that would park is gated again with its value).
     async fn script_step(
         &self,
         reply_channel: &str,
         done: Option<(u64, bool)>,
         gated: Option<Gated<'_>>,
         hold: Duration,
+        with_value: bool,
     ) -> Result<(Option<Gate>, Upkeep), LayerError> {
         let may_restart = gated.is_some_and(|g| g.may_restart());
         let (v, mut upkeep) = self
-            .redis_step(reply_channel, done, gated, hold, false, may_restart)
+            .redis_step(reply_channel, done, gated, hold, with_value, may_restart)
             .await?;
         if v != NEEDS_VALUE {
             return Ok((verdict(v), upkeep));
