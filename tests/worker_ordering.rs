@@ -773,20 +773,10 @@ impl WebsocketConsumer for Yielding {
     }
 }
 
-/// How many scripts Redis ran.
-fn script_calls(fx: &Fixture) -> Option<u64> {
-    let info: String = fx.redis.as_ref()?.cmd(&[b"INFO", b"commandstats"]);
-    let line = info.lines().find(|l| l.starts_with("cmdstat_evalsha:"))?;
-    line.split(['=', ',']).nth(1)?.parse().ok()
-}
-
 /// How many ordering steps read the state in Redis (each reads it with one HMGET, in a script
 /// or not).
 fn ordering_steps(fx: &Fixture) -> Option<u64> {
-    let info: String = fx.redis.as_ref()?.cmd(&[b"INFO", b"commandstats"]);
-    let line = info.lines().find(|l| l.starts_with("cmdstat_hmget:"))?;
-    let calls = line.split(['=', ',']).nth(1)?;
-    calls.parse().ok()
+    Some(fx.redis.as_ref()?.command_calls("hmget"))
 }
 
 /// A worker that holds frames 1..=20 of one socket at once (one pop) runs them one after
@@ -899,18 +889,15 @@ async fn done_then_gate_is_done_and_gate_in_one_step(backend: Backend) {
     assert_eq!((out.gate, out.upkeep.resume), (Gate::Run, None));
     // Done 2 and gate 4: 4 parks, and 3 (parked) is handed out. The done needs no script, and
     // 4, seen ahead of `next`, goes to the script with its value: one call in all.
-    let scripts_before = script_calls(&fx);
+    let scripts = || fx.redis.as_ref().map(|r| r.command_calls("evalsha"));
+    let scripts_before = scripts();
     let out = layer
         .ordering_done_then_gate(r, 2, 4, ch, b"\x84", hold)
         .await
         .unwrap();
     assert_eq!(out.gate, Gate::Parked);
     if let Some(before) = scripts_before {
-        assert_eq!(
-            script_calls(&fx),
-            Some(before + 1),
-            "one script call to park"
-        );
+        assert_eq!(scripts(), Some(before + 1), "one script call to park");
     }
     let resume = out.upkeep.resume.expect("3 handed out");
     assert_eq!((resume.0.as_str(), &resume.1[..]), (ch, &b"\x83"[..]));
@@ -1052,13 +1039,7 @@ async fn concurrent_dones_share_a_multi() {
             .unwrap();
         assert_eq!(outcome.gate, Gate::Run);
     }
-    let transactions = || {
-        let info: String = redis.cmd(&[b"INFO", b"commandstats"]);
-        info.lines()
-            .find(|l| l.starts_with("cmdstat_exec:"))
-            .and_then(|l| l.split(['=', ',']).nth(1)?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let transactions = || redis.command_calls("exec");
     let before = transactions();
     let dones = (0..CONNECTIONS).map(|i| {
         let r = reply(i);

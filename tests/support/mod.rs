@@ -201,6 +201,17 @@ impl RedisServer {
         self.try_cmd(args).unwrap()
     }
 
+    /// How many times Redis ran `command` (lower case, as `INFO commandstats` names it), the
+    /// calls scripts made included; 0 when never.
+    #[allow(dead_code)]
+    pub fn command_calls(&self, command: &str) -> u64 {
+        let info: String = self.cmd(&[b"INFO", b"commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// As [`RedisServer::cmd`], returning the server's error instead of panicking.
     #[allow(dead_code)]
     pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&[u8]]) -> redis::RedisResult<T> {
