@@ -317,7 +317,7 @@ impl RedisLayer {
             key: key.clone(),
             args: vec![itoa::Buffer::new().format(successor).as_bytes().to_vec()],
         };
-        let (next, parked_until, expires, parked_successor) =
+        let [next, parked_until, expires, parked_successor] =
             self.run_done_step(shard, step).await?;
         let number =
             |v: Option<Vec<u8>>| v.and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u64>().ok());
@@ -390,7 +390,7 @@ impl RedisLayer {
         {
             return Ok(QuickGate::Decided(Gate::Run));
         }
-        let (next, parked) = self
+        let [next, parked] = self
             .run_gate_step(self.shard_of(reply_channel), self.order_key(reply_channel))
             .await?;
         // Anything but digits (garbage written by something else) is the script's to judge.

@@ -22,8 +22,8 @@ use super::batch::InFlight;
 use super::{Inner, RedisLayer};
 use crate::layer::LayerError;
 
-/// Most steps one script call takes; bounds the script's argument list and the time Redis
-/// spends on one call.
+/// Most steps one call takes (a script call or a MULTI); bounds its argument list and the
+/// time Redis spends on it.
 const MAX_STEPS: usize = 128;
 
 /// One step: its key and its arguments (the script's per-key argument block, after the
@@ -60,17 +60,6 @@ impl StepKind {
 /// What the script answered for one step: verdict, expired, skipped, resume value.
 pub(crate) type ScriptReply = (i64, u64, u64, Option<Vec<u8>>);
 
-/// What a script-free done read before its write: `next`, `u`, `e`, the parked successor.
-pub(crate) type DoneRead = (
-    Option<Vec<u8>>,
-    Option<Vec<u8>>,
-    Option<Vec<u8>>,
-    Option<Vec<u8>>,
-);
-
-/// What a quick gate read: `next`, `u`.
-pub(crate) type GateRead = (Option<Vec<u8>>, Option<Vec<u8>>);
-
 /// The answer to one step, by its kind: the script's, or the fields read, in the order asked.
 enum StepReply {
     Script(ScriptReply),
@@ -106,49 +95,44 @@ impl RedisLayer {
         }
     }
 
-    /// Runs one script-free done on shard `shard` (see [`RedisLayer::run_step`]).
+    /// Runs one script-free done on shard `shard` (see [`RedisLayer::run_step`]): what it read
+    /// before its write, `next`, `u`, `e` and the parked successor.
     pub(crate) async fn run_done_step(
         &self,
         shard: usize,
         step: Step,
-    ) -> Result<DoneRead, LayerError> {
-        let mut read = self
-            .run_read_step(shard, StepKind::Done, step)
-            .await?
-            .into_iter();
-        Ok((
-            read.next().flatten(),
-            read.next().flatten(),
-            read.next().flatten(),
-            read.next().flatten(),
-        ))
+    ) -> Result<[Option<Vec<u8>>; 4], LayerError> {
+        self.run_read_step(shard, StepKind::Done, step).await
     }
 
-    /// Runs one quick gate's read on shard `shard` (see [`RedisLayer::run_step`]).
+    /// Runs one quick gate's read on shard `shard` (see [`RedisLayer::run_step`]): `next`, `u`.
     pub(crate) async fn run_gate_step(
         &self,
         shard: usize,
         key: String,
-    ) -> Result<GateRead, LayerError> {
+    ) -> Result<[Option<Vec<u8>>; 2], LayerError> {
         let step = Step {
             key,
             args: Vec::new(),
         };
-        let mut read = self
-            .run_read_step(shard, StepKind::Gate, step)
-            .await?
-            .into_iter();
-        Ok((read.next().flatten(), read.next().flatten()))
+        self.run_read_step(shard, StepKind::Gate, step).await
     }
 
-    async fn run_read_step(
+    /// A read step's fields, exactly `N` of them.
+    async fn run_read_step<const N: usize>(
         &self,
         shard: usize,
         kind: StepKind,
         step: Step,
-    ) -> Result<Vec<Option<Vec<u8>>>, LayerError> {
+    ) -> Result<[Option<Vec<u8>>; N], LayerError> {
         match self.run_step(shard, kind, step).await? {
-            StepReply::Read(read) => Ok(read),
+            StepReply::Read(read) => read.try_into().map_err(|read: Vec<_>| {
+                LayerError::Protocol(format!(
+                    "Redis at {}: an ordering read answered {} fields of {N}",
+                    self.inner.shards[shard].addr,
+                    read.len()
+                ))
+            }),
             StepReply::Script(_) => Err(self.mismatched_reply(shard)),
         }
     }
