@@ -93,9 +93,10 @@ end
 ///
 /// `u` is present only while messages are parked: it is when the oldest of them expires, so
 /// the common step (nothing parked) reads the state with one HMGET and writes it with one
-/// HSET, and scans only once something could have expired. (The common done and gate do not
-/// come here at all: [`RedisLayer::quick_done`], [`RedisLayer::quick_gate`].) Upkeep alone always scans. Each
-/// `redis.call` costs Redis more than the command itself, so a step makes as few as it can.
+/// HSET, and scans only once something could have expired. Upkeep alone always scans. Each
+/// `redis.call` costs Redis more than the command itself, so a step makes as few as it can,
+/// and the common done and gate do not come here at all ([`RedisLayer::quick_done`],
+/// [`RedisLayer::quick_gate`]).
 static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{UPKEEP_LUA}
@@ -275,10 +276,16 @@ fn verdict(v: i64) -> Option<Gate> {
 enum QuickGate {
     /// Decided without the script.
     Decided(Gate),
-    /// Ahead of `next` with nothing parked: the script decides, most likely parking it.
+    /// Ahead of `next`: the script decides, most likely parking it.
     Ahead,
     /// The script decides (something is parked, or the state is missing or not a number).
     Ask,
+}
+
+/// A state field as a number; absent, or anything but digits (garbage written by something
+/// else), is `None`.
+fn field_number(field: Option<Vec<u8>>) -> Option<u64> {
+    field.and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
 }
 
 /// Verdict 3 of the step script: the message would park, and its value was not sent.
@@ -310,22 +317,20 @@ impl RedisLayer {
         reply_channel: &str,
         order: u64,
     ) -> Result<(Upkeep, bool), LayerError> {
-        let key = self.order_key(reply_channel);
         let successor = order.saturating_add(1);
         let shard = self.shard_of(reply_channel);
         let step = Step {
-            key: key.clone(),
+            key: self.order_key(reply_channel),
             args: vec![itoa::Buffer::new().format(successor).as_bytes().to_vec()],
         };
         let [next, parked_until, expires, parked_successor] =
             self.run_done_step(shard, step).await?;
-        let number =
-            |v: Option<Vec<u8>>| v.and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u64>().ok());
-        let next = number(next);
-        let parked_until = number(parked_until);
+        let next = field_number(next);
+        let parked_until = field_number(parked_until);
         let now = millis(Duration::from_secs_f64(super::now_secs()));
         let ttl = self.settings().group_expiry.as_secs().max(1);
-        if number(expires).is_none_or(|e| e.saturating_sub(now) < ttl * 1000 / 2) {
+        if field_number(expires).is_none_or(|e| e.saturating_sub(now) < ttl * 1000 / 2) {
+            let key = self.order_key(reply_channel);
             let mut renew = redis::pipe();
             renew
                 .cmd("HSET")
@@ -378,10 +383,9 @@ impl RedisLayer {
     /// is stale, as the script would say; anything else goes to the script, which parks,
     /// restarts a lost order or runs upkeep ([`QuickGate::Ahead`] when `order > next`: it will
     /// most likely park, so the script gets its value at once). Unlike the script this records
-    /// no hold:
-    /// upkeep acts only on a message parked for the layer expiry, so a successor parked from
-    /// now on cannot overtake this one before the worker records a hold for a consumer still
-    /// running at half the expiry (`Worker`'s ordered run does).
+    /// no hold: upkeep acts only on a message parked for the layer expiry, so a successor
+    /// parked from now on cannot overtake this one before the worker records a hold for a
+    /// consumer still running at half the expiry (`Worker`'s ordered run does).
     async fn quick_gate(&self, reply_channel: &str, order: u64) -> Result<QuickGate, LayerError> {
         if self
             .inner
@@ -394,8 +398,7 @@ impl RedisLayer {
             .run_gate_step(self.shard_of(reply_channel), self.order_key(reply_channel))
             .await?;
         // Anything but digits (garbage written by something else) is the script's to judge.
-        let next = next.and_then(|n| std::str::from_utf8(&n).ok()?.parse::<u64>().ok());
-        Ok(match (next, parked) {
+        Ok(match (field_number(next), parked) {
             (Some(next), None) if order == next => QuickGate::Decided(Gate::Run),
             (Some(next), None) if order < next => QuickGate::Decided(Gate::Stale),
             (Some(next), _) if order > next => QuickGate::Ahead,
@@ -565,11 +568,13 @@ impl StateBackend for RedisLayer {
                 Ok((gate, upkeep))
             }
             (None, Some(g)) => self.gate_step(reply_channel, g, hold).await,
-            (Some((_, true)), _) | (None, None) => {
-                if done.is_some() {
-                    self.inner.handed_turns.forget(reply_channel);
-                }
+            (Some((_, true)), _) => {
+                self.inner.handed_turns.forget(reply_channel);
                 self.script_step(reply_channel, done, gated, hold, false)
+                    .await
+            }
+            (None, None) => {
+                self.script_step(reply_channel, None, None, hold, false)
                     .await
             }
         }
