@@ -9,6 +9,7 @@
 //! connection's next frame comes to the same worker about one time in N, and every time to the
 //! worker that holds it already (the lane of [`crate::worker`]).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -18,16 +19,27 @@ use rustc_hash::FxBuildHasher;
 /// worker leave theirs behind.
 const SWEEP_ABOVE: usize = 16_384;
 
+/// The size is looked at once per this many entries remembered: counting a `DashMap` locks
+/// each of its shards, too much for every message. The map holds at most
+/// `SWEEP_ABOVE + CHECK_EVERY` entries.
+const CHECK_EVERY: usize = 1_024;
+
 /// The next turn of each connection whose last message this process recorded as run.
 #[derive(Debug, Default)]
 pub(super) struct HandedTurns {
     turns: DashMap<String, (u64, Instant), FxBuildHasher>,
+    remembered: AtomicUsize,
 }
 
 impl HandedTurns {
     /// Remembers that `next` is the turn of `reply_channel`.
     pub(super) fn remember(&self, reply_channel: &str, next: u64, trust_for: Duration) {
-        if self.turns.len() >= SWEEP_ABOVE {
+        if self
+            .remembered
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(CHECK_EVERY)
+            && self.turns.len() >= SWEEP_ABOVE
+        {
             self.turns.retain(|_, (_, at)| at.elapsed() < trust_for);
             if self.turns.len() >= SWEEP_ABOVE {
                 self.turns.clear();
