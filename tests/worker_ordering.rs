@@ -522,14 +522,12 @@ async fn gap_is_skipped_after_the_expiry_redis() {
 }
 
 /// Redis loses the ordering state of an open connection (a restart without persistence, a
-/// flush, a failover to a replica that missed it): the next frame restarts the connection's
-/// order at itself, and the frames after it run in order at once, instead of parking until the
-/// expiry (60 s by default) skips the orders that ran before. Counted, and nothing else changes.
-/// Redis loses a socket's ordering state (FLUSHALL, then garbage in it). The worker that
-/// recorded the socket's last frame knows the next turn without it and writes the state again
-/// with that frame's done; a worker that does not (another process) finds nothing recorded and
-/// restarts the order at the frame it has. Either way every frame runs, in order, at once
-/// (before the restart rule they all parked until the expiry).
+/// flush, a failover to a replica that missed it; here FLUSHALL, then garbage in it). The
+/// worker that recorded the socket's last frame knows the next turn without it and writes the
+/// state again with that frame's done; a worker that does not (another process) finds nothing
+/// recorded and restarts the order at the frame it has, counted. Either way every frame runs,
+/// in order, at once, instead of parking until the expiry (60 s by default) skips the orders
+/// that ran before.
 #[tokio::test]
 async fn order_restarts_when_redis_loses_the_state() {
     let fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
