@@ -15,7 +15,10 @@
 #               10000 for every channel), to compare the defaults against in the same series;
 #   old:        switchyard with the binary's defaults before they were measured (one runtime
 #               thread per CPU, worker concurrency 64, capacity 100 everywhere, a full
-#               websocket.receive retried for 0.5 s before 1013).
+#               websocket.receive retried for 0.5 s before 1013);
+#   layered:    switchyard with the binary's defaults but workers started with --no-owners:
+#               strictly ordered sockets keep their order in Redis (any worker takes any frame)
+#               instead of on the worker that accepted them.
 # Switchyard runs with the binary's own defaults (threads, concurrency, capacities) unless
 # --threads, --serve-threads, --concurrency or --capacity say otherwise.
 # runs `switchyard bench` against it (every scenario bounded in time and in count, loopback
@@ -32,6 +35,7 @@
 #   scripts/bench.sh --peer django,dev,bare  # every stack, interleaved, in one series
 #   scripts/bench.sh --peer tuned --scenarios echo1000        # defaults vs the old tuned flags
 #   scripts/bench.sh --workers 2 --scenarios relay1000,relay1000u  # the cost of strict ordering
+#   scripts/bench.sh --workers 2 --scenarios relay1000 --peer layered  # owners vs order in Redis
 #   scripts/bench.sh --workers 2 --scenarios rooms1000,rooms1000u  # the same in rooms of 10
 #
 # Scenarios (default: all but the relay and rooms pairs): echo1 echo1000 bcast1k bcast10k
@@ -117,7 +121,7 @@ done
 PEERS=()
 if [ "$PEER" != none ]; then
   for p in ${PEER//,/ }; do
-    case "$p" in django|dev|bare|tuned|old) PEERS+=("$p") ;; *) echo "--peer takes django, dev, bare, tuned, old (comma-separated) or none" >&2; exit 2 ;; esac
+    case "$p" in django|dev|bare|tuned|old|layered) PEERS+=("$p") ;; *) echo "--peer takes django, dev, bare, tuned, old, layered (comma-separated) or none" >&2; exit 2 ;; esac
   done
 fi
 has_peer() { local p; for p in "${PEERS[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
@@ -185,7 +189,7 @@ opt_flags() {
   if [ "$tuned" = tuned ]; then threads=1; concurrency=256; capacity=10000
   elif [ "$tuned" = old ]; then threads=0; concurrency=64; capacity=100
   else threads="$THREADS"; concurrency="$CONCURRENCY"; capacity="$CAPACITY"; fi
-  if [ "$role" = serve ] && [ -z "$tuned" ] && [ -n "$SERVE_THREADS" ]; then threads="$SERVE_THREADS"; fi
+  if [ "$role" = serve ] && { [ -z "$tuned" ] || [ "$tuned" = layered ]; } && [ -n "$SERVE_THREADS" ]; then threads="$SERVE_THREADS"; fi
   FLAGS=()
   if [ -n "$threads" ]; then FLAGS+=(--threads "$threads"); fi
   FLAGS+=("$role")
@@ -193,6 +197,7 @@ opt_flags() {
   if [ "$role" != serve ] && [ -n "$concurrency" ]; then FLAGS+=(--concurrency "$concurrency"); fi
   if [ "$tuned" = old ]; then FLAGS+=(--server-capacity 100); fi
   if [ "$tuned" = old ] && [ "$role" = serve ]; then FLAGS+=(--backpressure-timeout 0.5); fi
+  if [ "$tuned" = layered ] && [ "$role" = worker ]; then FLAGS+=(--no-owners); fi
 }
 
 start_switchyard() {
@@ -248,6 +253,7 @@ start_stack() {
     switchyard) start_switchyard "$2" ;;
     tuned) start_switchyard "$2" tuned ;;
     old) start_switchyard "$2" old ;;
+    layered) start_switchyard "$2" layered ;;
     django) start_django "$2" ;;
     dev) start_dev "$2" ;;
     bare) start_bare "$2" ;;

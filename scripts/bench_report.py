@@ -176,7 +176,7 @@ def report(paths, machine):
     if machine:
         with open(machine) as f:
             w("```\n" + f.read().rstrip() + "\n```\n")
-    stacks = [s for s in ("switchyard", "tuned", "old", "dev", "bare", "django")
+    stacks = [s for s in ("switchyard", "layered", "tuned", "old", "dev", "bare", "django")
               if any(r["stack"] == s for r in records)]
     w("Every figure: median over runs (min–max). Latencies in µs.\n")
     for scen in ORDER:

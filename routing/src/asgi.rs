@@ -215,6 +215,15 @@ pub struct WebsocketConnect {
     /// absent when anonymous. Set only by the server, never from anything a client sends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<Map>,
+    /// Switchyard's extension: this interface server takes the socket's owner from the accept
+    /// (`x-switchyard-owner` in [`WebsocketSend`]). Other servers do not send it, so a worker
+    /// names itself owner only to a server that will use it (daphne refuses unknown reply keys).
+    #[serde(
+        rename = "x-switchyard-owners",
+        default,
+        skip_serializing_if = "is_false"
+    )]
+    pub owners: bool,
 }
 
 fn default_ws_scheme() -> String {
@@ -379,6 +388,16 @@ pub struct WebsocketSend {
     /// Close the socket (after sending any frame).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub close: Option<Close>,
+    /// Switchyard's extension, in an accept only: the worker that accepted a strictly ordered
+    /// socket names itself its owner, and the interface server sends the socket's frames and
+    /// disconnect to that owner's channels instead of the shared ones (servers that do not know
+    /// the key ignore it, as ASGI says of unknown keys).
+    #[serde(
+        rename = "x-switchyard-owner",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub owner: Option<String>,
 }
 
 impl WebsocketSend {

@@ -29,6 +29,7 @@ pub mod memory;
 mod memory_state;
 pub mod metrics;
 mod ordering;
+pub mod owner;
 pub mod redis;
 mod session;
 mod settings;

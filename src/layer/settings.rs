@@ -260,10 +260,13 @@ impl CapacityRules {
     }
 }
 
-/// True for the channels all connections of a server share: the server-fed ones and process
-/// inboxes (a `!` channel's capacity counts its whole inbox).
+/// True for the channels all connections of a server share: the server-fed ones, process
+/// inboxes (a `!` channel's capacity counts its whole inbox) and connection owners' channels
+/// (each takes the frames of every socket its worker accepted).
 fn is_server_fed(channel: &str) -> bool {
-    channel.contains('!') || SERVER_FED_CHANNELS.contains(&channel)
+    channel.contains('!')
+        || SERVER_FED_CHANNELS.contains(&channel)
+        || super::owner::is_owner_channel(channel)
 }
 
 #[cfg(test)]

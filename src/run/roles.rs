@@ -331,6 +331,11 @@ pub struct WorkerFlags {
     /// trips, and strictly ordered connections waiting their turn hold slots too.
     #[arg(long, env = "SWITCHYARD_CONCURRENCY", default_value_t = worker::DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
+    /// Do not own sockets: strictly ordered sockets this worker accepts keep the shared
+    /// channels, and their order is kept in Redis (any worker takes any frame, at a Redis
+    /// write per message) instead of by this worker.
+    #[arg(long, env = "SWITCHYARD_NO_OWNERS")]
+    pub no_owners: bool,
     /// Only listen on channels matching these globs (repeatable, e.g. 'websocket.*').
     #[arg(long = "only-channels", value_name = "GLOB")]
     pub only_channels: Vec<String>,
@@ -518,6 +523,7 @@ fn build_worker(
         .context("the app's routes are invalid")?;
     let worker = Worker::new(layer.clone(), Arc::new(router))
         .concurrency(args.concurrency.max(1))
+        .owners(!args.no_owners)
         .only_channels(&args.only_channels)
         .exclude_channels(&args.exclude_channels)
         .body_receive_timeout(secs("body-receive-timeout", args.body_receive_timeout)?)
@@ -682,6 +688,7 @@ mod tests {
     fn worker_args(session_redis: Option<&str>) -> WorkerFlags {
         WorkerFlags {
             concurrency: 1,
+            no_owners: false,
             only_channels: Vec::new(),
             exclude_channels: Vec::new(),
             #[cfg(feature = "django")]

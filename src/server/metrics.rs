@@ -50,6 +50,11 @@ metric_set! {
         ws_connect_timeouts: counter "switchyard_ws_handshakes_total" ["outcome" = "timed_out"];
         /// Client frames dropped because the layer was unavailable (the socket stays open).
         ws_frames_lost: counter "switchyard_ws_frames_lost_total";
+        /// Connection owners (workers that took a strictly ordered socket's messages) whose
+        /// lease lapsed: their sockets went back to the shared channels.
+        ws_owners_lapsed: counter "switchyard_ws_owners_lapsed_total";
+        /// Sockets taken back from a lapsed owner to the shared channels.
+        ws_owner_takebacks: counter "switchyard_ws_owner_takebacks_total";
         /// Sockets closed with 1013 because `websocket.receive` stayed full.
         ws_receive_full_closes: counter "switchyard_ws_receive_full_closes_total";
         /// Outbound messages dropped because a client's queue was full.

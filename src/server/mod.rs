@@ -69,6 +69,7 @@ mod feed;
 mod http;
 mod metrics;
 mod outbound;
+mod owners;
 mod receive;
 mod request;
 mod response;
@@ -299,6 +300,8 @@ pub(crate) struct Shared {
     pub(crate) origins: edge::OriginRules,
     /// Open connections per client address.
     pub(crate) client_slots: Arc<edge::ClientSlots>,
+    /// The workers that own strictly ordered sockets of this server, and their leases' state.
+    pub(crate) owners: Arc<owners::Owners>,
 }
 
 /// Lets through at most one log line per second (a Redis outage loses every frame of every
@@ -430,9 +433,18 @@ impl Server {
             )),
             auth: self.auth,
             config: self.config,
+            owners: Arc::default(),
             layer,
             inbox,
         });
+        if shared.layer.supports_owners() {
+            let owners = Arc::clone(&shared.owners);
+            tokio::spawn(owners.watch(
+                shared.layer.clone(),
+                Arc::clone(&shared.metrics),
+                shutdown.clone(),
+            ));
+        }
         let permits = Arc::new(Semaphore::new(shared.config.max_connections));
         let mut builder = http1::Builder::new();
         builder

@@ -23,6 +23,8 @@ pub(crate) struct SocketReply {
     pub(crate) close: Option<u16>,
     /// A close code the worker asked for that may not be sent (replaced by 1011 in `close`).
     pub(crate) refused_close: Option<u16>,
+    /// In an accept: the worker that owns the socket's messages (see [`crate::layer::owner`]).
+    pub(crate) owner: Option<String>,
 }
 
 impl SocketReply {
@@ -108,6 +110,7 @@ fn decode_reply(envelope: &Envelope) -> Result<SocketReply, ReplyError> {
         frame,
         close: requested.map(|code| if refused_close.is_some() { 1011 } else { code }),
         refused_close,
+        owner: send.owner,
     })
 }
 

@@ -15,6 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use super::owners::OwnedBy;
+use crate::layer::LayerError;
+use crate::layer::owner::is_owner_name;
 use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
@@ -81,7 +84,7 @@ impl Drop for ConnectGuard {
             let shared = Arc::clone(&self.shared);
             if tokio::runtime::Handle::try_current().is_ok() {
                 shared.tracker.clone().spawn(async move {
-                    send_disconnect(&shared, &message).await;
+                    send_disconnect(&shared, WEBSOCKET_DISCONNECT, &message).await;
                 });
             }
         }
@@ -102,7 +105,7 @@ const SHUTDOWN_SPREAD_PER_SOCKET: Duration = Duration::from_micros(200);
 /// disconnect handler never runs and the reply channel stays in its groups for the group
 /// expiry (a day by default), so retries go on (with jittered backoff) for `DISCONNECT_RETRY`,
 /// or to the end of the shutdown grace; a disconnect lost even so is counted and logged.
-async fn send_disconnect(shared: &Shared, message: &WebsocketDisconnect) {
+async fn send_disconnect(shared: &Shared, channel: &str, message: &WebsocketDisconnect) {
     let mut retry = FullRetry::until(
         shared
             .shutdown_deadline()
@@ -111,7 +114,7 @@ async fn send_disconnect(shared: &Shared, message: &WebsocketDisconnect) {
     .or_unavailable()
     .max_pause(DISCONNECT_MAX_PAUSE);
     loop {
-        let error = match shared.layer.send(WEBSOCKET_DISCONNECT, message).await {
+        let error = match shared.layer.send(channel, message).await {
             Ok(()) => return,
             Err(e) => e,
         };
@@ -227,6 +230,7 @@ pub(crate) async fn handshake(
         }
     };
     connect.user = claims;
+    connect.owners = shared.layer.supports_owners();
     ws_log(&client, "WSCONNECTING", &path, None);
     ServerMetrics::inc(&shared.metrics.ws_connects);
     let sent = match codec::to_msgpack(&connect) {
@@ -257,6 +261,7 @@ pub(crate) async fn handshake(
         Ok(first) => first,
         Err(refused) => return *refused,
     };
+    let owner = owned_by(&shared, first.owner.as_deref());
     let upgrade = hyper::upgrade::on(&mut req);
     let task_shared = Arc::clone(&shared);
     shared.tracker.spawn(async move {
@@ -290,6 +295,7 @@ pub(crate) async fn handshake(
             limiter,
             user,
             token_expires: token_expires.map(instant_at),
+            owner,
         };
         socket.run(ws, first).await;
         drop(client_slot);
@@ -380,6 +386,20 @@ async fn worker_verdict(
             }
         }
     }
+}
+
+/// The socket's owner, when the accept named a well-formed one and this layer has owners.
+fn owned_by(shared: &Arc<Shared>, owner: Option<&str>) -> Option<OwnedBy> {
+    let owner = owner?;
+    if !is_owner_name(owner) || !shared.layer.supports_owners() {
+        ServerMetrics::inc(&shared.metrics.bad_replies);
+        tracing::warn!(
+            owner,
+            "an accept named an owner this server cannot use; the socket keeps the shared channels"
+        );
+        return None;
+    }
+    Some(shared.owners.attach(owner))
 }
 
 /// The 101 that completes a handshake.
@@ -616,6 +636,8 @@ struct Socket {
     user: Option<UserEntry>,
     /// When the token stops being valid: the socket closes then (auth close code).
     token_expires: Option<Instant>,
+    /// The worker that owns this socket's messages, until its lease lapses.
+    owner: Option<OwnedBy>,
 }
 
 /// The monotonic instant of a wall-clock time (now, when it has passed).
@@ -971,7 +993,12 @@ impl Socket {
         };
         let give_up = AtomicBool::new(false);
         let shared = Arc::clone(&self.shared);
-        let send = send_server_fed(&shared, WEBSOCKET_RECEIVE, &payload, Some(&give_up));
+        let destination = self.destination().await;
+        let send = async {
+            let channel = destination?;
+            let channel = channel.as_deref().unwrap_or(WEBSOCKET_RECEIVE);
+            send_server_fed(&shared, channel, &payload, Some(&give_up)).await
+        };
         tokio::pin!(send);
         let mut ended_meanwhile = None;
         let outcome = loop {
@@ -1021,6 +1048,26 @@ impl Socket {
                 None
             }
         }
+    }
+
+    /// Where the socket's next message goes: its owner's channel, or (`None`) the shared one.
+    /// A socket whose owner's lease lapsed is first taken back: what waits in the owner's
+    /// channel is moved to the shared ones and the layer's ordering state set to continue from
+    /// there (or from the order this message takes), before anything is sent past it.
+    async fn destination(&mut self) -> Result<Option<String>, LayerError> {
+        let Some(owner) = &self.owner else {
+            return Ok(None);
+        };
+        if !owner.lapsed() {
+            return Ok(Some(owner.channel().to_owned()));
+        }
+        self.shared
+            .layer
+            .take_back_owned(owner.name(), Some((self.local.name(), self.order + 1)))
+            .await?;
+        ServerMetrics::inc(&self.shared.metrics.ws_owner_takebacks);
+        self.owner = None;
+        Ok(None)
     }
 
     fn next_deadline(&self) -> Instant {
@@ -1106,7 +1153,21 @@ impl Socket {
         };
         let message =
             WebsocketDisconnect::new(self.local.name(), self.path.clone(), code, self.order + 1);
-        send_disconnect(&self.shared, &message).await;
+        let channel = match self.destination().await {
+            Ok(channel) => channel,
+            Err(e) => {
+                // The layer's ordering runs a disconnect late rather than never.
+                tracing::warn!(client = %self.client, path = %self.path, error = %e, "could not take the socket back from its lapsed owner; its disconnect goes to the shared channel");
+                self.owner = None;
+                None
+            }
+        };
+        send_disconnect(
+            &self.shared,
+            channel.as_deref().unwrap_or(WEBSOCKET_DISCONNECT),
+            &message,
+        )
+        .await;
         code
     }
 }

@@ -32,6 +32,9 @@ metric_set! {
         dropped: counter "switchyard_worker_dropped_total";
         /// Messages no route matched.
         unrouted: counter "switchyard_unrouted_total";
+        /// Messages of sockets this worker owns, run in their connection's order without an
+        /// ordering step in the layer.
+        owned: counter "switchyard_owned_messages_total";
         /// Messages parked by strict ordering to wait for their predecessors.
         parked: counter "switchyard_parked_total";
         /// Duplicates refused by strict ordering.

@@ -33,6 +33,7 @@
 //! body and which has no `body_channel`.
 
 mod metrics;
+mod owned;
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
@@ -41,7 +42,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use switchyard_routing::asgi::{HTTP_REQUEST, HttpRequestBodyChunk, WEBSOCKET_DISCONNECT};
+use switchyard_routing::asgi::{
+    HTTP_REQUEST, HttpRequestBodyChunk, WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT,
+};
 use switchyard_routing::codec;
 use switchyard_routing::{
     Action, ByteString, ConsumerError, Ctx, Map, Message, Resolved, Router, Value,
@@ -52,6 +55,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::jobs::{JobFailure, JobHandler, JobMetrics, JobRunner, StreamJob};
+use crate::layer::owner::is_owner_channel;
 use crate::layer::{
     DEFAULT_BACKPRESSURE_TIMEOUT, Envelope, FullRetry, Gate, Layer, LayerError, Receiver, Upkeep,
     glob, glob_set,
@@ -169,6 +173,12 @@ pub struct Worker {
     /// Visibility timeout of durable channels (see [`crate::jobs`]).
     job_timeout: Duration,
     job_metrics: Arc<JobMetrics>,
+    /// Whether this worker may own sockets (see [`owned`]).
+    owners: bool,
+    /// This worker's name as a connection owner, while it holds the lease (see [`owned`]).
+    owner: Option<String>,
+    /// The owned connections a task of this worker runs now, with their messages waiting.
+    owned_lanes: Arc<Mutex<HashMap<String, owned::OwnedLane>>>,
 }
 
 /// The messages of one connection this worker holds while one of its tasks runs the
@@ -245,6 +255,9 @@ impl Worker {
             body_receivers: Arc::default(),
             job_timeout: crate::jobs::JOB_TIMEOUT,
             job_metrics: Arc::default(),
+            owners: true,
+            owner: None,
+            owned_lanes: Arc::default(),
         }
     }
 
@@ -276,6 +289,14 @@ impl Worker {
     /// many).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n;
+        self
+    }
+
+    /// Whether this worker may own the strictly ordered sockets it accepts (on by default
+    /// where the layer supports it: see [`crate::layer::owner`]). Off, their order is kept in
+    /// the layer instead.
+    pub fn owners(mut self, on: bool) -> Self {
+        self.owners = on;
         self
     }
 
@@ -375,7 +396,7 @@ impl Worker {
     }
 
     /// Runs until `shutdown` is cancelled, then finishes the messages in hand and returns.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), WorkerError> {
         if self.concurrency == 0 {
             return Err(WorkerError::Config("concurrency must be at least 1".into()));
         }
@@ -409,6 +430,22 @@ impl Worker {
             tracing::info!("worker stopped");
             return Ok(());
         }
+        let mut channels = channels;
+        let owner_lease = if self.owners && Worker::may_own(&channels) {
+            match self.layer.start_owner().await {
+                Ok(lease) => lease,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not take a connection owner's lease; strictly ordered sockets keep the layer's ordering");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(lease) = &owner_lease {
+            self.owner = Some(lease.name().to_owned());
+            channels.extend(self.owner_channel());
+        }
         tracing::info!(
             layer = %self.layer.describe(),
             mode = self.layer.mode(),
@@ -438,6 +475,10 @@ impl Worker {
                     for envelope in batch {
                         // A group message for several local targets can outnumber the permits.
                         let permit = permits.split(1);
+                        if is_owner_channel(&envelope.channel) {
+                            this.take_owned(envelope, permit, &mut running);
+                            continue;
+                        }
                         let this = this.clone();
                         // The handling is boxed: the task then holds a pointer, not the
                         // handling's whole state, which spawning and finishing a task
@@ -485,6 +526,11 @@ impl Worker {
             );
             running.abort_all();
             while running.join_next().await.is_some() {}
+        }
+        if let Some(lease) = owner_lease {
+            // Only now that its messages have run: the servers then move what waits for this
+            // worker back to the shared channels, where nothing overtakes what ran here.
+            lease.release().await;
         }
         if let Some(jobs) = jobs {
             let _ = jobs.await;
@@ -1156,6 +1202,12 @@ impl Worker {
         // together) encodes them anew.
         let channel = message.channel.clone();
         let payload = message.payload.clone();
+        // The accept of a strictly ordered socket names this worker its owner, when the
+        // server said it takes one.
+        let mut owns = channel == WEBSOCKET_CONNECT
+            && resolved.options.strict_ordering
+            && self.owner.is_some()
+            && message.get(owned::SERVER_TAKES_OWNERS) == Some(&Value::Bool(true));
         // Run inline in this message's own task: a panic is caught here, a timeout drops the
         // consumer's future, and aborting this task (stop grace over) drops it too.
         let call = AssertUnwindSafe(resolved.handler.call(message, ctx.clone()));
@@ -1194,6 +1246,20 @@ impl Worker {
         };
         if let Ended::Returned(Ok(())) = ended {
             for action in ctx.take_actions() {
+                let action = match action {
+                    Action::Send {
+                        channel: to,
+                        payload,
+                    } if owns && reply.as_deref() == Some(to.as_str()) => {
+                        // The first reply is the accept; only it is read for an owner.
+                        owns = false;
+                        Action::Send {
+                            payload: self.with_owner(payload),
+                            channel: to,
+                        }
+                    }
+                    other => other,
+                };
                 self.apply(&channel, action).await;
             }
             return true;
@@ -1278,6 +1344,9 @@ impl Worker {
             }
         };
         WorkerMetrics::add(&self.metrics.requeued, 1);
+        if Worker::requeue_in_place(&message.channel, &payload) {
+            return false;
+        }
         match self.layer.send_encoded(&message.channel, &payload).await {
             Ok(()) => false,
             Err(e) => {

@@ -24,6 +24,7 @@ use switchyard_routing::names::non_local_name;
 use super::{RedisLayer, consistent_hash};
 use crate::layer::LayerError;
 use crate::layer::metrics::LayerMetrics;
+use crate::layer::owner::is_owner_name;
 
 /// KEYS[1] the leases set; ARGV[1] the inbox, ARGV[2] its new deadline. Returns the old deadline
 /// or false.
@@ -80,7 +81,7 @@ fn now_ms() -> u64 {
 }
 
 impl RedisLayer {
-    fn leases_key(&self) -> String {
+    pub(super) fn leases_key(&self) -> String {
         format!("{}:leases", self.inner.settings.prefix)
     }
 
@@ -257,6 +258,11 @@ impl RedisLayer {
     /// Removes `inbox`'s members from every group its index names, then its inbox and index.
     /// Returns the memberships removed.
     async fn reap_inbox(&self, inbox: &str) -> Result<usize, LayerError> {
+        if is_owner_name(inbox) {
+            // A lapsed connection owner: its sockets' waiting messages go back to the shared
+            // channels (it has no memberships of its own).
+            return self.take_back_owned(inbox, None).await.map(|_| 0);
+        }
         let index = self.inbox_groups_key(inbox);
         let home = self.shard_of(inbox);
         let mut conn = self.inner.shards[home].conn.clone();

@@ -51,6 +51,7 @@ mod cluster;
 mod conn;
 mod lanes;
 mod lease;
+mod owned;
 mod registry;
 mod sentinel_url;
 mod state;

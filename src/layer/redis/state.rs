@@ -293,7 +293,7 @@ const NEEDS_VALUE: i64 = 3;
 
 impl RedisLayer {
     /// The key of a connection's ordering state.
-    fn order_key(&self, reply_channel: &str) -> String {
+    pub(super) fn order_key(&self, reply_channel: &str) -> String {
         format!("{}:order:{}", self.settings().prefix, reply_channel)
     }
 

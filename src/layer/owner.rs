@@ -1,0 +1,224 @@
+//! Connection owners: a strictly ordered WebSocket served, frame after frame, by the worker that
+//! accepted it, its order kept in that worker's memory instead of in the layer.
+//!
+//! Keeping a connection's order in the layer ([`super::ordering`]) lets any worker take any
+//! frame, but every message then records its done in Redis, which measured as the larger part
+//! of what ordering cost. So a worker that accepts a strictly ordered socket names itself its
+//! owner in the accept (`"x-switchyard-owner": name`), and the interface server sends that
+//! socket's frames and its disconnect to the owner's own channels
+//! ([`owner_channel`]: `{owner}.sockets`, one list for frames and disconnects). One socket's
+//! messages reach that list in the order sent (the server sends the next only once the last is
+//! written, and each is scored by its send time), the owner pops them in that order and runs
+//! each connection's messages one after another. A channels_redis worker never names an owner, so its sockets keep the shared
+//! channels and the layer's ordering.
+//!
+//! Liveness: an owner holds a process lease (the Redis backend's `lease` module) of
+//! [`OWNER_LEASE_TTL`], renewed every second. An interface server checks the leases of its
+//! sockets' owners every second ([`Layer::owner_alive`]); once one has lapsed (the worker was
+//! killed, stalled, or Redis lost the lease) or was given up (a graceful stop), its sockets go
+//! back to the shared channels: [`Layer::take_back_owned`] moves whatever waits in the owner's
+//! channels to the shared ones (send times kept) and sets each of those connections' ordering
+//! state in the layer to the lowest order moved, or, for a socket with nothing waiting there, to
+//! the order it sends next, so the layer's gate takes over without a gap and without a frame
+//! overtaking another. The move and the setting are one atomic script, so servers and reapers
+//! doing it at once move each frame once and set each connection once. A frame in the killed
+//! worker's hand is lost, as it would be from the shared channel.
+//!
+//! Only where those keys sit on one Redis server (one host, or the master behind Sentinel):
+//! on several shards or a Redis Cluster ([`Layer::supports_owners`] false) the layer's ordering
+//! stays in use, and so does it on the in-memory layer, whose ordering costs no round trip.
+
+use std::time::Duration;
+
+use switchyard_routing::asgi::{WEBSOCKET_DISCONNECT, WEBSOCKET_RECEIVE};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::redis::LeaseState;
+use super::{Layer, LayerError, with_random_local_part};
+
+/// What every owner name starts with (and so every owner channel: see
+/// [`super::settings`], which gives them the capacity of the shared channels they stand for).
+pub const OWNER_PREFIX: &str = "switchyard.owner.";
+
+/// How long an owner's lease lasts without a renewal: a killed owner's sockets go back to the
+/// shared channels this long after its last renewal (plus up to a second). Shorter than an
+/// interface server's lease, because a server keeps its memberships while stalled but an
+/// owner stalled past it only loses its sockets (their frames keep flowing, through the layer).
+pub const OWNER_LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// What an owner's channel adds to its name.
+const OWNER_SUFFIX: &str = ".sockets";
+
+/// How often an owner renews its lease.
+const OWNER_RENEW: Duration = Duration::from_secs(1);
+
+/// The owner's channel: every message of its sockets, frames and disconnects, in one list, so
+/// that a socket's disconnect cannot be popped before its last frame.
+pub fn owner_channel(owner: &str) -> String {
+    format!("{owner}{OWNER_SUFFIX}")
+}
+
+/// True when `channel` is an owner's channel.
+pub fn is_owner_channel(channel: &str) -> bool {
+    channel
+        .strip_suffix(OWNER_SUFFIX)
+        .is_some_and(is_owner_name)
+}
+
+/// The shared channel a message from an owner's channel stands for: `websocket.disconnect`
+/// when it carries a close `code` (a frame never does), else `websocket.receive`.
+pub fn owned_kind(message: &switchyard_routing::Message) -> &'static str {
+    if message.get("code").is_some() {
+        WEBSOCKET_DISCONNECT
+    } else {
+        WEBSOCKET_RECEIVE
+    }
+}
+
+/// True when `owner` is a well-formed owner name (what a server accepts from an accept).
+pub fn is_owner_name(owner: &str) -> bool {
+    owner.strip_prefix(OWNER_PREFIX).is_some_and(|rest| {
+        !rest.is_empty() && rest.len() <= 64 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
+}
+
+/// A worker's owner lease, renewed by a task until [`OwnerLease::release`].
+#[derive(Debug)]
+pub struct OwnerLease {
+    name: String,
+    stop: CancellationToken,
+    renewal: JoinHandle<()>,
+    layer: Layer,
+}
+
+impl OwnerLease {
+    /// The owner's name, as it goes into an accept.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Gives the lease up (a graceful stop): the servers take the sockets back within a second
+    /// and move what still waits in this owner's channels.
+    pub async fn release(self) {
+        self.stop.cancel();
+        let _ = self.renewal.await;
+        if let Layer::Redis(redis) = &self.layer
+            && let Err(e) = redis.release_owner(&self.name).await
+        {
+            tracing::warn!(owner = %self.name, error = %e, "could not give up the owner lease; it lapses by itself");
+        }
+    }
+}
+
+impl Layer {
+    /// True when this layer can have connection owners (a Redis layer on one server).
+    pub fn supports_owners(&self) -> bool {
+        match self {
+            Layer::Memory(_) => false,
+            Layer::Redis(redis) => redis.single_server(),
+        }
+    }
+
+    /// Takes a new owner name's lease and keeps renewing it; `None` where owners are not
+    /// supported.
+    pub async fn start_owner(&self) -> Result<Option<OwnerLease>, LayerError> {
+        let Layer::Redis(redis) = self else {
+            return Ok(None);
+        };
+        if !redis.single_server() {
+            return Ok(None);
+        }
+        let name = with_random_local_part(OWNER_PREFIX);
+        let mut state = LeaseState::default();
+        redis
+            .renew_lease(&name, OWNER_LEASE_TTL, &mut state)
+            .await?;
+        let stop = CancellationToken::new();
+        let renewal = tokio::spawn(renew_owner(
+            redis.clone(),
+            name.clone(),
+            state,
+            stop.clone(),
+        ));
+        Ok(Some(OwnerLease {
+            name,
+            stop,
+            renewal,
+            layer: self.clone(),
+        }))
+    }
+
+    /// True while `owner`'s lease is held and has not run out.
+    pub async fn owner_alive(&self, owner: &str) -> Result<bool, LayerError> {
+        match self {
+            Layer::Memory(_) => Ok(false),
+            Layer::Redis(redis) => redis.owner_alive(owner).await,
+        }
+    }
+
+    /// Moves what waits in `owner`'s channels back to the shared channels and sets the ordering
+    /// state of each connection moved to its lowest order moved; then, with `seed` =
+    /// `(reply channel, order)`, sets that connection's state to `order` unless a move (this one
+    /// or an earlier one) already set it. Returns how many messages this call moved.
+    pub async fn take_back_owned(
+        &self,
+        owner: &str,
+        seed: Option<(&str, u64)>,
+    ) -> Result<usize, LayerError> {
+        match self {
+            Layer::Memory(_) => Ok(0),
+            Layer::Redis(redis) => redis.take_back_owned(owner, seed).await,
+        }
+    }
+}
+
+/// Renews an owner's lease every second until stopped. A renewal that finds the lease gone
+/// (Redis lost it, or a server saw it lapse) puts it back: the servers that took the sockets
+/// back keep them on the shared channels, and new sockets come here again.
+async fn renew_owner(
+    redis: super::redis::RedisLayer,
+    name: String,
+    mut state: LeaseState,
+    stop: CancellationToken,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(OWNER_RENEW) => {}
+        }
+        match redis.renew_lease(&name, OWNER_LEASE_TTL, &mut state).await {
+            Ok(lost) => {
+                if lost {
+                    tracing::warn!(owner = %name, "the owner lease had lapsed or Redis lost it; the servers have taken this worker's sockets back to the shared channels");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(owner = %name, error = %e, "could not renew the owner lease; retrying");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_names_and_channels() {
+        let owner = "switchyard.owner.Ab3";
+        assert!(is_owner_name(owner));
+        assert_eq!(owner_channel(owner), "switchyard.owner.Ab3.sockets");
+        assert!(is_owner_channel(&owner_channel(owner)));
+        assert!(!is_owner_channel("websocket.receive"));
+        assert!(!is_owner_channel("switchyard.owner..sockets"));
+        assert!(!is_owner_name("switchyard.owner."));
+        assert!(!is_owner_name("switchyard.owner.a.b"));
+        assert!(!is_owner_name("other.Ab3"));
+    }
+}

@@ -1,0 +1,203 @@
+//! The worker as a connection owner (see [`crate::layer::owner`]): it names itself in the accept
+//! of a strictly ordered socket, listens on its owner channel, and runs each owned connection's
+//! messages one after another in the order they were popped, with no ordering step in the layer.
+//!
+//! Each message of an owner channel is decoded in the receive loop itself and put in its
+//! connection's lane there, so the pop order is the run order (one task per connection drains
+//! its lane; the others wait in it with their consumer slots). A message its consumer asks to
+//! requeue (`ConsumeLater`, a channel session unreachable) is run again in place after a pause,
+//! up to the worker's retries, instead of going to the back of a channel: its successors wait
+//! for it, as they would for a requeued message in the layer's ordering. When a connection's
+//! disconnect has run, its ordering state in the layer (written by the connect, or by a take-back
+//! from an earlier owner) is removed.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use switchyard_routing::Message;
+use switchyard_routing::asgi::{WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT};
+use switchyard_routing::value::Value;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::JoinSet;
+
+use super::{Worker, WorkerMetrics};
+use crate::layer::owner::{owned_kind, owner_channel};
+use crate::layer::{Envelope, wire};
+
+/// The accept's key naming the owner.
+const OWNER_KEY: &str = "x-switchyard-owner";
+
+/// The connect's key saying the server takes an owner from the accept.
+pub(super) const SERVER_TAKES_OWNERS: &str = "x-switchyard-owners";
+
+/// Pause before a message requeued by its consumer runs again in its lane.
+const REQUEUE_PAUSE: Duration = Duration::from_millis(100);
+
+tokio::task_local! {
+    /// Set while an owner runs a message: a requeue lands here, to be run again in place.
+    static REQUEUED_IN_PLACE: RefCell<Option<Message>>;
+}
+
+/// An owned message in hand, with the consumer slot it holds.
+#[derive(Debug)]
+pub(super) struct Owned {
+    message: Message,
+    started: Instant,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+/// The owned messages of one connection waiting while a task runs one of them.
+pub(super) type OwnedLane = VecDeque<Owned>;
+
+impl Worker {
+    /// True when this worker takes every message of a socket (and so may own it).
+    pub(super) fn may_own(channels: &[String]) -> bool {
+        [
+            WEBSOCKET_CONNECT,
+            switchyard_routing::asgi::WEBSOCKET_RECEIVE,
+            WEBSOCKET_DISCONNECT,
+        ]
+        .iter()
+        .all(|c| channels.iter().any(|have| have == c))
+    }
+
+    /// Puts a message popped from the owner channel in its connection's lane, starting the
+    /// lane's task when it has none.
+    pub(super) fn take_owned(
+        self: &Arc<Self>,
+        envelope: Envelope,
+        slot: Option<OwnedSemaphorePermit>,
+        running: &mut JoinSet<()>,
+    ) {
+        let mut message = match Message::from_payload(envelope.channel, envelope.payload) {
+            Ok(m) => m,
+            Err(e) => {
+                WorkerMetrics::add(&self.metrics.dropped, 1);
+                tracing::error!(error = %e, "dropped an undecodable message from the owner channel");
+                return;
+            }
+        };
+        message.channel = owned_kind(&message).to_owned();
+        self.metrics.received(&message.channel);
+        let Some(reply) = message.reply_channel().map(str::to_owned) else {
+            WorkerMetrics::add(&self.metrics.dropped, 1);
+            tracing::error!(channel = %message.channel, "dropped a message without a reply channel from the owner channel");
+            return;
+        };
+        let owned = Owned {
+            message,
+            started: Instant::now(),
+            _slot: slot,
+        };
+        {
+            let mut lanes = self.owned_lanes();
+            if let Some(lane) = lanes.get_mut(&reply) {
+                lane.push_back(owned);
+                return;
+            }
+            lanes.insert(reply.clone(), OwnedLane::new());
+        }
+        let this = Arc::clone(self);
+        running.spawn(async move { Box::pin(this.run_owned(reply, owned)).await });
+    }
+
+    fn owned_lanes(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, OwnedLane>> {
+        self.owned_lanes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `first`, then the connection's lane until it is empty.
+    async fn run_owned(&self, reply: String, first: Owned) {
+        let mut next = Some(first);
+        loop {
+            let owned = match next.take() {
+                Some(o) => o,
+                None => {
+                    let mut lanes = self.owned_lanes();
+                    match lanes.get_mut(&reply).and_then(VecDeque::pop_front) {
+                        Some(o) => o,
+                        None => {
+                            lanes.remove(&reply);
+                            return;
+                        }
+                    }
+                }
+            };
+            let Owned {
+                message, started, ..
+            } = owned;
+            let disconnect = message.channel == WEBSOCKET_DISCONNECT;
+            let order = message.order();
+            self.run_in_place(message).await;
+            WorkerMetrics::add(&self.metrics.owned, 1);
+            self.metrics.observe(started.elapsed());
+            if disconnect && let Some(order) = order {
+                // The state the connect (or a take-back) left: recorded done and so removed.
+                let _ = self.ordering_done(&reply, order, true).await;
+            }
+        }
+    }
+
+    /// Routes and runs an owned message, again after a pause while its consumer requeues it.
+    async fn run_in_place(&self, message: Message) {
+        let Some(resolved) = self.router.resolve(&message) else {
+            WorkerMetrics::add(&self.metrics.unrouted, 1);
+            tracing::warn!(channel = %message.channel, path = ?message.path(), "no route for message; dropped");
+            return;
+        };
+        let mut message = message;
+        loop {
+            let run = self.run_consumer(message, resolved.clone());
+            let (finished, again) = REQUEUED_IN_PLACE
+                .scope(RefCell::new(None), async {
+                    let finished = run.await;
+                    (finished, REQUEUED_IN_PLACE.with(RefCell::take))
+                })
+                .await;
+            match again {
+                Some(requeued) if !finished => {
+                    message = requeued;
+                    tokio::time::sleep(REQUEUE_PAUSE).await;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Keeps a requeued message (`payload`, its retries counted) for the owner running it to
+    /// run again in place; false when no owner is running it (it goes back to its channel).
+    pub(super) fn requeue_in_place(channel: &str, payload: &[u8]) -> bool {
+        if REQUEUED_IN_PLACE.try_with(|_| ()).is_err() {
+            return false;
+        }
+        match Message::from_payload(channel.to_owned(), Bytes::copy_from_slice(payload)) {
+            Ok(message) => REQUEUED_IN_PLACE.with(|slot| *slot.borrow_mut() = Some(message)),
+            Err(e) => {
+                tracing::error!(channel, error = %e, "a requeued message no longer decodes; dropped");
+            }
+        }
+        true
+    }
+
+    /// The accept of a strictly ordered connection, naming this worker its owner. Anything
+    /// that is not a map is sent as it is (the server refuses it as before).
+    pub(super) fn with_owner(&self, payload: Bytes) -> Bytes {
+        let Some(owner) = &self.owner else {
+            return payload;
+        };
+        let Ok(mut map) = wire::decode_map(&payload) else {
+            return payload;
+        };
+        map.insert(OWNER_KEY, Value::Str(owner.clone()));
+        switchyard_routing::codec::to_msgpack(&map).map_or(payload, Bytes::from)
+    }
+
+    /// This worker's owner channel, when it is an owner.
+    pub(super) fn owner_channel(&self) -> Option<String> {
+        self.owner.as_deref().map(owner_channel)
+    }
+}
