@@ -20,7 +20,15 @@ use super::{RedisLayer, now_secs};
 use crate::layer::{Count, LayerError, Overview};
 
 /// The kinds of `{prefix}:{kind}:…` keys the layer writes besides groups.
-const DATA_KINDS: &[&str] = &["session", "order", "list", "index", "inbox-groups", "jobs"];
+const DATA_KINDS: &[&str] = &[
+    "session",
+    "order",
+    "list",
+    "index",
+    "inbox-groups",
+    "owner-set",
+    "jobs",
+];
 
 /// The registry and the leases: what makes the rest recognisable, kept by `flush` (live
 /// processes hold those leases; a flushed registry would hide channels that processes here
@@ -266,6 +274,7 @@ mod tests {
         );
         assert_eq!(c("asgi:group:chat-lobby"), KeyKind::Group("chat-lobby"));
         assert_eq!(c("asgi:session:x!y"), KeyKind::Data);
+        assert_eq!(c("asgi:owner-set:switchyard.owner.AbC"), KeyKind::Data);
         assert_eq!(c("asgi:leases"), KeyKind::Bookkeeping);
         assert_eq!(c("asgi:channels"), KeyKind::Bookkeeping);
         // Neighbouring prefixes' keys are never ours.

@@ -1,0 +1,140 @@
+//! A worker as a connection owner, on a real redis-server: it names itself in the accept only
+//! when the connect says the server takes an owner, runs what arrives on its owner channel in
+//! the order sent, and runs a message its consumer requeues again in place (its successors
+//! wait) instead of sending it to the back of `websocket.receive`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::{Backend, Fixture};
+use switchyard::layer::LayerSettings;
+use switchyard::layer::owner::owner_channel;
+use switchyard::routing::asgi::{WebsocketConnect, WebsocketDisconnect, WebsocketReceive};
+use switchyard::routing::{
+    ConsumerError, Ctx, Message, Router, Value, WebsocketConsumer, route_class,
+};
+use switchyard::worker::Worker;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Requeues "twice" until its second retry and "never" for good; logs every other frame.
+struct Stubborn {
+    log: Arc<Mutex<Vec<u64>>>,
+}
+
+impl WebsocketConsumer for Stubborn {
+    fn strict_ordering(&self) -> bool {
+        true
+    }
+    async fn connect(&self, _m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        ctx.accept()
+    }
+    async fn receive(&self, m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        match (m.text(), m.retries()) {
+            (Some("never"), _) => return Err(ConsumerError::ConsumeLater),
+            (Some("twice"), r) if r < 2 => return Err(ConsumerError::ConsumeLater),
+            _ => {}
+        }
+        let order = m.order().unwrap_or(u64::MAX);
+        self.log.lock().unwrap().push(order);
+        ctx.send_text(format!("ran {order}"))
+    }
+    async fn disconnect(&self, m: &Message, _ctx: &Ctx) -> Result<(), ConsumerError> {
+        self.log.lock().unwrap().push(m.order().unwrap_or(u64::MAX));
+        Ok(())
+    }
+}
+
+async fn next_text(ch: &mut switchyard::layer::LocalChannel) -> String {
+    let m = ch
+        .recv_timeout(WAIT)
+        .await
+        .expect("a reply")
+        .to_map()
+        .unwrap();
+    m.get_str("text").expect("a text frame").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_runs_its_channel_in_order_and_requeues_in_place() {
+    let fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let router = Arc::new(Router::new([route_class(Stubborn { log: log.clone() })]).unwrap());
+    let token = CancellationToken::new();
+    let worker = Worker::new(fx.layer.clone(), router)
+        .max_retries(2)
+        .receive_timeout(Duration::from_millis(200));
+    let metrics = worker.metrics();
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let inbox = fx.layer.inbox("test.owned").await.unwrap();
+
+    // A connect without the server's word: a plain accept.
+    let mut plain = inbox.new_channel();
+    let plain_name = plain.name().to_owned();
+    fx.layer
+        .send(
+            "websocket.connect",
+            &WebsocketConnect::new(&plain_name, "/"),
+        )
+        .await
+        .unwrap();
+    let accept = plain.recv_timeout(WAIT).await.unwrap().to_map().unwrap();
+    assert_eq!(accept.get("accept"), Some(&Value::Bool(true)));
+    assert_eq!(accept.get("x-switchyard-owner"), None);
+
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    let mut connect = WebsocketConnect::new(&reply, "/");
+    connect.owners = true;
+    fx.layer.send("websocket.connect", &connect).await.unwrap();
+    let accept = ch.recv_timeout(WAIT).await.unwrap().to_map().unwrap();
+    assert_eq!(accept.get("accept"), Some(&Value::Bool(true)));
+    let owner = accept
+        .get_str("x-switchyard-owner")
+        .expect("the worker names itself owner")
+        .to_owned();
+    assert!(owner.starts_with("switchyard.owner."), "{owner}");
+
+    let channel = owner_channel(&owner);
+    for (order, text) in [(1, "ok"), (2, "twice"), (3, "ok"), (4, "never"), (5, "ok")] {
+        fx.layer
+            .send(&channel, &WebsocketReceive::text(&reply, "/", text, order))
+            .await
+            .unwrap();
+    }
+    fx.layer
+        .send(&channel, &WebsocketDisconnect::new(&reply, "/", 1000, 6))
+        .await
+        .unwrap();
+    for order in [1, 2, 3, 5] {
+        assert_eq!(next_text(&mut ch).await, format!("ran {order}"));
+    }
+    support::eventually(WAIT, "the disconnect to run", || {
+        log.lock().unwrap().len() == 5
+    })
+    .await;
+    // Frame 4 was given up after its retries; the disconnect ran last.
+    assert_eq!(*log.lock().unwrap(), [1, 2, 3, 5, 6]);
+    let s = metrics.snapshot();
+    assert_eq!(s.owned, 6);
+    assert_eq!(s.requeued, 2 + 2);
+    assert_eq!(s.dropped, 1);
+    assert_eq!(s.parked, 0);
+    // Requeued in place: nothing went back to the shared channel.
+    assert_eq!(
+        fx.layer.channel_depth("websocket.receive").await.unwrap(),
+        0
+    );
+    token.cancel();
+    tokio::time::timeout(WAIT, handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // A stopped worker gives its lease up.
+    assert!(!fx.layer.owner_alive(&owner).await.unwrap());
+}
