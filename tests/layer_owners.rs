@@ -116,7 +116,7 @@ async fn an_owner_lease_is_alive_until_given_up_and_owners_need_one_server() {
         .await
         .unwrap()
         .expect("owners on one server");
-    let name = lease.name().to_owned();
+    let name = lease.name().get().to_string();
     assert!(layer.owner_alive(&name).await.unwrap());
     assert!(!layer.owner_alive("switchyard.owner.Nobody").await.unwrap());
     lease.release().await;

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{RedisServer, eventually};
+use support::{RedisServer, eventually, next_text};
 use switchyard::django::{DjangoSessionConfig, DjangoSessions};
 use switchyard::layer::{Layer, LayerSettings, LocalChannel};
 use switchyard::routing::asgi::{WebsocketConnect, WebsocketReceive};
@@ -72,16 +72,6 @@ impl WebsocketConsumer for Who {
             ctx.user_id().unwrap_or_else(|| "anonymous".into())
         ))
     }
-}
-
-async fn next_text(ch: &mut LocalChannel) -> String {
-    let m: Map = ch
-        .recv_timeout(WAIT)
-        .await
-        .expect("a reply")
-        .to_map()
-        .unwrap();
-    m.get_str("text").expect("a text frame").to_owned()
 }
 
 /// Connects with a cookie or query string, returns what the consumer saw.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use support::{Backend, Fixture, eventually};
+use support::{Backend, Fixture, eventually, next_text};
 use switchyard::layer::LayerSettings;
 use switchyard::routing::asgi::{WebsocketConnect, WebsocketDisconnect, WebsocketReceive};
 use switchyard::routing::{
@@ -309,16 +309,6 @@ impl WebsocketConsumer for Replying {
 }
 
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn next_text(ch: &mut switchyard::layer::LocalChannel) -> String {
-    let m = ch
-        .recv_timeout(WAIT)
-        .await
-        .expect("a reply within 10 s")
-        .to_map()
-        .unwrap();
-    m.get_str("text").expect("a text frame").to_owned()
-}
 
 /// Sends the connect of socket `reply` and waits for a [`Replying`] consumer's "ran 0".
 async fn connect(fx: &Fixture, reply: &str, ch: &mut switchyard::layer::LocalChannel) {

@@ -9,7 +9,7 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{Backend, Fixture};
+use support::{Backend, Fixture, next_text};
 use switchyard::layer::LayerSettings;
 use switchyard::layer::owner::owner_channel;
 use switchyard::routing::asgi::{WebsocketConnect, WebsocketDisconnect, WebsocketReceive};
@@ -47,16 +47,6 @@ impl WebsocketConsumer for Stubborn {
         self.log.lock().unwrap().push(m.order().unwrap_or(u64::MAX));
         Ok(())
     }
-}
-
-async fn next_text(ch: &mut switchyard::layer::LocalChannel) -> String {
-    let m = ch
-        .recv_timeout(WAIT)
-        .await
-        .expect("a reply")
-        .to_map()
-        .unwrap();
-    m.get_str("text").expect("a text frame").to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,4 +127,63 @@ async fn an_owner_runs_its_channel_in_order_and_requeues_in_place() {
         .unwrap();
     // A stopped worker gives its lease up.
     assert!(!fx.layer.owner_alive(&owner).await.unwrap());
+}
+
+/// Connects a socket with the server's word that it takes an owner; returns the owner named.
+async fn owner_of_new_socket(fx: &Fixture, inbox: &switchyard::layer::ProcessInbox) -> String {
+    let mut ch = inbox.new_channel();
+    let mut connect = WebsocketConnect::new(ch.name(), "/");
+    connect.owners = true;
+    fx.layer.send("websocket.connect", &connect).await.unwrap();
+    let accept = ch.recv_timeout(WAIT).await.unwrap().to_map().unwrap();
+    accept
+        .get_str("x-switchyard-owner")
+        .expect("an owner")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_whose_lease_redis_lost_owns_new_sockets_under_a_new_name() {
+    let fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
+    let router = Arc::new(
+        Router::new([route_class(Stubborn {
+            log: Arc::default(),
+        })])
+        .unwrap(),
+    );
+    let token = CancellationToken::new();
+    let worker = Worker::new(fx.layer.clone(), router).receive_timeout(Duration::from_millis(200));
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let inbox = fx.layer.inbox("test.rotate").await.unwrap();
+    let first = owner_of_new_socket(&fx, &inbox).await;
+    assert!(fx.layer.owner_alive(&first).await.unwrap());
+
+    // Redis loses the lease (as on a restart): a server may have taken the sockets back, so
+    // the name is never taken up again.
+    let redis = fx.redis.as_ref().unwrap();
+    let _: i64 = redis.cmd(&[b"ZREM", b"asgi:leases", first.as_bytes()]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let second = loop {
+        let owner = owner_of_new_socket(&fx, &inbox).await;
+        if owner != first {
+            break owner;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still owning under {first}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(fx.layer.owner_alive(&second).await.unwrap());
+    support::eventually(WAIT, "the old name given up", || {
+        let score: Option<f64> = redis.cmd(&[b"ZSCORE", b"asgi:leases", first.as_bytes()]);
+        score.is_none()
+    })
+    .await;
+    token.cancel();
+    tokio::time::timeout(WAIT, handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }

@@ -22,12 +22,15 @@
 //! the order it sends next, so the layer's gate takes over without a gap and without a frame
 //! overtaking another. The move and the setting are one atomic script, so servers and reapers
 //! doing it at once move each frame once and set each connection once. A frame in the killed
-//! worker's hand is lost, as it would be from the shared channel.
+//! worker's hand is lost, as it would be from the shared channel. A name whose lease lapsed is
+//! never used again (see [`OwnerName`]): a server that has not looked yet must not go on sending
+//! there while the sockets' earlier frames run elsewhere.
 //!
 //! Only where those keys sit on one Redis server (one host, or the master behind Sentinel):
 //! on several shards or a Redis Cluster ([`Layer::supports_owners`] false) the layer's ordering
 //! stays in use, and so does it on the in-memory layer, whose ordering costs no round trip.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard_routing::asgi::{WEBSOCKET_DISCONNECT, WEBSOCKET_RECEIVE};
@@ -52,6 +55,14 @@ const OWNER_SUFFIX: &str = ".sockets";
 
 /// How often an owner renews its lease.
 const OWNER_RENEW: Duration = Duration::from_secs(1);
+
+/// An owner whose renewal comes this close to its deadline (a stall, Redis unreachable) takes
+/// a new name instead: servers declare the lease lapsed only past the deadline, so the old
+/// name is given up before any of them can have taken its sockets back.
+const LATE_MARGIN: Duration = Duration::from_secs(2);
+
+/// How long a worker keeps a name it stopped using before giving it up (see [`give_up_later`]).
+const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
 /// The owner's channel: every message of its sockets, frames and disconnects, in one list, so
 /// that a socket's disconnect cannot be popped before its last frame.
@@ -83,31 +94,75 @@ pub fn is_owner_name(owner: &str) -> bool {
     })
 }
 
-/// A worker's owner lease, renewed by a task until [`OwnerLease::release`].
+/// The name a worker owns sockets under now, shared by its lease task and the worker.
+#[derive(Debug, Clone)]
+pub struct OwnerName {
+    current: Arc<Mutex<(Arc<str>, u64)>>,
+}
+
+impl OwnerName {
+    fn new(name: &str) -> Self {
+        OwnerName {
+            current: Arc::new(Mutex::new((Arc::from(name), 0))),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Arc<str>, u64)> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The name, as it goes into an accept.
+    pub fn get(&self) -> Arc<str> {
+        Arc::clone(&self.lock().0)
+    }
+
+    /// How many times the name changed (a lapsed lease is never taken up again).
+    pub fn generation(&self) -> u64 {
+        self.lock().1
+    }
+
+    fn replace(&self, name: &str) {
+        let mut current = self.lock();
+        current.0 = Arc::from(name);
+        current.1 += 1;
+    }
+}
+
+/// A worker's owner lease, renewed by a task until [`OwnerLease::release`] (or dropped).
 #[derive(Debug)]
 pub struct OwnerLease {
-    name: String,
+    name: OwnerName,
     stop: CancellationToken,
     renewal: JoinHandle<()>,
     layer: Layer,
 }
 
 impl OwnerLease {
-    /// The owner's name, as it goes into an accept.
-    pub fn name(&self) -> &str {
+    /// The name this worker owns sockets under (it changes when a lease lapses).
+    pub fn name(&self) -> &OwnerName {
         &self.name
     }
 
     /// Gives the lease up (a graceful stop): the servers take the sockets back within a second
     /// and move what still waits in this owner's channels.
-    pub async fn release(self) {
+    pub async fn release(mut self) {
         self.stop.cancel();
-        let _ = self.renewal.await;
+        let _ = (&mut self.renewal).await;
+        let name = self.name.get();
         if let Layer::Redis(redis) = &self.layer
-            && let Err(e) = redis.release_owner(&self.name).await
+            && let Err(e) = redis.release_owner(&name).await
         {
-            tracing::warn!(owner = %self.name, error = %e, "could not give up the owner lease; it lapses by itself");
+            tracing::warn!(owner = %name, error = %e, "could not give up the owner lease; it lapses by itself");
         }
+    }
+}
+
+impl Drop for OwnerLease {
+    /// A worker that ends without releasing (an error, a dropped future) stops renewing: its
+    /// sockets are taken back once the lease lapses instead of never.
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.renewal.abort();
     }
 }
 
@@ -135,14 +190,15 @@ impl Layer {
             .renew_lease(&name, OWNER_LEASE_TTL, &mut state)
             .await?;
         let stop = CancellationToken::new();
+        let owner = OwnerName::new(&name);
         let renewal = tokio::spawn(renew_owner(
             redis.clone(),
-            name.clone(),
+            owner.clone(),
             state,
             stop.clone(),
         ));
         Ok(Some(OwnerLease {
-            name,
+            name: owner,
             stop,
             renewal,
             layer: self.clone(),
@@ -173,36 +229,95 @@ impl Layer {
     }
 }
 
-/// Renews an owner's lease every second until stopped. A renewal that finds the lease gone
-/// (Redis lost it, or a server saw it lapse) puts it back: the servers that took the sockets
-/// back keep them on the shared channels, and new sockets come here again.
+/// Renews an owner's lease every second until stopped. A lease that lapsed (Redis lost it, or
+/// a renewal comes too late: servers may have seen it lapse and taken its sockets back) is
+/// never taken up again, since a server that had not looked yet would go on sending to it while
+/// the sockets' earlier frames run elsewhere: the worker owns new sockets under a new name, and
+/// the old name's lease is given up (what waits in its channel moves back).
 async fn renew_owner(
     redis: super::redis::RedisLayer,
-    name: String,
+    name: OwnerName,
     mut state: LeaseState,
     stop: CancellationToken,
 ) {
     let mut failing = false;
+    let mut deadline = now_ms() + millis(OWNER_LEASE_TTL);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(OWNER_RENEW) => {}
         }
-        match redis.renew_lease(&name, OWNER_LEASE_TTL, &mut state).await {
-            Ok(lost) => {
-                if lost {
-                    tracing::warn!(owner = %name, "the owner lease had lapsed or Redis lost it; the servers have taken this worker's sockets back to the shared channels");
+        let current = name.get();
+        // Late by this margin, a server may already see the lease lapse.
+        let late = now_ms() + millis(LATE_MARGIN) >= deadline;
+        let renewed = if late {
+            Ok(true)
+        } else {
+            let next = now_ms() + millis(OWNER_LEASE_TTL);
+            redis
+                .renew_lease(&current, OWNER_LEASE_TTL, &mut state)
+                .await
+                .inspect(|_| deadline = next)
+        };
+        match renewed {
+            Ok(false) => failing = false,
+            Ok(true) => {
+                if late {
+                    // Once more, so that no server sees the old name lapse while this worker
+                    // stops reading its channel; what waits there moves back at the release.
+                    let _ = redis
+                        .renew_lease(&current, OWNER_LEASE_TTL, &mut state)
+                        .await;
                 }
-                failing = false;
+                let fresh = with_random_local_part(OWNER_PREFIX);
+                let mut fresh_state = LeaseState::default();
+                let taken = now_ms() + millis(OWNER_LEASE_TTL);
+                match redis
+                    .renew_lease(&fresh, OWNER_LEASE_TTL, &mut fresh_state)
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::warn!(old = %current, new = %fresh, "the owner lease lapsed or Redis lost it; this worker owns new sockets under a new name, and the old one's go on through the shared channels");
+                        name.replace(&fresh);
+                        state = fresh_state;
+                        deadline = taken;
+                        failing = false;
+                        tokio::spawn(give_up_later(redis.clone(), current));
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(owner = %current, error = %e, "could not take a new owner lease; retrying");
+                        }
+                        failing = true;
+                    }
+                }
             }
             Err(e) => {
                 if !failing {
-                    tracing::warn!(owner = %name, error = %e, "could not renew the owner lease; retrying");
+                    tracing::warn!(owner = %current, error = %e, "could not renew the owner lease; retrying");
                 }
                 failing = true;
             }
         }
     }
+}
+
+/// Gives up an owner name this worker stopped using, once its receive loop has stopped
+/// reading the name's channel (one pop, at most a second) and the messages it took from there
+/// have run, so that nothing moved back to the shared channels overtakes them.
+async fn give_up_later(redis: super::redis::RedisLayer, old: Arc<str>) {
+    tokio::time::sleep(HANDOVER_WAIT).await;
+    if let Err(e) = redis.release_owner(&old).await {
+        tracing::warn!(owner = %old, error = %e, "could not give up a lapsed owner lease; the servers take its sockets back anyway");
+    }
+}
+
+fn now_ms() -> u64 {
+    (super::now_secs() * 1000.0) as u64
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

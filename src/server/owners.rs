@@ -60,8 +60,14 @@ impl Drop for OwnedBy {
     fn drop(&mut self) {
         if self.watch.sockets.fetch_sub(1, Ordering::AcqRel) == 1 {
             let mut watched = self.owners.watched();
-            // Another socket may have attached between the count and the lock.
-            if self.watch.sockets.load(Ordering::Acquire) == 0 {
+            // Another socket may have attached between the count and the lock, or the entry
+            // may already be a newer watch of the same name: only this one, unused, goes.
+            let unused = self.watch.sockets.load(Ordering::Acquire) == 0;
+            if unused
+                && watched
+                    .get(&self.watch.name)
+                    .is_some_and(|w| Arc::ptr_eq(w, &self.watch))
+            {
                 watched.remove(&self.watch.name);
             }
         }

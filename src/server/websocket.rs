@@ -1021,6 +1021,7 @@ impl Socket {
             Ok(()) => {
                 self.order += 1;
                 ServerMetrics::inc(&self.shared.metrics.ws_frames_in);
+                self.after_owned_send().await;
                 ended_meanwhile
             }
             Err(_) if ended_meanwhile.is_some() => {
@@ -1068,6 +1069,17 @@ impl Socket {
         ServerMetrics::inc(&self.shared.metrics.ws_owner_takebacks);
         self.owner = None;
         Ok(None)
+    }
+
+    /// A frame sent to an owner found lapsed meanwhile may have landed after the take-back that
+    /// emptied the owner's channel: the socket is taken back now, which moves it too, instead
+    /// of leaving it there until the socket's next message.
+    async fn after_owned_send(&mut self) {
+        if self.owner.as_ref().is_some_and(OwnedBy::lapsed)
+            && let Err(e) = self.destination().await
+        {
+            tracing::debug!(client = %self.client, error = %e, "could not take the socket back yet; it is before its next message");
+        }
     }
 
     fn next_deadline(&self) -> Instant {

@@ -55,7 +55,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::jobs::{JobFailure, JobHandler, JobMetrics, JobRunner, StreamJob};
-use crate::layer::owner::is_owner_channel;
+use crate::layer::owner::{OwnerName, is_owner_channel};
 use crate::layer::{
     DEFAULT_BACKPRESSURE_TIMEOUT, Envelope, FullRetry, Gate, Layer, LayerError, Receiver, Upkeep,
     glob, glob_set,
@@ -175,8 +175,8 @@ pub struct Worker {
     job_metrics: Arc<JobMetrics>,
     /// Whether this worker may own sockets (see [`owned`]).
     owners: bool,
-    /// This worker's name as a connection owner, while it holds the lease (see [`owned`]).
-    owner: Option<String>,
+    /// This worker's name as a connection owner, while it holds a lease (see [`owned`]).
+    owner: Option<OwnerName>,
     /// The owned connections a task of this worker runs now, with their messages waiting.
     owned_lanes: Arc<Mutex<HashMap<String, owned::OwnedLane>>>,
 }
@@ -443,9 +443,10 @@ impl Worker {
             None
         };
         if let Some(lease) = &owner_lease {
-            self.owner = Some(lease.name().to_owned());
-            channels.extend(self.owner_channel());
+            self.owner = Some(lease.name().clone());
         }
+        let base_channels = channels.clone();
+        channels.extend(self.owner_channel());
         tracing::info!(
             layer = %self.layer.describe(),
             mode = self.layer.mode(),
@@ -453,8 +454,9 @@ impl Worker {
             channels = ?channels,
             "worker listening"
         );
-        let channels: Arc<[String]> = channels.into();
+        let mut channels: Arc<[String]> = channels.into();
         let this = Arc::new(self);
+        let mut owner_generation = this.owner.as_ref().map(OwnerName::generation);
         let mut receiver = this.layer.receiver().await?;
         let idle = Arc::new(Semaphore::new(this.concurrency));
         let mut running = JoinSet::new();
@@ -463,6 +465,14 @@ impl Worker {
             let Some(mut permits) = idle_batch(&idle, &shutdown).await else {
                 break;
             };
+            let generation = this.owner.as_ref().map(OwnerName::generation);
+            if generation != owner_generation {
+                // A new owner name: its channel replaces the old one's, no longer read.
+                owner_generation = generation;
+                let mut renamed = base_channels.clone();
+                renamed.extend(this.owner_channel());
+                channels = renamed.into();
+            }
             match receiver
                 .receive_many(&channels, this.receive_timeout, permits.num_permits())
                 .await
@@ -1245,6 +1255,7 @@ impl Worker {
             }
         };
         if let Ended::Returned(Ok(())) = ended {
+            let mut held = None;
             for action in ctx.take_actions() {
                 let action = match action {
                     Action::Send {
@@ -1253,6 +1264,8 @@ impl Worker {
                     } if owns && reply.as_deref() == Some(to.as_str()) => {
                         // The first reply is the accept; only it is read for an owner.
                         owns = false;
+                        self.hold_for_connect(&to);
+                        held = Some(to.clone());
                         Action::Send {
                             payload: self.with_owner(payload),
                             channel: to,
@@ -1261,6 +1274,9 @@ impl Worker {
                     other => other,
                 };
                 self.apply(&channel, action).await;
+            }
+            if let Some(reply) = held {
+                self.connect_finished(&reply);
             }
             return true;
         }

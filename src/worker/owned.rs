@@ -7,7 +7,10 @@
 //! its lane; the others wait in it with their consumer slots). A message its consumer asks to
 //! requeue (`ConsumeLater`, a channel session unreachable) is run again in place after a pause,
 //! up to the worker's retries, instead of going to the back of a channel: its successors wait
-//! for it, as they would for a requeued message in the layer's ordering. When a connection's
+//! for it, as they would for a requeued message in the layer's ordering. A connection's first
+//! messages wait until its connect has applied all its actions (the accept goes out first). When
+//! the owner name changes (its lease lapsed), the receive loop reads the new name's channel
+//! instead of the old one. When a connection's
 //! disconnect has run, its ordering state in the layer (written by the connect, or by a take-back
 //! from an earlier owner) is removed.
 
@@ -20,7 +23,7 @@ use bytes::Bytes;
 use switchyard_routing::Message;
 use switchyard_routing::asgi::{WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT};
 use switchyard_routing::value::Value;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 
 use super::{Worker, WorkerMetrics};
@@ -49,8 +52,16 @@ pub(super) struct Owned {
     _slot: Option<OwnedSemaphorePermit>,
 }
 
-/// The owned messages of one connection waiting while a task runs one of them.
-pub(super) type OwnedLane = VecDeque<Owned>;
+/// The owned messages of one connection waiting while a task runs one of them, or while the
+/// connection's connect (which named this worker its owner) has not finished.
+#[derive(Debug, Default)]
+pub(super) struct OwnedLane {
+    waiting: VecDeque<Owned>,
+    /// A task runs (or is about to run) the lane.
+    running: bool,
+    /// Set while the connect runs: the lane's task waits for it before the first frame.
+    connecting: Option<Arc<Notify>>,
+}
 
 impl Worker {
     /// True when this worker takes every message of a socket (and so may own it).
@@ -92,16 +103,53 @@ impl Worker {
             started: Instant::now(),
             _slot: slot,
         };
-        {
+        let connecting = {
             let mut lanes = self.owned_lanes();
-            if let Some(lane) = lanes.get_mut(&reply) {
-                lane.push_back(owned);
+            let lane = lanes.entry(reply.clone()).or_default();
+            if lane.running {
+                lane.waiting.push_back(owned);
                 return;
             }
-            lanes.insert(reply.clone(), OwnedLane::new());
-        }
+            lane.running = true;
+            lane.connecting.clone()
+        };
         let this = Arc::clone(self);
-        running.spawn(async move { Box::pin(this.run_owned(reply, owned)).await });
+        running.spawn(async move {
+            if let Some(connect_done) = connecting {
+                connect_done.notified().await;
+            }
+            Box::pin(this.run_owned(reply, owned)).await;
+        });
+    }
+
+    /// Holds the socket's owned messages back while its connect finishes (the accept naming
+    /// this worker goes out before the connect's other actions are applied): with the order
+    /// kept in the layer, frame 1 waits for the connect's done the same way.
+    pub(super) fn hold_for_connect(&self, reply: &str) {
+        self.owned_lanes().insert(
+            reply.to_owned(),
+            OwnedLane {
+                connecting: Some(Arc::new(Notify::new())),
+                ..OwnedLane::default()
+            },
+        );
+    }
+
+    /// The connect of `reply` has finished: its owned messages may run.
+    pub(super) fn connect_finished(&self, reply: &str) {
+        let mut lanes = self.owned_lanes();
+        let Some(lane) = lanes.get_mut(reply) else {
+            return;
+        };
+        match lane.connecting.take() {
+            // No message came meanwhile: no lane to keep.
+            Some(_) if !lane.running => {
+                lanes.remove(reply);
+            }
+            // A stored permit: the lane's task goes on whether it waits already or not.
+            Some(done) => done.notify_one(),
+            None => {}
+        }
     }
 
     fn owned_lanes(
@@ -118,7 +166,7 @@ impl Worker {
                 Some(o) => o,
                 None => {
                     let mut lanes = self.owned_lanes();
-                    match lanes.get_mut(&reply).and_then(VecDeque::pop_front) {
+                    match lanes.get_mut(&reply).and_then(|l| l.waiting.pop_front()) {
                         Some(o) => o,
                         None => {
                             lanes.remove(&reply);
@@ -192,12 +240,12 @@ impl Worker {
         let Ok(mut map) = wire::decode_map(&payload) else {
             return payload;
         };
-        map.insert(OWNER_KEY, Value::Str(owner.clone()));
+        map.insert(OWNER_KEY, Value::Str(owner.get().to_string()));
         switchyard_routing::codec::to_msgpack(&map).map_or(payload, Bytes::from)
     }
 
     /// This worker's owner channel, when it is an owner.
     pub(super) fn owner_channel(&self) -> Option<String> {
-        self.owner.as_deref().map(owner_channel)
+        self.owner.as_ref().map(|o| owner_channel(&o.get()))
     }
 }

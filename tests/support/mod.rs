@@ -699,3 +699,15 @@ pub async fn eventually<F: FnMut() -> bool>(limit: Duration, what: &str, mut con
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The `text` of the next message on a socket's local channel (what a worker sent it), within
+/// 10 s.
+pub async fn next_text(ch: &mut switchyard::layer::LocalChannel) -> String {
+    let m = ch
+        .recv_timeout(Duration::from_secs(10))
+        .await
+        .expect("a reply within 10 s")
+        .to_map()
+        .unwrap();
+    m.get_str("text").expect("a text frame").to_owned()
+}
