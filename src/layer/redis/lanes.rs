@@ -8,6 +8,7 @@
 //! channel with its original score (its place in the queue), not lost.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::{RedisError, Value};
@@ -36,6 +37,10 @@ struct LanePop {
     /// Its keys, sorted.
     keys: Vec<String>,
     handle: JoinHandle<PopResult>,
+    /// Set by the pop's task just before it wakes the waiting receive: the task may not have
+    /// finished yet when the receive looks (`is_finished` still false on a loaded machine), and a
+    /// pop skipped then would wait for a wake-up that already came, until the receive's deadline.
+    answered: Arc<AtomicBool>,
 }
 
 /// One blocking pop of up to `count` members of the first non-empty of `keys`.
@@ -101,10 +106,12 @@ impl LanePops {
         let mut failure = None;
         let mut i = 0;
         while i < self.inflight.len() {
-            if !self.inflight[i].handle.is_finished() {
+            let pop = &self.inflight[i];
+            if !pop.handle.is_finished() && !pop.answered.load(Ordering::Acquire) {
                 i += 1;
                 continue;
             }
+            // Answered: the task is returning, so this await is short.
             let pop = self.inflight.swap_remove(i);
             match pop.handle.await {
                 Ok((conn, result)) => {
@@ -168,10 +175,13 @@ impl LanePops {
             .has_bzmpop
             .load(std::sync::atomic::Ordering::Relaxed);
         let finished = Arc::clone(&self.finished);
+        let answered = Arc::new(AtomicBool::new(false));
+        let answered_in_task = Arc::clone(&answered);
         let mut sorted = keys.clone();
         sorted.sort();
         let handle = tokio::spawn(async move {
             let out = blocking_pop(conn, keys, block, count, bzmpop).await;
+            answered_in_task.store(true, Ordering::Release);
             finished.notify_one();
             out
         });
@@ -179,6 +189,7 @@ impl LanePops {
             shard,
             keys: sorted,
             handle,
+            answered,
         });
     }
 
