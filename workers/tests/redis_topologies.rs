@@ -55,6 +55,24 @@ async fn the_startup_line_and_healthz_name_the_mode() {
     }
 }
 
+/// Sends the numbers of `range` on a socket alone in its relay room and reads them back, all
+/// and in order, each within 20 s.
+async fn relay_in_order(ws: &mut support::Ws, range: std::ops::Range<usize>) {
+    let expected: Vec<String> = range.map(|i| i.to_string()).collect();
+    for n in &expected {
+        ws.feed(Message::text(n.clone())).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    let mut got = Vec::with_capacity(expected.len());
+    while got.len() < expected.len() {
+        match text_within(ws, Duration::from_secs(20)).await {
+            Some(t) => got.push(t),
+            None => panic!("the relay stopped after {got:?}"),
+        }
+    }
+    assert_eq!(got, expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sockets_follow_a_sentinel_failover_to_a_replica_that_missed_writes() {
     const SOCKETS: usize = 50;
@@ -86,6 +104,9 @@ async fn sockets_follow_a_sentinel_failover_to_a_replica_that_missed_writes() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A strictly ordered socket alone in its room, owned by the worker that accepted it.
+    let mut ordered = connect(&format!("{}/ws/relay/failover-order/", server.ws())).await;
+    relay_in_order(&mut ordered, 0..50).await;
     let mut echo = connect(&format!("{}/ws/echo/", server.ws())).await;
     echo.send(Message::text("before")).await.unwrap();
     assert_eq!(
@@ -165,6 +186,9 @@ async fn sockets_follow_a_sentinel_failover_to_a_replica_that_missed_writes() {
             }
         }
     }
+    // The new master lacks the owner's lease: the socket is taken back to the shared channels
+    // (or stays with its owner, now under a new name) and its frames keep their order.
+    relay_in_order(&mut ordered, 50..150).await;
     let (status, body) = healthz(&base).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["layer_mode"], "sentinel", "{body}");
