@@ -1,7 +1,8 @@
 //! A worker as a connection owner, on a real redis-server: it names itself in the accept only
 //! when the connect says the server takes an owner, runs what arrives on its owner channel in
-//! the order sent, and runs a message its consumer requeues again in place (its successors
-//! wait) instead of sending it to the back of `websocket.receive`.
+//! the order sent, runs a message its consumer requeues again in place (its successors wait)
+//! instead of sending it to the back of `websocket.receive`, holds a socket's first frame until
+//! its connect has applied every action, and owns under a new name once Redis lost its lease.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -14,7 +15,7 @@ use switchyard::layer::LayerSettings;
 use switchyard::layer::owner::owner_channel;
 use switchyard::routing::asgi::{WebsocketConnect, WebsocketDisconnect, WebsocketReceive};
 use switchyard::routing::{
-    ConsumerError, Ctx, Message, Router, Value, WebsocketConsumer, route_class,
+    ConsumerError, Ctx, Map, Message, Router, Value, WebsocketConsumer, route_class,
 };
 use switchyard::worker::Worker;
 use tokio_util::sync::CancellationToken;
@@ -180,6 +181,83 @@ async fn an_owner_whose_lease_redis_lost_owns_new_sockets_under_a_new_name() {
         score.is_none()
     })
     .await;
+    token.cancel();
+    tokio::time::timeout(WAIT, handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// Accepts, then sends to `slow` (full until the test makes room), then records "set" in the
+/// channel session; every frame answers with what its session holds.
+struct SlowConnect;
+
+impl WebsocketConsumer for SlowConnect {
+    fn strict_ordering(&self) -> bool {
+        true
+    }
+    fn channel_session(&self) -> bool {
+        true
+    }
+    async fn connect(&self, _m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        ctx.accept()?;
+        ctx.send("slow", &Map::new().with("n", 2))?;
+        ctx.session_set("state", "set")
+    }
+    async fn receive(&self, _m: &Message, ctx: &Ctx) -> Result<(), ConsumerError> {
+        let state = ctx
+            .session_get("state")
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "missing".to_owned());
+        ctx.send_text(state)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owned_sockets_first_frame_waits_for_its_connect_to_finish() {
+    let settings = LayerSettings {
+        channel_capacity: vec![("slow".into(), 1)],
+        ..LayerSettings::default()
+    };
+    let fx = Fixture::new(Backend::Redis, settings).await;
+    // Full: the connect's send after its accept waits for room.
+    fx.layer
+        .send("slow", &Map::new().with("n", 1))
+        .await
+        .unwrap();
+    let router = Arc::new(Router::new([route_class(SlowConnect)]).unwrap());
+    let token = CancellationToken::new();
+    let worker = Worker::new(fx.layer.clone(), router).receive_timeout(Duration::from_millis(200));
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let inbox = fx.layer.inbox("test.slowconnect").await.unwrap();
+    let mut ch = inbox.new_channel();
+    let reply = ch.name().to_owned();
+    let mut connect = WebsocketConnect::new(&reply, "/");
+    connect.owners = true;
+    fx.layer.send("websocket.connect", &connect).await.unwrap();
+    let accept = ch.recv_timeout(WAIT).await.unwrap().to_map().unwrap();
+    let owner = accept.get_str("x-switchyard-owner").unwrap().to_owned();
+    fx.layer
+        .send(
+            &owner_channel(&owner),
+            &WebsocketReceive::text(&reply, "/", "first", 1),
+        )
+        .await
+        .unwrap();
+    // The connect is still sending: frame 1 has not run (it would answer "missing").
+    assert!(
+        ch.recv_timeout(Duration::from_millis(500)).await.is_none(),
+        "frame 1 ran before its connect had finished"
+    );
+    let mut rx = fx.layer.receiver().await.unwrap();
+    let made_room = rx
+        .receive(&["slow".to_owned()], WAIT)
+        .await
+        .unwrap()
+        .expect("the message that filled the channel");
+    assert_eq!(made_room.to_map().unwrap().get("n"), Some(&Value::from(1)));
+    assert_eq!(next_text(&mut ch).await, "set");
     token.cancel();
     tokio::time::timeout(WAIT, handle)
         .await
