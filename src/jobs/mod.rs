@@ -29,7 +29,7 @@ use crate::layer::redis::durable::is_nogroup;
 pub use crate::layer::redis::durable::{
     DeadJob, JobOptions, JobSent, JobStats, Persistence, StreamJob,
 };
-use crate::layer::{LayerError, RedisLayer};
+use crate::layer::{LayerError, RedisLayer, now_ms};
 pub use metrics::{JobMetrics, JobMetricsSnapshot};
 
 /// Default visibility timeout: a job whose worker stopped renewing its lease this long ago is
@@ -360,7 +360,7 @@ impl JobRunner {
         in_hand: InHand,
     ) {
         let policy = self.policy(&job.channel);
-        let now = crate::jobs::now_ms();
+        let now = now_ms();
         let deadline = job
             .deadline_ms
             .or_else(|| policy.deadline.map(|d| job.sent_ms + d.as_millis() as u64));
@@ -525,10 +525,4 @@ pub async fn warn_if_not_persistent(layer: &RedisLayer) {
             }
         }
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

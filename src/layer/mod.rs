@@ -603,6 +603,18 @@ pub(crate) fn envelopes_for(
     Ok(())
 }
 
+/// Milliseconds since the Unix epoch: lease deadlines, ordering and job times.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, millis)
+}
+
+/// A duration in whole milliseconds (saturating).
+pub(crate) fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Seconds since the Unix epoch, as channels_redis scores messages.
 pub(crate) fn now_secs() -> f64 {
     std::time::SystemTime::now()

@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::redis::LeaseState;
-use super::{Layer, LayerError, with_random_local_part};
+use super::{Layer, LayerError, millis, now_ms, with_random_local_part};
 
 /// What every owner name starts with (and so every owner channel: see
 /// [`super::settings`], which gives them the capacity of the shared channels they stand for).
@@ -150,7 +150,7 @@ impl OwnerLease {
         let _ = (&mut self.renewal).await;
         let name = self.name.get();
         if let Layer::Redis(redis) = &self.layer
-            && let Err(e) = redis.release_owner(&name).await
+            && let Err(e) = redis.release_lease(&name).await
         {
             tracing::warn!(owner = %name, error = %e, "could not give up the owner lease; it lapses by itself");
         }
@@ -307,17 +307,9 @@ async fn renew_owner(
 /// have run, so that nothing moved back to the shared channels overtakes them.
 async fn give_up_later(redis: super::redis::RedisLayer, old: Arc<str>) {
     tokio::time::sleep(HANDOVER_WAIT).await;
-    if let Err(e) = redis.release_owner(&old).await {
+    if let Err(e) = redis.release_lease(&old).await {
         tracing::warn!(owner = %old, error = %e, "could not give up a lapsed owner lease; the servers take its sockets back anyway");
     }
-}
-
-fn now_ms() -> u64 {
-    (super::now_secs() * 1000.0) as u64
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use rand::seq::SliceRandom;
 use redis::{FromRedisValue, Script, ScriptInvocation, Value};
 
 use super::RedisLayer;
-use crate::layer::LayerError;
+use crate::layer::{LayerError, now_ms};
 
 /// The consumer group every worker reads a durable channel's stream through.
 pub const GROUP: &str = "switchyard";
@@ -262,12 +262,6 @@ impl Default for DurableScripts {
             retry_dead: Script::new(RETRY_DEAD_SCRIPT),
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn text(v: &Value) -> Option<String> {

@@ -22,9 +22,9 @@ use redis::Script;
 use switchyard_routing::names::non_local_name;
 
 use super::{RedisLayer, consistent_hash};
-use crate::layer::LayerError;
 use crate::layer::metrics::LayerMetrics;
 use crate::layer::owner::is_owner_name;
+use crate::layer::{LayerError, now_ms};
 
 /// KEYS[1] the leases set; ARGV[1] the inbox, ARGV[2] its new deadline. Returns the old deadline
 /// or false.
@@ -74,10 +74,6 @@ const REASSERT_CHUNK: usize = 1000;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LeaseState {
     written: Vec<Option<u64>>,
-}
-
-fn now_ms() -> u64 {
-    (super::now_secs() * 1000.0) as u64
 }
 
 impl RedisLayer {
@@ -203,7 +199,8 @@ impl RedisLayer {
         Ok(lost)
     }
 
-    /// Gives up `inbox`'s lease and removes its memberships and inbox now (a graceful stop).
+    /// Gives up `inbox`'s lease and removes its memberships and inbox now (a graceful stop); for
+    /// a connection owner, moves what waits for it back to the shared channels.
     pub(crate) async fn release_lease(&self, inbox: &str) -> Result<(), LayerError> {
         let key = self.leases_key();
         for shard in 0..self.inner.shards.len() {

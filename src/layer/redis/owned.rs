@@ -17,7 +17,7 @@ use switchyard_routing::asgi::{WEBSOCKET_DISCONNECT, WEBSOCKET_RECEIVE};
 
 use super::RedisLayer;
 use crate::layer::owner::owner_channel;
-use crate::layer::{LayerError, wire};
+use crate::layer::{LayerError, now_ms, wire};
 
 /// KEYS[1] the owner's channel, KEYS[2] `websocket.receive`, KEYS[3] `websocket.disconnect`,
 /// KEYS[4] the owner's set record, KEYS[4 + c] the ordering state of connection c.
@@ -80,10 +80,6 @@ struct Addressed {
     code: Option<IgnoredAny>,
 }
 
-fn now_ms() -> u64 {
-    (super::now_secs() * 1000.0) as u64
-}
-
 impl RedisLayer {
     /// True when every key sits on one Redis server (not sharded, not a cluster).
     pub(crate) fn single_server(&self) -> bool {
@@ -105,18 +101,6 @@ impl RedisLayer {
             .run(0, async move { cmd.query_async(&mut conn).await })
             .await?;
         Ok(deadline.is_some_and(|d| d as u64 > now_ms()))
-    }
-
-    /// Gives up `owner`'s lease and moves what waits in its channel back.
-    pub(crate) async fn release_owner(&self, owner: &str) -> Result<(), LayerError> {
-        let mut conn = self.inner.shards[0].conn.clone();
-        let cmd = redis::cmd("ZREM")
-            .arg(self.leases_key())
-            .arg(owner)
-            .to_owned();
-        self.run(0, async move { cmd.query_async::<i64>(&mut conn).await })
-            .await?;
-        self.take_back_owned(owner, None).await.map(|_| ())
     }
 
     /// See [`crate::layer::Layer::take_back_owned`]. Moves in chunks until the owner's channel

@@ -13,9 +13,9 @@ use switchyard_routing::codec;
 use switchyard_routing::{Map, Value};
 
 use super::{RedisLayer, Step};
-use crate::layer::LayerError;
 use crate::layer::backend::{ChannelBackend, StateBackend};
 use crate::layer::ordering::{Gate, Gated, Upkeep};
+use crate::layer::{LayerError, millis, now_ms};
 
 fn session_key(layer: &RedisLayer, reply_channel: &str) -> String {
     format!("{}:session:{}", layer.settings().prefix, reply_channel)
@@ -225,10 +225,6 @@ return out
     ))
 });
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 fn pack(channel: &str, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(channel.len() + 1 + payload.len());
     v.extend_from_slice(channel.as_bytes());
@@ -327,7 +323,7 @@ impl RedisLayer {
             self.run_done_step(shard, step).await?;
         let next = field_number(next);
         let parked_until = field_number(parked_until);
-        let now = millis(Duration::from_secs_f64(super::now_secs()));
+        let now = now_ms();
         let ttl = self.settings().group_expiry.as_secs().max(1);
         if field_number(expires).is_none_or(|e| e.saturating_sub(now) < ttl * 1000 / 2) {
             let key = self.order_key(reply_channel);

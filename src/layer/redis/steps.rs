@@ -279,7 +279,7 @@ impl RedisLayer {
         }
         // The arguments every step shares: now (ms), the expiry (ms), the keys' ttl (s).
         let settings = &self.inner.settings;
-        call.arg((super::now_secs() * 1000.0) as u64)
+        call.arg(crate::layer::now_ms())
             .arg(u64::try_from(settings.expiry.as_millis()).unwrap_or(u64::MAX))
             .arg(settings.group_expiry.as_secs().max(1));
         for s in steps {
