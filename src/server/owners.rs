@@ -28,7 +28,8 @@ pub(crate) struct Owners {
 #[derive(Debug)]
 pub(crate) struct OwnerWatch {
     name: String,
-    channel: String,
+    /// Shared, not copied: every frame of every socket of this owner is sent to it.
+    channel: Arc<str>,
     lapsed: AtomicBool,
     sockets: AtomicUsize,
 }
@@ -46,8 +47,8 @@ impl OwnedBy {
     }
 
     /// The owner's channel, where the socket's messages go.
-    pub(crate) fn channel(&self) -> &str {
-        &self.watch.channel
+    pub(crate) fn channel(&self) -> Arc<str> {
+        Arc::clone(&self.watch.channel)
     }
 
     /// True once the owner's lease was found lapsed (or given up).
@@ -84,7 +85,7 @@ impl Owners {
         let watch = Arc::clone(self.watched().entry(name.to_owned()).or_insert_with(|| {
             Arc::new(OwnerWatch {
                 name: name.to_owned(),
-                channel: owner_channel(name),
+                channel: owner_channel(name).into(),
                 lapsed: AtomicBool::new(false),
                 sockets: AtomicUsize::new(0),
             })

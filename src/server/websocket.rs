@@ -15,9 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use super::owners::OwnedBy;
-use crate::layer::LayerError;
-use crate::layer::owner::is_owner_name;
 use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
@@ -44,11 +41,13 @@ use super::edge::{self, Admit, ClientSlot, FrameLimiter, RequestHost};
 use super::feed::send_server_fed;
 use super::metrics::ServerMetrics;
 use super::outbound::SocketReply;
+use super::owners::OwnedBy;
 use super::receive::{self, BinRef, ReceiveRef, UserEntry};
 use super::request::{HostPortText, RequestHead};
 use super::response::{ACCESS_LOG, Body, empty, plain, unavailable};
 use super::{ConnectionPermit, Shared, SlowClientPolicy, auth};
-use crate::layer::{Envelope, FullRetry, LocalChannel};
+use crate::layer::owner::is_owner_name;
+use crate::layer::{Envelope, FullRetry, LayerError, LocalChannel};
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -1055,12 +1054,12 @@ impl Socket {
     /// A socket whose owner's lease lapsed is first taken back: what waits in the owner's
     /// channel is moved to the shared ones and the layer's ordering state set to continue from
     /// there (or from the order this message takes), before anything is sent past it.
-    async fn destination(&mut self) -> Result<Option<String>, LayerError> {
+    async fn destination(&mut self) -> Result<Option<Arc<str>>, LayerError> {
         let Some(owner) = &self.owner else {
             return Ok(None);
         };
         if !owner.lapsed() {
-            return Ok(Some(owner.channel().to_owned()));
+            return Ok(Some(owner.channel()));
         }
         self.shared
             .layer
