@@ -94,37 +94,27 @@ pub fn is_owner_name(owner: &str) -> bool {
     })
 }
 
-/// The name a worker owns sockets under now, shared by its lease task and the worker.
+/// The name a worker owns sockets under now, shared by its lease task and the worker. It
+/// changes only when a lease lapsed (a lapsed name is never taken up again).
 #[derive(Debug, Clone)]
 pub struct OwnerName {
-    current: Arc<Mutex<(Arc<str>, u64)>>,
+    current: Arc<Mutex<Arc<str>>>,
 }
 
 impl OwnerName {
     fn new(name: &str) -> Self {
         OwnerName {
-            current: Arc::new(Mutex::new((Arc::from(name), 0))),
+            current: Arc::new(Mutex::new(Arc::from(name))),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Arc<str>, u64)> {
-        self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The name, as it goes into an accept.
     pub fn get(&self) -> Arc<str> {
-        Arc::clone(&self.lock().0)
-    }
-
-    /// How many times the name changed (a lapsed lease is never taken up again).
-    pub fn generation(&self) -> u64 {
-        self.lock().1
+        Arc::clone(&self.current.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn replace(&self, name: &str) {
-        let mut current = self.lock();
-        current.0 = Arc::from(name);
-        current.1 += 1;
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::from(name);
     }
 }
 
@@ -242,61 +232,56 @@ async fn renew_owner(
 ) {
     let mut failing = false;
     let mut deadline = now_ms() + millis(OWNER_LEASE_TTL);
+    // Set once the current name lapsed, until a new one is taken.
+    let mut lapsed = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(OWNER_RENEW) => {}
         }
         let current = name.get();
-        // Late by this margin, a server may already see the lease lapse.
-        let late = now_ms() + millis(LATE_MARGIN) >= deadline;
-        let renewed = if late {
-            Ok(true)
-        } else {
-            let next = now_ms() + millis(OWNER_LEASE_TTL);
-            redis
-                .renew_lease(&current, OWNER_LEASE_TTL, &mut state)
-                .await
-                .inspect(|_| deadline = next)
-        };
-        match renewed {
-            Ok(false) => failing = false,
-            Ok(true) => {
-                if late {
-                    // Once more, so that no server sees the old name lapse while this worker
-                    // stops reading its channel; what waits there moves back at the release.
-                    let _ = redis
-                        .renew_lease(&current, OWNER_LEASE_TTL, &mut state)
-                        .await;
-                }
-                let fresh = with_random_local_part(OWNER_PREFIX);
-                let mut fresh_state = LeaseState::default();
-                let taken = now_ms() + millis(OWNER_LEASE_TTL);
-                match redis
-                    .renew_lease(&fresh, OWNER_LEASE_TTL, &mut fresh_state)
-                    .await
-                {
-                    Ok(_) => {
-                        tracing::warn!(old = %current, new = %fresh, "the owner lease lapsed or Redis lost it; this worker owns new sockets under a new name, and the old one's go on through the shared channels");
-                        name.replace(&fresh);
-                        state = fresh_state;
-                        deadline = taken;
-                        failing = false;
-                        tokio::spawn(give_up_later(redis.clone(), current));
-                    }
-                    Err(e) => {
-                        if !failing {
-                            tracing::warn!(owner = %current, error = %e, "could not take a new owner lease; retrying");
-                        }
-                        failing = true;
-                    }
-                }
+        // Renewed this late, a server may see the lease lapse before the renewal lands. The
+        // renewal still goes out, so that none does while this worker stops reading the name's
+        // channel (what waits there moves back when the name is given up).
+        lapsed |= now_ms() + millis(LATE_MARGIN) >= deadline;
+        let next = now_ms() + millis(OWNER_LEASE_TTL);
+        match redis
+            .renew_lease(&current, OWNER_LEASE_TTL, &mut state)
+            .await
+        {
+            Ok(lost) => {
+                deadline = next;
+                failing = false;
+                lapsed |= lost;
             }
             Err(e) => {
                 if !failing {
                     tracing::warn!(owner = %current, error = %e, "could not renew the owner lease; retrying");
                 }
                 failing = true;
+                continue;
+            }
+        }
+        if !lapsed {
+            continue;
+        }
+        let fresh = with_random_local_part(OWNER_PREFIX);
+        let mut fresh_state = LeaseState::default();
+        let taken = now_ms() + millis(OWNER_LEASE_TTL);
+        match redis
+            .renew_lease(&fresh, OWNER_LEASE_TTL, &mut fresh_state)
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(old = %current, new = %fresh, "the owner lease lapsed or Redis lost it; this worker owns new sockets under a new name, and the old one's go on through the shared channels");
+                name.replace(&fresh);
+                state = fresh_state;
+                deadline = taken;
+                lapsed = false;
+                tokio::spawn(give_up_later(redis.clone(), current));
+            }
+            Err(e) => {
+                tracing::warn!(owner = %current, error = %e, "could not take a new owner lease; retrying");
             }
         }
     }

@@ -55,7 +55,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::jobs::{JobFailure, JobHandler, JobMetrics, JobRunner, StreamJob};
-use crate::layer::owner::{OwnerName, is_owner_channel};
+use crate::layer::owner::{OwnerName, is_owner_channel, owner_channel};
 use crate::layer::{
     DEFAULT_BACKPRESSURE_TIMEOUT, Envelope, FullRetry, Gate, Layer, LayerError, Receiver, Upkeep,
     glob, glob_set,
@@ -442,11 +442,10 @@ impl Worker {
         } else {
             None
         };
-        if let Some(lease) = &owner_lease {
-            self.owner = Some(lease.name().clone());
-        }
+        self.owner = owner_lease.as_ref().map(|lease| lease.name().clone());
         let base_channels = channels.clone();
-        channels.extend(self.owner_channel());
+        let mut read_owner = self.owner.as_ref().map(OwnerName::get);
+        channels.extend(read_owner.as_deref().map(owner_channel));
         tracing::info!(
             layer = %self.layer.describe(),
             mode = self.layer.mode(),
@@ -456,7 +455,6 @@ impl Worker {
         );
         let mut channels: Arc<[String]> = channels.into();
         let this = Arc::new(self);
-        let mut owner_generation = this.owner.as_ref().map(OwnerName::generation);
         let mut receiver = this.layer.receiver().await?;
         let idle = Arc::new(Semaphore::new(this.concurrency));
         let mut running = JoinSet::new();
@@ -465,13 +463,13 @@ impl Worker {
             let Some(mut permits) = idle_batch(&idle, &shutdown).await else {
                 break;
             };
-            let generation = this.owner.as_ref().map(OwnerName::generation);
-            if generation != owner_generation {
+            let owner = this.owner.as_ref().map(OwnerName::get);
+            if owner != read_owner {
                 // A new owner name: its channel replaces the old one's, no longer read.
-                owner_generation = generation;
                 let mut renamed = base_channels.clone();
-                renamed.extend(this.owner_channel());
+                renamed.extend(owner.as_deref().map(owner_channel));
                 channels = renamed.into();
+                read_owner = owner;
             }
             match receiver
                 .receive_many(&channels, this.receive_timeout, permits.num_permits())

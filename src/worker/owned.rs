@@ -27,7 +27,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 
 use super::{Worker, WorkerMetrics};
-use crate::layer::owner::{owned_kind, owner_channel};
+use crate::layer::owner::owned_kind;
 use crate::layer::{Envelope, wire};
 
 /// The accept's key naming the owner.
@@ -242,10 +242,5 @@ impl Worker {
         };
         map.insert(OWNER_KEY, Value::Str(owner.get().to_string()));
         switchyard_routing::codec::to_msgpack(&map).map_or(payload, Bytes::from)
-    }
-
-    /// This worker's owner channel, when it is an owner.
-    pub(super) fn owner_channel(&self) -> Option<String> {
-        self.owner.as_ref().map(|o| owner_channel(&o.get()))
     }
 }
