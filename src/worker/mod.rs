@@ -208,6 +208,27 @@ enum Turn {
     Over(Option<Envelope>),
 }
 
+/// Where a message its consumer cannot take now (`ConsumeLater`, a channel session unreachable)
+/// goes.
+#[derive(Debug, Clone, Copy)]
+enum Retry {
+    /// Back on its channel, behind what waits there.
+    Requeue,
+    /// Back to its caller, to run again in place: an owner keeps a connection's messages in
+    /// order by running them one after another, so a requeue must not send one past the rest.
+    InPlace,
+}
+
+/// What a message's run came to.
+enum Ran {
+    /// It ran, failed, or was given up: its turn is over.
+    Over,
+    /// Requeued on its channel: its turn is not over.
+    Requeued,
+    /// To run again ([`Retry::InPlace`]), its retries counted.
+    Again(Message),
+}
+
 /// How a consumer run ended.
 enum Outcome {
     Returned(Result<(), ConsumerError>),
@@ -1185,6 +1206,15 @@ impl Worker {
     /// Runs the consumer and applies its outcome. False when the message was requeued (its turn
     /// is not over); true when it ran, failed, or was given up.
     async fn run_consumer(&self, message: Message, resolved: Resolved) -> bool {
+        matches!(
+            self.consume(message, resolved, Retry::Requeue).await,
+            Ran::Over
+        )
+    }
+
+    /// [`Worker::run_consumer`], with a message its consumer cannot take now retried as `retry`
+    /// says.
+    async fn consume(&self, message: Message, resolved: Resolved, retry: Retry) -> Ran {
         let mut ctx = Ctx::new(&message, resolved.kwargs);
         let reply = message.reply_channel().map(str::to_owned);
         if resolved.options.channel_session
@@ -1194,7 +1224,7 @@ impl Worker {
                 Ok(s) => ctx = ctx.with_session(s),
                 Err(e) => {
                     tracing::warn!(channel = %message.channel, error = %e, "channel session unavailable; requeueing");
-                    return self.requeue(&message).await;
+                    return self.retry(&message, retry).await;
                 }
             }
         }
@@ -1276,7 +1306,7 @@ impl Worker {
             if let Some(reply) = held {
                 self.connect_finished(&reply);
             }
-            return true;
+            return Ran::Over;
         }
         let message = match Message::from_payload(channel, payload) {
             Ok(message) => message,
@@ -1284,7 +1314,7 @@ impl Worker {
                 // It decoded before the consumer ran, from these same bytes.
                 WorkerMetrics::add(&self.metrics.dropped, 1);
                 tracing::error!(error = %e, "a consumed message no longer decodes; its outcome is dropped");
-                return true;
+                return Ran::Over;
             }
         };
         match settle::settle(&message, ended, ctx.take_actions()) {
@@ -1292,10 +1322,10 @@ impl Worker {
                 for action in actions {
                     self.apply(&message.channel, action).await;
                 }
-                true
+                Ran::Over
             }
             // Requeued: its turn is not over. Given up: it is, so its successors can run.
-            Settlement::Requeue => self.requeue(&message).await,
+            Settlement::Requeue => self.retry(&message, retry).await,
         }
     }
 
@@ -1341,11 +1371,17 @@ impl Worker {
 
     /// Requeues a `ConsumeLater` message; true when it was given up instead (retries exhausted).
     async fn requeue(&self, message: &Message) -> bool {
+        matches!(self.retry(message, Retry::Requeue).await, Ran::Over)
+    }
+
+    /// Tries a message again later, as `retry` says, with its retries counted; given up
+    /// ([`Ran::Over`]) once they are exhausted.
+    async fn retry(&self, message: &Message, retry: Retry) -> Ran {
         let retries = message.retries();
         if retries >= self.max_retries {
             WorkerMetrics::add(&self.metrics.dropped, 1);
             tracing::error!(channel = %message.channel, reply_channel = ?message.reply_channel(), retries, "message requeued too many times; dropped");
-            return true;
+            return Ran::Over;
         }
         let mut content: Map = message.content.clone();
         content.insert("__retries__", Value::Int(i64::from(retries) + 1));
@@ -1354,19 +1390,23 @@ impl Worker {
             Err(e) => {
                 WorkerMetrics::add(&self.metrics.dropped, 1);
                 tracing::error!(channel = %message.channel, error = %e, "cannot re-encode a message to requeue; dropped");
-                return true;
+                return Ran::Over;
             }
         };
         WorkerMetrics::add(&self.metrics.requeued, 1);
-        if Worker::requeue_in_place(&message.channel, &payload) {
-            return false;
+        if let Retry::InPlace = retry {
+            return Ran::Again(Message {
+                channel: message.channel.clone(),
+                content,
+                payload: Bytes::from(payload),
+            });
         }
         match self.layer.send_encoded(&message.channel, &payload).await {
-            Ok(()) => false,
+            Ok(()) => Ran::Requeued,
             Err(e) => {
                 WorkerMetrics::add(&self.metrics.dropped, 1);
                 tracing::error!(channel = %message.channel, error = %e, "cannot requeue a message; dropped");
-                true
+                Ran::Over
             }
         }
     }

@@ -14,7 +14,6 @@
 //! disconnect has run, its ordering state in the layer (written by the connect, or by a take-back
 //! from an earlier owner) is removed.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +25,7 @@ use switchyard_routing::value::Value;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 
-use super::{Worker, WorkerMetrics};
+use super::{Ran, Retry, Worker, WorkerMetrics};
 use crate::layer::owner::owned_kind;
 use crate::layer::{Envelope, wire};
 
@@ -38,11 +37,6 @@ pub(super) const SERVER_TAKES_OWNERS: &str = "x-switchyard-owners";
 
 /// Pause before a message requeued by its consumer runs again in its lane.
 const REQUEUE_PAUSE: Duration = Duration::from_millis(100);
-
-tokio::task_local! {
-    /// Set while an owner runs a message: a requeue lands here, to be run again in place.
-    static REQUEUED_IN_PLACE: RefCell<Option<Message>>;
-}
 
 /// An owned message in hand, with the consumer slot it holds.
 #[derive(Debug)]
@@ -198,37 +192,13 @@ impl Worker {
             return;
         };
         let mut message = message;
-        loop {
-            let run = self.run_consumer(message, resolved.clone());
-            let (finished, again) = REQUEUED_IN_PLACE
-                .scope(RefCell::new(None), async {
-                    let finished = run.await;
-                    (finished, REQUEUED_IN_PLACE.with(RefCell::take))
-                })
-                .await;
-            match again {
-                Some(requeued) if !finished => {
-                    message = requeued;
-                    tokio::time::sleep(REQUEUE_PAUSE).await;
-                }
-                _ => return,
-            }
+        while let Ran::Again(requeued) = self
+            .consume(message, resolved.clone(), Retry::InPlace)
+            .await
+        {
+            message = requeued;
+            tokio::time::sleep(REQUEUE_PAUSE).await;
         }
-    }
-
-    /// Keeps a requeued message (`payload`, its retries counted) for the owner running it to
-    /// run again in place; false when no owner is running it (it goes back to its channel).
-    pub(super) fn requeue_in_place(channel: &str, payload: &[u8]) -> bool {
-        if REQUEUED_IN_PLACE.try_with(|_| ()).is_err() {
-            return false;
-        }
-        match Message::from_payload(channel.to_owned(), Bytes::copy_from_slice(payload)) {
-            Ok(message) => REQUEUED_IN_PLACE.with(|slot| *slot.borrow_mut() = Some(message)),
-            Err(e) => {
-                tracing::error!(channel, error = %e, "a requeued message no longer decodes; dropped");
-            }
-        }
-        true
     }
 
     /// The accept of a strictly ordered connection, naming this worker its owner. Anything
