@@ -20,6 +20,11 @@ pub const WEBSOCKET_RECEIVE: &str = "websocket.receive";
 /// `websocket.disconnect`
 pub const WEBSOCKET_DISCONNECT: &str = "websocket.disconnect";
 
+/// The key of [`WebsocketConnect::owners`] (serde needs the same spelling as a literal).
+pub const OWNERS_KEY: &str = "x-switchyard-owners";
+/// The key of [`WebsocketSend::owner`] (serde needs the same spelling as a literal).
+pub const OWNER_KEY: &str = "x-switchyard-owner";
+
 /// A header: `[name, value]`, both byte strings, the name lowercased.
 pub type Header = (ByteString, ByteString);
 
@@ -486,5 +491,19 @@ mod tests {
         assert_eq!(r.scheme, "http");
         assert_eq!(r.header("host"), Some(&b"a.b"[..]));
         assert_eq!(r.body_channel, None);
+    }
+
+    #[test]
+    fn owner_keys_are_the_fields_names() {
+        let mut connect = WebsocketConnect::new("r!x", "/");
+        connect.owners = true;
+        let connect = serde_json::to_value(&connect).expect("encodes");
+        assert_eq!(connect[OWNERS_KEY], serde_json::json!(true));
+        let accept = WebsocketSend {
+            owner: Some("o".into()),
+            ..WebsocketSend::accept()
+        };
+        let accept = serde_json::to_value(&accept).expect("encodes");
+        assert_eq!(accept[OWNER_KEY], serde_json::json!("o"));
     }
 }

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use switchyard_routing::asgi::{
-    HTTP_REQUEST, HttpRequestBodyChunk, WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT,
+    HTTP_REQUEST, HttpRequestBodyChunk, OWNERS_KEY, WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT,
 };
 use switchyard_routing::codec;
 use switchyard_routing::{
@@ -1245,7 +1245,7 @@ impl Worker {
         let mut owns = channel == WEBSOCKET_CONNECT
             && resolved.options.strict_ordering
             && self.owner.is_some()
-            && message.get(owned::SERVER_TAKES_OWNERS) == Some(&Value::Bool(true));
+            && message.get(OWNERS_KEY) == Some(&Value::Bool(true));
         // Run inline in this message's own task: a panic is caught here, a timeout drops the
         // consumer's future, and aborting this task (stop grace over) drops it too.
         let call = AssertUnwindSafe(resolved.handler.call(message, ctx.clone()));

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switchyard_routing::Message;
-use switchyard_routing::asgi::{WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT};
+use switchyard_routing::asgi::{OWNER_KEY, WEBSOCKET_CONNECT, WEBSOCKET_DISCONNECT};
 use switchyard_routing::value::Value;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
@@ -28,12 +28,6 @@ use tokio::task::JoinSet;
 use super::{Ran, Retry, Worker, WorkerMetrics};
 use crate::layer::owner::owned_kind;
 use crate::layer::{Envelope, wire};
-
-/// The accept's key naming the owner.
-const OWNER_KEY: &str = "x-switchyard-owner";
-
-/// The connect's key saying the server takes an owner from the accept.
-pub(super) const SERVER_TAKES_OWNERS: &str = "x-switchyard-owners";
 
 /// Pause before a message requeued by its consumer runs again in its lane.
 const REQUEUE_PAUSE: Duration = Duration::from_millis(100);
