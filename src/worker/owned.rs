@@ -81,25 +81,44 @@ impl Worker {
         };
         message.channel = owned_kind(&message).to_owned();
         self.metrics.received(&message.channel);
-        let Some(reply) = message.reply_channel().map(str::to_owned) else {
+        let Some(reply) = message.reply_channel() else {
             WorkerMetrics::add(&self.metrics.dropped, 1);
             tracing::error!(channel = %message.channel, "dropped a message without a reply channel from the owner channel");
             return;
         };
+        // Looked up by the message's own reply channel: a name is allocated only for a lane
+        // that starts, not for every message that joins one.
+        let mut lanes = self.owned_lanes();
+        let (reply, connecting) = match lanes.get_mut(reply) {
+            Some(lane) if lane.running => {
+                lane.waiting.push_back(Owned {
+                    message,
+                    started: Instant::now(),
+                    _slot: slot,
+                });
+                return;
+            }
+            Some(lane) => {
+                lane.running = true;
+                (reply.to_owned(), lane.connecting.clone())
+            }
+            None => {
+                let reply = reply.to_owned();
+                lanes.insert(
+                    reply.clone(),
+                    OwnedLane {
+                        running: true,
+                        ..OwnedLane::default()
+                    },
+                );
+                (reply, None)
+            }
+        };
+        drop(lanes);
         let owned = Owned {
             message,
             started: Instant::now(),
             _slot: slot,
-        };
-        let connecting = {
-            let mut lanes = self.owned_lanes();
-            let lane = lanes.entry(reply.clone()).or_default();
-            if lane.running {
-                lane.waiting.push_back(owned);
-                return;
-            }
-            lane.running = true;
-            lane.connecting.clone()
         };
         let this = Arc::clone(self);
         running.spawn(async move {
