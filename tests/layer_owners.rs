@@ -7,31 +7,30 @@
 
 mod support;
 
+use switchyard::codec;
 use switchyard::layer::owner::owner_channel;
 use switchyard::layer::{Layer, LayerSettings};
-use switchyard::{Map, codec};
+use switchyard::routing::asgi::{WebsocketDisconnect, WebsocketReceive};
 
 use support::RedisServer;
 
 fn frame(reply: &str, order: u64) -> Vec<u8> {
-    codec::to_msgpack(
-        &Map::new()
-            .with("reply_channel", reply)
-            .with("path", "/ws/relay/r/")
-            .with("text", format!("{order}"))
-            .with("order", order as i64),
-    )
+    codec::to_msgpack(&WebsocketReceive::text(
+        reply,
+        "/ws/relay/r/",
+        order.to_string(),
+        order,
+    ))
     .unwrap()
 }
 
 fn disconnect(reply: &str, order: u64) -> Vec<u8> {
-    codec::to_msgpack(
-        &Map::new()
-            .with("reply_channel", reply)
-            .with("path", "/ws/relay/r/")
-            .with("code", 1000)
-            .with("order", order as i64),
-    )
+    codec::to_msgpack(&WebsocketDisconnect::new(
+        reply,
+        "/ws/relay/r/",
+        1000,
+        order,
+    ))
     .unwrap()
 }
 

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::{Backend, Fixture, next_text};
-use switchyard::layer::LayerSettings;
 use switchyard::layer::owner::owner_channel;
+use switchyard::layer::{LayerSettings, LocalChannel};
 use switchyard::routing::asgi::{WebsocketConnect, WebsocketDisconnect, WebsocketReceive};
 use switchyard::routing::{
     ConsumerError, Ctx, Map, Message, Router, Value, WebsocketConsumer, route_class,
@@ -50,6 +50,20 @@ impl WebsocketConsumer for Stubborn {
     }
 }
 
+/// Sends the connect of socket `ch` as a server that takes an owner; returns the owner the
+/// accept names.
+async fn connect_owned(fx: &Fixture, ch: &mut LocalChannel) -> String {
+    let mut connect = WebsocketConnect::new(ch.name(), "/");
+    connect.owners = true;
+    fx.layer.send("websocket.connect", &connect).await.unwrap();
+    let accept = ch.recv_timeout(WAIT).await.unwrap().to_map().unwrap();
+    assert_eq!(accept.get("accept"), Some(&Value::Bool(true)));
+    accept
+        .get_str("x-switchyard-owner")
+        .expect("the worker names itself owner")
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_runs_its_channel_in_order_and_requeues_in_place() {
     let fx = Fixture::new(Backend::Redis, LayerSettings::default()).await;
@@ -79,15 +93,7 @@ async fn an_owner_runs_its_channel_in_order_and_requeues_in_place() {
 
     let mut ch = inbox.new_channel();
     let reply = ch.name().to_owned();
-    let mut connect = WebsocketConnect::new(&reply, "/");
-    connect.owners = true;
-    fx.layer.send("websocket.connect", &connect).await.unwrap();
-    let accept = ch.recv_timeout(WAIT).await.unwrap().to_map().unwrap();
-    assert_eq!(accept.get("accept"), Some(&Value::Bool(true)));
-    let owner = accept
-        .get_str("x-switchyard-owner")
-        .expect("the worker names itself owner")
-        .to_owned();
+    let owner = connect_owned(&fx, &mut ch).await;
     assert!(owner.starts_with("switchyard.owner."), "{owner}");
 
     let channel = owner_channel(&owner);
@@ -132,15 +138,7 @@ async fn an_owner_runs_its_channel_in_order_and_requeues_in_place() {
 
 /// Connects a socket with the server's word that it takes an owner; returns the owner named.
 async fn owner_of_new_socket(fx: &Fixture, inbox: &switchyard::layer::ProcessInbox) -> String {
-    let mut ch = inbox.new_channel();
-    let mut connect = WebsocketConnect::new(ch.name(), "/");
-    connect.owners = true;
-    fx.layer.send("websocket.connect", &connect).await.unwrap();
-    let accept = ch.recv_timeout(WAIT).await.unwrap().to_map().unwrap();
-    accept
-        .get_str("x-switchyard-owner")
-        .expect("an owner")
-        .to_owned()
+    connect_owned(fx, &mut inbox.new_channel()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,11 +231,7 @@ async fn an_owned_sockets_first_frame_waits_for_its_connect_to_finish() {
     let inbox = fx.layer.inbox("test.slowconnect").await.unwrap();
     let mut ch = inbox.new_channel();
     let reply = ch.name().to_owned();
-    let mut connect = WebsocketConnect::new(&reply, "/");
-    connect.owners = true;
-    fx.layer.send("websocket.connect", &connect).await.unwrap();
-    let accept = ch.recv_timeout(WAIT).await.unwrap().to_map().unwrap();
-    let owner = accept.get_str("x-switchyard-owner").unwrap().to_owned();
+    let owner = connect_owned(&fx, &mut ch).await;
     fx.layer
         .send(
             &owner_channel(&owner),
