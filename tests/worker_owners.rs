@@ -50,6 +50,20 @@ impl WebsocketConsumer for Stubborn {
     }
 }
 
+/// Stops a worker started with `tokio::spawn(worker.run(token))` and waits for it to return
+/// without error.
+async fn stop_worker(
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), switchyard::worker::WorkerError>>,
+) {
+    token.cancel();
+    tokio::time::timeout(WAIT, handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 /// Sends the connect of socket `ch` as a server that takes an owner; returns the owner the
 /// accept names.
 async fn connect_owned(fx: &Fixture, ch: &mut LocalChannel) -> String {
@@ -126,12 +140,7 @@ async fn an_owner_runs_its_channel_in_order_and_requeues_in_place() {
         fx.layer.channel_depth("websocket.receive").await.unwrap(),
         0
     );
-    token.cancel();
-    tokio::time::timeout(WAIT, handle)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop_worker(token, handle).await;
     // A stopped worker gives its lease up.
     assert!(!fx.layer.owner_alive(&owner).await.unwrap());
 }
@@ -179,12 +188,7 @@ async fn an_owner_whose_lease_redis_lost_owns_new_sockets_under_a_new_name() {
         score.is_none()
     })
     .await;
-    token.cancel();
-    tokio::time::timeout(WAIT, handle)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop_worker(token, handle).await;
 }
 
 /// Accepts, then sends to `slow` (full until the test makes room), then records "set" in the
@@ -252,10 +256,5 @@ async fn an_owned_sockets_first_frame_waits_for_its_connect_to_finish() {
         .expect("the message that filled the channel");
     assert_eq!(made_room.to_map().unwrap().get("n"), Some(&Value::from(1)));
     assert_eq!(next_text(&mut ch).await, "set");
-    token.cancel();
-    tokio::time::timeout(WAIT, handle)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop_worker(token, handle).await;
 }
