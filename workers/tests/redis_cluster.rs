@@ -438,13 +438,21 @@ async fn live_load_rides_over_a_migrated_slot_a_new_node_and_a_killed_master() {
     report("slot migrated", &migrated, SOCKETS);
 
     // (b) A fourth master added and the slots rebalanced onto it.
+    let others: Vec<u16> = cluster.nodes.iter().map(RedisServer::port).collect();
     let added = cluster.add_node();
     let rebalanced = under_load(&layer, &tally, SOCKETS, &next, move || {
         let (seed_addr, new_addr) = (format!("127.0.0.1:{seed}"), format!("127.0.0.1:{added}"));
         cli(&["--cluster", "add-node", &new_addr, &seed_addr]);
-        // The new node must have met every other before slots move to it.
+        // The new node must have met every other, and every other it, before slots move to
+        // it: a node that has not heard of it yet refuses a slot migration to it ("ERR I
+        // don't know about node", seen when gossip was slow on a loaded machine).
+        let id: String = at(added, &[b"CLUSTER", b"MYID"]);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !at::<String>(added, &[b"CLUSTER", b"INFO"]).contains("cluster_state:ok") {
+        while !at::<String>(added, &[b"CLUSTER", b"INFO"]).contains("cluster_state:ok")
+            || others
+                .iter()
+                .any(|&p| !at::<String>(p, &[b"CLUSTER", b"NODES"]).contains(&id))
+        {
             assert!(Instant::now() < deadline, "the added node never joined");
             std::thread::sleep(Duration::from_millis(100));
         }
